@@ -1,0 +1,49 @@
+"""Data sets for intrain: uint8 images [N, C, H, W] (0..255), int64 labels.
+
+``load_dataset(name, ...)`` returns ``DatasetSplits``; ``pixels_to_int8`` turns
+uint8 pixels into int8 inputs with scale ``2**PIXEL_EXPONENT`` using integer
+arithmetic only (range [0, 127] without a mean, [-127, 127] with one).
+"""
+
+from __future__ import annotations
+
+import os
+
+from intrain.data.dataset import DatasetSplits, ImageDataset
+from intrain.data.errors import DataError
+from intrain.data.idx import find_idx, read_idx
+from intrain.data.pixels import PIXEL_EXPONENT, pixels_to_int8
+
+__all__ = ["DATASETS", "DataError", "DatasetSplits", "ImageDataset", "PIXEL_EXPONENT",
+           "default_data_dir", "find_idx", "load_dataset", "pixels_to_int8", "read_idx"]
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+
+
+def _check_name(name: str) -> None:
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}: choose one of {', '.join(DATASETS)}")
+
+
+def default_data_dir(name: str) -> str:
+    """``data/<name>`` relative to the current directory."""
+    _check_name(name)
+    return os.path.join("data", name)
+
+
+def load_dataset(name: str, data_dir: str | None = None, val_split: int | None = None,
+                 train_limit: int | None = None) -> DatasetSplits:
+    """Load ``name`` (one of ``DATASETS``); ``data_dir`` defaults to ``data/<name>``
+    and is ignored for "digits". See ``intrain.data.dataset.make_splits`` for
+    ``val_split`` / ``train_limit``."""
+    _check_name(name)
+    if name == "digits":
+        from intrain.data.digits import load_digits
+        return load_digits(val_split=val_split, train_limit=train_limit)
+    if data_dir is None:
+        data_dir = default_data_dir(name)
+    if name == "cifar10":
+        from intrain.data.cifar import load_cifar10
+        return load_cifar10(data_dir, val_split=val_split, train_limit=train_limit)
+    from intrain.data.idx import load_mnist_format
+    return load_mnist_format(data_dir, name, val_split=val_split, train_limit=train_limit)

@@ -1,0 +1,77 @@
+"""The kernel layer: every integer product in intrain goes through one of these backends.
+
+A backend is a module with six pure functions (integer tensors in, integer tensors out, on the
+inputs' device, no hidden state):
+
+=============================================================  ===============================
+``linear_forward(x, w)``                                        x [N,I], w [O,I] -> [N,O]
+``linear_backward_input(d, w)``                                 d [N,O], w [O,I] -> [N,I]
+``linear_backward_weight(d, x)``                                d [N,O], x [N,I] -> int64 [O,I]
+``conv2d_forward(x, w, stride, padding)``                       -> [N,O,Ho,Wo]
+``conv2d_backward_input(d, w, input_hw, stride, padding)``      -> [N,C,H,W]
+``conv2d_backward_weight(d, x, kernel_hw, stride, padding)``    -> int64 [O,C,kh,kw]
+=============================================================  ===============================
+
+Operands are int8 (|v| <= 127) or int16 tensors. Integer ranges guaranteed by every backend:
+forward and backward-input results are int32 when both operands are int8 (|sum| <= 2**14 * K <
+2**31, checked statically for reduction lengths K <= 131,071) and int64 when an operand is
+int16; weight gradients are int64 (their reduction over batch*Ho*Wo can pass 2**31). Every
+result is the exact integer sum, bit-identical across backends. stride/padding are ints or
+(h, w) pairs with the semantics of ``torch.nn.functional.conv2d`` and its gradients.
+
+Backends: ``reference`` (int64, float-free, any device, the ground truth), ``cpu`` (exact
+integer results through float32/float64 units, CPU only) and ``cuda`` (separate module, loaded
+lazily when present).
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda")
+
+FUNCTIONS = (
+    "linear_forward",
+    "linear_backward_input",
+    "linear_backward_weight",
+    "conv2d_forward",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+)
+
+__all__ = ["BACKENDS", "FUNCTIONS", "get_backend"]
+
+
+def get_backend(name: str, device: torch.device | str = "cpu") -> ModuleType:
+    """The backend module called ``name`` (one of :data:`BACKENDS`, or ``"auto"``).
+
+    ``"auto"`` picks ``"cuda"`` for a CUDA ``device`` and ``"cpu"`` otherwise. ``"cpu"`` refuses
+    a CUDA device (its exactness argument relies on CPU float kernels: no TF32, no Winograd).
+    """
+    if not isinstance(name, str):
+        raise ValueError(f"backend name must be a string, one of {BACKENDS + ('auto',)}")
+    dev = torch.device(device)
+    key = name.lower()
+    if key == "auto":
+        key = "cuda" if dev.type == "cuda" else "cpu"
+    if key == "reference":
+        from intrain.kernels import reference
+
+        return reference
+    if key == "cpu":
+        if dev.type != "cpu":
+            raise ValueError(f"the cpu backend runs on CPU tensors only, not on {dev}; "
+                             f"use 'reference' or 'cuda'")
+        from intrain.kernels import cpu
+
+        return cpu
+    if key == "cuda":
+        try:
+            return importlib.import_module("intrain.kernels.cuda")
+        except ImportError as e:
+            raise ValueError(f"the cuda backend is not available yet ({e})") from e
+    raise ValueError(f"unknown kernel backend {name!r}; valid names: "
+                     f"{', '.join(BACKENDS + ('auto',))}")

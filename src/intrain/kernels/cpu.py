@@ -1,0 +1,351 @@
+"""The cpu kernel backend: exact integer products computed by float32/float64 units.
+
+On CPU, float32 GEMM and oneDNN float32 convolution run 10-50x faster than any integer path
+PyTorch offers (int64 matmul is below 1 GOPS, ``torch._int_mm`` about 3). This backend feeds
+float copies of the integer operands to those kernels and proves, for every call, from the actual
+operand values, that the float result is the exact integer sum. The results are bit-identical to
+the ``reference`` backend for every input (same dtypes, same values, same error messages).
+
+Integer ranges guaranteed (same as every backend): forward / backward-input results are int32
+when both operands are int8 (|sum| <= 2**14 * K < 2**31, checked statically for K <= 131,071)
+and int64 when an operand is int16; weight gradients are int64. CPU tensors only.
+
+Why the float result is exact
+-----------------------------
+Let a reduction compute ``sum_k a_k * b_k`` with integer ``a_k, b_k`` and let
+``S = sum_k |a_k * b_k|``. A float format with a p-bit significand represents every integer of
+magnitude <= 2**p exactly (p = 24 for float32, 53 for float64). If ``S <= 2**p`` then
+
+* every product ``a_k * b_k`` is an integer of magnitude <= S, so it is exact (also inside an
+  FMA, which rounds once, the exact result);
+* every partial sum that any summation order or blocking can form (sequential, pairwise, SIMD
+  lanes, per-thread partials, split-K) is a sum of a subset of the products, hence an integer of
+  magnitude <= S <= 2**p, so each addition's exact result is representable and round-to-nearest
+  returns it unchanged.
+
+So the float result equals the integer sum, whatever order the library uses, as long as it
+computes a sum of products in IEEE arithmetic. That excludes transform-based convolutions
+(Winograd, FFT: NNPACK, which this module switches off around its calls; oneDNN as PyTorch calls
+it uses ``convolution_direct``) and reduced-precision modes (TF32/BF16 "fast math": if any of
+PyTorch's float32 precision settings or oneDNN's fpmath environment variables ask for them, this
+module uses float64 only, which no such mode touches).
+
+Bounding S cheaply: ``S <= max|a| * max|b| * K``, and tighter, for an output element that reads
+row r of operand B, ``S <= max|a| * sum_k |b_kr|`` (an L1 norm of the smaller operand, usually
+the weights). Every call computes the cheap bound first; when it exceeds 2**24 it computes the
+L1 bounds, per "grain" of the reduction (an input channel, an output channel, a sample, a chunk
+of columns), and splits the reduction greedily into blocks whose bound is <= 2**24. Each block
+is one float32 call with an exact result; the block results are added in float64, exact because
+the total is at most the full S <= 2**14 * K < 2**53. When more than a few blocks would be
+needed, or a single grain is too large (int16 operands with large values), the reduction runs in
+float64 under the same argument with p = 53 (split again if ever needed, which takes K > 2**23
+for int16), and in the last resort in the int64 reference.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from intrain.kernels import reference as _ref
+from intrain.kernels.im2col import IntPair
+
+__all__ = [
+    "linear_forward",
+    "linear_backward_input",
+    "linear_backward_weight",
+    "conv2d_forward",
+    "conv2d_backward_input",
+    "conv2d_backward_weight",
+]
+
+name = "cpu"
+
+F32_EXACT = 2**24  # float32 holds every integer of magnitude <= 2**24
+F64_EXACT = 2**53  # float64 holds every integer of magnitude <= 2**53
+
+# More float32 blocks than this and one float64 call is cheaper (float64 GEMM runs at about half
+# the float32 rate; float64 convolution has no oneDNN kernel and runs 5-10x slower).
+MAX_F32_BLOCKS_MM = 3
+MAX_F32_BLOCKS_CONV = 16
+# Linear reductions are split on chunks of this many columns (the "grains").
+_MM_GRAINS = 64
+
+_STRICT_PRECISIONS = (None, "none", "ieee", "highest")
+
+
+def _fp32_is_strict() -> bool:
+    """True when no setting lets PyTorch/oneDNN run float32 products in reduced precision."""
+    if torch.get_float32_matmul_precision() != "highest":
+        return False
+    mk = torch.backends.mkldnn
+    for obj in (torch.backends, mk, getattr(mk, "matmul", None), getattr(mk, "conv", None)):
+        if getattr(obj, "fp32_precision", None) not in _STRICT_PRECISIONS:
+            return False
+    for var in ("ONEDNN_DEFAULT_FPMATH_MODE", "DNNL_DEFAULT_FPMATH_MODE"):
+        v = os.environ.get(var)
+        if v and v.strip().lower() != "strict":
+            return False
+    return True
+
+
+def _no_nnpack():
+    # NNPACK (Winograd/FFT, inexact) is only picked for float32 forward convolutions when oneDNN
+    # is not; switch it off around our calls whenever it is on.
+    if torch._C._get_nnpack_enabled():
+        return torch.backends.nnpack.flags(enabled=False)
+    return nullcontext()
+
+
+def _check_cpu(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu backend takes CPU tensors, got one on {t.device}; "
+                             f"use the 'reference' or 'cuda' backend")
+
+
+def _absmax(t: torch.Tensor) -> int:
+    """max |t| as a Python int (handles int8's -128 without overflow)."""
+    if t.numel() == 0:
+        return 0
+    mn, mx = torch.aminmax(t)
+    return max(-int(mn), int(mx))
+
+
+def _rows_l1(tf: torch.Tensor, dims: Sequence[int], amax: int, count: int) -> torch.Tensor:
+    """Exact L1 norms of an integer-valued float tensor over ``dims``, as int64.
+
+    ``count`` terms of magnitude <= ``amax`` per norm: the float32 sum is exact when
+    ``amax * count <= 2**24`` (same argument as above, all terms >= 0); otherwise use float64.
+    """
+    dt = torch.float32 if amax * count <= F32_EXACT else torch.float64
+    return torch.linalg.vector_norm(tf, 1, dim=tuple(dims), dtype=dt).to(torch.int64)
+
+
+# ------------------------------------------------------------------------------ block plans
+
+Parts = list[tuple[int, torch.Tensor]]  # (scale, per-grain costs [G, R] >= 0, int64)
+
+
+def _greedy_blocks(parts: Parts, budget: int, max_blocks: int | None
+                   ) -> list[tuple[int, int]] | None:
+    """Split grains 0..G-1 into consecutive blocks whose bound is <= budget.
+
+    The bound of a block [s, e) is ``min over parts of scale * max_r sum_{g in [s,e)} cost[g, r]``,
+    a valid bound on S for every output element of the block (see the module docstring). Each
+    term is non-decreasing in e, so the longest admissible block from s is found in one pass.
+    Returns None when a single grain exceeds the budget or more than max_blocks are needed.
+    """
+    cums = []
+    for scale, cost in parts:
+        c = torch.cumsum(cost, 0)
+        cums.append((scale, torch.cat([c.new_zeros((1,) + tuple(c.shape[1:])), c])))
+    g_total = parts[0][1].shape[0]
+    blocks: list[tuple[int, int]] = []
+    s = 0
+    while s < g_total:
+        bound = None
+        for scale, cum in cums:
+            v = (cum[s + 1:] - cum[s]).amax(dim=1) * scale
+            bound = v if bound is None else torch.minimum(bound, v)
+        n_ok = int((bound <= budget).sum())
+        if n_ok == 0:
+            return None
+        blocks.append((s, s + n_ok))
+        s += n_ok
+        if max_blocks is not None and len(blocks) > max_blocks and s < g_total:
+            return None
+    return blocks
+
+
+def _plan(quick: int, parts_fn: Callable[[], Parts], n_grains: int, max_f32_blocks: int
+          ) -> tuple[torch.dtype | None, list[tuple[int, int]]]:
+    """Choose (float dtype, blocks of grains); dtype None means: use the int64 reference."""
+    whole = [(0, n_grains)]
+    strict = _fp32_is_strict()
+    if strict and quick <= F32_EXACT:
+        return torch.float32, whole
+    if not strict and quick <= F64_EXACT:
+        return torch.float64, whole
+    parts = parts_fn()
+    if strict:
+        blocks = _greedy_blocks(parts, F32_EXACT, max_f32_blocks)
+        if blocks is not None:
+            return torch.float32, blocks
+    if quick <= F64_EXACT:
+        return torch.float64, whole
+    blocks = _greedy_blocks(parts, F64_EXACT, None)
+    if blocks is not None:
+        return torch.float64, blocks
+    return None, whole
+
+
+def _accumulate(results, quick: int) -> torch.Tensor:
+    """Sum block results, each exact. In float64 when ``quick`` (>= S, which bounds every partial
+    sum of block results) is <= 2**53, as always for int8 operands; in int64 otherwise."""
+    wide = torch.float64 if quick <= F64_EXACT else torch.int64
+    acc = None
+    for r in results:
+        acc = r.to(wide) if acc is None else acc.add_(r.to(wide) if wide == torch.int64 else r)
+    return acc
+
+
+# ----------------------------------------------------------------------------------- linear
+
+def _mm_exact(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """Exact ``a @ b`` for integer a [M, K], b [K, R] (any strides), as ``out_dtype``."""
+    m, k = a.shape
+    r = b.shape[1]
+    ma, mb = _absmax(a), _absmax(b)
+    n_grains = min(k, _MM_GRAINS)
+    edges = [(i * k) // n_grains for i in range(n_grains + 1)]
+
+    def parts() -> Parts:
+        # cost_b[g, j] = sum_{k in grain g} |b[k, j]|, bounds S for outputs in column j;
+        # cost_a[g, i] = sum_{k in grain g} |a[i, k]|, bounds S for outputs in row i.
+        a32, b32 = a.to(torch.int32).abs(), b.to(torch.int32).abs()
+        cost_a = torch.stack([a32[:, e0:e1].sum(1, dtype=torch.int64)
+                              for e0, e1 in zip(edges, edges[1:])])
+        cost_b = torch.stack([b32[e0:e1].sum(0, dtype=torch.int64)
+                              for e0, e1 in zip(edges, edges[1:])])
+        return [(ma, cost_b), (mb, cost_a)]
+
+    dt, blocks = _plan(ma * mb * k, parts, n_grains, MAX_F32_BLOCKS_MM)
+    if dt is None:
+        return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(out_dtype)
+    if len(blocks) == 1:
+        return torch.matmul(a.to(dt), b.to(dt)).to(out_dtype)
+    res = (torch.matmul(a[:, edges[g0]:edges[g1]].to(dt), b[edges[g0]:edges[g1]].to(dt))
+           for g0, g1 in blocks)
+    return _accumulate(res, ma * mb * k).to(out_dtype)
+
+
+def linear_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
+    k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
+    _check_cpu(x, w)
+    return _mm_exact(x, w.t(), _ref.narrow_result_dtype(x, w, k))
+
+
+def linear_backward_input(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
+    k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
+    _check_cpu(d, w)
+    return _mm_exact(d, w, _ref.narrow_result_dtype(d, w, k))
+
+
+def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``d.T @ x``: d [N, O], x [N, I] -> int64 [O, I]."""
+    k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
+    _ref.check_wide_reduction(d, x, k)
+    _check_cpu(d, x)
+    return _mm_exact(d.t(), x, torch.int64)
+
+
+# ----------------------------------------------------------------------------------- conv2d
+
+def _weight_l1(w: torch.Tensor) -> torch.Tensor:
+    """[O, C] int64: sum over the kernel window of |w[o, c]| (weights are small: int32 is fine)."""
+    return w.to(torch.int32).abs().sum(dim=(2, 3), dtype=torch.int64)
+
+
+def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                   padding: IntPair = 0) -> torch.Tensor:
+    """``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, Ho, Wo].
+
+    int32 for int8 operands, else int64. Blocks (if any) are groups of input channels; the
+    bound of a group is max|x| * max_o sum_{c in group, i, j} |w[o, c, i, j]|.
+    """
+    s, p, (n, c, h, wd), (o, _, kh, kw), (ho, wo), out_dtype = _ref.conv_forward_geometry(
+        x, w, stride, padding)
+    _check_cpu(x, w)
+    mx, mw = _absmax(x), _absmax(w)
+    dt, blocks = _plan(mx * mw * c * kh * kw, lambda: [(mx, _weight_l1(w).t())], c,
+                       MAX_F32_BLOCKS_CONV)
+    if dt is None or n == 0:
+        return _ref.conv2d_forward(x, w, s, p)
+    with _no_nnpack():
+        if len(blocks) == 1:
+            return F.conv2d(x.to(dt), w.to(dt), None, s, p).to(out_dtype)
+        res = (F.conv2d(x[:, c0:c1].to(dt), w[:, c0:c1].to(dt), None, s, p) for c0, c1 in blocks)
+        return _accumulate(res, mx * mw * c * kh * kw).to(out_dtype)
+
+
+def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Tensor:
+    """Gradient wrt the input of conv2d: a transposed convolution. output_padding picks the
+    input size when (H + 2p - kh) % s != 0; it lies in [0, s - 1] as conv_transpose2d needs."""
+    kh, kw = wf.shape[2:]
+    ho, wo = df.shape[2:]
+    op = (input_hw[0] + 2 * p[0] - kh - (ho - 1) * s[0],
+          input_hw[1] + 2 * p[1] - kw - (wo - 1) * s[1])
+    return F.conv_transpose2d(df, wf, None, s, p, op)
+
+
+def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                          stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
+    """Gradient of conv2d with respect to its input: d [N, O, Ho, Wo], w [O, C, kh, kw] ->
+    [N, C, H, W] (int32 for int8 operands, else int64). Blocks (if any) are groups of output
+    channels; the bound of a group is max|d| * max_c sum_{o in group, i, j} |w[o, c, i, j]|."""
+    s, p, (n, o, ho, wo), (_, c, kh, kw), hw, out_dtype = _ref.conv_backward_input_geometry(
+        d, w, input_hw, stride, padding)
+    _check_cpu(d, w)
+    md, mw = _absmax(d), _absmax(w)
+    dt, blocks = _plan(md * mw * o * kh * kw, lambda: [(md, _weight_l1(w))], o,
+                       MAX_F32_BLOCKS_CONV)
+    if dt is None or n == 0:
+        return _ref.conv2d_backward_input(d, w, hw, s, p)
+    if len(blocks) == 1:
+        return _transposed(d.to(dt), w.to(dt), hw, s, p).to(out_dtype)
+    res = (_transposed(d[:, o0:o1].to(dt), w[o0:o1].to(dt), hw, s, p) for o0, o1 in blocks)
+    return _accumulate(res, md * mw * o * kh * kw).to(out_dtype)
+
+
+def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
+    o, c = df.shape[1], xf.shape[1]
+    wshape = xf.new_zeros((o, c) + tuple(khw))  # only its shape is used
+    return torch.ops.aten.convolution_backward(
+        df, xf, wshape, None, list(s), list(p), [1, 1], False, [0, 0], 1, [False, True, False]
+    )[1]
+
+
+def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
+                           stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
+    """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
+    int64 [O, C, kh, kw].
+
+    The reduction runs over (n, ho, wo). Blocks (if any) are groups of samples, with the bound
+    min(max|x| * max_o sum_{n in group} ||d[n, o]||_1, max|d| * max_c sum_{n in group}
+    ||x[n, c]||_1): for fixed (o, c, i, j) each input pixel meets at most one output pixel
+    (stride >= 1), so sum_{ho, wo} |x[n, c, ho*s + i - p, wo*s + j - p]| <= ||x[n, c]||_1.
+    """
+    s, p, (n, o, ho, wo), (_, c, h, wd), khw = _ref.conv_backward_weight_geometry(
+        d, x, kernel_hw, stride, padding)
+    _check_cpu(d, x)
+    md, mx = _absmax(d), _absmax(x)
+    quick = md * mx * n * ho * wo
+    strict = _fp32_is_strict()
+    if n == 0 or (quick > F64_EXACT and not strict):
+        return _ref.conv2d_backward_weight(d, x, khw, s, p)
+    # The per-sample L1 norms come from the float copies (one cheap pass each); float32 copies
+    # hold int8/int16 values exactly.
+    df, xf = d.to(torch.float32), x.to(torch.float32)
+
+    def parts() -> Parts:
+        ld = _rows_l1(df, (2, 3), md, ho * wo)  # [N, O]
+        lx = _rows_l1(xf, (2, 3), mx, h * wd)  # [N, C]
+        return [(mx, ld), (md, lx)]
+
+    dt, blocks = _plan(quick, parts, n, MAX_F32_BLOCKS_CONV)
+    if dt is None:
+        return _ref.conv2d_backward_weight(d, x, khw, s, p)
+    if dt != torch.float32:
+        df, xf = df.to(dt), xf.to(dt)
+    if len(blocks) == 1:
+        g = _weight_grad(df, xf, khw, s, p)
+        return g.to(torch.int64)
+    res = (_weight_grad(df[n0:n1], xf[n0:n1], khw, s, p) for n0, n1 in blocks)
+    return _accumulate(res, quick).to(torch.int64)

@@ -1,0 +1,15 @@
+"""Integer layers with explicit forward and backward on QTensors."""
+
+from intrain.layers.activation import IntReLU
+from intrain.layers.base import IntModule, StepContext, WeightedIntModule
+from intrain.layers.conv import IntConv2d
+from intrain.layers.dropout import IntDropout
+from intrain.layers.flatten import IntFlatten
+from intrain.layers.linear import IntLinear
+from intrain.layers.pooling import IntMaxPool2d
+from intrain.layers.sequential import IntSequential
+
+__all__ = [
+    "IntConv2d", "IntDropout", "IntFlatten", "IntLinear", "IntMaxPool2d", "IntModule", "IntReLU",
+    "IntSequential", "StepContext", "WeightedIntModule",
+]

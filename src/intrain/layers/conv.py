@@ -1,0 +1,50 @@
+"""Integer 2-d convolution (no bias, as in NITI), zero padding, any stride.
+
+Forward: ``y = requant(conv2d(x, w))`` with nearest rounding; int8 in, int8 out, exponent
+``e_x + e_w + shift``. Backward: the weight gradient is kept exact in int64 (its reduction runs over
+batch and output positions); the input error is the transposed convolution requantised to int8
+with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw`` (int32).
+"""
+
+from __future__ import annotations
+
+from intrain.layers.base import StepContext, WeightedIntModule
+from intrain.qtensor import QTensor
+from intrain.requant import requantize
+
+
+def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[1]))
+
+
+class IntConv2d(WeightedIntModule):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, backend, stride=1, padding=0) -> None:
+        kh, kw = _pair(kernel_size)
+        super().__init__((out_channels, in_channels, kh, kw), in_channels * kh * kw, backend)
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.kernel_size = (kh, kw)
+        self.stride = _pair(stride)
+        self.padding = _pair(padding)
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        if self.training:
+            self._saved_input = x
+        acc = self.backend.conv2d_forward(x.v, self.weight, self.stride, self.padding)
+        return requantize(acc, x.e + self.weight_exp)
+
+    def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
+        x = self._saved_input
+        if x is None:
+            raise RuntimeError("IntConv2d.backward called without a training-mode forward")
+        self.weight_grad = self.backend.conv2d_backward_weight(d.v, x.v, self.kernel_size, self.stride, self.padding)
+        self.weight_grad_exp = d.e + x.e
+        self._saved_input = None
+        if not need_input_grad:
+            return None
+        acc = self.backend.conv2d_backward_input(d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
+        return requantize(acc, d.e + self.weight_exp)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}")

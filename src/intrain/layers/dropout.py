@@ -1,0 +1,47 @@
+"""Integer dropout with a mask from the counter-based generator (seed, step, layer).
+
+An element is kept when its 32-bit random number is at least ``drop_threshold = round(p * 2**32)``
+(fixed when the layer is built). Kept values are not rescaled: every integer layer after it is
+bias-free and requantises by its own maximum, so a constant factor changes no prediction, and the
+exponent stays. Values keep their dtype and range; backward passes the error through the same mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain import rng
+from intrain.layers.base import IntModule, StepContext
+from intrain.qtensor import QTensor
+
+
+class IntDropout(IntModule):
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__()
+        if not 0 <= p < 1:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.drop_threshold = round(p * 2**32)
+        self._keep: torch.Tensor | None = None
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        if not self.training or self.drop_threshold == 0:
+            return x
+        if ctx is None:
+            raise ValueError("IntDropout in training mode needs a StepContext for its random mask")
+        key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_DROPOUT)
+        keep = rng.uint32(key, x.v.shape, x.v.device) >= self.drop_threshold
+        self._keep = keep
+        return QTensor(torch.where(keep, x.v, torch.zeros_like(x.v)), x.e)
+
+    def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
+        if self._keep is None:
+            return d
+        keep, self._keep = self._keep, None
+        return QTensor(torch.where(keep, d.v, torch.zeros_like(d.v)), d.e)
+
+    def clear_saved(self) -> None:
+        self._keep = None
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"

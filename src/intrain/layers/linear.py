@@ -1,0 +1,42 @@
+"""Integer fully connected layer (no bias, as in NITI).
+
+Forward: ``y = requant(x @ w.T)`` with nearest rounding; int8 in, int8 out, exponent
+``e_x + e_w + shift``. Backward: the weight gradient ``d.T @ x`` is kept exact in int64 (its
+reduction runs over the batch), the input error ``requant(d @ w)`` is int8 with nearest rounding.
+Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features < 133,000``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.layers.base import StepContext, WeightedIntModule
+from intrain.qtensor import QTensor
+from intrain.requant import requantize
+
+
+class IntLinear(WeightedIntModule):
+    def __init__(self, in_features: int, out_features: int, backend) -> None:
+        super().__init__((out_features, in_features), in_features, backend)
+        self.in_features = in_features
+        self.out_features = out_features
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        if self.training:
+            self._saved_input = x
+        acc = self.backend.linear_forward(x.v, self.weight)
+        return requantize(acc, x.e + self.weight_exp)
+
+    def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
+        x = self._saved_input
+        if x is None:
+            raise RuntimeError("IntLinear.backward called without a training-mode forward")
+        self.weight_grad = self.backend.linear_backward_weight(d.v, x.v)
+        self.weight_grad_exp = d.e + x.e
+        self._saved_input = None
+        if not need_input_grad:
+            return None
+        return requantize(self.backend.linear_backward_input(d.v, self.weight), d.e + self.weight_exp)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"

@@ -1,0 +1,46 @@
+"""A sequence of integer layers with explicit backward.
+
+Backward runs from the last layer down to the first layer that has a weight; that layer computes
+its weight gradient only (no error below it is needed), so the first layer skips error
+back-propagation, and the layers before it (input-side reshapes) are not visited.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.layers.base import IntModule, StepContext
+from intrain.qtensor import QTensor
+
+
+class IntSequential(IntModule):
+    def __init__(self, *layers: IntModule) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(layers)
+        for index, layer in enumerate(self.layers):
+            layer.layer_id = index + 1
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        for layer in self.layers:
+            x = layer(x, ctx)
+        return x
+
+    def backward(self, d: QTensor, ctx: StepContext | None = None, need_input_grad: bool = False) -> QTensor | None:
+        first_weighted = next((i for i, layer in enumerate(self.layers) if layer.has_weight), 0)
+        for index in range(len(self.layers) - 1, first_weighted - 1, -1):
+            is_bottom = index == first_weighted and not need_input_grad
+            d = self.layers[index].backward(d, ctx, need_input_grad=not is_bottom)
+        return d
+
+    def weighted_layers(self) -> list[IntModule]:
+        return [layer for layer in self.layers if layer.has_weight]
+
+    def clear_saved(self) -> None:
+        for layer in self.layers:
+            layer.clear_saved()
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, index: int) -> IntModule:
+        return self.layers[index]

@@ -1,0 +1,78 @@
+"""Integer softmax cross-entropy gradient: ``softmax(z) - onehot(y)`` as int8, no float anywhere.
+
+Input: int8 logits ``(v, e)`` of shape ``[N, K]``. Steps, all in int64:
+
+1. ``t = z * log2(e)`` in fixed point with ``FRACTION_BITS`` fractional bits: ``v * 47274`` (47274 =
+   round(log2(e) * 2**15)) shifted right by ``15 - FRACTION_BITS - e`` (left when negative).
+   ``|v * 47274| < 2**23``; left shifts are capped at 32 bits, so ``|t| < 2**55``.
+2. ``u = max_row(t) - t >= 0`` (in units of 2**-FRACTION_BITS).
+3. ``2**(-u)`` scaled by ``2**EXP_PRECISION``: integer part by a right shift, fractional part from a
+   table of ``2**FRACTION_BITS`` integers ``round(2**(EXP_PRECISION - k / 2**FRACTION_BITS))``,
+   built with integer root extraction (no float). Entries: ``[0, 2**EXP_PRECISION]``; the row
+   maximum maps to exactly ``2**EXP_PRECISION``; values below one unit underflow to zero.
+4. ``p = (E << PROB_BITS) // sum_row(E)``, in ``[0, 2**PROB_BITS]``; subtract ``2**PROB_BITS`` at
+   the target class: ``g`` in ``[-2**PROB_BITS, 2**PROB_BITS]``, exponent ``-PROB_BITS``.
+5. Requantise ``g`` to int8 with stochastic rounding keyed by (seed, step, loss stream).
+
+NITI uses the floor of ``t`` (FRACTION_BITS = 0), an offset of 10 and a scale of 2**11; the table
+makes the exponential finer at no float cost, and the wider scales keep small probabilities.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain import rng
+from intrain.qtensor import QTensor
+from intrain.requant import requantize
+
+LOG2E_Q15 = 47274
+FRACTION_BITS = 6
+EXP_PRECISION = 24
+PROB_BITS = 14
+
+
+def _integer_root(value: int, degree: int) -> int:
+    """Largest integer r with r**degree <= value (Python ints, exact)."""
+    low, high = 0, 1 << (value.bit_length() // degree + 1)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if mid**degree <= value:
+            low = mid
+        else:
+            high = mid - 1
+    return low
+
+
+def _exp2_fraction_table() -> list[int]:
+    """round(2**(EXP_PRECISION - k / 2**FRACTION_BITS)) for k in [0, 2**FRACTION_BITS)."""
+    steps = 1 << FRACTION_BITS
+    # 2 * 2**(P - k/steps) = (2**((P + 1) * steps - k)) ** (1/steps); halve with round-half-up.
+    return [(_integer_root(1 << ((EXP_PRECISION + 1) * steps - k), steps) + 1) >> 1 for k in range(steps)]
+
+
+EXP2_FRACTION_TABLE = _exp2_fraction_table()
+
+
+def softmax_scaled(logits: QTensor) -> torch.Tensor:
+    """Integer softmax of each row scaled to ``2**PROB_BITS`` (int64, rows sum to about that)."""
+    v = logits.v.to(torch.int64) * LOG2E_Q15
+    shift = 15 - FRACTION_BITS - logits.e
+    t = torch.where(shift >= 0, v >> shift.clamp(min=0), v << (-shift).clamp(min=0, max=32))
+    u = t.amax(dim=1, keepdim=True) - t
+    table = torch.tensor(EXP2_FRACTION_TABLE, dtype=torch.int64, device=v.device)
+    whole = (u >> FRACTION_BITS).clamp(max=62)
+    exp = table[u & ((1 << FRACTION_BITS) - 1)] >> whole
+    return torch.div(exp << PROB_BITS, exp.sum(dim=1, keepdim=True), rounding_mode="floor")
+
+
+def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: int) -> QTensor:
+    """int8 error ``softmax(z) - onehot(y)`` for a batch of int8 logits (see module docstring)."""
+    if logits.v.dim() != 2:
+        raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.v.shape)}")
+    g = softmax_scaled(logits)
+    rows = torch.arange(g.shape[0], device=g.device)
+    g[rows, target] -= 1 << PROB_BITS
+    key = rng.derive_key(seed, step, rng.STREAM_LOSS_ROUNDING)
+    exponent = torch.full((), -PROB_BITS, dtype=torch.int64, device=g.device)
+    return requantize(g, exponent, bits=8, mode="stochastic", key=key)

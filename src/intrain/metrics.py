@@ -1,0 +1,82 @@
+"""Run bookkeeping: the per-epoch ``metrics.csv``, running loss/accuracy, progress bars.
+
+Nothing here takes part in a training step: losses are computed in float from the logits,
+for people to read.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+#: The columns of ``metrics.csv``, in order.
+COLUMNS = ("epoch", "train_loss", "train_acc", "eval_acc", "seconds")
+
+
+class MetricsCSV:
+    """Writes ``metrics.csv``: the header on creation, one flushed row per epoch."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        with open(self.path, "w", newline="") as f:
+            csv.writer(f).writerow(COLUMNS)
+
+    def append(self, epoch: int, train_loss: float, train_acc: float, eval_acc: float, seconds: float) -> None:
+        """Append one epoch's row; accuracies in percent, ``seconds`` the epoch's training time."""
+        row = (epoch, f"{train_loss:.6f}", f"{train_acc:.4f}", f"{eval_acc:.4f}", f"{seconds:.3f}")
+        with open(self.path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
+            f.flush()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """Read ``metrics.csv`` back as a list of dicts (``epoch`` int, the rest float)."""
+    with open(path, newline="") as f:
+        return [
+            {k: (int(v) if k == "epoch" else float(v)) for k, v in row.items()}
+            for row in csv.DictReader(f)
+        ]
+
+
+class Running:
+    """Sample-weighted running mean of the float cross-entropy and the accuracy (percent).
+
+    Sums stay on the logits' device; reading ``loss``/``acc`` is the only host sync, so on a
+    GPU the caller decides how often to pay for it.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.loss_sum: torch.Tensor | float = 0.0
+        self.correct: torch.Tensor | int = 0
+
+    def update(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        """Add a batch of float logits ``[B, classes]`` with labels ``y``."""
+        logits = logits.detach().float()
+        self.loss_sum = self.loss_sum + F.cross_entropy(logits, y, reduction="sum").double()
+        self.correct = self.correct + (logits.argmax(dim=1) == y).sum()
+        self.n += int(y.shape[0])
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum) / self.n if self.n else float("nan")
+
+    @property
+    def acc(self) -> float:
+        return accuracy(int(self.correct), self.n)
+
+
+def progress(total: int, desc: str) -> tqdm:
+    """A per-epoch progress bar on stderr; silent when stderr is not a terminal (logs, tests)."""
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+
+
+def accuracy(correct: int, n: int) -> float:
+    """Percent correct, ``nan`` for an empty set."""
+    return 100.0 * correct / n if n else float("nan")

@@ -1,0 +1,58 @@
+"""Default training recipes: epochs, batch size, int8 mu schedule and float learning rate.
+
+One place holds the numbers a run uses when the command line does not say otherwise, so that
+a run's defaults can be looked up (and tuned) without reading the training loop.
+
+The int8 mu schedules below are placeholders until they are tuned; the CIFAR-10 one is NITI's
+published schedule (mu 5, then 4 from epoch 100, then 3 from epoch 150, 200 epochs, batch 256).
+The float learning rate is 0.05 at batch 64 and scales linearly with the batch size (the usual
+linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps a sound recipe.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: Float learning rate at the reference batch size ``LR_REFERENCE_BATCH``.
+BASE_LR = 0.05
+LR_REFERENCE_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Defaults for one (dataset, model, arithmetic): ``lr`` is the float lr at ``batch_size``."""
+
+    epochs: int
+    batch_size: int
+    mu_schedule: str
+    lr: float
+
+    def lr_for(self, batch_size: int) -> float:
+        """The float learning rate for another batch size (linear scaling)."""
+        return self.lr * batch_size / self.batch_size
+
+
+def scaled_lr(batch_size: int) -> float:
+    """``BASE_LR`` scaled linearly from batch ``LR_REFERENCE_BATCH`` to ``batch_size``."""
+    return BASE_LR * batch_size / LR_REFERENCE_BATCH
+
+
+# (epochs, batch_size, int8 mu schedule) per dataset; the model does not change them yet.
+_BY_DATASET = {
+    "digits": (20, 32, "0:5"),
+    "mnist": (20, 64, "0:5"),
+    "fashion-mnist": (20, 64, "0:5"),
+    "cifar10": (200, 256, "0:5,100:4,150:3"),
+}
+_FALLBACK = (20, 64, "0:5")
+
+
+def default_recipe(dataset: str, model: str, arith: str) -> Recipe:
+    """The default recipe for training ``model`` on ``dataset`` with ``arith`` ("int8"|"float").
+
+    ``model`` and ``arith`` are part of the key so that tuned numbers can differ per model and
+    arithmetic later; today every model of a dataset shares its numbers. Unknown datasets get
+    a generic recipe rather than an error (the CLI validates names before it gets here).
+    """
+    epochs, batch_size, mu = _BY_DATASET.get(dataset, _FALLBACK)
+    return Recipe(epochs=epochs, batch_size=batch_size, mu_schedule=mu, lr=scaled_lr(batch_size))

@@ -1,0 +1,34 @@
+"""Requantisation: from a wide integer accumulator back to int8 (or int16) with a shared exponent.
+
+Given an accumulator ``a`` (int32 or int64) with exponent ``e``: ``b = bit_length(max |a|)``; when
+``b`` exceeds ``bits - 1`` the values are shifted right by ``s = b - (bits - 1)`` with the chosen
+rounding and the exponent becomes ``e + s``; otherwise they are kept as they are (``s = 0``).
+The result is clipped to the symmetric range ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``
+(``[-127, 127]`` for int8, ``[-32767, 32767]`` for int16) and stored in int8 or int16.
+Rounding may carry one value past the limit (127.5 rounds to 128); the clip absorbs that.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.qtensor import QTensor
+from intrain.rounding import max_bit_length, shift_round
+
+_STORAGE = {8: torch.int8, 16: torch.int16}
+
+
+def requantize(
+    a: torch.Tensor,
+    e: torch.Tensor,
+    bits: int = 8,
+    mode: str = "nearest",
+    key: tuple[int, int] | None = None,
+) -> QTensor:
+    """Round accumulator ``a * 2**e`` to a ``bits``-bit QTensor (see module docstring)."""
+    if bits not in _STORAGE:
+        raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
+    limit = 2 ** (bits - 1) - 1
+    shift = (max_bit_length(a) - (bits - 1)).clamp(min=0)
+    v = shift_round(a, shift, mode, key).clamp(-limit, limit).to(_STORAGE[bits])
+    return QTensor(v, e + shift)

@@ -1,0 +1,87 @@
+"""Counter-based integer random numbers: the same stream on every device and backend.
+
+Every random number in intrain is a pure function of ``(seed, step, layer, stream, element index)``.
+There is no generator state to carry, save or restore: replaying step ``k`` of a run needs only the
+seed and ``k``. All arithmetic is on int64 tensors holding unsigned 32-bit values; every product is
+of a value below 2**32 with a constant below 2**31, so no intermediate reaches 2**63 and the result
+is the same on any machine.
+
+Guarantees: ``uint32`` returns int64 values in ``[0, 2**32)``; ``uniform_bits(..., bits=s)``
+returns values in ``[0, 2**s)`` for ``0 <= s <= 62``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+MASK32 = 0xFFFFFFFF
+_MUL1 = 0x7FEB352D  # odd multipliers below 2**31, so x * _MUL < 2**63 for x < 2**32
+_MUL2 = 0x2C1B3C6D
+
+# Stream identifiers: one per purpose, so two uses never share numbers.
+STREAM_INIT = 1
+STREAM_SHUFFLE = 2
+STREAM_DROPOUT = 3
+STREAM_LOSS_ROUNDING = 4
+STREAM_ROUNDING = 5
+STREAM_AUGMENT = 6
+
+
+def _mix_int(x: int) -> int:
+    x &= MASK32
+    x ^= x >> 16
+    x = (x * _MUL1) & MASK32
+    x ^= x >> 15
+    x = (x * _MUL2) & MASK32
+    x ^= x >> 16
+    return x
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """Bijective avalanche hash of int64 tensor values in [0, 2**32); same as ``_mix_int``."""
+    x = x ^ (x >> 16)
+    x = (x * _MUL1) & MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MUL2) & MASK32
+    return x ^ (x >> 16)
+
+
+def derive_key(*parts: int) -> tuple[int, int]:
+    """Fold any number of non-negative integers (seed, step, layer, stream...) into two 32-bit keys."""
+    k1, k2 = 0x243F6A88, 0x85A308D3
+    for part in parts:
+        if part < 0:
+            raise ValueError(f"random key parts must be non-negative, got {part}")
+        while True:
+            k1 = _mix_int(k1 ^ (part & MASK32))
+            k2 = _mix_int(k2 ^ k1 ^ 0x9E3779B9)
+            part >>= 32
+            if part == 0:
+                break
+    return k1, k2
+
+
+def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cpu") -> torch.Tensor:
+    """One uniform 32-bit integer per element (int64 tensor), element ``i`` a function of ``key, i``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    if numel >= 2**32:
+        raise ValueError("uint32 supports tensors of fewer than 2**32 elements")
+    index = torch.arange(numel, dtype=torch.int64, device=device)
+    k1, k2 = key
+    return mix32(mix32(index ^ k1) ^ k2).reshape(tuple(shape))
+
+
+def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu") -> torch.Tensor:
+    """Uniform integers in ``[0, 2**bits)`` (int64), ``bits`` from 0 to 62, possibly a 0-d tensor."""
+    high = uint32(key, shape, device) >> 1  # 31 bits
+    low = uint32((key[0] ^ 0x5BD1E995, key[1]), shape, device)
+    word = (high << 32) | low  # uniform in [0, 2**63)
+    return word >> (63 - bits)
+
+
+def permutation(n: int, seed: int, epoch: int, device="cpu") -> torch.Tensor:
+    """A shuffle of ``range(n)`` (int64) that depends only on ``(seed, epoch)``."""
+    keys = uint32(derive_key(seed, epoch, STREAM_SHUFFLE), (n,), device)
+    return torch.argsort(keys, stable=True)

@@ -1,0 +1,69 @@
+"""Bit length and right shifts with rounding, on integer tensors.
+
+``shift_round(a, s, mode)`` returns ``sign(a) * round(|a| / 2**s)``, rounding the magnitude so
+that the result is symmetric around zero. Modes:
+
+- ``nearest``: add ``2**(s-1)`` to ``|a|`` before the shift (ties away from zero).
+- ``stochastic``: add a uniform integer ``r`` in ``[0, 2**s)`` from the counter-based generator
+  (:mod:`intrain.rng`) keyed by the caller; unbiased: ``E[result] = a / 2**s``.
+- ``pseudo``: NITI's pseudo-stochastic rounding. The ``s`` discarded bits are split into the upper
+  ``ceil(s/2)`` bits ``h`` (the probability) and the lower ``floor(s/2)`` bits ``l`` (the random
+  number, doubled when ``s`` is odd so both have the same width); the magnitude rounds up when
+  ``h > l``. No generator is involved.
+
+Ranges: ``a`` may be any integer dtype; the result has ``a``'s dtype and ``|result| <= |a| / 2**s
++ 1``. The caller keeps ``|a| + 2**s`` inside the dtype (for int32 accumulators: ``|a| < 2**30``).
+``s`` is a non-negative Python int or 0-d int64 tensor (a tensor keeps the work on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain import rng
+
+ROUNDING_MODES = ("nearest", "stochastic", "pseudo")
+
+
+def bit_length(m: torch.Tensor) -> torch.Tensor:
+    """Number of bits of non-negative integers ``m`` (0 for 0), as int64, elementwise."""
+    powers = torch.ones(63, dtype=torch.int64, device=m.device) << torch.arange(63, device=m.device)
+    return (m.to(torch.int64).unsqueeze(-1) >= powers).sum(-1)
+
+
+def max_bit_length(a: torch.Tensor) -> torch.Tensor:
+    """Bit length of ``max |a|`` as a 0-d int64 tensor."""
+    if a.numel() == 0:
+        return torch.zeros((), dtype=torch.int64, device=a.device)
+    return bit_length(a.abs().max())
+
+
+def shift_round(
+    a: torch.Tensor,
+    s: torch.Tensor | int,
+    mode: str,
+    key: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """``sign(a) * round(|a| / 2**s)`` with the given rounding mode (see module docstring)."""
+    if not isinstance(s, torch.Tensor):
+        if s < 0:
+            raise ValueError(f"shift must be non-negative, got {s}")
+        s = torch.tensor(s, dtype=torch.int64, device=a.device)
+    magnitude = a.abs()
+    if mode == "nearest":
+        rounded = (magnitude + ((1 << s) >> 1).to(a.dtype)) >> s
+    elif mode == "stochastic":
+        if key is None:
+            raise ValueError("stochastic rounding needs a random key")
+        noise = rng.uniform_bits(key, a.shape, s, a.device).to(a.dtype)
+        rounded = (magnitude + noise) >> s
+    elif mode == "pseudo":
+        low_width = s >> 1
+        high_width = s - low_width
+        discarded = magnitude & ((1 << s) - 1).to(a.dtype)
+        probability = discarded >> low_width
+        pseudo_random = (discarded & ((1 << low_width) - 1).to(a.dtype)) << (high_width - low_width)
+        rounded = (magnitude >> s) + (probability > pseudo_random).to(a.dtype)
+    else:
+        raise ValueError(f"unknown rounding mode {mode!r}; choose one of {', '.join(ROUNDING_MODES)}")
+    return torch.where(a < 0, -rounded, rounded)

@@ -1,0 +1,38 @@
+"""The counter-based generator: reproducible, key-sensitive, uniform enough, integer only."""
+
+import torch
+
+from intrain import rng
+
+
+def test_same_key_same_stream_and_scalar_matches_tensor_hash():
+    key = rng.derive_key(0, 1, 2)
+    assert torch.equal(rng.uint32(key, (1000,)), rng.uint32(key, (1000,)))
+    x = torch.tensor([0, 1, 12345, 2**32 - 1], dtype=torch.int64)
+    assert rng.mix32(x).tolist() == [rng._mix_int(int(v)) for v in x]
+
+
+def test_keys_differ_by_every_part():
+    base = rng.derive_key(1, 2, 3, 4)
+    for other in [(0, 2, 3, 4), (1, 3, 3, 4), (1, 2, 4, 4), (1, 2, 3, 5), (1, 2 + 2**32, 3, 4)]:
+        assert rng.derive_key(*other) != base
+
+
+def test_uniformity_of_bits():
+    bits = rng.uniform_bits(rng.derive_key(5), (400_000,), 4)
+    assert int(bits.min()) == 0 and int(bits.max()) == 15
+    counts = torch.bincount(bits, minlength=16)
+    expected = 400_000 / 16
+    chi2 = (((counts - expected) ** 2) / expected).sum().item()
+    assert chi2 < 50  # 15 degrees of freedom; p ~ 1e-5
+    words = rng.uint32(rng.derive_key(6), (400_000,))
+    assert 0 <= int(words.min()) and int(words.max()) < 2**32
+    assert abs(words.sum().item() / 400_000 / 2**32 - 0.5) < 0.003
+
+
+def test_permutation_is_a_permutation_and_depends_on_seed_and_epoch():
+    p = rng.permutation(1000, seed=3, epoch=0)
+    assert sorted(p.tolist()) == list(range(1000))
+    assert torch.equal(p, rng.permutation(1000, seed=3, epoch=0))
+    assert not torch.equal(p, rng.permutation(1000, seed=4, epoch=0))
+    assert not torch.equal(p, rng.permutation(1000, seed=3, epoch=1))

@@ -1,0 +1,120 @@
+"""Rounding modes against hand-computed cases, statistics on wide accumulators, int8 range."""
+
+import torch
+from hypothesis import given, settings, strategies as st
+
+from intrain import rng
+from intrain.requant import requantize
+from intrain.rounding import bit_length, max_bit_length, shift_round
+
+
+def t(values, dtype=torch.int32):
+    return torch.tensor(values, dtype=dtype)
+
+
+def test_bit_length_matches_python():
+    values = [0, 1, 2, 3, 4, 127, 128, 255, 256, 2**30, 2**31 - 1, 2**40 + 5, 2**62]
+    got = bit_length(torch.tensor(values, dtype=torch.int64)).tolist()
+    assert got == [v.bit_length() for v in values]
+    assert max_bit_length(t([-300, 5, 200])).item() == 9
+
+
+def test_nearest_hand_cases():
+    a = t([5, -5, 6, -6, 7, -7, 4, 0, 1, -1])
+    assert shift_round(a, 1, "nearest").tolist() == [3, -3, 3, -3, 4, -4, 2, 0, 1, -1]
+    assert shift_round(a, 2, "nearest").tolist() == [1, -1, 2, -2, 2, -2, 1, 0, 0, 0]
+    assert shift_round(a, 0, "nearest").tolist() == a.tolist()
+
+
+def test_pseudo_stochastic_odd_shift():
+    # s = 3: h = upper 2 discarded bits, l = lowest bit doubled; round up when h > l.
+    # 13 = 0b1|101: h=0b10=2, l=1*2=2 -> down; 14 = 0b1|110: h=3, l=0 -> up; 11 = 0b1|011: h=1, l=2 -> down
+    a = t([13, -13, 14, -14, 11, -11, 12, -12])
+    assert shift_round(a, 3, "pseudo").tolist() == [1, -1, 2, -2, 1, -1, 2, -2]
+
+
+def test_pseudo_stochastic_even_shift():
+    # s = 4: 182 = 0b1011|0110: h=0b01=1, l=0b10=2 -> down (11); 185 = 0b1011|1001: h=2, l=1 -> up (12)
+    a = t([182, -182, 185, -185, 176])
+    assert shift_round(a, 4, "pseudo").tolist() == [11, -11, 12, -12, 11]
+
+
+def test_pseudo_stochastic_shift_one_rounds_half_up_in_magnitude():
+    assert shift_round(t([3, -3, 2, -2]), 1, "pseudo").tolist() == [2, -2, 1, -1]
+
+
+def test_stochastic_is_floor_plus_the_key_noise():
+    key = rng.derive_key(7, 3, rng.STREAM_ROUNDING)
+    a = t([1000, -1000, 17, -17, 0, 5000])
+    s = 4
+    noise = rng.uniform_bits(key, a.shape, s)
+    expected = [(abs(x) + int(r)) >> s for x, r in zip(a.tolist(), noise.tolist())]
+    expected = [-m if x < 0 else m for x, m in zip(a.tolist(), expected)]
+    assert shift_round(a, s, "stochastic", key).tolist() == expected
+    assert shift_round(a, 0, "stochastic", key).tolist() == a.tolist()
+    floors = (a.abs() >> s) * a.sign()
+    diff = (shift_round(a, s, "stochastic", key) - floors).abs()
+    assert int(diff.max()) <= 1
+
+
+def test_stochastic_unbiased_on_one_value():
+    # 1000 / 16 = 62.5: about half the draws must round up.
+    a = torch.full((200_000,), 1000, dtype=torch.int32)
+    key = rng.derive_key(1, 2, 3)
+    mean = shift_round(a, 4, "stochastic", key).to(torch.int64).sum().item() / a.numel()
+    assert abs(mean - 62.5) < 0.01
+
+
+def _mean_error_in_ulps(a, s, mode, key=None):
+    rounded = shift_round(a, s, mode, key).to(torch.int64)
+    error = rounded * 2**s - a.to(torch.int64)
+    return error.sum().item() / a.numel() / 2**s
+
+
+def test_statistical_bias_on_wide_accumulators():
+    """Tolerances: stochastic 0.005 ulp (6 standard errors of the mean of 10**6 draws); pseudo-stochastic
+    rounding ignores the lowest floor(s/2) bits when deciding, which biases it by at most 2**-ceil(s/2) ulp."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-2**24, 2**24, (1_000_000,), generator=gen, dtype=torch.int32)
+    key = rng.derive_key(11, 0, rng.STREAM_ROUNDING)
+    for s in (6, 9, 10, 13):
+        assert abs(_mean_error_in_ulps(a, s, "stochastic", key)) < 0.005, s
+        assert abs(_mean_error_in_ulps(a, s, "pseudo")) < 2 ** -((s + 1) // 2) + 0.005, s
+        # Magnitude bias, which the sign symmetry would hide in the signed mean above:
+        assert abs(_mean_error_in_ulps(a.abs(), s, "pseudo")) < 2 ** -((s + 1) // 2) + 0.005, s
+        assert abs(_mean_error_in_ulps(a.abs(), s, "stochastic", key)) < 0.005, s
+    # Truncation, for contrast, is biased by half an ulp: the test can tell the difference.
+    assert abs(_mean_error_in_ulps(a.abs(), 10, "pseudo") - (-0.5)) > 0.4
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-2**30 + 1, 2**30 - 1), min_size=1, max_size=64),
+       st.sampled_from(["nearest", "stochastic", "pseudo"]))
+def test_requantize_never_leaves_int8(values, mode):
+    a = t(values)
+    q = requantize(a, torch.tensor(0), mode=mode, key=(1, 2))
+    assert q.v.dtype == torch.int8
+    assert int(q.v.abs().max()) <= 127
+    shift = int(q.e)
+    assert shift == max(max(abs(v) for v in values).bit_length() - 7, 0)
+    # Each value is within one unit of the exact quotient.
+    exact = [v / 2**shift for v in values]
+    assert all(abs(r - x) <= 1 for r, x in zip(q.v.tolist(), exact))
+
+
+def test_requantize_worst_case_and_small_values():
+    a = t([127 * 127 * 4608, -127 * 127 * 4608, 0])
+    q = requantize(a, torch.tensor(-14), mode="nearest")
+    # 74,323,968 has 27 bits: shift 20, 74323968 / 2**20 = 70.88 -> 71
+    assert q.v.tolist() == [71, -71, 0] and int(q.e) == -14 + 20
+    q = requantize(t([2**30 - 2**22, -(2**30 - 2**22)]), torch.tensor(0), mode="nearest")
+    assert q.v.tolist() == [127, -127]  # (2**30 - 2**22) / 2**23 = 127.5 rounds to 128, clipped
+    small = t([-100, 3, 127])
+    q = requantize(small, torch.tensor(5))
+    assert q.v.tolist() == [-100, 3, 127] and int(q.e) == 5
+
+
+def test_requantize_int16():
+    a = torch.tensor([2**40 + 12345, -(2**40)], dtype=torch.int64)
+    q = requantize(a, torch.tensor(0), bits=16)
+    assert q.v.dtype == torch.int16 and int(q.v.abs().max()) <= 32767 and int(q.e) == 41 - 15
