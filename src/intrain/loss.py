@@ -27,7 +27,7 @@ from intrain.qtensor import QTensor
 from intrain.requant import requantize
 
 LOG2E_Q15 = 47274
-FRACTION_BITS = 6
+FRACTION_BITS = 8
 EXP_PRECISION = 24
 PROB_BITS = 14
 

@@ -72,6 +72,9 @@ F64_EXACT = 2**53  # float64 holds every integer of magnitude <= 2**53
 # the float32 rate; float64 convolution has no oneDNN kernel and runs 5-10x slower).
 MAX_F32_BLOCKS_MM = 3
 MAX_F32_BLOCKS_CONV = 16
+# ... except for weight gradients, split on samples: up to N / 3 blocks (measured: float32 blocks
+# of 3-4 samples beat a float64 weight-gradient convolution, blocks of 1 do not).
+MIN_SAMPLES_PER_BLOCK = 3
 # Linear reductions are split on chunks of this many columns (the "grains").
 _MM_GRAINS = 64
 
@@ -116,6 +119,17 @@ def _absmax(t: torch.Tensor) -> int:
     return max(-int(mn), int(mx))
 
 
+def _rows_sq(tf: torch.Tensor, amax: int) -> torch.Tensor:
+    """Exact sums of squares of an integer-valued float tensor [N, R, ...] over its trailing
+    dimensions, as int64 [N, R]: a batched dot product, exact in float32 when
+    ``amax**2 * count <= 2**24`` (otherwise computed in float64)."""
+    n, r = tf.shape[:2]
+    v = tf.reshape(n * r, 1, -1)
+    if amax * amax * v.shape[2] > F32_EXACT:
+        v = v.to(torch.float64)
+    return torch.bmm(v, v.transpose(1, 2)).reshape(n, r).to(torch.int64)
+
+
 def _rows_l1(tf: torch.Tensor, dims: Sequence[int], amax: int, count: int) -> torch.Tensor:
     """Exact L1 norms of an integer-valued float tensor over ``dims``, as int64.
 
@@ -128,57 +142,106 @@ def _rows_l1(tf: torch.Tensor, dims: Sequence[int], amax: int, count: int) -> to
 
 # ------------------------------------------------------------------------------ block plans
 
-Parts = list[tuple[int, torch.Tensor]]  # (scale, per-grain costs [G, R] >= 0, int64)
+def _cum(cost: torch.Tensor) -> torch.Tensor:
+    """[G, R] -> [G + 1, R] running sums over grains, starting at 0 (int64, exact)."""
+    c = torch.cumsum(cost, 0)
+    return torch.cat([c.new_zeros((1,) + tuple(c.shape[1:])), c])
 
 
-def _greedy_blocks(parts: Parts, budget: int, max_blocks: int | None
+class L1Bound:
+    """S of a block [s, e) <= scale * max_r sum_{g in [s, e)} cost[g, r].
+
+    Used with ``scale`` = max |a| over one operand and ``cost[g, r]`` = L1 norm over grain g of
+    the other operand's part read by output r: S = sum |a_k b_k| <= max|a| * sum |b_k|.
+    """
+
+    def __init__(self, scale: int, cost: torch.Tensor) -> None:
+        self.scale, self.cum = scale, _cum(cost)
+
+    def ok(self, s: int, budget: int) -> torch.Tensor:
+        return (self.cum[s + 1:] - self.cum[s]).amax(dim=1) * self.scale <= budget
+
+
+class CSBound:
+    """S of a block [s, e) <= sqrt(max_r sum_g sq_a[g, r] * max_q sum_g sq_b[g, q]).
+
+    Cauchy-Schwarz: sum |a_k b_k| <= ||a||_2 ||b||_2, with ``sq_a[g, r]`` = sum of squares over
+    grain g of the part of operand a that output row r reads (likewise b). Tested in integers as
+    A * B <= budget**2, i.e. A <= budget**2 // B; only for budgets with budget**2 < 2**62.
+    """
+
+    def __init__(self, sq_a: torch.Tensor, sq_b: torch.Tensor) -> None:
+        self.cum_a, self.cum_b = _cum(sq_a), _cum(sq_b)
+
+    def ok(self, s: int, budget: int) -> torch.Tensor:
+        a = (self.cum_a[s + 1:] - self.cum_a[s]).amax(dim=1)
+        b = (self.cum_b[s + 1:] - self.cum_b[s]).amax(dim=1)
+        b2 = budget * budget
+        if b2 >= 2**62:
+            return torch.zeros(a.shape, dtype=torch.bool)
+        return (b == 0) | (a <= b2 // b.clamp(min=1))
+
+
+Bounds = list  # of L1Bound / CSBound
+
+
+def _greedy_blocks(bounds: Bounds, n_grains: int, budget: int, max_blocks: int | None
                    ) -> list[tuple[int, int]] | None:
-    """Split grains 0..G-1 into consecutive blocks whose bound is <= budget.
+    """Split grains 0..G-1 into consecutive blocks each satisfying some bound <= budget.
 
-    The bound of a block [s, e) is ``min over parts of scale * max_r sum_{g in [s,e)} cost[g, r]``,
-    a valid bound on S for every output element of the block (see the module docstring). Each
-    term is non-decreasing in e, so the longest admissible block from s is found in one pass.
+    Every bound is non-decreasing in the block end e, so "some bound holds for [s, e)" is true
+    for a prefix of the ends: the longest admissible block from s is found in one pass.
     Returns None when a single grain exceeds the budget or more than max_blocks are needed.
     """
-    cums = []
-    for scale, cost in parts:
-        c = torch.cumsum(cost, 0)
-        cums.append((scale, torch.cat([c.new_zeros((1,) + tuple(c.shape[1:])), c])))
-    g_total = parts[0][1].shape[0]
     blocks: list[tuple[int, int]] = []
     s = 0
-    while s < g_total:
-        bound = None
-        for scale, cum in cums:
-            v = (cum[s + 1:] - cum[s]).amax(dim=1) * scale
-            bound = v if bound is None else torch.minimum(bound, v)
-        n_ok = int((bound <= budget).sum())
+    while s < n_grains:
+        ok = None
+        for b in bounds:
+            v = b.ok(s, budget)
+            ok = v if ok is None else ok | v
+        n_ok = int(ok.sum())
         if n_ok == 0:
             return None
         blocks.append((s, s + n_ok))
         s += n_ok
-        if max_blocks is not None and len(blocks) > max_blocks and s < g_total:
+        if max_blocks is not None and len(blocks) > max_blocks and s < n_grains:
             return None
     return blocks
 
 
-def _plan(quick: int, parts_fn: Callable[[], Parts], n_grains: int, max_f32_blocks: int
-          ) -> tuple[torch.dtype | None, list[tuple[int, int]]]:
-    """Choose (float dtype, blocks of grains); dtype None means: use the int64 reference."""
+def _plan(quick: int, bound_fns: Sequence[Callable[[], Bounds]], n_grains: int,
+          max_f32_blocks: int) -> tuple[torch.dtype | None, list[tuple[int, int]]]:
+    """Choose (float dtype, blocks of grains); dtype None means: use the int64 reference.
+
+    ``quick`` is max|a| * max|b| * K >= S. ``bound_fns`` produce finer bounds, computed lazily in
+    order (cheapest first) while the float32 plan still needs more than one block. Bounds from a
+    ``bound_fns`` entry after the first are only used for float32 plans (they may use float32
+    products, which are only trusted in strict mode).
+    """
     whole = [(0, n_grains)]
     strict = _fp32_is_strict()
     if strict and quick <= F32_EXACT:
         return torch.float32, whole
     if not strict and quick <= F64_EXACT:
         return torch.float64, whole
-    parts = parts_fn()
+    first: Bounds = bound_fns[0]()
+    bounds = first
     if strict:
-        blocks = _greedy_blocks(parts, F32_EXACT, max_f32_blocks)
-        if blocks is not None:
-            return torch.float32, blocks
+        best = None
+        for i, fn in enumerate(bound_fns):
+            if i:
+                bounds = bounds + fn()
+            blocks = _greedy_blocks(bounds, n_grains, F32_EXACT, max_f32_blocks)
+            if blocks is not None:
+                best = blocks
+                if len(blocks) == 1:
+                    break
+        if best is not None:
+            return torch.float32, best
     if quick <= F64_EXACT:
         return torch.float64, whole
-    blocks = _greedy_blocks(parts, F64_EXACT, None)
+    blocks = _greedy_blocks(first, n_grains, F64_EXACT, None)
     if blocks is not None:
         return torch.float64, blocks
     return None, whole
@@ -204,7 +267,7 @@ def _mm_exact(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch
     n_grains = min(k, _MM_GRAINS)
     edges = [(i * k) // n_grains for i in range(n_grains + 1)]
 
-    def parts() -> Parts:
+    def parts() -> Bounds:
         # cost_b[g, j] = sum_{k in grain g} |b[k, j]|, bounds S for outputs in column j;
         # cost_a[g, i] = sum_{k in grain g} |a[i, k]|, bounds S for outputs in row i.
         a32, b32 = a.to(torch.int32).abs(), b.to(torch.int32).abs()
@@ -212,9 +275,9 @@ def _mm_exact(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch
                               for e0, e1 in zip(edges, edges[1:])])
         cost_b = torch.stack([b32[e0:e1].sum(0, dtype=torch.int64)
                               for e0, e1 in zip(edges, edges[1:])])
-        return [(ma, cost_b), (mb, cost_a)]
+        return [L1Bound(ma, cost_b), L1Bound(mb, cost_a)]
 
-    dt, blocks = _plan(ma * mb * k, parts, n_grains, MAX_F32_BLOCKS_MM)
+    dt, blocks = _plan(ma * mb * k, [parts], n_grains, MAX_F32_BLOCKS_MM)
     if dt is None:
         return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(out_dtype)
     if len(blocks) == 1:
@@ -264,7 +327,7 @@ def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
         x, w, stride, padding)
     _check_cpu(x, w)
     mx, mw = _absmax(x), _absmax(w)
-    dt, blocks = _plan(mx * mw * c * kh * kw, lambda: [(mx, _weight_l1(w).t())], c,
+    dt, blocks = _plan(mx * mw * c * kh * kw, [lambda: [L1Bound(mx, _weight_l1(w).t())]], c,
                        MAX_F32_BLOCKS_CONV)
     if dt is None or n == 0:
         return _ref.conv2d_forward(x, w, s, p)
@@ -294,7 +357,7 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
     md, mw = _absmax(d), _absmax(w)
-    dt, blocks = _plan(md * mw * o * kh * kw, lambda: [(md, _weight_l1(w))], o,
+    dt, blocks = _plan(md * mw * o * kh * kw, [lambda: [L1Bound(md, _weight_l1(w))]], o,
                        MAX_F32_BLOCKS_CONV)
     if dt is None or n == 0:
         return _ref.conv2d_backward_input(d, w, hw, s, p)
@@ -334,12 +397,18 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     # hold int8/int16 values exactly.
     df, xf = d.to(torch.float32), x.to(torch.float32)
 
-    def parts() -> Parts:
+    def l1_bounds() -> Bounds:
         ld = _rows_l1(df, (2, 3), md, ho * wo)  # [N, O]
         lx = _rows_l1(xf, (2, 3), mx, h * wd)  # [N, C]
-        return [(mx, ld), (md, lx)]
+        return [L1Bound(mx, ld), L1Bound(md, lx)]
 
-    dt, blocks = _plan(quick, parts, n, MAX_F32_BLOCKS_CONV)
+    def cs_bounds() -> Bounds:
+        return [CSBound(_rows_sq(df, md), _rows_sq(xf, mx))]
+
+    # Many float32 blocks still beat one float64 call (no oneDNN kernel for float64) as long as
+    # the blocks hold a few samples each.
+    max_blocks = max(MAX_F32_BLOCKS_CONV, n // MIN_SAMPLES_PER_BLOCK)
+    dt, blocks = _plan(quick, [l1_bounds, cs_bounds], n, max_blocks)
     if dt is None:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
     if dt != torch.float32:

@@ -1,0 +1,494 @@
+"""Tests of the kernel layer (intrain.kernels): backends, exactness, worst cases.
+
+* ``reference`` is checked against float64 torch (exact for these small sizes: every sum is far
+  below 2**53) and against closed-form worst cases, and must never create a float tensor.
+* ``cpu`` must be bit-identical to ``reference`` everywhere: hypothesis property tests over
+  shapes/strides/paddings, int8 and int16 operands, and with the float32 budget lowered so that
+  the channel/sample/column blocking and the float64 fall-back are exercised on small shapes.
+* Worst cases at the largest reduction lengths the models use are compared with exact Python
+  integer arithmetic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from intrain import kernels
+from intrain.kernels import cpu as CPU
+from intrain.kernels import reference as REF
+
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow])
+
+FUNCS = kernels.FUNCTIONS
+
+
+# ------------------------------------------------------------------------------- helpers
+
+def rand_int(gen: torch.Generator, shape, dtype=torch.int8, mode: str = "uniform") -> torch.Tensor:
+    """Random integer tensor; modes: uniform over the range, extremes (+-max), sparse small."""
+    hi = 127 if dtype == torch.int8 else 32767
+    if mode == "uniform":
+        v = torch.randint(-hi, hi + 1, shape, generator=gen, dtype=torch.int64)
+    elif mode == "extreme":
+        v = (torch.randint(0, 2, shape, generator=gen, dtype=torch.int64) * 2 - 1) * hi
+    elif mode == "sparse":
+        v = torch.randint(-hi, hi + 1, shape, generator=gen, dtype=torch.int64)
+        v = v * (torch.randint(0, 4, shape, generator=gen) == 0)
+    else:
+        raise ValueError(mode)
+    return v.to(dtype)
+
+
+def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
+    assert a.dtype == b.dtype, (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert torch.equal(a, b), f"max diff {(a.to(torch.int64) - b.to(torch.int64)).abs().max()}"
+
+
+@contextlib.contextmanager
+def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6):
+    """Lower the cpu backend's float32 (and optionally float64) budget: still exact, a smaller
+    bound is only more conservative, and blocking, the float64 fall-back, float64 blocks and the
+    int64 fall-back then all run on small shapes."""
+    f32, f64 = (f32, CPU.F64_EXACT) if isinstance(f32, int) else f32
+    names = ("F32_EXACT", "F64_EXACT", "MAX_F32_BLOCKS_CONV", "MAX_F32_BLOCKS_MM")
+    saved = [getattr(CPU, k) for k in names]
+    for k, v in zip(names, (f32, f64, max_blocks, max_blocks)):
+        setattr(CPU, k, v)
+    try:
+        yield
+    finally:
+        for k, v in zip(names, saved):
+            setattr(CPU, k, v)
+
+
+def both(name: str, *args):
+    r = getattr(REF, name)(*args)
+    c = getattr(CPU, name)(*args)
+    assert_same(c, r)
+    return r
+
+
+def valid_taps(out_idx: int, k: int, s: int, p: int, size: int) -> int:
+    """Number of kernel offsets i for which input index out_idx*s + i - p is inside [0, size)."""
+    return sum(1 for i in range(k) if 0 <= out_idx * s + i - p < size)
+
+
+# ------------------------------------------------------------------------------ get_backend
+
+def test_get_backend_names():
+    assert kernels.BACKENDS == ("reference", "cpu", "cuda")
+    assert kernels.get_backend("reference") is REF
+    assert kernels.get_backend("cpu") is CPU
+    assert kernels.get_backend("auto") is CPU
+    assert kernels.get_backend("auto", torch.device("cpu")) is CPU
+    assert kernels.get_backend("reference", "cuda") is REF
+    for be in (REF, CPU):
+        for f in FUNCS:
+            assert callable(getattr(be, f))
+
+
+def test_get_backend_errors():
+    with pytest.raises(ValueError, match="valid names.*reference.*cpu.*cuda"):
+        kernels.get_backend("fast")
+    with pytest.raises(ValueError, match="cpu backend"):
+        kernels.get_backend("cpu", "cuda")
+    try:
+        import intrain.kernels.cuda  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="the cuda backend is not available yet"):
+            kernels.get_backend("cuda")
+        with pytest.raises(ValueError, match="the cuda backend is not available yet"):
+            kernels.get_backend("auto", "cuda")
+
+
+def test_argument_errors():
+    x = torch.zeros(2, 3, dtype=torch.int8)
+    for be in (REF, CPU):
+        with pytest.raises(TypeError):
+            be.linear_forward(x.float(), x)
+        with pytest.raises(TypeError):
+            be.linear_forward(x.to(torch.int32), x)
+        with pytest.raises(ValueError):
+            be.linear_forward(x, torch.zeros(2, 4, dtype=torch.int8))
+        with pytest.raises(ValueError, match="131071"):  # int32 bound of an int8 reduction
+            be.linear_forward(torch.zeros(1, 131072, dtype=torch.int8),
+                              torch.zeros(1, 131072, dtype=torch.int8))
+        xc = torch.zeros(1, 2, 5, 5, dtype=torch.int8)
+        with pytest.raises(ValueError):
+            be.conv2d_forward(xc, torch.zeros(1, 3, 3, 3, dtype=torch.int8))
+        with pytest.raises(ValueError):
+            be.conv2d_forward(xc, torch.zeros(1, 2, 6, 6, dtype=torch.int8))
+        with pytest.raises(ValueError):  # d does not match input_hw
+            be.conv2d_backward_input(torch.zeros(1, 1, 4, 4, dtype=torch.int8),
+                                     torch.zeros(1, 2, 3, 3, dtype=torch.int8), (5, 5), 1, 0)
+        with pytest.raises(ValueError):
+            be.conv2d_backward_weight(torch.zeros(1, 1, 3, 3, dtype=torch.int8),
+                                      torch.zeros(2, 2, 5, 5, dtype=torch.int8), 3)
+
+
+def test_result_dtypes():
+    g = torch.Generator().manual_seed(0)
+    x8, w8 = rand_int(g, (3, 5)), rand_int(g, (4, 5))
+    x16 = rand_int(g, (3, 5), torch.int16)
+    for be in (REF, CPU):
+        assert be.linear_forward(x8, w8).dtype == torch.int32
+        assert be.linear_forward(x16, w8).dtype == torch.int64
+        assert be.linear_backward_input(rand_int(g, (3, 4)), w8).dtype == torch.int32
+        assert be.linear_backward_weight(rand_int(g, (3, 4)), x8).dtype == torch.int64
+        xc, wc = rand_int(g, (1, 2, 5, 5)), rand_int(g, (3, 2, 3, 3))
+        assert be.conv2d_forward(xc, wc).dtype == torch.int32
+        assert be.conv2d_forward(xc.to(torch.int16), wc).dtype == torch.int64
+        dc = rand_int(g, (1, 3, 3, 3))
+        assert be.conv2d_backward_input(dc, wc, (5, 5)).dtype == torch.int32
+        assert be.conv2d_backward_weight(dc, xc, 3).dtype == torch.int64
+
+
+# ------------------------------------------------------------- reference against float64
+
+def conv_case(gen, n, c, o, h, w, kh, kw, s, p, dtype=torch.int8):
+    x = rand_int(gen, (n, c, h, w), dtype)
+    wt = rand_int(gen, (o, c, kh, kw), dtype)
+    ho = (h + 2 * p[0] - kh) // s[0] + 1
+    wo = (w + 2 * p[1] - kw) // s[1] + 1
+    d = rand_int(gen, (n, o, ho, wo), dtype)
+    return x, wt, d
+
+
+@pytest.mark.parametrize("case", [
+    (2, 3, 4, 7, 9, 3, 2, (2, 2), (1, 1)),
+    (1, 1, 2, 5, 5, 5, 5, (1, 1), (2, 2)),
+    (3, 2, 3, 8, 6, 3, 3, (3, 3), (2, 2)),
+    (2, 3, 2, 10, 11, 4, 3, (3, 2), (0, 1)),  # (H + 2p - kh) % s != 0
+    (2, 1, 6, 28, 28, 5, 5, (1, 1), (2, 2)),  # LeNet conv1
+    (2, 6, 16, 14, 14, 5, 5, (1, 1), (0, 0)),  # LeNet conv2
+])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_reference_conv_matches_float64_torch(case, dtype):
+    n, c, o, h, w, kh, kw, s, p = case
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    x, wt, d = conv_case(gen, n, c, o, h, w, kh, kw, s, p, dtype)
+    # float64 is exact here: every sum is below 2**30 * 150 < 2**53.
+    xf = x.to(torch.float64).requires_grad_()
+    wf = wt.to(torch.float64).requires_grad_()
+    y = F.conv2d(xf, wf, stride=s, padding=p)
+    y.backward(d.to(torch.float64))
+    assert torch.equal(REF.conv2d_forward(x, wt, s, p).to(torch.float64), y.detach())
+    assert torch.equal(REF.conv2d_backward_input(d, wt, (h, w), s, p).to(torch.float64), xf.grad)
+    assert torch.equal(REF.conv2d_backward_weight(d, x, (kh, kw), s, p).to(torch.float64),
+                       wf.grad)
+    # and conv_transpose2d is the same adjoint
+    op = (h + 2 * p[0] - kh - (d.shape[2] - 1) * s[0], w + 2 * p[1] - kw - (d.shape[3] - 1) * s[1])
+    ct = F.conv_transpose2d(d.to(torch.float64), wt.to(torch.float64), None, s, p, op)
+    assert torch.equal(REF.conv2d_backward_input(d, wt, (h, w), s, p).to(torch.float64), ct)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_reference_linear_matches_float64_torch(dtype):
+    gen = torch.Generator().manual_seed(1)
+    x, w, d = rand_int(gen, (7, 33), dtype), rand_int(gen, (5, 33), dtype), rand_int(gen, (7, 5), dtype)
+    xf, wf, df = x.double(), w.double(), d.double()
+    assert torch.equal(REF.linear_forward(x, w).double(), xf @ wf.T)
+    assert torch.equal(REF.linear_backward_input(d, w).double(), df @ wf)
+    assert torch.equal(REF.linear_backward_weight(d, x).double(), df.T @ xf)
+
+
+class _FloatAudit(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.bad: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten((args, kwargs, out))[0]:
+            if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+                self.bad.append(str(func))
+        return out
+
+
+def test_reference_creates_no_float_tensor():
+    gen = torch.Generator().manual_seed(2)
+    x, wt, d = conv_case(gen, 2, 3, 4, 9, 8, 3, 3, (2, 2), (1, 1))
+    xl, wl, dl = rand_int(gen, (4, 6)), rand_int(gen, (3, 6)), rand_int(gen, (4, 3))
+    with _FloatAudit() as audit:
+        REF.conv2d_forward(x, wt, 2, 1)
+        REF.conv2d_backward_input(d, wt, (9, 8), 2, 1)
+        REF.conv2d_backward_weight(d, x, 3, 2, 1)
+        REF.linear_forward(xl, wl)
+        REF.linear_backward_input(dl, wl)
+        REF.linear_backward_weight(dl, xl)
+    assert audit.bad == []
+
+
+# -------------------------------------------------------------- cpu == reference, properties
+
+@st.composite
+def conv_shapes(draw, max_c: int = 4):
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    s = (draw(st.integers(1, 3)), draw(st.integers(1, 3)))
+    p = (draw(st.integers(0, 2)), draw(st.integers(0, 2)))
+    h = max(1, kh - 2 * p[0] + draw(st.integers(0, 7)))
+    w = max(1, kw - 2 * p[1] + draw(st.integers(0, 7)))
+    n = draw(st.integers(1, 3))
+    c, o = draw(st.integers(1, max_c)), draw(st.integers(1, max_c))
+    return n, c, o, h, w, kh, kw, s, p
+
+
+MODES = st.sampled_from(["uniform", "extreme", "sparse"])
+DTYPES = st.sampled_from([(torch.int8, torch.int8), (torch.int16, torch.int16),
+                          (torch.int8, torch.int16), (torch.int16, torch.int8)])
+BUDGETS = st.sampled_from([2**24, 2**24, 2**17, 2**14, 2**12, (2**12, 2**16), (2**12, 2**34)])
+
+
+def _check_conv(shape, dtypes, modes, seed, budget, scalar_args):
+    n, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * p[0] - kh) // s[0] + 1
+    wo = (w + 2 * p[1] - kw) // s[1] + 1
+    x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
+    wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
+    d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
+    if scalar_args and s[0] == s[1] and p[0] == p[1] and kh == kw:
+        s, p, khw = s[0], p[0], kh
+    else:
+        khw = (kh, kw)
+    with cpu_budget(budget):
+        both("conv2d_forward", x, wt, s, p)
+        both("conv2d_backward_input", d, wt, (h, w), s, p)
+        both("conv2d_backward_weight", d, x, khw, s, p)
+
+
+@SETTINGS
+@given(shape=conv_shapes(), dtypes=DTYPES, modes=st.tuples(MODES, MODES, MODES),
+       seed=st.integers(0, 2**31 - 1), budget=BUDGETS, scalar_args=st.booleans())
+def test_cpu_conv_matches_reference(shape, dtypes, modes, seed, budget, scalar_args):
+    _check_conv(shape, dtypes, modes, seed, budget, scalar_args)
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(shape=conv_shapes(max_c=40), modes=st.tuples(MODES, MODES, MODES),
+       seed=st.integers(0, 2**31 - 1), budget=st.sampled_from([2**24, 2**20, 2**18]))
+def test_cpu_conv_matches_reference_many_channels(shape, modes, seed, budget):
+    _check_conv(shape, (torch.int8, torch.int8), modes, seed, budget, False)
+
+
+@SETTINGS
+@given(n=st.integers(1, 9), i=st.integers(1, 300), o=st.integers(1, 9), dtypes=DTYPES,
+       modes=st.tuples(MODES, MODES, MODES), seed=st.integers(0, 2**31 - 1), budget=BUDGETS)
+def test_cpu_linear_matches_reference(n, i, o, dtypes, modes, seed, budget):
+    gen = torch.Generator().manual_seed(seed)
+    x = rand_int(gen, (n, i), dtypes[0], modes[0])
+    w = rand_int(gen, (o, i), dtypes[1], modes[1])
+    d = rand_int(gen, (n, o), dtypes[0], modes[2])
+    with cpu_budget(budget):
+        both("linear_forward", x, w)
+        both("linear_backward_input", d, w)
+        both("linear_backward_weight", d, x)
+
+
+def test_cpu_handles_minus_128_and_noncontiguous():
+    gen = torch.Generator().manual_seed(3)
+    x = rand_int(gen, (2, 40, 6, 6), mode="extreme")
+    x[0, 0, 0, 0] = -128
+    wt = torch.full((3, 40, 3, 3), -128, dtype=torch.int8)
+    d = torch.full((2, 3, 4, 4), -128, dtype=torch.int8)
+    both("conv2d_forward", x, wt)
+    both("conv2d_backward_input", d, wt, (6, 6))
+    both("conv2d_backward_weight", d, x, 3)
+    xl = torch.full((64, 1500), -128, dtype=torch.int8)
+    wl = torch.full((1500, 30), -128, dtype=torch.int8).t()  # non-contiguous view
+    both("linear_forward", xl, wl)
+    both("linear_backward_input", xl[:, :30], wl)
+    both("linear_backward_weight", xl[:, :30], xl)
+    # empty batch
+    both("conv2d_forward", x[:0], wt)
+    both("linear_forward", xl[:0], wl)
+
+
+def test_cpu_reduced_float32_precision_falls_back_to_float64():
+    """With TF32/BF16 allowed, float32 could be inexact: the backend must not use it."""
+    gen = torch.Generator().manual_seed(4)
+    x, wt, d = conv_case(gen, 2, 8, 4, 7, 7, 3, 3, (1, 1), (1, 1))
+    saved = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert not CPU._fp32_is_strict()
+        assert CPU._plan(100, [lambda: []], 1, 1)[0] == torch.float64
+        both("conv2d_forward", x, wt, 1, 1)
+        both("conv2d_backward_weight", d, x, 3, 1, 1)
+        both("linear_forward", rand_int(gen, (5, 2000)), rand_int(gen, (3, 2000)))
+    finally:
+        torch.set_float32_matmul_precision(saved)
+    assert CPU._fp32_is_strict()
+
+
+def test_cpu_plan_blocks_worst_case():
+    """All-127 conv at K = 512*9 needs ceil(4608 / 1040) = 5 float32 channel blocks."""
+    w = torch.full((3, 512, 3, 3), 127, dtype=torch.int8)
+    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]], 512,
+                           CPU.MAX_F32_BLOCKS_CONV)
+    assert dt == torch.float32 and len(blocks) == 5
+    assert blocks[0] == (0, 115) and blocks[-1][1] == 512
+    for c0, c1 in blocks:
+        assert 127 * 127 * 9 * (c1 - c0) <= 2**24
+    # a random weight has a much smaller L1 norm: one call
+    gen = torch.Generator().manual_seed(5)
+    w = rand_int(gen, (64, 512, 3, 3), mode="sparse")
+    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]], 512,
+                           CPU.MAX_F32_BLOCKS_CONV)
+    assert dt == torch.float32 and len(blocks) <= 2
+
+
+# ----------------------------------------------------------------------------- worst cases
+
+SIGNS = ["plus", "minus", "alternating", "cancelling"]
+
+
+def _pattern(kind: str, idx: torch.Tensor, which: str) -> torch.Tensor:
+    """Sign patterns along a reduction index: 'alternating' gives both operands the same
+    alternating sign (all products +127^2, maximal sum); 'cancelling' alternates only one
+    operand, so the sum is 0 or +-127^2 while the partial sums are as large as they get."""
+    if kind == "plus":
+        return torch.ones_like(idx)
+    if kind == "minus":
+        return -torch.ones_like(idx) if which == "a" else torch.ones_like(idx)
+    alt = 1 - 2 * (idx % 2)
+    if kind == "alternating":
+        return alt
+    return alt if which == "a" else torch.ones_like(idx)
+
+
+def _expected_linear_sum(kind: str, k: int) -> int:
+    if kind in ("plus", "alternating"):
+        return 127 * 127 * k
+    if kind == "minus":
+        return -127 * 127 * k
+    return 127 * 127 * (k % 2)  # sum of (-1)^i for i < k
+
+
+@pytest.mark.parametrize("k", [784, 4096])
+@pytest.mark.parametrize("kind", SIGNS)
+def test_worst_case_linear(k, kind):
+    idx = torch.arange(k)
+    a = (127 * _pattern(kind, idx, "a")).to(torch.int8)
+    b = (127 * _pattern(kind, idx, "b")).to(torch.int8)
+    expected = _expected_linear_sum(kind, k)
+    x, w = a.expand(4, k).contiguous(), b.expand(3, k).contiguous()
+    for be in (REF, CPU):
+        y = be.linear_forward(x, w)
+        assert y.dtype == torch.int32 and bool((y == expected).all())
+        # backward-input: reduction over O = k
+        gi = be.linear_backward_input(a.expand(2, k).contiguous(),
+                                      b.view(k, 1).expand(k, 5).contiguous())
+        assert gi.dtype == torch.int32 and bool((gi == expected).all())
+        # weight gradient: reduction over the batch N = k
+        gw = be.linear_backward_weight(a.view(k, 1).expand(k, 3).contiguous(),
+                                       b.view(k, 1).expand(k, 6).contiguous())
+        assert gw.dtype == torch.int64 and bool((gw == expected).all())
+
+
+def _expected_conv_forward(kind, c, h, w, kh, kw, s, p, ho, wo):
+    """Exact expected output of the 'channel pattern' worst case, with Python ints."""
+    per_tap = _expected_linear_sum(kind, c)  # sum over channels of one kernel tap
+    out = [[per_tap * valid_taps(a, kh, s, p, h) * valid_taps(b, kw, s, p, w)
+            for b in range(wo)] for a in range(ho)]
+    return torch.tensor(out, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("kind", SIGNS)
+def test_worst_case_conv_forward_and_backward_input(kind):
+    # C*kh*kw = 512*9 = 4608, the longest reduction of VGG-small.
+    c, kh, kw, s, p, h, w = 512, 3, 3, 1, 1, 4, 5
+    ci = torch.arange(c)
+    x = (127 * _pattern(kind, ci, "a")).to(torch.int8).view(1, c, 1, 1).expand(2, c, h, w)
+    wt = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(1, c, 1, 1).expand(3, c, kh, kw)
+    x, wt = x.contiguous(), wt.contiguous()
+    exp = _expected_conv_forward(kind, c, h, w, kh, kw, s, p, h, w)
+    for be in (REF, CPU):
+        y = be.conv2d_forward(x, wt, s, p)
+        assert y.dtype == torch.int32
+        assert torch.equal(y.to(torch.int64), exp.expand(2, 3, h, w))
+    # backward-input with O*kh*kw = 512*9: the same sums, with the roles of C and O swapped
+    # (stride 1, pad 1, 3x3: the transposed kernel has the same valid-tap counts).
+    d = (127 * _pattern(kind, ci, "a")).to(torch.int8).view(1, c, 1, 1).expand(2, c, h, w)
+    wb = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(c, 1, 1, 1).expand(c, 2, kh, kw)
+    d, wb = d.contiguous(), wb.contiguous()
+    for be in (REF, CPU):
+        g = be.conv2d_backward_input(d, wb, (h, w), s, p)
+        assert g.dtype == torch.int32
+        assert torch.equal(g.to(torch.int64), exp.expand(2, 2, h, w))
+
+
+@pytest.mark.parametrize("kind", ["plus", "minus", "checker"])
+def test_worst_case_conv_strided_checkerboard(kind):
+    """Stride 2, padding 2, kernel 5 with signs (-1)^(c+h+w) and (-1)^(c+i+j): every product of
+    an output has the same sign (-1)^((a+b)*s), so |sum| = 127^2 * (number of valid taps) * C."""
+    c, kh, s, p, h = 185, 5, 2, 2, 9  # C*kh*kw = 4625
+    ho = (h + 2 * p - kh) // s + 1
+    ci, hi = torch.arange(c), torch.arange(h)
+    if kind == "checker":
+        x = ((-1) ** (ci.view(c, 1, 1) + hi.view(1, h, 1) + hi.view(1, 1, h))) * 127
+        k = torch.arange(kh)
+        wt = ((-1) ** (ci.view(c, 1, 1) + k.view(1, kh, 1) + k.view(1, 1, kh))) * 127
+    else:
+        sign = 1 if kind == "plus" else -1
+        x = torch.full((c, h, h), 127 * sign)
+        wt = torch.full((c, kh, kh), 127)
+    x = x.to(torch.int8).unsqueeze(0).expand(2, c, h, h).contiguous()
+    wt = wt.to(torch.int8).unsqueeze(0).expand(2, c, kh, kh).contiguous()
+    exp = torch.tensor([[127 * 127 * c * valid_taps(a, kh, s, p, h) * valid_taps(b, kh, s, p, h)
+                         * ((-1) ** ((a + b) * s) if kind == "checker" else
+                            (1 if kind == "plus" else -1))
+                         for b in range(ho)] for a in range(ho)], dtype=torch.int64)
+    for be in (REF, CPU):
+        y = be.conv2d_forward(x, wt, s, p)
+        assert torch.equal(y.to(torch.int64), exp.expand(2, 2, ho, ho))
+
+
+@pytest.mark.parametrize("kind", ["plus", "minus", "cancelling"])
+def test_worst_case_conv_backward_weight_large_batch(kind):
+    """Weight gradient reduced over batch*Ho*Wo = 256*32*32 = 262,144 terms: |G| up to
+    127^2 * 262,144 ~ 4.2e9 > 2**31, so int64. Two channels keep it small in memory."""
+    n, c, o, h, kh, s, p = 256, 2, 2, 32, 3, 1, 1
+    d = torch.full((n, o, h, h), 127, dtype=torch.int8)
+    x = torch.full((n, c, h, h), 127, dtype=torch.int8)
+    if kind == "minus":
+        x = -x
+    elif kind == "cancelling":  # alternate the sign of whole samples
+        d[1::2] = -127
+    per_sample = {"plus": 1, "minus": -1, "cancelling": 0}[kind] * n
+    exp = torch.tensor([[127 * 127 * per_sample * valid_taps(0, 1, 1, 0, 1)
+                         * sum(1 for a in range(h) if 0 <= a + i - p < h)
+                         * sum(1 for b in range(h) if 0 <= b + j - p < h)
+                         for j in range(kh)] for i in range(kh)], dtype=torch.int64)
+    if kind == "plus":
+        assert int(exp.max()) > 2**31
+    for be in (REF, CPU):
+        g = be.conv2d_backward_weight(d, x, kh, s, p)
+        assert g.dtype == torch.int64
+        assert torch.equal(g, exp.expand(o, c, kh, kh))
+
+
+def test_random_large_reductions_cpu_matches_reference():
+    """Realistic value distributions at VGG-sized reductions (blocks or not, must match)."""
+    gen = torch.Generator().manual_seed(6)
+    x = rand_int(gen, (2, 512, 4, 4))
+    wt = rand_int(gen, (8, 512, 3, 3))
+    d = rand_int(gen, (2, 8, 4, 4), mode="sparse")
+    both("conv2d_forward", x, wt, 1, 1)
+    both("conv2d_backward_weight", d, x, 3, 1, 1)
+    d2 = rand_int(gen, (2, 512, 4, 4))
+    w2 = rand_int(gen, (512, 8, 3, 3), mode="extreme")
+    both("conv2d_backward_input", d2, w2, (4, 4), 1, 1)
+    xl, wl = rand_int(gen, (16, 4096), mode="extreme"), rand_int(gen, (10, 4096))
+    both("linear_forward", xl, wl)
+    both("linear_backward_weight", rand_int(gen, (16, 10)), xl)

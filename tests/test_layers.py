@@ -1,0 +1,110 @@
+"""Integer layers against float64 references (exact for these integer sizes) and hand cases."""
+
+import math
+
+import pytest
+import torch
+
+from intrain.kernels import get_backend
+from intrain.layers import (IntConv2d, IntFlatten, IntLinear, IntMaxPool2d, IntReLU, IntSequential,
+                            StepContext, IntDropout)
+from intrain.qtensor import QTensor
+from intrain.requant import requantize
+
+REF = get_backend("reference")
+GEN = torch.Generator().manual_seed(1)
+
+
+def rand_int8(*shape, low=-127, high=128):
+    return torch.randint(low, high, shape, generator=GEN).to(torch.int8)
+
+
+def exact(v):
+    return v.to(torch.float64)
+
+
+def test_linear_forward_backward_match_float64():
+    layer = IntLinear(20, 7, REF).train()
+    layer.weight.copy_(rand_int8(7, 20))
+    layer.weight_exp.fill_(-6)
+    x = QTensor.of(rand_int8(5, 20), -7)
+    y = layer(x)
+    acc = (exact(x.v) @ exact(layer.weight).T).to(torch.int64)
+    expected = requantize(acc, torch.tensor(-13))
+    assert torch.equal(y.v, expected.v) and int(y.e) == int(expected.e)
+    d = QTensor.of(rand_int8(5, 7), -9)
+    dx = layer.backward(d, None)
+    assert torch.equal(layer.weight_grad, (exact(d.v).T @ exact(x.v)).to(torch.int64))
+    assert int(layer.weight_grad_exp) == -16
+    expected = requantize((exact(d.v) @ exact(layer.weight)).to(torch.int64), torch.tensor(-15))
+    assert torch.equal(dx.v, expected.v) and int(dx.e) == int(expected.e)
+
+
+@pytest.mark.parametrize("stride,padding", [(1, 0), (2, 1), (1, 2)])
+def test_conv_forward_backward_match_float64(stride, padding):
+    layer = IntConv2d(3, 4, 3, REF, stride=stride, padding=padding).train()
+    layer.weight.copy_(rand_int8(4, 3, 3, 3))
+    x = QTensor.of(rand_int8(2, 3, 9, 9), 0)
+    y = layer(x)
+    xf = exact(x.v).requires_grad_()
+    yf = torch.nn.functional.conv2d(xf, exact(layer.weight), stride=stride, padding=padding)
+    assert torch.equal(y.v, requantize(yf.detach().to(torch.int64), torch.tensor(0)).v)
+    d = QTensor.of(rand_int8(*yf.shape), 0)
+    dx = layer.backward(d, None)
+    wf = exact(layer.weight).requires_grad_()
+    yf2 = torch.nn.functional.conv2d(exact(x.v), wf, stride=stride, padding=padding)
+    (gw,) = torch.autograd.grad(yf2, wf, exact(d.v))
+    (gx,) = torch.autograd.grad(yf, xf, exact(d.v))
+    assert torch.equal(layer.weight_grad, gw.to(torch.int64))
+    assert torch.equal(dx.v, requantize(gx.to(torch.int64), torch.tensor(0)).v)
+
+
+def test_relu_and_its_error_mask():
+    relu = IntReLU().train()
+    x = QTensor.of(torch.tensor([[-3, 0, 5, 127, -127]], dtype=torch.int8), -2)
+    assert relu(x).v.tolist() == [[0, 0, 5, 127, 0]]
+    d = relu.backward(QTensor.of(torch.tensor([[9, 9, 9, -9, 9]], dtype=torch.int8), 1), None)
+    assert d.v.tolist() == [[0, 0, 9, -9, 0]] and int(d.e) == 1
+
+
+def test_maxpool_matches_torch_and_breaks_ties_to_the_first():
+    pool = IntMaxPool2d(2).train()
+    x = torch.randperm(2 * 3 * 7 * 7, generator=GEN).reshape(2, 3, 7, 7) % 255 - 127  # distinct within windows
+    xq = QTensor.of(x.to(torch.int8), 0)
+    y = pool(xq)
+    xf = exact(x).requires_grad_()
+    yf = torch.nn.functional.max_pool2d(xf, 2)
+    assert torch.equal(y.v.to(torch.float64), yf)
+    d = rand_int8(*y.v.shape)
+    (gx,) = torch.autograd.grad(yf, xf, exact(d))
+    assert torch.equal(pool.backward(QTensor.of(d, 0), None).v.to(torch.float64), gx)
+    ties = QTensor.of(torch.tensor([[[[4, 4], [4, 1]]]], dtype=torch.int8), 0)
+    pool(ties)
+    routed = pool.backward(QTensor.of(torch.tensor([[[[7]]]], dtype=torch.int8), 0), None)
+    assert routed.v.tolist() == [[[[7, 0], [0, 0]]]]
+
+
+def test_dropout_mask_depends_on_step_and_is_replayed_in_backward():
+    drop = IntDropout(0.5).train()
+    x = QTensor.of(torch.ones(4, 1000, dtype=torch.int8), 0)
+    a = drop(x, StepContext(0, 1))
+    back = drop.backward(QTensor.of(torch.full((4, 1000), 3, dtype=torch.int8), 0), None)
+    assert torch.equal(back.v != 0, a.v != 0)
+    assert 0.45 < (a.v == 0).sum().item() / 4000 < 0.55
+    assert not torch.equal(a.v, drop(x, StepContext(0, 2)).v)
+    assert torch.equal(drop.eval()(x).v, x.v)
+
+
+def test_sequential_skips_the_first_layer_error():
+    calls = []
+
+    class Spy(IntLinear):
+        def backward(self, d, ctx, need_input_grad=True):
+            calls.append(need_input_grad)
+            return super().backward(d, ctx, need_input_grad)
+
+    model = IntSequential(IntFlatten(), Spy(12, 6, REF), IntReLU(), Spy(6, 3, REF)).train()
+    x = QTensor.of(rand_int8(2, 3, 2, 2), 0)
+    out = model(x)
+    assert model.backward(QTensor.of(rand_int8(*out.v.shape), 0)) is None
+    assert calls == [True, False]
