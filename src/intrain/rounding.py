@@ -38,6 +38,11 @@ def max_bit_length(a: torch.Tensor) -> torch.Tensor:
     return bit_length(a.abs().max())
 
 
+def _sign_mask(a: torch.Tensor) -> torch.Tensor:
+    """-1 where ``a < 0`` and 0 elsewhere: an arithmetic shift, cheaper than a comparison."""
+    return a >> (torch.iinfo(a.dtype).bits - 1)
+
+
 def shift_round(
     a: torch.Tensor,
     s: torch.Tensor | int,
@@ -49,10 +54,13 @@ def shift_round(
         if s < 0:
             raise ValueError(f"shift must be non-negative, got {s}")
         s = torch.tensor(s, dtype=torch.int64, device=a.device)
-    magnitude = a.abs()
+    sign = _sign_mask(a)
     if mode == "nearest":
-        rounded = (magnitude + ((1 << s) >> 1).to(a.dtype)) >> s
-    elif mode == "stochastic":
+        # Ties away from zero without taking |a|: for a < 0, -((-a + h) >> s) == (a + h - 1) >> s.
+        half = (1 << s) >> 1
+        return (a + half.to(a.dtype) + (sign & -(half > 0).to(a.dtype))) >> s
+    magnitude = (a ^ sign) - sign
+    if mode == "stochastic":
         if key is None:
             raise ValueError("stochastic rounding needs a random key")
         noise = rng.uniform_bits(key, a.shape, s, a.device).to(a.dtype)
@@ -66,4 +74,4 @@ def shift_round(
         rounded = (magnitude >> s) + (probability > pseudo_random).to(a.dtype)
     else:
         raise ValueError(f"unknown rounding mode {mode!r}; choose one of {', '.join(ROUNDING_MODES)}")
-    return torch.where(a < 0, -rounded, rounded)
+    return (rounded ^ sign) - sign

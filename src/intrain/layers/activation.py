@@ -17,16 +17,16 @@ class IntReLU(IntModule):
         self._positive: torch.Tensor | None = None
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
-        positive = x.v > 0
+        y = x.v.clamp(min=0)
         if self.training:
-            self._positive = positive
-        return QTensor(torch.where(positive, x.v, torch.zeros_like(x.v)), x.e)
+            self._positive = y.clamp(max=1)  # 1 where x > 0, else 0, in x's dtype
+        return QTensor(y, x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         positive, self._positive = self._positive, None
         if positive is None:
             raise RuntimeError("IntReLU.backward called without a training-mode forward")
-        return QTensor(torch.where(positive, d.v, torch.zeros_like(d.v)), d.e)
+        return QTensor(d.v * positive, d.e)
 
     def clear_saved(self) -> None:
         self._positive = None

@@ -30,15 +30,15 @@ class IntDropout(IntModule):
         if ctx is None:
             raise ValueError("IntDropout in training mode needs a StepContext for its random mask")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_DROPOUT)
-        keep = rng.uint32(key, x.v.shape, x.v.device) >= self.drop_threshold
+        keep = (rng.uint32(key, x.v.shape, x.v.device) >= self.drop_threshold).to(x.v.dtype)
         self._keep = keep
-        return QTensor(torch.where(keep, x.v, torch.zeros_like(x.v)), x.e)
+        return QTensor(x.v * keep, x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         if self._keep is None:
             return d
         keep, self._keep = self._keep, None
-        return QTensor(torch.where(keep, d.v, torch.zeros_like(d.v)), d.e)
+        return QTensor(d.v * keep.to(d.v.dtype), d.e)
 
     def clear_saved(self) -> None:
         self._keep = None

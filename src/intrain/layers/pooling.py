@@ -18,44 +18,41 @@ class IntMaxPool2d(IntModule):
     def __init__(self, kernel_size: int = 2) -> None:
         super().__init__()
         self.kernel_size = int(kernel_size)
-        self._argmax: torch.Tensor | None = None
+        self._selected: torch.Tensor | None = None
         self._input_hw: tuple[int, int] | None = None
 
-    def _windows(self, v: torch.Tensor) -> torch.Tensor:
-        k = self.kernel_size
-        n, c, h, w = v.shape
-        ho, wo = h // k, w // k
-        v = v[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
-        return v.permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho, wo, k * k)
-
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
-        windows = self._windows(x.v)
-        maxima = windows.amax(dim=-1)
+        k = self.kernel_size
+        n, c, h, w = x.v.shape
+        ho, wo = h // k, w // k
+        windows = x.v[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
+        maxima = windows.amax(dim=(3, 5))
         if self.training:
-            window_size = windows.shape[-1]
-            # Score the positions holding the maximum by how early they come, so the first wins.
-            earliness = torch.arange(window_size, 0, -1, dtype=torch.int64, device=windows.device)
-            is_max = windows == maxima.unsqueeze(-1)
-            self._argmax = torch.where(is_max, earliness, torch.zeros_like(earliness)).argmax(dim=-1)
-            self._input_hw = (x.v.shape[-2], x.v.shape[-1])
+            # One-hot (int8) of the first maximum in each window, laid out like ``windows``.
+            selected = torch.zeros(windows.shape, dtype=torch.int8, device=x.v.device)
+            taken = torch.zeros(maxima.shape, dtype=torch.int8, device=x.v.device)
+            for i in range(k):
+                for j in range(k):
+                    hit = (windows[:, :, :, i, :, j] == maxima).to(torch.int8) * (1 - taken)
+                    selected[:, :, :, i, :, j] = hit
+                    taken += hit
+            self._selected = selected
+            self._input_hw = (h, w)
         return QTensor(maxima, x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
-        argmax, self._argmax = self._argmax, None
-        if argmax is None:
+        selected, self._selected = self._selected, None
+        if selected is None:
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
-        k = self.kernel_size
-        n, c, ho, wo = d.v.shape
-        positions = torch.arange(k * k, device=d.v.device)
-        routed = torch.where(positions == argmax.unsqueeze(-1), d.v.unsqueeze(-1), torch.zeros_like(d.v).unsqueeze(-1))
-        routed = routed.reshape(n, c, ho, wo, k, k).permute(0, 1, 2, 4, 3, 5).reshape(n, c, ho * k, wo * k)
+        n, c, ho, k, wo, _ = selected.shape
+        routed = (selected * d.v[:, :, :, None, :, None]).reshape(n, c, ho * k, wo * k)
         h, w = self._input_hw
         if (h, w) != (ho * k, wo * k):
             routed = torch.nn.functional.pad(routed, (0, w - wo * k, 0, h - ho * k))
         return QTensor(routed, d.e)
 
     def clear_saved(self) -> None:
-        self._argmax = None
+        self._selected = None
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}"
