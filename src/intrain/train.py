@@ -270,7 +270,7 @@ def _config_dict(p: Prepared, out_dir: Path) -> dict:
     d = asdict(p.config)
     d.update(out=str(out_dir), eval_name=p.splits.eval_name, train_size=len(p.splits.train),
              eval_size=len(p.splits.eval), image_shape=list(p.splits.train.image_shape),
-             num_classes=p.splits.train.num_classes, torch_version=torch.__version__)
+             num_classes=p.splits.train.num_classes, torch_version=str(torch.__version__))
     if p.config.arith == "float":
         d["mu_schedule"] = None
         d["backend"] = None
@@ -279,8 +279,10 @@ def _config_dict(p: Prepared, out_dir: Path) -> dict:
     return d
 
 
-def train_prepared(p: Prepared, log=sys.stderr) -> RunResult:
-    """Create the output directory and run the training prepared by ``prepare``."""
+def train_prepared(p: Prepared, log=None) -> RunResult:
+    """Create the output directory and run the training prepared by ``prepare``; progress
+    lines go to ``log`` (default: ``sys.stderr``)."""
+    log = sys.stderr if log is None else log
     c, splits, trainer = p.config, p.splits, p.trainer
     out_dir = _make_out_dir(c, p.out_dir)
     cfg = _config_dict(p, out_dir)
@@ -324,7 +326,7 @@ def train_prepared(p: Prepared, log=sys.stderr) -> RunResult:
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
 
 
-def run(config: TrainConfig, log=sys.stderr) -> RunResult:
+def run(config: TrainConfig, log=None) -> RunResult:
     """Check, load, train, save (see the module docstring). Raises ConfigError or DataError
     for bad input, before anything is written."""
     return train_prepared(prepare(config), log=log)

@@ -1,0 +1,129 @@
+"""End-to-end training runs on digits (float twin and int8): files written, batch order,
+``--train-limit``, and bit-for-bit reproducibility from the seed."""
+
+import csv
+import json
+import re
+
+import pytest
+import torch
+
+from intrain import rng
+from intrain.cli import main
+from intrain.data import load_dataset
+from intrain.float_twin import FloatTrainer
+from intrain.models import build_float_model
+from intrain.train import CHECKPOINT_FORMAT, TrainConfig, run
+
+COLUMNS = ["epoch", "train_loss", "train_acc", "eval_acc", "seconds"]
+LAST_LINE = re.compile(r"^eval_acc=\d+\.\d\d$")
+
+
+def _rows(run_dir):
+    with open(run_dir / "metrics.csv", newline="") as f:
+        reader = csv.reader(f)
+        return next(reader), list(reader)
+
+
+def _state(run_dir):
+    checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
+    assert checkpoint["format"] == CHECKPOINT_FORMAT
+    return checkpoint
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_float_run_end_to_end(tmp_path, capsys):
+    out = tmp_path / "float"
+    assert main(["train", "--arith", "float", "--epochs", "3", "--out", str(out)]) == 0
+    stdout = capsys.readouterr().out.splitlines()
+    assert LAST_LINE.match(stdout[-1]), stdout[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
+
+    header, rows = _rows(out)
+    assert header == COLUMNS
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    for r in rows:
+        loss, train_acc, eval_acc, seconds = map(float, r[1:])
+        assert loss > 0 and 0 <= train_acc <= 100 and 0 <= eval_acc <= 100 and seconds > 0
+    assert float(rows[-1][1]) < float(rows[0][1])  # the loss goes down
+    assert stdout[-1] == f"eval_acc={float(rows[-1][3]):.2f}"
+    assert float(rows[-1][3]) > 80  # an MLP on digits after 3 epochs
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["arith"] == "float" and config["epochs"] == 3 and config["batch_size"] == 32
+    assert config["lr"] == pytest.approx(0.025) and config["eval_name"] == "test"
+    checkpoint = _state(out)
+    assert checkpoint["config"] == config
+    model = build_float_model("mlp", (1, 8, 8), 10)
+    model.load_state_dict(checkpoint["state_dict"])  # loads into the twin's architecture
+
+
+def test_train_limit_batches_and_order(tmp_path, monkeypatch):
+    """70 images, batch 32: batches of 32, 32, 6, in the order rng.permutation(70, seed, epoch)."""
+    seen = []
+    original = FloatTrainer.train_step
+
+    def spy(self, x, y, step, epoch):
+        seen.append((step, epoch, y.clone(), x.clone()))
+        return original(self, x, y, step, epoch)
+
+    monkeypatch.setattr(FloatTrainer, "train_step", spy)
+    result = run(TrainConfig(arith="float", epochs=2, batch_size=32, seed=5, train_limit=70, out=str(tmp_path / "r")))
+    assert result.config["train_size"] == 70 and len(result.rows) == 2
+    assert [len(y) for _, _, y, _ in seen] == [32, 32, 6] * 2
+    assert [s for s, _, _, _ in seen] == list(range(6)) and [e for _, e, _, _ in seen] == [0, 0, 0, 1, 1, 1]
+
+    train = load_dataset("digits").train
+    for epoch in range(2):
+        order = rng.permutation(70, 5, epoch)
+        labels = torch.cat([y for _, e, y, _ in seen if e == epoch])
+        images = torch.cat([x for _, e, _, x in seen if e == epoch])
+        assert torch.equal(labels, train.labels[:70][order])
+        # The float twin sees the int8 inputs' real values: (p >> 1) / 128 for digits.
+        assert torch.equal(images, (train.images[:70][order] >> 1).float() / 128)
+
+
+def test_zero_epochs_reports_the_untrained_model(tmp_path, capsys):
+    out = tmp_path / "zero"
+    assert main(["train", "--arith", "float", "--epochs", "0", "--out", str(out)]) == 0
+    assert LAST_LINE.match(capsys.readouterr().out.splitlines()[-1])
+    assert _rows(out) == (COLUMNS, [])
+    _state(out)
+
+
+def test_float_same_seed_same_weights(tmp_path):
+    def weights(seed, name):
+        run(TrainConfig(arith="float", epochs=2, train_limit=200, seed=seed, out=str(tmp_path / name)))
+        return _state(tmp_path / name)["state_dict"]
+
+    a, b, c = weights(0, "a"), weights(0, "b"), weights(1, "c")
+    assert _same(a, b)
+    assert not _same(a, c)
+
+
+def _int8_run(tmp_path, name, seed, capsys):
+    out = tmp_path / name
+    argv = ["train", "--arith", "int8", "--epochs", "2", "--train-limit", "256", "--seed", str(seed), "--out", str(out)]
+    assert main(argv) == 0
+    assert LAST_LINE.match(capsys.readouterr().out.splitlines()[-1])
+    return out
+
+
+def test_int8_run_end_to_end_and_reproducible(tmp_path, capsys):
+    a = _int8_run(tmp_path, "a", 0, capsys)
+    header, rows = _rows(a)
+    assert header == COLUMNS and [int(r[0]) for r in rows] == [1, 2]
+    config = json.loads((a / "config.json").read_text())
+    assert config["arith"] == "int8" and config["mu_schedule"] and config["train_size"] == 256
+    state = _state(a)["state_dict"]
+    assert state and all(not t.is_floating_point() for t in state.values())
+    assert float(rows[-1][3]) > 30  # learning something after 16 integer steps (chance is 10 %)
+
+    b = _int8_run(tmp_path, "b", 0, capsys)
+    c = _int8_run(tmp_path, "c", 1, capsys)
+    assert _same(state, _state(b)["state_dict"])  # bit for bit from the seed
+    assert _rows(a)[1][-1][:4] == _rows(b)[1][-1][:4]  # same losses and accuracies
+    assert not _same(state, _state(c)["state_dict"])
