@@ -195,7 +195,8 @@ def test_reference_conv_matches_float64_torch(case, dtype):
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
 def test_reference_linear_matches_float64_torch(dtype):
     gen = torch.Generator().manual_seed(1)
-    x, w, d = rand_int(gen, (7, 33), dtype), rand_int(gen, (5, 33), dtype), rand_int(gen, (7, 5), dtype)
+    x, w = rand_int(gen, (7, 33), dtype), rand_int(gen, (5, 33), dtype)
+    d = rand_int(gen, (7, 5), dtype)
     xf, wf, df = x.double(), w.double(), d.double()
     assert torch.equal(REF.linear_forward(x, w).double(), xf @ wf.T)
     assert torch.equal(REF.linear_backward_input(d, w).double(), df @ wf)
@@ -334,8 +335,8 @@ def test_cpu_reduced_float32_precision_falls_back_to_float64():
 def test_cpu_plan_blocks_worst_case():
     """All-127 conv at K = 512*9 needs ceil(4608 / 1040) = 5 float32 channel blocks."""
     w = torch.full((3, 512, 3, 3), 127, dtype=torch.int8)
-    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]], 512,
-                           CPU.MAX_F32_BLOCKS_CONV)
+    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]],
+                           512, CPU.MAX_F32_BLOCKS_CONV)
     assert dt == torch.float32 and len(blocks) == 5
     assert blocks[0] == (0, 115) and blocks[-1][1] == 512
     for c0, c1 in blocks:
@@ -343,8 +344,8 @@ def test_cpu_plan_blocks_worst_case():
     # a random weight has a much smaller L1 norm: one call
     gen = torch.Generator().manual_seed(5)
     w = rand_int(gen, (64, 512, 3, 3), mode="sparse")
-    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]], 512,
-                           CPU.MAX_F32_BLOCKS_CONV)
+    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]],
+                           512, CPU.MAX_F32_BLOCKS_CONV)
     assert dt == torch.float32 and len(blocks) <= 2
 
 
@@ -492,3 +493,111 @@ def test_random_large_reductions_cpu_matches_reference():
     xl, wl = rand_int(gen, (16, 4096), mode="extreme"), rand_int(gen, (10, 4096))
     both("linear_forward", xl, wl)
     both("linear_backward_weight", rand_int(gen, (16, 10)), xl)
+
+
+@SETTINGS
+@given(shape=conv_shapes(max_c=5), modes=st.tuples(MODES, MODES, MODES),
+       seed=st.integers(0, 2**31 - 1))
+def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed):
+    """The exactness proof rests on S = sum |a_k b_k| <= each bound the cpu backend uses.
+    S itself is computed exactly by the reference on |a|, |b| (int16 holds 127 and 128)."""
+    n, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * p[0] - kh) // s[0] + 1
+    wo = (w + 2 * p[1] - kw) // s[1] + 1
+    x = rand_int(gen, (n, c, h, w), mode=modes[0])
+    wt = rand_int(gen, (o, c, kh, kw), mode=modes[1])
+    d = rand_int(gen, (n, o, ho, wo), mode=modes[2])
+    ax, aw, ad = (t.to(torch.int16).abs() for t in (x, wt, d))
+    mx, mw, md = CPU._absmax(x), CPU._absmax(wt), CPU._absmax(d)
+    lw = CPU._weight_l1(wt)  # [O, C]
+    # forward: S[n, o, ., .] <= max|x| * sum_{c,i,j} |w[o]|
+    s_fwd = REF.conv2d_forward(ax, aw, s, p).to(torch.int64)
+    assert bool((s_fwd <= mx * lw.sum(1).view(1, o, 1, 1)).all())
+    # backward-input: S[n, c, ., .] <= max|d| * sum_{o,i,j} |w[:, c]|
+    s_bi = REF.conv2d_backward_input(ad, aw, (h, w), s, p).to(torch.int64)
+    assert bool((s_bi <= md * lw.sum(0).view(1, c, 1, 1)).all())
+    # weight gradient: L1 and Cauchy-Schwarz bounds per (o, c)
+    s_bw = REF.conv2d_backward_weight(ad, ax, (kh, kw), s, p)
+    df, xf = d.float(), x.float()
+    ld = CPU._rows_l1(df, (2, 3), md, ho * wo).sum(0)  # [O]
+    lx = CPU._rows_l1(xf, (2, 3), mx, h * w).sum(0)  # [C]
+    sd = CPU._rows_sq(df, md).sum(0)
+    sx = CPU._rows_sq(xf, mx).sum(0)
+    assert bool((s_bw <= mx * ld.view(o, 1, 1, 1)).all())
+    assert bool((s_bw <= md * lx.view(1, c, 1, 1)).all())
+    assert bool((s_bw * s_bw <= sd.view(o, 1, 1, 1) * sx.view(1, c, 1, 1)).all())
+
+
+def test_cpu_weight_grad_blocks_with_cauchy_schwarz():
+    """Dense, heavy-tailed errors and activations: the L1 bound alone wants more blocks than the
+    Cauchy-Schwarz bound; the plan uses the better one, and the result is exact."""
+    gen = torch.Generator().manual_seed(7)
+    n, c, o, h = 64, 3, 4, 28
+    x = (torch.randn(n, c, h, h, generator=gen).relu() * 30).round().clamp(max=127)
+    x.view(-1)[0] = 127
+    x = x.to(torch.int8)
+    d = (torch.randn(n, o, h, h, generator=gen) * 28).round().clamp(-127, 127).to(torch.int8)
+    md, mx = CPU._absmax(d), CPU._absmax(x)
+    df, xf = d.float(), x.float()
+    l1 = [CPU.L1Bound(mx, CPU._rows_l1(df, (2, 3), md, h * h)),
+          CPU.L1Bound(md, CPU._rows_l1(xf, (2, 3), mx, h * h))]
+    cs = [CPU.CSBound(CPU._rows_sq(df, md), CPU._rows_sq(xf, mx))]
+    b_l1 = CPU._greedy_blocks(l1, n, CPU.F32_EXACT, None)
+    b_cs = CPU._greedy_blocks(l1 + cs, n, CPU.F32_EXACT, None)
+    assert len(b_cs) < len(b_l1)
+    both("conv2d_backward_weight", d, x, 5, 1, 2)
+
+
+def test_cpu_weight_grad_split_path(monkeypatch):
+    """Dense uniform errors at LeNet conv1 size: the sample-block plan is long, the backend
+    splits d = 16*dh + dl; exact either way."""
+    gen = torch.Generator().manual_seed(8)
+    n, c, o, h = 64, 1, 6, 28
+    x = rand_int(gen, (n, c, h, h))
+    d = rand_int(gen, (n, o, h, h))
+    calls = []
+    real = CPU._WeightGradPlanner.plan
+    monkeypatch.setattr(CPU._WeightGradPlanner, "plan",
+                        lambda *a: calls.append(real(*a)) or calls[-1])
+    both("conv2d_backward_weight", d, x, 5, 1, 2)
+    # the direct plan (more than SPLIT_MIN_BLOCKS float32 blocks, or float64), then the halves
+    assert len(calls) == 3
+    direct, hi, lo = calls
+    assert direct[1] != torch.float32 or len(direct[2]) > CPU.SPLIT_MIN_BLOCKS
+    assert hi[1] == lo[1] == torch.float32
+    assert direct[1] != torch.float32 or len(hi[2]) + len(lo[2]) < len(direct[2])
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(n=st.integers(5, 24), c=st.integers(1, 3), o=st.integers(1, 3), hw=st.integers(3, 9),
+       k=st.integers(1, 3), s=st.integers(1, 2), p=st.integers(0, 1),
+       modes=st.tuples(MODES, MODES), seed=st.integers(0, 2**31 - 1),
+       budget=st.sampled_from([2**15, 2**17, 2**19]))
+def test_cpu_weight_grad_many_blocks_matches_reference(n, c, o, hw, k, s, p, modes, seed, budget):
+    gen = torch.Generator().manual_seed(seed)
+    ho = (hw + 2 * p - k) // s + 1
+    x = rand_int(gen, (n, c, hw, hw), mode=modes[0])
+    d = rand_int(gen, (n, o, ho, ho), mode=modes[1])
+    with cpu_budget(budget, max_blocks=16):
+        both("conv2d_backward_weight", d, x, k, s, p)
+
+
+def test_reference_elementwise_matmul_path(monkeypatch):
+    """Off CPU the reference multiplies-and-sums in int64 (no integer matmul on CUDA); check
+    that path on CPU against the matmul path, including chunking."""
+    gen = torch.Generator().manual_seed(9)
+    a = rand_int(gen, (37, 300), torch.int16).to(torch.int64)
+    b = rand_int(gen, (300, 11), torch.int16).to(torch.int64)
+    assert torch.equal(REF._mm64(a, b, elementwise=True), REF._mm64(a, b, elementwise=False))
+    monkeypatch.setattr(REF, "_CHUNK_ELEMS", 500)  # forces row and column chunks
+    assert torch.equal(REF._mm64(a, b, elementwise=True), a @ b)
+    x, wt, d = conv_case(gen, 2, 3, 4, 9, 8, 3, 3, (2, 2), (1, 1))
+    want = (REF.conv2d_forward(x, wt, 2, 1), REF.conv2d_backward_input(d, wt, (9, 8), 2, 1),
+            REF.conv2d_backward_weight(d, x, 3, 2, 1))
+    real = REF._mm64
+    monkeypatch.setattr(REF, "_mm64", lambda a, b: real(a, b, elementwise=True))
+    got = (REF.conv2d_forward(x, wt, 2, 1), REF.conv2d_backward_input(d, wt, (9, 8), 2, 1),
+           REF.conv2d_backward_weight(d, x, 3, 2, 1))
+    for g_, w_ in zip(got, want):
+        assert_same(g_, w_)

@@ -3,7 +3,8 @@
 One place holds the numbers a run uses when the command line does not say otherwise, so that
 a run's defaults can be looked up (and tuned) without reading the training loop.
 
-The int8 mu schedules below are placeholders until they are tuned; the CIFAR-10 one is NITI's
+The small-image int8 schedules decay mu like a learning rate (4, then 3 from epoch 10, then 2 from
+epoch 15 of 20); measured results are in BENCHMARKS.md. The CIFAR-10 one is NITI's
 published schedule (mu 5, then 4 from epoch 100, then 3 from epoch 150, 200 epochs, batch 256).
 The float learning rate is 0.05 at batch 64 and scales linearly with the batch size (the usual
 linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps a sound recipe.
@@ -39,9 +40,9 @@ def scaled_lr(batch_size: int) -> float:
 
 # (epochs, batch_size, int8 mu schedule) per dataset; the model does not change them yet.
 _BY_DATASET = {
-    "digits": (20, 32, "0:5"),
-    "mnist": (20, 64, "0:5"),
-    "fashion-mnist": (20, 64, "0:5"),
+    "digits": (20, 32, "0:4,10:3,15:2"),
+    "mnist": (20, 64, "0:4,10:3,15:2"),
+    "fashion-mnist": (20, 64, "0:4,10:3,15:2"),
     "cifar10": (200, 256, "0:5,100:4,150:3"),
 }
 _FALLBACK = (20, 64, "0:5")
