@@ -65,16 +65,10 @@ import torch
 import torch.nn.functional as F
 
 from intrain.kernels import reference as _ref
+from intrain.kernels import FUNCTIONS
 from intrain.kernels.im2col import IntPair
 
-__all__ = [
-    "linear_forward",
-    "linear_backward_input",
-    "linear_backward_weight",
-    "conv2d_forward",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-]
+__all__ = list(FUNCTIONS)
 
 name = "cpu"
 

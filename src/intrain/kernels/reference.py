@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import torch
 
+from intrain.kernels import FUNCTIONS
 from intrain.kernels.im2col import (
     IntPair,
     check_operand,
@@ -40,14 +41,7 @@ from intrain.kernels.im2col import (
     pair,
 )
 
-__all__ = [
-    "linear_forward",
-    "linear_backward_input",
-    "linear_backward_weight",
-    "conv2d_forward",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-]
+__all__ = list(FUNCTIONS)
 
 name = "reference"
 
