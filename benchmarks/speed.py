@@ -1,0 +1,147 @@
+"""Training-step speed and memory: the int8 engine against its float32 twin, in one process.
+
+Prints, per model, the median time of a whole training step (int8 and float32) and their ratio,
+per-layer forward+backward times, and the bytes a step keeps alive (weights, optimizer state and
+tensors saved for backward) for both. Machines here are noisy, so both sides are measured
+alternately in the same process and only ratios are meant to be compared.
+
+    python benchmarks/speed.py                          # lenet5 at batch 256
+    python benchmarks/speed.py --model mlp --batch 256 --repeats 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from intrain.engine import IntegerTrainer
+from intrain.float_twin import FloatTrainer
+from intrain.models import MODELS, build_float_model, build_int_model
+from intrain.optim import MuSchedule
+from intrain.qtensor import QTensor
+
+SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
+
+
+def _median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _saved_bytes_int(model) -> int:
+    """Bytes an int8 step holds after forward: weights, and tensors kept for backward."""
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for layer in model.layers:
+        for name in ("_saved_input", "_positive", "_selected", "_keep"):
+            kept = getattr(layer, name, None)
+            tensor = getattr(kept, "v", kept)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def _weight_grad_bytes_int(model) -> int:
+    return sum(layer.weight.numel() * 8 for layer in model.weighted_layers())  # int64 gradients
+
+
+def _saved_bytes_float(model, x, y) -> int:
+    """Bytes a float step holds after forward: parameters, gradients, momentum, saved tensors."""
+    seen, saved = set(), 0
+
+    def pack(t):
+        nonlocal saved
+        key = (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        if key not in seen:
+            seen.add(key)
+            saved += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return saved + 3 * params  # parameters, their gradients, momentum buffers
+
+
+def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
+    shape = SHAPES.get(model_name, (3, 32, 32))
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
+    labels = torch.randint(0, 10, (batch,), generator=gen)
+    x_int = QTensor.of(pixels, -7)
+    x_float = pixels.to(torch.float32) / 128
+
+    int_model = build_int_model(model_name, shape, 10, seed=seed, backend="cpu")
+    int_trainer = IntegerTrainer(int_model, seed, MuSchedule.parse("0:4"))
+    torch.manual_seed(seed)
+    float_model = build_float_model(model_name, shape, 10)
+    float_trainer = FloatTrainer(float_model, lr=0.01, epochs=1, steps_per_epoch=10**6)
+
+    step = [0]
+
+    def int_step():
+        int_trainer.train_step(x_int, labels, step[0], 0)
+        step[0] += 1
+
+    def float_step():
+        float_trainer.train_step(x_float, labels, step[0], 0)
+
+    int_times, float_times = [], []
+    for _ in range(3):  # interleave, so drifting machine load hits both sides alike
+        int_times.append(_median_seconds(int_step, repeats))
+        float_times.append(_median_seconds(float_step, repeats))
+    t_int, t_float = min(int_times), min(float_times)
+    print(f"\n{model_name}, batch {batch}, {torch.get_num_threads()} threads")
+    print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
+
+    int_model.train()
+    int_model(x_int)
+    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model)
+    int_model.clear_saved()
+    mem_float = _saved_bytes_float(float_model, x_float, labels)
+    print(f"  step memory     int8 {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
+
+    print("  per layer (forward + backward):")
+    q, f = x_int, x_float
+    for int_layer, float_layer in zip(int_model.layers, float_model):
+        f_in = f.detach().requires_grad_()
+
+        def int_layer_step(layer=int_layer, inp=q):
+            layer.train()
+            out = layer(inp)
+            layer.backward(QTensor(out.v.clamp(-127, 127).to(torch.int8), out.e), None)
+
+        def float_layer_step(layer=float_layer, inp=f_in):
+            out = layer(inp)
+            out.backward(torch.ones_like(out))
+
+        ti = _median_seconds(int_layer_step, repeats)
+        tf = _median_seconds(float_layer_step, repeats)
+        print(f"    {type(int_layer).__name__:14s} int8 {ti * 1e3:8.3f} ms   float32 {tf * 1e3:8.3f} ms   ratio {ti / tf:5.2f}x")
+        int_layer.eval()
+        q = int_layer(q)
+        f = float_layer(f)
+        int_layer.train()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", action="append", choices=MODELS,
+                        help="model to measure (repeatable; default: lenet5)")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=10)
+    args = parser.parse_args()
+    for name in args.model or ["lenet5"]:
+        bench(name, args.batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
