@@ -105,9 +105,9 @@ def test_get_backend_errors():
     try:
         import intrain.kernels.cuda  # noqa: F401
     except ImportError:
-        with pytest.raises(ValueError, match="the cuda backend is not available yet"):
+        with pytest.raises(ValueError, match="the cuda kernel backend is not available yet"):
             kernels.get_backend("cuda")
-        with pytest.raises(ValueError, match="the cuda backend is not available yet"):
+        with pytest.raises(ValueError, match="the cuda kernel backend is not available yet"):
             kernels.get_backend("auto", "cuda")
 
 

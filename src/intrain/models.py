@@ -17,7 +17,7 @@ from intrain.kernels import get_backend
 from intrain.layers import (IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
                             IntSequential)
 
-MODELS = ("mlp", "lenet5")
+MODELS = ("mlp", "lenet5", "vgg-small-7", "vgg-small-8", "vgg-small-9")
 
 
 @dataclass(frozen=True)
@@ -58,7 +58,55 @@ def lenet5_spec(in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpe
     ]
 
 
-_SPECS = {"mlp": mlp_spec, "lenet5": lenet5_spec}
+#: NITI's VGG-small stages (channels per conv layer, each stage followed by 2x2 max pooling), by
+#: the number of weight layers (convolutions + the final linear layer). The 8-layer variant adds
+#: a third 128-channel convolution to the first stage; the 9-layer one also a third 256-channel
+#: convolution to the second stage.
+VGG_SMALL_STAGES = {
+    7: ((128, 128), (256, 256), (512, 512)),
+    8: ((128, 128, 128), (256, 256), (512, 512)),
+    9: ((128, 128, 128), (256, 256, 256), (512, 512)),
+}
+
+#: Dropout before the final linear layer of VGG-small. NITI drops activations before its
+#: classifier; we use the classic VGG classifier value 0.5 for both arithmetics. The integer
+#: dropout does not rescale the kept values (the next layer requantises by its own maximum, see
+#: ``intrain.layers.dropout``), the float twin's ``torch.nn.Dropout`` does (inverted dropout);
+#: either way eval-mode predictions see no dropout.
+VGG_DROPOUT = 0.5
+
+
+def vgg_small_spec(depth: int, in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:
+    """NITI's VGG-small without batch norm: conv3x3(pad 1)-ReLU blocks, 2x2 max pooling after
+    each stage, dropout, one linear layer. ``width`` scales every channel count; the flatten size
+    comes from the actual image size (32 -> 4 for CIFAR-10, 28 -> 3 for MNIST)."""
+    c, h, w = in_shape
+    if h < 8 or w < 8:
+        raise ValueError(f"vgg-small-{depth} needs images of at least 8x8 pixels (three 2x2 poolings), "
+                         f"got {h}x{w}: use --model mlp")
+    specs: list[LayerSpec] = []
+    cin = c
+    for stage in VGG_SMALL_STAGES[depth]:
+        for channels in stage:
+            cout = _scaled(channels, width)
+            specs += [LayerSpec("conv", (cin, cout, 3, 1, 1)), LayerSpec("relu")]
+            cin = cout
+        specs.append(LayerSpec("maxpool", (2,)))
+        h, w = h // 2, w // 2
+    return specs + [LayerSpec("flatten"), LayerSpec("dropout", (VGG_DROPOUT,)),
+                    LayerSpec("linear", (cin * h * w, num_classes))]
+
+
+def _vgg(depth: int):
+    def spec(in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:
+        return vgg_small_spec(depth, in_shape, num_classes, width)
+
+    spec.__doc__ = f"VGG-small with {depth} weight layers (see ``vgg_small_spec``)."
+    return spec
+
+
+_SPECS = {"mlp": mlp_spec, "lenet5": lenet5_spec,
+          **{f"vgg-small-{depth}": _vgg(depth) for depth in VGG_SMALL_STAGES}}
 
 
 def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:

@@ -72,6 +72,7 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ModuleType:
         try:
             return importlib.import_module("intrain.kernels.cuda")
         except ImportError as e:
-            raise ValueError(f"the cuda backend is not available yet ({e})") from e
+            raise ValueError("the cuda kernel backend is not available yet: use --backend reference "
+                             "(exact int64 kernels, slow) on a CUDA device") from e
     raise ValueError(f"unknown kernel backend {name!r}; valid names: "
                      f"{', '.join(BACKENDS + ('auto',))}")
