@@ -12,7 +12,8 @@ from intrain.cli import main
 
 TRAIN_OPTIONS = ("--dataset", "--data-dir", "--model", "--arith", "--epochs", "--batch-size", "--seed",
                  "--val-split", "--train-limit", "--mu-schedule", "--lr", "--backend", "--device", "--out",
-                 "--overwrite")
+                 "--overwrite", "--width", "--augment", "--no-augment", "--workers", "--checkpoint-every",
+                 "--resume")
 
 
 def _snapshot(root):
@@ -139,7 +140,8 @@ def test_overwrite_replaces_the_run(capsys, cwd):
     assert (run / "metrics.csv").read_text().splitlines()[0] == "epoch,train_loss,train_acc,eval_acc,seconds"
     assert (run / "model.pt").read_bytes() != b"stale"
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
-    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.csv", "model.pt", "notes.txt"]
+    names = sorted(p.name for p in run.iterdir() if p.name != "tensorboard")  # tensorboard: when installed
+    assert names == ["checkpoint.pt", "config.json", "metrics.csv", "model.pt", "notes.txt"]
 
 
 def test_default_output_directory_takes_the_first_free_number(capsys, cwd):
@@ -164,7 +166,9 @@ def test_help_documents_every_option(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "train" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    for command in ("train", "eval", "plot", "download"):
+        assert command in text
 
 
 def test_console_entry_point_exit_status_and_single_line(tmp_path):

@@ -40,7 +40,8 @@ def test_float_run_end_to_end(tmp_path, capsys):
     assert main(["train", "--arith", "float", "--epochs", "3", "--out", str(out)]) == 0
     stdout = capsys.readouterr().out.splitlines()
     assert LAST_LINE.match(stdout[-1]), stdout[-1]
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "model.pt"]  # no temp files
+    names = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")  # tensorboard: when installed
+    assert names == ["checkpoint.pt", "config.json", "metrics.csv", "model.pt"]  # no temp files
 
     header, rows = _rows(out)
     assert header == COLUMNS

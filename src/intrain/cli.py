@@ -64,19 +64,24 @@ def add_train(sub) -> None:
         description="Train one model and write metrics.csv, config.json and model.pt to the run "
                     "directory. Options left out take the recipe's defaults for the dataset "
                     "(intrain.recipes). The last line on stdout is eval_acc=NN.NN (percent).")
-    p.add_argument("--dataset", choices=DATASETS, default="digits",
+    # Options default to None here so that ``--resume`` can tell which were given; run_train
+    # fills in TRAIN_DEFAULTS for a new run.
+    p.add_argument("--dataset", choices=DATASETS,
                    help="data set to train on (default: digits, bundled with scikit-learn)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="folder with the data set's files (default: data/<dataset>; unused for digits)")
-    p.add_argument("--model", choices=MODELS, default="mlp", help="network (default: mlp)")
-    p.add_argument("--arith", choices=ARITHS, default="int8",
+    p.add_argument("--model", choices=MODELS, help="network (default: mlp)")
+    p.add_argument("--width", type=_positive_float, metavar="W",
+                   help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
+                        "VGG-small (default: 1.0)")
+    p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")
     p.add_argument("--epochs", type=_int_at_least(0, "an integer >= 0"), metavar="N",
                    help="number of epochs (default: from the recipe)")
     p.add_argument("--batch-size", type=_int_at_least(1, "an integer >= 1"), metavar="B",
                    help="training (and evaluation) batch size (default: from the recipe)")
-    p.add_argument("--seed", type=_int_at_least(0, "an integer >= 0"), default=0, metavar="S",
+    p.add_argument("--seed", type=_int_at_least(0, "an integer >= 0"), metavar="S",
                    help="seed for initialisation, shuffling and rounding (default: 0)")
     p.add_argument("--val-split", type=_int_at_least(1, "an integer >= 1"), metavar="N",
                    help="hold out the last N training images for validation and evaluate on them "
@@ -88,9 +93,21 @@ def add_train(sub) -> None:
                         "'0:5,100:4,150:3' (default: from the recipe)")
     p.add_argument("--lr", type=_positive_float, metavar="LR",
                    help="float only: peak learning rate (default: 0.05 x batch size / 64)")
-    p.add_argument("--backend", choices=BACKENDS, default="auto",
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction,
+                   help="random crop (4-pixel zero padding) and horizontal flip of training images, "
+                        "deterministic by seed, epoch and image (default: on for cifar10, off otherwise)")
+    p.add_argument("--workers", type=_int_at_least(0, "an integer >= 0"), metavar="N",
+                   help="data loader worker processes; results are identical for any N (default: 0)")
+    p.add_argument("--checkpoint-every", type=_int_at_least(1, "an integer >= 1"), metavar="N",
+                   help="also write checkpoint.pt every N training steps (it is always written at the end "
+                        "of every epoch)")
+    p.add_argument("--resume", metavar="DIR",
+                   help="continue the run in DIR from DIR/checkpoint.pt with the options recorded there "
+                        "(giving a different value for one of them is an error); the result is bit for bit "
+                        "that of an uninterrupted run")
+    p.add_argument("--backend", choices=BACKENDS,
                    help="int8 only: integer kernels to use (default: auto, the fastest for the device)")
-    p.add_argument("--device", choices=DEVICES, default="cpu", help="where to train (default: cpu)")
+    p.add_argument("--device", choices=DEVICES, help="where to train (default: cpu)")
     p.add_argument("--out", metavar="DIR",
                    help="run directory (default: runs/<dataset>-<model>-<arith>-<k>, first free k)")
     p.add_argument("--overwrite", action="store_true",
@@ -98,25 +115,116 @@ def add_train(sub) -> None:
     p.set_defaults(handler=run_train)
 
 
-def run_train(args: argparse.Namespace) -> int:
-    """Build the TrainConfig from the parsed arguments and run it; prints the summary."""
-    from intrain.train import TrainConfig, run
+#: Defaults of the ``train`` options whose parser default is None (see add_train).
+TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
+                      width=1.0, workers=0)
+_TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
+                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "augment",
+                 "workers", "checkpoint_every")
 
-    config = TrainConfig(
-        dataset=args.dataset, model=args.model, arith=args.arith, data_dir=args.data_dir,
-        epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, val_split=args.val_split,
-        train_limit=args.train_limit, mu_schedule=args.mu_schedule, lr=args.lr,
-        backend=args.backend, device=args.device, out=args.out, overwrite=args.overwrite)
-    result = run(config)
+
+def run_train(args: argparse.Namespace) -> int:
+    """Build the TrainConfig from the parsed arguments and run it (or resume a run); prints the summary."""
+    from intrain.train import TrainConfig, resume, run
+
+    given = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    if args.resume is not None:
+        given["overwrite"] = args.overwrite or None
+        result = resume(args.resume, given)
+    else:
+        values = {k: (TRAIN_DEFAULTS[k] if v is None and k in TRAIN_DEFAULTS else v) for k, v in given.items()}
+        result = run(TrainConfig(overwrite=args.overwrite, **values))
     print(f"run directory: {result.out_dir}")
     print(f"{result.eval_name} accuracy after {len(result.rows)} epochs: {result.eval_acc:.2f}%")
     print(f"eval_acc={result.eval_acc:.2f}")
     return 0
 
 
+# ----------------------------------------------------------------------------- eval
+
+def add_eval(sub) -> None:
+    """``intrain eval``: accuracy and confusion matrix of a saved run."""
+    from intrain.data import DATASETS
+
+    p = sub.add_parser(
+        "eval", help="evaluate a saved run (accuracy and confusion matrix)",
+        description="Load RUN/model.pt and evaluate it on the run's eval split (the same data set "
+                    "options as the run unless overridden); prints the accuracy and the confusion "
+                    "matrix (rows: true class, columns: predicted class), writes RUN/eval.json. The "
+                    "last line on stdout is eval_acc=NN.NN (percent).")
+    p.add_argument("--run", metavar="DIR", required=True, help="run directory (holding model.pt and config.json)")
+    p.add_argument("--dataset", choices=DATASETS, help="data set to evaluate on (default: the run's)")
+    p.add_argument("--data-dir", metavar="DIR", help="folder with the data set's files (default: the run's)")
+    p.add_argument("--val-split", type=_int_at_least(1, "an integer >= 1"), metavar="N",
+                   help="evaluate on the last N training images instead (default: the run's split)")
+    p.add_argument("--batch-size", type=_int_at_least(1, "an integer >= 1"), metavar="B",
+                   help="evaluation batch size (default: the run's; int8 results depend on it)")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from intrain.evaluate import evaluate_run, format_confusion
+
+    result = evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
+                          batch_size=args.batch_size)
+    print(f"run {args.run}: {result['arith']} {result['model']} on {result['dataset']} "
+          f"{result['eval_name']} ({result['eval_size']} images, batch {result['batch_size']})")
+    print(f"accuracy: {result['correct']}/{result['eval_size']} = {result['accuracy']:.2f}%")
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    print(format_confusion(result["confusion"]))
+    print(f"eval_acc={result['accuracy']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot
+
+def add_plot(sub) -> None:
+    """``intrain plot``: accuracy and loss curves of runs on one figure."""
+    p = sub.add_parser(
+        "plot", help="plot accuracy and loss curves of one or more runs",
+        description="Read RUN/metrics.csv of each run and draw train and eval accuracy (top) and "
+                    "train loss (bottom) by epoch on one figure, one colour per run, labelled with "
+                    "the run's name and arithmetic.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories")
+    p.add_argument("-o", "--output", metavar="FILE", required=True, help="image file to write, e.g. curves.png")
+    p.add_argument("--overwrite", action="store_true", help="replace FILE if it exists")
+    p.set_defaults(handler=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    from intrain.plot import plot_runs
+
+    path = plot_runs(args.runs, args.output, overwrite=args.overwrite)
+    print(f"wrote {path}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- download
+
+def add_download(sub) -> None:
+    """``intrain download``: fetch a data set that is not bundled."""
+    p = sub.add_parser(
+        "download", help="download a data set (cifar10)",
+        description="Download and unpack a data set into --data-dir (resumable, checksum-verified).")
+    p.add_argument("dataset", choices=("cifar10",), help="data set to download")
+    p.add_argument("--data-dir", metavar="DIR", help="target folder (default: data/<dataset>)")
+    p.add_argument("--url", help=argparse.SUPPRESS)  # tests point it at a local address
+    p.set_defaults(handler=run_download)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from intrain.data import default_data_dir
+    from intrain.data.download import CIFAR10_URL, download_cifar10
+
+    data_dir = args.data_dir or default_data_dir(args.dataset)
+    folder = download_cifar10(data_dir, url=args.url or CIFAR10_URL, progress=sys.stderr.isatty())
+    print(f"cifar10 is ready in {folder}")
+    return 0
+
+
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (add_train,)
+SUBCOMMANDS = (add_train, add_eval, add_plot, add_download)
 
 
 def build_parser() -> Parser:
@@ -141,12 +249,13 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``intrain`` console script; returns the exit status."""
     from intrain.data.errors import DataError
+    from intrain.checkpoint import CheckpointError
     from intrain.train import ConfigError
 
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (UsageError, ConfigError, DataError) as err:
+    except (UsageError, ConfigError, DataError, CheckpointError) as err:
         print(f"intrain: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -11,6 +11,17 @@
    ``metrics.csv``.
 3. Save ``model.pt`` atomically and return a ``RunResult``.
 
+Batches come from ``intrain.data.augment.AugmentedLoader`` (``--workers`` loader processes; the
+batches are identical for any number): the order above, with a random crop (4-pixel zero padding)
+and horizontal flip per image keyed by (seed, epoch, image index) when augmentation is on (the
+default for CIFAR-10 only).
+
+Checkpoints (``intrain.checkpoint``): ``checkpoint.pt`` is written atomically at the end of every
+epoch (after its evaluation, before its metrics row is appended) and every ``checkpoint_every``
+global steps; ``resume(run_dir)`` continues from it so that a run killed at any moment and
+resumed ends with the same weights, bit for bit, and the same metrics (except ``seconds``) as an
+uninterrupted run. ``metrics.csv`` is rewritten from the checkpoint's rows on resume.
+
 Both arithmetics see the same inputs: ``pixels_to_int8(u8, mean)`` with exponent
 ``PIXEL_EXPONENT``; the int8 model gets the integers as a ``QTensor``, the float twin their real
 values ``v * 2**PIXEL_EXPONENT`` in float32.
@@ -20,6 +31,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,7 +51,10 @@ from intrain.recipes import default_recipe
 ARITHS = ("int8", "float")
 BACKENDS = ("auto", "reference", "cpu", "cuda")
 DEVICES = ("cpu", "cuda")
-RUN_FILES = ("metrics.csv", "model.pt", "config.json")
+RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
+TENSORBOARD_DIR = "tensorboard"
+#: Options that may differ on resume: they do not change any number a run computes.
+RESUME_FREE = ("workers", "checkpoint_every")
 CHECKPOINT_FORMAT = "intrain-checkpoint-v1"
 
 
@@ -66,6 +81,10 @@ class TrainConfig:
     device: str = "cpu"
     out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k
     overwrite: bool = False
+    width: float = 1.0  # multiplies every layer's channel / unit count
+    augment: bool | None = None  # random crop + flip; default: on for cifar10 only
+    workers: int = 0  # data loader processes; results are identical for any number
+    checkpoint_every: int | None = None  # also checkpoint every N global steps
 
     def resolved(self) -> "TrainConfig":
         """A copy with every recipe default filled in (batch size first: lr depends on it)."""
@@ -77,6 +96,7 @@ class TrainConfig:
             batch_size=batch,
             mu_schedule=recipe.mu_schedule if self.mu_schedule is None else self.mu_schedule,
             lr=recipe.lr_for(batch) if self.lr is None else self.lr,
+            augment=(self.dataset == "cifar10") if self.augment is None else bool(self.augment),
         )
 
 
@@ -122,6 +142,12 @@ def _check_args(c: TrainConfig) -> None:
         raise ConfigError(f"--seed must be 0 or more, got {c.seed}")
     if not c.lr > 0:
         raise ConfigError(f"--lr must be a positive number, got {c.lr}")
+    if not (c.width > 0 and c.width != float("inf")):
+        raise ConfigError(f"--width must be a positive number, got {c.width}")
+    if c.workers < 0:
+        raise ConfigError(f"--workers must be 0 or more, got {c.workers}")
+    if c.checkpoint_every is not None and c.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every must be 1 or more, got {c.checkpoint_every}")
     if c.device not in DEVICES:
         raise ConfigError(f"unknown device {c.device!r}: choose one of {', '.join(DEVICES)}")
     if c.device == "cuda" and not torch.cuda.is_available():
@@ -166,21 +192,23 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
         if c.arith == "int8":
             from intrain.engine import IntegerTrainer
 
-            model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device)
+            model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device,
+                                    width=c.width)
             return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule))
         torch.manual_seed(c.seed)
-        model = build_float_model(c.model, shape, classes).to(c.device)
+        model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     trainer = FloatTrainer(model, lr=c.lr, epochs=c.epochs, steps_per_epoch=steps_per_epoch)
     return model, trainer
 
 
-def prepare(config: TrainConfig) -> Prepared:
-    """Check everything and load everything; writes nothing (see the module docstring)."""
+def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
+    """Check everything and load everything; writes nothing (see the module docstring).
+    ``resuming``: ``config.out`` is the run being resumed, so it may hold a run."""
     c = config.resolved()
     _check_args(c)
-    out_dir = _check_out(c)
+    out_dir = Path(c.out) if resuming else _check_out(c)
     splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit)
     if len(splits.train) == 0:
         raise ConfigError(f"the {c.dataset} training set is empty: check --data-dir and --train-limit")
@@ -197,6 +225,7 @@ def _make_out_dir(c: TrainConfig, out: Path | None) -> Path:
         if c.overwrite:
             for name in RUN_FILES:
                 (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / TENSORBOARD_DIR, ignore_errors=True)
         return out
     Path("runs").mkdir(exist_ok=True)
     k = 1
@@ -211,10 +240,17 @@ def _make_out_dir(c: TrainConfig, out: Path | None) -> Path:
 
 # ----------------------------------------------------------------------------- files
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
     """Write ``path`` via a temp file in the same directory: ``write(f)``, flush, fsync, replace."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -250,6 +286,19 @@ def _as_float(logits) -> torch.Tensor:
     return logits.to_float() if isinstance(logits, QTensor) else logits
 
 
+def predictions(predict, images: torch.Tensor, mean, arith: str, batch_size: int) -> torch.Tensor:
+    """Predicted classes (int64, on ``images``' device) of ``images`` in order, in batches of
+    ``batch_size``; ``predict`` maps network inputs to logits in eval mode."""
+    preds = []
+    with torch.no_grad():
+        for start in range(0, images.shape[0], batch_size):
+            x = _inputs(images[start:start + batch_size], mean, arith)
+            preds.append(_as_float(predict(x)).argmax(dim=1))
+    if not preds:
+        return torch.zeros(0, dtype=torch.int64, device=images.device)
+    return torch.cat(preds)
+
+
 def evaluate(trainer, images: torch.Tensor, labels: torch.Tensor, mean, arith: str, batch_size: int) -> float:
     """Accuracy (percent) on ``images``/``labels`` in order, in batches of ``batch_size``.
 
@@ -257,20 +306,16 @@ def evaluate(trainer, images: torch.Tensor, labels: torch.Tensor, mean, arith: s
     else is in the batch; evaluating with the training batch size in a fixed order keeps the
     figure reproducible and the activation statistics like those of training.
     """
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(labels), batch_size):
-            x = _inputs(images[start:start + batch_size], mean, arith)
-            pred = _as_float(trainer.predict(x)).argmax(dim=1)
-            correct += int((pred == labels[start:start + batch_size]).sum())
-    return accuracy(correct, len(labels))
+    pred = predictions(trainer.predict, images, mean, arith, batch_size)
+    return accuracy(int((pred == labels).sum()), len(labels))
 
 
 def _config_dict(p: Prepared, out_dir: Path) -> dict:
     d = asdict(p.config)
     d.update(out=str(out_dir), eval_name=p.splits.eval_name, train_size=len(p.splits.train),
              eval_size=len(p.splits.eval), image_shape=list(p.splits.train.image_shape),
-             num_classes=p.splits.train.num_classes, torch_version=str(torch.__version__))
+             num_classes=p.splits.train.num_classes, torch_version=str(torch.__version__),
+             channel_mean=None if p.splits.channel_mean is None else list(p.splits.channel_mean))
     if p.config.arith == "float":
         d["mu_schedule"] = None
         d["backend"] = None
@@ -279,47 +324,151 @@ def _config_dict(p: Prepared, out_dir: Path) -> dict:
     return d
 
 
-def train_prepared(p: Prepared, log=None) -> RunResult:
+def _batches(loader):
+    """Iterate ``loader`` without letting torch's DataLoader change torch's global generator.
+
+    Every DataLoader iterator draws a base seed from the global CPU generator when it starts,
+    which would shift the float twin's dropout stream by one draw per epoch, and differently for
+    an epoch resumed half way. Our batches use no torch randomness (augmentation is
+    counter-based), so the generator's state is put back once the iterator has started.
+    """
+    state = torch.get_rng_state()
+    it = iter(loader)
+    try:
+        first = next(it)
+    except StopIteration:
+        return
+    finally:
+        torch.set_rng_state(state)
+    yield first
+    yield from it
+
+
+def _tensorboard(out_dir: Path, purge_step: int | None):
+    """A SummaryWriter in ``out_dir/tensorboard`` when tensorboard is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except Exception:  # tensorboard is optional
+        return None
+    try:
+        return SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
+    except Exception:
+        return None
+
+
+@dataclass
+class _Start:
+    """Where the loop starts: a fresh run, or a checkpoint's position and partial epoch."""
+
+    epoch: int = 0
+    batch: int = 0  # batches of ``epoch`` already done
+    global_step: int = 0
+    rows: list = field(default_factory=list)
+    running: dict | None = None  # Running's sums for the partial epoch
+    seconds: float = 0.0  # training time already spent on the partial epoch
+
+
+def _running_state(running: Running) -> dict:
+    def cpu(v):
+        return v.detach().cpu() if isinstance(v, torch.Tensor) else v
+
+    return {"n": running.n, "loss_sum": cpu(running.loss_sum), "correct": cpu(running.correct)}
+
+
+def _restore_running(state: dict | None, dev: torch.device) -> Running:
+    running = Running()
+    if state:
+        running.n = int(state["n"])
+        for name in ("loss_sum", "correct"):
+            v = state[name]
+            setattr(running, name, v.to(dev) if isinstance(v, torch.Tensor) else v)
+    return running
+
+
+def _save_resume(out_dir: Path, p: Prepared, cfg: dict, position: dict) -> None:
+    from intrain import checkpoint
+
+    payload = {"format": checkpoint.MAGIC.decode().strip(), "version": checkpoint.VERSION,
+               "train_config": asdict(p.config), "config": cfg, "seed": p.config.seed}
+    payload.update(position)
+    payload.update(checkpoint.trainer_state(p.model, p.trainer, p.config.device))
+    checkpoint.save(checkpoint.checkpoint_path(out_dir), payload)
+
+
+def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict | None = None,
+                   out_dir: Path | None = None) -> RunResult:
     """Create the output directory and run the training prepared by ``prepare``; progress
-    lines go to ``log`` (default: ``sys.stderr``)."""
+    lines go to ``log`` (default: ``sys.stderr``). ``start``/``cfg``/``out_dir`` are given by
+    ``resume`` to continue a run (the model and trainer already restored)."""
+    from intrain.data.augment import AugmentedLoader
+
     log = sys.stderr if log is None else log
     c, splits, trainer = p.config, p.splits, p.trainer
-    out_dir = _make_out_dir(c, p.out_dir)
-    cfg = _config_dict(p, out_dir)
-    save_json(out_dir / "config.json", cfg)
-    metrics = MetricsCSV(out_dir / "metrics.csv")
+    resuming = start is not None
+    start = _Start() if start is None else start
+    if not resuming:
+        out_dir = _make_out_dir(c, p.out_dir)
+        cfg = _config_dict(p, out_dir)
+        save_json(out_dir / "config.json", cfg)
+    metrics = MetricsCSV(out_dir / "metrics.csv")  # on resume: rewritten from the checkpoint's rows
+    for row in start.rows:
+        metrics.append(**row)
+    what = (f"resuming at epoch {start.epoch + 1}, batch {start.batch}" if resuming else
+            f"{c.epochs} epochs of batch {c.batch_size}")
     print(f"intrain: {c.arith} {c.model} on {c.dataset}: {len(splits.train)} training images, "
-          f"{len(splits.eval)} {splits.eval_name} images, {c.epochs} epochs of batch {c.batch_size} -> {out_dir}",
-          file=log)
+          f"{len(splits.eval)} {splits.eval_name} images, {what} -> {out_dir}", file=log)
 
     dev = torch.device(c.device)
-    train_x, train_y = splits.train.images.to(dev), splits.train.labels.to(dev)
     eval_x, eval_y = splits.eval.images.to(dev), splits.eval.labels.to(dev)
     mean, n, bs = splits.channel_mean, len(splits.train), c.batch_size
-    rows, step, eval_acc = [], 0, None
-    for epoch in range(c.epochs):
-        start = time.perf_counter()
-        order = rng.permutation(n, c.seed, epoch, device=dev)
-        running = Running()
-        with progress(-(-n // bs), f"epoch {epoch + 1}/{c.epochs}") as bar:
-            for i in range(0, n, bs):
-                idx = order[i:i + bs]
-                y = train_y[idx]
-                logits = trainer.train_step(_inputs(train_x[idx], mean, c.arith), y, step, epoch)
-                running.update(_as_float(logits), y)
-                step += 1
-                bar.update(1)
-                if not bar.disable and (step % 20 == 0 or i + bs >= n):
-                    bar.set_postfix(loss=f"{running.loss:.4f}", acc=f"{running.acc:.2f}%", refresh=False)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - start
-        eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
-        row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc, seconds=seconds)
-        metrics.append(**row)
-        rows.append(row)
-        print(f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}, train {row['train_acc']:.2f}%, "
-              f"{splits.eval_name} {eval_acc:.2f}%, {seconds:.1f}s", file=log)
+    n_batches = -(-n // bs)
+    rows, step = list(start.rows), start.global_step
+    eval_acc = rows[-1]["eval_acc"] if rows else None
+    board = _tensorboard(out_dir, start.epoch + 1 if resuming else None)
+    try:
+        for epoch in range(start.epoch, c.epochs):
+            first_batch = start.batch if epoch == start.epoch else 0
+            carried = start.seconds if epoch == start.epoch else 0.0
+            t0 = time.perf_counter()
+            running = _restore_running(start.running if epoch == start.epoch else None, dev)
+            order = rng.permutation(n, c.seed, epoch)
+            loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
+                                     num_workers=c.workers, start_batch=first_batch)
+            with progress(n_batches, f"epoch {epoch + 1}/{c.epochs}") as bar:
+                bar.update(first_batch)
+                for b, (images, labels, _) in enumerate(_batches(loader), start=first_batch):
+                    y = labels.to(dev, non_blocking=True)
+                    x = _inputs(images.to(dev, non_blocking=True), mean, c.arith)
+                    logits = trainer.train_step(x, y, step, epoch)
+                    running.update(_as_float(logits), y)
+                    step += 1
+                    bar.update(1)
+                    if not bar.disable and (step % 20 == 0 or b + 1 == n_batches):
+                        bar.set_postfix(loss=f"{running.loss:.4f}", acc=f"{running.acc:.2f}%", refresh=False)
+                    if c.checkpoint_every and step % c.checkpoint_every == 0 and b + 1 < n_batches:
+                        _save_resume(out_dir, p, cfg, dict(
+                            epoch=epoch, batch=b + 1, global_step=step, rows=rows,
+                            running=_running_state(running),
+                            seconds=carried + time.perf_counter() - t0))
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            seconds = carried + time.perf_counter() - t0
+            eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
+            row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
+                       seconds=seconds)
+            rows.append(row)
+            _save_resume(out_dir, p, cfg, dict(epoch=epoch + 1, batch=0, global_step=step, rows=rows,
+                                               running=None, seconds=0.0))
+            metrics.append(**row)
+            if board is not None:
+                for key in ("train_loss", "train_acc", "eval_acc"):
+                    board.add_scalar(f"{key}/{c.arith}", row[key], epoch + 1)
+                board.flush()
+            print(f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}, train {row['train_acc']:.2f}%, "
+                  f"{splits.eval_name} {eval_acc:.2f}%, {seconds:.1f}s", file=log)
+    finally:
+        if board is not None:
+            board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
         eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
     save_checkpoint(out_dir / "model.pt", cfg, p.model)
@@ -330,3 +479,75 @@ def run(config: TrainConfig, log=None) -> RunResult:
     """Check, load, train, save (see the module docstring). Raises ConfigError or DataError
     for bad input, before anything is written."""
     return train_prepared(prepare(config), log=log)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def resume_config(payload: dict, run_dir: Path, given: dict | None = None) -> TrainConfig:
+    """The checkpoint's config, with the explicitly ``given`` options checked against it:
+    those in ``RESUME_FREE`` replace the saved values, any other that differs is refused."""
+    from intrain.checkpoint import CheckpointError, checkpoint_path
+
+    path = checkpoint_path(run_dir)
+    try:
+        saved = TrainConfig(**payload["train_config"])
+    except TypeError:
+        raise CheckpointError(f"{path} holds a config this intrain does not know: refusing to resume from it") from None
+    changes = {}
+    for name, value in (given or {}).items():
+        if value is None:
+            continue
+        if name in RESUME_FREE:
+            changes[name] = value
+        elif name == "overwrite":
+            if value:
+                raise ConfigError("--overwrite cannot be combined with --resume: a resumed run continues "
+                                  "in its own directory")
+        elif name == "out":
+            if Path(value).resolve() != Path(run_dir).resolve():
+                raise ConfigError(f"--out {value} conflicts with --resume {run_dir}: a resumed run continues "
+                                  "in its own directory; leave --out out")
+        elif not hasattr(saved, name):
+            raise ConfigError(f"unknown option {_option(name)} for --resume")
+        elif value != getattr(saved, name):
+            raise ConfigError(f"{_option(name)} {value} conflicts with {getattr(saved, name)} recorded in {path}: "
+                              "leave it out when resuming (a resumed run keeps its options)")
+    return replace(saved, out=str(run_dir), overwrite=False, **changes)
+
+
+def resume(run_dir, given: dict | None = None, log=None) -> RunResult:
+    """Continue the run in ``run_dir`` from ``run_dir/checkpoint.pt`` (see the module docstring).
+    Raises CheckpointError / ConfigError / DataError before anything is written."""
+    from intrain import checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass the directory of the run to resume")
+    path = checkpoint.checkpoint_path(run_dir)
+    payload = checkpoint.load(path)
+    config = resume_config(payload, run_dir, given)
+    p = prepare(config, resuming=True)
+    cfg = payload["config"]
+    if len(p.splits.train) != cfg.get("train_size") or len(p.splits.eval) != cfg.get("eval_size"):
+        raise ConfigError(f"the {config.dataset} data now has {len(p.splits.train)} training and {len(p.splits.eval)} "
+                          f"eval images, the run in {run_dir} had {cfg.get('train_size')} and {cfg.get('eval_size')}: "
+                          "resume with the same data")
+    steps_per_epoch = -(-len(p.splits.train) // config.batch_size)
+    epoch, batch, step = int(payload["epoch"]), int(payload["batch"]), int(payload["global_step"])
+    if not (0 <= epoch <= config.epochs and 0 <= batch < max(steps_per_epoch, 1)
+            and step == epoch * steps_per_epoch + batch and len(payload["rows"]) == epoch):
+        raise checkpoint.CheckpointError(f"{path} records an impossible position (epoch {epoch}, batch {batch}, "
+                                         f"step {step}): refusing to resume from it")
+    checkpoint.restore_trainer(payload, p.model, p.trainer, config.device, path)
+    for name in RUN_FILES:  # temp files of writes the kill interrupted
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    if "out" in cfg and Path(cfg["out"]).resolve() != run_dir.resolve():
+        cfg = dict(cfg, out=str(run_dir))  # the run was moved
+    start = _Start(epoch=epoch, batch=batch, global_step=step, rows=[dict(r) for r in payload["rows"]],
+                   running=payload.get("running"), seconds=float(payload.get("seconds") or 0.0))
+    return train_prepared(p, log=log, start=start, cfg=cfg, out_dir=run_dir)

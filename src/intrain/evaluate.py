@@ -1,0 +1,117 @@
+"""``intrain eval``: accuracy and confusion matrix of a saved run.
+
+``evaluate_run(run_dir)`` rebuilds the run's model from ``config.json`` (model, width, image shape,
+classes), loads ``model.pt`` and evaluates it exactly as training evaluated it: the same eval
+split (the run's dataset, data folder, ``val_split`` and ``train_limit`` unless overridden), the
+run's integer channel mean, the run's batch size (the int8 model requantises per batch, so its
+predictions depend on the batch composition) and the same order. With the defaults the accuracy
+therefore equals the run's last ``eval_acc``. The confusion matrix has one row per true class and
+one column per predicted class; it and the accuracy go to ``<run>/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from intrain.data import load_dataset
+from intrain.metrics import accuracy
+from intrain.models import build_float_model, build_int_model
+from intrain.train import CHECKPOINT_FORMAT, ConfigError, predictions, save_json
+
+EVAL_FILE = "eval.json"
+
+
+def _read_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"no {path}: pass the directory of a finished run to --run")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"cannot read {path} ({type(err).__name__}): the run directory is damaged") from None
+    needed = ("dataset", "model", "arith", "image_shape", "num_classes", "batch_size", "seed")
+    if not isinstance(cfg, dict) or any(k not in cfg for k in needed):
+        raise ConfigError(f"{path} is not an intrain run config (it lacks {', '.join(needed)})")
+    return cfg
+
+
+def _read_model(run_dir: Path) -> dict:
+    path = run_dir / "model.pt"
+    if not path.is_file():
+        raise ConfigError(f"no {path}: the run has not finished (resume it with intrain train --resume {run_dir})")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ConfigError(f"cannot load {path} ({type(err).__name__}): the file is truncated or corrupt") from None
+    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT or "state_dict" not in saved:
+        raise ConfigError(f"{path} is not an intrain model file (format {CHECKPOINT_FORMAT})")
+    return saved
+
+
+def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """``m[t][p]``: how many images of true class ``t`` were predicted as ``p``."""
+    flat = labels.cpu().to(torch.int64) * num_classes + preds.cpu().to(torch.int64)
+    counts = torch.bincount(flat, minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).tolist()
+
+
+def format_confusion(matrix: list[list[int]]) -> str:
+    """The matrix as a text table, class numbers along both edges (rows true, columns predicted)."""
+    k = len(matrix)
+    cell = max([len(str(v)) for row in matrix for v in row] + [len(str(k - 1)), 2])
+    lines = ["true\\pred " + " ".join(f"{j:>{cell}}" for j in range(k))]
+    for i, row in enumerate(matrix):
+        lines.append(f"{i:>9} " + " ".join(f"{v:>{cell}}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = None, val_split: int | None = None,
+                 batch_size: int | None = None, write: bool = True) -> dict:
+    """Evaluate the run in ``run_dir`` (see the module docstring); returns what eval.json holds."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist: pass a run directory to --run")
+    cfg = _read_config(run_dir)
+    saved = _read_model(run_dir)
+    same_data = dataset is None or dataset == cfg["dataset"]
+    name = cfg["dataset"] if dataset is None else dataset
+    if same_data:
+        data_dir = cfg.get("data_dir") if data_dir is None else data_dir
+        val_split = cfg.get("val_split") if val_split is None else val_split
+        train_limit = cfg.get("train_limit")
+    else:
+        train_limit = None
+    splits = load_dataset(name, data_dir, val_split, train_limit)
+    shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
+    if splits.eval.image_shape != shape or splits.eval.num_classes != classes:
+        raise ConfigError(f"the model in {run_dir} takes {'x'.join(map(str, shape))} images and {classes} classes, "
+                          f"{name} has {'x'.join(map(str, splits.eval.image_shape))} and {splits.eval.num_classes}")
+    mean = cfg["channel_mean"] if "channel_mean" in cfg else splits.channel_mean
+    mean = None if mean is None else tuple(int(m) for m in mean)
+    bs = int(cfg["batch_size"]) if batch_size is None else batch_size
+    device = "cuda" if cfg.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
+    width = float(cfg.get("width") or 1.0)
+    try:
+        if cfg["arith"] == "int8":
+            model = build_int_model(cfg["model"], shape, classes, int(cfg["seed"]), backend="auto",
+                                    device=device, width=width)
+        else:
+            model = build_float_model(cfg["model"], shape, classes, width=width).to(device)
+        model.load_state_dict(saved["state_dict"])
+    except (ValueError, RuntimeError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{run_dir / 'model.pt'} does not fit the model in {run_dir / 'config.json'} ({first})") from None
+    model.eval()
+    images, labels = splits.eval.images.to(device), splits.eval.labels.to(device)
+    preds = predictions(model, images, mean, cfg["arith"], bs)
+    matrix = confusion_matrix(labels, preds, classes)
+    correct = sum(matrix[i][i] for i in range(classes))
+    result = dict(run=str(run_dir), dataset=name, model=cfg["model"], arith=cfg["arith"],
+                  eval_name=splits.eval_name, eval_size=len(splits.eval), batch_size=bs, correct=correct,
+                  accuracy=accuracy(correct, len(splits.eval)), confusion=matrix)
+    if write:
+        save_json(run_dir / EVAL_FILE, result)
+    return result

@@ -1,0 +1,87 @@
+"""``intrain plot``: training curves of one or more runs on one figure (matplotlib, Agg).
+
+Top panel: train accuracy (dashed) and eval accuracy (solid) by epoch; bottom panel: train loss.
+Each run gets one colour and is labelled ``<run dir name> (<arith>)``, so an int8 run and its
+float32 twin compare at a glance. The figure is rendered off screen (no pyplot, no display) and
+written atomically; an existing file is only replaced with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from intrain.metrics import read_metrics
+from intrain.train import ConfigError, atomic_write
+
+
+def _label(run_dir: Path) -> str:
+    name = run_dir.resolve().name
+    try:
+        cfg = json.loads((run_dir / "config.json").read_text())
+        return f"{name} ({cfg['arith']} {cfg['model']})"
+    except Exception:  # a label is cosmetic: fall back to the directory name
+        return name
+
+
+def _read_run(run_dir: Path) -> list[dict]:
+    if not run_dir.is_dir():
+        raise ConfigError(f"run directory {run_dir} does not exist")
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        raise ConfigError(f"no {path}: pass run directories written by intrain train")
+    try:
+        rows = read_metrics(path)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot read {path} ({type(err).__name__}): the file is damaged") from None
+    if not rows:
+        raise ConfigError(f"{path} holds no epochs yet: nothing to plot")
+    needed = ("epoch", "train_loss", "train_acc", "eval_acc")
+    if any(k not in rows[0] for k in needed):
+        raise ConfigError(f"{path} lacks the columns {', '.join(needed)}")
+    return rows
+
+
+def plot_runs(runs, output, overwrite: bool = False) -> Path:
+    """Draw the curves of ``runs`` (directories) into ``output``; returns its path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    out = Path(output)
+    fmt = out.suffix.lower().lstrip(".")
+    fig = Figure(figsize=(8, 7.5))
+    supported = FigureCanvasAgg(fig).get_supported_filetypes()
+    if fmt not in supported:
+        raise ConfigError(f"cannot tell the image format of {out}: end the name with one of "
+                          f"{', '.join('.' + k for k in sorted(supported))}")
+    if out.is_dir():
+        raise ConfigError(f"{out} is a directory: pass a file name to -o")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists: pass --overwrite to replace it")
+    if not out.parent.is_dir():
+        raise ConfigError(f"folder {out.parent} does not exist: create it or choose another -o")
+    data = [(_label(Path(r)), _read_run(Path(r))) for r in runs]
+
+    acc_ax, loss_ax = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]})
+    for i, (label, rows) in enumerate(data):
+        color = f"C{i % 10}"
+        epochs = [r["epoch"] for r in rows]
+        acc_ax.plot(epochs, [r["eval_acc"] for r in rows], color=color, marker="o", markersize=3,
+                    label=f"{label} eval")
+        acc_ax.plot(epochs, [r["train_acc"] for r in rows], color=color, linestyle="--", label=f"{label} train")
+        loss_ax.plot(epochs, [r["train_loss"] for r in rows], color=color, label=label)
+    acc_ax.set_ylabel("accuracy (%)")
+    acc_ax.set_title("train (dashed) and eval (solid) accuracy")
+    acc_ax.grid(True, alpha=0.3)
+    acc_ax.legend(fontsize="small")
+    loss_ax.set_ylabel("train loss")
+    loss_ax.set_xlabel("epoch")
+    loss_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    loss_ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt)
+    atomic_write(out, lambda f: f.write(buf.getvalue()))
+    return out
