@@ -74,6 +74,10 @@ def add_train(sub) -> None:
     p.add_argument("--width", type=_positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
                         "VGG-small (default: 1.0)")
+    p.add_argument("--weight-bits", type=int, choices=(8, 16),
+                   help="int8 only: 16 keeps an int16 master copy of every weight that takes the "
+                        "updates, while all products use its upper 8 bits (NITI's 16-bit weight "
+                        "accumulation; default: 8)")
     p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")
@@ -117,9 +121,9 @@ def add_train(sub) -> None:
 
 #: Defaults of the ``train`` options whose parser default is None (see add_train).
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
-                      width=1.0, workers=0)
+                      width=1.0, workers=0, weight_bits=8)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "augment",
+                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "augment",
                  "workers", "checkpoint_every")
 
 

@@ -97,7 +97,8 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
     try:
         if cfg["arith"] == "int8":
             model = build_int_model(cfg["model"], shape, classes, int(cfg["seed"]), backend="auto",
-                                    device=device, width=width)
+                                    device=device, width=width,
+                                    weight_bits=int(cfg.get("weight_bits") or 8))
         else:
             model = build_float_model(cfg["model"], shape, classes, width=width).to(device)
         model.load_state_dict(saved["state_dict"])

@@ -135,13 +135,21 @@ def _float_layer(spec: LayerSpec) -> torch.nn.Module:
 
 
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
-                    device: str | torch.device = "cpu", width: float = 1.0) -> IntSequential:
-    """The integer model, weights initialised from ``seed`` with integer arithmetic only."""
+                    device: str | torch.device = "cpu", width: float = 1.0,
+                    weight_bits: int = 8) -> IntSequential:
+    """The integer model, weights initialised from ``seed`` with integer arithmetic only.
+
+    ``weight_bits=16`` gives every weighted layer an int16 master weight (NITI's 16-bit weight
+    accumulation with an 8-bit datapath); products still use int8 weights."""
+    if weight_bits not in (8, 16):
+        raise ValueError(f"weight bits must be 8 or 16, got {weight_bits}")
     kernels = get_backend(backend, device)
     model = IntSequential(*(_int_layer(spec, kernels) for spec in model_spec(name, in_shape, num_classes, width)))
     model.to(device)
     for layer in model.weighted_layers():
         init_weight(layer, seed)
+        if weight_bits == 16:
+            layer.use_master_weight()
     return model
 
 

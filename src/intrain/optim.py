@@ -1,5 +1,9 @@
 """The integer weight update (no learning rate) and its ``mu`` schedule.
 
+``mu`` counts bits of the tensor that takes the update: the int8 weight, or the int16 master
+weight when the model keeps one (NITI's 16-bit weight accumulation; there ``mu = 8 + m`` moves the
+int8 view by up to ``2**m``, and ``mu < 8`` makes sub-step updates that accumulate).
+
 For each layer with an exact int64 gradient ``G``: ``b = bit_length(max |G|)``; ``G`` is shifted
 right by ``max(b - mu, 0)`` with pseudo-stochastic rounding, so the update ``g`` has at most ``mu``
 bits (``|g| <= 2**mu``), and ``w <- clip(w - g, -127, 127)`` stays int8. The weight exponent never
@@ -22,8 +26,8 @@ class MuSchedule:
         if not points or points[0][0] != 0:
             raise ValueError("a mu schedule must start at epoch 0, e.g. '0:5,100:4'")
         for epoch, mu in points:
-            if epoch < 0 or not 1 <= mu <= 7:
-                raise ValueError(f"bad mu schedule entry {epoch}:{mu}: epochs >= 0 and mu in 1..7")
+            if epoch < 0 or not 0 <= mu <= 15:
+                raise ValueError(f"bad mu schedule entry {epoch}:{mu}: epochs >= 0 and mu in 0..15")
         self.points = points
 
     @staticmethod
@@ -48,14 +52,16 @@ class MuSchedule:
 
 
 def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Tensor:
-    """The new int8 weight after one integer update with ``mu`` bits (see module docstring)."""
+    """The new weight after one integer update with ``mu`` bits (see module docstring), in the
+    weight's dtype: int8 clipped to [-127, 127], or an int16 master clipped to [-32767, 32767]."""
+    limit = torch.iinfo(weight.dtype).max
     shift = (max_bit_length(grad) - mu).clamp(min=0)
     step = shift_round(grad, shift, "pseudo")
-    return (weight.to(torch.int64) - step).clamp(-127, 127).to(torch.int8)
+    return (weight.to(torch.int64) - step).clamp(-limit, limit).to(weight.dtype)
 
 
 class IntegerUpdate:
-    """Applies the integer update to every weighted layer of a model that has a gradient."""
+    """Applies the integer update to every weighted layer that has a gradient."""
 
     def __init__(self, model: IntSequential, mu_schedule: MuSchedule) -> None:
         self.model = model
@@ -66,6 +72,9 @@ class IntegerUpdate:
         for layer in self.model.weighted_layers():
             if layer.weight_grad is None:
                 continue
-            layer.weight.copy_(apply_update(layer.weight, layer.weight_grad, mu))
+            target = layer.weight_master if layer.has_master_weight else layer.weight
+            target.copy_(apply_update(target, layer.weight_grad, mu))
+            if layer.has_master_weight:
+                layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None

@@ -42,8 +42,18 @@ class IntModule(torch.nn.Module):
         """Drop tensors kept for backward."""
 
 
+#: Low bits that an int16 master weight keeps below its int8 view.
+MASTER_EXTRA_BITS = 8
+
+
 class WeightedIntModule(IntModule):
-    """An integer layer with an int8 weight and a fixed weight exponent, set up by ``init_weight``."""
+    """An integer layer with an int8 weight and a fixed weight exponent, set up by ``init_weight``.
+
+    With ``use_master_weight()`` the layer also keeps NITI's 16-bit weight accumulator: an int16
+    ``weight_master`` in ``[-32767, 32767]`` with exponent ``weight_exp - 8`` takes the updates, and
+    the int8 ``weight`` used by every product is its nearest-rounded upper 8 bits, clipped to
+    ``[-127, 127]``, so updates smaller than one int8 step accumulate instead of being lost.
+    """
 
     has_weight = True
 
@@ -56,6 +66,22 @@ class WeightedIntModule(IntModule):
         self.weight_grad: torch.Tensor | None = None
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
+
+    def use_master_weight(self) -> None:
+        """Start a 16-bit accumulator from the current int8 weight (exactly: ``w * 2**8``)."""
+        self.register_buffer("weight_master", self.weight.to(torch.int16) << MASTER_EXTRA_BITS)
+
+    @property
+    def has_master_weight(self) -> bool:
+        return getattr(self, "weight_master", None) is not None
+
+    def refresh_weight(self) -> None:
+        """Recompute the int8 weight from the int16 master (nearest rounding, clip)."""
+        from intrain.rounding import shift_round
+
+        wide = self.weight_master.to(torch.int32)  # 32767 + 128 would wrap around in int16
+        view = shift_round(wide, MASTER_EXTRA_BITS, "nearest").clamp(-127, 127)
+        self.weight.copy_(view.to(torch.int8))
 
     @property
     def weight_q(self) -> QTensor:
