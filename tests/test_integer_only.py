@@ -1,6 +1,7 @@
 """The integer-only audit: one whole LeNet-5 training step under a dispatch mode that records every
 aten operator, failing if any operator receives or returns a floating-point tensor."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
@@ -34,11 +35,13 @@ def _batch(n=8):
     return QTensor.of(x, -7), y
 
 
-def test_lenet5_training_step_uses_only_integer_tensors():
-    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference")
+@pytest.mark.parametrize("weight_bits", [8, 16])
+def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", weight_bits=weight_bits)
     trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"))
     x, y = _batch()
-    before = [layer.weight.clone() for layer in model.weighted_layers()]
+    trained = "weight_master" if weight_bits == 16 else "weight"
+    before = [getattr(layer, trained).clone() for layer in model.weighted_layers()]
     with FloatAudit() as audit:
         trainer.train_step(x, y, step=0, epoch=0)
     assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
@@ -46,7 +49,7 @@ def test_lenet5_training_step_uses_only_integer_tensors():
     # The audit saw the real work: products, shifts, the loss division and the update.
     for op in ("aten.mm", "aten.__rshift__", "aten.div.Tensor_mode", "aten.clamp", "aten.amax"):
         assert any(name.startswith(op) for name in names), (op, sorted(names))
-    assert all(not torch.equal(b, layer.weight) for b, layer in zip(before, model.weighted_layers()))
+    assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, model.weighted_layers()))
 
 
 def test_audit_catches_a_float_operation():
