@@ -108,3 +108,26 @@ def test_sequential_skips_the_first_layer_error():
     out = model(x)
     assert model.backward(QTensor.of(rand_int8(*out.v.shape), 0)) is None
     assert calls == [True, False]
+
+
+def test_stochastic_error_rounding_is_unbiased_and_keyed_by_step():
+    layer = IntLinear(64, 8, REF).train()
+    layer.error_rounding = "stochastic"
+    layer.weight.copy_(rand_int8(8, 64))
+    x = QTensor.of(rand_int8(16, 64), 0)
+    d = QTensor.of(rand_int8(16, 8), 0)
+    exact_error = exact(d.v) @ exact(layer.weight)
+    total, results = 0, []
+    for step in range(300):
+        layer(x)
+        dx = layer.backward(d, StepContext(seed=0, step=step))
+        scale = 2.0 ** int(dx.e)
+        assert (exact(dx.v) * scale - exact_error).abs().max() < scale
+        total = total + exact(dx.v) * scale
+        results.append(dx.v)
+    assert not torch.equal(results[0], results[1])
+    mean_error = (total / 300 - exact_error).abs().max().item()
+    assert mean_error < 0.25 * scale  # nearest rounding would leave up to 0.5 * scale
+    layer(x)
+    with pytest.raises(ValueError, match="StepContext"):
+        layer.backward(d, None)

@@ -78,6 +78,9 @@ def add_train(sub) -> None:
                    help="int8 only: 16 keeps an int16 master copy of every weight that takes the "
                         "updates, while all products use its upper 8 bits (NITI's 16-bit weight "
                         "accumulation; default: 8)")
+    p.add_argument("--error-rounding", choices=("nearest", "stochastic"),
+                   help="int8 only: rounding of the errors sent down to earlier layers (default: "
+                        "from the recipe)")
     p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")
@@ -121,9 +124,9 @@ def add_train(sub) -> None:
 
 #: Defaults of the ``train`` options whose parser default is None (see add_train).
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
-                      width=1.0, workers=0, weight_bits=8)
+                      width=1.0, workers=0, weight_bits=8, error_rounding="nearest")
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "augment",
+                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "error_rounding", "augment",
                  "workers", "checkpoint_every")
 
 

@@ -136,7 +136,7 @@ def _float_layer(spec: LayerSpec) -> torch.nn.Module:
 
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
                     device: str | torch.device = "cpu", width: float = 1.0,
-                    weight_bits: int = 8) -> IntSequential:
+                    weight_bits: int = 8, error_rounding: str = "nearest") -> IntSequential:
     """The integer model, weights initialised from ``seed`` with integer arithmetic only.
 
     ``weight_bits=16`` gives every weighted layer an int16 master weight (NITI's 16-bit weight
@@ -150,6 +150,9 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
         init_weight(layer, seed)
         if weight_bits == 16:
             layer.use_master_weight()
+        if error_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"error rounding must be nearest or stochastic, got {error_rounding!r}")
+        layer.error_rounding = error_rounding
     return model
 
 

@@ -83,6 +83,7 @@ class TrainConfig:
     overwrite: bool = False
     width: float = 1.0  # multiplies every layer's channel / unit count
     weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
+    error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
     augment: bool | None = None  # random crop + flip; default: on for cifar10 only
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
@@ -194,7 +195,8 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
             from intrain.engine import IntegerTrainer
 
             model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device,
-                                    width=c.width, weight_bits=c.weight_bits)
+                                    width=c.width, weight_bits=c.weight_bits,
+                                    error_rounding=c.error_rounding)
             return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule))
         torch.manual_seed(c.seed)
         model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
@@ -321,6 +323,7 @@ def _config_dict(p: Prepared, out_dir: Path) -> dict:
         d["mu_schedule"] = None
         d["backend"] = None
         d["weight_bits"] = None
+        d["error_rounding"] = None
     else:
         d["lr"] = None
     return d

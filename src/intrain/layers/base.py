@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from intrain import rng
 from intrain.qtensor import QTensor
 
 
@@ -61,11 +62,24 @@ class WeightedIntModule(IntModule):
         super().__init__()
         self.backend = backend
         self.fan_in = fan_in
+        self.error_rounding = "nearest"
         self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
         self.register_buffer("weight_exp", torch.zeros((), dtype=torch.int64))
         self.weight_grad: torch.Tensor | None = None
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
+
+    def requantize_error(self, acc: torch.Tensor, e: torch.Tensor, ctx: StepContext | None) -> QTensor:
+        """The int8 error for the layer below: nearest rounding (NITI), or stochastic rounding keyed
+        by (seed, step, layer), which keeps the small errors of most samples alive on average."""
+        from intrain.requant import requantize
+
+        if self.error_rounding == "nearest":
+            return requantize(acc, e)
+        if ctx is None:
+            raise ValueError("stochastic error rounding needs a StepContext")
+        key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
+        return requantize(acc, e, mode="stochastic", key=key)
 
     def use_master_weight(self) -> None:
         """Start a 16-bit accumulator from the current int8 weight (exactly: ``w * 2**8``)."""

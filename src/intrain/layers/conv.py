@@ -43,7 +43,7 @@ class IntConv2d(WeightedIntModule):
         if not need_input_grad:
             return None
         acc = self.backend.conv2d_backward_input(d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
-        return requantize(acc, d.e + self.weight_exp)
+        return self.requantize_error(acc, d.e + self.weight_exp, ctx)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -36,7 +36,7 @@ class IntLinear(WeightedIntModule):
         self._saved_input = None
         if not need_input_grad:
             return None
-        return requantize(self.backend.linear_backward_input(d.v, self.weight), d.e + self.weight_exp)
+        return self.requantize_error(self.backend.linear_backward_input(d.v, self.weight), d.e + self.weight_exp, ctx)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
