@@ -128,3 +128,13 @@ def test_int8_run_end_to_end_and_reproducible(tmp_path, capsys):
     assert _same(state, _state(b)["state_dict"])  # bit for bit from the seed
     assert _rows(a)[1][-1][:4] == _rows(b)[1][-1][:4]  # same losses and accuracies
     assert not _same(state, _state(c)["state_dict"])
+
+
+def test_recipes_give_int8_and_float_their_own_batch_sizes():
+    from intrain.recipes import default_recipe
+
+    int8, flt = default_recipe("mnist", "lenet5", "int8"), default_recipe("mnist", "lenet5", "float")
+    assert (int8.batch_size, flt.batch_size) == (256, 64)
+    assert int8.mu_schedule == "0:5,8:4,14:3" and int8.epochs == flt.epochs == 20
+    assert flt.lr_for(64) == 0.05
+    assert default_recipe("digits", "mlp", "int8").batch_size == 32
