@@ -119,6 +119,18 @@ def _safe_extract(archive: Path, data_dir: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _remove_if_nothing_saved(part: Path, created: list[Path]) -> None:
+    """After a failed first attempt, leave the file system as it was: drop an empty ``part`` and
+    the folders this call created (a partial download is kept, to be resumed)."""
+    if part.exists() and part.stat().st_size == 0:
+        part.unlink()
+    for folder in created:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def download_cifar10(data_dir, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
                      progress: bool = True, timeout: float = 30.0) -> Path:
     """Make sure ``data_dir/cifar-10-batches-py/`` exists, downloading it if needed; return it."""
@@ -126,6 +138,7 @@ def download_cifar10(data_dir, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
     folder = data_dir / CIFAR10_FOLDER
     if _complete(folder):
         return folder
+    missing = [d for d in (data_dir, *data_dir.parents) if not d.exists()]
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -147,6 +160,7 @@ def download_cifar10(data_dir, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
             else:
                 reason = str(getattr(exc, "reason", None) or exc).strip()
             reason = reason.splitlines()[0] if reason else type(exc).__name__
+            _remove_if_nothing_saved(part, missing)
             raise DataError(f"cannot download {url} ({reason}): check the network, or copy "
                             f"{name} into {data_dir} and rerun") from None
         got = _md5(part)
