@@ -2,7 +2,6 @@
 ``--help`` documents every option; default and explicit run directories."""
 
 import gzip
-import os
 import subprocess
 import sys
 
@@ -10,37 +9,12 @@ import pytest
 
 from intrain.cli import main
 
+from cli_checks import assert_refused as _fails_cleanly
+
 TRAIN_OPTIONS = ("--dataset", "--data-dir", "--model", "--arith", "--epochs", "--batch-size", "--seed",
                  "--val-split", "--train-limit", "--mu-schedule", "--lr", "--backend", "--device", "--out",
                  "--overwrite", "--width", "--augment", "--no-augment", "--workers", "--checkpoint-every",
                  "--resume")
-
-
-def _snapshot(root):
-    """Every file and directory under ``root`` with the bytes of each file."""
-    snap = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            snap[os.path.relpath(os.path.join(dirpath, d), root)] = None
-        for f in filenames:
-            path = os.path.join(dirpath, f)
-            with open(path, "rb") as fh:
-                snap[os.path.relpath(path, root)] = fh.read()
-    return snap
-
-
-def _fails_cleanly(argv, capsys, root):
-    """Run ``main(argv)``: exit 2, one ``intrain: error:`` line on stderr, nothing on stdout,
-    and no file under ``root`` created, changed or removed."""
-    before = _snapshot(root)
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    lines = err.splitlines()
-    assert len(lines) == 1 and err.endswith("\n"), err
-    assert lines[0].startswith("intrain: error: ") and len(lines[0]) > len("intrain: error: ") + 10
-    assert out == ""
-    assert _snapshot(root) == before
-    return lines[0]
 
 
 @pytest.fixture

@@ -3,33 +3,19 @@ and ``intrain download`` failing cleanly without a network; every refusal is one
 
 import csv
 import json
-import os
 import socket
 
 import pytest
 
 from intrain.cli import main
 
-PNG = b"\x89PNG\r\n\x1a\n"
-
-
-def _snapshot(root):
-    snap = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as fh:
-                snap[os.path.relpath(path, root)] = fh.read()
-    return snap
+from cli_checks import assert_refused
 
 
 def _refused(argv, root, capsys):
-    before = _snapshot(root)
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1 and err.startswith("intrain: error: "), err
-    assert _snapshot(root) == before
-    return err
+    return assert_refused(argv, capsys, root)
+
+PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def _last_eval_acc(run_dir):

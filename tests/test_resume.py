@@ -16,6 +16,12 @@ from intrain import checkpoint
 from intrain.cli import main
 from intrain.float_twin import FloatTrainer
 
+from cli_checks import assert_refused
+
+
+def _refused(argv, root, capsys):
+    return assert_refused(argv, capsys, root)
+
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 INT_JOB = ["--dataset", "digits", "--model", "mlp", "--arith", "int8", "--epochs", "3", "--seed", "7",
            "--batch-size", "16", "--checkpoint-every", "5"]
@@ -37,16 +43,6 @@ def _metrics(run_dir):
     """metrics.csv without the seconds column."""
     with open(run_dir / "metrics.csv", newline="") as f:
         return [row[:-1] for row in csv.reader(f)]
-
-
-def _snapshot(root):
-    snap = {}
-    for dirpath, _, filenames in os.walk(root):
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as fh:
-                snap[os.path.relpath(path, root)] = (fh.read(), os.stat(path).st_mtime_ns)
-    return snap
 
 
 def _cli(args, cwd):
@@ -124,15 +120,6 @@ def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, ca
     assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
     assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
     capsys.readouterr()
-
-
-def _refused(argv, run_dir, capsys):
-    before = _snapshot(run_dir)
-    assert main(argv) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and len(err.splitlines()) == 1 and err.startswith("intrain: error: "), err
-    assert _snapshot(run_dir) == before
-    return err
 
 
 @pytest.fixture

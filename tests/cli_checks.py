@@ -1,0 +1,33 @@
+"""Shared checks for command-line tests: a refused command writes nothing and says one line."""
+
+import os
+
+from intrain.cli import main
+
+
+def snapshot(root):
+    """Every file and directory under ``root``, with each file's bytes and modification time
+    (so a file rewritten with the same content still counts as changed)."""
+    snap = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            snap[os.path.relpath(os.path.join(dirpath, d), root)] = None
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            with open(path, "rb") as fh:
+                snap[os.path.relpath(path, root)] = (fh.read(), os.stat(path).st_mtime_ns)
+    return snap
+
+
+def assert_refused(argv, capsys, root):
+    """Run ``main(argv)``: exit 2, one ``intrain: error:`` line on stderr, nothing on stdout, and no
+    file or directory under ``root`` created, changed or removed. Returns the error line."""
+    before = snapshot(root)
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("intrain: error: ") and len(lines[0]) > len("intrain: error: ") + 10
+    assert out == ""
+    assert snapshot(root) == before
+    return lines[0]
