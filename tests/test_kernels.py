@@ -509,7 +509,7 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     wt = rand_int(gen, (o, c, kh, kw), mode=modes[1])
     d = rand_int(gen, (n, o, ho, wo), mode=modes[2])
     ax, aw, ad = (t.to(torch.int16).abs() for t in (x, wt, d))
-    mx, mw, md = CPU._absmax(x), CPU._absmax(wt), CPU._absmax(d)
+    mx, md = CPU._absmax(x), CPU._absmax(d)
     lw = CPU._weight_l1(wt)  # [O, C]
     # forward: S[n, o, ., .] <= max|x| * sum_{c,i,j} |w[o]|
     s_fwd = REF.conv2d_forward(ax, aw, s, p).to(torch.int64)

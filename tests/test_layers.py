@@ -1,6 +1,5 @@
 """Integer layers against float64 references (exact for these integer sizes) and hand cases."""
 
-import math
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """The integer softmax cross-entropy gradient against float math (tests may use floats)."""
 
-import math
 
 import torch
 

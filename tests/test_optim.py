@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from intrain.kernels import get_backend
-from intrain.layers import IntLinear, StepContext
+from intrain.layers import IntLinear
 from intrain.optim import IntegerUpdate, MuSchedule, apply_update
 from intrain.layers import IntSequential
 

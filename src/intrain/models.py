@@ -143,6 +143,8 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
     accumulation with an 8-bit datapath); products still use int8 weights."""
     if weight_bits not in (8, 16):
         raise ValueError(f"weight bits must be 8 or 16, got {weight_bits}")
+    if error_rounding not in ("nearest", "stochastic"):
+        raise ValueError(f"error rounding must be nearest or stochastic, got {error_rounding!r}")
     kernels = get_backend(backend, device)
     model = IntSequential(*(_int_layer(spec, kernels) for spec in model_spec(name, in_shape, num_classes, width)))
     model.to(device)
@@ -150,8 +152,6 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
         init_weight(layer, seed)
         if weight_bits == 16:
             layer.use_master_weight()
-        if error_rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"error rounding must be nearest or stochastic, got {error_rounding!r}")
         layer.error_rounding = error_rounding
     return model
 

@@ -43,13 +43,14 @@ import torch
 from intrain import rng
 from intrain.data import DATASETS, DatasetSplits, load_dataset, pixels_to_int8, PIXEL_EXPONENT
 from intrain.float_twin import FloatTrainer
+from intrain.kernels import BACKENDS as KERNEL_BACKENDS
 from intrain.metrics import MetricsCSV, Running, accuracy, progress
 from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.qtensor import QTensor
 from intrain.recipes import default_recipe
 
 ARITHS = ("int8", "float")
-BACKENDS = ("auto", "reference", "cpu", "cuda")
+BACKENDS = ("auto",) + KERNEL_BACKENDS
 DEVICES = ("cpu", "cuda")
 RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
 TENSORBOARD_DIR = "tensorboard"

@@ -14,6 +14,8 @@ import torch
 
 from intrain import rng
 from intrain.qtensor import QTensor
+from intrain.requant import requantize
+from intrain.rounding import shift_round
 
 
 @dataclass(frozen=True)
@@ -72,8 +74,6 @@ class WeightedIntModule(IntModule):
     def requantize_error(self, acc: torch.Tensor, e: torch.Tensor, ctx: StepContext | None) -> QTensor:
         """The int8 error for the layer below: nearest rounding (NITI), or stochastic rounding keyed
         by (seed, step, layer), which keeps the small errors of most samples alive on average."""
-        from intrain.requant import requantize
-
         if self.error_rounding == "nearest":
             return requantize(acc, e)
         if ctx is None:
@@ -91,8 +91,6 @@ class WeightedIntModule(IntModule):
 
     def refresh_weight(self) -> None:
         """Recompute the int8 weight from the int16 master (nearest rounding, clip)."""
-        from intrain.rounding import shift_round
-
         wide = self.weight_master.to(torch.int32)  # 32767 + 128 would wrap around in int16
         view = shift_round(wide, MASTER_EXTRA_BITS, "nearest").clamp(-127, 127)
         self.weight.copy_(view.to(torch.int8))

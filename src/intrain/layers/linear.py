@@ -8,7 +8,6 @@ Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features 
 
 from __future__ import annotations
 
-import torch
 
 from intrain.layers.base import StepContext, WeightedIntModule
 from intrain.qtensor import QTensor
