@@ -1,7 +1,7 @@
 """The cpu kernel backend: exact integer products computed by float32/float64 units.
 
 On CPU, float32 GEMM and oneDNN float32 convolution run 10-50x faster than any integer path
-PyTorch offers (int64 matmul is below 1 GOPS, ``torch._int_mm`` about 3). This backend feeds
+PyTorch offers (int64 matmul runs below 1 GOPS here; ``torch._int_mm`` about 3, per issue 3). This backend feeds
 float copies of the integer operands to those kernels and proves, for every call, from the actual
 operand values, that the float result is the exact integer sum. The results are bit-identical to
 the ``reference`` backend for every input (same dtypes, same values, same error messages).
@@ -48,10 +48,8 @@ float64 under the same argument with p = 53 (split again if ever needed, which t
 for int16), and in the last resort in the int64 reference. All bounds are computed in exact
 integer arithmetic (int64, or float sums of integers proven exact the same way).
 
-Measured on 2 Zen 3 cores (single thread, batch 256, min of repeated runs): LeNet-5 and
-256x800x500 linear kernels run within 1.0-1.6x of bare float32 calls on realistic data
-(heavy-tailed errors, ReLU activations); dense uniform +-127 errors make weight gradients
-2.5-5x slower (more blocks). The reference is 30-100x slower (int64 matmul < 1 GOPS).
+Dense, large errors need more blocks and so more calls than heavy-tailed ones. Speed against
+float32 is measured by ``benchmarks/speed.py``; results are in BENCHMARKS.md.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Every operand is cast to int64 and every product is an int64 ``torch.matmul`` on
 multiply-and-sum elsewhere (CUDA has no integer matmul); convolutions go through the integer
 :func:`~intrain.kernels.im2col.im2col`. No floating-point tensor is created
 anywhere, so the float-free audit (a TorchDispatchMode that fails on any float tensor) passes, and
-the same code runs on CPU and CUDA. Clarity over speed: int64 matmul on CPU runs at 0.2-0.8 GOPS
+the same code runs on CPU and CUDA. Clarity over speed: int64 matmul on CPU runs below 1 GOPS
 (no SIMD int64 multiply on AVX2), so one LeNet-5 training step's kernels take about 0.16 s at
 batch 64 and 0.7 s at batch 256 on one Zen 3 core, 15-20x a float32 step; the cpu backend is
 the fast path, this one is the ground truth and the float-free audit path.
