@@ -38,16 +38,19 @@ def _batch(n=8):
 @pytest.mark.parametrize("weight_bits", [8, 16])
 def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
     model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", weight_bits=weight_bits)
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"))
+    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), average_weights=True)
     x, y = _batch()
     trained = "weight_master" if weight_bits == 16 else "weight"
     before = [getattr(layer, trained).clone() for layer in model.weighted_layers()]
     with FloatAudit() as audit:
         trainer.train_step(x, y, step=0, epoch=0)
+        trainer.train_step(x, y, step=1, epoch=0)
+        with trainer.averaged():  # the epoch mean used for evaluation and the saved model
+            pass
     assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
     names = set(audit.ops)
     # The audit saw the real work: products, shifts, the loss division and the update.
-    for op in ("aten.mm", "aten.__rshift__", "aten.div.Tensor_mode", "aten.clamp", "aten.amax"):
+    for op in ("aten.mm", "aten.__rshift__", "aten.div.Tensor_mode", "aten.clamp", "aten.amax", "aten.add_"):
         assert any(name.startswith(op) for name in names), (op, sorted(names))
     assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, model.weighted_layers()))
 

@@ -115,8 +115,12 @@ def _cpu(obj):
 
 
 def trainer_state(model: torch.nn.Module, trainer, device: str) -> dict:
-    """Model weights, float optimizer state and torch generator states (float twin only)."""
-    state = {"state_dict": _cpu(model.state_dict()), "optimizer": None, "torch_rng": None, "cuda_rng": None}
+    """Model weights, the int8 weight-average sums, float optimizer state and torch generator states."""
+    state = {"state_dict": _cpu(model.state_dict()), "optimizer": None, "torch_rng": None, "cuda_rng": None,
+             "weight_average": None}
+    average = getattr(trainer, "average", None)
+    if average is not None:  # the int8 engine's epoch sums, so a mid-epoch resume keeps them
+        state["weight_average"] = _cpu(average.state_dict())
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is not None:  # the float twin: momentum buffers and dropout's generator
         state["optimizer"] = _cpu(optimizer.state_dict())
@@ -130,6 +134,11 @@ def restore_trainer(payload: dict, model: torch.nn.Module, trainer, device: str,
     """Load what ``trainer_state`` saved into a freshly built model and trainer."""
     try:
         model.load_state_dict(payload["state_dict"])
+        average = getattr(trainer, "average", None)
+        if average is not None:
+            if payload.get("weight_average") is None:
+                raise ValueError("no weight average state")
+            average.load_state_dict(payload["weight_average"])
         optimizer = getattr(trainer, "optimizer", None)
         if optimizer is not None:
             if payload.get("optimizer") is None or payload.get("torch_rng") is None:

@@ -81,6 +81,10 @@ def add_train(sub) -> None:
     p.add_argument("--error-rounding", choices=("nearest", "stochastic"),
                    help="int8 only: rounding of the errors sent down to earlier layers (default: "
                         "from the recipe)")
+    p.add_argument("--weight-average", choices=("epoch", "none"),
+                   help="int8 only: evaluate and save the integer mean of the weights over each epoch's "
+                        "steps, while training continues from the latest ones; 'none' uses the latest "
+                        "weights (default: epoch)")
     p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")
@@ -124,9 +128,11 @@ def add_train(sub) -> None:
 
 #: Defaults of the ``train`` options whose parser default is None (see add_train).
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
-                      width=1.0, workers=0, weight_bits=8, error_rounding="nearest")
+                      width=1.0, workers=0, weight_bits=8, error_rounding="nearest",
+                      weight_average="epoch")
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "error_rounding", "augment",
+                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "error_rounding",
+                 "weight_average", "augment",
                  "workers", "checkpoint_every")
 
 

@@ -2,13 +2,18 @@
 
 Everything inside ``IntegerTrainer.train_step`` is an integer operation on integer tensors (the
 audit test records every aten operator to prove it). The random numbers it uses (loss rounding,
-dropout) are keyed by ``(seed, step)``, so any step can be replayed bit for bit.
+dropout) are keyed by ``(seed, step)``, so any step can be replayed bit for bit. With
+``average_weights`` the step also adds the updated weights into the epoch's integer running sums
+(:mod:`intrain.averaging`), which ``averaged()`` applies for evaluation and saving.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
+from intrain.averaging import WeightAverage
 from intrain.layers import IntSequential, StepContext
 from intrain.loss import cross_entropy_grad
 from intrain.optim import IntegerUpdate, MuSchedule
@@ -16,10 +21,12 @@ from intrain.qtensor import QTensor
 
 
 class IntegerTrainer:
-    def __init__(self, model: IntSequential, seed: int, mu_schedule: MuSchedule) -> None:
+    def __init__(self, model: IntSequential, seed: int, mu_schedule: MuSchedule,
+                 average_weights: bool = False) -> None:
         self.model = model
         self.seed = seed
         self.update = IntegerUpdate(model, mu_schedule)
+        self.average = WeightAverage(model) if average_weights else None
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:
@@ -30,7 +37,17 @@ class IntegerTrainer:
         error = cross_entropy_grad(logits, y, self.seed, step)
         self.model.backward(error, ctx)
         self.update.step(epoch)
+        if self.average is not None:
+            self.average.accumulate()
         return logits
+
+    def averaged(self):
+        """Context in which the model holds the epoch's mean weights (a no-op without averaging)."""
+        return self.average.applied() if self.average is not None else nullcontext()
+
+    def start_epoch_average(self) -> None:
+        if self.average is not None:
+            self.average.reset()
 
     @torch.no_grad()
     def predict(self, x: QTensor) -> QTensor:

@@ -35,6 +35,7 @@ import shutil
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -55,6 +56,7 @@ DEVICES = ("cpu", "cuda")
 RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
 TENSORBOARD_DIR = "tensorboard"
 #: Options that may differ on resume: they do not change any number a run computes.
+WEIGHT_AVERAGES = ("epoch", "none")
 RESUME_FREE = ("workers", "checkpoint_every")
 CHECKPOINT_FORMAT = "intrain-checkpoint-v1"
 
@@ -85,6 +87,7 @@ class TrainConfig:
     width: float = 1.0  # multiplies every layer's channel / unit count
     weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
     error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
+    weight_average: str = "epoch"  # int8 only: evaluate and save the epoch's mean weights, or "none"
     augment: bool | None = None  # random crop + flip; default: on for cifar10 only
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
@@ -155,6 +158,8 @@ def _check_args(c: TrainConfig) -> None:
         raise ConfigError(f"unknown device {c.device!r}: choose one of {', '.join(DEVICES)}")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available: use --device cpu")
+    if c.weight_average not in WEIGHT_AVERAGES:
+        raise ConfigError(f"unknown weight average {c.weight_average!r}: choose one of {', '.join(WEIGHT_AVERAGES)}")
     if c.arith == "int8":
         _mu_schedule(c.mu_schedule)  # raises ConfigError when unreadable
 
@@ -198,7 +203,8 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
             model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device,
                                     width=c.width, weight_bits=c.weight_bits,
                                     error_rounding=c.error_rounding)
-            return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule))
+            return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule),
+                                         average_weights=c.weight_average == "epoch")
         torch.manual_seed(c.seed)
         model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
     except ValueError as err:
@@ -325,6 +331,7 @@ def _config_dict(p: Prepared, out_dir: Path) -> dict:
         d["backend"] = None
         d["weight_bits"] = None
         d["error_rounding"] = None
+        d["weight_average"] = None
     else:
         d["lr"] = None
     return d
@@ -431,12 +438,18 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
     rows, step = list(start.rows), start.global_step
     eval_acc = rows[-1]["eval_acc"] if rows else None
     board = _tensorboard(out_dir, start.epoch + 1 if resuming else None)
+    # Epoch weight averaging (int8): each epoch's evaluation and the saved model use the mean
+    # weights of that epoch; the sums restart with each epoch and survive a mid-epoch resume.
+    averaged = getattr(trainer, "averaged", nullcontext)
+    start_average = getattr(trainer, "start_epoch_average", lambda: None)
     try:
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
             carried = start.seconds if epoch == start.epoch else 0.0
             t0 = time.perf_counter()
             running = _restore_running(start.running if epoch == start.epoch else None, dev)
+            if first_batch == 0:
+                start_average()
             order = rng.permutation(n, c.seed, epoch)
             loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
                                      num_workers=c.workers, start_batch=first_batch)
@@ -459,7 +472,8 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
-            eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
+            with averaged():
+                eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
             rows.append(row)
@@ -477,7 +491,8 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
             board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
         eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
-    save_checkpoint(out_dir / "model.pt", cfg, p.model)
+    with averaged():
+        save_checkpoint(out_dir / "model.pt", cfg, p.model)
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
 
 

@@ -1,0 +1,92 @@
+"""Epoch weight averaging: the integer mean of each layer's weights over the steps of an epoch.
+
+The integer update has no learning rate that decays to zero: every step moves the largest
+weight of a layer by about ``2**mu`` units whatever the loss, so the weights keep jittering
+around a good point, and the accuracy of the last step moves by tenths of a point from epoch to
+epoch. The mean of the weights over an epoch's steps (Polyak averaging) sits near the centre of
+that jitter. Training continues from the latest weights; evaluation and the saved model use the
+mean.
+
+Ranges: after each update ``accumulate`` adds the update target (the int8 weight, or the int16
+master weight when the layer keeps one) into an int64 sum, so ``|sum| <= 32767 * steps`` (no
+overflow below 2**48 steps). ``mean = sign(sum) * floor((2 * |sum| + n) / (2 * n))``: the
+nearest integer to ``sum / n``, ties away from zero, by integer division; it lies within the
+range of the values averaged (so [-127, 127] for int8 weights, [-32767, 32767] for masters).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from intrain.layers.sequential import IntSequential
+
+
+def rounded_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """The nearest integer to ``total / count`` (ties away from zero), int64, elementwise."""
+    if count <= 0:
+        raise ValueError(f"cannot average over {count} steps")
+    sign = total.sign()
+    return sign * torch.div(2 * total.abs() + count, 2 * count, rounding_mode="floor")
+
+
+class WeightAverage:
+    """Running int64 sums of every weighted layer's update target since the last ``reset``."""
+
+    def __init__(self, model: IntSequential) -> None:
+        self.model = model
+        self.sums: list[torch.Tensor] | None = None
+        self.count = 0
+
+    @staticmethod
+    def _target(layer) -> torch.Tensor:
+        return layer.weight_master if layer.has_master_weight else layer.weight
+
+    def reset(self) -> None:
+        self.sums, self.count = None, 0
+
+    def accumulate(self) -> None:
+        targets = [self._target(layer) for layer in self.model.weighted_layers()]
+        if self.sums is None:
+            self.sums = [t.to(torch.int64) for t in targets]
+        else:
+            for total, t in zip(self.sums, targets):
+                total.add_(t)
+        self.count += 1
+
+    @contextmanager
+    def applied(self):
+        """Within the block the model holds the mean weights (the latest ones when nothing has
+        been accumulated); afterwards the latest weights are back, bit for bit."""
+        if self.count == 0:
+            yield
+            return
+        layers = self.model.weighted_layers()
+        saved = [(layer.weight.clone(), self._target(layer).clone()) for layer in layers]
+        try:
+            for layer, total in zip(layers, self.sums):
+                target = self._target(layer)
+                target.copy_(rounded_mean(total, self.count).to(target.dtype))
+                if layer.has_master_weight:
+                    layer.refresh_weight()
+            yield
+        finally:
+            for layer, (weight, target) in zip(layers, saved):
+                layer.weight.copy_(weight)
+                self._target(layer).copy_(target)
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "sums": None if self.sums is None else [s.clone() for s in self.sums]}
+
+    def load_state_dict(self, state: dict) -> None:
+        sums, count = state["sums"], int(state["count"])
+        targets = [self._target(layer) for layer in self.model.weighted_layers()]
+        if sums is None:
+            if count != 0:
+                raise ValueError("weight average state has a count but no sums")
+        elif len(sums) != len(targets) or any(s.shape != t.shape for s, t in zip(sums, targets)):
+            raise ValueError("weight average state does not match the model's layers")
+        else:
+            sums = [s.to(device=t.device, dtype=torch.int64) for s, t in zip(sums, targets)]
+        self.sums, self.count = sums, count
