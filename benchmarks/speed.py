@@ -40,7 +40,7 @@ def _saved_bytes_int(model) -> int:
     """Bytes an int8 step holds after forward: weights, and tensors kept for backward."""
     total = sum(b.numel() * b.element_size() for b in model.buffers())
     for layer in model.layers:
-        for name in ("_saved_input", "_positive", "_selected", "_keep"):
+        for name in ("_saved_input", "_positive", "_argmax", "_keep"):
             kept = getattr(layer, name, None)
             tensor = getattr(kept, "v", kept)
             if isinstance(tensor, torch.Tensor):

@@ -1,5 +1,6 @@
 """Integer layers against float64 references (exact for these integer sizes) and hand cases."""
 
+import itertools
 
 import pytest
 import torch
@@ -81,6 +82,40 @@ def test_maxpool_matches_torch_and_breaks_ties_to_the_first():
     pool(ties)
     routed = pool.backward(QTensor.of(torch.tensor([[[[7]]]], dtype=torch.int8), 0), None)
     assert routed.v.tolist() == [[[[7, 0], [0, 0]]]]
+
+
+def _maxpool_reference(v: torch.Tensor, d: torch.Tensor, k: int):
+    """Slow pooling: window maxima by reduction, error to the first maximum in row-major order."""
+    n, c, h, w = v.shape
+    ho, wo = h // k, w // k
+    out = torch.zeros(n, c, ho, wo, dtype=v.dtype)
+    routed = torch.zeros_like(v)
+    for b, ch, i, j in itertools.product(range(n), range(c), range(ho), range(wo)):
+        window = v[b, ch, i * k:(i + 1) * k, j * k:(j + 1) * k].reshape(-1).tolist()
+        first = window.index(max(window))
+        out[b, ch, i, j] = window[first]
+        routed[b, ch, i * k + first // k, j * k + first % k] = d[b, ch, i, j]
+    return out, routed
+
+
+@pytest.mark.parametrize("k, h, w", [(2, 6, 6), (2, 7, 5), (3, 9, 8), (2, 1, 2)])
+def test_maxpool_matches_a_slow_reference_with_many_ties(k, h, w):
+    pool = IntMaxPool2d(k).train()
+    v = torch.randint(-2, 3, (3, 2, h, w), generator=GEN).to(torch.int8)  # ties in most windows
+    y = pool(QTensor.of(v, -3))
+    d = rand_int8(*y.v.shape)
+    expected_out, expected_routed = _maxpool_reference(v, d, k)
+    assert torch.equal(y.v, expected_out) and int(y.e) == -3
+    routed = pool.backward(QTensor.of(d, 2), None)
+    assert torch.equal(routed.v, expected_routed) and int(routed.e) == 2
+
+
+def test_maxpool_worst_case_values():
+    pool = IntMaxPool2d(2).train()
+    v = torch.tensor([[[[-127, -127], [-127, -127]], [[127, -127], [127, 127]]]], dtype=torch.int8).reshape(1, 2, 2, 2)
+    assert pool(QTensor.of(v, 0)).v.reshape(-1).tolist() == [-127, 127]
+    routed = pool.backward(QTensor.of(torch.tensor([[[[-127]], [[127]]]], dtype=torch.int8), 0), None)
+    assert routed.v.reshape(2, 4).tolist() == [[-127, 0, 0, 0], [127, 0, 0, 0]]
 
 
 def test_dropout_mask_depends_on_step_and_is_replayed_in_backward():

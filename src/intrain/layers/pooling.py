@@ -2,8 +2,9 @@
 
 Forward takes the integer maximum of each window; rows and columns that do not fill a window are
 dropped, as ``torch.nn.MaxPool2d`` does. Ties go to the first position in row-major window order on
-every backend, so the error routing in backward is the same everywhere. Backward places the error
-at that arg-max and zero elsewhere. Values, dtypes and exponents pass through unchanged.
+every backend, so the error routing in backward is the same everywhere; training keeps only that
+position (int8, one per output value). Backward places the error at that arg-max and zero
+elsewhere (and in the dropped rows and columns). Values, dtypes and exponents pass through unchanged.
 """
 
 from __future__ import annotations
@@ -18,41 +19,44 @@ class IntMaxPool2d(IntModule):
     def __init__(self, kernel_size: int = 2) -> None:
         super().__init__()
         self.kernel_size = int(kernel_size)
-        self._selected: torch.Tensor | None = None
+        self._argmax: torch.Tensor | None = None
         self._input_hw: tuple[int, int] | None = None
 
-    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+    def _positions(self, v: torch.Tensor):
+        """The k*k strided views of ``v``, one per position in the window, in row-major order."""
         k = self.kernel_size
-        n, c, h, w = x.v.shape
-        ho, wo = h // k, w // k
-        windows = x.v[:, :, : ho * k, : wo * k].reshape(n, c, ho, k, wo, k)
-        maxima = windows.amax(dim=(3, 5))
+        ho, wo = v.shape[2] // k, v.shape[3] // k
+        return [v[:, :, i: ho * k: k, j: wo * k: k] for i in range(k) for j in range(k)]
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        # Elementwise maxima of strided views: much faster than a reduction over the window axes.
+        views = self._positions(x.v)
+        maxima = views[0]
+        for view in views[1:]:
+            maxima = torch.maximum(maxima, view)
         if self.training:
-            # One-hot (int8) of the first maximum in each window, laid out like ``windows``.
-            selected = torch.zeros(windows.shape, dtype=torch.int8, device=x.v.device)
-            taken = torch.zeros(maxima.shape, dtype=torch.int8, device=x.v.device)
-            for i in range(k):
-                for j in range(k):
-                    hit = (windows[:, :, :, i, :, j] == maxima).to(torch.int8) * (1 - taken)
-                    selected[:, :, :, i, :, j] = hit
-                    taken += hit
-            self._selected = selected
-            self._input_hw = (h, w)
-        return QTensor(maxima, x.e)
+            # The window position (0 .. k*k-1, int8) of the first maximum: walking the positions
+            # backwards, each match overwrites the later ones.
+            argmax = torch.full(maxima.shape, len(views) - 1, dtype=torch.int8, device=x.v.device)
+            for position in range(len(views) - 2, -1, -1):
+                argmax = torch.where(views[position] == maxima, position, argmax)
+            self._argmax = argmax
+            self._input_hw = tuple(x.v.shape[2:])
+        return QTensor(maxima.contiguous(), x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
-        selected, self._selected = self._selected, None
-        if selected is None:
+        argmax, self._argmax = self._argmax, None
+        if argmax is None:
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
-        n, c, ho, k, wo, _ = selected.shape
-        routed = (selected * d.v[:, :, :, None, :, None]).reshape(n, c, ho * k, wo * k)
-        h, w = self._input_hw
-        if (h, w) != (ho * k, wo * k):
-            routed = torch.nn.functional.pad(routed, (0, w - wo * k, 0, h - ho * k))
+        n, c = argmax.shape[:2]
+        routed = torch.zeros((n, c, *self._input_hw), dtype=d.v.dtype, device=d.v.device)
+        zero = torch.zeros((), dtype=d.v.dtype, device=d.v.device)
+        for position, view in enumerate(self._positions(routed)):
+            view.copy_(torch.where(argmax == position, d.v, zero))
         return QTensor(routed, d.e)
 
     def clear_saved(self) -> None:
-        self._selected = None
+        self._argmax = None
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}"
