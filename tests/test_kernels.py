@@ -481,22 +481,40 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
 
 @pytest.mark.parametrize("hw, per_sample", [((26, 40), True), ((27, 39), False)])
 @pytest.mark.parametrize("kind", ["plus", "minus", "cancelling"])
-def test_worst_case_weight_grad_per_sample_path(monkeypatch, hw, per_sample, kind):
-    """The per-sample path holds all +-127 operands at the longest per-sample reduction it takes,
-    Ho*Wo = 1040 (127**2 * 1040 <= 2**24); at 1053 terms it hands over to the block plans."""
+def test_worst_case_weight_grad_grouped_path(monkeypatch, hw, per_sample, kind):
+    """The grouped path holds all +-127 operands at the longest per-sample reduction it takes,
+    Ho*Wo = 1040 (127**2 * 1040 <= 2**24, one sample per group); at 1053 terms it hands over to
+    the block plans."""
     n, c, o, k = 3, 1, 2, 3
     x = torch.full((n, c, *hw), -127 if kind == "minus" else 127, dtype=torch.int8)
     d = torch.full((n, o, *hw), 127, dtype=torch.int8)
     if kind == "cancelling":
         d[1] = -127
     taken = []
-    real = CPU._weight_grad_per_sample
-    monkeypatch.setattr(CPU, "_weight_grad_per_sample", lambda *a: taken.append(1) or real(*a))
+    real = CPU._weight_grad_grouped
+    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
     g = CPU.conv2d_backward_weight(d, x, k, 1, 1)
-    assert bool(taken) == per_sample
+    assert taken == ([1] if per_sample else [])  # one sample per group at this length
     assert torch.equal(g, REF.conv2d_backward_weight(d, x, k, 1, 1))
     centre = {"plus": 1, "minus": -1, "cancelling": 1 / 3}[kind] * 127 * 127 * n * hw[0] * hw[1]
     assert int(g[0, 0, 1, 1]) == int(centre)
+
+
+@pytest.mark.parametrize("n", [1, 7, 20, 256])
+def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
+    """LeNet-5's second convolution with all +-127 operands: groups of floor(2**24 / (127**2 *
+    100)) = 10 samples (the last one padded with zero samples), exact at the group bound."""
+    x = torch.full((n, 6, 14, 14), 127, dtype=torch.int8)
+    d = torch.full((n, 16, 10, 10), -127, dtype=torch.int8)
+    d[::3] = 127
+    taken = []
+    real = CPU._weight_grad_grouped
+    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
+    g = CPU.conv2d_backward_weight(d, x, 5, 1, 0)
+    assert taken == [min(n, 10)]
+    assert torch.equal(g, REF.conv2d_backward_weight(d, x, 5, 1, 0))
+    plus = len(range(0, n, 3))
+    assert int(g[0, 0, 0, 0]) == 127 * 127 * 100 * (plus - (n - plus))
 
 
 def test_random_large_reductions_cpu_matches_reference():
@@ -576,7 +594,7 @@ def test_cpu_weight_grad_split_path(monkeypatch):
     n, c, o, h = 64, 1, 6, 28
     x = rand_int(gen, (n, c, h, h))
     d = rand_int(gen, (n, o, h, h))
-    monkeypatch.setattr(CPU, "PER_SAMPLE_MAX_COLUMNS", 0)  # this test is about the sample-block plans
+    monkeypatch.setattr(CPU, "GROUPED_MAX_COLUMNS", 0)  # this test is about the sample-block plans
     calls = []
     real = CPU._WeightGradPlanner.plan
     monkeypatch.setattr(CPU._WeightGradPlanner, "plan",

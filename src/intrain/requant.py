@@ -30,5 +30,5 @@ def requantize(
         raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
     limit = 2 ** (bits - 1) - 1
     shift = (max_bit_length(a) - (bits - 1)).clamp(min=0)
-    v = shift_round(a, shift, mode, key).clamp(-limit, limit).to(_STORAGE[bits])
+    v = shift_round(a, shift, mode, key).clamp_(-limit, limit).to(_STORAGE[bits])
     return QTensor(v, e + shift)

@@ -48,10 +48,11 @@ float64 under the same argument with p = 53 (split again if ever needed, which t
 for int16), and in the last resort in the int64 reference. All bounds are computed in exact
 integer arithmetic (int64, or float sums of integers proven exact the same way).
 
-Weight gradients of narrow convolutions (at most ``PER_SAMPLE_MAX_COLUMNS`` weights per output
-channel) take a shortcut first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` every sample's own sum
-is exact in float32, so one batched product over im2col columns gives exact per-sample gradients,
-added in float64 (exact: the total is at most 2**24 * N).
+Weight gradients of narrow convolutions (at most ``GROUPED_MAX_COLUMNS`` weights per output
+channel) take a shortcut first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` the sum over a group of
+``g = floor(2**24 / (max|d| * max|x| * Ho * Wo))`` samples is exact in float32, so one batched
+product over im2col columns gives exact per-group gradients, added in float64 (exact: the total
+is at most 2**24 * N / g).
 
 Dense, large errors need more blocks and so more calls than heavy-tailed ones. Speed against
 float32 is measured by ``benchmarks/speed.py``; results are in BENCHMARKS.md.
@@ -86,11 +87,11 @@ MAX_F32_BLOCKS_CONV = 16
 # of 3-4 samples beat a float64 weight-gradient convolution, blocks of 1 do not).
 MIN_SAMPLES_PER_BLOCK = 3
 # Weight gradients of convolutions with at most this many weights per output channel (C*kh*kw:
-# LeNet-5 has 25 and 150) are computed per sample by im2col and one batched product, when each
-# sample's sum is exact in float32. Measured on this machine (LeNet-5's two convolutions at batch
-# 256): 2.6x and 1.7x faster than oneDNN weight-gradient calls on blocks of samples; for the
-# wider VGG-small layers (C*kh*kw >= 288) the im2col copy made it slower.
-PER_SAMPLE_MAX_COLUMNS = 160
+# LeNet-5 has 25 and 150) are computed by im2col and one batched product over groups of as many
+# samples as keep each group's sum exact in float32. Measured on this machine (LeNet-5's two
+# convolutions at batch 256): 2-4x faster than oneDNN weight-gradient calls on blocks of samples;
+# for the wider VGG-small layers (C*kh*kw >= 288) the im2col copy made it slower.
+GROUPED_MAX_COLUMNS = 160
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
 SPLIT_MIN_BLOCKS = 4
 # Linear reductions are split on chunks of this many columns (the "grains").
@@ -406,21 +407,29 @@ def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
     )[1]
 
 
-def _weight_grad_per_sample(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
-    """Weight gradient as one batched product per sample: im2col of x [N, C*kh*kw, L] against
-    d [N, O, L] gives float32 per-sample gradients [N, O, C*kh*kw], summed in float64.
+def _weight_grad_grouped(df: torch.Tensor, xf: torch.Tensor, khw, s, p, group: int) -> torch.Tensor:
+    """Weight gradient as one batched product over groups of ``group`` consecutive samples:
+    im2col of x [G, C*kh*kw, group*L] against d [G, O, group*L] gives float32 per-group
+    gradients [G, O, C*kh*kw], summed in float64 (a last, short group is padded with zeros).
 
-    Exact when every per-sample sum is: S_n <= max|d| * max|x| * L <= 2**24 (the caller checks
-    it), and then the float64 total is exact too (|total| <= 2**24 * N < 2**53).
+    Exact when every group's sum is: S_g <= max|d| * max|x| * group * L <= 2**24 (the caller
+    chooses ``group`` so), and then the float64 total is exact too (|total| <= 2**24 * G < 2**53).
     """
     n, o, ho, wo = df.shape
     c = xf.shape[1]
-    # Patches of x as a strided view, copied once as [N, C*kh*kw, L] (positions innermost):
-    # much faster than F.unfold, which loops over samples.
-    patches = im2col(xf, tuple(khw), tuple(s), tuple(p)).permute(0, 3, 4, 5, 1, 2)
-    cols = patches.reshape(n, -1, ho * wo)
-    per_sample = torch.bmm(df.reshape(n, o, ho * wo), cols.transpose(1, 2))
-    return per_sample.sum(0, dtype=torch.float64).reshape(o, c, *khw)
+    missing = -n % group
+    if missing:
+        df = torch.cat([df, df.new_zeros((missing,) + df.shape[1:])])
+        xf = torch.cat([xf, xf.new_zeros((missing,) + xf.shape[1:])])
+    groups = df.shape[0] // group
+    # Patches of x as a strided view [N, Ho, Wo, C, kh, kw], copied once into [G, C*kh*kw,
+    # group*Ho*Wo] (positions innermost): much faster than F.unfold, which loops over samples.
+    patches = im2col(xf, tuple(khw), tuple(s), tuple(p))
+    cols = (patches.reshape(groups, group, ho, wo, c, *khw).permute(0, 4, 5, 6, 1, 2, 3)
+            .reshape(groups, c * khw[0] * khw[1], group * ho * wo))
+    dg = df.reshape(groups, group, o, ho * wo).transpose(1, 2).reshape(groups, o, group * ho * wo)
+    per_group = torch.bmm(dg, cols.transpose(1, 2))
+    return per_group.sum(0, dtype=torch.float64).reshape(o, c, *khw)
 
 
 class _WeightGradPlanner:
@@ -496,9 +505,10 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     md, mx = _absmax(d), _absmax(x)
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
-    if (c * khw[0] * khw[1] <= PER_SAMPLE_MAX_COLUMNS and md * mx * ho * wo <= F32_EXACT
-            and _fp32_is_strict()):
-        return _weight_grad_per_sample(df, xf, khw, s, p).to(torch.int64)
+    per_sample = md * mx * ho * wo
+    if c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS and per_sample <= F32_EXACT and _fp32_is_strict():
+        group = min(n, F32_EXACT // max(per_sample, 1))
+        return _weight_grad_grouped(df, xf, khw, s, p, group).to(torch.int64)
     planner = _WeightGradPlanner(xf, mx)
     # Many float32 blocks still beat one float64 call (no oneDNN kernel for float64) as long as
     # the blocks hold a few samples each.
