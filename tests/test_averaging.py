@@ -96,5 +96,23 @@ def test_state_round_trip_and_mismatch():
     other = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", width=0.5)
     with pytest.raises(ValueError, match="does not match"):
         WeightAverage(other).load_state_dict(state)
-    trainer.start_epoch_average()
+    trainer.restart_average()
     assert trainer.average.count == 0 and trainer.average.sums is None
+
+
+@pytest.mark.parametrize("mode, restarts", [("epoch", [0, 1, 2, 3]), ("phase", [0, 2]), ("none", [])])
+def test_sums_restart_every_epoch_or_when_mu_changes(monkeypatch, tmp_path, mode, restarts):
+    from intrain.cli import main
+
+    seen = []
+    real = IntegerTrainer.train_step
+
+    def recording(self, x, y, step, epoch):
+        if self.average is not None and self.average.count == 0:
+            seen.append(epoch)
+        return real(self, x, y, step, epoch)
+
+    monkeypatch.setattr(IntegerTrainer, "train_step", recording)
+    assert main(["train", "--epochs", "4", "--train-limit", "64", "--mu-schedule", "0:4,2:3",
+                 "--weight-average", mode, "--out", str(tmp_path / mode)]) == 0
+    assert seen == restarts

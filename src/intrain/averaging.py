@@ -1,11 +1,11 @@
-"""Epoch weight averaging: the integer mean of each layer's weights over the steps of an epoch.
+"""Weight averaging: the integer mean of each layer's weights over a run of training steps.
 
 The integer update has no learning rate that decays to zero: every step moves the largest
 weight of a layer by about ``2**mu`` units whatever the loss, so the weights keep jittering
 around a good point, and the accuracy of the last step moves by tenths of a point from epoch to
-epoch. The mean of the weights over an epoch's steps (Polyak averaging) sits near the centre of
-that jitter. Training continues from the latest weights; evaluation and the saved model use the
-mean.
+epoch. The mean of the weights over many steps (Polyak averaging) sits near the centre of that
+jitter. Training continues from the latest weights; evaluation and the saved model use the mean.
+The training loop decides when the sums restart (``reset``): every epoch, or when mu changes.
 
 Ranges: after each update ``accumulate`` adds the update target (the int8 weight, or the int16
 master weight when the layer keeps one) into an int64 sum, so ``|sum| <= 32767 * steps`` (no

@@ -81,10 +81,11 @@ def add_train(sub) -> None:
     p.add_argument("--error-rounding", choices=("nearest", "stochastic"),
                    help="int8 only: rounding of the errors sent down to earlier layers (default: "
                         "from the recipe)")
-    p.add_argument("--weight-average", choices=("epoch", "none"),
-                   help="int8 only: evaluate and save the integer mean of the weights over each epoch's "
-                        "steps, while training continues from the latest ones; 'none' uses the latest "
-                        "weights (default: epoch)")
+    p.add_argument("--weight-average", choices=("epoch", "phase", "none"),
+                   help="int8 only: evaluate and save the integer mean of the weights over the steps "
+                        "of the current epoch ('epoch') or since mu last changed ('phase'), while "
+                        "training continues from the latest ones; 'none' uses the latest weights "
+                        "(default: epoch)")
     p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")

@@ -3,8 +3,8 @@
 Everything inside ``IntegerTrainer.train_step`` is an integer operation on integer tensors (the
 audit test records every aten operator to prove it). The random numbers it uses (loss rounding,
 dropout) are keyed by ``(seed, step)``, so any step can be replayed bit for bit. With
-``average_weights`` the step also adds the updated weights into the epoch's integer running sums
-(:mod:`intrain.averaging`), which ``averaged()`` applies for evaluation and saving.
+``average_weights`` the step also adds the updated weights into integer running sums
+(:mod:`intrain.averaging`), whose mean ``averaged()`` applies for evaluation and saving.
 """
 
 from __future__ import annotations
@@ -42,10 +42,11 @@ class IntegerTrainer:
         return logits
 
     def averaged(self):
-        """Context in which the model holds the epoch's mean weights (a no-op without averaging)."""
+        """Context in which the model holds the mean weights since the last restart (a no-op
+        without averaging)."""
         return self.average.applied() if self.average is not None else nullcontext()
 
-    def start_epoch_average(self) -> None:
+    def restart_average(self) -> None:
         if self.average is not None:
             self.average.reset()
 

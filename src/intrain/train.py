@@ -56,7 +56,7 @@ DEVICES = ("cpu", "cuda")
 RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
 TENSORBOARD_DIR = "tensorboard"
 #: Options that may differ on resume: they do not change any number a run computes.
-WEIGHT_AVERAGES = ("epoch", "none")
+WEIGHT_AVERAGES = ("epoch", "phase", "none")
 RESUME_FREE = ("workers", "checkpoint_every")
 CHECKPOINT_FORMAT = "intrain-checkpoint-v1"
 
@@ -87,7 +87,7 @@ class TrainConfig:
     width: float = 1.0  # multiplies every layer's channel / unit count
     weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
     error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
-    weight_average: str = "epoch"  # int8 only: evaluate and save the epoch's mean weights, or "none"
+    weight_average: str = "epoch"  # int8 only: mean weights since the epoch ("epoch") or mu ("phase") began
     augment: bool | None = None  # random crop + flip; default: on for cifar10 only
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
@@ -204,7 +204,7 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
                                     width=c.width, weight_bits=c.weight_bits,
                                     error_rounding=c.error_rounding)
             return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule),
-                                         average_weights=c.weight_average == "epoch")
+                                         average_weights=c.weight_average != "none")
         torch.manual_seed(c.seed)
         model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
     except ValueError as err:
@@ -438,18 +438,19 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
     rows, step = list(start.rows), start.global_step
     eval_acc = rows[-1]["eval_acc"] if rows else None
     board = _tensorboard(out_dir, start.epoch + 1 if resuming else None)
-    # Epoch weight averaging (int8): each epoch's evaluation and the saved model use the mean
-    # weights of that epoch; the sums restart with each epoch and survive a mid-epoch resume.
+    # Weight averaging (int8): evaluation and the saved model use the mean weights since the
+    # epoch began ("epoch") or since mu last changed ("phase"); the sums are checkpointed.
     averaged = getattr(trainer, "averaged", nullcontext)
-    start_average = getattr(trainer, "start_epoch_average", lambda: None)
+    restart_average = getattr(trainer, "restart_average", lambda: None)
+    mu = _mu_schedule(c.mu_schedule) if c.arith == "int8" else None
     try:
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
             carried = start.seconds if epoch == start.epoch else 0.0
             t0 = time.perf_counter()
             running = _restore_running(start.running if epoch == start.epoch else None, dev)
-            if first_batch == 0:
-                start_average()
+            if first_batch == 0 and (c.weight_average != "phase" or epoch == 0 or mu(epoch) != mu(epoch - 1)):
+                restart_average()
             order = rng.permutation(n, c.seed, epoch)
             loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
                                      num_workers=c.workers, start_batch=first_batch)
