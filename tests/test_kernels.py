@@ -55,14 +55,17 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 @contextlib.contextmanager
-def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6):
+def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: bool = True):
     """Lower the cpu backend's float32 (and optionally float64) budget: still exact, a smaller
     bound is only more conservative, and blocking, the float64 fall-back, float64 blocks and the
-    int64 fall-back then all run on small shapes."""
+    int64 fall-back then all run on small shapes. ``grouped=False`` keeps weight gradients off
+    the grouped path, on the block plans."""
     f32, f64 = (f32, CPU.F64_EXACT) if isinstance(f32, int) else f32
-    names = ("F32_EXACT", "F64_EXACT", "MAX_F32_BLOCKS_CONV", "MAX_F32_BLOCKS_MM")
+    names = ("F32_EXACT", "F64_EXACT", "MAX_F32_BLOCKS_CONV", "MAX_F32_BLOCKS_MM",
+             "GROUPED_MAX_COLUMNS", "GROUPED_MAX_SAMPLES")
     saved = [getattr(CPU, k) for k in names]
-    for k, v in zip(names, (f32, f64, max_blocks, max_blocks)):
+    group_limits = (CPU.GROUPED_MAX_COLUMNS, CPU.GROUPED_MAX_SAMPLES) if grouped else (0, 0)
+    for k, v in zip(names, (f32, f64, max_blocks, max_blocks, *group_limits)):
         setattr(CPU, k, v)
     try:
         yield
@@ -517,6 +520,23 @@ def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
     assert int(g[0, 0, 0, 0]) == 127 * 127 * 100 * (plus - (n - plus))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 5000, 64 * 2**20])
+def test_grouped_weight_grad_wide_layer_in_chunks(monkeypatch, chunk_bytes):
+    """A wide convolution (C*kh*kw = 288) with a long per-sample reduction takes the grouped path
+    (groups of 2 samples here), built a chunk of groups at a time; exact for any chunk size."""
+    gen = torch.Generator().manual_seed(11)
+    x = rand_int(gen, (7, 32, 16, 16), mode="extreme")
+    d = rand_int(gen, (7, 4, 16, 16), mode="extreme")
+    monkeypatch.setattr(CPU, "GROUPED_CHUNK_BYTES", chunk_bytes)
+    taken = []
+    real = CPU._weight_grad_grouped
+    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
+    both("conv2d_backward_weight", d, x, 3, 1, 1)
+    md, mx = int(d.abs().max()), int(x.abs().max())
+    assert taken == [min(7, CPU.F32_EXACT // (md * mx * 256))]
+    assert taken[0] <= CPU.GROUPED_MAX_SAMPLES
+
+
 def test_random_large_reductions_cpu_matches_reference():
     """Realistic value distributions at VGG-sized reductions (blocks or not, must match)."""
     gen = torch.Generator().manual_seed(6)
@@ -595,6 +615,7 @@ def test_cpu_weight_grad_split_path(monkeypatch):
     x = rand_int(gen, (n, c, h, h))
     d = rand_int(gen, (n, o, h, h))
     monkeypatch.setattr(CPU, "GROUPED_MAX_COLUMNS", 0)  # this test is about the sample-block plans
+    monkeypatch.setattr(CPU, "GROUPED_MAX_SAMPLES", 0)
     calls = []
     real = CPU._WeightGradPlanner.plan
     monkeypatch.setattr(CPU._WeightGradPlanner, "plan",
@@ -618,7 +639,7 @@ def test_cpu_weight_grad_many_blocks_matches_reference(n, c, o, hw, k, s, p, mod
     ho = (hw + 2 * p - k) // s + 1
     x = rand_int(gen, (n, c, hw, hw), mode=modes[0])
     d = rand_int(gen, (n, o, ho, ho), mode=modes[1])
-    with cpu_budget(budget, max_blocks=16):
+    with cpu_budget(budget, max_blocks=16, grouped=False):
         both("conv2d_backward_weight", d, x, k, s, p)
 
 

@@ -49,7 +49,7 @@ for int16), and in the last resort in the int64 reference. All bounds are comput
 integer arithmetic (int64, or float sums of integers proven exact the same way).
 
 Weight gradients of narrow convolutions (at most ``GROUPED_MAX_COLUMNS`` weights per output
-channel) take a shortcut first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` the sum over a group of
+channel), or of long per-sample reductions, take a shortcut first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` the sum over a group of
 ``g = floor(2**24 / (max|d| * max|x| * Ho * Wo))`` samples is exact in float32, so one batched
 product over im2col columns gives exact per-group gradients, added in float64 (exact: the total
 is at most 2**24 * N / g).
@@ -92,6 +92,11 @@ MIN_SAMPLES_PER_BLOCK = 3
 # convolutions at batch 256): 2-4x faster than oneDNN weight-gradient calls on blocks of samples;
 # for the wider VGG-small layers (C*kh*kw >= 288) the im2col copy made it slower.
 GROUPED_MAX_COLUMNS = 160
+# ... and of any convolution whose groups hold at most this many samples (long per-sample
+# reductions: 14x14 and larger outputs), where the block plans would make many small oneDNN calls.
+GROUPED_MAX_SAMPLES = 8
+# Bytes of float32 im2col columns built at once by the grouped weight gradient.
+GROUPED_CHUNK_BYTES = 64 * 2**20
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
 SPLIT_MIN_BLOCKS = 4
 # Linear reductions are split on chunks of this many columns (the "grains").
@@ -408,9 +413,10 @@ def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
 
 
 def _weight_grad_grouped(df: torch.Tensor, xf: torch.Tensor, khw, s, p, group: int) -> torch.Tensor:
-    """Weight gradient as one batched product over groups of ``group`` consecutive samples:
-    im2col of x [G, C*kh*kw, group*L] against d [G, O, group*L] gives float32 per-group
-    gradients [G, O, C*kh*kw], summed in float64 (a last, short group is padded with zeros).
+    """Weight gradient as batched products over groups of ``group`` consecutive samples: im2col
+    of x [G, C*kh*kw, group*L] against d [G, O, group*L] gives float32 per-group gradients
+    [G, O, C*kh*kw], summed in float64 (a last, short group is padded with zero samples). The
+    im2col copy is made for a chunk of groups at a time (at most ``GROUPED_CHUNK_BYTES``).
 
     Exact when every group's sum is: S_g <= max|d| * max|x| * group * L <= 2**24 (the caller
     chooses ``group`` so), and then the float64 total is exact too (|total| <= 2**24 * G < 2**53).
@@ -421,15 +427,21 @@ def _weight_grad_grouped(df: torch.Tensor, xf: torch.Tensor, khw, s, p, group: i
     if missing:
         df = torch.cat([df, df.new_zeros((missing,) + df.shape[1:])])
         xf = torch.cat([xf, xf.new_zeros((missing,) + xf.shape[1:])])
-    groups = df.shape[0] // group
-    # Patches of x as a strided view [N, Ho, Wo, C, kh, kw], copied once into [G, C*kh*kw,
-    # group*Ho*Wo] (positions innermost): much faster than F.unfold, which loops over samples.
-    patches = im2col(xf, tuple(khw), tuple(s), tuple(p))
-    cols = (patches.reshape(groups, group, ho, wo, c, *khw).permute(0, 4, 5, 6, 1, 2, 3)
-            .reshape(groups, c * khw[0] * khw[1], group * ho * wo))
-    dg = df.reshape(groups, group, o, ho * wo).transpose(1, 2).reshape(groups, o, group * ho * wo)
-    per_group = torch.bmm(dg, cols.transpose(1, 2))
-    return per_group.sum(0, dtype=torch.float64).reshape(o, c, *khw)
+    columns = c * khw[0] * khw[1]
+    length = group * ho * wo
+    per_chunk = max(1, GROUPED_CHUNK_BYTES // (4 * columns * length))
+    total = torch.zeros((o, columns), dtype=torch.float64)
+    for start in range(0, df.shape[0], per_chunk * group):
+        x_chunk, d_chunk = xf[start:start + per_chunk * group], df[start:start + per_chunk * group]
+        groups = d_chunk.shape[0] // group
+        # Patches of x as a strided view [n, Ho, Wo, C, kh, kw], copied into [G, C*kh*kw,
+        # group*Ho*Wo] (positions innermost): much faster than F.unfold, which loops over samples.
+        patches = im2col(x_chunk, tuple(khw), tuple(s), tuple(p))
+        cols = (patches.reshape(groups, group, ho, wo, c, *khw).permute(0, 4, 5, 6, 1, 2, 3)
+                .reshape(groups, columns, length))
+        dg = d_chunk.reshape(groups, group, o, ho * wo).transpose(1, 2).reshape(groups, o, length)
+        total += torch.bmm(dg, cols.transpose(1, 2)).sum(0, dtype=torch.float64)
+    return total.reshape(o, c, *khw)
 
 
 class _WeightGradPlanner:
@@ -506,8 +518,9 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
     per_sample = md * mx * ho * wo
-    if c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS and per_sample <= F32_EXACT and _fp32_is_strict():
-        group = min(n, F32_EXACT // max(per_sample, 1))
+    group = min(n, F32_EXACT // max(per_sample, 1))
+    if (per_sample <= F32_EXACT and _fp32_is_strict()
+            and (c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS or group <= GROUPED_MAX_SAMPLES)):
         return _weight_grad_grouped(df, xf, khw, s, p, group).to(torch.int64)
     planner = _WeightGradPlanner(xf, mx)
     # Many float32 blocks still beat one float64 call (no oneDNN kernel for float64) as long as
