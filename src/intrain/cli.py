@@ -83,9 +83,9 @@ def add_train(sub) -> None:
                         "from the recipe)")
     p.add_argument("--weight-average", choices=("epoch", "phase", "none"),
                    help="int8 only: evaluate and save the integer mean of the weights over the steps "
-                        "of the current epoch ('epoch') or since mu last changed ('phase'), while "
+                        "since mu last changed ('phase') or since the epoch began ('epoch'), while "
                         "training continues from the latest ones; 'none' uses the latest weights "
-                        "(default: epoch)")
+                        "(default: phase)")
     p.add_argument("--arith", choices=ARITHS,
                    help="int8: integer-only training (NITI); float: the float32 twin with SGD "
                         "(default: int8)")
@@ -130,7 +130,7 @@ def add_train(sub) -> None:
 #: Defaults of the ``train`` options whose parser default is None (see add_train).
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
                       width=1.0, workers=0, weight_bits=8, error_rounding="nearest",
-                      weight_average="epoch")
+                      weight_average="phase")
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
                  "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "error_rounding",
                  "weight_average", "augment",

@@ -87,7 +87,7 @@ class TrainConfig:
     width: float = 1.0  # multiplies every layer's channel / unit count
     weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
     error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
-    weight_average: str = "epoch"  # int8 only: mean weights since the epoch ("epoch") or mu ("phase") began
+    weight_average: str = "phase"  # int8 only: mean weights since mu ("phase") or the epoch ("epoch") began
     augment: bool | None = None  # random crop + flip; default: on for cifar10 only
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
