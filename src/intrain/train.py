@@ -443,13 +443,14 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
     averaged = getattr(trainer, "averaged", nullcontext)
     restart_average = getattr(trainer, "restart_average", lambda: None)
     mu = _mu_schedule(c.mu_schedule) if c.arith == "int8" else None
+    by_phase = mu is not None and c.weight_average == "phase"
     try:
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
             carried = start.seconds if epoch == start.epoch else 0.0
             t0 = time.perf_counter()
             running = _restore_running(start.running if epoch == start.epoch else None, dev)
-            if first_batch == 0 and (c.weight_average != "phase" or epoch == 0 or mu(epoch) != mu(epoch - 1)):
+            if first_batch == 0 and (not by_phase or epoch == 0 or mu(epoch) != mu(epoch - 1)):
                 restart_average()
             order = rng.permutation(n, c.seed, epoch)
             loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
