@@ -19,6 +19,7 @@ import torch
 
 from intrain.engine import IntegerTrainer
 from intrain.float_twin import FloatTrainer
+from intrain.layers import StepContext
 from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.optim import MuSchedule
 from intrain.qtensor import QTensor
@@ -103,7 +104,7 @@ def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
     print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
 
     int_model.train()
-    int_model(x_int)
+    int_model(x_int, StepContext(seed, 0))
     mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model)
     int_model.clear_saved()
     mem_float = _saved_bytes_float(float_model, x_float, labels)
@@ -116,8 +117,9 @@ def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
 
         def int_layer_step(layer=int_layer, inp=q):
             layer.train()
-            out = layer(inp)
-            layer.backward(QTensor(out.v.clamp(-127, 127).to(torch.int8), out.e), None)
+            ctx = StepContext(seed, 0)
+            out = layer(inp, ctx)
+            layer.backward(QTensor(out.v.clamp(-127, 127).to(torch.int8), out.e), ctx)
 
         def float_layer_step(layer=float_layer, inp=f_in):
             out = layer(inp)
