@@ -4,8 +4,9 @@ One place holds the numbers a run uses when the command line does not say otherw
 a run's defaults can be looked up (and tuned) without reading the training loop.
 
 The small-image int8 schedules decay mu like a learning rate over 20 epochs (digits: 4, 3 from
-epoch 10, 2 from epoch 15; MNIST formats: 5, 4 from epoch 8, 3 from epoch 14, at batch 256);
-measured results are in BENCHMARKS.md. The CIFAR-10 one is NITI's
+epoch 10, 2 from epoch 15; MNIST formats: 5, 4 from epoch 8, 3 from epoch 14, at batch 256), and
+int8 runs evaluate and save the mean weights of the current mu phase (``--weight-average``, see
+``intrain.averaging``); measured results are in BENCHMARKS.md. The CIFAR-10 one is NITI's
 published schedule (mu 5, then 4 from epoch 100, then 3 from epoch 150, 200 epochs, batch 256).
 The float learning rate is 0.05 at batch 64 and scales linearly with the batch size (the usual
 linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps a sound recipe.
