@@ -20,6 +20,7 @@ import torch
 from intrain.engine import IntegerTrainer
 from intrain.float_twin import FloatTrainer
 from intrain.layers import StepContext
+from intrain.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.optim import MuSchedule
 from intrain.qtensor import QTensor
@@ -49,8 +50,18 @@ def _saved_bytes_int(model) -> int:
     return total
 
 
-def _weight_grad_bytes_int(model) -> int:
-    return sum(layer.weight.numel() * 8 for layer in model.weighted_layers())  # int64 gradients
+def _weight_grad_bytes_int(model, x, y, seed) -> int:
+    """Bytes of the weight gradients a step holds between backward and the update (int32 or
+    int64, as the layers store them), measured by running forward, loss gradient and backward."""
+    ctx = StepContext(seed, 0)
+    model.train()
+    error = cross_entropy_grad(model(x, ctx), y, seed, 0)
+    model.backward(error, ctx)
+    total = 0
+    for layer in model.weighted_layers():
+        total += layer.weight_grad.numel() * layer.weight_grad.element_size()
+        layer.weight_grad = layer.weight_grad_exp = None
+    return total
 
 
 def _saved_bytes_float(model, x, y) -> int:
@@ -105,7 +116,7 @@ def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
 
     int_model.train()
     int_model(x_int, StepContext(seed, 0))
-    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model)
+    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model, x_int, labels, seed)
     int_model.clear_saved()
     mem_float = _saved_bytes_float(float_model, x_float, labels)
     print(f"  step memory     int8 {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")

@@ -165,3 +165,16 @@ def test_stochastic_error_rounding_is_unbiased_and_keyed_by_step():
     layer(x)
     with pytest.raises(ValueError, match="StepContext"):
         layer.backward(d, None)
+
+
+@pytest.mark.parametrize("batch, expected", [(8, torch.int32), (256, torch.int64)])
+def test_weight_gradient_kept_in_int32_only_when_the_bound_proves_it_fits(batch, expected):
+    """LeNet-5's first convolution reduces over batch*28*28 terms: 8*784 < 2**17 fits int32,
+    256*784 does not (worst case 2**14 * 200704 > 2**31), so int64; values equal either way."""
+    conv = IntConv2d(1, 2, 5, get_backend("reference"), padding=2).train()
+    conv.weight.fill_(127)
+    x = QTensor.of(torch.full((batch, 1, 28, 28), -127, dtype=torch.int8), 0)
+    conv(x)
+    conv.backward(QTensor.of(torch.full((batch, 2, 28, 28), 127, dtype=torch.int8), 0), None, need_input_grad=False)
+    assert conv.weight_grad.dtype == expected
+    assert int(conv.weight_grad[0, 0, 2, 2]) == -127 * 127 * batch * 28 * 28
