@@ -57,7 +57,7 @@ def add_train(sub) -> None:
     """``intrain train``: train one model (int8 or its float32 twin) and save the run."""
     from intrain.data import DATASETS
     from intrain.models import MODELS
-    from intrain.train import ARITHS, BACKENDS, DEVICES
+    from intrain.config import ARITHS, BACKENDS, DEVICES, WEIGHT_AVERAGES
 
     p = sub.add_parser(
         "train", help="train a model with integer-only arithmetic or its float32 twin",
@@ -81,7 +81,7 @@ def add_train(sub) -> None:
     p.add_argument("--error-rounding", choices=("nearest", "stochastic"),
                    help="int8 only: rounding of the errors sent down to earlier layers (default: "
                         "from the recipe)")
-    p.add_argument("--weight-average", choices=("epoch", "phase", "none"),
+    p.add_argument("--weight-average", choices=WEIGHT_AVERAGES,
                    help="int8 only: evaluate and save the integer mean of the weights over the steps "
                         "since mu last changed ('phase') or since the epoch began ('epoch'), while "
                         "training continues from the latest ones; 'none' uses the latest weights "
@@ -139,7 +139,8 @@ _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size"
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the TrainConfig from the parsed arguments and run it (or resume a run); prints the summary."""
-    from intrain.train import TrainConfig, resume, run
+    from intrain.config import TrainConfig
+    from intrain.train import resume, run
 
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS}
     if args.resume is not None:
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``intrain`` console script; returns the exit status."""
     from intrain.data.errors import DataError
     from intrain.checkpoint import CheckpointError
-    from intrain.train import ConfigError
+    from intrain.config import ConfigError
 
     try:
         args = build_parser().parse_args(argv)

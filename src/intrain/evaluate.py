@@ -19,7 +19,8 @@ import torch
 from intrain.data import load_dataset
 from intrain.metrics import accuracy
 from intrain.models import build_float_model, build_int_model
-from intrain.train import CHECKPOINT_FORMAT, ConfigError, predictions, save_json
+from intrain.config import ConfigError
+from intrain.train import CHECKPOINT_FORMAT, predictions, save_json
 
 EVAL_FILE = "eval.json"
 

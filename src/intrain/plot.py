@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 
 from intrain.metrics import read_metrics
-from intrain.train import ConfigError, atomic_write
+from intrain.config import ConfigError
+from intrain.train import atomic_write
 
 
 def _label(run_dir: Path) -> str:

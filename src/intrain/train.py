@@ -42,68 +42,16 @@ from pathlib import Path
 import torch
 
 from intrain import rng
-from intrain.data import DATASETS, DatasetSplits, load_dataset, pixels_to_int8, PIXEL_EXPONENT
+from intrain.config import RESUME_FREE, ConfigError, TrainConfig, check_args, mu_schedule
+from intrain.data import DatasetSplits, load_dataset, pixels_to_int8, PIXEL_EXPONENT
 from intrain.float_twin import FloatTrainer
-from intrain.kernels import BACKENDS as KERNEL_BACKENDS
 from intrain.metrics import MetricsCSV, Running, accuracy, progress
-from intrain.models import MODELS, build_float_model, build_int_model
+from intrain.models import build_float_model, build_int_model
 from intrain.qtensor import QTensor
-from intrain.recipes import default_recipe
 
-ARITHS = ("int8", "float")
-BACKENDS = ("auto",) + KERNEL_BACKENDS
-DEVICES = ("cpu", "cuda")
 RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
 TENSORBOARD_DIR = "tensorboard"
-#: Options that may differ on resume: they do not change any number a run computes.
-WEIGHT_AVERAGES = ("epoch", "phase", "none")
-RESUME_FREE = ("workers", "checkpoint_every")
 CHECKPOINT_FORMAT = "intrain-checkpoint-v1"
-
-
-class ConfigError(ValueError):
-    """Bad user input; the message is one line saying what is wrong and what to do."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on. ``None`` means "the recipe's default"."""
-
-    dataset: str = "digits"
-    model: str = "mlp"
-    arith: str = "int8"
-    data_dir: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    seed: int = 0
-    val_split: int | None = None
-    train_limit: int | None = None
-    mu_schedule: str | None = None  # int8 only
-    lr: float | None = None  # float only; default scales with the batch size
-    backend: str = "auto"  # int8 only
-    device: str = "cpu"
-    out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k
-    overwrite: bool = False
-    width: float = 1.0  # multiplies every layer's channel / unit count
-    weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
-    error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
-    weight_average: str = "phase"  # int8 only: mean weights since mu ("phase") or the epoch ("epoch") began
-    augment: bool | None = None  # random crop + flip; default: on for cifar10 only
-    workers: int = 0  # data loader processes; results are identical for any number
-    checkpoint_every: int | None = None  # also checkpoint every N global steps
-
-    def resolved(self) -> "TrainConfig":
-        """A copy with every recipe default filled in (batch size first: lr depends on it)."""
-        recipe = default_recipe(self.dataset, self.model, self.arith)
-        batch = recipe.batch_size if self.batch_size is None else self.batch_size
-        return replace(
-            self,
-            epochs=recipe.epochs if self.epochs is None else self.epochs,
-            batch_size=batch,
-            mu_schedule=recipe.mu_schedule if self.mu_schedule is None else self.mu_schedule,
-            lr=recipe.lr_for(batch) if self.lr is None else self.lr,
-            augment=(self.dataset == "cifar10") if self.augment is None else bool(self.augment),
-        )
 
 
 @dataclass
@@ -128,50 +76,7 @@ class Prepared:
     out_dir: Path | None  # None: pick runs/<name>-<k> when creating it
 
 
-# ----------------------------------------------------------------------------- checks
-
-def _check_args(c: TrainConfig) -> None:
-    """Argument checks that need no data (the CLI's argparse does most of them too)."""
-    if c.dataset not in DATASETS:
-        raise ConfigError(f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
-    if c.model not in MODELS:
-        raise ConfigError(f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
-    if c.arith not in ARITHS:
-        raise ConfigError(f"unknown arithmetic {c.arith!r}: choose one of {', '.join(ARITHS)}")
-    if c.backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {c.backend!r}: choose one of {', '.join(BACKENDS)}")
-    if c.epochs < 0:
-        raise ConfigError(f"--epochs must be 0 or more, got {c.epochs}")
-    if c.batch_size < 1:
-        raise ConfigError(f"--batch-size must be 1 or more, got {c.batch_size}")
-    if c.seed < 0:
-        raise ConfigError(f"--seed must be 0 or more, got {c.seed}")
-    if not c.lr > 0:
-        raise ConfigError(f"--lr must be a positive number, got {c.lr}")
-    if not (c.width > 0 and c.width != float("inf")):
-        raise ConfigError(f"--width must be a positive number, got {c.width}")
-    if c.workers < 0:
-        raise ConfigError(f"--workers must be 0 or more, got {c.workers}")
-    if c.checkpoint_every is not None and c.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be 1 or more, got {c.checkpoint_every}")
-    if c.device not in DEVICES:
-        raise ConfigError(f"unknown device {c.device!r}: choose one of {', '.join(DEVICES)}")
-    if c.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    if c.weight_average not in WEIGHT_AVERAGES:
-        raise ConfigError(f"unknown weight average {c.weight_average!r}: choose one of {', '.join(WEIGHT_AVERAGES)}")
-    if c.arith == "int8":
-        _mu_schedule(c.mu_schedule)  # raises ConfigError when unreadable
-
-
-def _mu_schedule(text: str):
-    from intrain.optim import MuSchedule
-
-    try:
-        return MuSchedule.parse(text)
-    except ValueError as err:
-        raise ConfigError(f"--mu-schedule: {err}") from None
-
+# ----------------------------------------------------------------------------- output directory
 
 def holds_run(path: Path) -> bool:
     """True when ``path`` already contains any file of a run."""
@@ -203,7 +108,7 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
             model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device,
                                     width=c.width, weight_bits=c.weight_bits,
                                     error_rounding=c.error_rounding)
-            return model, IntegerTrainer(model, c.seed, _mu_schedule(c.mu_schedule),
+            return model, IntegerTrainer(model, c.seed, mu_schedule(c.mu_schedule),
                                          average_weights=c.weight_average != "none")
         torch.manual_seed(c.seed)
         model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
@@ -217,7 +122,7 @@ def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     """Check everything and load everything; writes nothing (see the module docstring).
     ``resuming``: ``config.out`` is the run being resumed, so it may hold a run."""
     c = config.resolved()
-    _check_args(c)
+    check_args(c)
     out_dir = Path(c.out) if resuming else _check_out(c)
     splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit)
     if len(splits.train) == 0:
@@ -442,7 +347,7 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
     # epoch began ("epoch") or since mu last changed ("phase"); the sums are checkpointed.
     averaged = getattr(trainer, "averaged", nullcontext)
     restart_average = getattr(trainer, "restart_average", lambda: None)
-    mu = _mu_schedule(c.mu_schedule) if c.arith == "int8" else None
+    mu = mu_schedule(c.mu_schedule) if c.arith == "int8" else None
     by_phase = mu is not None and c.weight_average == "phase"
     try:
         for epoch in range(start.epoch, c.epochs):
