@@ -138,3 +138,10 @@ def test_recipes_give_int8_and_float_their_own_batch_sizes():
     assert int8.mu_schedule == "0:5,8:4,14:3" and int8.epochs == flt.epochs == 20
     assert flt.lr_for(64) == 0.05
     assert default_recipe("digits", "mlp", "int8").batch_size == 32
+
+
+def test_fashion_mnist_int8_recipe_uses_batch_128():
+    from intrain.recipes import default_recipe
+
+    assert default_recipe("fashion-mnist", "lenet5", "int8").batch_size == 128
+    assert default_recipe("fashion-mnist", "lenet5", "float").batch_size == 64
