@@ -522,12 +522,14 @@ def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 5000, 64 * 2**20])
 def test_grouped_weight_grad_wide_layer_in_chunks(monkeypatch, chunk_bytes):
-    """A wide convolution (C*kh*kw = 288) with a long per-sample reduction takes the grouped path
-    (groups of 2 samples here), built a chunk of groups at a time; exact for any chunk size."""
+    """A wide convolution (C*kh*kw = 288) takes the grouped path when its groups are small
+    enough (here groups of 4 samples, with the limit raised to 4), built a chunk of groups at a
+    time; exact for any chunk size."""
     gen = torch.Generator().manual_seed(11)
     x = rand_int(gen, (7, 32, 16, 16), mode="extreme")
     d = rand_int(gen, (7, 4, 16, 16), mode="extreme")
     monkeypatch.setattr(CPU, "GROUPED_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(CPU, "GROUPED_MAX_SAMPLES", 4)
     taken = []
     real = CPU._weight_grad_grouped
     monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))

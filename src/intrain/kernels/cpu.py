@@ -49,7 +49,8 @@ for int16), and in the last resort in the int64 reference. All bounds are comput
 integer arithmetic (int64, or float sums of integers proven exact the same way).
 
 Weight gradients of narrow convolutions (at most ``GROUPED_MAX_COLUMNS`` weights per output
-channel), or of long per-sample reductions, take a shortcut first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` the sum over a group of
+channel), or whose per-sample reduction is so long that a group holds one sample, take a shortcut
+first: when ``max|d| * max|x| * Ho * Wo <= 2**24`` the sum over a group of
 ``g = floor(2**24 / (max|d| * max|x| * Ho * Wo))`` samples is exact in float32, so one batched
 product over im2col columns gives exact per-group gradients, added in float64 (exact: the total
 is at most 2**24 * N / g).
@@ -88,13 +89,15 @@ MAX_F32_BLOCKS_CONV = 16
 MIN_SAMPLES_PER_BLOCK = 3
 # Weight gradients of convolutions with at most this many weights per output channel (C*kh*kw:
 # LeNet-5 has 25 and 150) are computed by im2col and one batched product over groups of as many
-# samples as keep each group's sum exact in float32. Measured on this machine (LeNet-5's two
-# convolutions at batch 256): 2-4x faster than oneDNN weight-gradient calls on blocks of samples;
-# for the wider VGG-small layers (C*kh*kw >= 288) the im2col copy made it slower.
+# samples as keep each group's sum exact in float32. Measured on this machine with other runs
+# beside it (LeNet-5's two convolutions at batch 256): 2-4x faster than oneDNN weight-gradient
+# calls on blocks of samples.
 GROUPED_MAX_COLUMNS = 160
-# ... and of any convolution whose groups hold at most this many samples (long per-sample
-# reductions: 14x14 and larger outputs), where the block plans would make many small oneDNN calls.
-GROUPED_MAX_SAMPLES = 8
+# ... and of wider convolutions whose groups hold at most this many samples. Measured on this
+# machine, quiet, 2 threads, ReLU-like x and pooled (3/4 zero) d (throwaway script): groups of 1
+# (32x32 outputs at batch 64, 28x28 at batch 256) 1.2-1.6x faster than the block plans; groups
+# of 4-5 (16x16, 14x14) 0.7-1.0x, so those stay on the block plans.
+GROUPED_MAX_SAMPLES = 1
 # Bytes of float32 im2col columns built at once by the grouped weight gradient.
 GROUPED_CHUNK_BYTES = 64 * 2**20
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
