@@ -57,7 +57,7 @@ def _batch(seed, n=16):
 def test_applied_holds_the_mean_and_restores_the_latest(weight_bits):
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", weight_bits=weight_bits)
     trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5" if weight_bits == 8 else "0:12"),
-                             average_weights=True)
+                             weight_average="epoch")
     target = "weight_master" if weight_bits == 16 else "weight"
     seen = [[] for _ in model.weighted_layers()]
     for step in range(5):
@@ -78,15 +78,15 @@ def test_applied_holds_the_mean_and_restores_the_latest(weight_bits):
 def test_without_averaging_or_steps_the_model_is_untouched():
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
     before = [layer.weight.clone() for layer in model.weighted_layers()]
-    for average in (True, False):
-        trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), average_weights=average)
+    for average in ("epoch", "none"):
+        trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average=average)
         with trainer.averaged():
             assert all(torch.equal(b, layer.weight) for b, layer in zip(before, model.weighted_layers()))
 
 
 def test_state_round_trip_and_mismatch():
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), average_weights=True)
+    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="epoch")
     for step in range(3):
         trainer.train_step(*_batch(step), step=step, epoch=0)
     state = trainer.average.state_dict()
@@ -96,7 +96,7 @@ def test_state_round_trip_and_mismatch():
     other = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", width=0.5)
     with pytest.raises(ValueError, match="does not match"):
         WeightAverage(other).load_state_dict(state)
-    trainer.restart_average()
+    trainer.begin_epoch(1)
     assert trainer.average.count == 0 and trainer.average.sums is None
 
 
@@ -116,3 +116,9 @@ def test_sums_restart_every_epoch_or_when_mu_changes(monkeypatch, tmp_path, mode
     assert main(["train", "--epochs", "4", "--train-limit", "64", "--mu-schedule", "0:4,2:3",
                  "--weight-average", mode, "--out", str(tmp_path / mode)]) == 0
     assert seen == restarts
+
+
+def test_unknown_weight_average_is_refused():
+    model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
+    with pytest.raises(ValueError, match="unknown weight average 'mean'"):
+        IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="mean")

@@ -38,7 +38,7 @@ def _batch(n=8):
 @pytest.mark.parametrize("weight_bits", [8, 16])
 def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
     model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", weight_bits=weight_bits)
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), average_weights=True)
+    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="phase")
     x, y = _batch()
     trained = "weight_master" if weight_bits == 16 else "weight"
     before = [getattr(layer, trained).clone() for layer in model.weighted_layers()]

@@ -5,7 +5,8 @@ weight of a layer by about ``2**mu`` units whatever the loss, so the weights kee
 around a good point, and the accuracy of the last step moves by tenths of a point from epoch to
 epoch. The mean of the weights over many steps (Polyak averaging) sits near the centre of that
 jitter. Training continues from the latest weights; evaluation and the saved model use the mean.
-The training loop decides when the sums restart (``reset``): every epoch, or when mu changes.
+When the sums restart is the trainer's choice (``WEIGHT_AVERAGES``): when mu changes ("phase"),
+every epoch ("epoch"), or no averaging at all ("none").
 
 Ranges: after each update ``accumulate`` adds the update target (the int8 weight, or the int16
 master weight when the layer keeps one) into an int64 sum, so ``|sum| <= 32767 * steps`` (no
@@ -21,6 +22,8 @@ from contextlib import contextmanager
 import torch
 
 from intrain.layers.sequential import IntSequential
+
+WEIGHT_AVERAGES = ("phase", "epoch", "none")
 
 
 def rounded_mean(total: torch.Tensor, count: int) -> torch.Tensor:
@@ -63,18 +66,20 @@ class WeightAverage:
             yield
             return
         layers = self.model.weighted_layers()
-        saved = [(layer.weight.clone(), self._target(layer).clone()) for layer in layers]
-        try:
-            for layer, total in zip(layers, self.sums):
-                target = self._target(layer)
-                target.copy_(rounded_mean(total, self.count).to(target.dtype))
+        # The int8 view of a master weight is derived from it, so the target is all there is to keep.
+        saved = [self._target(layer).clone() for layer in layers]
+
+        def load(values):
+            for layer, value in zip(layers, values):
+                self._target(layer).copy_(value)
                 if layer.has_master_weight:
                     layer.refresh_weight()
+
+        try:
+            load(rounded_mean(total, self.count) for total in self.sums)
             yield
         finally:
-            for layer, (weight, target) in zip(layers, saved):
-                layer.weight.copy_(weight)
-                self._target(layer).copy_(target)
+            load(saved)
 
     def state_dict(self) -> dict:
         return {"count": self.count, "sums": None if self.sums is None else [s.clone() for s in self.sums]}

@@ -119,7 +119,7 @@ def trainer_state(model: torch.nn.Module, trainer, device: str) -> dict:
     state = {"state_dict": _cpu(model.state_dict()), "optimizer": None, "torch_rng": None, "cuda_rng": None,
              "weight_average": None}
     average = getattr(trainer, "average", None)
-    if average is not None:  # the int8 engine's epoch sums, so a mid-epoch resume keeps them
+    if average is not None:  # the int8 engine's weight sums, so a mid-epoch resume keeps them
         state["weight_average"] = _cpu(average.state_dict())
     optimizer = getattr(trainer, "optimizer", None)
     if optimizer is not None:  # the float twin: momentum buffers and dropout's generator

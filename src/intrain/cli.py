@@ -58,6 +58,7 @@ def add_train(sub) -> None:
     from intrain.data import DATASETS
     from intrain.models import MODELS
     from intrain.config import ARITHS, BACKENDS, DEVICES, WEIGHT_AVERAGES
+    from intrain.layers import ERROR_ROUNDINGS
 
     p = sub.add_parser(
         "train", help="train a model with integer-only arithmetic or its float32 twin",
@@ -78,9 +79,9 @@ def add_train(sub) -> None:
                    help="int8 only: 16 keeps an int16 master copy of every weight that takes the "
                         "updates, while all products use its upper 8 bits (NITI's 16-bit weight "
                         "accumulation; default: 8)")
-    p.add_argument("--error-rounding", choices=("nearest", "stochastic"),
-                   help="int8 only: rounding of the errors sent down to earlier layers (default: "
-                        "from the recipe)")
+    p.add_argument("--error-rounding", choices=ERROR_ROUNDINGS,
+                   help="int8 only: rounding of the errors sent down to earlier layers: NITI's "
+                        "nearest, or stochastic (default: nearest)")
     p.add_argument("--weight-average", choices=WEIGHT_AVERAGES,
                    help="int8 only: evaluate and save the integer mean of the weights over the steps "
                         "since mu last changed ('phase') or since the epoch began ('epoch'), while "

@@ -10,6 +10,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from intrain.averaging import WEIGHT_AVERAGES
 from intrain.data import DATASETS
 from intrain.kernels import BACKENDS as KERNEL_BACKENDS
 from intrain.models import MODELS
@@ -18,7 +19,6 @@ from intrain.recipes import default_recipe
 ARITHS = ("int8", "float")
 BACKENDS = ("auto",) + KERNEL_BACKENDS
 DEVICES = ("cpu", "cuda")
-WEIGHT_AVERAGES = ("phase", "epoch", "none")
 #: Options that may differ on resume: they do not change any number a run computes.
 RESUME_FREE = ("workers", "checkpoint_every")
 

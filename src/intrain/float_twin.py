@@ -17,6 +17,7 @@ model is built and the run is reproducible on CPU.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +68,13 @@ class FloatTrainer:
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=momentum, nesterov=nesterov)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Nothing to do: the float twin's schedule is a function of the step."""
+
+    def averaged(self):
+        """The float twin evaluates and saves its latest weights."""
+        return nullcontext()
 
     def lr_at(self, step: int) -> float:
         """The learning rate this trainer uses at global step ``step``."""

@@ -14,7 +14,7 @@ import torch
 
 from intrain.init import init_weight
 from intrain.kernels import get_backend
-from intrain.layers import (IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
+from intrain.layers import (ERROR_ROUNDINGS, IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
                             IntSequential)
 
 MODELS = ("mlp", "lenet5", "vgg-small-7", "vgg-small-8", "vgg-small-9")
@@ -143,8 +143,8 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
     accumulation with an 8-bit datapath); products still use int8 weights."""
     if weight_bits not in (8, 16):
         raise ValueError(f"weight bits must be 8 or 16, got {weight_bits}")
-    if error_rounding not in ("nearest", "stochastic"):
-        raise ValueError(f"error rounding must be nearest or stochastic, got {error_rounding!r}")
+    if error_rounding not in ERROR_ROUNDINGS:
+        raise ValueError(f"error rounding must be one of {', '.join(ERROR_ROUNDINGS)}, got {error_rounding!r}")
     kernels = get_backend(backend, device)
     model = IntSequential(*(_int_layer(spec, kernels) for spec in model_spec(name, in_shape, num_classes, width)))
     model.to(device)

@@ -35,7 +35,6 @@ import shutil
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -109,7 +108,7 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
                                     width=c.width, weight_bits=c.weight_bits,
                                     error_rounding=c.error_rounding)
             return model, IntegerTrainer(model, c.seed, mu_schedule(c.mu_schedule),
-                                         average_weights=c.weight_average != "none")
+                                         weight_average=c.weight_average)
         torch.manual_seed(c.seed)
         model = build_float_model(c.model, shape, classes, width=c.width).to(c.device)
     except ValueError as err:
@@ -343,20 +342,14 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
     rows, step = list(start.rows), start.global_step
     eval_acc = rows[-1]["eval_acc"] if rows else None
     board = _tensorboard(out_dir, start.epoch + 1 if resuming else None)
-    # Weight averaging (int8): evaluation and the saved model use the mean weights since the
-    # epoch began ("epoch") or since mu last changed ("phase"); the sums are checkpointed.
-    averaged = getattr(trainer, "averaged", nullcontext)
-    restart_average = getattr(trainer, "restart_average", lambda: None)
-    mu = mu_schedule(c.mu_schedule) if c.arith == "int8" else None
-    by_phase = mu is not None and c.weight_average == "phase"
     try:
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
             carried = start.seconds if epoch == start.epoch else 0.0
             t0 = time.perf_counter()
             running = _restore_running(start.running if epoch == start.epoch else None, dev)
-            if first_batch == 0 and (not by_phase or epoch == 0 or mu(epoch) != mu(epoch - 1)):
-                restart_average()
+            if first_batch == 0:  # a resumed partial epoch keeps its checkpointed weight sums
+                trainer.begin_epoch(epoch)
             order = rng.permutation(n, c.seed, epoch)
             loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
                                      num_workers=c.workers, start_batch=first_batch)
@@ -379,7 +372,7 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
-            with averaged():
+            with trainer.averaged():  # int8: the mean weights (intrain.averaging)
                 eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
@@ -398,7 +391,7 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
             board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
         eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
-    with averaged():
+    with trainer.averaged():
         save_checkpoint(out_dir / "model.pt", cfg, p.model)
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
 

@@ -47,6 +47,9 @@ class IntModule(torch.nn.Module):
         """Drop tensors kept for backward."""
 
 
+#: Roundings of the errors a weighted layer sends down (``requantize_error``).
+ERROR_ROUNDINGS = ("nearest", "stochastic")
+
 #: Reductions shorter than this keep int8 x int8 weight gradients in int32 (2**14 * K < 2**31).
 INT32_REDUCTION_LIMIT = 2**17
 
