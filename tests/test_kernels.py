@@ -505,8 +505,10 @@ def test_worst_case_weight_grad_grouped_path(monkeypatch, hw, per_sample, kind):
 
 @pytest.mark.parametrize("n", [1, 7, 20, 256])
 def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
-    """LeNet-5's second convolution with all +-127 operands: groups of floor(2**24 / (127**2 *
-    100)) = 10 samples (the last one padded with zero samples), exact at the group bound."""
+    """LeNet-5's second convolution with all +-127 operands, sent down the grouped path (it
+    takes the sample blocks by default): groups of floor(2**24 / (127**2 * 100)) = 10 samples
+    (the last one padded with zero samples), exact at the group bound."""
+    monkeypatch.setattr(CPU, "GROUPED_MAX_COLUMNS", 150)
     x = torch.full((n, 6, 14, 14), 127, dtype=torch.int8)
     d = torch.full((n, 16, 10, 10), -127, dtype=torch.int8)
     d[::3] = 127

@@ -98,7 +98,7 @@ def _maxpool_reference(v: torch.Tensor, d: torch.Tensor, k: int):
     return out, routed
 
 
-@pytest.mark.parametrize("k, h, w", [(2, 6, 6), (2, 7, 5), (3, 9, 8), (2, 1, 2)])
+@pytest.mark.parametrize("k, h, w", [(2, 6, 6), (2, 7, 5), (3, 9, 8), (2, 1, 2), (1, 3, 4)])
 def test_maxpool_matches_a_slow_reference_with_many_ties(k, h, w):
     pool = IntMaxPool2d(k).train()
     v = torch.randint(-2, 3, (3, 2, h, w), generator=GEN).to(torch.int8)  # ties in most windows

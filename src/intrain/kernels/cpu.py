@@ -88,11 +88,13 @@ MAX_F32_BLOCKS_CONV = 16
 # of 3-4 samples beat a float64 weight-gradient convolution, blocks of 1 do not).
 MIN_SAMPLES_PER_BLOCK = 3
 # Weight gradients of convolutions with at most this many weights per output channel (C*kh*kw:
-# LeNet-5 has 25 and 150) are computed by im2col and one batched product over groups of as many
-# samples as keep each group's sum exact in float32. Measured on this machine with other runs
-# beside it (LeNet-5's two convolutions at batch 256): 2-4x faster than oneDNN weight-gradient
-# calls on blocks of samples.
-GROUPED_MAX_COLUMNS = 160
+# 25 for LeNet-5's first layer, 9 or 27 for VGG's) are computed by im2col and one batched product
+# over groups of as many samples as keep each group's sum exact in float32: oneDNN's
+# weight-gradient kernel is slow with one or three input channels. Measured on this machine,
+# quiet, 2 threads, tensors from a LeNet-5 training step at batch 256 (throwaway script): first
+# layer (25 columns) 6.6-7.3 ms grouped against 9.4-11.5 ms on sample blocks; second layer (150
+# columns) 7.5-8.2 ms grouped against 3.0-3.8 ms on sample blocks, so it stays on the blocks.
+GROUPED_MAX_COLUMNS = 32
 # ... and of wider convolutions whose groups hold at most this many samples. Measured on this
 # machine, quiet, 2 threads, ReLU-like x and pooled (3/4 zero) d (throwaway script): groups of 1
 # (32x32 outputs at batch 64, 28x28 at batch 256) 1.2-1.6x faster than the block plans; groups

@@ -35,11 +35,12 @@ class IntMaxPool2d(IntModule):
         for view in views[1:]:
             maxima = torch.maximum(maxima, view)
         if self.training:
-            # The window position (0 .. k*k-1, int8) of the first maximum: walking the positions
-            # backwards, each match overwrites the later ones.
-            argmax = torch.full(maxima.shape, len(views) - 1, dtype=torch.int8, device=x.v.device)
+            # The window position (0 .. k*k-1, int8) of the first maximum, by the recursion
+            # P_i = (v_i != max) * (1 + P_{i+1}), P_last = 0: in-place int8 arithmetic on one
+            # tensor, about twice as fast as a chain of torch.where (measured, LeNet-5 sizes).
+            argmax = torch.zeros(maxima.shape, dtype=torch.int8, device=x.v.device)
             for position in range(len(views) - 2, -1, -1):
-                argmax = torch.where(views[position] == maxima, position, argmax)
+                argmax.add_(1).mul_(views[position] != maxima)
             self._argmax = argmax
             self._input_hw = tuple(x.v.shape[2:])
         return QTensor(maxima.contiguous(), x.e)
@@ -50,9 +51,8 @@ class IntMaxPool2d(IntModule):
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
         n, c = argmax.shape[:2]
         routed = torch.zeros((n, c, *self._input_hw), dtype=d.v.dtype, device=d.v.device)
-        zero = torch.zeros((), dtype=d.v.dtype, device=d.v.device)
         for position, view in enumerate(self._positions(routed)):
-            view.copy_(torch.where(argmax == position, d.v, zero))
+            torch.mul(d.v, argmax == position, out=view)  # written straight into the strided view
         return QTensor(routed, d.e)
 
     def clear_saved(self) -> None:
