@@ -1,5 +1,6 @@
 """Rounding modes against hand-computed cases, statistics on wide accumulators, int8 range."""
 
+import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
@@ -17,6 +18,16 @@ def test_bit_length_matches_python():
     got = bit_length(torch.tensor(values, dtype=torch.int64)).tolist()
     assert got == [v.bit_length() for v in values]
     assert max_bit_length(t([-300, 5, 200])).item() == 9
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+def test_max_bit_length_at_the_extremes_of_each_dtype(dtype):
+    info = torch.iinfo(dtype)
+    for values in ([info.min], [info.max], [info.min + 1, 3], [0, 0], [-5, 4], [4, -3]):
+        if dtype == torch.int64 and info.min in values:
+            continue  # |int64 min| itself does not fit in int64; accumulators never get there
+        expected = max(abs(v) for v in values).bit_length()
+        assert max_bit_length(torch.tensor(values, dtype=dtype)).item() == expected
 
 
 def test_nearest_hand_cases():
