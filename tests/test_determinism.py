@@ -29,6 +29,25 @@ def test_same_seed_gives_bit_identical_weights_and_other_seed_does_not():
     assert any(not torch.equal(a[k], c[k]) for k in a if k.endswith("weight"))
 
 
-def test_cpu_and_reference_backends_train_identically():
-    a, b = train_digits(3, "cpu", steps=6), train_digits(3, "reference", steps=6)
-    assert all(torch.equal(a[k], b[k]) for k in a)
+def test_every_backend_trains_identically():
+    """cpu, reference and cuda (``torch._int_mm``, here on CPU tensors) end bit-identical."""
+    a = train_digits(3, "cpu", steps=6)
+    for backend in ("reference", "cuda"):
+        b = train_digits(3, backend, steps=6)
+        assert all(torch.equal(a[k], b[k]) for k in a), backend
+
+
+def test_lenet5_backends_train_identically():
+    """Convolutions and pooling too: LeNet-5 on random 28x28 images, three steps of batch 32."""
+    gen = torch.Generator().manual_seed(5)
+    images = torch.randint(0, 128, (96, 1, 28, 28), generator=gen, dtype=torch.int8)
+    labels = torch.randint(0, 10, (96,), generator=gen)
+    weights = []
+    for backend in ("cpu", "cuda"):
+        model = build_int_model("lenet5", (1, 28, 28), 10, seed=4, backend=backend)
+        trainer = IntegerTrainer(model, 4, MuSchedule.parse("0:5"))
+        for step in range(3):
+            batch = slice(32 * step, 32 * (step + 1))
+            trainer.train_step(QTensor.of(images[batch], PIXEL_EXPONENT), labels[batch], step, 0)
+        weights.append(model.state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -23,6 +23,7 @@ from torch.utils._pytree import tree_flatten
 
 from intrain import kernels
 from intrain.kernels import cpu as CPU
+from intrain.kernels import cuda as INT_MM
 from intrain.kernels import reference as REF
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -95,7 +96,9 @@ def test_get_backend_names():
     assert kernels.get_backend("auto") is CPU
     assert kernels.get_backend("auto", torch.device("cpu")) is CPU
     assert kernels.get_backend("reference", "cuda") is REF
-    for be in (REF, CPU):
+    assert kernels.get_backend("auto", "cuda") is INT_MM
+    assert kernels.get_backend("cuda") is INT_MM  # runs on CPU tensors too (how it is tested)
+    for be in (REF, CPU, INT_MM):
         for f in FUNCS:
             assert callable(getattr(be, f))
 
@@ -105,18 +108,11 @@ def test_get_backend_errors():
         kernels.get_backend("fast")
     with pytest.raises(ValueError, match="cpu backend"):
         kernels.get_backend("cpu", "cuda")
-    try:
-        import intrain.kernels.cuda  # noqa: F401
-    except ImportError:
-        with pytest.raises(ValueError, match="the cuda kernel backend is not available yet"):
-            kernels.get_backend("cuda")
-        with pytest.raises(ValueError, match="the cuda kernel backend is not available yet"):
-            kernels.get_backend("auto", "cuda")
 
 
 def test_argument_errors():
     x = torch.zeros(2, 3, dtype=torch.int8)
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         with pytest.raises(TypeError):
             be.linear_forward(x.float(), x)
         with pytest.raises(TypeError):
@@ -143,7 +139,7 @@ def test_result_dtypes():
     g = torch.Generator().manual_seed(0)
     x8, w8 = rand_int(g, (3, 5)), rand_int(g, (4, 5))
     x16 = rand_int(g, (3, 5), torch.int16)
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         assert be.linear_forward(x8, w8).dtype == torch.int32
         assert be.linear_forward(x16, w8).dtype == torch.int64
         assert be.linear_backward_input(rand_int(g, (3, 4)), w8).dtype == torch.int32
@@ -299,6 +295,83 @@ def test_cpu_linear_matches_reference(n, i, o, dtypes, modes, seed, budget):
         both("linear_backward_weight", d, x)
 
 
+# ------------------------------------------------- cuda (torch._int_mm) == reference, on CPU
+
+def int_mm_same(name: str, *args) -> None:
+    assert_same(getattr(INT_MM, name)(*args), getattr(REF, name)(*args))
+
+
+@SETTINGS
+@given(shape=conv_shapes(max_c=12), dtypes=DTYPES, modes=st.tuples(MODES, MODES, MODES),
+       seed=st.integers(0, 2**31 - 1), reduction=st.sampled_from([INT_MM.INT32_REDUCTION, 8, 24]))
+def test_int_mm_conv_matches_reference(shape, dtypes, modes, seed, reduction):
+    """Every shape, stride and padding; int16 operands go to the reference; a shortened int32
+    piece length (8, 24) makes the weight gradient add many pieces in int64."""
+    saved, INT_MM.INT32_REDUCTION = INT_MM.INT32_REDUCTION, reduction
+    try:
+        _check_int_mm_conv(shape, dtypes, modes, seed)
+    finally:
+        INT_MM.INT32_REDUCTION = saved
+
+
+def _check_int_mm_conv(shape, dtypes, modes, seed):
+    n, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
+    x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
+    wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
+    d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
+    int_mm_same("conv2d_forward", x, wt, s, p)
+    int_mm_same("conv2d_backward_input", d, wt, (h, w), s, p)
+    int_mm_same("conv2d_backward_weight", d, x, (kh, kw), s, p)
+
+
+@SETTINGS
+@given(n=st.integers(1, 40), i=st.integers(1, 300), o=st.integers(1, 20), dtypes=DTYPES,
+       modes=st.tuples(MODES, MODES, MODES), seed=st.integers(0, 2**31 - 1))
+def test_int_mm_linear_matches_reference(n, i, o, dtypes, modes, seed):
+    """Batch 1, sizes that are not multiples of 8 and fewer than 17 rows: all padded."""
+    gen = torch.Generator().manual_seed(seed)
+    x = rand_int(gen, (n, i), dtypes[0], modes[0])
+    w = rand_int(gen, (o, i), dtypes[1], modes[1])
+    d = rand_int(gen, (n, o), dtypes[0], modes[2])
+    int_mm_same("linear_forward", x, w)
+    int_mm_same("linear_backward_input", d, w)
+    int_mm_same("linear_backward_weight", d, x)
+
+
+def test_int_mm_chunks_of_the_batch(monkeypatch):
+    """Convolutions built a few samples at a time give the same result as in one piece."""
+    gen = torch.Generator().manual_seed(12)
+    x, wt = rand_int(gen, (7, 3, 9, 9), mode="extreme"), rand_int(gen, (5, 3, 3, 3))
+    d = rand_int(gen, (7, 5, 9, 9), mode="sparse")
+    monkeypatch.setattr(INT_MM, "CHUNK_BYTES", 300)
+    int_mm_same("conv2d_forward", x, wt, 1, 1)
+    int_mm_same("conv2d_backward_input", d, wt, (9, 9), 1, 1)
+    int_mm_same("conv2d_backward_weight", d, x, 3, 1, 1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["uniform", "extreme", "sparse"])
+def test_int_mm_on_cuda_matches_reference_on_cpu(mode):
+    """The int8 tensor-core path on a GPU, VGG-like and odd shapes, against the CPU reference."""
+    gen = torch.Generator().manual_seed(13)
+    cases = [((64, 32, 16, 16), (32, 32, 3, 3), 1, 1), ((3, 5, 7, 9), (6, 5, 3, 2), 2, 1),
+             ((1, 512, 4, 4), (512, 512, 3, 3), 1, 1)]
+    for xs, ws, s, p in cases:
+        x, wt = rand_int(gen, xs, mode=mode), rand_int(gen, ws, mode=mode)
+        y = REF.conv2d_forward(x, wt, s, p)
+        d = rand_int(gen, tuple(y.shape), mode=mode)
+        on = [t.cuda() for t in (x, wt, d)]
+        assert_same(INT_MM.conv2d_forward(on[0], on[1], s, p).cpu(), y)
+        assert_same(INT_MM.conv2d_backward_input(on[2], on[1], xs[2:], s, p).cpu(),
+                    REF.conv2d_backward_input(d, wt, xs[2:], s, p))
+        assert_same(INT_MM.conv2d_backward_weight(on[2], on[0], ws[2:], s, p).cpu(),
+                    REF.conv2d_backward_weight(d, x, ws[2:], s, p))
+    xl, wl = rand_int(gen, (5, 8192), mode=mode), rand_int(gen, (10, 8192), mode=mode)
+    assert_same(INT_MM.linear_forward(xl.cuda(), wl.cuda()).cpu(), REF.linear_forward(xl, wl))
+
+
 def test_cpu_handles_minus_128_and_noncontiguous():
     gen = torch.Generator().manual_seed(3)
     x = rand_int(gen, (2, 40, 6, 6), mode="extreme")
@@ -387,7 +460,7 @@ def test_worst_case_linear(k, kind):
     b = (127 * _pattern(kind, idx, "b")).to(torch.int8)
     expected = _expected_linear_sum(kind, k)
     x, w = a.expand(4, k).contiguous(), b.expand(3, k).contiguous()
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         y = be.linear_forward(x, w)
         assert y.dtype == torch.int32 and bool((y == expected).all())
         # backward-input: reduction over O = k
@@ -417,7 +490,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     wt = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(1, c, 1, 1).expand(3, c, kh, kw)
     x, wt = x.contiguous(), wt.contiguous()
     exp = _expected_conv_forward(kind, c, h, w, kh, kw, s, p, h, w)
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         y = be.conv2d_forward(x, wt, s, p)
         assert y.dtype == torch.int32
         assert torch.equal(y.to(torch.int64), exp.expand(2, 3, h, w))
@@ -426,7 +499,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     d = (127 * _pattern(kind, ci, "a")).to(torch.int8).view(1, c, 1, 1).expand(2, c, h, w)
     wb = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(c, 1, 1, 1).expand(c, 2, kh, kw)
     d, wb = d.contiguous(), wb.contiguous()
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         g = be.conv2d_backward_input(d, wb, (h, w), s, p)
         assert g.dtype == torch.int32
         assert torch.equal(g.to(torch.int64), exp.expand(2, 2, h, w))
@@ -453,7 +526,7 @@ def test_worst_case_conv_strided_checkerboard(kind):
                          * ((-1) ** ((a + b) * s) if kind == "checker" else
                             (1 if kind == "plus" else -1))
                          for b in range(ho)] for a in range(ho)], dtype=torch.int64)
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         y = be.conv2d_forward(x, wt, s, p)
         assert torch.equal(y.to(torch.int64), exp.expand(2, 2, ho, ho))
 
@@ -476,7 +549,7 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
                          for j in range(kh)] for i in range(kh)], dtype=torch.int64)
     if kind == "plus":
         assert int(exp.max()) > 2**31
-    for be in (REF, CPU):
+    for be in (REF, CPU, INT_MM):
         g = be.conv2d_backward_weight(d, x, kh, s, p)
         assert g.dtype == torch.int64
         assert torch.equal(g, exp.expand(o, c, kh, kh))

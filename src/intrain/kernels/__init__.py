@@ -20,13 +20,13 @@ result is the exact integer sum, bit-identical across backends. stride/padding a
 (h, w) pairs with the semantics of ``torch.nn.functional.conv2d`` and its gradients.
 
 Backends: ``reference`` (int64, float-free, any device, the ground truth), ``cpu`` (exact
-integer results through float32/float64 units, CPU only) and ``cuda`` (separate module, loaded
-lazily when present).
+integer results through float32/float64 units, CPU only) and ``cuda`` (int8 products with int32
+accumulation through ``torch._int_mm``: the int8 tensor cores on a GPU; it runs, slowly, on CPU
+tensors too, which is how it is tested without a GPU).
 """
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 
 import torch
@@ -69,10 +69,8 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> ModuleType:
 
         return cpu
     if key == "cuda":
-        try:
-            return importlib.import_module("intrain.kernels.cuda")
-        except ImportError as e:
-            raise ValueError("the cuda kernel backend is not available yet: use --backend reference "
-                             "(exact int64 kernels, slow) on a CUDA device") from e
+        from intrain.kernels import cuda
+
+        return cuda
     raise ValueError(f"unknown kernel backend {name!r}; valid names: "
                      f"{', '.join(BACKENDS + ('auto',))}")
