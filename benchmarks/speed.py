@@ -1,12 +1,14 @@
 """Training-step speed and memory: the int8 engine against its float32 twin, in one process.
 
-Prints, per model, the median time of a whole training step (int8 and float32) and their ratio,
-per-layer forward+backward times, and the bytes a step keeps alive (weights, optimizer state and
-tensors saved for backward) for both. Machines here are noisy, so both sides are measured
-alternately in the same process and only ratios are meant to be compared.
+Prints, per model, the median time of a whole training step (int8, float32, and float32 under
+bf16 autocast) and the ratios, per-layer forward+backward times, and the bytes a step keeps alive
+(weights, optimizer state and tensors saved for backward) for int8 and float32. Machines here are
+noisy, so all sides are measured alternately in the same process and only ratios are meant to
+be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
 
-    python benchmarks/speed.py                          # lenet5 at batch 256
+    python benchmarks/speed.py                          # lenet5 at batch 256, CPU
     python benchmarks/speed.py --model mlp --batch 256 --repeats 20
+    python benchmarks/speed.py --model vgg-small-7 --batch 256 --device cuda
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 
 from intrain.engine import IntegerTrainer
 from intrain.float_twin import FloatTrainer
+from intrain.kernels import BACKENDS
 from intrain.layers import StepContext
 from intrain.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
@@ -28,14 +31,16 @@ from intrain.qtensor import QTensor
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
+def _median_seconds(fn, repeats: int, device: torch.device) -> float:
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    timed()
+    return statistics.median(timed() for _ in range(repeats))
 
 
 def _saved_bytes_int(model) -> int:
@@ -83,18 +88,19 @@ def _saved_bytes_float(model, x, y) -> int:
     return saved + 3 * params  # parameters, their gradients, momentum buffers
 
 
-def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
+def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: str,
+          seed: int = 0) -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
-    labels = torch.randint(0, 10, (batch,), generator=gen)
-    x_int = QTensor.of(pixels, -7)
-    x_float = pixels.to(torch.float32) / 128
+    labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
+    x_int = QTensor.of(pixels.to(device), -7)
+    x_float = (pixels.to(torch.float32) / 128).to(device)
 
-    int_model = build_int_model(model_name, shape, 10, seed=seed, backend="cpu")
+    int_model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device)
     int_trainer = IntegerTrainer(int_model, seed, MuSchedule.parse("0:4"))
     torch.manual_seed(seed)
-    float_model = build_float_model(model_name, shape, 10)
+    float_model = build_float_model(model_name, shape, 10).to(device)
     float_trainer = FloatTrainer(float_model, lr=0.01, epochs=1, steps_per_epoch=10**6)
 
     step = [0]
@@ -106,13 +112,19 @@ def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
     def float_step():
         float_trainer.train_step(x_float, labels, step[0], 0)
 
-    int_times, float_times = [], []
-    for _ in range(3):  # interleave, so drifting machine load hits both sides alike
-        int_times.append(_median_seconds(int_step, repeats))
-        float_times.append(_median_seconds(float_step, repeats))
-    t_int, t_float = min(int_times), min(float_times)
-    print(f"\n{model_name}, batch {batch}, {torch.get_num_threads()} threads")
+    def bf16_step():
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            float_trainer.train_step(x_float, labels, step[0], 0)
+
+    times = {"int8": [], "float32": [], "bf16": []}
+    for _ in range(3):  # interleave, so drifting machine load hits every side alike
+        for key, fn in (("int8", int_step), ("float32", float_step), ("bf16", bf16_step)):
+            times[key].append(_median_seconds(fn, repeats, device))
+    t_int, t_float, t_bf16 = (min(times[k]) for k in ("int8", "float32", "bf16"))
+    where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
+    print(f"\n{model_name}, batch {batch}, {where}, int8 kernels: {int_model.weighted_layers()[0].backend.name}")
     print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
+    print(f"                                    bf16 autocast {t_bf16 * 1e3:8.2f} ms   ratio {t_int / t_bf16:5.2f}x")
 
     int_model.train()
     int_model(x_int, StepContext(seed, 0))
@@ -136,8 +148,8 @@ def bench(model_name: str, batch: int, repeats: int, seed: int = 0) -> None:
             out = layer(inp)
             out.backward(torch.ones_like(out))
 
-        ti = _median_seconds(int_layer_step, repeats)
-        tf = _median_seconds(float_layer_step, repeats)
+        ti = _median_seconds(int_layer_step, repeats, device)
+        tf = _median_seconds(float_layer_step, repeats, device)
         print(f"    {type(int_layer).__name__:14s} int8 {ti * 1e3:8.3f} ms   float32 {tf * 1e3:8.3f} ms   ratio {ti / tf:5.2f}x")
         int_layer.eval()
         q = int_layer(q)
@@ -151,9 +163,14 @@ def main() -> None:
                         help="model to measure (repeatable; default: lenet5)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--backend", choices=BACKENDS + ("auto",), default="auto",
+                        help="int8 kernels (default: auto, the fastest for the device)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to PyTorch here")
     for name in args.model or ["lenet5"]:
-        bench(name, args.batch, args.repeats)
+        bench(name, args.batch, args.repeats, torch.device(args.device), args.backend)
 
 
 if __name__ == "__main__":
