@@ -1,7 +1,7 @@
 """Training-step speed and memory: the int8 engine against its float32 twin, in one process.
 
-Prints, per model, the median time of a whole training step (int8, float32, and float32 under
-bf16 autocast) and the ratios, per-layer forward+backward times, and the bytes a step keeps alive
+Prints, per model, the median time of a whole training step (int8, float32, and on CUDA float32
+under bf16 autocast) and the ratios, per-layer forward+backward times, and the bytes a step keeps alive
 (weights, optimizer state and tensors saved for backward) for int8 and float32. Machines here are
 noisy, so all sides are measured alternately in the same process and only ratios are meant to
 be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
@@ -89,7 +89,7 @@ def _saved_bytes_float(model, x, y) -> int:
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: str,
-          seed: int = 0) -> None:
+          bf16: bool, seed: int = 0) -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
@@ -116,15 +116,18 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
         with torch.autocast(device.type, dtype=torch.bfloat16):
             float_trainer.train_step(x_float, labels, step[0], 0)
 
-    times = {"int8": [], "float32": [], "bf16": []}
+    sides = [("int8", int_step), ("float32", float_step)] + ([("bf16", bf16_step)] if bf16 else [])
+    times = {key: [] for key, _ in sides}
     for _ in range(3):  # interleave, so drifting machine load hits every side alike
-        for key, fn in (("int8", int_step), ("float32", float_step), ("bf16", bf16_step)):
+        for key, fn in sides:
             times[key].append(_median_seconds(fn, repeats, device))
-    t_int, t_float, t_bf16 = (min(times[k]) for k in ("int8", "float32", "bf16"))
+    t_int, t_float = min(times["int8"]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     print(f"\n{model_name}, batch {batch}, {where}, int8 kernels: {int_model.weighted_layers()[0].backend.name}")
     print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
-    print(f"                                    bf16 autocast {t_bf16 * 1e3:8.2f} ms   ratio {t_int / t_bf16:5.2f}x")
+    if bf16:
+        t_bf16 = min(times["bf16"])
+        print(f"                                    bf16 autocast {t_bf16 * 1e3:8.2f} ms   ratio {t_int / t_bf16:5.2f}x")
 
     int_model.train()
     int_model(x_int, StepContext(seed, 0))
@@ -166,11 +169,15 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", choices=BACKENDS + ("auto",), default="auto",
                         help="int8 kernels (default: auto, the fastest for the device)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time the float step under bf16 autocast (default: on CUDA only; "
+                             "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to PyTorch here")
     for name in args.model or ["lenet5"]:
-        bench(name, args.batch, args.repeats, torch.device(args.device), args.backend)
+        bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
+        bench(name, args.batch, args.repeats, torch.device(args.device), args.backend, bf16)
 
 
 if __name__ == "__main__":
