@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from intrain.kernels import FUNCTIONS
 from intrain.kernels import reference as _ref
-from intrain.kernels.im2col import IntPair, col2im, im2col
+from intrain.kernels.im2col import IntPair, conv_backward_input_by, conv_backward_weight_by, conv_forward_by
 
 __all__ = list(FUNCTIONS)
 
@@ -37,7 +37,7 @@ name = "cuda"
 INT32_REDUCTION = 131064
 #: Rows below this are padded (CUDA ``_int_mm`` wants more than 16; a multiple of 8 is kept).
 MIN_ROWS = 32
-#: Bytes of int8 im2col columns built at once by a convolution.
+#: Bytes of im2col columns (int8, or int32 for the input gradient) built at once by a convolution.
 CHUNK_BYTES = 2**28
 
 
@@ -72,9 +72,9 @@ def _mm_int64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return total
 
 
-def _rows_per_chunk(rows_per_sample: int, columns: int) -> int:
-    """Samples per chunk so that one chunk's int8 patch matrix stays below CHUNK_BYTES."""
-    return max(1, CHUNK_BYTES // max(1, rows_per_sample * columns))
+def _samples_per_chunk(rows_per_sample: int, bytes_per_row: int) -> int:
+    """Samples per chunk so that one chunk's column matrix stays below CHUNK_BYTES."""
+    return max(1, CHUNK_BYTES // max(1, rows_per_sample * bytes_per_row))
 
 
 # ----------------------------------------------------------------------------------- linear
@@ -113,13 +113,8 @@ def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
     s, p, (n, c, _, _), (o, _, kh, kw), (ho, wo), _ = _ref.conv_forward_geometry(x, w, stride, padding)
     if not _both_int8(x, w) or n == 0:
         return _ref.conv2d_forward(x, w, s, p)
-    k = c * kh * kw
-    wm = w.reshape(o, k).t()  # [K, O]
-    step = _rows_per_chunk(ho * wo, k)
-    outs = [_mm_int32(im2col(x[n0:n0 + step], (kh, kw), s, p).reshape(-1, k), wm).reshape(-1, ho, wo, o)
-            for n0 in range(0, n, step)]
-    y = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return y.permute(0, 3, 1, 2).contiguous()
+    step = _samples_per_chunk(ho * wo, c * kh * kw)
+    return conv_forward_by(_mm_int32, x, w, s, p, (ho, wo), step).contiguous()
 
 
 def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
@@ -131,15 +126,8 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
     if not _both_int8(d, w) or n == 0:
         return _ref.conv2d_backward_input(d, w, hw, s, p)
     k = c * kh * kw
-    wm = w.reshape(o, k)  # [O, K]
-    step = _rows_per_chunk(ho * wo, max(k, o))
-    outs = []
-    for n0 in range(0, n, step):
-        dm = d[n0:n0 + step].permute(0, 2, 3, 1).reshape(-1, o)  # [n*Ho*Wo, O]
-        cols = _mm_int32(dm, wm).reshape(-1, ho, wo, c, kh, kw)
-        outs.append(col2im(cols, hw, s, p))
-    g = torch.cat(outs) if len(outs) > 1 else outs[0]
-    return g.contiguous()
+    step = _samples_per_chunk(ho * wo, 4 * k)  # the int32 columns are the largest tensor
+    return conv_backward_input_by(_mm_int32, d, w.reshape(o, k), (kh, kw), hw, s, p, step).contiguous()
 
 
 def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
@@ -150,12 +138,5 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
         d, x, kernel_hw, stride, padding)
     if not _both_int8(d, x) or n == 0:
         return _ref.conv2d_backward_weight(d, x, (kh, kw), s, p)
-    k = c * kh * kw
-    step = _rows_per_chunk(ho * wo, k)
-    g = None
-    for n0 in range(0, n, step):
-        cols_t = im2col(x[n0:n0 + step], (kh, kw), s, p).permute(3, 4, 5, 0, 1, 2).reshape(k, -1)
-        dm = d[n0:n0 + step].permute(0, 2, 3, 1).reshape(-1, o)  # [n*Ho*Wo, O]
-        part = _mm_int64(cols_t, dm)  # [K, O]
-        g = part if g is None else g.add_(part)
-    return g.t().reshape(o, c, kh, kw)
+    step = _samples_per_chunk(ho * wo, c * kh * kw)
+    return conv_backward_weight_by(_mm_int64, d, x, (kh, kw), s, p, step)

@@ -1,8 +1,8 @@
 """Integer 2-d convolution (no bias, as in NITI), zero padding, any stride.
 
 Forward: ``y = requant(conv2d(x, w))`` with nearest rounding; int8 in, int8 out, exponent
-``e_x + e_w + shift``. Backward: the weight gradient is kept exact in int64 (its reduction runs over
-batch and output positions); the input error is the transposed convolution requantised to int8
+``e_x + e_w + shift``. Backward: the weight gradient is kept exact (int32 or int64, see
+``layers.base``; its reduction runs over batch and output positions); the input error is the transposed convolution requantised to int8
 with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw`` (int32).
 """
 

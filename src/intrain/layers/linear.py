@@ -1,8 +1,8 @@
 """Integer fully connected layer (no bias, as in NITI).
 
 Forward: ``y = requant(x @ w.T)`` with nearest rounding; int8 in, int8 out, exponent
-``e_x + e_w + shift``. Backward: the weight gradient ``d.T @ x`` is kept exact in int64 (its
-reduction runs over the batch), the input error ``requant(d @ w)`` is int8 with nearest rounding.
+``e_x + e_w + shift``. Backward: the weight gradient ``d.T @ x`` is kept exact (int32 or int64,
+see ``layers.base``; its reduction runs over the batch), the input error ``requant(d @ w)`` is int8 with nearest rounding.
 Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features < 133,000``).
 """
 
