@@ -92,8 +92,8 @@ MIN_SAMPLES_PER_BLOCK = 3
 # over groups of as many samples as keep each group's sum exact in float32: oneDNN's
 # weight-gradient kernel is slow with one or three input channels. Measured on this machine,
 # quiet, 2 threads, tensors from a LeNet-5 training step at batch 256 (throwaway script): first
-# layer (25 columns) 6.6-7.3 ms grouped against 9.4-11.5 ms on sample blocks; second layer (150
-# columns) 7.5-8.2 ms grouped against 3.0-3.8 ms on sample blocks, so it stays on the blocks.
+# layer (25 columns) 6.6-7.4 ms grouped against 9.4-13.3 ms on sample blocks; second layer (150
+# columns) 7.5-9.4 ms grouped against 3.0-4.9 ms on sample blocks, so it stays on the blocks.
 GROUPED_MAX_COLUMNS = 32
 # ... and of wider convolutions whose groups hold at most this many samples. Measured on this
 # machine, quiet, 2 threads, ReLU-like x and pooled (3/4 zero) d (throwaway script): groups of 1
