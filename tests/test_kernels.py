@@ -598,13 +598,14 @@ def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
 @pytest.mark.parametrize("chunk_bytes", [1, 5000, 64 * 2**20])
 def test_grouped_weight_grad_wide_layer_in_chunks(monkeypatch, chunk_bytes):
     """A wide convolution (C*kh*kw = 288) takes the grouped path when its groups are small
-    enough (here groups of 4 samples, with the limit raised to 4), built a chunk of groups at a
-    time; exact for any chunk size."""
+    enough (here groups of 4 samples, with the limit raised to 4) and its block plan is not short
+    (here: any plan), built a chunk of groups at a time; exact for any chunk size."""
     gen = torch.Generator().manual_seed(11)
     x = rand_int(gen, (7, 32, 16, 16), mode="extreme")
     d = rand_int(gen, (7, 4, 16, 16), mode="extreme")
     monkeypatch.setattr(CPU, "GROUPED_CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(CPU, "GROUPED_MAX_SAMPLES", 4)
+    monkeypatch.setattr(CPU, "GROUPED_MIN_BLOCKS", 0)
     taken = []
     real = CPU._weight_grad_grouped
     monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
@@ -652,6 +653,18 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     # backward-input: S[n, c, ., .] <= max|d| * sum_{o,i,j} |w[:, c]|
     s_bi = REF.conv2d_backward_input(ad, aw, (h, w), s, p).to(torch.int64)
     assert bool((s_bi <= md * lw.sum(0).view(1, c, 1, 1)).all())
+    # window bounds, per channel of the activation side (blocks are sums of channels):
+    # forward S[n, o] from input channel k <= max|w| * window_l1(x)[k];
+    # backward-input S[n, c] from error channel k <= max|w| * window_l1(d)[k].
+    mw = CPU._absmax(wt)
+    win_x = CPU._window_l1(x.float(), (kh, kw), mx)[:, 0]
+    win_d = CPU._window_l1(d.float(), (kh, kw), md)[:, 0]
+    for k in range(c):
+        part = REF.conv2d_forward(ax[:, k:k + 1], aw[:, k:k + 1], s, p)
+        assert int(part.max()) <= mw * int(win_x[k])
+    for k in range(o):
+        part = REF.conv2d_backward_input(ad[:, k:k + 1], aw[k:k + 1], (h, w), s, p)
+        assert int(part.max()) <= mw * int(win_d[k])
     # weight gradient: L1 and Cauchy-Schwarz bounds per (o, c)
     s_bw = REF.conv2d_backward_weight(ad, ax, (kh, kw), s, p)
     df, xf = d.float(), x.float()
@@ -682,6 +695,24 @@ def test_cpu_weight_grad_blocks_with_cauchy_schwarz():
     b_cs = CPU._greedy_blocks(l1 + cs, n, CPU.F32_EXACT, None)
     assert len(b_cs) < len(b_l1)
     both("conv2d_backward_weight", d, x, 5, 1, 2)
+
+
+def test_cpu_window_bound_saves_blocks_for_sparse_errors():
+    """Sparse large errors against dense worst-case weights (VGG's last layers late in a step):
+    the weight-side L1 bound splits the 512 error channels into blocks, the window bound on the
+    errors proves one float32 call exact; the result matches the reference."""
+    gen = torch.Generator().manual_seed(12)
+    n, o, c, h = 4, 512, 6, 8
+    d = rand_int(gen, (n, o, h, h), mode="extreme")
+    d = d * (torch.rand(d.shape, generator=gen) < 0.01)
+    wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
+    md, mw = CPU._absmax(d), CPU._absmax(wt)
+    by_weights = CPU._greedy_blocks([CPU.L1Bound(md, CPU._weight_l1(wt))], o, CPU.F32_EXACT, None)
+    by_window = CPU._greedy_blocks([CPU.L1Bound(mw, CPU._window_l1(d.float(), (3, 3), md))], o,
+                                   CPU.F32_EXACT, None)
+    assert len(by_weights) > 1 and len(by_window) == 1
+    both("conv2d_backward_input", d, wt, (h, h), 1, 1)
+    both("conv2d_forward", d, wt.transpose(0, 1).contiguous(), 1, 1)
 
 
 def test_cpu_weight_grad_split_path(monkeypatch):
