@@ -25,6 +25,7 @@ from intrain import kernels
 from intrain.kernels import cpu as CPU
 from intrain.kernels import cuda as INT_MM
 from intrain.kernels import reference as REF
+from intrain.requant import requantize
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
@@ -73,6 +74,14 @@ def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: boo
     finally:
         for k, v in zip(names, saved):
             setattr(CPU, k, v)
+
+
+def assert_requantized_same(name: str, *args) -> None:
+    """cpu's product_to_int8 gives the bits of requantising the reference accumulator."""
+    expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64))
+    values, shift = CPU.product_to_int8(name, *args)
+    assert_same(values, expected.v)
+    assert_same(shift, expected.e)
 
 
 def both(name: str, *args):
@@ -295,6 +304,58 @@ def test_cpu_linear_matches_reference(n, i, o, dtypes, modes, seed, budget):
         both("linear_backward_weight", d, x)
 
 
+# ------------------------------------------- cpu products requantised straight from floats
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
+    """Every integer of bit length <= 18 (each bit length alone, so each shift), then for the
+    longer ones up to the float's exact range: the extremes, every tie (k + 1/2) * 2**s near
+    them and random values."""
+    gen = torch.Generator().manual_seed(3)
+    top = 24 if dtype == torch.float32 else 53
+    for b in range(0, top + 1):
+        m = 2**b - 1
+        if b <= 18:
+            v = torch.arange(-m, m + 1, dtype=torch.int64)
+        else:
+            s = b - 7
+            ties = torch.arange(2**7 - 9, 2**7, dtype=torch.int64) * 2**s + 2**(s - 1)
+            near = torch.tensor([m, m - 1, 2**(b - 1), 2**(b - 1) + 1, 2**s - 1, 2**s, 1, 0])
+            rand = torch.randint(-m, m + 1, (4000,), generator=gen, dtype=torch.int64)
+            v = torch.cat([ties, -ties, near, -near, rand])
+        expected = requantize(v, torch.zeros((), dtype=torch.int64))
+        values, shift = CPU.exact_to_int8(v.to(dtype))
+        assert_same(values, expected.v)
+        assert_same(shift, expected.e)
+
+
+@SETTINGS
+@given(shape=conv_shapes(), dtypes=DTYPES, modes=st.tuples(MODES, MODES, MODES),
+       seed=st.integers(0, 2**31 - 1), budget=BUDGETS)
+def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes, seed, budget):
+    """Over shapes, int16 mixes and lowered budgets (float32 blocks, float64, int64 fall-back)."""
+    n, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho = (h + 2 * p[0] - kh) // s[0] + 1
+    wo = (w + 2 * p[1] - kw) // s[1] + 1
+    x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
+    wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
+    d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
+    wl = rand_int(gen, (o, c * h * w), dtypes[1], modes[1])
+    dl = rand_int(gen, (n, o), dtypes[0], modes[2])
+    with cpu_budget(budget):
+        assert_requantized_same("conv2d_forward", x, wt, s, p)
+        assert_requantized_same("conv2d_backward_input", d, wt, (h, w), s, p)
+        assert_requantized_same("linear_forward", x.flatten(1), wl)
+        assert_requantized_same("linear_backward_input", dl, wl)
+
+
+def test_cpu_product_to_int8_rejects_other_products():
+    with pytest.raises(ValueError, match="product_to_int8 takes one of"):
+        CPU.product_to_int8("conv2d_backward_weight", torch.zeros(1, 1, 1, 1, dtype=torch.int8),
+                            torch.zeros(1, 1, 1, 1, dtype=torch.int8), 1)
+
+
 # ------------------------------------------------- cuda (torch._int_mm) == reference, on CPU
 
 def int_mm_same(name: str, *args) -> None:
@@ -471,6 +532,9 @@ def test_worst_case_linear(k, kind):
         gw = be.linear_backward_weight(a.view(k, 1).expand(k, 3).contiguous(),
                                        b.view(k, 1).expand(k, 6).contiguous())
         assert gw.dtype == torch.int64 and bool((gw == expected).all())
+    assert_requantized_same("linear_forward", x, w)
+    assert_requantized_same("linear_backward_input", a.expand(2, k).contiguous(),
+                            b.view(k, 1).expand(k, 5).contiguous())
 
 
 def _expected_conv_forward(kind, c, h, w, kh, kw, s, p, ho, wo):
@@ -503,6 +567,8 @@ def test_worst_case_conv_forward_and_backward_input(kind):
         g = be.conv2d_backward_input(d, wb, (h, w), s, p)
         assert g.dtype == torch.int32
         assert torch.equal(g.to(torch.int64), exp.expand(2, 2, h, w))
+    assert_requantized_same("conv2d_forward", x, wt, s, p)
+    assert_requantized_same("conv2d_backward_input", d, wb, (h, w), s, p)
 
 
 @pytest.mark.parametrize("kind", ["plus", "minus", "checker"])

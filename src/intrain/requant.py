@@ -32,3 +32,14 @@ def requantize(
     shift = (max_bit_length(a) - (bits - 1)).clamp(min=0)
     v = shift_round(a, shift, mode, key).clamp_(-limit, limit).to(_STORAGE[bits])
     return QTensor(v, e + shift)
+
+
+def requantize_product(backend, name: str, args: tuple, e: torch.Tensor) -> QTensor:
+    """``requantize(getattr(backend, name)(*args), e)`` (int8, nearest rounding). Backends that
+    compute products in floats offer ``product_to_int8``, which gives the same bits without
+    making the integer accumulator; the others are requantised here."""
+    fused = getattr(backend, "product_to_int8", None)
+    if fused is None:
+        return requantize(getattr(backend, name)(*args), e)
+    values, shift = fused(name, *args)
+    return QTensor(values, e + shift)

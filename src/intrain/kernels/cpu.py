@@ -76,6 +76,8 @@ import torch.nn.functional as F
 from intrain.kernels import reference as _ref
 from intrain.kernels import FUNCTIONS
 from intrain.kernels.im2col import IntPair, im2col
+from intrain.requant import requantize
+from intrain.rounding import shift_round
 
 __all__ = list(FUNCTIONS)
 
@@ -313,8 +315,9 @@ def _accumulate(results, quick: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------- linear
 
-def _mm_exact(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
-    """Exact ``a @ b`` for integer a [M, K], b [K, R] (any strides), as ``out_dtype``."""
+def _mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` for integer a [M, K], b [K, R] (any strides): a float tensor holding the
+    exact integer results, or an int64 tensor."""
     k = a.shape[1]
     ma, mb = _absmax(a), _absmax(b)
     n_grains = min(k, _MM_GRAINS)
@@ -332,26 +335,37 @@ def _mm_exact(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch
 
     dt, blocks = _plan(ma * mb * k, [parts], n_grains, MAX_F32_BLOCKS_MM)
     if dt is None:
-        return torch.matmul(a.to(torch.int64), b.to(torch.int64)).to(out_dtype)
+        return torch.matmul(a.to(torch.int64), b.to(torch.int64))
     if len(blocks) == 1:
-        return torch.matmul(a.to(dt), b.to(dt)).to(out_dtype)
+        return torch.matmul(a.to(dt), b.to(dt))
     res = (torch.matmul(a[:, edges[g0]:edges[g1]].to(dt), b[edges[g0]:edges[g1]].to(dt))
            for g0, g1 in blocks)
-    return _accumulate(res, ma * mb * k).to(out_dtype)
+    return _accumulate(res, ma * mb * k)
+
+
+def _linear_forward_exact(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+    k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
+    _check_cpu(x, w)
+    return _mm_exact(x, w.t()), _ref.narrow_result_dtype(x, w, k)
 
 
 def linear_forward(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
-    k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
-    _check_cpu(x, w)
-    return _mm_exact(x, w.t(), _ref.narrow_result_dtype(x, w, k))
+    exact, out_dtype = _linear_forward_exact(x, w)
+    return exact.to(out_dtype)
+
+
+def _linear_backward_input_exact(d: torch.Tensor, w: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.dtype]:
+    k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
+    _check_cpu(d, w)
+    return _mm_exact(d, w), _ref.narrow_result_dtype(d, w, k)
 
 
 def linear_backward_input(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
-    k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
-    _check_cpu(d, w)
-    return _mm_exact(d, w, _ref.narrow_result_dtype(d, w, k))
+    exact, out_dtype = _linear_backward_input_exact(d, w)
+    return exact.to(out_dtype)
 
 
 def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -359,7 +373,7 @@ def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
     _ref.check_wide_reduction(d, x, k)
     _check_cpu(d, x)
-    return _mm_exact(d.t(), x, torch.int64)
+    return _mm_exact(d.t(), x).to(torch.int64)
 
 
 # ----------------------------------------------------------------------------------- conv2d
@@ -395,9 +409,15 @@ def _window_l1(tf: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Te
 
 def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                    padding: IntPair = 0) -> torch.Tensor:
-    """``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, Ho, Wo].
+    """``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, Ho, Wo]
+    (int32 for int8 operands, else int64)."""
+    exact, out_dtype = _conv2d_forward_exact(x, w, stride, padding)
+    return exact.to(out_dtype)
 
-    int32 for int8 operands, else int64. Blocks (if any) are groups of input channels; the
+
+def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, padding: IntPair
+                          ) -> tuple[torch.Tensor, torch.dtype]:
+    """conv2d_forward as (float or int64 tensor holding the exact results, result dtype). Blocks (if any) are groups of input channels; the
     bounds of a group are max|x| * max_o sum_{c in group, i, j} |w[o, c, i, j]| and
     max|w| * sum_{c in group} (largest sum of |x[n, c]| over a kh x kw window), see _window_l1.
     """
@@ -411,13 +431,13 @@ def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                         lambda: [L1Bound(mw, _window_l1(xf, (kh, kw), mx))]],
                        c, MAX_F32_BLOCKS_CONV)
     if dt is None or n == 0:
-        return _ref.conv2d_forward(x, w, s, p)
+        return _ref.conv2d_forward(x, w, s, p), out_dtype
     xf = xf.to(dt)
     with _no_nnpack():
         if len(blocks) == 1:
-            return F.conv2d(xf, w.to(dt), None, s, p).to(out_dtype)
+            return F.conv2d(xf, w.to(dt), None, s, p), out_dtype
         res = (F.conv2d(xf[:, c0:c1], w[:, c0:c1].to(dt), None, s, p) for c0, c1 in blocks)
-        return _accumulate(res, mx * mw * c * kh * kw).to(out_dtype)
+        return _accumulate(res, mx * mw * c * kh * kw), out_dtype
 
 
 def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Tensor:
@@ -433,7 +453,15 @@ def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Ten
 def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                           stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
     """Gradient of conv2d with respect to its input: d [N, O, Ho, Wo], w [O, C, kh, kw] ->
-    [N, C, H, W] (int32 for int8 operands, else int64). Blocks (if any) are groups of output
+    [N, C, H, W] (int32 for int8 operands, else int64)."""
+    exact, out_dtype = _conv2d_backward_input_exact(d, w, input_hw, stride, padding)
+    return exact.to(out_dtype)
+
+
+def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                 stride: IntPair, padding: IntPair
+                                 ) -> tuple[torch.Tensor, torch.dtype]:
+    """conv2d_backward_input as (float or int64 tensor of exact results, result dtype). Blocks (if any) are groups of output
     channels; the bounds of a group are max|d| * max_c sum_{o in group, i, j} |w[o, c, i, j]|
     and max|w| * sum_{o in group} (largest sum of |d[n, o]| over a kh x kw window): the output
     positions that one input position meets lie in such a window (see _window_l1)."""
@@ -447,12 +475,12 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                         lambda: [L1Bound(md, _weight_l1(w))]],
                        o, MAX_F32_BLOCKS_CONV)
     if dt is None or n == 0:
-        return _ref.conv2d_backward_input(d, w, hw, s, p)
+        return _ref.conv2d_backward_input(d, w, hw, s, p), out_dtype
     df = df.to(dt)
     if len(blocks) == 1:
-        return _transposed(df, w.to(dt), hw, s, p).to(out_dtype)
+        return _transposed(df, w.to(dt), hw, s, p), out_dtype
     res = (_transposed(df[:, o0:o1], w[o0:o1].to(dt), hw, s, p) for o0, o1 in blocks)
-    return _accumulate(res, md * mw * o * kh * kw).to(out_dtype)
+    return _accumulate(res, md * mw * o * kh * kw), out_dtype
 
 
 def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
@@ -596,3 +624,51 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     if plan[1] is None:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
     return _weight_grad_run(df, xf, *plan, khw, s, p).to(torch.int64)
+
+
+# ------------------------------------------------------------------- requantised products
+
+_EXACT_PRODUCTS = {
+    "linear_forward": _linear_forward_exact,
+    "linear_backward_input": _linear_backward_input_exact,
+    "conv2d_forward": _conv2d_forward_exact,
+    "conv2d_backward_input": _conv2d_backward_input_exact,
+}
+
+
+def product_to_int8(name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift as a
+    0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but computed
+    from the exact float product, so no integer accumulator is made (a tensor-sized 4-byte
+    temporary and two passes over it fewer)."""
+    if name not in _EXACT_PRODUCTS:
+        raise ValueError(f"product_to_int8 takes one of {', '.join(_EXACT_PRODUCTS)}, not {name!r}")
+    exact, _ = _EXACT_PRODUCTS[name](*args)
+    return exact_to_int8(exact)
+
+
+def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-rounding requantisation to int8 of a tensor holding exact integers: float32
+    (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype. Consumes ``exact`` (it is
+    scaled in place).
+
+    With ``b`` = bit length of max |y| and ``s = max(b - 7, 0)``: for s = 0 every |y| <= 127
+    and the values are cast as they are. Otherwise ``t = trunc(y * 2**(1 - s))`` (scaling by a
+    power of two is exact in floats, and the cast truncates) is |y| / 2**(s-1) rounded down in
+    magnitude, below 2**8 (int16), and nearest rounding of y / 2**s with ties away from zero is
+    ``sign(t) * floor((|t| + 1) / 2)``, because floor((z + 1) / 2) = floor((floor(z) + 1) / 2)
+    for z >= 0: one more nearest shift of t, by 1. The clip to [-127, 127] follows as in
+    ``requantize``. Integer tensors go to ``requantize`` itself.
+    """
+    if not exact.is_floating_point():
+        q = requantize(exact, torch.zeros((), dtype=torch.int64))
+        return q.v, q.e
+    if exact.numel() == 0:
+        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
+    low, high = torch.aminmax(exact)
+    shift = max(int(max(-low, high)).bit_length() - 7, 0)
+    if shift == 0:
+        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
+    halves = exact.mul_(2.0 ** (1 - shift)).to(torch.int16)
+    values = shift_round(halves, 1, "nearest").clamp_(-127, 127).to(torch.int8)
+    return values, torch.tensor(shift, dtype=torch.int64)

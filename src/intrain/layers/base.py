@@ -16,7 +16,7 @@ import torch
 
 from intrain import rng
 from intrain.qtensor import QTensor
-from intrain.requant import requantize
+from intrain.requant import requantize, requantize_product
 from intrain.rounding import shift_round
 
 
@@ -79,15 +79,17 @@ class WeightedIntModule(IntModule):
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
 
-    def requantize_error(self, acc: torch.Tensor, e: torch.Tensor, ctx: StepContext | None) -> QTensor:
-        """The int8 error for the layer below: nearest rounding (NITI), or stochastic rounding keyed
-        by (seed, step, layer), which keeps the small errors of most samples alive on average."""
+    def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
+                         ctx: StepContext | None) -> QTensor:
+        """The int8 error for the layer below, from the backend's ``product`` of ``args``:
+        nearest rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps
+        the small errors of most samples alive on average."""
         if self.error_rounding == "nearest":
-            return requantize(acc, e)
+            return requantize_product(self.backend, product, args, e)
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        return requantize(acc, e, mode="stochastic", key=key)
+        return requantize(getattr(self.backend, product)(*args), e, mode="stochastic", key=key)
 
     def store_weight_grad(self, grad: torch.Tensor, e: torch.Tensor, d: torch.Tensor, x: torch.Tensor,
                           reduction_length: int) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from intrain.layers.base import StepContext, WeightedIntModule
 from intrain.qtensor import QTensor
-from intrain.requant import requantize
+from intrain.requant import requantize_product
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -30,8 +30,8 @@ class IntConv2d(WeightedIntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        acc = self.backend.conv2d_forward(x.v, self.weight, self.stride, self.padding)
-        return requantize(acc, x.e + self.weight_exp)
+        return requantize_product(self.backend, "conv2d_forward",
+                                  (x.v, self.weight, self.stride, self.padding), x.e + self.weight_exp)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input
@@ -43,8 +43,8 @@ class IntConv2d(WeightedIntModule):
         self._saved_input = None
         if not need_input_grad:
             return None
-        acc = self.backend.conv2d_backward_input(d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
-        return self.requantize_error(acc, d.e + self.weight_exp, ctx)
+        args = (d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
+        return self.requantize_error("conv2d_backward_input", args, d.e + self.weight_exp, ctx)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

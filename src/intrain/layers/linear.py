@@ -8,10 +8,9 @@ Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features 
 
 from __future__ import annotations
 
-
 from intrain.layers.base import StepContext, WeightedIntModule
 from intrain.qtensor import QTensor
-from intrain.requant import requantize
+from intrain.requant import requantize_product
 
 
 class IntLinear(WeightedIntModule):
@@ -23,8 +22,8 @@ class IntLinear(WeightedIntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        acc = self.backend.linear_forward(x.v, self.weight)
-        return requantize(acc, x.e + self.weight_exp)
+        return requantize_product(self.backend, "linear_forward", (x.v, self.weight),
+                                  x.e + self.weight_exp)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input
@@ -35,7 +34,8 @@ class IntLinear(WeightedIntModule):
         self._saved_input = None
         if not need_input_grad:
             return None
-        return self.requantize_error(self.backend.linear_backward_input(d.v, self.weight), d.e + self.weight_exp, ctx)
+        return self.requantize_error("linear_backward_input", (d.v, self.weight),
+                                     d.e + self.weight_exp, ctx)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
