@@ -28,7 +28,15 @@ from intrain.kernels import reference as REF
 from intrain.requant import requantize
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow])
+                    suppress_health_check=[HealthCheck.too_slow,
+                                           HealthCheck.function_scoped_fixture])
+
+
+@pytest.fixture(autouse=True)
+def cpu_float_path(monkeypatch):
+    """The cpu backend's float path unless a test asks for its int8 GEMM path (which the machine
+    may or may not pick by itself); ``both`` checks the cpu backend on both paths."""
+    monkeypatch.setattr(CPU, "USE_INT8_GEMM", False)
 
 FUNCS = kernels.FUNCTIONS
 
@@ -79,15 +87,29 @@ def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: boo
 def assert_requantized_same(name: str, *args) -> None:
     """cpu's product_to_int8 gives the bits of requantising the reference accumulator."""
     expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64))
-    values, shift = CPU.product_to_int8(name, *args)
-    assert_same(values, expected.v)
-    assert_same(shift, expected.e)
+    for on in (False, True):
+        with cpu_int8_gemm(on):
+            values, shift = CPU.product_to_int8(name, *args)
+        assert_same(values, expected.v)
+        assert_same(shift, expected.e)
+
+
+@contextlib.contextmanager
+def cpu_int8_gemm(on: bool = True):
+    saved = CPU.USE_INT8_GEMM
+    CPU.USE_INT8_GEMM = on
+    try:
+        yield
+    finally:
+        CPU.USE_INT8_GEMM = saved
 
 
 def both(name: str, *args):
+    """The cpu backend, on its float path and on its int8 GEMM path, equals the reference."""
     r = getattr(REF, name)(*args)
-    c = getattr(CPU, name)(*args)
-    assert_same(c, r)
+    assert_same(getattr(CPU, name)(*args), r)
+    with cpu_int8_gemm():
+        assert_same(getattr(CPU, name)(*args), r)
     return r
 
 
@@ -283,7 +305,8 @@ def test_cpu_conv_matches_reference(shape, dtypes, modes, seed, budget, scalar_a
     _check_conv(shape, dtypes, modes, seed, budget, scalar_args)
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(shape=conv_shapes(max_c=40), modes=st.tuples(MODES, MODES, MODES),
        seed=st.integers(0, 2**31 - 1), budget=st.sampled_from([2**24, 2**20, 2**18]))
 def test_cpu_conv_matches_reference_many_channels(shape, modes, seed, budget):
@@ -803,7 +826,8 @@ def test_cpu_weight_grad_split_path(monkeypatch):
     assert direct[1] != torch.float32 or len(hi[2]) + len(lo[2]) < len(direct[2])
 
 
-@settings(max_examples=15, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(n=st.integers(5, 24), c=st.integers(1, 3), o=st.integers(1, 3), hw=st.integers(3, 9),
        k=st.integers(1, 3), s=st.integers(1, 2), p=st.integers(0, 1),
        modes=st.tuples(MODES, MODES), seed=st.integers(0, 2**31 - 1),

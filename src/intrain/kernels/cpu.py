@@ -65,6 +65,7 @@ float32 is measured by ``benchmarks/speed.py``; results are in BENCHMARKS.md.
 
 from __future__ import annotations
 
+import functools
 import os
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -73,10 +74,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from intrain.kernels import reference as _ref
 from intrain.kernels import FUNCTIONS
+from intrain.kernels import cuda as _int_mm
+from intrain.kernels import reference as _ref
 from intrain.kernels.im2col import IntPair, im2col
-from intrain.requant import requantize
+from intrain.requant import cpu_slices, requantize
 from intrain.rounding import shift_round
 
 __all__ = list(FUNCTIONS)
@@ -117,10 +119,40 @@ GROUPED_MAX_SAMPLES = 1
 GROUPED_CHUNK_BYTES = 64 * 2**20
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
 SPLIT_MIN_BLOCKS = 4
+# L1 norms take |.| of at most this many elements at a time.
+_L1_SLICE_ELEMENTS = 2**20
 # Linear reductions are split on chunks of this many columns (the "grains").
 _MM_GRAINS = 64
 
+#: Whether int8 x int8 products use ``torch._int_mm`` (exact int32 accumulation) instead of
+#: float units: None = automatically (see _int8_gemm), True = always, False = never.
+USE_INT8_GEMM: bool | None = None
+#: ... automatically only for convolutions with at least this many input and output channels:
+#: below it the im2col copy costs more than the product saves. Measured on an AMX machine, 2
+#: threads, tensors of real training steps (throwaway script): LeNet-5 (1->6, 6->16 channels)
+#: forward 3.1-3.6x slower on the int8 GEMM, input gradient 1.5x, weight gradient 1.1-1.2x;
+#: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
+INT8_GEMM_MIN_CHANNELS = 32
+
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
+
+
+@functools.cache
+def _has_amx() -> bool:
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _int8_gemm(a: torch.Tensor, b: torch.Tensor, channels: int | None = None) -> bool:
+    """True when this int8 x int8 product goes to ``torch._int_mm`` (``channels``: the smaller
+    channel count of a convolution). On CPUs with AMX-INT8 (Intel Xeon since Sapphire Rapids)
+    oneDNN runs it at 1-3 TOPS, 4-11x its float32 GEMM (measured on such a machine, see
+    BENCHMARKS.md); elsewhere (AMD Zen 3: about 3 GOPS) the float path wins."""
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        return False
+    if USE_INT8_GEMM is not None:
+        return USE_INT8_GEMM
+    return _has_amx() and (channels is None or channels >= INT8_GEMM_MIN_CHANNELS)
 
 
 def _fp32_is_strict() -> bool:
@@ -180,10 +212,13 @@ def _rows_l1(tf: torch.Tensor, dims: Sequence[int], amax: int, count: int) -> to
     ``count`` terms of magnitude <= ``amax`` per norm: the float32 sum is exact when
     ``amax * count <= 2**24`` (same argument as above, all terms >= 0); otherwise use float64.
     """
-    if amax * count > F32_EXACT:
-        tf = tf.to(torch.float64)
-    # vector_norm fuses |.| into the sum: no tensor-sized temporary, 3x faster than abs().sum().
-    return torch.linalg.vector_norm(tf, 1, dim=tuple(dims)).to(torch.int64)
+    wide = amax * count > F32_EXACT
+    # |.| a slice of samples at a time: a temporary of the whole tensor costs more in page
+    # faults than the arithmetic (measured: 9.5 ms against 1.9 ms for a [64, 128, 32, 32] tensor).
+    per_slice = max(1, _L1_SLICE_ELEMENTS // max(1, tf[0].numel()))
+    norms = [(part.to(torch.float64) if wide else part).abs().sum(dim=tuple(dims))
+             for part in tf.split(per_slice)]
+    return torch.cat(norms).to(torch.int64)
 
 
 # ------------------------------------------------------------------------------ block plans
@@ -346,6 +381,8 @@ def _mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _linear_forward_exact(x: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
     k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
     _check_cpu(x, w)
+    if _int8_gemm(x, w):
+        return _int_mm.linear_forward(x, w), torch.int32
     return _mm_exact(x, w.t()), _ref.narrow_result_dtype(x, w, k)
 
 
@@ -359,6 +396,8 @@ def _linear_backward_input_exact(d: torch.Tensor, w: torch.Tensor
                                  ) -> tuple[torch.Tensor, torch.dtype]:
     k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
     _check_cpu(d, w)
+    if _int8_gemm(d, w):
+        return _int_mm.linear_backward_input(d, w), torch.int32
     return _mm_exact(d, w), _ref.narrow_result_dtype(d, w, k)
 
 
@@ -373,6 +412,8 @@ def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
     _ref.check_wide_reduction(d, x, k)
     _check_cpu(d, x)
+    if _int8_gemm(d, x):
+        return _int_mm.linear_backward_weight(d, x)
     return _mm_exact(d.t(), x).to(torch.int64)
 
 
@@ -407,12 +448,34 @@ def _window_l1(tf: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Te
     return sums.amax(dim=(0, 2, 3)).to(torch.int64).unsqueeze(1)
 
 
+def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
+                    ) -> torch.Tensor:
+    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] as an exact int32 tensor
+    [N, Ho, Wo, O] (channels last): im2col over channels-last patches (each row of the column
+    matrix is kh*kw runs of C contiguous channels, a cheap copy) and ``torch._int_mm``, a chunk
+    of samples at a time. Exact: int32 accumulation of at most C*kh*kw <= 131,071 terms of
+    magnitude <= 2**14 cannot wrap (checked by the geometry)."""
+    n, c = x.shape[:2]
+    o, _, kh, kw = w.shape
+    k = c * kh * kw
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
+    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
+    ho, wo = patches.shape[1:3]
+    wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
+    out = torch.empty((n, ho, wo, o), dtype=torch.int32)
+    step = _int_mm._samples_per_chunk(ho * wo, k)
+    for n0 in range(0, n, step):
+        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
+        out[n0:n0 + step] = _int_mm._mm_int32(cols, wm).view(-1, ho, wo, o)
+    return out
+
+
 def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                    padding: IntPair = 0) -> torch.Tensor:
     """``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, Ho, Wo]
     (int32 for int8 operands, else int64)."""
     exact, out_dtype = _conv2d_forward_exact(x, w, stride, padding)
-    return exact.to(out_dtype)
+    return exact.to(out_dtype).contiguous()
 
 
 def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, padding: IntPair
@@ -424,6 +487,8 @@ def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, pad
     s, p, (n, c, h, wd), (o, _, kh, kw), (ho, wo), out_dtype = _ref.conv_forward_geometry(
         x, w, stride, padding)
     _check_cpu(x, w)
+    if _int8_gemm(x, w, min(c, o)) and n:
+        return _conv_int8_gemm(x, w, s, p).permute(0, 3, 1, 2), out_dtype
     mx, mw = _absmax(x), _absmax(w)
     xf = x.to(torch.float32)
     dt, blocks = _plan(mx * mw * c * kh * kw,
@@ -455,7 +520,7 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
     """Gradient of conv2d with respect to its input: d [N, O, Ho, Wo], w [O, C, kh, kw] ->
     [N, C, H, W] (int32 for int8 operands, else int64)."""
     exact, out_dtype = _conv2d_backward_input_exact(d, w, input_hw, stride, padding)
-    return exact.to(out_dtype)
+    return exact.to(out_dtype).contiguous()
 
 
 def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
@@ -468,6 +533,11 @@ def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: Int
     s, p, (n, o, ho, wo), (_, c, kh, kw), hw, out_dtype = _ref.conv_backward_input_geometry(
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
+    if _int8_gemm(d, w, min(c, o)) and n and s == (1, 1) and p[0] < kh and p[1] < kw:
+        # With stride 1 the input gradient is the convolution of d with the kernel flipped and
+        # its channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) needed.
+        flipped = w.transpose(0, 1).flip(2, 3)
+        return _conv_int8_gemm(d, flipped, s, (kh - 1 - p[0], kw - 1 - p[1])).permute(0, 3, 1, 2), out_dtype
     md, mw = _absmax(d), _absmax(w)
     df = d.to(torch.float32)
     dt, blocks = _plan(md * mw * o * kh * kw,
@@ -593,6 +663,8 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     _check_cpu(d, x)
     if n == 0:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
+    if _int8_gemm(d, x, min(c, o)):
+        return _int_mm.conv2d_backward_weight(d, x, khw, s, p)
     md, mx = _absmax(d), _absmax(x)
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
@@ -649,8 +721,8 @@ def product_to_int8(name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
 
 def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-rounding requantisation to int8 of a tensor holding exact integers: float32
-    (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype. Consumes ``exact`` (it is
-    scaled in place).
+    (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype, a slice of samples at a time.
+    Consumes ``exact`` (it is scaled in place).
 
     With ``b`` = bit length of max |y| and ``s = max(b - 7, 0)``: for s = 0 every |y| <= 127
     and the values are cast as they are. Otherwise ``t = trunc(y * 2**(1 - s))`` (scaling by a
@@ -669,6 +741,8 @@ def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     shift = max(int(max(-low, high)).bit_length() - 7, 0)
     if shift == 0:
         return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
-    halves = exact.mul_(2.0 ** (1 - shift)).to(torch.int16)
-    values = shift_round(halves, 1, "nearest").clamp_(-127, 127).to(torch.int8)
+    values = torch.empty(exact.shape, dtype=torch.int8)
+    for rows in cpu_slices(exact):
+        halves = exact[rows].mul_(2.0 ** (1 - shift)).to(torch.int16)
+        values[rows] = shift_round(halves, 1, "nearest").clamp_(-127, 127)
     return values, torch.tensor(shift, dtype=torch.int64)
