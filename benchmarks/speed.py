@@ -9,11 +9,13 @@ be compared. On a GPU (``--device cuda``) every timed call ends with a device sy
     python benchmarks/speed.py                          # lenet5 at batch 256, CPU
     python benchmarks/speed.py --model mlp --batch 256 --repeats 20
     python benchmarks/speed.py --model vgg-small-7 --batch 256 --device cuda
+    python benchmarks/speed.py --model vgg-small-7 --batch 64 --int8-gemm off   # float path only
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
 import time
 
@@ -22,6 +24,7 @@ import torch
 from intrain.engine import IntegerTrainer
 from intrain.float_twin import FloatTrainer
 from intrain.kernels import BACKENDS
+from intrain.kernels import cpu as cpu_kernels
 from intrain.layers import StepContext
 from intrain.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
@@ -160,6 +163,17 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
         int_layer.train()
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", action="append", choices=MODELS,
@@ -169,12 +183,19 @@ def main() -> None:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", choices=BACKENDS + ("auto",), default="auto",
                         help="int8 kernels (default: auto, the fastest for the device)")
+    parser.add_argument("--int8-gemm", choices=("auto", "on", "off"), default="auto",
+                        help="cpu backend: int8 products through torch._int_mm (auto: on CPUs "
+                             "with AMX-INT8, for wide enough layers), or always, or never "
+                             "(off: the float path, as on CPUs without such units)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to PyTorch here")
+    cpu_kernels.USE_INT8_GEMM = {"auto": None, "on": True, "off": False}[args.int8_gemm]
+    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if cpu_kernels._has_amx() else 'no'}, "
+          f"int8 GEMM: {args.int8_gemm}, PyTorch {torch.__version__}")
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), args.backend, bf16)

@@ -19,10 +19,15 @@ int16; weight gradients are int64 (their reduction over batch*Ho*Wo can pass 2**
 result is the exact integer sum, bit-identical across backends. stride/padding are ints or
 (h, w) pairs with the semantics of ``torch.nn.functional.conv2d`` and its gradients.
 
-Backends: ``reference`` (int64, float-free, any device, the ground truth), ``cpu`` (exact
-integer results through float32/float64 units, CPU only) and ``cuda`` (int8 products with int32
-accumulation through ``torch._int_mm``: the int8 tensor cores on a GPU; it runs, slowly, on CPU
-tensors too, which is how it is tested without a GPU).
+Backends: ``reference`` (int64, float-free, any device, the ground truth), ``cpu`` (CPU only:
+``torch._int_mm`` where the CPU has AMX-INT8 units, exact integer results through float32/float64
+units otherwise) and ``cuda`` (int8 products with int32 accumulation through ``torch._int_mm``:
+the int8 tensor cores on a GPU; it runs on CPU tensors too, which is how it is tested without a
+GPU).
+
+A backend may also offer ``product_to_int8(name, *args)`` for the forward and input-gradient
+products: ``requantize(<name>(*args))`` with nearest rounding to int8, as (values, shift), bit for
+bit, computed without the integer accumulator; ``requant.requantize_product`` uses it when present.
 """
 
 from __future__ import annotations

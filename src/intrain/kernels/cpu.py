@@ -1,10 +1,23 @@
-"""The cpu kernel backend: exact integer products computed by float32/float64 units.
+"""The cpu kernel backend: exact integer products on the fastest units the CPU has.
 
-On CPU, float32 GEMM and oneDNN float32 convolution run 10-50x faster than any integer path
-PyTorch offers (int64 matmul runs below 1 GOPS here; ``torch._int_mm`` about 3, per issue 3). This backend feeds
-float copies of the integer operands to those kernels and proves, for every call, from the actual
-operand values, that the float result is the exact integer sum. The results are bit-identical to
-the ``reference`` backend for every input (same dtypes, same values, same error messages).
+Two paths, bit-identical to the ``reference`` backend for every input (same dtypes, same values,
+same error messages):
+
+* int8 GEMM: on CPUs with AMX-INT8 tile units (Intel Xeon since Sapphire Rapids), oneDNN runs
+  ``torch._int_mm`` (int8 x int8 -> int32) at 1-3 TOPS, 4-11x its float32 GEMM. There int8
+  products go to it: linear layers always, convolutions with at least
+  ``INT8_GEMM_MIN_CHANNELS`` input and output channels (channels-last im2col; the input gradient
+  of a stride-1 convolution as the convolution with the flipped kernel; weight gradients in
+  int32 pieces added in int64, as in the cuda backend). Exact with no look at the data: an
+  int32 sum of at most 131,071 int8 products cannot wrap.
+* float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
+  convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64
+  matmul below 1 GOPS, ``torch._int_mm`` about 3 GOPS, per issue 3). This path feeds float copies
+  of the integer operands to those kernels and proves, for every call, from the actual operand
+  values, that the float result is the exact integer sum (below).
+
+``product_to_int8`` gives a forward or input-gradient product already requantised to int8 (what
+the layers need) without making the int32 accumulator of the float path.
 
 Integer ranges guaranteed (same as every backend): forward / backward-input results are int32
 when both operands are int8 (|sum| <= 2**14 * K < 2**31, checked statically for K <= 131,071)
@@ -77,7 +90,7 @@ import torch.nn.functional as F
 from intrain.kernels import FUNCTIONS
 from intrain.kernels import cuda as _int_mm
 from intrain.kernels import reference as _ref
-from intrain.kernels.im2col import IntPair, im2col
+from intrain.kernels.im2col import IntPair, conv_backward_weight_by, im2col
 from intrain.requant import cpu_slices, requantize
 from intrain.rounding import shift_round
 
@@ -133,6 +146,10 @@ USE_INT8_GEMM: bool | None = None
 #: forward 3.1-3.6x slower on the int8 GEMM, input gradient 1.5x, weight gradient 1.1-1.2x;
 #: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
 INT8_GEMM_MIN_CHANNELS = 32
+#: Bytes of int8 im2col columns the int8 GEMM path builds at once. Small chunks keep the
+#: temporaries in memory the allocator reuses: seven VGG-small-7 products took 336 ms in 16 MiB
+#: chunks against 471 ms in 256 MiB ones (1 thread, a training run beside it, throwaway script).
+INT8_GEMM_CHUNK_BYTES = 2**24
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
@@ -448,6 +465,10 @@ def _window_l1(tf: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Te
     return sums.amax(dim=(0, 2, 3)).to(torch.int64).unsqueeze(1)
 
 
+def _samples_per_chunk(bytes_per_sample: int) -> int:
+    return max(1, INT8_GEMM_CHUNK_BYTES // max(1, bytes_per_sample))
+
+
 def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
                     ) -> torch.Tensor:
     """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] as an exact int32 tensor
@@ -463,7 +484,7 @@ def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tup
     ho, wo = patches.shape[1:3]
     wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
     out = torch.empty((n, ho, wo, o), dtype=torch.int32)
-    step = _int_mm._samples_per_chunk(ho * wo, k)
+    step = _samples_per_chunk(ho * wo * k)
     for n0 in range(0, n, step):
         cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
         out[n0:n0 + step] = _int_mm._mm_int32(cols, wm).view(-1, ho, wo, o)
@@ -664,7 +685,8 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     if n == 0:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
     if _int8_gemm(d, x, min(c, o)):
-        return _int_mm.conv2d_backward_weight(d, x, khw, s, p)
+        step = _samples_per_chunk(ho * wo * c * khw[0] * khw[1])
+        return conv_backward_weight_by(_int_mm._mm_int64, d, x, khw, s, p, step)
     md, mx = _absmax(d), _absmax(x)
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
