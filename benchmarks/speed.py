@@ -1,8 +1,10 @@
 """Training-step speed and memory: the int8 engine against its float32 twin, in one process.
 
 Prints, per model, the median time of a whole training step (int8, float32, and on CUDA float32
-under bf16 autocast) and the ratios, per-layer forward+backward times, and the bytes a step keeps alive
-(weights, optimizer state and tensors saved for backward) for int8 and float32. Machines here are
+under bf16 autocast) and the ratios, per-layer forward+backward times, and for int8 and float32
+the bytes a step keeps alive between forward and update (weights, optimizer state, weight
+gradients, tensors saved for backward: "held") and the peak of all tensor memory alive during
+one step, temporaries included ("peak"; on CPU from the PyTorch profiler's memory timeline). Machines here are
 noisy, so all sides are measured alternately in the same process and only ratios are meant to
 be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
 
@@ -15,9 +17,13 @@ be compared. On a GPU (``--device cuda``) every timed call ends with a device sy
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import platform
 import statistics
+import tempfile
 import time
+import warnings
 
 import torch
 
@@ -70,6 +76,23 @@ def _weight_grad_bytes_int(model, x, y, seed) -> int:
         total += layer.weight_grad.numel() * layer.weight_grad.element_size()
         layer.weight_grad = layer.weight_grad_exp = None
     return total
+
+
+def _peak_live_bytes(step) -> int:
+    """Peak of the tensor memory alive during one call of ``step`` on CPU (everything PyTorch's
+    CPU allocator holds for tensors the step can reach or makes: weights, optimizer state, saved
+    activations and every temporary), from the PyTorch profiler's memory timeline."""
+    step()
+    with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                    profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            step()
+        path = os.path.join(folder, "timeline.json")
+        prof.export_memory_timeline(path, device="cpu")
+        with open(path) as timeline:
+            _, sizes = json.load(timeline)
+    return max(sum(by_category) for by_category in sizes)
 
 
 def _saved_bytes_float(model, x, y) -> int:
@@ -137,7 +160,23 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model, x_int, labels, seed)
     int_model.clear_saved()
     mem_float = _saved_bytes_float(float_model, x_float, labels)
-    print(f"  step memory     int8 {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
+    print(f"  held memory     int8 {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
+    if device.type == "cpu":
+        peak_int = _peak_live_bytes(int_step)
+        peak_float = _peak_live_bytes(float_step)
+        print(f"  peak memory     int8 {peak_int / 2**20:8.2f} MiB  float32 {peak_float / 2**20:8.2f} MiB  ratio {peak_int / peak_float:5.2f}x")
+    else:
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        peaks = []
+        for fn in (int_step, float_step):
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            fn()
+            torch.cuda.synchronize(device)
+            peaks.append(torch.cuda.max_memory_allocated(device) - base)
+        print(f"  peak above start int8 {peaks[0] / 2**20:8.2f} MiB  float32 {peaks[1] / 2**20:8.2f} MiB  ratio {peaks[0] / peaks[1]:5.2f}x")
 
     print("  per layer (forward + backward):")
     q, f = x_int, x_float

@@ -174,13 +174,21 @@ def test_result_dtypes():
         assert be.linear_forward(x8, w8).dtype == torch.int32
         assert be.linear_forward(x16, w8).dtype == torch.int64
         assert be.linear_backward_input(rand_int(g, (3, 4)), w8).dtype == torch.int32
-        assert be.linear_backward_weight(rand_int(g, (3, 4)), x8).dtype == torch.int64
+        assert be.linear_backward_weight(rand_int(g, (3, 4)), x8).dtype == torch.int32
+        assert be.linear_backward_weight(rand_int(g, (3, 4), torch.int16), x8).dtype == torch.int64
         xc, wc = rand_int(g, (1, 2, 5, 5)), rand_int(g, (3, 2, 3, 3))
         assert be.conv2d_forward(xc, wc).dtype == torch.int32
         assert be.conv2d_forward(xc.to(torch.int16), wc).dtype == torch.int64
         dc = rand_int(g, (1, 3, 3, 3))
         assert be.conv2d_backward_input(dc, wc, (5, 5)).dtype == torch.int32
-        assert be.conv2d_backward_weight(dc, xc, 3).dtype == torch.int64
+        assert be.conv2d_backward_weight(dc, xc, 3).dtype == torch.int32
+        assert be.conv2d_backward_weight(dc, xc.to(torch.int16), 3).dtype == torch.int64
+    # the longest int8 weight-gradient reduction with an int32 result, and one term more
+    for n, dtype in ((131071, torch.int32), (131072, torch.int64)):
+        d, x = torch.ones(n, 1, dtype=torch.int8), torch.ones(n, 1, dtype=torch.int8)
+        for be in (REF, CPU, INT_MM):
+            assert be.linear_backward_weight(d, x).dtype == dtype
+        assert int(REF.linear_backward_weight(d, x)) == n
 
 
 # ------------------------------------------------------------- reference against float64
@@ -554,7 +562,7 @@ def test_worst_case_linear(k, kind):
         # weight gradient: reduction over the batch N = k
         gw = be.linear_backward_weight(a.view(k, 1).expand(k, 3).contiguous(),
                                        b.view(k, 1).expand(k, 6).contiguous())
-        assert gw.dtype == torch.int64 and bool((gw == expected).all())
+        assert gw.dtype == torch.int32 and bool((gw == expected).all())
     assert_requantized_same("linear_forward", x, w)
     assert_requantized_same("linear_backward_input", a.expand(2, k).contiguous(),
                             b.view(k, 1).expand(k, 5).contiguous())
@@ -642,6 +650,33 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
         g = be.conv2d_backward_weight(d, x, kh, s, p)
         assert g.dtype == torch.int64
         assert torch.equal(g, exp.expand(o, c, kh, kh))
+    with cpu_int8_gemm():  # int32 pieces of at most 131,064 rows, added in int64
+        assert torch.equal(CPU.conv2d_backward_weight(d, x, kh, s, p), exp.expand(o, c, kh, kh))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 3000, 2**22])
+def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
+    """The int8 GEMM path of the cpu backend cut into chunks of samples (down to one) and blocks
+    of output channels: weight gradients added in int32 (short reductions) and in int64 (long),
+    and products requantised from int16 chunks whose own shifts differ (samples of very
+    different sizes: the first sample all +-127, the others small)."""
+    monkeypatch.setattr(CPU, "INT8_GEMM_CHUNK_BYTES", chunk_bytes)
+    gen = torch.Generator().manual_seed(13)
+    n, c, o, h = 5, 40, 24, 6
+    x = rand_int(gen, (n, c, h, h), mode="uniform") // 9
+    x[0] = rand_int(gen, (c, h, h), mode="extreme")
+    wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
+    d = rand_int(gen, (n, o, h + 2, h + 2)) // 5
+    d[2] = rand_int(gen, (o, h + 2, h + 2), mode="extreme")
+    with cpu_int8_gemm():
+        for pad in (0, 1, 2):
+            size = h - 2 + 2 * pad
+            both("conv2d_backward_weight", d[..., :size, :size], x, 3, 1, pad)
+            assert_requantized_same("conv2d_forward", x, wt, 1, pad)
+            assert_requantized_same("conv2d_backward_input", d[..., :size, :size], wt, (h, h), 1, pad)
+        big_d = torch.full((2, 2, 300, 300), 127, dtype=torch.int8)  # 180,000 terms: int64
+        big_x = torch.full((2, 3, 300, 300), -127, dtype=torch.int8)
+        both("conv2d_backward_weight", big_d, big_x, 1, 1, 0)
 
 
 @pytest.mark.parametrize("hw, per_sample", [((26, 40), True), ((27, 39), False)])

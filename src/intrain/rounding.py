@@ -38,8 +38,17 @@ def max_bit_length(a: torch.Tensor) -> torch.Tensor:
     # One reading pass and no |a| temporary (which cost as much as the rest of a requantisation
     # on VGG-sized accumulators); the extremes are widened to int64 before negation so that an
     # int8/int16/int32 minimum cannot wrap around (int64 accumulators stay far below 2**63).
-    low, high = torch.aminmax(a)
+    low, high = torch.aminmax(_in_memory_order(a))
     return bit_length(torch.maximum(high.to(torch.int64), -low.to(torch.int64)))
+
+
+def _in_memory_order(a: torch.Tensor) -> torch.Tensor:
+    """``a`` with its dimensions permuted into memory order, when that makes it contiguous (a
+    channels-last view, say): reductions over all elements then read it in place instead of
+    copying it first."""
+    order = sorted(range(a.dim()), key=lambda i: -a.stride(i))
+    permuted = a.permute(order)
+    return permuted if permuted.is_contiguous() else a
 
 
 def _sign_mask(a: torch.Tensor) -> torch.Tensor:

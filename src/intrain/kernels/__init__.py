@@ -6,16 +6,17 @@ inputs' device, no hidden state):
 =============================================================  ===============================
 ``linear_forward(x, w)``                                        x [N,I], w [O,I] -> [N,O]
 ``linear_backward_input(d, w)``                                 d [N,O], w [O,I] -> [N,I]
-``linear_backward_weight(d, x)``                                d [N,O], x [N,I] -> int64 [O,I]
+``linear_backward_weight(d, x)``                                d [N,O], x [N,I] -> [O,I]
 ``conv2d_forward(x, w, stride, padding)``                       -> [N,O,Ho,Wo]
 ``conv2d_backward_input(d, w, input_hw, stride, padding)``      -> [N,C,H,W]
-``conv2d_backward_weight(d, x, kernel_hw, stride, padding)``    -> int64 [O,C,kh,kw]
+``conv2d_backward_weight(d, x, kernel_hw, stride, padding)``    -> [O,C,kh,kw]
 =============================================================  ===============================
 
 Operands are int8 (|v| <= 127) or int16 tensors. Integer ranges guaranteed by every backend:
 forward and backward-input results are int32 when both operands are int8 (|sum| <= 2**14 * K <
 2**31, checked statically for reduction lengths K <= 131,071) and int64 when an operand is
-int16; weight gradients are int64 (their reduction over batch*Ho*Wo can pass 2**31). Every
+int16; weight gradients (reduction over the batch, times Ho*Wo) likewise: int32 for int8
+operands and reductions of at most 131,071 terms, else int64 (``im2col.weight_grad_dtype``). Every
 result is the exact integer sum, bit-identical across backends. stride/padding are ints or
 (h, w) pairs with the semantics of ``torch.nn.functional.conv2d`` and its gradients.
 

@@ -21,7 +21,8 @@ the layers need) without making the int32 accumulator of the float path.
 
 Integer ranges guaranteed (same as every backend): forward / backward-input results are int32
 when both operands are int8 (|sum| <= 2**14 * K < 2**31, checked statically for K <= 131,071)
-and int64 when an operand is int16; weight gradients are int64. CPU tensors only.
+and int64 when an operand is int16; weight gradients the same with K = the batch (times Ho*Wo).
+CPU tensors only.
 
 Why the float result is exact
 -----------------------------
@@ -90,7 +91,7 @@ import torch.nn.functional as F
 from intrain.kernels import FUNCTIONS
 from intrain.kernels import cuda as _int_mm
 from intrain.kernels import reference as _ref
-from intrain.kernels.im2col import IntPair, conv_backward_weight_by, im2col
+from intrain.kernels.im2col import IntPair, im2col, weight_grad_dtype
 from intrain.requant import cpu_slices, requantize
 from intrain.rounding import shift_round
 
@@ -128,8 +129,10 @@ GROUPED_MAX_COLUMNS = 32
 # (32x32 outputs at batch 64, 28x28 at batch 256) 1.2-1.6x faster than the block plans; groups
 # of 4-5 (16x16, 14x14) 0.7-1.0x, so those stay on the block plans.
 GROUPED_MAX_SAMPLES = 1
-# Bytes of float32 im2col columns built at once by the grouped weight gradient.
-GROUPED_CHUNK_BYTES = 64 * 2**20
+# Bytes of float32 im2col columns built at once by the grouped weight gradient (small: they
+# are the largest temporary of LeNet-5's step; 2 MiB instead of 64 took its peak tensor memory
+# from 27.6 to 17.9 MiB at the same speed, measured with benchmarks/speed.py's peak).
+GROUPED_CHUNK_BYTES = 2**21
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
 SPLIT_MIN_BLOCKS = 4
 # L1 norms take |.| of at most this many elements at a time.
@@ -147,9 +150,10 @@ USE_INT8_GEMM: bool | None = None
 #: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
 INT8_GEMM_MIN_CHANNELS = 32
 #: Bytes of int8 im2col columns the int8 GEMM path builds at once. Small chunks keep the
-#: temporaries in memory the allocator reuses: seven VGG-small-7 products took 336 ms in 16 MiB
-#: chunks against 471 ms in 256 MiB ones (1 thread, a training run beside it, throwaway script).
-INT8_GEMM_CHUNK_BYTES = 2**24
+#: temporaries small (peak memory) and in memory the allocator reuses: seven VGG-small-7
+#: products took 339 ms in 4 MiB chunks, 336 ms in 16 MiB and 471 ms in 256 MiB ones (1
+#: thread, a training run beside it, throwaway script).
+INT8_GEMM_CHUNK_BYTES = 2**22
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
@@ -425,13 +429,14 @@ def linear_backward_input(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``d.T @ x``: d [N, O], x [N, I] -> int64 [O, I]."""
+    """``d.T @ x``: d [N, O], x [N, I] -> [O, I] (int32 for int8 operands and N <= 131,071,
+    else int64)."""
     k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
-    _ref.check_wide_reduction(d, x, k)
+    dtype = weight_grad_dtype(d, x, k)
     _check_cpu(d, x)
     if _int8_gemm(d, x):
         return _int_mm.linear_backward_weight(d, x)
-    return _mm_exact(d.t(), x).to(torch.int64)
+    return _mm_exact(d.t(), x).to(dtype)
 
 
 # ----------------------------------------------------------------------------------- conv2d
@@ -469,13 +474,13 @@ def _samples_per_chunk(bytes_per_sample: int) -> int:
     return max(1, INT8_GEMM_CHUNK_BYTES // max(1, bytes_per_sample))
 
 
-def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
-                    ) -> torch.Tensor:
-    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] as an exact int32 tensor
-    [N, Ho, Wo, O] (channels last): im2col over channels-last patches (each row of the column
-    matrix is kh*kw runs of C contiguous channels, a cheap copy) and ``torch._int_mm``, a chunk
-    of samples at a time. Exact: int32 accumulation of at most C*kh*kw <= 131,071 terms of
-    magnitude <= 2**14 cannot wrap (checked by the geometry)."""
+def _conv_int8_gemm_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int],
+                           p: tuple[int, int]):
+    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples at a
+    time: yields (first sample, exact int32 [n, Ho, Wo, O]) (channels last). im2col over
+    channels-last patches (each row of the column matrix is kh*kw runs of C contiguous channels,
+    a cheap copy) and ``torch._int_mm``. Exact: an int32 sum of at most C*kh*kw <= 131,071 terms
+    of magnitude <= 2**14 cannot wrap (the geometry checks the length)."""
     n, c = x.shape[:2]
     o, _, kh, kw = w.shape
     k = c * kh * kw
@@ -483,12 +488,108 @@ def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tup
     patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
     ho, wo = patches.shape[1:3]
     wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
-    out = torch.empty((n, ho, wo, o), dtype=torch.int32)
     step = _samples_per_chunk(ho * wo * k)
     for n0 in range(0, n, step):
         cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
-        out[n0:n0 + step] = _int_mm._mm_int32(cols, wm).view(-1, ho, wo, o)
+        product = _int_mm._mm_int32(cols, wm)
+        del cols  # before the next chunk's columns exist
+        yield n0, product.view(-1, ho, wo, o)
+
+
+def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
+                    ) -> torch.Tensor:
+    """The whole int32 result [N, Ho, Wo, O] of _conv_int8_gemm_chunks."""
+    out = None
+    for n0, part in _conv_int8_gemm_chunks(x, w, s, p):
+        if out is None:
+            out = part.new_empty((x.shape[0],) + part.shape[1:])
+        out[n0:n0 + part.shape[0]] = part
     return out
+
+
+def _conv_int8_gemm_to_int8(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int],
+                            p: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """_conv_int8_gemm requantised to int8 [N, O, Ho, Wo] with nearest rounding, as (values,
+    shift), without the whole int32 result: each chunk is kept in int16 as
+    ``t = sign(y) * floor(|y| / 2**k)`` with k = max(bit_length(max |chunk|) - 15, 0), and once the
+    overall shift ``s = max(bit_length(max |y|) - 7, 0)`` is known, rounded by a nearest shift of
+    t by s - k. That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c)
+    / m) for integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
+    floor((t + c) / m) = floor((|y| + 2**(s-1)) / 2**s); c is an integer because s - k >= 1
+    whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
+    kept, dropped, largest = None, [], 0
+    for n0, part in _conv_int8_gemm_chunks(x, w, s, p):
+        low, high = torch.aminmax(part)
+        chunk_max = max(-int(low), int(high))
+        k = max(chunk_max.bit_length() - 15, 0)
+        if kept is None:
+            kept = torch.empty((x.shape[0],) + part.shape[1:], dtype=torch.int16)
+        if k:
+            sign = part >> 31  # -1 for negative values: |y| = (y ^ sign) - sign
+            truncated = ((part ^ sign) - sign) >> k
+            part = (truncated ^ sign) - sign
+        kept[n0:n0 + part.shape[0]] = part
+        dropped.append((n0, part.shape[0], k))
+        largest = max(largest, chunk_max)
+    shift = max(largest.bit_length() - 7, 0)
+    values = torch.empty((kept.shape[0], kept.shape[3], kept.shape[1], kept.shape[2]),
+                         dtype=torch.int8)
+    for n0, rows, k in dropped:
+        for sl in cpu_slices(kept[n0:n0 + rows]):
+            chunk = kept[n0:n0 + rows][sl].to(torch.int32)
+            values[n0:n0 + rows][sl] = shift_round(chunk, shift - k, "nearest").clamp_(
+                -127, 127).permute(0, 3, 1, 2)
+    return values, torch.tensor(shift, dtype=torch.int64)
+
+
+def _conv_weight_grad_int8_gemm(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
+                                s: tuple[int, int], p: tuple[int, int]) -> torch.Tensor:
+    """Weight gradient of a convolution of int8 operands (N >= 1) as [O, C, kh, kw] in
+    weight_grad_dtype: d as [O, rows] times the channels-last columns of x [rows, kh*kw*C] by
+    ``torch._int_mm``, a chunk of samples and a block of output channels at a time (small
+    temporaries). Every piece is exact in int32 (at most INT32_REDUCTION rows); the pieces are
+    added into the result in its dtype: int32 only when the whole reduction N*Ho*Wo is at most
+    131,071 terms, so that every running total, a sum of at most that many products of magnitude
+    <= 2**14, stays below 2**31."""
+    n, o, ho, wo = d.shape
+    c = x.shape[1]
+    kh, kw = khw
+    k = c * kh * kw
+    grad = torch.zeros((o, c, kh, kw), dtype=weight_grad_dtype(d, x, n * ho * wo))
+    by_position = grad.permute(0, 2, 3, 1)  # [O, kh, kw, C]: the columns' order
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
+    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
+    step = min(_samples_per_chunk(ho * wo * k), max(1, _int_mm.INT32_REDUCTION // (ho * wo)))
+    block = max(8, INT8_GEMM_CHUNK_BYTES // (4 * k) // 8 * 8)  # output channels per piece
+    for n0 in range(0, n, step):
+        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
+        errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
+        for o0 in range(0, o, block):
+            piece = _int_mm._mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
+            by_position[o0:o0 + block] += piece
+        del cols
+    return grad
+
+
+def _forward_as_int8_gemm(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                          padding: IntPair = 0) -> tuple | None:
+    """Arguments of _conv_int8_gemm that compute conv2d_forward, or None off that path."""
+    s, p, (n, c, _, _), (o, _, _, _), _, _ = _ref.conv_forward_geometry(x, w, stride, padding)
+    if n and _int8_gemm(x, w, min(c, o)):
+        return x, w, s, p
+    return None
+
+
+def _backward_input_as_int8_gemm(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                 stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
+    """Arguments of _conv_int8_gemm that compute conv2d_backward_input, or None off that path.
+    With stride 1 the input gradient is the convolution of d with the kernel flipped and its
+    channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) is needed."""
+    s, p, (n, o, _, _), (_, c, kh, kw), _, _ = _ref.conv_backward_input_geometry(
+        d, w, input_hw, stride, padding)
+    if n and s == (1, 1) and p[0] < kh and p[1] < kw and _int8_gemm(d, w, min(c, o)):
+        return d, w.transpose(0, 1).flip(2, 3), s, (kh - 1 - p[0], kw - 1 - p[1])
+    return None
 
 
 def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
@@ -508,8 +609,9 @@ def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, pad
     s, p, (n, c, h, wd), (o, _, kh, kw), (ho, wo), out_dtype = _ref.conv_forward_geometry(
         x, w, stride, padding)
     _check_cpu(x, w)
-    if _int8_gemm(x, w, min(c, o)) and n:
-        return _conv_int8_gemm(x, w, s, p).permute(0, 3, 1, 2), out_dtype
+    conv = _forward_as_int8_gemm(x, w, stride, padding)
+    if conv is not None:
+        return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
     mx, mw = _absmax(x), _absmax(w)
     xf = x.to(torch.float32)
     dt, blocks = _plan(mx * mw * c * kh * kw,
@@ -554,11 +656,9 @@ def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: Int
     s, p, (n, o, ho, wo), (_, c, kh, kw), hw, out_dtype = _ref.conv_backward_input_geometry(
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
-    if _int8_gemm(d, w, min(c, o)) and n and s == (1, 1) and p[0] < kh and p[1] < kw:
-        # With stride 1 the input gradient is the convolution of d with the kernel flipped and
-        # its channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) needed.
-        flipped = w.transpose(0, 1).flip(2, 3)
-        return _conv_int8_gemm(d, flipped, s, (kh - 1 - p[0], kw - 1 - p[1])).permute(0, 3, 1, 2), out_dtype
+    conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
+    if conv is not None:
+        return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
     md, mw = _absmax(d), _absmax(w)
     df = d.to(torch.float32)
     dt, blocks = _plan(md * mw * o * kh * kw,
@@ -666,7 +766,8 @@ def _weight_grad_run(df, xf, quick, dt, blocks, khw, s, p) -> torch.Tensor:
 def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                            stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
     """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
-    int64 [O, C, kh, kw].
+    [O, C, kh, kw], int32 for int8 operands and a reduction N*Ho*Wo of at most 131,071 terms,
+    else int64.
 
     The reduction runs over (n, ho, wo). Blocks (if any) are groups of samples, with the bounds
     max|x| * max_o sum_{n in group} ||d[n, o]||_1, max|d| * max_c sum_{n in group} ||x[n, c]||_1
@@ -682,11 +783,11 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     s, p, (n, o, ho, wo), (_, c, h, wd), khw = _ref.conv_backward_weight_geometry(
         d, x, kernel_hw, stride, padding)
     _check_cpu(d, x)
+    dtype = weight_grad_dtype(d, x, n * ho * wo)
     if n == 0:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
     if _int8_gemm(d, x, min(c, o)):
-        step = _samples_per_chunk(ho * wo * c * khw[0] * khw[1])
-        return conv_backward_weight_by(_int_mm._mm_int64, d, x, khw, s, p, step)
+        return _conv_weight_grad_int8_gemm(d, x, khw, s, p)
     md, mx = _absmax(d), _absmax(x)
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
@@ -698,12 +799,12 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     group = min(n, F32_EXACT // max(per_sample, 1))
     grouped = per_sample <= F32_EXACT and _fp32_is_strict()
     if grouped and c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS:
-        return _weight_grad_grouped(df, xf, khw, s, p, group).to(torch.int64)
+        return _weight_grad_grouped(df, xf, khw, s, p, group).to(dtype)
     plan = planner.plan(df, md, max_blocks)
     if plan[1] == torch.float32 and len(plan[2]) <= GROUPED_MIN_BLOCKS:
-        return _weight_grad_run(df, xf, *plan, khw, s, p).to(torch.int64)
+        return _weight_grad_run(df, xf, *plan, khw, s, p).to(dtype)
     if grouped and group <= GROUPED_MAX_SAMPLES:
-        return _weight_grad_grouped(df, xf, khw, s, p, group).to(torch.int64)
+        return _weight_grad_grouped(df, xf, khw, s, p, group).to(dtype)
     if (_fp32_is_strict() and md >= 16
             and (plan[1] != torch.float32 or len(plan[2]) > SPLIT_MIN_BLOCKS)):
         dl = torch.fmod(df, 16)  # d - 16 * trunc(d / 16), exact
@@ -714,10 +815,10 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                 plan[1] != torch.float32 or len(plan_h[2]) + len(plan_l[2]) < len(plan[2])):
             gh = _weight_grad_run(dh, xf, *plan_h, khw, s, p).to(torch.int64)
             gl = _weight_grad_run(dl, xf, *plan_l, khw, s, p).to(torch.int64)
-            return gh.mul_(16).add_(gl)
+            return gh.mul_(16).add_(gl).to(dtype)
     if plan[1] is None:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
-    return _weight_grad_run(df, xf, *plan, khw, s, p).to(torch.int64)
+    return _weight_grad_run(df, xf, *plan, khw, s, p).to(dtype)
 
 
 # ------------------------------------------------------------------- requantised products
@@ -730,13 +831,24 @@ _EXACT_PRODUCTS = {
 }
 
 
+_CONVS_AS_INT8_GEMM = {
+    "conv2d_forward": _forward_as_int8_gemm,
+    "conv2d_backward_input": _backward_input_as_int8_gemm,
+}
+
+
 def product_to_int8(name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift as a
-    0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but computed
-    from the exact float product, so no integer accumulator is made (a tensor-sized 4-byte
-    temporary and two passes over it fewer)."""
+    0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but without
+    making it: on the float path from the exact float product (a tensor-sized 4-byte temporary
+    and two passes over it fewer), on the int8 GEMM path from int16 chunks
+    (_conv_int8_gemm_to_int8: half the memory of the int32 result)."""
     if name not in _EXACT_PRODUCTS:
         raise ValueError(f"product_to_int8 takes one of {', '.join(_EXACT_PRODUCTS)}, not {name!r}")
+    as_int8_gemm = _CONVS_AS_INT8_GEMM.get(name)
+    conv = as_int8_gemm(*args) if as_int8_gemm is not None else None
+    if conv is not None:
+        return _conv_int8_gemm_to_int8(*conv)
     exact, _ = _EXACT_PRODUCTS[name](*args)
     return exact_to_int8(exact)
 

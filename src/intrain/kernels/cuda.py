@@ -15,8 +15,9 @@ the padding is tested too.
 Integer ranges guaranteed (same as every backend): forward / backward-input results are int32
 for int8 operands (|sum| <= 2**14 * K < 2**31, checked statically for K <= 131,071, so the int32
 accumulator never wraps; the input gradient's col2im adds the kh*kw terms of one reduction of
-length O*kh*kw, under the same bound); weight gradients are int64: their reduction (N*Ho*Wo or N)
-is cut into pieces of at most ``INT32_REDUCTION`` terms, each exact in int32, added in int64.
+length O*kh*kw, under the same bound); weight gradients (reduction N*Ho*Wo or N) are cut into
+pieces of at most ``INT32_REDUCTION`` terms, each exact in int32, added in int64, and returned in
+int32 when the whole reduction is at most 131,071 terms (same bound), else in int64.
 Operands that are not both int8 (int16) go to the ``reference`` backend.
 """
 
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 
 from intrain.kernels import FUNCTIONS
 from intrain.kernels import reference as _ref
-from intrain.kernels.im2col import IntPair, conv_backward_input_by, conv_backward_weight_by, conv_forward_by
+from intrain.kernels.im2col import (IntPair, conv_backward_input_by, conv_backward_weight_by,
+                                    conv_forward_by, weight_grad_dtype)
 
 __all__ = list(FUNCTIONS)
 
@@ -97,12 +99,13 @@ def linear_backward_input(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``d.T @ x``: d [N, O], x [N, I] -> int64 [O, I]."""
+    """``d.T @ x``: d [N, O], x [N, I] -> [O, I] (int32 for int8 operands and N <= 131,071,
+    else int64)."""
     k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
-    _ref.check_wide_reduction(d, x, k)
+    dtype = weight_grad_dtype(d, x, k)
     if not _both_int8(d, x):
         return _ref.linear_backward_weight(d, x)
-    return _mm_int64(d.t(), x)
+    return _mm_int64(d.t(), x).to(dtype)
 
 
 # ----------------------------------------------------------------------------------- conv2d
@@ -134,10 +137,12 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
 def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                            stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
     """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
-    int64 [O, C, kh, kw] (the reduction over N*Ho*Wo is cut into int32-exact pieces)."""
+    [O, C, kh, kw], int32 for a reduction N*Ho*Wo of at most 131,071 terms, else int64 (the
+    reduction is cut into int32-exact pieces added in int64)."""
     s, p, (n, o, ho, wo), (_, c, _, _), (kh, kw) = _ref.conv_backward_weight_geometry(
         d, x, kernel_hw, stride, padding)
     if not _both_int8(d, x) or n == 0:
         return _ref.conv2d_backward_weight(d, x, (kh, kw), s, p)
     step = _samples_per_chunk(ho * wo, c * kh * kw)
-    return conv_backward_weight_by(_mm_int64, d, x, (kh, kw), s, p, step)
+    g = conv_backward_weight_by(_mm_int64, d, x, (kh, kw), s, p, step)
+    return g.to(weight_grad_dtype(d, x, n * ho * wo))

@@ -72,10 +72,15 @@ def narrow_result_dtype(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.dtype
     return torch.int64
 
 
-def check_wide_reduction(a: torch.Tensor, b: torch.Tensor, k: int) -> None:
-    """Weight gradients are int64; refuse reductions that could leave int64 (k >= 2**33)."""
+def weight_grad_dtype(a: torch.Tensor, b: torch.Tensor, k: int) -> torch.dtype:
+    """Result dtype of a weight gradient with reduction length ``k`` (the batch, times Ho*Wo for
+    a convolution): int32 when both operands are int8 and ``2**14 * k < 2**31`` (k <= 131,071),
+    else int64; reductions that could leave int64 (k >= 2**33 for int16 operands) are refused."""
     if OPERAND_MAX[a.dtype] * OPERAND_MAX[b.dtype] * k >= 2**63:
         raise ValueError(f"reduction length {k} too long for an int64 result")
+    if a.dtype == b.dtype == torch.int8 and OPERAND_MAX[a.dtype] * OPERAND_MAX[b.dtype] * k <= INT32_MAX:
+        return torch.int32
+    return torch.int64
 
 
 def conv_out_size(size: int, k: int, s: int, p: int, what: str) -> int:

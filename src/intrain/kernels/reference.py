@@ -16,8 +16,9 @@ device. Integer ranges guaranteed (K = reduction length):
   ``conv2d_backward_input``: int32 when both operands are int8 (every term is at most
   128*128 = 2**14, so |sum| <= 2**14 * K < 2**31 for K <= 131,071, checked statically: K = I,
   O, C*kh*kw or O*kh*kw), int64 as soon as one operand is int16.
-* ``linear_backward_weight``, ``conv2d_backward_weight``: int64 always (the reduction runs over
-  batch [* Ho * Wo] and can pass 2**31; int64 holds it for K < 2**33 even with int16 operands).
+* ``linear_backward_weight``, ``conv2d_backward_weight``: the reduction runs over batch
+  [* Ho * Wo]; int32 when both operands are int8 and K <= 131,071 (same bound), else int64
+  (which holds it for K < 2**33 even with int16 operands).
 
 Every int64 sum here is bounded by 2**30 * K < 2**63, so nothing wraps: the results are the exact
 integer sums. Convolution semantics are exactly those of ``torch.nn.functional.conv2d``
@@ -33,13 +34,13 @@ from intrain.kernels.im2col import (
     IntPair,
     check_operand,
     check_same_device,
-    check_wide_reduction,
     conv_backward_input_by,
     conv_backward_weight_by,
     conv_forward_by,
     conv_out_size,
     narrow_result_dtype,
     pair,
+    weight_grad_dtype,
 )
 
 __all__ = list(FUNCTIONS)
@@ -114,7 +115,7 @@ def conv_backward_weight_geometry(d, x, kernel_hw, stride, padding):
     if (ho, wo) != (eho, ewo):
         raise ValueError(f"d spatial size {(ho, wo)} does not match x {(h, wd)}: "
                          f"expected {(eho, ewo)}")
-    check_wide_reduction(d, x, n * ho * wo)
+    weight_grad_dtype(d, x, n * ho * wo)  # refuses reductions too long for int64
     return s, p, tuple(d.shape), tuple(x.shape), (kh, kw)
 
 
@@ -162,10 +163,10 @@ def linear_backward_input(d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def linear_backward_weight(d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``d.T @ x``: d [N, O], x [N, I] -> int64 [O, I]."""
+    """``d.T @ x``: d [N, O], x [N, I] -> [O, I] (int32 for int8 operands and N <= 131,071,
+    else int64)."""
     k = linear_geometry(d, x, "d", "x", 0, 0, "N")
-    check_wide_reduction(d, x, k)
-    return _mm64(_i64(d).t(), _i64(x))
+    return _mm64(_i64(d).t(), _i64(x)).to(weight_grad_dtype(d, x, k))
 
 
 # ----------------------------------------------------------------------------------- conv2d
@@ -209,9 +210,12 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
 def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                            stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
     """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
-    int64 [O, C, kh, kw] (the reduction runs over N*Ho*Wo)."""
+    [O, C, kh, kw], int32 for int8 operands when the reduction N*Ho*Wo is at most 131,071 terms,
+    else int64."""
     s, p, (n, o, ho, wo), (_, c, h, wd), (kh, kw) = conv_backward_weight_geometry(
         d, x, kernel_hw, stride, padding)
+    dtype = weight_grad_dtype(d, x, n * ho * wo)
     if n == 0:
-        return torch.zeros((o, c, kh, kw), dtype=torch.int64, device=d.device)
-    return conv_backward_weight_by(_mm64, _i64(d), _i64(x), (kh, kw), s, p, _chunk(ho * wo, c * kh * kw))
+        return torch.zeros((o, c, kh, kw), dtype=dtype, device=d.device)
+    g = conv_backward_weight_by(_mm64, _i64(d), _i64(x), (kh, kw), s, p, _chunk(ho * wo, c * kh * kw))
+    return g.to(dtype)

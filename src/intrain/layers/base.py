@@ -3,9 +3,9 @@
 Integer layers do not use autograd: ``forward(x, ctx)`` keeps what backward needs (int8 tensors and
 boolean masks only) while the module is in training mode, and ``backward(d, ctx, need_input_grad)``
 returns the int8 error for the layer below and, for layers with weights, stores the exact
-weight gradient in ``weight_grad`` (with its exponent in ``weight_grad_exp``) for the update: int32
-when its static bound allows (int8 operands, ``|G| <= 2**14 * K < 2**31`` for a reduction over K
-terms, i.e. K < 2**17), else int64.
+weight gradient in ``weight_grad`` (with its exponent in ``weight_grad_exp``) for the update, as
+the kernels return it: int32 when its static bound allows (int8 operands, ``|G| <= 2**14 * K <
+2**31`` for a reduction over K terms, i.e. K < 2**17), else int64.
 """
 
 from __future__ import annotations
@@ -50,9 +50,6 @@ class IntModule(torch.nn.Module):
 #: Roundings of the errors a weighted layer sends down (``requantize_error``).
 ERROR_ROUNDINGS = ("nearest", "stochastic")
 
-#: Reductions shorter than this keep int8 x int8 weight gradients in int32 (2**14 * K < 2**31).
-INT32_REDUCTION_LIMIT = 2**17
-
 #: Low bits that an int16 master weight keeps below its int8 view.
 MASTER_EXTRA_BITS = 8
 
@@ -90,14 +87,6 @@ class WeightedIntModule(IntModule):
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
         return requantize(getattr(self.backend, product)(*args), e, mode="stochastic", key=key)
-
-    def store_weight_grad(self, grad: torch.Tensor, e: torch.Tensor, d: torch.Tensor, x: torch.Tensor,
-                          reduction_length: int) -> None:
-        """Keep the exact gradient for the update, in int32 when the static bound proves it fits
-        (see the module docstring): half the memory of int64 between backward and the update."""
-        if d.dtype == x.dtype == torch.int8 and reduction_length < INT32_REDUCTION_LIMIT:
-            grad = grad.to(torch.int32)
-        self.weight_grad, self.weight_grad_exp = grad, e
 
     def use_master_weight(self) -> None:
         """Start a 16-bit accumulator from the current int8 weight (exactly: ``w * 2**8``)."""

@@ -37,9 +37,9 @@ class IntConv2d(WeightedIntModule):
         x = self._saved_input
         if x is None:
             raise RuntimeError("IntConv2d.backward called without a training-mode forward")
-        grad = self.backend.conv2d_backward_weight(d.v, x.v, self.kernel_size, self.stride, self.padding)
-        n, _, ho, wo = d.v.shape
-        self.store_weight_grad(grad, d.e + x.e, d.v, x.v, reduction_length=n * ho * wo)
+        self.weight_grad = self.backend.conv2d_backward_weight(d.v, x.v, self.kernel_size,
+                                                               self.stride, self.padding)
+        self.weight_grad_exp = d.e + x.e
         self._saved_input = None
         if not need_input_grad:
             return None

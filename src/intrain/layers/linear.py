@@ -29,8 +29,8 @@ class IntLinear(WeightedIntModule):
         x = self._saved_input
         if x is None:
             raise RuntimeError("IntLinear.backward called without a training-mode forward")
-        self.store_weight_grad(self.backend.linear_backward_weight(d.v, x.v), d.e + x.e, d.v, x.v,
-                               reduction_length=d.v.shape[0])
+        self.weight_grad = self.backend.linear_backward_weight(d.v, x.v)
+        self.weight_grad_exp = d.e + x.e
         self._saved_input = None
         if not need_input_grad:
             return None
