@@ -53,15 +53,19 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
 
 
 def _saved_bytes_int(model) -> int:
-    """Bytes an int8 step holds after forward: weights, and tensors kept for backward."""
-    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    """Bytes an int8 step holds after forward: weights, and tensors kept for backward (each
+    storage counted once: a ReLU and the layer after it keep the same tensor)."""
+    storages = {}
+    tensors = list(model.buffers())
     for layer in model.layers:
-        for name in ("_saved_input", "_positive", "_argmax", "_keep"):
+        for name in ("_saved_input", "_output", "_argmax", "_keep"):
             kept = getattr(layer, name, None)
-            tensor = getattr(kept, "v", kept)
-            if isinstance(tensor, torch.Tensor):
-                total += tensor.numel() * tensor.element_size()
-    return total
+            tensors.append(getattr(kept, "v", kept))
+    for tensor in tensors:
+        if isinstance(tensor, torch.Tensor):
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _weight_grad_bytes_int(model, x, y, seed) -> int:

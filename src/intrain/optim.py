@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers.sequential import IntSequential
+from intrain.requant import cpu_slices
 from intrain.rounding import max_bit_length, shift_round
 
 
@@ -56,8 +57,16 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
     weight's dtype: int8 clipped to [-127, 127], or an int16 master clipped to [-32767, 32767]."""
     limit = torch.iinfo(weight.dtype).max
     shift = (max_bit_length(grad) - mu).clamp(min=0)
-    step = shift_round(grad, shift, "pseudo")
-    return (weight.to(torch.int64) - step).clamp(-limit, limit).to(weight.dtype)
+    if grad.device.type != "cpu":
+        step = shift_round(grad, shift, "pseudo")
+        return (weight.to(torch.int64) - step).clamp(-limit, limit).to(weight.dtype)
+    # On CPU a slice of rows at a time: the rounding's temporaries stay small (they were the
+    # peak of a VGG-small-7 step's tensor memory, eight of them the size of the largest gradient).
+    updated = torch.empty_like(weight)
+    for rows in cpu_slices(grad):
+        step = shift_round(grad[rows], shift, "pseudo")
+        updated[rows] = (weight[rows].to(torch.int64) - step).clamp_(-limit, limit)
+    return updated
 
 
 class IntegerUpdate:

@@ -682,27 +682,30 @@ def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
     )[1]
 
 
-def _weight_grad_grouped(df: torch.Tensor, xf: torch.Tensor, khw, s, p, group: int) -> torch.Tensor:
+def _weight_grad_grouped(d: torch.Tensor, x: torch.Tensor, khw, s, p, group: int) -> torch.Tensor:
     """Weight gradient as batched products over groups of ``group`` consecutive samples: im2col
     of x [G, C*kh*kw, group*L] against d [G, O, group*L] gives float32 per-group gradients
     [G, O, C*kh*kw], summed in float64 (a last, short group is padded with zero samples). The
-    im2col copy is made for a chunk of groups at a time (at most ``GROUPED_CHUNK_BYTES``).
+    integer operands are converted to float32 and the im2col copy made for a chunk of groups at
+    a time (columns of at most ``GROUPED_CHUNK_BYTES``), so no float copy of the whole batch
+    exists.
 
     Exact when every group's sum is: S_g <= max|d| * max|x| * group * L <= 2**24 (the caller
     chooses ``group`` so), and then the float64 total is exact too (|total| <= 2**24 * G < 2**53).
     """
-    n, o, ho, wo = df.shape
-    c = xf.shape[1]
-    missing = -n % group
-    if missing:
-        df = torch.cat([df, df.new_zeros((missing,) + df.shape[1:])])
-        xf = torch.cat([xf, xf.new_zeros((missing,) + xf.shape[1:])])
+    n, o, ho, wo = d.shape
+    c = x.shape[1]
     columns = c * khw[0] * khw[1]
     length = group * ho * wo
-    per_chunk = max(1, GROUPED_CHUNK_BYTES // (4 * columns * length))
+    per_chunk = max(1, GROUPED_CHUNK_BYTES // (4 * columns * length)) * group
     total = torch.zeros((o, columns), dtype=torch.float64)
-    for start in range(0, df.shape[0], per_chunk * group):
-        x_chunk, d_chunk = xf[start:start + per_chunk * group], df[start:start + per_chunk * group]
+    for start in range(0, n, per_chunk):
+        x_chunk = x[start:start + per_chunk].to(torch.float32)
+        d_chunk = d[start:start + per_chunk].to(torch.float32)
+        missing = -x_chunk.shape[0] % group
+        if missing:
+            x_chunk = torch.cat([x_chunk, x_chunk.new_zeros((missing,) + x_chunk.shape[1:])])
+            d_chunk = torch.cat([d_chunk, d_chunk.new_zeros((missing,) + d_chunk.shape[1:])])
         groups = d_chunk.shape[0] // group
         # Patches of x as a strided view [n, Ho, Wo, C, kh, kw], copied into [G, C*kh*kw,
         # group*Ho*Wo] (positions innermost): much faster than F.unfold, which loops over samples.
@@ -789,22 +792,23 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     if _int8_gemm(d, x, min(c, o)):
         return _conv_weight_grad_int8_gemm(d, x, khw, s, p)
     md, mx = _absmax(d), _absmax(x)
+    per_sample = md * mx * ho * wo
+    group = min(n, F32_EXACT // max(per_sample, 1))
+    grouped = per_sample <= F32_EXACT and _fp32_is_strict()
+    if grouped and c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS:
+        return _weight_grad_grouped(d, x, khw, s, p, group).to(dtype)
     # float32 copies hold int8/int16 values exactly; the bounds are computed from them.
     df, xf = d.to(torch.float32), x.to(torch.float32)
     planner = _WeightGradPlanner(xf, mx)
     # Many float32 blocks still beat one float64 call (no oneDNN kernel for float64) as long as
     # the blocks hold a few samples each.
     max_blocks = max(MAX_F32_BLOCKS_CONV, n // MIN_SAMPLES_PER_BLOCK)
-    per_sample = md * mx * ho * wo
-    group = min(n, F32_EXACT // max(per_sample, 1))
-    grouped = per_sample <= F32_EXACT and _fp32_is_strict()
-    if grouped and c * khw[0] * khw[1] <= GROUPED_MAX_COLUMNS:
-        return _weight_grad_grouped(df, xf, khw, s, p, group).to(dtype)
     plan = planner.plan(df, md, max_blocks)
     if plan[1] == torch.float32 and len(plan[2]) <= GROUPED_MIN_BLOCKS:
         return _weight_grad_run(df, xf, *plan, khw, s, p).to(dtype)
     if grouped and group <= GROUPED_MAX_SAMPLES:
-        return _weight_grad_grouped(df, xf, khw, s, p, group).to(dtype)
+        del df, xf
+        return _weight_grad_grouped(d, x, khw, s, p, group).to(dtype)
     if (_fp32_is_strict() and md >= 16
             and (plan[1] != torch.float32 or len(plan[2]) > SPLIT_MIN_BLOCKS)):
         dl = torch.fmod(df, 16)  # d - 16 * trunc(d / 16), exact

@@ -14,19 +14,22 @@ from intrain.qtensor import QTensor
 class IntReLU(IntModule):
     def __init__(self) -> None:
         super().__init__()
-        self._positive: torch.Tensor | None = None
+        self._output: torch.Tensor | None = None
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         y = x.v.clamp(min=0)
         if self.training:
-            self._positive = y.clamp(max=1)  # 1 where x > 0, else 0, in x's dtype
+            # The output itself, not a mask: y > 0 exactly where x > 0, and when the next layer
+            # keeps its input for its own backward (a convolution, a linear layer) this costs
+            # no memory at all.
+            self._output = y
         return QTensor(y, x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
-        positive, self._positive = self._positive, None
-        if positive is None:
+        output, self._output = self._output, None
+        if output is None:
             raise RuntimeError("IntReLU.backward called without a training-mode forward")
-        return QTensor(d.v * positive, d.e)
+        return QTensor(d.v * output.clamp(max=1).to(d.v.dtype), d.e)  # 1 where x > 0, else 0
 
     def clear_saved(self) -> None:
-        self._positive = None
+        self._output = None
