@@ -781,8 +781,8 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     # forward S[n, o] from input channel k <= max|w| * window_l1(x)[k];
     # backward-input S[n, c] from error channel k <= max|w| * window_l1(d)[k].
     mw = CPU._absmax(wt)
-    win_x = CPU._window_l1(x.float(), (kh, kw), mx)[:, 0]
-    win_d = CPU._window_l1(d.float(), (kh, kw), md)[:, 0]
+    win_x = CPU._window_l1(x, (kh, kw), mx)[:, 0]
+    win_d = CPU._window_l1(d, (kh, kw), md)[:, 0]
     for k in range(c):
         part = REF.conv2d_forward(ax[:, k:k + 1], aw[:, k:k + 1], s, p)
         assert int(part.max()) <= mw * int(win_x[k])
@@ -832,7 +832,7 @@ def test_cpu_window_bound_saves_blocks_for_sparse_errors():
     wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
     md, mw = CPU._absmax(d), CPU._absmax(wt)
     by_weights = CPU._greedy_blocks([CPU.L1Bound(md, CPU._weight_l1(wt))], o, CPU.F32_EXACT, None)
-    by_window = CPU._greedy_blocks([CPU.L1Bound(mw, CPU._window_l1(d.float(), (3, 3), md))], o,
+    by_window = CPU._greedy_blocks([CPU.L1Bound(mw, CPU._window_l1(d, (3, 3), md))], o,
                                    CPU.F32_EXACT, None)
     assert len(by_weights) > 1 and len(by_window) == 1
     both("conv2d_backward_input", d, wt, (h, h), 1, 1)

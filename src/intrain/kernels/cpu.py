@@ -154,6 +154,12 @@ INT8_GEMM_MIN_CHANNELS = 32
 #: products took 339 ms in 4 MiB chunks, 336 ms in 16 MiB and 471 ms in 256 MiB ones (1
 #: thread, a training run beside it, throwaway script).
 INT8_GEMM_CHUNK_BYTES = 2**22
+#: Bytes of float32 results a float-path convolution (forward, input gradient) computes at once:
+#: oneDNN's own temporaries grow with the batch. Smaller chunks cut the peak further but cost
+#: time: LeNet-5 at batch 256 (whose first layer's oneDNN call alone takes 12 MiB) measured
+#: 1.40x / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB
+#: chunks, 1.56x / 0.47x in 1 MiB chunks (benchmarks/speed.py, one run each).
+FLOAT_CHUNK_BYTES = 2**24
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
@@ -446,28 +452,33 @@ def _weight_l1(w: torch.Tensor) -> torch.Tensor:
     return w.to(torch.int32).abs().sum(dim=(2, 3), dtype=torch.int64)
 
 
-def _window_l1(tf: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Tensor:
-    """[C, 1] int64: for each channel c of an integer-valued float tensor [N, C, H, W], the largest
-    sum of |t[n, c]| over any window of ``window`` consecutive rows and columns (fewer where the
-    map is smaller), over all samples n.
+def _window_l1(t: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Tensor:
+    """[C, 1] int64: for each channel c of an integer tensor [N, C, H, W], the largest sum of
+    |t[n, c]| over any window of ``window`` consecutive rows and columns (fewer where the map is
+    smaller), over all samples n; computed a slice of samples at a time in floats.
 
     Every convolution window, clipped to the map (the padding adds zeros), and every set of
     output positions that one input position meets in a transposed convolution lies inside such
     a window, so this bounds the activation side of a channel's terms. The float sums are exact:
     ``amax * window area <= 2**24`` terms of one sign (float64 otherwise).
     """
-    sums = tf.abs()
-    if amax * window[0] * window[1] > F32_EXACT:
-        sums = sums.to(torch.float64)
-    # Box sums as shifted additions along each axis (faster here than avg_pool2d).
-    for axis, k in ((2, window[0]), (3, window[1])):
-        k = min(k, sums.shape[axis])
-        length = sums.shape[axis] - k + 1
-        box = sums.narrow(axis, 0, length).clone()
-        for i in range(1, k):
-            box += sums.narrow(axis, i, length)
-        sums = box
-    return sums.amax(dim=(0, 2, 3)).to(torch.int64).unsqueeze(1)
+    if t.is_floating_point():
+        raise TypeError("_window_l1 takes an integer tensor")
+    wide = amax * window[0] * window[1] > F32_EXACT
+    largest = None
+    for rows in cpu_slices(t):
+        sums = t[rows].to(torch.float64 if wide else torch.float32).abs_()
+        # Box sums as shifted additions along each axis (faster here than avg_pool2d).
+        for axis, k in ((2, window[0]), (3, window[1])):
+            k = min(k, sums.shape[axis])
+            length = sums.shape[axis] - k + 1
+            box = sums.narrow(axis, 0, length).clone()
+            for i in range(1, k):
+                box += sums.narrow(axis, i, length)
+            sums = box
+        part = sums.amax(dim=(0, 2, 3))
+        largest = part if largest is None else torch.maximum(largest, part)
+    return largest.to(torch.int64).unsqueeze(1)
 
 
 def _samples_per_chunk(bytes_per_sample: int) -> int:
@@ -507,23 +518,26 @@ def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tup
     return out
 
 
-def _conv_int8_gemm_to_int8(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int],
-                            p: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """_conv_int8_gemm requantised to int8 [N, O, Ho, Wo] with nearest rounding, as (values,
-    shift), without the whole int32 result: each chunk is kept in int16 as
-    ``t = sign(y) * floor(|y| / 2**k)`` with k = max(bit_length(max |chunk|) - 15, 0), and once the
-    overall shift ``s = max(bit_length(max |y|) - 7, 0)`` is known, rounded by a nearest shift of
-    t by s - k. That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c)
-    / m) for integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
+def _chunks_to_int8(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product of int8 operands requantised to int8 [N, ...] with nearest rounding, as
+    (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, as int32
+    or a float tensor of integers below 2**31 in magnitude, any memory layout) pairs. The whole
+    accumulator is never made: each chunk is kept in int16 as ``t = sign(y) * floor(|y| / 2**k)``
+    with k = max(bit_length(max |chunk|) - 15, 0), and once the overall shift
+    ``s = max(bit_length(max |y|) - 7, 0)`` is known, rounded by a nearest shift of t by s - k.
+    That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c) / m) for
+    integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
     floor((t + c) / m) = floor((|y| + 2**(s-1)) / 2**s); c is an integer because s - k >= 1
     whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
     kept, dropped, largest = None, [], 0
-    for n0, part in _conv_int8_gemm_chunks(x, w, s, p):
+    for n0, part in chunks:
+        if part.is_floating_point():
+            part = part.to(torch.int32)
         low, high = torch.aminmax(part)
         chunk_max = max(-int(low), int(high))
         k = max(chunk_max.bit_length() - 15, 0)
         if kept is None:
-            kept = torch.empty((x.shape[0],) + part.shape[1:], dtype=torch.int16)
+            kept = torch.empty((n,) + part.shape[1:], dtype=torch.int16)
         if k:
             sign = part >> 31  # -1 for negative values: |y| = (y ^ sign) - sign
             truncated = ((part ^ sign) - sign) >> k
@@ -532,14 +546,42 @@ def _conv_int8_gemm_to_int8(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int]
         dropped.append((n0, part.shape[0], k))
         largest = max(largest, chunk_max)
     shift = max(largest.bit_length() - 7, 0)
-    values = torch.empty((kept.shape[0], kept.shape[3], kept.shape[1], kept.shape[2]),
-                         dtype=torch.int8)
+    values = torch.empty(kept.shape, dtype=torch.int8)
     for n0, rows, k in dropped:
-        for sl in cpu_slices(kept[n0:n0 + rows]):
-            chunk = kept[n0:n0 + rows][sl].to(torch.int32)
-            values[n0:n0 + rows][sl] = shift_round(chunk, shift - k, "nearest").clamp_(
-                -127, 127).permute(0, 3, 1, 2)
+        chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
+        for sl in cpu_slices(chunk_kept):
+            chunk_values[sl] = shift_round(chunk_kept[sl].to(torch.int32), shift - k,
+                                           "nearest").clamp_(-127, 127)
     return values, torch.tensor(shift, dtype=torch.int64)
+
+
+def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                       padding: IntPair = 0):
+    """(N, chunks) of conv2d_forward for _chunks_to_int8 on the int8 GEMM path, or None."""
+    s, p, (n, c, _, _), (o, _, _, _), (ho, wo), out_dtype = _ref.conv_forward_geometry(
+        x, w, stride, padding)
+    _check_cpu(x, w)
+    if out_dtype != torch.int32 or n == 0:
+        return None
+    conv = _forward_as_int8_gemm(x, w, stride, padding)
+    if conv is not None:
+        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
+    return None
+
+
+def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                              stride: IntPair = 1, padding: IntPair = 0):
+    """(N, chunks) of conv2d_backward_input for _chunks_to_int8 on the int8 GEMM path, or
+    None."""
+    s, p, (n, o, _, _), (_, c, _, _), hw, out_dtype = _ref.conv_backward_input_geometry(
+        d, w, input_hw, stride, padding)
+    _check_cpu(d, w)
+    if out_dtype != torch.int32 or n == 0:
+        return None
+    conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
+    if conv is not None:
+        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
+    return None
 
 
 def _conv_weight_grad_int8_gemm(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
@@ -602,30 +644,60 @@ def conv2d_forward(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
 
 def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, padding: IntPair
                           ) -> tuple[torch.Tensor, torch.dtype]:
-    """conv2d_forward as (float or int64 tensor holding the exact results, result dtype). Blocks (if any) are groups of input channels; the
-    bounds of a group are max|x| * max_o sum_{c in group, i, j} |w[o, c, i, j]| and
-    max|w| * sum_{c in group} (largest sum of |x[n, c]| over a kh x kw window), see _window_l1.
-    """
+    """conv2d_forward as (float or int32/int64 tensor holding the exact results, result dtype)."""
     s, p, (n, c, h, wd), (o, _, kh, kw), (ho, wo), out_dtype = _ref.conv_forward_geometry(
         x, w, stride, padding)
     _check_cpu(x, w)
     conv = _forward_as_int8_gemm(x, w, stride, padding)
     if conv is not None:
         return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
-    mx, mw = _absmax(x), _absmax(w)
-    xf = x.to(torch.float32)
-    dt, blocks = _plan(mx * mw * c * kh * kw,
-                       [lambda: [L1Bound(mx, _weight_l1(w).t())],
-                        lambda: [L1Bound(mw, _window_l1(xf, (kh, kw), mx))]],
-                       c, MAX_F32_BLOCKS_CONV)
-    if dt is None or n == 0:
+    plan = _forward_float_plan(x, w)
+    if plan[0] is None or n == 0:
         return _ref.conv2d_forward(x, w, s, p), out_dtype
-    xf = xf.to(dt)
+    run = functools.partial(_forward_float_run, w=w, s=s, p=p, dt=plan[0], blocks=plan[1],
+                            quick=plan[2])
+    return _in_sample_chunks(run, x, o * ho * wo), out_dtype
+
+
+def _forward_float_plan(x: torch.Tensor, w: torch.Tensor
+                        ) -> tuple[torch.dtype | None, list[tuple[int, int]], int]:
+    """(float dtype, blocks of input channels, quick bound) of a forward convolution, valid for
+    every subset of the samples. Blocks (if any) are groups of input channels; the bounds of a
+    group are max|x| * max_o sum_{c in group, i, j} |w[o, c, i, j]| and
+    max|w| * sum_{c in group} (largest sum of |x[n, c]| over a kh x kw window), see _window_l1."""
+    c, (kh, kw) = x.shape[1], w.shape[2:]
+    mx, mw = _absmax(x), _absmax(w)
+    quick = mx * mw * c * kh * kw
+    dt, blocks = _plan(quick, [lambda: [L1Bound(mx, _weight_l1(w).t())],
+                               lambda: [L1Bound(mw, _window_l1(x, (kh, kw), mx))]],
+                       c, MAX_F32_BLOCKS_CONV)
+    return dt, blocks, quick
+
+
+def _in_sample_chunks(run, operand: torch.Tensor, outputs_per_sample: int) -> torch.Tensor:
+    """``run(operand)`` computed on chunks of samples with at most FLOAT_CHUNK_BYTES of float32
+    results each, written into one result tensor: oneDNN's own temporaries stay those of a
+    chunk."""
+    step = max(1, FLOAT_CHUNK_BYTES // (4 * max(1, outputs_per_sample)))
+    if step >= operand.shape[0]:
+        return run(operand)
+    out = None
+    for n0 in range(0, operand.shape[0], step):
+        part = run(operand[n0:n0 + step])
+        if out is None:
+            out = part.new_empty((operand.shape[0],) + part.shape[1:])
+        out[n0:n0 + part.shape[0]] = part
+        del part
+    return out
+
+
+def _forward_float_run(x, w, s, p, dt, blocks, quick) -> torch.Tensor:
+    xf = x.to(dt)
     with _no_nnpack():
         if len(blocks) == 1:
-            return F.conv2d(xf, w.to(dt), None, s, p), out_dtype
+            return F.conv2d(xf, w.to(dt), None, s, p)
         res = (F.conv2d(xf[:, c0:c1], w[:, c0:c1].to(dt), None, s, p) for c0, c1 in blocks)
-        return _accumulate(res, mx * mw * c * kh * kw), out_dtype
+        return _accumulate(res, quick)
 
 
 def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Tensor:
@@ -649,29 +721,43 @@ def conv2d_backward_input(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
 def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                                  stride: IntPair, padding: IntPair
                                  ) -> tuple[torch.Tensor, torch.dtype]:
-    """conv2d_backward_input as (float or int64 tensor of exact results, result dtype). Blocks (if any) are groups of output
-    channels; the bounds of a group are max|d| * max_c sum_{o in group, i, j} |w[o, c, i, j]|
-    and max|w| * sum_{o in group} (largest sum of |d[n, o]| over a kh x kw window): the output
-    positions that one input position meets lie in such a window (see _window_l1)."""
+    """conv2d_backward_input as (float or int32/int64 tensor of exact results, result dtype)."""
     s, p, (n, o, ho, wo), (_, c, kh, kw), hw, out_dtype = _ref.conv_backward_input_geometry(
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
     conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
     if conv is not None:
         return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
-    md, mw = _absmax(d), _absmax(w)
-    df = d.to(torch.float32)
-    dt, blocks = _plan(md * mw * o * kh * kw,
-                       [lambda: [L1Bound(mw, _window_l1(df, (kh, kw), md))],
-                        lambda: [L1Bound(md, _weight_l1(w))]],
-                       o, MAX_F32_BLOCKS_CONV)
-    if dt is None or n == 0:
+    plan = _backward_input_float_plan(d, w)
+    if plan[0] is None or n == 0:
         return _ref.conv2d_backward_input(d, w, hw, s, p), out_dtype
-    df = df.to(dt)
+    run = functools.partial(_backward_input_float_run, w=w, hw=hw, s=s, p=p, dt=plan[0],
+                            blocks=plan[1], quick=plan[2])
+    return _in_sample_chunks(run, d, c * hw[0] * hw[1]), out_dtype
+
+
+def _backward_input_float_plan(d: torch.Tensor, w: torch.Tensor
+                               ) -> tuple[torch.dtype | None, list[tuple[int, int]], int]:
+    """(float dtype, blocks of output channels, quick bound) of an input gradient, valid for
+    every subset of the samples. The bounds of a group of output channels are
+    max|d| * max_c sum_{o in group, i, j} |w[o, c, i, j]| and max|w| * sum_{o in group} (largest
+    sum of |d[n, o]| over a kh x kw window): the output positions that one input position meets
+    lie in such a window (see _window_l1)."""
+    o, (kh, kw) = d.shape[1], w.shape[2:]
+    md, mw = _absmax(d), _absmax(w)
+    quick = md * mw * o * kh * kw
+    dt, blocks = _plan(quick, [lambda: [L1Bound(mw, _window_l1(d, (kh, kw), md))],
+                               lambda: [L1Bound(md, _weight_l1(w))]],
+                       o, MAX_F32_BLOCKS_CONV)
+    return dt, blocks, quick
+
+
+def _backward_input_float_run(d, w, hw, s, p, dt, blocks, quick) -> torch.Tensor:
+    df = d.to(dt)
     if len(blocks) == 1:
-        return _transposed(df, w.to(dt), hw, s, p), out_dtype
+        return _transposed(df, w.to(dt), hw, s, p)
     res = (_transposed(df[:, o0:o1], w[o0:o1].to(dt), hw, s, p) for o0, o1 in blocks)
-    return _accumulate(res, md * mw * o * kh * kw), out_dtype
+    return _accumulate(res, quick)
 
 
 def _weight_grad(df: torch.Tensor, xf: torch.Tensor, khw, s, p) -> torch.Tensor:
@@ -835,9 +921,9 @@ _EXACT_PRODUCTS = {
 }
 
 
-_CONVS_AS_INT8_GEMM = {
-    "conv2d_forward": _forward_as_int8_gemm,
-    "conv2d_backward_input": _backward_input_as_int8_gemm,
+_CONVS_IN_CHUNKS = {
+    "conv2d_forward": _forward_in_chunks,
+    "conv2d_backward_input": _backward_input_in_chunks,
 }
 
 
@@ -845,14 +931,15 @@ def product_to_int8(name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
     """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift as a
     0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but without
     making it: on the float path from the exact float product (a tensor-sized 4-byte temporary
-    and two passes over it fewer), on the int8 GEMM path from int16 chunks
-    (_conv_int8_gemm_to_int8: half the memory of the int32 result)."""
+    and two passes over it fewer); convolutions of int8 operands a chunk of samples at a time,
+    kept in int16 until the shift is known (_chunks_to_int8: half the memory of the int32 result,
+    and float temporaries of one chunk only)."""
     if name not in _EXACT_PRODUCTS:
         raise ValueError(f"product_to_int8 takes one of {', '.join(_EXACT_PRODUCTS)}, not {name!r}")
-    as_int8_gemm = _CONVS_AS_INT8_GEMM.get(name)
-    conv = as_int8_gemm(*args) if as_int8_gemm is not None else None
-    if conv is not None:
-        return _conv_int8_gemm_to_int8(*conv)
+    in_chunks = _CONVS_IN_CHUNKS.get(name)
+    chunked = in_chunks(*args) if in_chunks is not None else None
+    if chunked is not None:
+        return _chunks_to_int8(*chunked)
     exact, _ = _EXACT_PRODUCTS[name](*args)
     return exact_to_int8(exact)
 
