@@ -288,7 +288,8 @@ DTYPES = st.sampled_from([(torch.int8, torch.int8), (torch.int16, torch.int16),
 BUDGETS = st.sampled_from([2**24, 2**24, 2**17, 2**14, 2**12, (2**12, 2**16), (2**12, 2**34)])
 
 
-def _check_conv(shape, dtypes, modes, seed, budget, scalar_args):
+def _conv_operands(shape, dtypes, modes, seed):
+    """A generator and random x, w, d of a drawn convolution shape."""
     n, c, o, h, w, kh, kw, s, p = shape
     gen = torch.Generator().manual_seed(seed)
     ho = (h + 2 * p[0] - kh) // s[0] + 1
@@ -296,6 +297,12 @@ def _check_conv(shape, dtypes, modes, seed, budget, scalar_args):
     x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
     wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
     d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
+    return gen, x, wt, d
+
+
+def _check_conv(shape, dtypes, modes, seed, budget, scalar_args):
+    n, c, o, h, w, kh, kw, s, p = shape
+    _, x, wt, d = _conv_operands(shape, dtypes, modes, seed)
     if scalar_args and s[0] == s[1] and p[0] == p[1] and kh == kw:
         s, p, khw = s[0], p[0], kh
     else:
@@ -366,12 +373,7 @@ def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
 def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes, seed, budget):
     """Over shapes, int16 mixes and lowered budgets (float32 blocks, float64, int64 fall-back)."""
     n, c, o, h, w, kh, kw, s, p = shape
-    gen = torch.Generator().manual_seed(seed)
-    ho = (h + 2 * p[0] - kh) // s[0] + 1
-    wo = (w + 2 * p[1] - kw) // s[1] + 1
-    x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
-    wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
-    d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
+    gen, x, wt, d = _conv_operands(shape, dtypes, modes, seed)
     wl = rand_int(gen, (o, c * h * w), dtypes[1], modes[1])
     dl = rand_int(gen, (n, o), dtypes[0], modes[2])
     with cpu_budget(budget):
