@@ -4,7 +4,8 @@ Two paths, bit-identical to the ``reference`` backend for every input (same dtyp
 same error messages):
 
 * int8 GEMM: on CPUs with AMX-INT8 tile units (Intel Xeon since Sapphire Rapids), oneDNN runs
-  ``torch._int_mm`` (int8 x int8 -> int32) at 1-3 TOPS, 4-11x its float32 GEMM. There int8
+  ``torch._int_mm`` (int8 x int8 -> int32) at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (four
+  product shapes, measured on such a machine, see BENCHMARKS.md). There int8
   products go to it: linear layers always, convolutions with at least
   ``INT8_GEMM_MIN_CHANNELS`` input and output channels (channels-last im2col; the input gradient
   of a stride-1 convolution as the convolution with the flipped kernel; weight gradients in
@@ -173,8 +174,8 @@ def _has_amx() -> bool:
 def _int8_gemm(a: torch.Tensor, b: torch.Tensor, channels: int | None = None) -> bool:
     """True when this int8 x int8 product goes to ``torch._int_mm`` (``channels``: the smaller
     channel count of a convolution). On CPUs with AMX-INT8 (Intel Xeon since Sapphire Rapids)
-    oneDNN runs it at 1-3 TOPS, 4-11x its float32 GEMM (measured on such a machine, see
-    BENCHMARKS.md); elsewhere (AMD Zen 3: about 3 GOPS) the float path wins."""
+    oneDNN runs it at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (see BENCHMARKS.md); elsewhere
+    (AMD Zen 3: about 3 GOPS) the float path wins."""
     if a.dtype != torch.int8 or b.dtype != torch.int8:
         return False
     if USE_INT8_GEMM is not None:

@@ -6,7 +6,7 @@ scatters the int32 product back with the integer :func:`~intrain.kernels.im2col.
 tensor is involved, so exactness needs no bound on the data, only on the reduction length.
 
 The same code runs on any device (on CPU ``torch._int_mm`` runs at about 3 GOPS on an AMD Zen 3,
-and at 1-3 TOPS on CPUs with AMX-INT8, where the cpu backend uses it too), which is how its
+and at 0.3-3.2 TOPS on CPUs with AMX-INT8, where the cpu backend uses it too), which is how its
 bit-exactness against ``reference`` is tested on machines without a GPU. ``_int_mm``'s
 shape rules on CUDA (more than 16 rows, a reduction length and a column count divisible by 8)
 are met by zero padding, which adds nothing to any sum; every call pads, on every device, so
