@@ -383,6 +383,37 @@ def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes,
         assert_requantized_same("linear_backward_input", dl, wl)
 
 
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
+def test_chunks_to_int8_matches_requantize_with_ties(dtype):
+    """_chunks_to_int8 against requantising the whole accumulator: chunks of very different
+    sizes (so each keeps its int16 values with its own shift k), random values, and in every
+    chunk the ties of the final shift s and their neighbours (where truncating to int16 first
+    could round the wrong way if the proof were wrong)."""
+    gen = torch.Generator().manual_seed(21)
+    top = 31 if dtype == torch.int32 else 24
+    bits = [top, top - 3, 18, 16, 15, 12, 4]
+    s = top - 7
+    chunks = []
+    for b in bits:
+        m = 2**b - 1
+        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64),
+                  torch.tensor([m, -m])]
+        for j in range(4):
+            tie = (2 * j + 1) * 2**(s - 1)
+            step = 2**max(b - 15, 0)
+            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
+            near = near[(near > 0) & (near <= m)]
+            values += [near, -near]
+        chunks.append(torch.cat(values))
+    width = max(len(c) for c in chunks)
+    full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])  # [7, width]
+    expected = requantize(full, torch.zeros((), dtype=torch.int64))
+    parts = ((i, full[i:i + 1].to(dtype)) for i in range(full.shape[0]))
+    values, shift = CPU._chunks_to_int8(full.shape[0], parts)
+    assert int(shift) == int(expected.e) == s
+    assert_same(values, expected.v)
+
+
 def test_cpu_product_to_int8_rejects_other_products():
     with pytest.raises(ValueError, match="product_to_int8 takes one of"):
         CPU.product_to_int8("conv2d_backward_weight", torch.zeros(1, 1, 1, 1, dtype=torch.int8),
@@ -658,11 +689,13 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 2**22])
 def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
-    """The int8 GEMM path of the cpu backend cut into chunks of samples (down to one) and blocks
-    of output channels: weight gradients added in int32 (short reductions) and in int64 (long),
-    and products requantised from int16 chunks whose own shifts differ (samples of very
-    different sizes: the first sample all +-127, the others small)."""
+    """Both paths of the cpu backend cut into chunks of samples (down to one) and, for weight
+    gradients on the int8 GEMM path, blocks of output channels: weight gradients added in int32
+    (short reductions) and in int64 (long), and products requantised from int16 chunks whose
+    own shifts differ (samples of very different sizes: the first sample all +-127, the others
+    small)."""
     monkeypatch.setattr(CPU, "INT8_GEMM_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(CPU, "FLOAT_CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(13)
     n, c, o, h = 5, 40, 24, 6
     x = rand_int(gen, (n, c, h, h), mode="uniform") // 9
@@ -676,6 +709,8 @@ def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
             both("conv2d_backward_weight", d[..., :size, :size], x, 3, 1, pad)
             assert_requantized_same("conv2d_forward", x, wt, 1, pad)
             assert_requantized_same("conv2d_backward_input", d[..., :size, :size], wt, (h, h), 1, pad)
+            both("conv2d_forward", x, wt, 1, pad)
+            both("conv2d_backward_input", d[..., :size, :size], wt, (h, h), 1, pad)
         big_d = torch.full((2, 2, 300, 300), 127, dtype=torch.int8)  # 180,000 terms: int64
         big_x = torch.full((2, 3, 300, 300), -127, dtype=torch.int8)
         both("conv2d_backward_weight", big_d, big_x, 1, 1, 0)

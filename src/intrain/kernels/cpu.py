@@ -155,12 +155,13 @@ INT8_GEMM_MIN_CHANNELS = 32
 #: products took 339 ms in 4 MiB chunks, 336 ms in 16 MiB and 471 ms in 256 MiB ones (1
 #: thread, a training run beside it, throwaway script).
 INT8_GEMM_CHUNK_BYTES = 2**22
-#: Bytes of float32 results a float-path convolution (forward, input gradient) computes at once:
-#: oneDNN's own temporaries grow with the batch. Smaller chunks cut the peak further but cost
-#: time: LeNet-5 at batch 256 (whose first layer's oneDNN call alone takes 12 MiB) measured
-#: 1.40x / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB
-#: chunks, 1.56x / 0.47x in 1 MiB chunks (benchmarks/speed.py, one run each).
-FLOAT_CHUNK_BYTES = 2**24
+#: Bytes of float32 results a float-path convolution (forward, input gradient) computes at once;
+#: the chunks of a product requantised to int8 are kept in int16 (_chunks_to_int8). oneDNN's own
+#: temporaries grow with the batch, but chunking small products costs time: LeNet-5 at batch
+#: 256 (whose first layer's oneDNN call alone takes 12 MiB for a 3.4 MiB result) measured 1.40x
+#: / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB chunks,
+#: 1.56x / 0.47x in 1 MiB chunks (benchmarks/speed.py, one run each), so it is not chunked.
+FLOAT_CHUNK_BYTES = 2**22
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
@@ -532,14 +533,14 @@ def _chunks_to_int8(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
     whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
     kept, dropped, largest = None, [], 0
     for n0, part in chunks:
-        if part.is_floating_point():
-            part = part.to(torch.int32)
         low, high = torch.aminmax(part)
         chunk_max = max(-int(low), int(high))
         k = max(chunk_max.bit_length() - 15, 0)
         if kept is None:
             kept = torch.empty((n,) + part.shape[1:], dtype=torch.int16)
-        if k:
+        if k and part.is_floating_point():
+            part = part.mul_(2.0 ** -k)  # exact; the cast to int16 below truncates toward zero
+        elif k:
             sign = part >> 31  # -1 for negative values: |y| = (y ^ sign) - sign
             truncated = ((part ^ sign) - sign) >> k
             part = (truncated ^ sign) - sign
@@ -558,7 +559,8 @@ def _chunks_to_int8(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                        padding: IntPair = 0):
-    """(N, chunks) of conv2d_forward for _chunks_to_int8 on the int8 GEMM path, or None."""
+    """(N, chunks) of conv2d_forward for _chunks_to_int8, or None: one call suffices, or the
+    operands are int16, or the reference fall-back is needed."""
     s, p, (n, c, _, _), (o, _, _, _), (ho, wo), out_dtype = _ref.conv_forward_geometry(
         x, w, stride, padding)
     _check_cpu(x, w)
@@ -567,13 +569,19 @@ def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
     conv = _forward_as_int8_gemm(x, w, stride, padding)
     if conv is not None:
         return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
-    return None
+    step = _float_samples_per_chunk(o * ho * wo)
+    if step >= n:
+        return None  # one float call; its result is requantised directly (exact_to_int8)
+    plan = _forward_float_plan(x, w)
+    if plan[0] is None:
+        return None
+    return n, ((n0, _forward_float_run(x[n0:n0 + step], w, s, p, *plan))
+               for n0 in range(0, n, step))
 
 
 def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                               stride: IntPair = 1, padding: IntPair = 0):
-    """(N, chunks) of conv2d_backward_input for _chunks_to_int8 on the int8 GEMM path, or
-    None."""
+    """(N, chunks) of conv2d_backward_input for _chunks_to_int8, or None (as above)."""
     s, p, (n, o, _, _), (_, c, _, _), hw, out_dtype = _ref.conv_backward_input_geometry(
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
@@ -582,7 +590,14 @@ def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPai
     conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
     if conv is not None:
         return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
-    return None
+    step = _float_samples_per_chunk(c * hw[0] * hw[1])
+    if step >= n:
+        return None
+    plan = _backward_input_float_plan(d, w)
+    if plan[0] is None:
+        return None
+    return n, ((n0, _backward_input_float_run(d[n0:n0 + step], w, hw, s, p, *plan))
+               for n0 in range(0, n, step))
 
 
 def _conv_weight_grad_int8_gemm(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
@@ -675,11 +690,15 @@ def _forward_float_plan(x: torch.Tensor, w: torch.Tensor
     return dt, blocks, quick
 
 
+def _float_samples_per_chunk(outputs_per_sample: int) -> int:
+    return max(1, FLOAT_CHUNK_BYTES // (4 * max(1, outputs_per_sample)))
+
+
 def _in_sample_chunks(run, operand: torch.Tensor, outputs_per_sample: int) -> torch.Tensor:
     """``run(operand)`` computed on chunks of samples with at most FLOAT_CHUNK_BYTES of float32
     results each, written into one result tensor: oneDNN's own temporaries stay those of a
     chunk."""
-    step = max(1, FLOAT_CHUNK_BYTES // (4 * max(1, outputs_per_sample)))
+    step = _float_samples_per_chunk(outputs_per_sample)
     if step >= operand.shape[0]:
         return run(operand)
     out = None
