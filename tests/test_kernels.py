@@ -828,11 +828,10 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
         assert int(part.max()) <= mw * int(win_d[k])
     # weight gradient: L1 and Cauchy-Schwarz bounds per (o, c)
     s_bw = REF.conv2d_backward_weight(ad, ax, (kh, kw), s, p)
-    df, xf = d.float(), x.float()
-    ld = CPU._rows_l1(df, (2, 3), md, ho * wo).sum(0)  # [O]
-    lx = CPU._rows_l1(xf, (2, 3), mx, h * w).sum(0)  # [C]
-    sd = CPU._rows_sq(df, md).sum(0)
-    sx = CPU._rows_sq(xf, mx).sum(0)
+    ld = CPU._rows_l1(d, (2, 3), md, ho * wo).sum(0)  # [O]
+    lx = CPU._rows_l1(x, (2, 3), mx, h * w).sum(0)  # [C]
+    sd = CPU._rows_sq(d, md).sum(0)
+    sx = CPU._rows_sq(x, mx).sum(0)
     assert bool((s_bw <= mx * ld.view(o, 1, 1, 1)).all())
     assert bool((s_bw <= md * lx.view(1, c, 1, 1)).all())
     assert bool((s_bw * s_bw <= sd.view(o, 1, 1, 1) * sx.view(1, c, 1, 1)).all())
@@ -848,10 +847,9 @@ def test_cpu_weight_grad_blocks_with_cauchy_schwarz():
     x = x.to(torch.int8)
     d = (torch.randn(n, o, h, h, generator=gen) * 28).round().clamp(-127, 127).to(torch.int8)
     md, mx = CPU._absmax(d), CPU._absmax(x)
-    df, xf = d.float(), x.float()
-    l1 = [CPU.L1Bound(mx, CPU._rows_l1(df, (2, 3), md, h * h)),
-          CPU.L1Bound(md, CPU._rows_l1(xf, (2, 3), mx, h * h))]
-    cs = [CPU.CSBound(CPU._rows_sq(df, md), CPU._rows_sq(xf, mx))]
+    l1 = [CPU.L1Bound(mx, CPU._rows_l1(d, (2, 3), md, h * h)),
+          CPU.L1Bound(md, CPU._rows_l1(x, (2, 3), mx, h * h))]
+    cs = [CPU.CSBound(CPU._rows_sq(d, md), CPU._rows_sq(x, mx))]
     b_l1 = CPU._greedy_blocks(l1, n, CPU.F32_EXACT, None)
     b_cs = CPU._greedy_blocks(l1 + cs, n, CPU.F32_EXACT, None)
     assert len(b_cs) < len(b_l1)
