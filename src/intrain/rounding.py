@@ -39,6 +39,10 @@ def max_bit_length(a: torch.Tensor) -> torch.Tensor:
     # on VGG-sized accumulators); the extremes are widened to int64 before negation so that an
     # int8/int16/int32 minimum cannot wrap around (int64 accumulators stay far below 2**63).
     low, high = torch.aminmax(_in_memory_order(a))
+    if a.device.type == "cpu":
+        # Python integers: no device to stay on, and a handful of small tensor operations fewer
+        # for every requantisation and update (they add up on small models).
+        return torch.tensor(max(int(high), -int(low)).bit_length(), dtype=torch.int64)
     return bit_length(torch.maximum(high.to(torch.int64), -low.to(torch.int64)))
 
 
