@@ -24,8 +24,9 @@ from torch.utils._pytree import tree_flatten
 from intrain import kernels
 from intrain.kernels import cpu as CPU
 from intrain.kernels import cuda as INT_MM
+from intrain.kernels import int8_gemm as INT8_GEMM
 from intrain.kernels import reference as REF
-from intrain.requant import requantize
+from intrain.requant import requantize, requantize_chunks
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -384,8 +385,8 @@ def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes,
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
-def test_chunks_to_int8_matches_requantize_with_ties(dtype):
-    """_chunks_to_int8 against requantising the whole accumulator: chunks of very different
+def test_requantize_chunks_matches_requantize_with_ties(dtype):
+    """requantize_chunks against requantising the whole accumulator: chunks of very different
     sizes (so each keeps its int16 values with its own shift k), random values, and in every
     chunk the ties of the final shift s and their neighbours (where truncating to int16 first
     could round the wrong way if the proof were wrong)."""
@@ -409,7 +410,7 @@ def test_chunks_to_int8_matches_requantize_with_ties(dtype):
     full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])  # [7, width]
     expected = requantize(full, torch.zeros((), dtype=torch.int64))
     parts = ((i, full[i:i + 1].to(dtype)) for i in range(full.shape[0]))
-    values, shift = CPU._chunks_to_int8(full.shape[0], parts)
+    values, shift = requantize_chunks(full.shape[0], parts)
     assert int(shift) == int(expected.e) == s
     assert_same(values, expected.v)
 
@@ -694,7 +695,7 @@ def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
     (short reductions) and in int64 (long), and products requantised from int16 chunks whose
     own shifts differ (samples of very different sizes: the first sample all +-127, the others
     small)."""
-    monkeypatch.setattr(CPU, "INT8_GEMM_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(INT8_GEMM, "CHUNK_BYTES", chunk_bytes)
     monkeypatch.setattr(CPU, "FLOAT_CHUNK_BYTES", chunk_bytes)
     gen = torch.Generator().manual_seed(13)
     n, c, o, h = 5, 40, 24, 6
@@ -706,11 +707,12 @@ def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
     with cpu_int8_gemm():
         for pad in (0, 1, 2):
             size = h - 2 + 2 * pad
-            both("conv2d_backward_weight", d[..., :size, :size], x, 3, 1, pad)
+            dp = d[..., :size, :size]
+            both("conv2d_backward_weight", dp, x, 3, 1, pad)
             assert_requantized_same("conv2d_forward", x, wt, 1, pad)
-            assert_requantized_same("conv2d_backward_input", d[..., :size, :size], wt, (h, h), 1, pad)
+            assert_requantized_same("conv2d_backward_input", dp, wt, (h, h), 1, pad)
             both("conv2d_forward", x, wt, 1, pad)
-            both("conv2d_backward_input", d[..., :size, :size], wt, (h, h), 1, pad)
+            both("conv2d_backward_input", dp, wt, (h, h), 1, pad)
         big_d = torch.full((2, 2, 300, 300), 127, dtype=torch.int8)  # 180,000 terms: int64
         big_x = torch.full((2, 3, 300, 300), -127, dtype=torch.int8)
         both("conv2d_backward_weight", big_d, big_x, 1, 1, 0)

@@ -91,9 +91,10 @@ import torch.nn.functional as F
 
 from intrain.kernels import FUNCTIONS
 from intrain.kernels import cuda as _int_mm
+from intrain.kernels import int8_gemm
 from intrain.kernels import reference as _ref
 from intrain.kernels.im2col import IntPair, im2col, weight_grad_dtype
-from intrain.requant import cpu_slices, requantize
+from intrain.requant import cpu_slices, requantize, requantize_chunks
 from intrain.rounding import shift_round
 
 __all__ = list(FUNCTIONS)
@@ -148,13 +149,8 @@ USE_INT8_GEMM: bool | None = None
 #: forward 3.1-3.6x slower on the int8 GEMM, input gradient 1.5x, weight gradient 1.1-1.2x;
 #: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
 INT8_GEMM_MIN_CHANNELS = 32
-#: Bytes of int8 im2col columns the int8 GEMM path builds at once. Small chunks keep the
-#: temporaries small (peak memory) and in memory the allocator reuses: seven VGG-small-7
-#: products took 339 ms in 4 MiB chunks, 336 ms in 16 MiB and 471 ms in 256 MiB ones (1
-#: thread, a training run beside it, throwaway script).
-INT8_GEMM_CHUNK_BYTES = 2**22
 #: Bytes of float32 results a float-path convolution (forward, input gradient) computes at once;
-#: the chunks of a product requantised to int8 are kept in int16 (_chunks_to_int8). oneDNN's own
+#: the chunks of a product requantised to int8 are kept in int16 (requantize_chunks). oneDNN's own
 #: temporaries grow with the batch, but chunking small products costs time: LeNet-5 at batch
 #: 256 (whose first layer's oneDNN call alone takes 12 MiB for a 3.4 MiB result) measured 1.40x
 #: / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB chunks,
@@ -489,83 +485,9 @@ def _window_l1(t: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Ten
     return largest.to(torch.int64).unsqueeze(1)
 
 
-def _samples_per_chunk(bytes_per_sample: int) -> int:
-    return max(1, INT8_GEMM_CHUNK_BYTES // max(1, bytes_per_sample))
-
-
-def _conv_int8_gemm_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int],
-                           p: tuple[int, int]):
-    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples at a
-    time: yields (first sample, exact int32 [n, Ho, Wo, O]) (channels last). im2col over
-    channels-last patches (each row of the column matrix is kh*kw runs of C contiguous channels,
-    a cheap copy) and ``torch._int_mm``. Exact: an int32 sum of at most C*kh*kw <= 131,071 terms
-    of magnitude <= 2**14 cannot wrap (the geometry checks the length)."""
-    n, c = x.shape[:2]
-    o, _, kh, kw = w.shape
-    k = c * kh * kw
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
-    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
-    ho, wo = patches.shape[1:3]
-    wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
-    step = _samples_per_chunk(ho * wo * k)
-    for n0 in range(0, n, step):
-        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
-        product = _int_mm._mm_int32(cols, wm)
-        del cols  # before the next chunk's columns exist
-        yield n0, product.view(-1, ho, wo, o)
-
-
-def _conv_int8_gemm(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
-                    ) -> torch.Tensor:
-    """The whole int32 result [N, Ho, Wo, O] of _conv_int8_gemm_chunks."""
-    out = None
-    for n0, part in _conv_int8_gemm_chunks(x, w, s, p):
-        if out is None:
-            out = part.new_empty((x.shape[0],) + part.shape[1:])
-        out[n0:n0 + part.shape[0]] = part
-    return out
-
-
-def _chunks_to_int8(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
-    """A product of int8 operands requantised to int8 [N, ...] with nearest rounding, as
-    (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, as int32
-    or a float tensor of integers below 2**31 in magnitude, any memory layout) pairs. The whole
-    accumulator is never made: each chunk is kept in int16 as ``t = sign(y) * floor(|y| / 2**k)``
-    with k = max(bit_length(max |chunk|) - 15, 0), and once the overall shift
-    ``s = max(bit_length(max |y|) - 7, 0)`` is known, rounded by a nearest shift of t by s - k.
-    That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c) / m) for
-    integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
-    floor((t + c) / m) = floor((|y| + 2**(s-1)) / 2**s); c is an integer because s - k >= 1
-    whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
-    kept, dropped, largest = None, [], 0
-    for n0, part in chunks:
-        low, high = torch.aminmax(part)
-        chunk_max = max(-int(low), int(high))
-        k = max(chunk_max.bit_length() - 15, 0)
-        if kept is None:
-            kept = torch.empty((n,) + part.shape[1:], dtype=torch.int16)
-        if k and part.is_floating_point():
-            part = part.mul_(2.0 ** -k)  # exact; the cast to int16 below truncates toward zero
-        elif k:
-            sign = part >> 31  # -1 for negative values: |y| = (y ^ sign) - sign
-            truncated = ((part ^ sign) - sign) >> k
-            part = (truncated ^ sign) - sign
-        kept[n0:n0 + part.shape[0]] = part
-        dropped.append((n0, part.shape[0], k))
-        largest = max(largest, chunk_max)
-    shift = max(largest.bit_length() - 7, 0)
-    values = torch.empty(kept.shape, dtype=torch.int8)
-    for n0, rows, k in dropped:
-        chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
-        for sl in cpu_slices(chunk_kept):
-            chunk_values[sl] = shift_round(chunk_kept[sl].to(torch.int32), shift - k,
-                                           "nearest").clamp_(-127, 127)
-    return values, torch.tensor(shift, dtype=torch.int64)
-
-
 def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                        padding: IntPair = 0):
-    """(N, chunks) of conv2d_forward for _chunks_to_int8, or None: one call suffices, or the
+    """(N, chunks) of conv2d_forward for requantize_chunks, or None: one call suffices, or the
     operands are int16, or the reference fall-back is needed."""
     s, p, (n, c, _, _), (o, _, _, _), (ho, wo), out_dtype = _ref.conv_forward_geometry(
         x, w, stride, padding)
@@ -574,7 +496,7 @@ def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
         return None
     conv = _forward_as_int8_gemm(x, w, stride, padding)
     if conv is not None:
-        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
+        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in int8_gemm.conv_chunks(*conv))
     step = _float_samples_per_chunk(o * ho * wo)
     if step >= n:
         return None  # one float call; its result is requantised directly (exact_to_int8)
@@ -587,7 +509,7 @@ def _forward_in_chunks(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
 
 def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                               stride: IntPair = 1, padding: IntPair = 0):
-    """(N, chunks) of conv2d_backward_input for _chunks_to_int8, or None (as above)."""
+    """(N, chunks) of conv2d_backward_input for requantize_chunks, or None (as above)."""
     s, p, (n, o, _, _), (_, c, _, _), hw, out_dtype = _ref.conv_backward_input_geometry(
         d, w, input_hw, stride, padding)
     _check_cpu(d, w)
@@ -595,7 +517,7 @@ def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPai
         return None
     conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
     if conv is not None:
-        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in _conv_int8_gemm_chunks(*conv))
+        return n, ((n0, part.permute(0, 3, 1, 2)) for n0, part in int8_gemm.conv_chunks(*conv))
     step = _float_samples_per_chunk(c * hw[0] * hw[1])
     if step >= n:
         return None
@@ -606,38 +528,9 @@ def _backward_input_in_chunks(d: torch.Tensor, w: torch.Tensor, input_hw: IntPai
                for n0 in range(0, n, step))
 
 
-def _conv_weight_grad_int8_gemm(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
-                                s: tuple[int, int], p: tuple[int, int]) -> torch.Tensor:
-    """Weight gradient of a convolution of int8 operands (N >= 1) as [O, C, kh, kw] in
-    weight_grad_dtype: d as [O, rows] times the channels-last columns of x [rows, kh*kw*C] by
-    ``torch._int_mm``, a chunk of samples and a block of output channels at a time (small
-    temporaries). Every piece is exact in int32 (at most INT32_REDUCTION rows); the pieces are
-    added into the result in its dtype: int32 only when the whole reduction N*Ho*Wo is at most
-    131,071 terms, so that every running total, a sum of at most that many products of magnitude
-    <= 2**14, stays below 2**31."""
-    n, o, ho, wo = d.shape
-    c = x.shape[1]
-    kh, kw = khw
-    k = c * kh * kw
-    grad = torch.zeros((o, c, kh, kw), dtype=weight_grad_dtype(d, x, n * ho * wo))
-    by_position = grad.permute(0, 2, 3, 1)  # [O, kh, kw, C]: the columns' order
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
-    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
-    step = min(_samples_per_chunk(ho * wo * k), max(1, _int_mm.INT32_REDUCTION // (ho * wo)))
-    block = max(8, INT8_GEMM_CHUNK_BYTES // (4 * k) // 8 * 8)  # output channels per piece
-    for n0 in range(0, n, step):
-        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
-        errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
-        for o0 in range(0, o, block):
-            piece = _int_mm._mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
-            by_position[o0:o0 + block] += piece
-        del cols
-    return grad
-
-
 def _forward_as_int8_gemm(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                           padding: IntPair = 0) -> tuple | None:
-    """Arguments of _conv_int8_gemm that compute conv2d_forward, or None off that path."""
+    """Arguments of int8_gemm.conv that compute conv2d_forward, or None off that path."""
     s, p, (n, c, _, _), (o, _, _, _), _, _ = _ref.conv_forward_geometry(x, w, stride, padding)
     if n and _int8_gemm(x, w, min(c, o)):
         return x, w, s, p
@@ -646,7 +539,7 @@ def _forward_as_int8_gemm(x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
 
 def _backward_input_as_int8_gemm(d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                                  stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
-    """Arguments of _conv_int8_gemm that compute conv2d_backward_input, or None off that path.
+    """Arguments of int8_gemm.conv that compute conv2d_backward_input, or None off that path.
     With stride 1 the input gradient is the convolution of d with the kernel flipped and its
     channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) is needed."""
     s, p, (n, o, _, _), (_, c, kh, kw), _, _ = _ref.conv_backward_input_geometry(
@@ -672,7 +565,7 @@ def _conv2d_forward_exact(x: torch.Tensor, w: torch.Tensor, stride: IntPair, pad
     _check_cpu(x, w)
     conv = _forward_as_int8_gemm(x, w, stride, padding)
     if conv is not None:
-        return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
+        return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
     plan = _forward_float_plan(x, w)
     if plan[0] is None or n == 0:
         return _ref.conv2d_forward(x, w, s, p), out_dtype
@@ -753,7 +646,7 @@ def _conv2d_backward_input_exact(d: torch.Tensor, w: torch.Tensor, input_hw: Int
     _check_cpu(d, w)
     conv = _backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
     if conv is not None:
-        return _conv_int8_gemm(*conv).permute(0, 3, 1, 2), out_dtype
+        return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
     plan = _backward_input_float_plan(d, w)
     if plan[0] is None or n == 0:
         return _ref.conv2d_backward_input(d, w, hw, s, p), out_dtype
@@ -899,7 +792,7 @@ def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
     if n == 0:
         return _ref.conv2d_backward_weight(d, x, khw, s, p)
     if _int8_gemm(d, x, min(c, o)):
-        return _conv_weight_grad_int8_gemm(d, x, khw, s, p)
+        return int8_gemm.conv_weight_grad(d, x, khw, s, p)
     md, mx = _absmax(d), _absmax(x)
     per_sample = md * mx * ho * wo
     group = min(n, F32_EXACT // max(per_sample, 1))
@@ -952,14 +845,14 @@ def product_to_int8(name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
     0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but without
     making it: on the float path from the exact float product (a tensor-sized 4-byte temporary
     and two passes over it fewer); convolutions of int8 operands a chunk of samples at a time,
-    kept in int16 until the shift is known (_chunks_to_int8: half the memory of the int32 result,
+    kept in int16 until the shift is known (requantize_chunks: half the memory of the int32 result,
     and float temporaries of one chunk only)."""
     if name not in _EXACT_PRODUCTS:
         raise ValueError(f"product_to_int8 takes one of {', '.join(_EXACT_PRODUCTS)}, not {name!r}")
     in_chunks = _CONVS_IN_CHUNKS.get(name)
     chunked = in_chunks(*args) if in_chunks is not None else None
     if chunked is not None:
-        return _chunks_to_int8(*chunked)
+        return requantize_chunks(*chunked)
     exact, _ = _EXACT_PRODUCTS[name](*args)
     return exact_to_int8(exact)
 
