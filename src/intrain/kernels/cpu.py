@@ -155,7 +155,7 @@ INT8_GEMM_MIN_CHANNELS = 32
 #: 256 (whose first layer's oneDNN call alone takes 12 MiB for a 3.4 MiB result) measured 1.40x
 #: / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB chunks,
 #: 1.56x / 0.47x in 1 MiB chunks (benchmarks/speed.py, one run each), so it is not chunked.
-FLOAT_CHUNK_BYTES = 2**22
+FLOAT_CHUNK_BYTES = 2**24
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
@@ -763,9 +763,14 @@ class _WeightGradPlanner:
 
 def _weight_grad_run(d, x, quick, dt, blocks, khw, s, p) -> torch.Tensor:
     """Exact weight gradient (float64 or int64 tensor holding the integer result), the float
-    copies of the operands made one block of samples at a time."""
-    res = (_weight_grad(d[n0:n1].to(dt), x[n0:n1].to(dt), khw, s, p) for n0, n1 in blocks)
-    return next(res) if len(blocks) == 1 else _accumulate(res, quick)
+    copies of the operands made one block of samples at a time. Blocks are cut further to at
+    most FLOAT_CHUNK_BYTES of float copies (a part of an exact block is exact: its bound is a
+    sum over fewer samples)."""
+    per_sample = 4 * (d[0].numel() + x[0].numel()) if d.shape[0] else 1
+    step = max(1, FLOAT_CHUNK_BYTES // per_sample)
+    pieces = [(a, min(a + step, n1)) for n0, n1 in blocks for a in range(n0, n1, step)]
+    res = (_weight_grad(d[n0:n1].to(dt), x[n0:n1].to(dt), khw, s, p) for n0, n1 in pieces)
+    return next(res) if len(pieces) == 1 else _accumulate(res, quick)
 
 
 def conv2d_backward_weight(d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
