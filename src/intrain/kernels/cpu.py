@@ -149,13 +149,16 @@ USE_INT8_GEMM: bool | None = None
 #: forward 3.1-3.6x slower on the int8 GEMM, input gradient 1.5x, weight gradient 1.1-1.2x;
 #: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
 INT8_GEMM_MIN_CHANNELS = 32
-#: Bytes of float32 results a float-path convolution (forward, input gradient) computes at once;
-#: the chunks of a product requantised to int8 are kept in int16 (requantize_chunks). oneDNN's own
-#: temporaries grow with the batch, but chunking small products costs time: LeNet-5 at batch
-#: 256 (whose first layer's oneDNN call alone takes 12 MiB for a 3.4 MiB result) measured 1.40x
-#: / 0.96x (step time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB chunks,
-#: 1.56x / 0.47x in 1 MiB chunks (benchmarks/speed.py, one run each), so it is not chunked.
-FLOAT_CHUNK_BYTES = 2**24
+#: Bytes of float32 data a float-path convolution product works on at once: results of the
+#: forward and input-gradient products (chunks requantised to int8 are kept in int16,
+#: requantize_chunks), float copies of the weight gradient's operands. oneDNN's own temporaries
+#: grow with the batch. Chunking small products costs time: LeNet-5 at batch 256 (whose first
+#: layer's oneDNN call alone takes 12 MiB for a 3.4 MiB result) measured 1.40x / 0.96x (step
+#: time / peak memory against float32) unchunked, 1.51x / 0.67x in 2 MiB chunks, 1.56x / 0.47x
+#: in 1 MiB chunks (benchmarks/speed.py, one run each), so products below this size are not
+#: chunked; on VGG-small-7's float path 4 MiB took the peak to 0.42x (0.52x at 16 MiB) at the
+#: same speed.
+FLOAT_CHUNK_BYTES = 2**22
 
 _STRICT_PRECISIONS = (None, "none", "ieee", "highest")
 
