@@ -4,9 +4,9 @@ Prints, per model, the median time of a whole training step (int8, float32, and 
 under bf16 autocast) and the ratios, per-layer forward+backward times, and for int8 and float32
 the bytes a step keeps alive between forward and update (weights, optimizer state, weight
 gradients, tensors saved for backward: "held") and the peak of all tensor memory alive during
-one step, temporaries included ("peak"; on CPU from the PyTorch profiler's memory timeline). Machines here are
-noisy, so all sides are measured alternately in the same process and only ratios are meant to
-be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
+one step, temporaries included ("peak"; on CPU from the PyTorch profiler's memory timeline).
+Machines here are noisy, so all sides are measured alternately in the same process and only
+ratios are meant to be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
 
     python benchmarks/speed.py                          # lenet5 at batch 256, CPU
     python benchmarks/speed.py --model mlp --batch 256 --repeats 20
@@ -170,8 +170,6 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
         peak_float = _peak_live_bytes(float_step)
         print(f"  peak memory     int8 {peak_int / 2**20:8.2f} MiB  float32 {peak_float / 2**20:8.2f} MiB  ratio {peak_int / peak_float:5.2f}x")
     else:
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
         peaks = []
         for fn in (int_step, float_step):
             torch.cuda.synchronize(device)

@@ -93,7 +93,7 @@ from intrain.kernels import FUNCTIONS
 from intrain.kernels import cuda as _int_mm
 from intrain.kernels import int8_gemm
 from intrain.kernels import reference as _ref
-from intrain.kernels.im2col import IntPair, im2col, weight_grad_dtype
+from intrain.kernels.im2col import IntPair, im2col, stack_sample_chunks, weight_grad_dtype
 from intrain.requant import cpu_slices, requantize, requantize_chunks
 from intrain.rounding import shift_round
 
@@ -469,12 +469,10 @@ def _window_l1(t: torch.Tensor, window: tuple[int, int], amax: int) -> torch.Ten
     a window, so this bounds the activation side of a channel's terms. The float sums are exact:
     ``amax * window area <= 2**24`` terms of one sign (float64 otherwise).
     """
-    if t.is_floating_point():
-        raise TypeError("_window_l1 takes an integer tensor")
-    wide = amax * window[0] * window[1] > F32_EXACT
+    dt = torch.float64 if amax * window[0] * window[1] > F32_EXACT else torch.float32
     largest = None
     for rows in cpu_slices(t):
-        sums = t[rows].to(torch.float64 if wide else torch.float32).abs_()
+        sums = _as_float(t[rows], dt).abs_()
         # Box sums as shifted additions along each axis (faster here than avg_pool2d).
         for axis, k in ((2, window[0]), (3, window[1])):
             k = min(k, sums.shape[axis])
@@ -600,17 +598,10 @@ def _in_sample_chunks(run, operand: torch.Tensor, outputs_per_sample: int) -> to
     """``run(operand)`` computed on chunks of samples with at most FLOAT_CHUNK_BYTES of float32
     results each, written into one result tensor: oneDNN's own temporaries stay those of a
     chunk."""
-    step = _float_samples_per_chunk(outputs_per_sample)
-    if step >= operand.shape[0]:
+    n, step = operand.shape[0], _float_samples_per_chunk(outputs_per_sample)
+    if step >= n:
         return run(operand)
-    out = None
-    for n0 in range(0, operand.shape[0], step):
-        part = run(operand[n0:n0 + step])
-        if out is None:
-            out = part.new_empty((operand.shape[0],) + part.shape[1:])
-        out[n0:n0 + part.shape[0]] = part
-        del part
-    return out
+    return stack_sample_chunks(n, ((n0, run(operand[n0:n0 + step])) for n0 in range(0, n, step)))
 
 
 def _forward_float_run(x, w, s, p, dt, blocks, quick) -> torch.Tensor:

@@ -124,6 +124,17 @@ def col2im(cols: torch.Tensor, input_hw: tuple[int, int], stride: tuple[int, int
     return out[:, :, ph:ph + h, pw:pw + w]
 
 
+def stack_sample_chunks(n: int, chunks) -> torch.Tensor:
+    """One tensor [n, ...] from (first sample, part) pairs covering samples 0..n-1; each part is
+    written in as it comes, so only one is alive beside the result."""
+    out = None
+    for n0, part in chunks:
+        if out is None:
+            out = part.new_empty((n,) + part.shape[1:])
+        out[n0:n0 + part.shape[0]] = part
+    return out
+
+
 # The three convolution products as im2col + one matrix product per chunk of the batch, shared by
 # the backends that multiply integers directly (reference: int64 matmul, cuda: int8 _int_mm).
 # ``mm(a, b)`` must return the exact ``a @ b``; ``step`` is the number of samples per chunk.

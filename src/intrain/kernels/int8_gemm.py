@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from intrain.kernels.cuda import INT32_REDUCTION, _mm_int32
-from intrain.kernels.im2col import weight_grad_dtype
+from intrain.kernels.im2col import stack_sample_chunks, weight_grad_dtype
 
 #: Bytes of int8 im2col columns these products build at once. Small chunks keep the
 #: temporaries small (peak memory) and in memory the allocator reuses: seven VGG-small-7
@@ -27,41 +27,40 @@ def samples_per_chunk(bytes_per_sample: int) -> int:
     return max(1, CHUNK_BYTES // max(1, bytes_per_sample))
 
 
-def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int],
-                           p: tuple[int, int]):
-    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples at a
-    time: yields (first sample, exact int32 [n, Ho, Wo, O]) (channels last). im2col over
-    channels-last patches (each row of the column matrix is kh*kw runs of C contiguous channels,
-    a cheap copy) and ``torch._int_mm``. Exact: an int32 sum of at most C*kh*kw <= 131,071 terms
-    of magnitude <= 2**14 cannot wrap (the geometry checks the length)."""
-    n, c = x.shape[:2]
-    o, _, kh, kw = w.shape
-    k = c * kh * kw
+def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int]
+             ) -> torch.Tensor:
+    """Patches of x [N, C, H, W] as a strided view [N, Ho, Wo, kh, kw, C] over its zero-padded
+    channels-last copy: rows of columns in (kh, kw, C) order are runs of C contiguous values."""
     padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
-    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
+    return padded.unfold(1, kh, s[0]).unfold(2, kw, s[1]).permute(0, 1, 2, 4, 5, 3)
+
+
+def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]):
+    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples at a
+    time: yields (first sample, exact int32 [n, Ho, Wo, O]) (channels last), by im2col of
+    channels-last patches and ``torch._int_mm``. Exact: an int32 sum of at most C*kh*kw <=
+    131,071 terms of magnitude <= 2**14 cannot wrap (the geometry checks the length)."""
+    o, c, kh, kw = w.shape
+    k = c * kh * kw
+    patches = _patches(x, kh, kw, s, p)
     ho, wo = patches.shape[1:3]
     wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
     step = samples_per_chunk(ho * wo * k)
-    for n0 in range(0, n, step):
-        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
+    for n0 in range(0, x.shape[0], step):
+        cols = patches[n0:n0 + step].reshape(-1, k)
         product = _mm_int32(cols, wm)
         del cols  # before the next chunk's columns exist
         yield n0, product.view(-1, ho, wo, o)
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
-                    ) -> torch.Tensor:
+         ) -> torch.Tensor:
     """The whole int32 result [N, Ho, Wo, O] of conv_chunks."""
-    out = None
-    for n0, part in conv_chunks(x, w, s, p):
-        if out is None:
-            out = part.new_empty((x.shape[0],) + part.shape[1:])
-        out[n0:n0 + part.shape[0]] = part
-    return out
+    return stack_sample_chunks(x.shape[0], conv_chunks(x, w, s, p))
 
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
-                                s: tuple[int, int], p: tuple[int, int]) -> torch.Tensor:
+                     s: tuple[int, int], p: tuple[int, int]) -> torch.Tensor:
     """Weight gradient of a convolution of int8 operands (N >= 1) as [O, C, kh, kw] in
     weight_grad_dtype: d as [O, rows] times the channels-last columns of x [rows, kh*kw*C] by
     ``torch._int_mm``, a chunk of samples and a block of output channels at a time (small
@@ -75,12 +74,11 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
     k = c * kh * kw
     grad = torch.zeros((o, c, kh, kw), dtype=weight_grad_dtype(d, x, n * ho * wo))
     by_position = grad.permute(0, 2, 3, 1)  # [O, kh, kw, C]: the columns' order
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
-    patches = padded.unfold(1, kh, s[0]).unfold(2, kw, s[1])  # [N, Ho, Wo, C, kh, kw]
+    patches = _patches(x, kh, kw, s, p)
     step = min(samples_per_chunk(ho * wo * k), max(1, INT32_REDUCTION // (ho * wo)))
     block = max(8, CHUNK_BYTES // (4 * k) // 8 * 8)  # output channels per piece
     for n0 in range(0, n, step):
-        cols = patches[n0:n0 + step].permute(0, 1, 2, 4, 5, 3).reshape(-1, k)
+        cols = patches[n0:n0 + step].reshape(-1, k)
         errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
         for o0 in range(0, o, block):
             piece = _mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
