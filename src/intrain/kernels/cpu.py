@@ -133,7 +133,8 @@ GROUPED_MAX_COLUMNS = 32
 GROUPED_MAX_SAMPLES = 1
 # Bytes of float32 im2col columns built at once by the grouped weight gradient (small: they
 # are the largest temporary of LeNet-5's step; 2 MiB instead of 64 took its peak tensor memory
-# from 27.6 to 17.9 MiB at the same speed, measured with benchmarks/speed.py's peak).
+# from 27.6 to 17.9 MiB at the same speed, one run each of a throwaway script using
+# benchmarks/speed.py's peak measure).
 GROUPED_CHUNK_BYTES = 2**21
 # Weight gradients needing more float32 blocks than this try splitting the errors in two halves.
 SPLIT_MIN_BLOCKS = 4
@@ -145,9 +146,9 @@ _MM_GRAINS = 64
 USE_INT8_GEMM: bool | None = None
 #: ... automatically only for convolutions with at least this many input and output channels:
 #: below it the im2col copy costs more than the product saves. Measured on an AMX machine, 2
-#: threads, tensors of real training steps (throwaway script): LeNet-5 (1->6, 6->16 channels)
-#: forward 3.1-3.6x slower on the int8 GEMM, input gradient 1.5x, weight gradient 1.1-1.2x;
-#: VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x (faster).
+#: threads, tensors of real training steps (throwaway script, two runs): LeNet-5 (1->6, 6->16
+#: channels) forward 3.1-4.1x slower on the int8 GEMM, input gradient 1.5-2.5x, weight gradient
+#: 1.1-2.5x; VGG-small-7's 3->128 layer forward 1.6x slower; its other layers 0.17-0.76x.
 INT8_GEMM_MIN_CHANNELS = 32
 #: Bytes of float32 data a float-path convolution product works on at once: results of the
 #: forward and input-gradient products (chunks requantised to int8 are kept in int16,
