@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from intrain import checkpoint
+from intrain.run import checkpoint
 
 
 def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:

@@ -27,15 +27,15 @@ import warnings
 
 import torch
 
-from intrain.engine import IntegerTrainer
-from intrain.float_twin import FloatTrainer
+from intrain.methods.niti import IntegerTrainer
+from intrain.methods.float_twin import FloatTrainer
 from intrain.kernels import BACKENDS
 from intrain.kernels import cpu as cpu_kernels
 from intrain.layers import StepContext
-from intrain.loss import cross_entropy_grad
+from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
-from intrain.optim import MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.update import MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
 

@@ -8,11 +8,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intrain.averaging import WeightAverage, rounded_mean
-from intrain.engine import IntegerTrainer
+from intrain.methods.averaging import WeightAverage, rounded_mean
+from intrain.methods.niti import IntegerTrainer
 from intrain.models import build_int_model
-from intrain.optim import MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.update import MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 
 @pytest.mark.parametrize("total, count, expected", [

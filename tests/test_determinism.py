@@ -2,12 +2,12 @@
 
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 from intrain.data import PIXEL_EXPONENT, load_dataset, pixels_to_int8
-from intrain.engine import IntegerTrainer
+from intrain.methods.niti import IntegerTrainer
 from intrain.models import build_int_model
-from intrain.optim import MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.update import MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 
 def train_digits(seed, backend="cpu", model_name="mlp", steps=12, batch=32):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from intrain.float_twin import FloatTrainer, lr_at
+from intrain.methods.float_twin import FloatTrainer, lr_at
 
 
 def _net(seed=0):

@@ -6,10 +6,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from intrain.engine import IntegerTrainer
+from intrain.methods.niti import IntegerTrainer
 from intrain.models import build_int_model
-from intrain.optim import MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.update import MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 
 class FloatAudit(TorchDispatchMode):

@@ -26,7 +26,7 @@ from intrain.kernels import cpu as CPU
 from intrain.kernels import cuda as INT_MM
 from intrain.kernels import int8_gemm as INT8_GEMM
 from intrain.kernels import reference as REF
-from intrain.requant import requantize, requantize_chunks
+from intrain.numeric.requant import requantize, requantize_chunks
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,

@@ -8,8 +8,8 @@ import torch
 from intrain.kernels import get_backend
 from intrain.layers import (IntConv2d, IntFlatten, IntLinear, IntMaxPool2d, IntReLU, IntSequential,
                             StepContext, IntDropout)
-from intrain.qtensor import QTensor
-from intrain.requant import requantize
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize
 
 REF = get_backend("reference")
 GEN = torch.Generator().manual_seed(1)

@@ -3,8 +3,8 @@
 
 import torch
 
-from intrain.loss import EXP2_FRACTION_TABLE, EXP_PRECISION, FRACTION_BITS, PROB_BITS, cross_entropy_grad, softmax_scaled
-from intrain.qtensor import QTensor
+from intrain.methods.loss import EXP2_FRACTION_TABLE, EXP_PRECISION, FRACTION_BITS, PROB_BITS, cross_entropy_grad, softmax_scaled
+from intrain.numeric.qtensor import QTensor
 
 
 def test_exp2_table_is_rounded_powers_of_two():

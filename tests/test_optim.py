@@ -5,7 +5,7 @@ import torch
 
 from intrain.kernels import get_backend
 from intrain.layers import IntLinear
-from intrain.optim import IntegerUpdate, MuSchedule, apply_update
+from intrain.methods.update import IntegerUpdate, MuSchedule, apply_update
 from intrain.layers import IntSequential
 
 

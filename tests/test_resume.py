@@ -12,9 +12,9 @@ import time
 import pytest
 import torch
 
-from intrain import checkpoint
+from intrain.run import checkpoint
 from intrain.cli import main
-from intrain.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatTrainer
 
 from cli_checks import assert_refused
 
@@ -125,7 +125,7 @@ def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, ca
 @pytest.fixture
 def interrupted(tmp_path, monkeypatch):
     """A small int8 run stopped after a mid-epoch checkpoint."""
-    from intrain.engine import IntegerTrainer
+    from intrain.methods.niti import IntegerTrainer
 
     original = IntegerTrainer.train_step
 
@@ -177,7 +177,7 @@ def test_missing_checkpoint_is_refused(tmp_path, capsys):
 
 def test_augmentation_and_workers(tmp_path, capsys):
     """Augmentation changes the run; the number of loader workers does not change a bit."""
-    from intrain.train import TrainConfig
+    from intrain.run.loop import TrainConfig
 
     assert TrainConfig(dataset="cifar10").resolved().augment is True
     assert TrainConfig(dataset="digits").resolved().augment is False

@@ -2,7 +2,7 @@
 
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 
 
 def test_same_key_same_stream_and_scalar_matches_tensor_hash():

@@ -4,9 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intrain import rng
-from intrain.requant import requantize
-from intrain.rounding import bit_length, max_bit_length, shift_round
+from intrain.numeric import rng
+from intrain.numeric.requant import requantize
+from intrain.numeric.rounding import bit_length, max_bit_length, shift_round
 
 
 def t(values, dtype=torch.int32):

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from intrain.cli import main
-from intrain.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatTrainer
 
 JOB = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--train-limit", "300"]
 

@@ -8,12 +8,12 @@ import re
 import pytest
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 from intrain.cli import main
 from intrain.data import load_dataset
-from intrain.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatTrainer
 from intrain.models import build_float_model
-from intrain.train import CHECKPOINT_FORMAT, TrainConfig, run
+from intrain.run.loop import CHECKPOINT_FORMAT, TrainConfig, run
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "eval_acc", "seconds"]
 LAST_LINE = re.compile(r"^eval_acc=\d+\.\d\d$")
@@ -131,7 +131,7 @@ def test_int8_run_end_to_end_and_reproducible(tmp_path, capsys):
 
 
 def test_recipes_give_int8_and_float_their_own_batch_sizes():
-    from intrain.recipes import default_recipe
+    from intrain.run.recipes import default_recipe
 
     int8, flt = default_recipe("mnist", "lenet5", "int8"), default_recipe("mnist", "lenet5", "float")
     assert (int8.batch_size, flt.batch_size) == (256, 64)
@@ -141,7 +141,7 @@ def test_recipes_give_int8_and_float_their_own_batch_sizes():
 
 
 def test_fashion_mnist_int8_recipe_uses_batch_128():
-    from intrain.recipes import default_recipe
+    from intrain.run.recipes import default_recipe
 
     assert default_recipe("fashion-mnist", "lenet5", "int8").batch_size == 128
     assert default_recipe("fashion-mnist", "lenet5", "float").batch_size == 64

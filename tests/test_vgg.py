@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from intrain.cli import main
-from intrain.engine import IntegerTrainer
-from intrain.float_twin import FloatTrainer
+from intrain.methods.niti import IntegerTrainer
+from intrain.methods.float_twin import FloatTrainer
 from intrain.layers import IntConv2d, IntDropout, IntLinear
 from intrain.models import MODELS, build_float_model, build_int_model, model_spec
-from intrain.optim import MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.update import MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 VGGS = ("vgg-small-7", "vgg-small-8", "vgg-small-9")
 

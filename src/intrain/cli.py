@@ -57,14 +57,14 @@ def add_train(sub) -> None:
     """``intrain train``: train one model (int8 or its float32 twin) and save the run."""
     from intrain.data import DATASETS
     from intrain.models import MODELS
-    from intrain.config import ARITHS, BACKENDS, DEVICES, WEIGHT_AVERAGES
+    from intrain.run.config import ARITHS, BACKENDS, DEVICES, WEIGHT_AVERAGES
     from intrain.layers import ERROR_ROUNDINGS
 
     p = sub.add_parser(
         "train", help="train a model with integer-only arithmetic or its float32 twin",
         description="Train one model and write metrics.csv, config.json and model.pt to the run "
                     "directory. Options left out take the recipe's defaults for the dataset "
-                    "(intrain.recipes). The last line on stdout is eval_acc=NN.NN (percent).")
+                    "(intrain.run.recipes). The last line on stdout is eval_acc=NN.NN (percent).")
     # Options default to None here so that ``--resume`` can tell which were given; run_train
     # fills in TRAIN_DEFAULTS for a new run.
     p.add_argument("--dataset", choices=DATASETS,
@@ -140,8 +140,8 @@ _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size"
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the TrainConfig from the parsed arguments and run it (or resume a run); prints the summary."""
-    from intrain.config import TrainConfig
-    from intrain.train import resume, run
+    from intrain.run.config import TrainConfig
+    from intrain.run.loop import resume, run
 
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS}
     if args.resume is not None:
@@ -179,7 +179,7 @@ def add_eval(sub) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from intrain.evaluate import evaluate_run, format_confusion
+    from intrain.run.evaluate import evaluate_run, format_confusion
 
     result = evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
                           batch_size=args.batch_size)
@@ -265,8 +265,8 @@ def _one_line(message: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``intrain`` console script; returns the exit status."""
     from intrain.data.errors import DataError
-    from intrain.checkpoint import CheckpointError
-    from intrain.config import ConfigError
+    from intrain.run.checkpoint import CheckpointError
+    from intrain.run.config import ConfigError
 
     try:
         args = build_parser().parse_args(argv)

@@ -12,9 +12,9 @@ import io
 import json
 from pathlib import Path
 
-from intrain.metrics import read_metrics
-from intrain.config import ConfigError
-from intrain.train import atomic_write
+from intrain.run.metrics import read_metrics
+from intrain.run.config import ConfigError
+from intrain.run.loop import atomic_write
 
 
 def _label(run_dir: Path) -> str:

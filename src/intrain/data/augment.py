@@ -1,7 +1,7 @@
 """Integer data augmentation (zero-padded random crop + horizontal flip), deterministic by seed.
 
 The crop offsets and flip bit of an image are a pure function of ``(seed, epoch, sample_id)``,
-drawn from the counter-based generator in ``intrain.rng`` (int64 tensors holding 32-bit values,
+drawn from the counter-based generator in ``intrain.numeric.rng`` (int64 tensors holding 32-bit values,
 no intermediate reaches 2**63). So the augmented image depends only on its dataset index, never on
 batch composition, batch size or the number of loader workers.
 
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from intrain.rng import MASK32, STREAM_AUGMENT, derive_key, mix32
+from intrain.numeric.rng import MASK32, STREAM_AUGMENT, derive_key, mix32
 
 __all__ = ["crop_flip_params", "random_crop_flip", "AugmentedLoader"]
 

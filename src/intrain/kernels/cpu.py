@@ -94,8 +94,8 @@ from intrain.kernels import cuda as _int_mm
 from intrain.kernels import int8_gemm
 from intrain.kernels import reference as _ref
 from intrain.kernels.im2col import IntPair, im2col, stack_sample_chunks, weight_grad_dtype
-from intrain.requant import cpu_slices, requantize, requantize_chunks
-from intrain.rounding import shift_round
+from intrain.numeric.requant import cpu_slices, requantize, requantize_chunks
+from intrain.numeric.rounding import shift_round
 
 __all__ = list(FUNCTIONS)
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from intrain import rng
-from intrain.qtensor import QTensor
-from intrain.requant import requantize, requantize_product
-from intrain.rounding import shift_round
+from intrain.numeric import rng
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize, requantize_product
+from intrain.numeric.rounding import shift_round
 
 
 @dataclass(frozen=True)

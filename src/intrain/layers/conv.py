@@ -9,8 +9,8 @@ with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw
 from __future__ import annotations
 
 from intrain.layers.base import StepContext, WeightedIntModule
-from intrain.qtensor import QTensor
-from intrain.requant import requantize_product
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize_product
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 from intrain.layers.base import IntModule, StepContext
-from intrain.qtensor import QTensor
+from intrain.numeric.qtensor import QTensor
 
 
 class IntDropout(IntModule):

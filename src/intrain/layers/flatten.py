@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from intrain.layers.base import IntModule, StepContext
-from intrain.qtensor import QTensor
+from intrain.numeric.qtensor import QTensor
 
 
 class IntFlatten(IntModule):

@@ -9,8 +9,8 @@ Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features 
 from __future__ import annotations
 
 from intrain.layers.base import StepContext, WeightedIntModule
-from intrain.qtensor import QTensor
-from intrain.requant import requantize_product
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize_product
 
 
 class IntLinear(WeightedIntModule):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers.base import IntModule, StepContext
-from intrain.qtensor import QTensor
+from intrain.numeric.qtensor import QTensor
 
 
 class IntMaxPool2d(IntModule):

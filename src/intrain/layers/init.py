@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 from intrain.layers.base import WeightedIntModule
 
 

@@ -4,7 +4,7 @@ Everything inside ``IntegerTrainer.train_step`` is an integer operation on integ
 audit test records every aten operator to prove it). The random numbers it uses (loss rounding,
 dropout) are keyed by ``(seed, step)``, so any step can be replayed bit for bit. Unless
 ``weight_average`` is "none", the step also adds the updated weights into integer running sums
-(:mod:`intrain.averaging`) that restart in ``begin_epoch`` (every epoch, or when mu changes), and
+(:mod:`intrain.methods.averaging`) that restart in ``begin_epoch`` (every epoch, or when mu changes), and
 whose mean ``averaged()`` applies for evaluation and saving.
 """
 
@@ -14,11 +14,11 @@ from contextlib import nullcontext
 
 import torch
 
-from intrain.averaging import WEIGHT_AVERAGES, WeightAverage
+from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.layers import IntSequential, StepContext
-from intrain.loss import cross_entropy_grad
-from intrain.optim import IntegerUpdate, MuSchedule
-from intrain.qtensor import QTensor
+from intrain.methods.loss import cross_entropy_grad
+from intrain.methods.update import IntegerUpdate, MuSchedule
+from intrain.numeric.qtensor import QTensor
 
 
 class IntegerTrainer:

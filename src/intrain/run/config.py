@@ -1,7 +1,7 @@
 """What a training run depends on: ``TrainConfig``, the names of its choices, and the checks
 that need no data (each raising ``ConfigError`` with one line saying what is wrong and what to do).
 
-``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.recipes``).
+``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.run.recipes``).
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from intrain.averaging import WEIGHT_AVERAGES
+from intrain.methods.averaging import WEIGHT_AVERAGES
 from intrain.data import DATASETS
 from intrain.kernels import BACKENDS as KERNEL_BACKENDS
 from intrain.models import MODELS
-from intrain.recipes import default_recipe
+from intrain.run.recipes import default_recipe
 
 ARITHS = ("int8", "float")
 BACKENDS = ("auto",) + KERNEL_BACKENDS
@@ -103,7 +103,7 @@ def check_args(c: TrainConfig) -> None:
 
 
 def mu_schedule(text: str):
-    from intrain.optim import MuSchedule
+    from intrain.methods.update import MuSchedule
 
     try:
         return MuSchedule.parse(text)

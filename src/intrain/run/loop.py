@@ -16,7 +16,7 @@ batches are identical for any number): the order above, with a random crop (4-pi
 and horizontal flip per image keyed by (seed, epoch, image index) when augmentation is on (the
 default for CIFAR-10 only).
 
-Checkpoints (``intrain.checkpoint``): ``checkpoint.pt`` is written atomically at the end of every
+Checkpoints (``intrain.run.checkpoint``): ``checkpoint.pt`` is written atomically at the end of every
 epoch (after its evaluation, before its metrics row is appended) and every ``checkpoint_every``
 global steps; ``resume(run_dir)`` continues from it so that a run killed at any moment and
 resumed ends with the same weights, bit for bit, and the same metrics (except ``seconds``) as an
@@ -40,13 +40,13 @@ from pathlib import Path
 
 import torch
 
-from intrain import rng
-from intrain.config import RESUME_FREE, ConfigError, TrainConfig, check_args, mu_schedule
+from intrain.numeric import rng
+from intrain.run.config import RESUME_FREE, ConfigError, TrainConfig, check_args, mu_schedule
 from intrain.data import DatasetSplits, load_dataset, pixels_to_int8, PIXEL_EXPONENT
-from intrain.float_twin import FloatTrainer
-from intrain.metrics import MetricsCSV, Running, accuracy, progress
+from intrain.methods.float_twin import FloatTrainer
+from intrain.run.metrics import MetricsCSV, Running, accuracy, progress
 from intrain.models import build_float_model, build_int_model
-from intrain.qtensor import QTensor
+from intrain.numeric.qtensor import QTensor
 
 RUN_FILES = ("metrics.csv", "model.pt", "config.json", "checkpoint.pt")
 TENSORBOARD_DIR = "tensorboard"
@@ -102,7 +102,7 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int):
     shape, classes = splits.train.image_shape, splits.train.num_classes
     try:
         if c.arith == "int8":
-            from intrain.engine import IntegerTrainer
+            from intrain.methods.niti import IntegerTrainer
 
             model = build_int_model(c.model, shape, classes, c.seed, backend=c.backend, device=c.device,
                                     width=c.width, weight_bits=c.weight_bits,
@@ -303,7 +303,7 @@ def _restore_running(state: dict | None, dev: torch.device) -> Running:
 
 
 def _save_resume(out_dir: Path, p: Prepared, cfg: dict, position: dict) -> None:
-    from intrain import checkpoint
+    from intrain.run import checkpoint
 
     payload = {"format": checkpoint.MAGIC.decode().strip(), "version": checkpoint.VERSION,
                "train_config": asdict(p.config), "config": cfg, "seed": p.config.seed}
@@ -372,7 +372,7 @@ def train_prepared(p: Prepared, log=None, start: _Start | None = None, cfg: dict
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
-            with trainer.averaged():  # int8: the mean weights (intrain.averaging)
+            with trainer.averaged():  # int8: the mean weights (intrain.methods.averaging)
                 eval_acc = evaluate(trainer, eval_x, eval_y, mean, c.arith, bs)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
@@ -411,7 +411,7 @@ def _option(name: str) -> str:
 def resume_config(payload: dict, run_dir: Path, given: dict | None = None) -> TrainConfig:
     """The checkpoint's config, with the explicitly ``given`` options checked against it:
     those in ``RESUME_FREE`` replace the saved values, any other that differs is refused."""
-    from intrain.checkpoint import CheckpointError, checkpoint_path
+    from intrain.run.checkpoint import CheckpointError, checkpoint_path
 
     path = checkpoint_path(run_dir)
     try:
@@ -443,7 +443,7 @@ def resume_config(payload: dict, run_dir: Path, given: dict | None = None) -> Tr
 def resume(run_dir, given: dict | None = None, log=None) -> RunResult:
     """Continue the run in ``run_dir`` from ``run_dir/checkpoint.pt`` (see the module docstring).
     Raises CheckpointError / ConfigError / DataError before anything is written."""
-    from intrain import checkpoint
+    from intrain.run import checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from intrain.data import load_dataset
-from intrain.metrics import accuracy
+from intrain.run.metrics import accuracy
 from intrain.models import build_float_model, build_int_model
-from intrain.config import ConfigError
-from intrain.train import CHECKPOINT_FORMAT, predictions, save_json
+from intrain.run.config import ConfigError
+from intrain.run.loop import CHECKPOINT_FORMAT, predictions, save_json
 
 EVAL_FILE = "eval.json"
 

@@ -7,7 +7,7 @@ The small-image int8 schedules decay mu like a learning rate over 20 epochs (dig
 epoch 10, 2 from epoch 15; MNIST formats: 5, 4 from epoch 8, 3 from epoch 14, at batch 256 on
 MNIST and 128 on Fashion-MNIST), and
 int8 runs evaluate and save the mean weights of the current mu phase (``--weight-average``, see
-``intrain.averaging``); measured results are in BENCHMARKS.md. The CIFAR-10 one is NITI's
+``intrain.methods.averaging``); measured results are in BENCHMARKS.md. The CIFAR-10 one is NITI's
 published schedule (mu 5, then 4 from epoch 100, then 3 from epoch 150, 200 epochs, batch 256).
 The float learning rate is 0.05 at batch 64 and scales linearly with the batch size (the usual
 linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps a sound recipe.

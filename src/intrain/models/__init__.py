@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from intrain.init import init_weight
+from intrain.layers.init import init_weight
 from intrain.kernels import get_backend
 from intrain.layers import (ERROR_ROUNDINGS, IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
                             IntSequential)

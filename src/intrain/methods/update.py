@@ -15,8 +15,8 @@ from __future__ import annotations
 import torch
 
 from intrain.layers.sequential import IntSequential
-from intrain.requant import cpu_slices
-from intrain.rounding import max_bit_length, shift_round
+from intrain.numeric.requant import cpu_slices
+from intrain.numeric.rounding import max_bit_length, shift_round
 
 
 class MuSchedule:

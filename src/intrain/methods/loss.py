@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-from intrain import rng
-from intrain.qtensor import QTensor
-from intrain.requant import requantize
+from intrain.numeric import rng
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize
 
 LOG2E_Q15 = 47274
 FRACTION_BITS = 8

@@ -5,7 +5,7 @@ that the result is symmetric around zero. Modes:
 
 - ``nearest``: add ``2**(s-1)`` to ``|a|`` before the shift (ties away from zero).
 - ``stochastic``: add a uniform integer ``r`` in ``[0, 2**s)`` from the counter-based generator
-  (:mod:`intrain.rng`) keyed by the caller; unbiased: ``E[result] = a / 2**s``.
+  (:mod:`intrain.numeric.rng`) keyed by the caller; unbiased: ``E[result] = a / 2**s``.
 - ``pseudo``: NITI's pseudo-stochastic rounding. The ``s`` discarded bits are split into the upper
   ``ceil(s/2)`` bits ``h`` (the probability) and the lower ``floor(s/2)`` bits ``l`` (the random
   number, doubled when ``s`` is odd so both have the same width); the magnitude rounds up when
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain import rng
+from intrain.numeric import rng
 
 ROUNDING_MODES = ("nearest", "stochastic", "pseudo")
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from intrain.qtensor import QTensor
-from intrain.rounding import max_bit_length, shift_round
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.rounding import max_bit_length, shift_round
 
 _STORAGE = {8: torch.int8, 16: torch.int16}
 

@@ -1,6 +1,6 @@
 """Resumable training checkpoints: ``<run dir>/checkpoint.pt``, verified by a sha256.
 
-File layout (all of it written atomically with ``intrain.train.atomic_write``: temp file in the
+File layout (all of it written atomically with ``intrain.run.loop.atomic_write``: temp file in the
 same directory, flush, fsync, ``os.replace``; so a reader sees the old or the new file, never half
 of one)::
 
@@ -55,7 +55,7 @@ def encode(payload: dict) -> bytes:
 
 def save(path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (see the module docstring)."""
-    from intrain.train import atomic_write
+    from intrain.run.loop import atomic_write
 
     data = encode(payload)
     atomic_write(Path(path), lambda f: f.write(data))

@@ -1,0 +1,1 @@
+"""A training run: its options and recipes, the loop, checkpoints, run files, evaluation."""
