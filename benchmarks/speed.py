@@ -27,8 +27,8 @@ import warnings
 
 import torch
 
-from intrain.methods.niti import IntegerTrainer
-from intrain.methods.float_twin import FloatTrainer
+from intrain.methods.niti import Niti, NitiOptions
+from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.kernels import BACKENDS
 from intrain.kernels import cpu as cpu_kernels
 from intrain.layers import StepContext
@@ -36,6 +36,7 @@ from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
+from intrain.layers import weighted_layers
 
 SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
 
@@ -76,7 +77,7 @@ def _weight_grad_bytes_int(model, x, y, seed) -> int:
     error = cross_entropy_grad(model(x, ctx), y, seed, 0)
     model.backward(error, ctx)
     total = 0
-    for layer in model.weighted_layers():
+    for layer in weighted_layers(model):
         total += layer.weight_grad.numel() * layer.weight_grad.element_size()
         layer.weight_grad = layer.weight_grad_exp = None
     return total
@@ -128,10 +129,10 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     x_float = (pixels.to(torch.float32) / 128).to(device)
 
     int_model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device)
-    int_trainer = IntegerTrainer(int_model, seed, MuSchedule.parse("0:4"))
+    int_trainer = Niti(int_model, NitiOptions(mu_schedule="0:4"), seed=seed)
     torch.manual_seed(seed)
     float_model = build_float_model(model_name, shape, 10).to(device)
-    float_trainer = FloatTrainer(float_model, lr=0.01, epochs=1, steps_per_epoch=10**6)
+    float_trainer = FloatTwin(float_model, FloatOptions(lr=0.01), total_steps=(1) * (10**6))
 
     step = [0]
 
@@ -153,7 +154,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             times[key].append(_median_seconds(fn, repeats, device))
     t_int, t_float = min(times["int8"]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\n{model_name}, batch {batch}, {where}, int8 kernels: {int_model.weighted_layers()[0].backend.name}")
+    print(f"\n{model_name}, batch {batch}, {where}, int8 kernels: {weighted_layers(int_model)[0].backend.name}")
     print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
     if bf16:
         t_bf16 = min(times["bf16"])

@@ -9,10 +9,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intrain.methods.averaging import WeightAverage, rounded_mean
-from intrain.methods.niti import IntegerTrainer
+from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
 from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
+from intrain.layers import weighted_layers
 
 
 @pytest.mark.parametrize("total, count, expected", [
@@ -55,38 +56,39 @@ def _batch(seed, n=16):
 
 @pytest.mark.parametrize("weight_bits", [8, 16])
 def test_applied_holds_the_mean_and_restores_the_latest(weight_bits):
-    model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", weight_bits=weight_bits)
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5" if weight_bits == 8 else "0:12"),
-                             weight_average="epoch")
+    options = NitiOptions(mu_schedule="0:5" if weight_bits == 8 else "0:12", weight_bits=weight_bits,
+                          weight_average="epoch")
+    model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", fmt=options.fmt)
+    trainer = Niti(model, options, seed=0)
     target = "weight_master" if weight_bits == 16 else "weight"
-    seen = [[] for _ in model.weighted_layers()]
+    seen = [[] for _ in weighted_layers(model)]
     for step in range(5):
         trainer.train_step(*_batch(step), step=step, epoch=0)
-        for history, layer in zip(seen, model.weighted_layers()):
+        for history, layer in zip(seen, weighted_layers(model)):
             history.append(getattr(layer, target).to(torch.int64).clone())
-    latest = [layer.weight.clone() for layer in model.weighted_layers()]
+    latest = [layer.weight.clone() for layer in weighted_layers(model)]
     with trainer.averaged():
-        for history, layer in zip(seen, model.weighted_layers()):
+        for history, layer in zip(seen, weighted_layers(model)):
             expected = rounded_mean(torch.stack(history).sum(0), len(history))
             assert torch.equal(getattr(layer, target).to(torch.int64), expected)
             assert int(layer.weight.abs().max()) <= 127 and layer.weight.dtype == torch.int8
-        averaged = [layer.weight.clone() for layer in model.weighted_layers()]
-    assert all(torch.equal(a, layer.weight) for a, layer in zip(latest, model.weighted_layers()))
+        averaged = [layer.weight.clone() for layer in weighted_layers(model)]
+    assert all(torch.equal(a, layer.weight) for a, layer in zip(latest, weighted_layers(model)))
     assert any(not torch.equal(a, b) for a, b in zip(averaged, latest))
 
 
 def test_without_averaging_or_steps_the_model_is_untouched():
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
-    before = [layer.weight.clone() for layer in model.weighted_layers()]
+    before = [layer.weight.clone() for layer in weighted_layers(model)]
     for average in ("epoch", "none"):
-        trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average=average)
+        trainer = Niti(model, NitiOptions(mu_schedule="0:5", weight_average=average), seed=0)
         with trainer.averaged():
-            assert all(torch.equal(b, layer.weight) for b, layer in zip(before, model.weighted_layers()))
+            assert all(torch.equal(b, layer.weight) for b, layer in zip(before, weighted_layers(model)))
 
 
 def test_state_round_trip_and_mismatch():
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="epoch")
+    trainer = Niti(model, NitiOptions(mu_schedule="0:5", weight_average="epoch"), seed=0)
     for step in range(3):
         trainer.train_step(*_batch(step), step=step, epoch=0)
     state = trainer.average.state_dict()
@@ -105,14 +107,14 @@ def test_sums_restart_every_epoch_or_when_mu_changes(monkeypatch, tmp_path, mode
     from intrain.cli import main
 
     seen = []
-    real = IntegerTrainer.train_step
+    real = Niti.train_step
 
     def recording(self, x, y, step, epoch):
         if self.average is not None and self.average.count == 0:
             seen.append(epoch)
         return real(self, x, y, step, epoch)
 
-    monkeypatch.setattr(IntegerTrainer, "train_step", recording)
+    monkeypatch.setattr(Niti, "train_step", recording)
     assert main(["train", "--epochs", "4", "--train-limit", "64", "--mu-schedule", "0:4,2:3",
                  "--weight-average", mode, "--out", str(tmp_path / mode)]) == 0
     assert seen == restarts
@@ -120,5 +122,5 @@ def test_sums_restart_every_epoch_or_when_mu_changes(monkeypatch, tmp_path, mode
 
 def test_unknown_weight_average_is_refused():
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference")
-    with pytest.raises(ValueError, match="unknown weight average 'mean'"):
-        IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="mean")
+    with pytest.raises(ValueError, match="unknown --weight-average 'mean'"):
+        Niti(model, NitiOptions(mu_schedule="0:5", weight_average="mean"), seed=0)

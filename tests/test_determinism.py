@@ -4,7 +4,7 @@ import torch
 
 from intrain.numeric import rng
 from intrain.data import PIXEL_EXPONENT, load_dataset, pixels_to_int8
-from intrain.methods.niti import IntegerTrainer
+from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
 from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
@@ -13,7 +13,7 @@ from intrain.numeric.qtensor import QTensor
 def train_digits(seed, backend="cpu", model_name="mlp", steps=12, batch=32):
     data = load_dataset("digits").train
     model = build_int_model(model_name, data.image_shape, 10, seed=seed, backend=backend)
-    trainer = IntegerTrainer(model, seed, MuSchedule.parse("0:4"))
+    trainer = Niti(model, NitiOptions(mu_schedule="0:4"), seed=seed)
     order = rng.permutation(len(data), seed, 0)
     for step in range(steps):
         index = order[step * batch:(step + 1) * batch]
@@ -45,7 +45,7 @@ def test_lenet5_backends_train_identically():
     weights = []
     for backend in ("cpu", "cuda"):
         model = build_int_model("lenet5", (1, 28, 28), 10, seed=4, backend=backend)
-        trainer = IntegerTrainer(model, 4, MuSchedule.parse("0:5"))
+        trainer = Niti(model, NitiOptions(mu_schedule="0:5"), seed=4)
         for step in range(3):
             batch = slice(32 * step, 32 * (step + 1))
             trainer.train_step(QTensor.of(images[batch], PIXEL_EXPONENT), labels[batch], step, 0)
@@ -66,7 +66,7 @@ def test_vgg_backends_and_cpu_paths_train_identically(monkeypatch):
     for backend, int8_gemm in (("cpu", False), ("cpu", True), ("cuda", None)):
         monkeypatch.setattr(cpu, "USE_INT8_GEMM", int8_gemm)
         model = build_int_model("vgg-small-7", (3, 32, 32), 10, seed=2, backend=backend, width=0.25)
-        trainer = IntegerTrainer(model, 2, MuSchedule.parse("0:5"))
+        trainer = Niti(model, NitiOptions(mu_schedule="0:5"), seed=2)
         for step in range(2):
             batch = slice(4 * step, 4 * (step + 1))
             trainer.train_step(QTensor.of(images[batch], PIXEL_EXPONENT), labels[batch], step, 0)

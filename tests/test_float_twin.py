@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from intrain.methods.float_twin import FloatTrainer, lr_at
+from intrain.methods.float_twin import FloatOptions, FloatTwin, lr_at
 
 
 def _net(seed=0):
@@ -14,7 +14,7 @@ def _net(seed=0):
 
 
 def test_warmup_is_linear_then_cosine_to_zero():
-    trainer = FloatTrainer(_net(), lr=0.1, epochs=10, steps_per_epoch=100)  # 1000 steps
+    trainer = FloatTwin(_net(), FloatOptions(lr=0.1), total_steps=(10) * (100))  # 1000 steps
     assert trainer.total_steps == 1000 and trainer.warmup_steps == 20  # 2 %
     assert trainer.lr_at(0) == pytest.approx(0.1 / 20)
     assert trainer.lr_at(9) == pytest.approx(0.1 * 10 / 20)
@@ -30,16 +30,16 @@ def test_warmup_is_linear_then_cosine_to_zero():
 
 def test_short_runs_still_warm_up_one_step():
     assert lr_at(0, base_lr=0.2, total_steps=10, warmup_steps=1) == pytest.approx(0.2)
-    trainer = FloatTrainer(_net(), lr=0.2, epochs=1, steps_per_epoch=10)
+    trainer = FloatTwin(_net(), FloatOptions(lr=0.2), total_steps=(1) * (10))
     assert trainer.warmup_steps == 1
     assert trainer.lr_at(0) == pytest.approx(0.2)
     assert trainer.lr_at(5) == pytest.approx(0.1 * (1 + math.cos(math.pi * 4 / 9)))
-    FloatTrainer(_net(), lr=0.2, epochs=0, steps_per_epoch=10)  # zero epochs: allowed
+    FloatTwin(_net(), FloatOptions(lr=0.2), total_steps=(0) * (10))  # zero epochs: allowed
 
 
 def test_optimizer_is_nesterov_sgd_with_decay_on_weights_only():
     net = _net()
-    opt = FloatTrainer(net, lr=0.1, epochs=1, steps_per_epoch=10).optimizer
+    opt = FloatTwin(net, FloatOptions(lr=0.1), total_steps=(1) * (10)).optimizer
     assert isinstance(opt, torch.optim.SGD)
     decayed, plain = opt.param_groups
     assert decayed["weight_decay"] == 5e-4 and plain["weight_decay"] == 0.0
@@ -50,7 +50,7 @@ def test_optimizer_is_nesterov_sgd_with_decay_on_weights_only():
 
 def test_train_step_uses_the_scheduled_lr_and_returns_pre_update_logits():
     net = _net()
-    trainer = FloatTrainer(net, lr=0.1, epochs=2, steps_per_epoch=50)
+    trainer = FloatTwin(net, FloatOptions(lr=0.1), total_steps=(2) * (50))
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     before = net(x).detach()
     logits = trainer.train_step(x, y, step=30, epoch=0)
@@ -62,7 +62,7 @@ def test_train_step_uses_the_scheduled_lr_and_returns_pre_update_logits():
 def test_predict_is_eval_mode_without_grad_and_restores_train_mode():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Dropout(0.5))
-    trainer = FloatTrainer(net, lr=0.1, epochs=1, steps_per_epoch=1)
+    trainer = FloatTwin(net, FloatOptions(lr=0.1), total_steps=(1) * (1))
     x = torch.randn(5, 4)
     out = trainer.predict(x)
     assert torch.equal(out, net[0](x).detach()) and not out.requires_grad  # dropout off
@@ -75,7 +75,7 @@ def _train(seed, steps=60):
     gen = torch.Generator().manual_seed(123)
     x = torch.randn(96, 4, generator=gen)
     y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
-    trainer = FloatTrainer(net, lr=0.1, epochs=steps // 6, steps_per_epoch=6)
+    trainer = FloatTwin(net, FloatOptions(lr=0.1), total_steps=(steps // 6) * (6))
     for step in range(steps):
         i = (step % 6) * 16
         trainer.train_step(x[i:i + 16], y[i:i + 16], step, step // 6)

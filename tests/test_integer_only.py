@@ -6,10 +6,11 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from intrain.methods.niti import IntegerTrainer
+from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
 from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
+from intrain.layers import weighted_layers
 
 
 class FloatAudit(TorchDispatchMode):
@@ -37,11 +38,12 @@ def _batch(n=8):
 
 @pytest.mark.parametrize("weight_bits", [8, 16])
 def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
-    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", weight_bits=weight_bits)
-    trainer = IntegerTrainer(model, seed=0, mu_schedule=MuSchedule.parse("0:5"), weight_average="phase")
+    options = NitiOptions(mu_schedule="0:5", weight_bits=weight_bits, weight_average="phase")
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt)
+    trainer = Niti(model, options, seed=0)
     x, y = _batch()
     trained = "weight_master" if weight_bits == 16 else "weight"
-    before = [getattr(layer, trained).clone() for layer in model.weighted_layers()]
+    before = [getattr(layer, trained).clone() for layer in weighted_layers(model)]
     with FloatAudit() as audit:
         trainer.train_step(x, y, step=0, epoch=0)
         trainer.train_step(x, y, step=1, epoch=0)
@@ -52,7 +54,7 @@ def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
     # The audit saw the real work: products, shifts, the loss division and the update.
     for op in ("aten.mm", "aten.__rshift__", "aten.div.Tensor_mode", "aten.clamp", "aten.amax", "aten.add_"):
         assert any(name.startswith(op) for name in names), (op, sorted(names))
-    assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, model.weighted_layers()))
+    assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, weighted_layers(model)))
 
 
 def test_audit_catches_a_float_operation():

@@ -10,6 +10,7 @@ from intrain.layers import (IntConv2d, IntFlatten, IntLinear, IntMaxPool2d, IntR
                             StepContext, IntDropout)
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize
+from intrain.numeric.formats import NumberFormat
 
 REF = get_backend("reference")
 GEN = torch.Generator().manual_seed(1)
@@ -145,8 +146,7 @@ def test_sequential_skips_the_first_layer_error():
 
 
 def test_stochastic_error_rounding_is_unbiased_and_keyed_by_step():
-    layer = IntLinear(64, 8, REF).train()
-    layer.error_rounding = "stochastic"
+    layer = IntLinear(64, 8, REF, fmt=NumberFormat(error_rounding="stochastic")).train()
     layer.weight.copy_(rand_int8(8, 64))
     x = QTensor.of(rand_int8(16, 64), 0)
     d = QTensor.of(rand_int8(16, 8), 0)

@@ -7,6 +7,7 @@ from intrain.kernels import get_backend
 from intrain.layers import IntLinear
 from intrain.methods.update import IntegerUpdate, MuSchedule, apply_update
 from intrain.layers import IntSequential
+from intrain.numeric.formats import NITI_INT8_MASTER16
 
 
 def test_update_has_at_most_mu_bits_and_clips():
@@ -30,10 +31,10 @@ def test_master_weight_update_stays_in_int16_and_accumulates_small_steps():
 
 
 def test_model_with_master_weights_moves_int8_view_only_after_enough_updates():
-    layer = IntLinear(4, 1, get_backend("reference"))
+    layer = IntLinear(4, 1, get_backend("reference"), fmt=NITI_INT8_MASTER16)
     model = IntSequential(layer)
     layer.weight.fill_(10)
-    layer.use_master_weight()
+    layer.start_master_from_weight()
     assert layer.weight_master.tolist() == [[2560] * 4]
     update = IntegerUpdate(model, MuSchedule.parse("0:7"))  # 7 bits hold 64: a quarter int8 step
     views = []
@@ -55,8 +56,7 @@ def test_mu_schedule_parse_and_lookup():
 
 
 def test_master_weight_refresh_near_the_int16_limit():
-    layer = IntLinear(3, 1, get_backend("reference"))
-    layer.use_master_weight()
+    layer = IntLinear(3, 1, get_backend("reference"), fmt=NITI_INT8_MASTER16)
     layer.weight_master.copy_(torch.tensor([[32767, -32767, 32640]], dtype=torch.int16))
     layer.refresh_weight()
     assert layer.weight.tolist() == [[127, -127, 127]]

@@ -14,7 +14,7 @@ import torch
 
 from intrain.run import checkpoint
 from intrain.cli import main
-from intrain.methods.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatOptions, FloatTwin
 
 from cli_checks import assert_refused
 
@@ -92,15 +92,15 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
 
 
 def _crash_at(monkeypatch, at_step):
-    """Make FloatTrainer.train_step die (like a kill) when it reaches global step ``at_step``."""
-    original = FloatTrainer.train_step
+    """Make FloatTwin.train_step die (like a kill) when it reaches global step ``at_step``."""
+    original = FloatTwin.train_step
 
     def crashing(self, x, y, step, epoch):
         if step == at_step:
             raise Crash
         return original(self, x, y, step, epoch)
 
-    monkeypatch.setattr(FloatTrainer, "train_step", crashing)
+    monkeypatch.setattr(FloatTwin, "train_step", crashing)
 
 
 def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, capsys):
@@ -125,9 +125,9 @@ def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, ca
 @pytest.fixture
 def interrupted(tmp_path, monkeypatch):
     """A small int8 run stopped after a mid-epoch checkpoint."""
-    from intrain.methods.niti import IntegerTrainer
+    from intrain.methods.niti import Niti, NitiOptions
 
-    original = IntegerTrainer.train_step
+    original = Niti.train_step
 
     def crashing(self, x, y, step, epoch):
         if step == 6:
@@ -136,7 +136,7 @@ def interrupted(tmp_path, monkeypatch):
 
     run_dir = tmp_path / "run"
     with monkeypatch.context() as m:
-        m.setattr(IntegerTrainer, "train_step", crashing)
+        m.setattr(Niti, "train_step", crashing)
         with pytest.raises(Crash):
             main(["train", "--epochs", "2", "--train-limit", "64", "--batch-size", "16", "--checkpoint-every", "3",
                   "--out", str(run_dir)])
@@ -177,7 +177,7 @@ def test_missing_checkpoint_is_refused(tmp_path, capsys):
 
 def test_augmentation_and_workers(tmp_path, capsys):
     """Augmentation changes the run; the number of loader workers does not change a bit."""
-    from intrain.run.loop import TrainConfig
+    from intrain.run.config import TrainConfig
 
     assert TrainConfig(dataset="cifar10").resolved().augment is True
     assert TrainConfig(dataset="digits").resolved().augment is False

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from intrain.cli import main
-from intrain.methods.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatOptions, FloatTwin
 
 JOB = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--train-limit", "300"]
 
@@ -42,17 +42,17 @@ class Crash(Exception):
 
 def test_resumed_run_logs_each_epoch_once(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    original = FloatTrainer.train_step
+    original = FloatTwin.train_step
 
     def crashing(self, x, y, step, epoch):
         if step == 15:  # in the second epoch (10 steps of 32 per epoch)
             raise Crash
         return original(self, x, y, step, epoch)
 
-    monkeypatch.setattr(FloatTrainer, "train_step", crashing)
+    monkeypatch.setattr(FloatTwin, "train_step", crashing)
     with pytest.raises(Crash):
         main([*JOB, "--arith", "float", "--checkpoint-every", "4", "--out", str(run_dir)])
-    monkeypatch.setattr(FloatTrainer, "train_step", original)
+    monkeypatch.setattr(FloatTwin, "train_step", original)
     assert main(["train", "--resume", str(run_dir)]) == 0
     logged = _scalars(run_dir)["eval_acc/float"]
     assert [step for step, _ in logged] == [1, 2]

@@ -11,9 +11,11 @@ import torch
 from intrain.numeric import rng
 from intrain.cli import main
 from intrain.data import load_dataset
-from intrain.methods.float_twin import FloatTrainer
+from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.models import build_float_model
-from intrain.run.loop import CHECKPOINT_FORMAT, TrainConfig, run
+from intrain.run.config import TrainConfig
+from intrain.run.files import MODEL_FORMAT
+from intrain.run.loop import run
 
 COLUMNS = ["epoch", "train_loss", "train_acc", "eval_acc", "seconds"]
 LAST_LINE = re.compile(r"^eval_acc=\d+\.\d\d$")
@@ -27,7 +29,7 @@ def _rows(run_dir):
 
 def _state(run_dir):
     checkpoint = torch.load(run_dir / "model.pt", weights_only=True)
-    assert checkpoint["format"] == CHECKPOINT_FORMAT
+    assert checkpoint["format"] == MODEL_FORMAT
     return checkpoint
 
 
@@ -65,13 +67,13 @@ def test_float_run_end_to_end(tmp_path, capsys):
 def test_train_limit_batches_and_order(tmp_path, monkeypatch):
     """70 images, batch 32: batches of 32, 32, 6, in the order rng.permutation(70, seed, epoch)."""
     seen = []
-    original = FloatTrainer.train_step
+    original = FloatTwin.train_step
 
     def spy(self, x, y, step, epoch):
         seen.append((step, epoch, y.clone(), x.clone()))
         return original(self, x, y, step, epoch)
 
-    monkeypatch.setattr(FloatTrainer, "train_step", spy)
+    monkeypatch.setattr(FloatTwin, "train_step", spy)
     result = run(TrainConfig(arith="float", epochs=2, batch_size=32, seed=5, train_limit=70, out=str(tmp_path / "r")))
     assert result.config["train_size"] == 70 and len(result.rows) == 2
     assert [len(y) for _, _, y, _ in seen] == [32, 32, 6] * 2
@@ -135,8 +137,8 @@ def test_recipes_give_int8_and_float_their_own_batch_sizes():
 
     int8, flt = default_recipe("mnist", "lenet5", "int8"), default_recipe("mnist", "lenet5", "float")
     assert (int8.batch_size, flt.batch_size) == (256, 64)
-    assert int8.mu_schedule == "0:5,8:4,14:3" and int8.epochs == flt.epochs == 20
-    assert flt.lr_for(64) == 0.05
+    assert int8.options == {"mu_schedule": "0:5,8:4,14:3"} and int8.epochs == flt.epochs == 20
+    assert flt.options_for(64) == {"lr": 0.05}
     assert default_recipe("digits", "mlp", "int8").batch_size == 32
 
 

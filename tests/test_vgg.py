@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from intrain.cli import main
-from intrain.methods.niti import IntegerTrainer
-from intrain.methods.float_twin import FloatTrainer
+from intrain.methods.niti import Niti, NitiOptions
+from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.layers import IntConv2d, IntDropout, IntLinear
 from intrain.models import MODELS, build_float_model, build_int_model, model_spec
 from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
+from intrain.layers import weighted_layers
 
 VGGS = ("vgg-small-7", "vgg-small-8", "vgg-small-9")
 
@@ -55,7 +56,7 @@ def test_quarter_width_vgg7_layout():
 def test_shapes_int_and_float(name, shape, flat):
     int_model = build_int_model(name, shape, 10, seed=0, width=0.25)
     float_model = build_float_model(name, shape, 10, width=0.25)
-    int_w = [layer.weight.shape for layer in int_model.weighted_layers()]
+    int_w = [layer.weight.shape for layer in weighted_layers(int_model)]
     float_w = [m.weight.shape for m in float_model if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     assert int_w == float_w and len(int_w) == int(name[-1])
     assert int_w[-1] == (10, flat)
@@ -81,24 +82,24 @@ def test_too_small_images_are_refused():
 def test_int8_training_steps_change_weights(name, shape):
     torch.manual_seed(0)
     model = build_int_model(name, shape, 10, seed=1, width=0.25)
-    before = [layer.weight.clone() for layer in model.weighted_layers()]
-    trainer = IntegerTrainer(model, seed=1, mu_schedule=MuSchedule.parse("0:5"))
+    before = [layer.weight.clone() for layer in weighted_layers(model)]
+    trainer = Niti(model, NitiOptions(mu_schedule="0:5"), seed=1)
     x = QTensor.of(torch.randint(-127, 128, (4, *shape), dtype=torch.int8), -7)
     y = torch.tensor([0, 3, 5, 9])
     for step in range(2):
         logits = trainer.train_step(x, y, step, epoch=0)
         assert logits.v.shape == (4, 10) and logits.v.dtype == torch.int8
-    after = [layer.weight for layer in model.weighted_layers()]
+    after = [layer.weight for layer in weighted_layers(model)]
     assert all(a.dtype == torch.int8 and int(a.abs().max()) <= 127 for a in after)
     changed = [not torch.equal(a, b) for a, b in zip(after, before)]
     assert changed[-1] and sum(changed) >= len(changed) // 2, changed
-    assert all(isinstance(layer, (IntConv2d, IntLinear)) for layer in model.weighted_layers())
+    assert all(isinstance(layer, (IntConv2d, IntLinear)) for layer in weighted_layers(model))
 
 
 def test_float_twin_training_step():
     torch.manual_seed(0)
     model = build_float_model("vgg-small-8", (3, 32, 32), 10, width=0.25)
-    trainer = FloatTrainer(model, lr=0.05, epochs=1, steps_per_epoch=2)
+    trainer = FloatTwin(model, FloatOptions(lr=0.05), total_steps=(1) * (2))
     before = [p.detach().clone() for p in model.parameters()]
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([1, 2, 3, 4])
     for step in range(2):

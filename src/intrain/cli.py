@@ -56,9 +56,10 @@ def _positive_float(text: str) -> float:
 def add_train(sub) -> None:
     """``intrain train``: train one model (int8 or its float32 twin) and save the run."""
     from intrain.data import DATASETS
+    from intrain.methods import METHODS
+    from intrain.methods.base import add_option_arguments
     from intrain.models import MODELS
-    from intrain.run.config import ARITHS, BACKENDS, DEVICES, WEIGHT_AVERAGES
-    from intrain.layers import ERROR_ROUNDINGS
+    from intrain.run.config import DEVICES
 
     p = sub.add_parser(
         "train", help="train a model with integer-only arithmetic or its float32 twin",
@@ -75,21 +76,9 @@ def add_train(sub) -> None:
     p.add_argument("--width", type=_positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
                         "VGG-small (default: 1.0)")
-    p.add_argument("--weight-bits", type=int, choices=(8, 16),
-                   help="int8 only: 16 keeps an int16 master copy of every weight that takes the "
-                        "updates, while all products use its upper 8 bits (NITI's 16-bit weight "
-                        "accumulation; default: 8)")
-    p.add_argument("--error-rounding", choices=ERROR_ROUNDINGS,
-                   help="int8 only: rounding of the errors sent down to earlier layers: NITI's "
-                        "nearest, or stochastic (default: nearest)")
-    p.add_argument("--weight-average", choices=WEIGHT_AVERAGES,
-                   help="int8 only: evaluate and save the integer mean of the weights over the steps "
-                        "since mu last changed ('phase') or since the epoch began ('epoch'), while "
-                        "training continues from the latest ones; 'none' uses the latest weights "
-                        "(default: phase)")
-    p.add_argument("--arith", choices=ARITHS,
-                   help="int8: integer-only training (NITI); float: the float32 twin with SGD "
-                        "(default: int8)")
+    p.add_argument("--arith", choices=tuple(METHODS),
+                   help="the training method: " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
+                        + " (default: int8)")
     p.add_argument("--epochs", type=_int_at_least(0, "an integer >= 0"), metavar="N",
                    help="number of epochs (default: from the recipe)")
     p.add_argument("--batch-size", type=_int_at_least(1, "an integer >= 1"), metavar="B",
@@ -101,11 +90,6 @@ def add_train(sub) -> None:
                         "instead of the test split (needed for fashion-mnist)")
     p.add_argument("--train-limit", type=_int_at_least(1, "an integer >= 1"), metavar="N",
                    help="train on the first N training images only")
-    p.add_argument("--mu-schedule", metavar="SPEC",
-                   help="int8 only: update bit width by epoch as epoch:mu pairs, e.g. "
-                        "'0:5,100:4,150:3' (default: from the recipe)")
-    p.add_argument("--lr", type=_positive_float, metavar="LR",
-                   help="float only: peak learning rate (default: 0.05 x batch size / 64)")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
                    help="random crop (4-pixel zero padding) and horizontal flip of training images, "
                         "deterministic by seed, epoch and image (default: on for cifar10, off otherwise)")
@@ -118,38 +102,39 @@ def add_train(sub) -> None:
                    help="continue the run in DIR from DIR/checkpoint.pt with the options recorded there "
                         "(giving a different value for one of them is an error); the result is bit for bit "
                         "that of an uninterrupted run")
-    p.add_argument("--backend", choices=BACKENDS,
-                   help="int8 only: integer kernels to use (default: auto, the fastest for the device)")
     p.add_argument("--device", choices=DEVICES, help="where to train (default: cpu)")
     p.add_argument("--out", metavar="DIR",
                    help="run directory (default: runs/<dataset>-<model>-<arith>-<k>, first free k)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out instead of stopping with an error")
+    add_option_arguments(p, METHODS)  # each method's own options; one of another method is an error
     p.set_defaults(handler=run_train)
 
 
-#: Defaults of the ``train`` options whose parser default is None (see add_train).
-TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, backend="auto", device="cpu",
-                      width=1.0, workers=0, weight_bits=8, error_rounding="nearest",
-                      weight_average="phase")
+#: Defaults of the common ``train`` options whose parser default is None (see add_train); a
+#: method's own options take their defaults from the method and the recipe.
+TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, device="cpu", width=1.0, workers=0)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "train_limit", "mu_schedule", "lr", "backend", "device", "out", "width", "weight_bits", "error_rounding",
-                 "weight_average", "augment",
-                 "workers", "checkpoint_every")
+                 "train_limit", "device", "out", "width", "augment", "workers", "checkpoint_every")
 
 
 def run_train(args: argparse.Namespace) -> int:
     """Build the TrainConfig from the parsed arguments and run it (or resume a run); prints the summary."""
+    from intrain.methods import METHODS
     from intrain.run.config import TrainConfig
-    from intrain.run.loop import resume, run
+    from intrain.run.loop import run
+    from intrain.run.resume import resume
 
+    option_names = {name for method in METHODS.values() for name in method.option_names()}
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS}
+    options = {name: getattr(args, name) for name in sorted(option_names)}
     if args.resume is not None:
         given["overwrite"] = args.overwrite or None
-        result = resume(args.resume, given)
+        result = resume(args.resume, {**given, **options})
     else:
         values = {k: (TRAIN_DEFAULTS[k] if v is None and k in TRAIN_DEFAULTS else v) for k, v in given.items()}
-        result = run(TrainConfig(overwrite=args.overwrite, **values))
+        options = {k: v for k, v in options.items() if v is not None}
+        result = run(TrainConfig(overwrite=args.overwrite, options=options, **values))
     print(f"run directory: {result.out_dir}")
     print(f"{result.eval_name} accuracy after {len(result.rows)} epochs: {result.eval_acc:.2f}%")
     print(f"eval_acc={result.eval_acc:.2f}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from intrain.run.metrics import read_metrics
 from intrain.run.config import ConfigError
-from intrain.run.loop import atomic_write
+from intrain.run.files import atomic_write
 
 
 def _label(run_dir: Path) -> str:

@@ -1,7 +1,7 @@
 """Integer layers with explicit forward and backward on QTensors."""
 
 from intrain.layers.activation import IntReLU
-from intrain.layers.base import ERROR_ROUNDINGS, IntModule, StepContext, WeightedIntModule
+from intrain.layers.base import IntModule, StepContext, WeightedIntModule, number_layers, weighted_layers
 from intrain.layers.conv import IntConv2d
 from intrain.layers.dropout import IntDropout
 from intrain.layers.flatten import IntFlatten
@@ -10,6 +10,6 @@ from intrain.layers.pooling import IntMaxPool2d
 from intrain.layers.sequential import IntSequential
 
 __all__ = [
-    "ERROR_ROUNDINGS", "IntConv2d", "IntDropout", "IntFlatten", "IntLinear", "IntMaxPool2d", "IntModule", "IntReLU",
+    "IntConv2d", "IntDropout", "IntFlatten", "IntLinear", "IntMaxPool2d", "IntModule", "IntReLU",
     "IntSequential", "StepContext", "WeightedIntModule",
 ]

@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 
 from intrain.numeric import rng
+from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize, requantize_product
+from intrain.numeric.requant import requantize_product
 from intrain.numeric.rounding import shift_round
 
 
@@ -29,7 +30,8 @@ class StepContext:
 
 
 class IntModule(torch.nn.Module):
-    """Base class of integer layers. ``layer_id`` is assigned by the container (for random keys)."""
+    """Base class of integer layers. ``layer_id`` keys the layer's random numbers; containers
+    assign it (``number_layers``)."""
 
     has_weight = False
 
@@ -47,60 +49,70 @@ class IntModule(torch.nn.Module):
         """Drop tensors kept for backward."""
 
 
-#: Roundings of the errors a weighted layer sends down (``requantize_error``).
-ERROR_ROUNDINGS = ("nearest", "stochastic")
-
-#: Low bits that an int16 master weight keeps below its int8 view.
-MASTER_EXTRA_BITS = 8
-
-
 class WeightedIntModule(IntModule):
-    """An integer layer with an int8 weight and a fixed weight exponent, set up by ``init_weight``.
+    """An integer layer with a weight in the number format ``fmt`` and a fixed weight exponent, set
+    up by ``layers.init.init_weight``.
 
-    With ``use_master_weight()`` the layer also keeps NITI's 16-bit weight accumulator: an int16
-    ``weight_master`` in ``[-32767, 32767]`` with exponent ``weight_exp - 8`` takes the updates, and
-    the int8 ``weight`` used by every product is its nearest-rounded upper 8 bits, clipped to
-    ``[-127, 127]``, so updates smaller than one int8 step accumulate instead of being lost.
+    When ``fmt.master_bits`` is set the layer also keeps a master weight of that width (NITI's
+    16-bit weight accumulation): ``weight_master`` in ``[-master_limit, master_limit]`` with
+    exponent ``weight_exp - fmt.master_extra_bits`` takes the updates, and the ``weight`` used by
+    every product is its nearest-rounded upper ``fmt.bits`` bits, clipped to ``[-limit, limit]``,
+    so updates smaller than one step of ``weight`` accumulate instead of being lost.
     """
 
     has_weight = True
 
-    def __init__(self, weight_shape: tuple[int, ...], fan_in: int, backend) -> None:
+    def __init__(self, weight_shape: tuple[int, ...], fan_in: int, backend,
+                 fmt: NumberFormat = NITI_INT8) -> None:
         super().__init__()
         self.backend = backend
         self.fan_in = fan_in
-        self.error_rounding = "nearest"
-        self.register_buffer("weight", torch.zeros(weight_shape, dtype=torch.int8))
+        self.fmt = fmt
+        self.register_buffer("weight", torch.zeros(weight_shape, dtype=fmt.dtype))
         self.register_buffer("weight_exp", torch.zeros((), dtype=torch.int64))
+        if fmt.master_bits is not None:
+            self.register_buffer("weight_master", torch.zeros(weight_shape, dtype=fmt.master_dtype))
         self.weight_grad: torch.Tensor | None = None
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
 
+    def requantize_output(self, product: str, args: tuple, e: torch.Tensor) -> QTensor:
+        """The backend's ``product`` of ``args`` (exponent ``e``) rounded to the format, nearest."""
+        return requantize_product(self.backend, product, args, e, self.fmt.bits)
+
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
                          ctx: StepContext | None) -> QTensor:
-        """The int8 error for the layer below, from the backend's ``product`` of ``args``:
-        nearest rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps
-        the small errors of most samples alive on average."""
-        if self.error_rounding == "nearest":
-            return requantize_product(self.backend, product, args, e)
+        """The error for the layer below, from the backend's ``product`` of ``args``: nearest
+        rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps the
+        small errors of most samples alive on average."""
+        if self.fmt.error_rounding == "nearest":
+            return self.requantize_output(product, args, e)
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        return requantize(getattr(self.backend, product)(*args), e, mode="stochastic", key=key)
-
-    def use_master_weight(self) -> None:
-        """Start a 16-bit accumulator from the current int8 weight (exactly: ``w * 2**8``)."""
-        self.register_buffer("weight_master", self.weight.to(torch.int16) << MASTER_EXTRA_BITS)
+        return self.fmt.requantize(getattr(self.backend, product)(*args), e, mode="stochastic", key=key)
 
     @property
     def has_master_weight(self) -> bool:
-        return getattr(self, "weight_master", None) is not None
+        return self.fmt.master_bits is not None
+
+    @property
+    def update_target(self) -> torch.Tensor:
+        """The tensor the update changes: the master weight when there is one, else the weight."""
+        return self.weight_master if self.has_master_weight else self.weight
+
+    def start_master_from_weight(self) -> None:
+        """Set the master weight to the current weight, exactly (``w * 2**master_extra_bits``)."""
+        self.weight_master.copy_(self.weight.to(self.fmt.master_dtype) << self.fmt.master_extra_bits)
 
     def refresh_weight(self) -> None:
-        """Recompute the int8 weight from the int16 master (nearest rounding, clip)."""
-        wide = self.weight_master.to(torch.int32)  # 32767 + 128 would wrap around in int16
-        view = shift_round(wide, MASTER_EXTRA_BITS, "nearest").clamp(-127, 127)
-        self.weight.copy_(view.to(torch.int8))
+        """Recompute the weight from the master (nearest rounding, clip); a no-op without one."""
+        if not self.has_master_weight:
+            return
+        wide = self.weight_master.to(torch.int32)  # master_limit + half a step would wrap in int16
+        limit = self.fmt.limit
+        view = shift_round(wide, self.fmt.master_extra_bits, "nearest").clamp(-limit, limit)
+        self.weight.copy_(view.to(self.fmt.dtype))
 
     @property
     def weight_q(self) -> QTensor:
@@ -108,3 +120,20 @@ class WeightedIntModule(IntModule):
 
     def clear_saved(self) -> None:
         self._saved_input = None
+
+
+def weighted_layers(module: torch.nn.Module) -> list[WeightedIntModule]:
+    """Every weighted integer layer in the module tree under ``module``, depth first in the order
+    the children were registered (for a sequence: its order)."""
+    return [m for m in module.modules() if isinstance(m, WeightedIntModule)]
+
+
+def number_layers(root: torch.nn.Module) -> None:
+    """Give every leaf integer layer under ``root`` its ``layer_id``: its 1-based position among
+    the leaves, depth first in registration order. For a plain sequence that is its index + 1;
+    in a tree every leaf gets a distinct, stable id. Containers call this on themselves when
+    built, so the outermost container, built last, numbers the whole tree."""
+    leaves = [m for m in root.modules() if isinstance(m, IntModule)
+              and not any(isinstance(c, IntModule) for c in m.children())]
+    for index, layer in enumerate(leaves):
+        layer.layer_id = index + 1

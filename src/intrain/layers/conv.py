@@ -9,8 +9,8 @@ with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw
 from __future__ import annotations
 
 from intrain.layers.base import StepContext, WeightedIntModule
+from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize_product
 
 
 def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -18,9 +18,10 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 
 class IntConv2d(WeightedIntModule):
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, backend, stride=1, padding=0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, backend, stride=1, padding=0,
+                 fmt: NumberFormat = NITI_INT8) -> None:
         kh, kw = _pair(kernel_size)
-        super().__init__((out_channels, in_channels, kh, kw), in_channels * kh * kw, backend)
+        super().__init__((out_channels, in_channels, kh, kw), in_channels * kh * kw, backend, fmt)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.kernel_size = (kh, kw)
@@ -30,8 +31,8 @@ class IntConv2d(WeightedIntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        return requantize_product(self.backend, "conv2d_forward",
-                                  (x.v, self.weight, self.stride, self.padding), x.e + self.weight_exp)
+        return self.requantize_output("conv2d_forward", (x.v, self.weight, self.stride, self.padding),
+                                      x.e + self.weight_exp)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input

@@ -9,21 +9,20 @@ Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features 
 from __future__ import annotations
 
 from intrain.layers.base import StepContext, WeightedIntModule
+from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize_product
 
 
 class IntLinear(WeightedIntModule):
-    def __init__(self, in_features: int, out_features: int, backend) -> None:
-        super().__init__((out_features, in_features), in_features, backend)
+    def __init__(self, in_features: int, out_features: int, backend, fmt: NumberFormat = NITI_INT8) -> None:
+        super().__init__((out_features, in_features), in_features, backend, fmt)
         self.in_features = in_features
         self.out_features = out_features
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        return requantize_product(self.backend, "linear_forward", (x.v, self.weight),
-                                  x.e + self.weight_exp)
+        return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input

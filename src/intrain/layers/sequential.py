@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.layers.base import IntModule, StepContext
+from intrain.layers.base import IntModule, StepContext, number_layers
 from intrain.numeric.qtensor import QTensor
 
 
@@ -17,8 +17,7 @@ class IntSequential(IntModule):
     def __init__(self, *layers: IntModule) -> None:
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
-        for index, layer in enumerate(self.layers):
-            layer.layer_id = index + 1
+        number_layers(self)
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         for layer in self.layers:
@@ -31,9 +30,6 @@ class IntSequential(IntModule):
             is_bottom = index == first_weighted and not need_input_grad
             d = self.layers[index].backward(d, ctx, need_input_grad=not is_bottom)
         return d
-
-    def weighted_layers(self) -> list[IntModule]:
-        return [layer for layer in self.layers if layer.has_weight]
 
     def clear_saved(self) -> None:
         for layer in self.layers:

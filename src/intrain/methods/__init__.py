@@ -1,2 +1,28 @@
-"""Training methods: NITI int8 (and its int16-master preset), the float32 twin, and what they
-share (the integer loss gradient, weight averaging, the integer update)."""
+"""Training methods, chosen by name (``--arith``) from ``METHODS``.
+
+- ``int8``: NITI's integer-only training (``methods.niti``), with the integer loss gradient
+  (``methods.loss``), the integer update (``methods.update``) and weight averaging
+  (``methods.averaging``);
+- ``float``: the float32 twin every integer result is compared with (``methods.float_twin``).
+
+``methods.base`` says what a method is; adding one means a module and an entry here.
+"""
+
+from __future__ import annotations
+
+from intrain.methods.base import Method, MethodOptionError
+from intrain.methods.float_twin import FloatTwin
+from intrain.methods.niti import Niti
+
+METHODS: dict[str, type[Method]] = {method.name: method for method in (Niti, FloatTwin)}
+
+
+def get_method(name: str) -> type[Method]:
+    """The method called ``name``; ``MethodOptionError`` naming the choices otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise MethodOptionError(f"unknown arithmetic {name!r}: choose one of {', '.join(METHODS)}") from None
+
+
+__all__ = ["METHODS", "Method", "MethodOptionError", "get_method"]

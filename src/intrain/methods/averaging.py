@@ -21,7 +21,7 @@ from contextlib import contextmanager
 
 import torch
 
-from intrain.layers.sequential import IntSequential
+from intrain.layers import weighted_layers
 
 WEIGHT_AVERAGES = ("phase", "epoch", "none")
 
@@ -37,20 +37,16 @@ def rounded_mean(total: torch.Tensor, count: int) -> torch.Tensor:
 class WeightAverage:
     """Running int64 sums of every weighted layer's update target since the last ``reset``."""
 
-    def __init__(self, model: IntSequential) -> None:
+    def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self.sums: list[torch.Tensor] | None = None
         self.count = 0
-
-    @staticmethod
-    def _target(layer) -> torch.Tensor:
-        return layer.weight_master if layer.has_master_weight else layer.weight
 
     def reset(self) -> None:
         self.sums, self.count = None, 0
 
     def accumulate(self) -> None:
-        targets = [self._target(layer) for layer in self.model.weighted_layers()]
+        targets = [layer.update_target for layer in weighted_layers(self.model)]
         if self.sums is None:
             self.sums = [t.to(torch.int64) for t in targets]
         else:
@@ -65,15 +61,14 @@ class WeightAverage:
         if self.count == 0:
             yield
             return
-        layers = self.model.weighted_layers()
+        layers = weighted_layers(self.model)
         # The int8 view of a master weight is derived from it, so the target is all there is to keep.
-        saved = [self._target(layer).clone() for layer in layers]
+        saved = [layer.update_target.clone() for layer in layers]
 
         def load(values):
             for layer, value in zip(layers, values):
-                self._target(layer).copy_(value)
-                if layer.has_master_weight:
-                    layer.refresh_weight()
+                layer.update_target.copy_(value)
+                layer.refresh_weight()
 
         try:
             load(rounded_mean(total, self.count) for total in self.sums)
@@ -86,7 +81,7 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         sums, count = state["sums"], int(state["count"])
-        targets = [self._target(layer) for layer in self.model.weighted_layers()]
+        targets = [layer.update_target for layer in weighted_layers(self.model)]
         if sums is None:
             if count != 0:
                 raise ValueError("weight average state has a count but no sums")

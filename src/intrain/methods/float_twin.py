@@ -16,14 +16,21 @@ model is built and the run is reproducible on CPU.
 
 from __future__ import annotations
 
+import argparse
 import math
-from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from intrain.methods.base import Method, MethodOptionError, option
+from intrain.models import build_float_model
+from intrain.numeric.qtensor import QTensor
+
 #: Fraction of all steps spent in linear warm-up.
 WARMUP_FRACTION = 0.02
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
 
 
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> float:
@@ -44,37 +51,57 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> 
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-class FloatTrainer:
+def parse_lr(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class FloatOptions:
+    lr: float | None = option(help="peak learning rate (default: 0.05 x batch size / 64)", parse=parse_lr,
+                              metavar="LR")
+
+
+class FloatTwin(Method):
     """Trains a ``torch.nn.Module`` classifier with SGD + warm-up/cosine; one call per batch."""
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        epochs: int,
-        steps_per_epoch: int,
-        nesterov: bool = True,
-    ) -> None:
-        self.model = model
-        self.base_lr = float(lr)
-        self.total_steps = max(0, int(epochs) * int(steps_per_epoch))
+    name = "float"
+    summary = "the float32 twin with SGD"
+    Options = FloatOptions
+    integer = False
+
+    @classmethod
+    def check_options(cls, options: FloatOptions) -> None:
+        if options.lr is None or not options.lr > 0 or options.lr == float("inf"):
+            raise MethodOptionError(f"--lr must be a positive number, got {options.lr}")
+
+    @classmethod
+    def build_model(cls, options: FloatOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
+                    width: float, device: str) -> torch.nn.Module:
+        """The float32 twin, with PyTorch's default initialisation drawn after seeding torch's global
+        generator with ``seed`` (which also keys dropout)."""
+        torch.manual_seed(seed)
+        return build_float_model(model_name, in_shape, num_classes, width=width).to(device)
+
+    @classmethod
+    def network_input(cls, pixels: QTensor) -> torch.Tensor:
+        return pixels.to_float()
+
+    def __init__(self, model: torch.nn.Module, options: FloatOptions, *, seed: int = 0, total_steps: int) -> None:
+        super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)))
+        self.base_lr = float(options.lr)
         self.warmup_steps = max(1, round(WARMUP_FRACTION * self.total_steps))
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": weight_decay}]
+        groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
-        self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=momentum, nesterov=nesterov)
-
-    def begin_epoch(self, epoch: int) -> None:
-        """Nothing to do: the float twin's schedule is a function of the step."""
-
-    def averaged(self):
-        """The float twin evaluates and saves its latest weights."""
-        return nullcontext()
+        self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True)
 
     def lr_at(self, step: int) -> float:
         """The learning rate this trainer uses at global step ``step``."""
@@ -84,7 +111,7 @@ class FloatTrainer:
         """One SGD step on batch ``(x, y)`` at global step ``step``; returns the batch's logits.
 
         The logits are those of the forward pass the update is computed from (before the
-        update), detached. ``epoch`` is accepted for symmetry with the integer trainer.
+        update), detached.
         """
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
@@ -96,11 +123,20 @@ class FloatTrainer:
         self.optimizer.step()
         return logits.detach()
 
-    @torch.no_grad()
-    def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Eval-mode logits for ``x`` (no gradient); the model is left in train mode."""
-        self.model.eval()
-        try:
-            return self.model(x)
-        finally:
-            self.model.train()
+    def _on_cuda(self) -> bool:
+        return any(p.device.type == "cuda" for p in self.model.parameters())
+
+    def state_dict(self) -> dict:
+        """Momentum buffers and torch's generator states (dropout draws from them)."""
+        state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state(), "cuda_rng": None}
+        if self._on_cuda():
+            state["cuda_rng"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("optimizer") is None or state.get("torch_rng") is None:
+            raise ValueError("no optimizer state for the float twin")
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if self._on_cuda() and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])

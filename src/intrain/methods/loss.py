@@ -1,10 +1,12 @@
-"""Integer softmax cross-entropy gradient: ``softmax(z) - onehot(y)`` as int8, no float anywhere.
+"""Integer softmax cross-entropy gradient: ``softmax(z) - onehot(y)`` in a number format (int8
+for NITI), no float anywhere.
 
-Input: int8 logits ``(v, e)`` of shape ``[N, K]``. Steps, all in int64:
+Input: logits (int8, or any integer format with ``|v| < 2**15``) ``(v, e)`` of shape ``[N, K]``. Steps, all in int64:
 
 1. ``t = z * log2(e)`` in fixed point with ``FRACTION_BITS`` fractional bits: ``v * 47274`` (47274 =
    round(log2(e) * 2**15)) shifted right by ``15 - FRACTION_BITS - e`` (left when negative).
-   ``|v * 47274| < 2**23``; left shifts are capped at 32 bits, so ``|t| < 2**55``.
+   ``|v * 47274| < 2**23`` for int8 logits (``< 2**31`` for 16-bit ones); left shifts are capped
+   at 32 bits, so ``|t| < 2**55`` (``< 2**63``).
 2. ``u = max_row(t) - t >= 0`` (in units of 2**-FRACTION_BITS).
 3. ``2**(-u)`` scaled by ``2**EXP_PRECISION``: integer part by a right shift, fractional part from a
    table of ``2**FRACTION_BITS`` integers ``round(2**(EXP_PRECISION - k / 2**FRACTION_BITS))``,
@@ -12,7 +14,7 @@ Input: int8 logits ``(v, e)`` of shape ``[N, K]``. Steps, all in int64:
    maximum maps to exactly ``2**EXP_PRECISION``; values below one unit underflow to zero.
 4. ``p = (E << PROB_BITS) // sum_row(E)``, in ``[0, 2**PROB_BITS]``; subtract ``2**PROB_BITS`` at
    the target class: ``g`` in ``[-2**PROB_BITS, 2**PROB_BITS]``, exponent ``-PROB_BITS``.
-5. Requantise ``g`` to int8 with stochastic rounding keyed by (seed, step, loss stream).
+5. Requantise ``g`` to the format's values with stochastic rounding keyed by (seed, step, loss stream).
 
 NITI uses the floor of ``t`` (FRACTION_BITS = 0), an offset of 10 and a scale of 2**11; the table
 makes the exponential finer at no float cost, and the wider scales keep small probabilities.
@@ -24,7 +26,7 @@ import torch
 
 from intrain.numeric import rng
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize
+from intrain.numeric.formats import NITI_INT8, NumberFormat
 
 LOG2E_Q15 = 47274
 FRACTION_BITS = 8
@@ -66,8 +68,9 @@ def softmax_scaled(logits: QTensor) -> torch.Tensor:
     return torch.div(exp << PROB_BITS, exp.sum(dim=1, keepdim=True), rounding_mode="floor")
 
 
-def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: int) -> QTensor:
-    """int8 error ``softmax(z) - onehot(y)`` for a batch of int8 logits (see module docstring)."""
+def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: int,
+                       fmt: NumberFormat = NITI_INT8) -> QTensor:
+    """The error ``softmax(z) - onehot(y)`` in ``fmt`` for a batch of logits (see module docstring)."""
     if logits.v.dim() != 2:
         raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.v.shape)}")
     g = softmax_scaled(logits)
@@ -75,4 +78,4 @@ def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: i
     g[rows, target] -= 1 << PROB_BITS
     key = rng.derive_key(seed, step, rng.STREAM_LOSS_ROUNDING)
     exponent = torch.full((), -PROB_BITS, dtype=torch.int64, device=g.device)
-    return requantize(g, exponent, bits=8, mode="stochastic", key=key)
+    return fmt.requantize(g, exponent, mode="stochastic", key=key)

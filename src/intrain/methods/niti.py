@@ -1,45 +1,107 @@
-"""One integer training step: forward, integer loss gradient, backward, integer update.
+"""NITI (Wang et al., IEEE TPDS 2022): integer-only training with int8 tensors, as a ``Method``.
 
-Everything inside ``IntegerTrainer.train_step`` is an integer operation on integer tensors (the
-audit test records every aten operator to prove it). The random numbers it uses (loss rounding,
-dropout) are keyed by ``(seed, step)``, so any step can be replayed bit for bit. Unless
-``weight_average`` is "none", the step also adds the updated weights into integer running sums
-(:mod:`intrain.methods.averaging`) that restart in ``begin_epoch`` (every epoch, or when mu changes), and
-whose mean ``averaged()`` applies for evaluation and saving.
+One step (``train_step``): forward in the model's number format, the integer cross-entropy
+gradient (``methods.loss``), backward, the integer update without learning rate
+(``methods.update``), and, unless ``weight_average`` is "none", the updated weights added into
+integer running sums (``methods.averaging``) that restart in ``begin_epoch`` (every epoch, or when
+mu changes) and whose mean ``averaged()`` applies for evaluation and saving. Everything in it is
+an integer operation on integer tensors (the audit test records every aten operator to prove it).
+Its random numbers (loss rounding, error rounding, dropout) are keyed by ``(seed, step, layer)``,
+so any step can be replayed bit for bit.
+
+The number format (``numeric.formats``) follows from the options: ``NITI_INT8``, or with
+``weight_bits=16`` ``NITI_INT8_MASTER16`` (int16 master weights behind the int8 ones, NITI's
+ImageNet setting), with the chosen error rounding.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import argparse
+from dataclasses import dataclass, replace
 
 import torch
 
+from intrain.kernels import BACKENDS
+from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
-from intrain.layers import IntSequential, StepContext
+from intrain.methods.base import Method, MethodOptionError, option
 from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.update import IntegerUpdate, MuSchedule
+from intrain.models import build_int_model
+from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
 from intrain.numeric.qtensor import QTensor
 
+#: Formats by ``--weight-bits``.
+WEIGHT_BITS = {8: NITI_INT8, 16: NITI_INT8_MASTER16}
 
-class IntegerTrainer:
-    def __init__(self, model: IntSequential, seed: int, mu_schedule: MuSchedule,
-                 weight_average: str = "none") -> None:
-        if weight_average not in WEIGHT_AVERAGES:
-            raise ValueError(f"unknown weight average {weight_average!r}: choose one of {', '.join(WEIGHT_AVERAGES)}")
-        self.model = model
-        self.seed = seed
-        self.mu_schedule = mu_schedule
-        self.update = IntegerUpdate(model, mu_schedule)
-        self.weight_average = weight_average
-        self.average = WeightAverage(model) if weight_average != "none" else None
+
+def parse_mu_schedule(text: str) -> str:
+    try:
+        MuSchedule.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+@dataclass(frozen=True)
+class NitiOptions:
+    mu_schedule: str | None = option(
+        help="update bit width by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3' (default: from the recipe)",
+        parse=parse_mu_schedule, metavar="SPEC")
+    backend: str = option(
+        "auto", help="integer kernels to use (auto: the fastest for the device)", choices=("auto",) + BACKENDS)
+    weight_bits: int = option(
+        8, help="16 keeps an int16 master copy of every weight that takes the updates, while all products "
+                "use its upper 8 bits (NITI's 16-bit weight accumulation)", parse=int, choices=tuple(WEIGHT_BITS))
+    error_rounding: str = option(
+        "nearest", help="rounding of the errors sent down to earlier layers: NITI's nearest, or stochastic",
+        choices=ERROR_ROUNDINGS)
+    weight_average: str = option(
+        "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
+                      "('phase') or since the epoch began ('epoch'), while training continues from the latest "
+                      "ones; 'none' uses the latest weights", choices=WEIGHT_AVERAGES)
+
+    @property
+    def fmt(self) -> NumberFormat:
+        return replace(WEIGHT_BITS[self.weight_bits], error_rounding=self.error_rounding)
+
+
+class Niti(Method):
+    name = "int8"
+    summary = "integer-only training (NITI)"
+    Options = NitiOptions
+    integer = True
+
+    @classmethod
+    def check_options(cls, options: NitiOptions) -> None:
+        super().check_options(options)
+        if options.mu_schedule is None:
+            raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
+        try:
+            MuSchedule.parse(options.mu_schedule)
+        except ValueError as err:
+            raise MethodOptionError(f"--mu-schedule: {err}") from None
+
+    @classmethod
+    def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
+                    width: float, device: str) -> torch.nn.Module:
+        return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
+                               width=width, fmt=options.fmt)
+
+    def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0) -> None:
+        super().__init__(model, options, seed=seed, total_steps=total_steps)
+        self.fmt = options.fmt
+        self.mu_schedule = MuSchedule.parse(options.mu_schedule)
+        self.update = IntegerUpdate(model, self.mu_schedule)
+        self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:
-        """Train on one batch; returns its int8 logits as computed before the update."""
+        """Train on one batch; returns its logits as computed before the update."""
         self.model.train()
         ctx = StepContext(self.seed, step)
         logits = self.model(x, ctx)
-        error = cross_entropy_grad(logits, y, self.seed, step)
+        error = cross_entropy_grad(logits, y, self.seed, step, self.fmt)
         self.model.backward(error, ctx)
         self.update.step(epoch)
         if self.average is not None:
@@ -47,20 +109,25 @@ class IntegerTrainer:
         return logits
 
     def averaged(self):
-        """Context in which the model holds the mean weights since the last restart (a no-op
-        without averaging)."""
-        return self.average.applied() if self.average is not None else nullcontext()
+        """Context in which the model holds the mean weights since the last restart (the latest
+        weights without averaging)."""
+        return self.average.applied() if self.average is not None else super().averaged()
 
     def begin_epoch(self, epoch: int) -> None:
-        """Called before the first batch of ``epoch`` (not when resuming inside it): restarts the
-        weight sums every epoch ("epoch") or when mu changes ("phase")."""
+        """Restarts the weight sums every epoch ("epoch") or when mu changes ("phase")."""
         if self.average is None:
             return
         mu = self.mu_schedule
-        if self.weight_average == "epoch" or epoch == 0 or mu(epoch) != mu(epoch - 1):
+        if self.options.weight_average == "epoch" or epoch == 0 or mu(epoch) != mu(epoch - 1):
             self.average.reset()
 
-    @torch.no_grad()
-    def predict(self, x: QTensor) -> QTensor:
-        self.model.eval()
-        return self.model(x)
+    def state_dict(self) -> dict:
+        # The integer path draws its random numbers from the counter-based generator keyed by
+        # (seed, step, layer): no generator state to keep, only the weight sums.
+        return {"weight_average": None if self.average is None else self.average.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.average is not None:
+            if state.get("weight_average") is None:
+                raise ValueError("no weight average state")
+            self.average.load_state_dict(state["weight_average"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.layers.sequential import IntSequential
+from intrain.layers import weighted_layers
 from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import max_bit_length, shift_round
 
@@ -70,20 +70,20 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
 
 
 class IntegerUpdate:
-    """Applies the integer update to every weighted layer that has a gradient."""
+    """Applies the integer update to every weighted layer (anywhere in the model's tree) that has
+    a gradient."""
 
-    def __init__(self, model: IntSequential, mu_schedule: MuSchedule) -> None:
+    def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule) -> None:
         self.model = model
         self.mu_schedule = mu_schedule
 
     def step(self, epoch: int) -> None:
         mu = self.mu_schedule(epoch)
-        for layer in self.model.weighted_layers():
+        for layer in weighted_layers(self.model):
             if layer.weight_grad is None:
                 continue
-            target = layer.weight_master if layer.has_master_weight else layer.weight
+            target = layer.update_target
             target.copy_(apply_update(target, layer.weight_grad, mu))
-            if layer.has_master_weight:
-                layer.refresh_weight()
+            layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
+from intrain.layers import weighted_layers
 from intrain.layers.init import init_weight
+from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.kernels import get_backend
-from intrain.layers import (ERROR_ROUNDINGS, IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
+from intrain.layers import (IntConv2d, IntDropout, IntFlatten, IntLinear, IntMaxPool2d, IntReLU,
                             IntSequential)
 
 MODELS = ("mlp", "lenet5", "vgg-small-7", "vgg-small-8", "vgg-small-9")
@@ -117,12 +119,12 @@ def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0) -> lis
     return _SPECS[name](tuple(in_shape), num_classes, width)
 
 
-def _int_layer(spec: LayerSpec, backend):
+def _int_layer(spec: LayerSpec, backend, fmt: NumberFormat):
     if spec.kind == "conv":
         cin, cout, k, stride, pad = spec.args
-        return IntConv2d(cin, cout, k, backend, stride=stride, padding=pad)
+        return IntConv2d(cin, cout, k, backend, stride=stride, padding=pad, fmt=fmt)
     if spec.kind == "linear":
-        return IntLinear(*spec.args, backend)
+        return IntLinear(*spec.args, backend, fmt=fmt)
     return {"relu": IntReLU, "maxpool": IntMaxPool2d, "flatten": IntFlatten, "dropout": IntDropout}[spec.kind](*spec.args)
 
 
@@ -136,23 +138,15 @@ def _float_layer(spec: LayerSpec) -> torch.nn.Module:
 
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
                     device: str | torch.device = "cpu", width: float = 1.0,
-                    weight_bits: int = 8, error_rounding: str = "nearest") -> IntSequential:
-    """The integer model, weights initialised from ``seed`` with integer arithmetic only.
-
-    ``weight_bits=16`` gives every weighted layer an int16 master weight (NITI's 16-bit weight
-    accumulation with an 8-bit datapath); products still use int8 weights."""
-    if weight_bits not in (8, 16):
-        raise ValueError(f"weight bits must be 8 or 16, got {weight_bits}")
-    if error_rounding not in ERROR_ROUNDINGS:
-        raise ValueError(f"error rounding must be one of {', '.join(ERROR_ROUNDINGS)}, got {error_rounding!r}")
+                    fmt: NumberFormat = NITI_INT8) -> IntSequential:
+    """The integer model in number format ``fmt``, weights initialised from ``seed`` with integer
+    arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight)."""
     kernels = get_backend(backend, device)
-    model = IntSequential(*(_int_layer(spec, kernels) for spec in model_spec(name, in_shape, num_classes, width)))
+    layers = (_int_layer(spec, kernels, fmt) for spec in model_spec(name, in_shape, num_classes, width))
+    model = IntSequential(*layers)
     model.to(device)
-    for layer in model.weighted_layers():
+    for layer in weighted_layers(model):
         init_weight(layer, seed)
-        if weight_bits == 16:
-            layer.use_master_weight()
-        layer.error_rounding = error_rounding
     return model
 
 

@@ -57,13 +57,14 @@ def cpu_slices(t: torch.Tensor) -> list:
     return [slice(i, i + step) for i in range(0, t.shape[0], step)]
 
 
-def requantize_product(backend, name: str, args: tuple, e: torch.Tensor) -> QTensor:
-    """``requantize(getattr(backend, name)(*args), e)`` (int8, nearest rounding). Backends that
-    compute products in floats offer ``product_to_int8``, which gives the same bits without
-    making the integer accumulator; the others are requantised here."""
-    fused = getattr(backend, "product_to_int8", None)
+def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8) -> QTensor:
+    """``requantize(getattr(backend, name)(*args), e, bits)`` with nearest rounding. Backends that
+    compute products in floats offer ``product_to_int8``, which gives the same bits for 8-bit
+    results without making the integer accumulator; other widths and backends are requantised
+    here."""
+    fused = getattr(backend, "product_to_int8", None) if bits == 8 else None
     if fused is None:
-        return requantize(getattr(backend, name)(*args), e)
+        return requantize(getattr(backend, name)(*args), e, bits=bits)
     values, shift = fused(name, *args)
     return QTensor(values, e + shift)
 

@@ -1,6 +1,6 @@
 """Resumable training checkpoints: ``<run dir>/checkpoint.pt``, verified by a sha256.
 
-File layout (all of it written atomically with ``intrain.run.loop.atomic_write``: temp file in the
+File layout (all of it written atomically with ``intrain.run.files.atomic_write``: temp file in the
 same directory, flush, fsync, ``os.replace``; so a reader sees the old or the new file, never half
 of one)::
 
@@ -11,12 +11,12 @@ of one)::
 
 The payload holds everything a run needs to continue bit for bit: the resolved ``TrainConfig``
 (``train_config``) and the run's ``config.json`` dict (``config``), the model ``state_dict``
-(int8 weights and exponents, or float parameters), the float twin's optimizer state (momentum
-buffers) and torch's CPU (and CUDA) generator states (dropout), the position (``epoch``: the
-epoch in progress, ``batch``: batches of it already done, ``global_step``), the partial epoch's
-running sums and the metrics rows so far. The integer path draws every random number from the
-counter-based generator keyed by (seed, step, layer), so it has no generator state to store;
-``seed`` and ``global_step`` are recorded.
+(int8 weights and exponents, or float parameters), the method's own state beside them
+(``Method.state_dict``: NITI's weight-average sums as ``weight_average``; the float twin's
+momentum buffers and torch's generator states as ``optimizer``, ``torch_rng``, ``cuda_rng``),
+the position (``epoch``: the epoch in progress, ``batch``: batches of it already done,
+``global_step``), the partial epoch's running sums and the metrics rows so far. ``seed`` and
+``global_step`` are recorded.
 
 Loading checks the magic, version and digest before unpickling anything, and unpickles with
 ``weights_only=True``; any failure is a one-line ``CheckpointError`` naming the file.
@@ -29,6 +29,8 @@ import io
 from pathlib import Path
 
 import torch
+
+from intrain.run.files import atomic_write
 
 MAGIC = b"intrain-resume-checkpoint\n"
 VERSION = 1
@@ -55,8 +57,6 @@ def encode(payload: dict) -> bytes:
 
 def save(path, payload: dict) -> None:
     """Write ``payload`` to ``path`` atomically (see the module docstring)."""
-    from intrain.run.loop import atomic_write
-
     data = encode(payload)
     atomic_write(Path(path), lambda f: f.write(data))
 
@@ -114,39 +114,16 @@ def _cpu(obj):
     return obj
 
 
-def trainer_state(model: torch.nn.Module, trainer, device: str) -> dict:
-    """Model weights, the int8 weight-average sums, float optimizer state and torch generator states."""
-    state = {"state_dict": _cpu(model.state_dict()), "optimizer": None, "torch_rng": None, "cuda_rng": None,
-             "weight_average": None}
-    average = getattr(trainer, "average", None)
-    if average is not None:  # the int8 engine's weight sums, so a mid-epoch resume keeps them
-        state["weight_average"] = _cpu(average.state_dict())
-    optimizer = getattr(trainer, "optimizer", None)
-    if optimizer is not None:  # the float twin: momentum buffers and dropout's generator
-        state["optimizer"] = _cpu(optimizer.state_dict())
-        state["torch_rng"] = torch.get_rng_state()
-        if torch.device(device).type == "cuda":
-            state["cuda_rng"] = [s.cpu() for s in torch.cuda.get_rng_state_all()]
-    return state
+def method_state(model: torch.nn.Module, method) -> dict:
+    """The model's weights and the method's own state, on the CPU."""
+    return {"state_dict": _cpu(model.state_dict()), **_cpu(method.state_dict())}
 
 
-def restore_trainer(payload: dict, model: torch.nn.Module, trainer, device: str, path) -> None:
-    """Load what ``trainer_state`` saved into a freshly built model and trainer."""
+def restore_method(payload: dict, model: torch.nn.Module, method, path) -> None:
+    """Load what ``method_state`` saved into a freshly built model and method."""
     try:
         model.load_state_dict(payload["state_dict"])
-        average = getattr(trainer, "average", None)
-        if average is not None:
-            if payload.get("weight_average") is None:
-                raise ValueError("no weight average state")
-            average.load_state_dict(payload["weight_average"])
-        optimizer = getattr(trainer, "optimizer", None)
-        if optimizer is not None:
-            if payload.get("optimizer") is None or payload.get("torch_rng") is None:
-                raise ValueError("no optimizer state for the float twin")
-            optimizer.load_state_dict(payload["optimizer"])
-            torch.set_rng_state(payload["torch_rng"])
-            if torch.device(device).type == "cuda" and payload.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(payload["cuda_rng"])
+        method.load_state_dict(payload)
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CheckpointError(f"{path} does not match the model it describes ({first}): "

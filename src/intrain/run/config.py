@@ -1,23 +1,23 @@
 """What a training run depends on: ``TrainConfig``, the names of its choices, and the checks
 that need no data (each raising ``ConfigError`` with one line saying what is wrong and what to do).
 
-``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.run.recipes``).
+A config holds the options every run has (data, model, epochs, batch, seed, device, output) and,
+in ``options``, those of its method (``--arith``; see ``intrain.methods``), by field name.
+``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.run.recipes``) and
+checks the method's options: one given to a method that does not take it is an error.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from intrain.methods.averaging import WEIGHT_AVERAGES
 from intrain.data import DATASETS
-from intrain.kernels import BACKENDS as KERNEL_BACKENDS
+from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
 from intrain.run.recipes import default_recipe
 
-ARITHS = ("int8", "float")
-BACKENDS = ("auto",) + KERNEL_BACKENDS
 DEVICES = ("cpu", "cuda")
 #: Options that may differ on resume: they do not change any number a run computes.
 RESUME_FREE = ("workers", "checkpoint_every")
@@ -33,39 +33,73 @@ class TrainConfig:
 
     dataset: str = "digits"
     model: str = "mlp"
-    arith: str = "int8"
+    arith: str = "int8"  # the method, a key of intrain.methods.METHODS
     data_dir: str | None = None
     epochs: int | None = None
     batch_size: int | None = None
     seed: int = 0
     val_split: int | None = None
     train_limit: int | None = None
-    mu_schedule: str | None = None  # int8 only
-    lr: float | None = None  # float only; default scales with the batch size
-    backend: str = "auto"  # int8 only
     device: str = "cpu"
     out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k
     overwrite: bool = False
     width: float = 1.0  # multiplies every layer's channel / unit count
-    weight_bits: int = 8  # int8 only: 16 keeps NITI's int16 master weights behind the int8 ones
-    error_rounding: str = "nearest"  # int8 only: rounding of back-propagated errors
-    weight_average: str = "phase"  # int8 only: mean weights since mu ("phase") or the epoch ("epoch") began
     augment: bool | None = None  # random crop + flip; default: on for cifar10 only
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
+    options: dict = field(default_factory=dict)  # the method's own options; None = recipe default
+
+    @property
+    def method(self):
+        """The method class (``ConfigError`` for an unknown name)."""
+        try:
+            return get_method(self.arith)
+        except MethodOptionError as err:
+            raise ConfigError(str(err)) from None
+
+    def method_options(self):
+        """The method's options object (``ConfigError`` when one does not fit the method)."""
+        try:
+            return self.method.make_options(self.options, {})
+        except (MethodOptionError, TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
 
     def resolved(self) -> "TrainConfig":
-        """A copy with every recipe default filled in (batch size first: lr depends on it)."""
+        """A copy with every recipe default filled in and the method's options checked."""
+        method = self.method
         recipe = default_recipe(self.dataset, self.model, self.arith)
         batch = recipe.batch_size if self.batch_size is None else self.batch_size
+        try:
+            options = method.make_options(self.options, recipe.options_for(batch))
+        except (MethodOptionError, TypeError, ValueError) as err:
+            raise ConfigError(str(err)) from None
         return replace(
             self,
             epochs=recipe.epochs if self.epochs is None else self.epochs,
             batch_size=batch,
-            mu_schedule=recipe.mu_schedule if self.mu_schedule is None else self.mu_schedule,
-            lr=recipe.lr_for(batch) if self.lr is None else self.lr,
             augment=(self.dataset == "cifar10") if self.augment is None else bool(self.augment),
+            options=method.options_dict(options),
         )
+
+    def as_flat_dict(self) -> dict:
+        """The common fields and the method's options side by side (config.json's layout)."""
+        flat = asdict(self)
+        options = flat.pop("options")
+        return {**flat, **options}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """The config saved as ``asdict`` (with ``options``) or, by checkpoints of intrain 0.1, as one
+        flat dict holding every method's options (those of other methods are dropped)."""
+        common = {f.name for f in fields(cls)} - {"options"}
+        unknown = set(saved) - common - {"options"} - {n for m in METHODS.values() for n in m.option_names()}
+        if unknown:
+            raise TypeError(f"unknown config fields {', '.join(sorted(unknown))}")
+        config = cls(**{k: v for k, v in saved.items() if k in common})
+        if "options" in saved:
+            return replace(config, options=dict(saved["options"]))
+        names = config.method.option_names()
+        return replace(config, options={k: v for k, v in saved.items() if k in names})
 
 
 def check_args(c: TrainConfig) -> None:
@@ -74,18 +108,13 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     if c.model not in MODELS:
         raise ConfigError(f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
-    if c.arith not in ARITHS:
-        raise ConfigError(f"unknown arithmetic {c.arith!r}: choose one of {', '.join(ARITHS)}")
-    if c.backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {c.backend!r}: choose one of {', '.join(BACKENDS)}")
+    c.method_options()  # the method name and its options
     if c.epochs < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {c.epochs}")
     if c.batch_size < 1:
         raise ConfigError(f"--batch-size must be 1 or more, got {c.batch_size}")
     if c.seed < 0:
         raise ConfigError(f"--seed must be 0 or more, got {c.seed}")
-    if not c.lr > 0:
-        raise ConfigError(f"--lr must be a positive number, got {c.lr}")
     if not (c.width > 0 and c.width != float("inf")):
         raise ConfigError(f"--width must be a positive number, got {c.width}")
     if c.workers < 0:
@@ -96,16 +125,3 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"unknown device {c.device!r}: choose one of {', '.join(DEVICES)}")
     if c.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available: use --device cpu")
-    if c.weight_average not in WEIGHT_AVERAGES:
-        raise ConfigError(f"unknown weight average {c.weight_average!r}: choose one of {', '.join(WEIGHT_AVERAGES)}")
-    if c.arith == "int8":
-        mu_schedule(c.mu_schedule)  # raises ConfigError when unreadable
-
-
-def mu_schedule(text: str):
-    from intrain.methods.update import MuSchedule
-
-    try:
-        return MuSchedule.parse(text)
-    except ValueError as err:
-        raise ConfigError(f"--mu-schedule: {err}") from None

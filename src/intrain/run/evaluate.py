@@ -17,39 +17,13 @@ from pathlib import Path
 import torch
 
 from intrain.data import load_dataset
-from intrain.run.metrics import accuracy
-from intrain.models import build_float_model, build_int_model
+from intrain.methods import get_method
 from intrain.run.config import ConfigError
-from intrain.run.loop import CHECKPOINT_FORMAT, predictions, save_json
+from intrain.run.files import read_config, read_model, save_json
+from intrain.run.loop import predictions
+from intrain.run.metrics import accuracy
 
 EVAL_FILE = "eval.json"
-
-
-def _read_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    if not path.is_file():
-        raise ConfigError(f"no {path}: pass the directory of a finished run to --run")
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read {path} ({type(err).__name__}): the run directory is damaged") from None
-    needed = ("dataset", "model", "arith", "image_shape", "num_classes", "batch_size", "seed")
-    if not isinstance(cfg, dict) or any(k not in cfg for k in needed):
-        raise ConfigError(f"{path} is not an intrain run config (it lacks {', '.join(needed)})")
-    return cfg
-
-
-def _read_model(run_dir: Path) -> dict:
-    path = run_dir / "model.pt"
-    if not path.is_file():
-        raise ConfigError(f"no {path}: the run has not finished (resume it with intrain train --resume {run_dir})")
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ConfigError(f"cannot load {path} ({type(err).__name__}): the file is truncated or corrupt") from None
-    if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT or "state_dict" not in saved:
-        raise ConfigError(f"{path} is not an intrain model file (format {CHECKPOINT_FORMAT})")
-    return saved
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> list[list[int]]:
@@ -75,8 +49,8 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ConfigError(f"run directory {run_dir} does not exist: pass a run directory to --run")
-    cfg = _read_config(run_dir)
-    saved = _read_model(run_dir)
+    cfg = read_config(run_dir)
+    saved = read_model(run_dir)
     same_data = dataset is None or dataset == cfg["dataset"]
     name = cfg["dataset"] if dataset is None else dataset
     if same_data:
@@ -96,19 +70,20 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
     device = "cuda" if cfg.get("device") == "cuda" and torch.cuda.is_available() else "cpu"
     width = float(cfg.get("width") or 1.0)
     try:
-        if cfg["arith"] == "int8":
-            model = build_int_model(cfg["model"], shape, classes, int(cfg["seed"]), backend="auto",
-                                    device=device, width=width,
-                                    weight_bits=int(cfg.get("weight_bits") or 8))
-        else:
-            model = build_float_model(cfg["model"], shape, classes, width=width).to(device)
+        method = get_method(cfg["arith"])
+        given = {k: cfg[k] for k in method.option_names() if cfg.get(k) is not None}
+        if "backend" in given:  # every backend gives the same bits; the run's may not suit this device
+            given["backend"] = "auto"
+        options = method.make_options(given, {})
+        model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
+                                   device=device)
         model.load_state_dict(saved["state_dict"])
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir / 'model.pt'} does not fit the model in {run_dir / 'config.json'} ({first})") from None
     model.eval()
     images, labels = splits.eval.images.to(device), splits.eval.labels.to(device)
-    preds = predictions(model, images, mean, cfg["arith"], bs)
+    preds = predictions(model, method, images, mean, bs)
     matrix = confusion_matrix(labels, preds, classes)
     correct = sum(matrix[i][i] for i in range(classes))
     result = dict(run=str(run_dir), dataset=name, model=cfg["model"], arith=cfg["arith"],

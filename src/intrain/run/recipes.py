@@ -15,7 +15,7 @@ linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 #: Float learning rate at the reference batch size ``LR_REFERENCE_BATCH``.
 BASE_LR = 0.05
@@ -24,16 +24,18 @@ LR_REFERENCE_BATCH = 64
 
 @dataclass(frozen=True)
 class Recipe:
-    """Defaults for one (dataset, model, arithmetic): ``lr`` is the float lr at ``batch_size``."""
+    """Defaults for one (dataset, model, method): epochs, batch size, and the method's options
+    (``options_for`` scales a learning rate ``lr`` given at ``batch_size`` to another batch)."""
 
     epochs: int
     batch_size: int
-    mu_schedule: str
-    lr: float
+    options: dict = field(default_factory=dict)
 
-    def lr_for(self, batch_size: int) -> float:
-        """The float learning rate for another batch size (linear scaling)."""
-        return self.lr * batch_size / self.batch_size
+    def options_for(self, batch_size: int) -> dict:
+        """The method options for training at ``batch_size`` (linear learning-rate scaling)."""
+        if "lr" not in self.options:
+            return dict(self.options)
+        return dict(self.options, lr=self.options["lr"] * batch_size / self.batch_size)
 
 
 def scaled_lr(batch_size: int) -> float:
@@ -60,14 +62,15 @@ _FALLBACK = (20, 64, "0:5")
 _INT8_BATCH = {"mnist": 256, "fashion-mnist": 128}
 
 
-def default_recipe(dataset: str, model: str, arith: str) -> Recipe:
-    """The default recipe for training ``model`` on ``dataset`` with ``arith`` ("int8"|"float").
+def default_recipe(dataset: str, model: str, method: str) -> Recipe:
+    """The default recipe for training ``model`` on ``dataset`` with ``method`` ("int8"|"float").
 
-    ``model`` and ``arith`` are part of the key so that tuned numbers can differ per model and
-    arithmetic later; today every model of a dataset shares its numbers. Unknown datasets get
-    a generic recipe rather than an error (the CLI validates names before it gets here).
+    ``model`` is part of the key so that tuned numbers can differ per model later; today every
+    model of a dataset shares its numbers. Unknown datasets get a generic recipe rather than an
+    error (the CLI validates names before it gets here).
     """
     epochs, batch_size, mu = _BY_DATASET.get(dataset, _FALLBACK)
-    if arith == "int8":
+    if method == "int8":
         batch_size = _INT8_BATCH.get(dataset, batch_size)
-    return Recipe(epochs=epochs, batch_size=batch_size, mu_schedule=mu, lr=scaled_lr(batch_size))
+        return Recipe(epochs=epochs, batch_size=batch_size, options={"mu_schedule": mu})
+    return Recipe(epochs=epochs, batch_size=batch_size, options={"lr": scaled_lr(batch_size)})

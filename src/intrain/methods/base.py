@@ -1,0 +1,176 @@
+"""What a training method is, and the registry the run and the command line choose from.
+
+A method (NITI's int8 training, the float32 twin, ...) is a subclass of ``Method`` listed in
+``intrain.methods.METHODS`` under the name ``--arith`` takes. It brings:
+
+- ``Options``: a dataclass of its own options. Each field is an ``option(...)``: its default
+  (``None`` = from the recipe of the dataset and model), help text and parser, from which the
+  command line makes one ``--flag`` per field. An option of one method given to another is an
+  error (``check_options``).
+- ``build_model``: the network for a model name, in the method's arithmetic.
+- per run: ``train_step``, ``predict``, ``begin_epoch``, ``averaged`` (the weights evaluated and
+  saved), ``state_dict``/``load_state_dict`` (what a checkpoint needs beyond the model's own
+  state_dict, for a bit-exact resume).
+
+Adding a method means adding a module with such a class and one entry in ``METHODS``.
+
+Inputs: the run gives every method the same images, as the int8 pixel ``QTensor`` of
+``intrain.data.pixels``; ``network_input`` turns it into what the model takes (integer methods
+keep it, the float twin uses its real values).
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import nullcontext
+from dataclasses import MISSING, asdict, field, fields
+from typing import Any, Callable, ClassVar
+
+import torch
+
+from intrain.numeric.qtensor import QTensor
+
+
+class MethodOptionError(ValueError):
+    """A method option that is unknown to the method, or has a bad value; one line."""
+
+
+def option(default: Any = None, *, help: str, parse: Callable[[str], Any] | None = None,
+           choices: tuple | None = None, metavar: str | None = None):
+    """A field of a method's ``Options``; ``parse`` turns the command-line text into the value
+    (raising ``argparse.ArgumentTypeError`` or ``ValueError`` with what is wrong)."""
+    return field(default=default, metadata=dict(help=help, parse=parse, choices=choices, metavar=metavar))
+
+
+def flag(name: str) -> str:
+    """The command-line flag of an option field: ``mu_schedule`` -> ``--mu-schedule``."""
+    return "--" + name.replace("_", "-")
+
+
+class Method:
+    """Base class of training methods (see the module docstring)."""
+
+    #: The ``--arith`` value that selects the method.
+    name: ClassVar[str]
+    #: One line for ``--help``.
+    summary: ClassVar[str]
+    #: The dataclass of the method's own options.
+    Options: ClassVar[type]
+    #: Whether the model computes on integers (QTensor inputs and logits).
+    integer: ClassVar[bool]
+
+    # ------------------------------------------------------------------ options
+
+    @classmethod
+    def option_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls.Options))
+
+    @classmethod
+    def make_options(cls, given: dict, recipe_defaults: dict):
+        """The method's options from the ``given`` ones (``None`` = not given) and the recipe's
+        defaults; ``MethodOptionError`` for an option that is not the method's or a bad value."""
+        foreign = [name for name, value in given.items() if value is not None and name not in cls.option_names()]
+        if foreign:
+            name = foreign[0]
+            raise MethodOptionError(f"{flag(name)} does not apply to --arith {cls.name}: leave it out "
+                                    f"({cls.name} takes {', '.join(map(flag, cls.option_names())) or 'no options'})")
+        values = {}
+        for f in fields(cls.Options):
+            value = given.get(f.name)
+            if value is None:
+                value = recipe_defaults.get(f.name, f.default if f.default is not MISSING else None)
+            values[f.name] = value
+        options = cls.Options(**values)
+        cls.check_options(options)
+        return options
+
+    @classmethod
+    def check_options(cls, options) -> None:
+        """Raise ``MethodOptionError`` for an option value the method cannot use."""
+        for f in fields(options):
+            choices = f.metadata.get("choices")
+            value = getattr(options, f.name)
+            if choices is not None and value not in choices:
+                raise MethodOptionError(f"unknown {flag(f.name)} {value!r}: choose one of {', '.join(map(str, choices))}")
+
+    @classmethod
+    def options_dict(cls, options) -> dict:
+        return asdict(options)
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def build_model(cls, options, model_name: str, in_shape, num_classes: int, *, seed: int,
+                    width: float, device: str) -> torch.nn.Module:
+        raise NotImplementedError
+
+    @classmethod
+    def network_input(cls, pixels: QTensor):
+        """What the model takes for a batch of int8 pixels (see the module docstring)."""
+        return pixels
+
+    @staticmethod
+    def logits_as_float(logits) -> torch.Tensor:
+        """The logits' real values in float, for people (progress, metrics, arg-max)."""
+        return logits.to_float() if isinstance(logits, QTensor) else logits
+
+    # ------------------------------------------------------------------ training
+
+    def __init__(self, model: torch.nn.Module, options, *, seed: int, total_steps: int) -> None:
+        type(self).check_options(options)
+        self.model = model
+        self.options = options
+        self.seed = seed
+        self.total_steps = total_steps
+
+    def train_step(self, x, y: torch.Tensor, step: int, epoch: int):
+        """Train on one batch at global step ``step``; returns its logits before the update."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def predict(self, x):
+        """Eval-mode logits of ``x``; the model is left in train mode."""
+        self.model.eval()
+        try:
+            return self.model(x)
+        finally:
+            self.model.train()
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called before the first batch of ``epoch`` (not when resuming inside it)."""
+
+    def averaged(self):
+        """Context in which the model holds the weights to evaluate and save."""
+        return nullcontext()
+
+    def state_dict(self) -> dict:
+        """What a checkpoint needs besides the model's state_dict (CPU tensors, plain types)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s entries (``ValueError``/``KeyError`` when they do not fit)."""
+
+
+def add_option_arguments(parser: argparse.ArgumentParser, methods: dict[str, type[Method]]) -> None:
+    """One ``--flag`` per option of every method in ``methods`` (an option several methods share,
+    such as ``backend``, once), with help saying which methods take it. Parsed values default to
+    None, so that a run can tell which options were given."""
+    owners: dict[str, list[str]] = {}
+    specs: dict[str, Any] = {}
+    for name, method in methods.items():
+        for f in fields(method.Options):
+            owners.setdefault(f.name, []).append(name)
+            specs.setdefault(f.name, f)
+    for name, f in specs.items():
+        meta = f.metadata
+        which = " and ".join(f"--arith {m}" for m in owners[name])
+        default = "" if f.default in (None, MISSING) else f" (default: {f.default})"
+        kwargs = dict(help=f"{which} only: {meta['help']}{default}", default=None)
+        if meta.get("choices") is not None:
+            kwargs["choices"] = meta["choices"]
+        if meta.get("parse") is not None:
+            kwargs["type"] = meta["parse"]
+        if meta.get("metavar") is not None:
+            kwargs["metavar"] = meta["metavar"]
+        parser.add_argument(flag(name), **kwargs)
+

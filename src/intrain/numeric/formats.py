@@ -1,0 +1,89 @@
+"""Number formats: how wide the integers of a training step are and how they are rounded.
+
+A ``NumberFormat`` is one value that the layers, the requantisation of products, the integer
+loss gradient, initialisation and the update all take, so a method is a choice of format, not a
+copy of their code. Its fields are orthogonal:
+
+- ``bits``: value bits of activations, errors and weights, sign included. Values are kept in the
+  symmetric range ``[-limit, limit]`` with ``limit = 2**(bits-1) - 1`` (``[-127, 127]`` for 8
+  bits, so that negation never overflows and every product of two values is at most
+  ``limit**2``), stored in the narrowest torch integer dtype that holds them.
+- ``master_bits``: when set, every weight also has a wider master copy of this many bits that
+  takes the updates; the ``bits``-wide weight used by the products is its nearest-rounded upper
+  ``bits`` bits (NITI's 16-bit weight accumulation behind an 8-bit datapath). The master has
+  ``master_bits - bits`` more fraction bits, so updates smaller than one step of the narrow
+  weight accumulate instead of being lost.
+- ``error_rounding``: rounding of the errors a weighted layer sends down: ``nearest`` (NITI) or
+  ``stochastic`` (counter-based, unbiased).
+- ``accumulator``: how products are accumulated. ``exact``: every backend returns the exact
+  integer sum (int32 when ``limit**2 * K < 2**31`` is proved statically, else int64).
+- ``exponent``: granularity of the power-of-two exponents: ``tensor``, one per tensor (the only
+  one so far; per-channel exponents would be another value here).
+
+Presets: ``NITI_INT8`` and ``NITI_INT8_MASTER16``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize
+
+#: Storage dtype by value bits.
+_STORAGE = {8: torch.int8, 16: torch.int16}
+ERROR_ROUNDINGS = ("nearest", "stochastic")
+ACCUMULATORS = ("exact",)
+EXPONENT_GRANULARITIES = ("tensor",)
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    bits: int = 8
+    master_bits: int | None = None
+    error_rounding: str = "nearest"
+    accumulator: str = "exact"
+    exponent: str = "tensor"
+
+    def __post_init__(self) -> None:
+        if self.bits not in _STORAGE:
+            raise ValueError(f"value bits must be one of {', '.join(map(str, _STORAGE))}, got {self.bits}")
+        if self.master_bits is not None and (self.master_bits not in _STORAGE or self.master_bits <= self.bits):
+            raise ValueError(f"master bits must be wider than the {self.bits} value bits and one of "
+                             f"{', '.join(map(str, _STORAGE))}, got {self.master_bits}")
+        if self.error_rounding not in ERROR_ROUNDINGS:
+            raise ValueError(f"error rounding must be one of {', '.join(ERROR_ROUNDINGS)}, got {self.error_rounding!r}")
+        if self.accumulator not in ACCUMULATORS:
+            raise ValueError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, got {self.accumulator!r}")
+        if self.exponent not in EXPONENT_GRANULARITIES:
+            raise ValueError(f"exponent granularity must be one of {', '.join(EXPONENT_GRANULARITIES)}, "
+                             f"got {self.exponent!r}")
+
+    @property
+    def limit(self) -> int:
+        """Largest magnitude of a value: ``2**(bits-1) - 1``."""
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _STORAGE[self.bits]
+
+    @property
+    def master_dtype(self) -> torch.dtype:
+        return _STORAGE[self.master_bits]
+
+    @property
+    def master_extra_bits(self) -> int:
+        """Fraction bits the master weight keeps below the value weight."""
+        return self.master_bits - self.bits
+
+    def requantize(self, acc: torch.Tensor, e: torch.Tensor, mode: str = "nearest",
+                   key: tuple[int, int] | None = None) -> QTensor:
+        """``acc * 2**e`` rounded to this format's values (see ``numeric.requant``)."""
+        return requantize(acc, e, bits=self.bits, mode=mode, key=key)
+
+
+NITI_INT8 = NumberFormat(bits=8)
+NITI_INT8_MASTER16 = NumberFormat(bits=8, master_bits=16)
