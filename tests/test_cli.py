@@ -53,6 +53,12 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--lr", "0"], "--lr"),
     (["train", "--mu-schedule", "5:3"], "--mu-schedule"),
     (["train", "--mu-schedule", "fast"], "--mu-schedule"),
+    (["train", "--mu-schedule", "0:5,0:4"], "appears twice"),
+    # an option of one method given to another (issue 10): the flag and the method are named
+    (["train", "--lr", "0.1"], "--lr does not apply to --arith int8"),
+    (["train", "--arith", "float", "--mu-schedule", "0:5"], "--mu-schedule does not apply to --arith float"),
+    (["train", "--arith", "float", "--weight-bits", "16"], "--weight-bits does not apply to --arith float"),
+    (["train", "--arith", "float", "--backend", "cpu"], "--backend does not apply to --arith float"),
     (["train", "--model", "lenet5"], "lenet5"),  # 8x8 digits are too small for LeNet-5
     (["train", "--val-split", "5000"], "--val-split"),
     (["train", "--no-such-option"], "unrecognized"),

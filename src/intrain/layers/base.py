@@ -134,6 +134,6 @@ def number_layers(root: torch.nn.Module) -> None:
     in a tree every leaf gets a distinct, stable id. Containers call this on themselves when
     built, so the outermost container, built last, numbers the whole tree."""
     leaves = [m for m in root.modules() if isinstance(m, IntModule)
-              and not any(isinstance(c, IntModule) for c in m.children())]
+              and not any(isinstance(inner, IntModule) for inner in list(m.modules())[1:])]
     for index, layer in enumerate(leaves):
         layer.layer_id = index + 1

@@ -29,6 +29,10 @@ class MuSchedule:
         for epoch, mu in points:
             if epoch < 0 or not 0 <= mu <= 15:
                 raise ValueError(f"bad mu schedule entry {epoch}:{mu}: epochs >= 0 and mu in 0..15")
+        epochs = [epoch for epoch, _ in points]
+        if len(set(epochs)) != len(epochs):
+            twice = next(e for e in epochs if epochs.count(e) > 1)
+            raise ValueError(f"epoch {twice} appears twice in the mu schedule: give each epoch one mu")
         self.points = points
 
     @staticmethod
