@@ -178,3 +178,35 @@ def test_weight_gradient_kept_in_int32_only_when_the_bound_proves_it_fits(batch,
     conv.backward(QTensor.of(torch.full((batch, 2, 28, 28), 127, dtype=torch.int8), 0), None, need_input_grad=False)
     assert conv.weight_grad.dtype == expected
     assert int(conv.weight_grad[0, 0, 2, 2]) == -127 * 127 * batch * 28 * 28
+
+
+def test_layers_of_a_tree_are_found_and_numbered_like_the_flat_sequence():
+    """weighted_layers and layer ids walk any module tree: a nested sequence gets the ids, weights
+    and so the training steps (dropout and stochastic rounding keyed by layer) of the flat one."""
+    from intrain.layers import weighted_layers
+    from intrain.layers.init import init_weight
+
+    fmt = NumberFormat(error_rounding="stochastic")
+
+    def layers():
+        return [IntFlatten(), IntLinear(12, 8, REF, fmt=fmt), IntReLU(), IntDropout(0.25),
+                IntLinear(8, 6, REF, fmt=fmt), IntReLU(), IntLinear(6, 3, REF, fmt=fmt)]
+
+    flat = IntSequential(*layers())
+    parts = layers()
+    nested = IntSequential(IntSequential(*parts[:4]), IntSequential(IntSequential(*parts[4:6]), parts[6]))
+    assert [m.layer_id for m in parts] == [1, 2, 3, 4, 5, 6, 7]
+    assert [m.layer_id for m in flat.layers] == [1, 2, 3, 4, 5, 6, 7]
+    assert weighted_layers(nested) == [parts[1], parts[4], parts[6]]
+    for model in (flat, nested):
+        for layer in weighted_layers(model):
+            init_weight(layer, seed=3)
+    x = QTensor.of(rand_int8(5, 3, 2, 2), 0)
+    d = QTensor.of(rand_int8(5, 3), 0)
+    for model in (flat, nested):
+        model.train()
+        model(x, StepContext(seed=1, step=4))
+        model.backward(d, StepContext(seed=1, step=4))
+    for a, b in zip(weighted_layers(flat), weighted_layers(nested)):
+        assert torch.equal(a.weight, b.weight) and b.weight_grad is not None
+        assert torch.equal(a.weight_grad, b.weight_grad) and torch.equal(a.weight_grad_exp, b.weight_grad_exp)

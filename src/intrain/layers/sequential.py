@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.layers.base import IntModule, StepContext, number_layers
+from intrain.layers.base import IntModule, StepContext, number_layers, weighted_layers
 from intrain.numeric.qtensor import QTensor
 
 
@@ -18,6 +18,11 @@ class IntSequential(IntModule):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
         number_layers(self)
+
+    @property
+    def has_weight(self) -> bool:
+        """A nested sequence counts as weighted when a layer inside it is, so that backward visits it."""
+        return bool(weighted_layers(self))
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         for layer in self.layers:
