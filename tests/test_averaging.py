@@ -8,7 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from intrain.methods.averaging import WeightAverage, rounded_mean
+from intrain.methods.averaging import WeightAverage
+from intrain.numeric.rounding import divide_round
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
 from intrain.methods.update import MuSchedule
@@ -20,13 +21,13 @@ from intrain.layers import weighted_layers
     (7, 2, 4), (-7, 2, -4), (5, 3, 2), (-5, 3, -2), (4, 3, 1), (-4, 3, -1), (0, 5, 0),
     (127 * 9, 9, 127), (-127 * 9, 9, -127), (254, 3, 85), (-3 * 32767 + 1, 3, -32767),
 ])
-def test_rounded_mean_hand_cases(total, count, expected):
-    assert rounded_mean(torch.tensor([total]), count).item() == expected
+def test_divide_round_hand_cases(total, count, expected):
+    assert divide_round(torch.tensor([total]), count).item() == expected
 
 
-def test_rounded_mean_refuses_no_steps():
-    with pytest.raises(ValueError, match="0 steps"):
-        rounded_mean(torch.tensor([1]), 0)
+def test_divide_round_refuses_no_steps():
+    with pytest.raises(ValueError, match="cannot divide by 0"):
+        divide_round(torch.tensor([1]), 0)
 
 
 def _nearest_away(q: Fraction) -> int:
@@ -37,12 +38,12 @@ def _nearest_away(q: Fraction) -> int:
 
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.lists(st.integers(-32767, 32767), min_size=1, max_size=6), min_size=1, max_size=40))
-def test_rounded_mean_is_nearest_and_within_range(steps):
+def test_divide_round_is_nearest_and_within_range(steps):
     width = len(steps[0])
     steps = [s[:width] + s[:1] * (width - len(s)) for s in steps]  # every step the same width
     values = torch.tensor(steps, dtype=torch.int64).T  # (elements, steps)
     count = len(steps)
-    mean = rounded_mean(values.sum(1), count)
+    mean = divide_round(values.sum(1), count)
     for i, row in enumerate(values.tolist()):
         assert mean[i].item() == _nearest_away(Fraction(sum(row), count))
         assert min(row) <= mean[i].item() <= max(row)
@@ -69,7 +70,7 @@ def test_applied_holds_the_mean_and_restores_the_latest(weight_bits):
     latest = [layer.weight.clone() for layer in weighted_layers(model)]
     with trainer.averaged():
         for history, layer in zip(seen, weighted_layers(model)):
-            expected = rounded_mean(torch.stack(history).sum(0), len(history))
+            expected = divide_round(torch.stack(history).sum(0), len(history))
             assert torch.equal(getattr(layer, target).to(torch.int64), expected)
             assert int(layer.weight.abs().max()) <= 127 and layer.weight.dtype == torch.int8
         averaged = [layer.weight.clone() for layer in weighted_layers(model)]

@@ -67,13 +67,15 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
      "default of the dropout probability, a float hyper-parameter that IntDropout.__init__ turns "
      "once, at build time, into the integer threshold round(p * 2**32) (exact in binary64: a "
      "power-of-two scale); the step only compares integers with it"),
-    ("intrain.models", "width: float = 1.0",
+    ("intrain.models.zoo", "width: float = 1.0",
      "default of the channel-width multiplier, an architecture hyper-parameter (_scaled turns it "
      "into integer channel counts before any weight exists), not a number the network computes "
      "with"),
-    ("intrain.models", "VGG_DROPOUT = 0.5",
+    ("intrain.models.build", "width: float = 1.0", "the same default, passed on to the zoo"),
+    ("intrain.models.zoo", "VGG_DROPOUT = 0.5",
      "VGG-small's dropout probability, a hyper-parameter converted to an integer threshold by "
      "IntDropout (see its entry)"),
+    ("intrain.models.zoo", "ALEXNET_DROPOUT = 0.5", "AlexNet's dropout probability, likewise"),
 )
 
 # KNOWN VIOLATIONS: real floats in the training step, to be fixed; same format as ALLOWED. Each

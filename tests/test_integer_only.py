@@ -1,4 +1,4 @@
-"""The integer-only audit: one whole LeNet-5 training step under a dispatch mode that records every
+"""The integer-only audit: whole LeNet-5 and ResNet-18 training steps under a dispatch mode that records every
 aten operator, failing if any operator receives or returns a floating-point tensor."""
 
 import pytest
@@ -36,10 +36,13 @@ def _batch(n=8):
     return QTensor.of(x, -7), y
 
 
-@pytest.mark.parametrize("weight_bits", [8, 16])
-def test_lenet5_training_step_uses_only_integer_tensors(weight_bits):
-    options = NitiOptions(mu_schedule="0:5", weight_bits=weight_bits, weight_average="phase")
-    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt)
+@pytest.mark.parametrize("model_name, width, weight_bits", [("lenet5", 1.0, 8), ("lenet5", 1.0, 16),
+                                                         ("resnet18", 0.125, 16)])
+def test_training_step_uses_only_integer_tensors(model_name, width, weight_bits):
+    mu = "0:5" if weight_bits == 8 else "0:12"
+    options = NitiOptions(mu_schedule=mu, weight_bits=weight_bits, weight_average="phase",
+                          error_rounding="stochastic" if model_name == "resnet18" else "nearest")
+    model = build_int_model(model_name, (1, 28, 28), 10, seed=0, backend="reference", width=width, fmt=options.fmt)
     trainer = Niti(model, options, seed=0)
     x, y = _batch()
     trained = "weight_master" if weight_bits == 16 else "weight"

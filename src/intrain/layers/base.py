@@ -129,11 +129,13 @@ def weighted_layers(module: torch.nn.Module) -> list[WeightedIntModule]:
 
 
 def number_layers(root: torch.nn.Module) -> None:
-    """Give every leaf integer layer under ``root`` its ``layer_id``: its 1-based position among
-    the leaves, depth first in registration order. For a plain sequence that is its index + 1;
-    in a tree every leaf gets a distinct, stable id. Containers call this on themselves when
-    built, so the outermost container, built last, numbers the whole tree."""
-    leaves = [m for m in root.modules() if isinstance(m, IntModule)
-              and not any(isinstance(inner, IntModule) for inner in list(m.modules())[1:])]
-    for index, layer in enumerate(leaves):
+    """Give every integer layer under ``root`` its ``layer_id``: the leaves (layers without integer
+    layers inside) first, 1, 2, ... depth first in registration order, then the containers in the
+    same order. For a plain sequence a layer's id is its index + 1; in a tree every layer gets a
+    distinct, stable id. Containers call this on themselves when built, so the outermost
+    container, built last, numbers the whole tree."""
+    modules = [m for m in root.modules() if isinstance(m, IntModule)]
+    containers = [m for m in modules if any(isinstance(inner, IntModule) for inner in list(m.modules())[1:])]
+    leaves = [m for m in modules if m not in containers]
+    for index, layer in enumerate(leaves + containers):
         layer.layer_id = index + 1

@@ -10,7 +10,7 @@ every epoch ("epoch"), or no averaging at all ("none").
 
 Ranges: after each update ``accumulate`` adds the update target (the int8 weight, or the int16
 master weight when the layer keeps one) into an int64 sum, so ``|sum| <= 32767 * steps`` (no
-overflow below 2**48 steps). ``mean = sign(sum) * floor((2 * |sum| + n) / (2 * n))``: the
+overflow below 2**48 steps). ``mean = divide_round(sum, n) = sign(sum) * floor((2 * |sum| + n) / (2 * n))``: the
 nearest integer to ``sum / n``, ties away from zero, by integer division; it lies within the
 range of the values averaged (so [-127, 127] for int8 weights, [-32767, 32767] for masters).
 """
@@ -22,16 +22,9 @@ from contextlib import contextmanager
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.numeric.rounding import divide_round
 
 WEIGHT_AVERAGES = ("phase", "epoch", "none")
-
-
-def rounded_mean(total: torch.Tensor, count: int) -> torch.Tensor:
-    """The nearest integer to ``total / count`` (ties away from zero), int64, elementwise."""
-    if count <= 0:
-        raise ValueError(f"cannot average over {count} steps")
-    sign = total.sign()
-    return sign * torch.div(2 * total.abs() + count, 2 * count, rounding_mode="floor")
 
 
 class WeightAverage:
@@ -71,7 +64,7 @@ class WeightAverage:
                 layer.refresh_weight()
 
         try:
-            load(rounded_mean(total, self.count) for total in self.sums)
+            load(divide_round(total, self.count) for total in self.sums)
             yield
         finally:
             load(saved)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize
+from intrain.numeric.requant import add_aligned, requantize
 
 #: Storage dtype by value bits.
 _STORAGE = {8: torch.int8, 16: torch.int16}
@@ -83,6 +83,10 @@ class NumberFormat:
                    key: tuple[int, int] | None = None) -> QTensor:
         """``acc * 2**e`` rounded to this format's values (see ``numeric.requant``)."""
         return requantize(acc, e, bits=self.bits, mode=mode, key=key)
+
+    def add(self, a: QTensor, b: QTensor, mode: str = "nearest", key: tuple[int, int] | None = None) -> QTensor:
+        """``a + b`` aligned by exact shifts and rounded once to this format (``numeric.requant.add_aligned``)."""
+        return add_aligned(a, b, bits=self.bits, mode=mode, key=key)
 
 
 NITI_INT8 = NumberFormat(bits=8)

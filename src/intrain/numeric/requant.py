@@ -41,6 +41,44 @@ def requantize(
     return QTensor(v, e + shift)
 
 
+#: Largest exponent gap bridged exactly by ``add_aligned``: int16 values (< 2**15) shifted left by
+#: up to this many bits and added stay below 2**61, and with the rounding constant of the
+#: requantisation (< 2**60) below 2**62: no int64 overflow.
+ADD_MAX_GAP = 45
+
+
+def _aligned(v: torch.Tensor, e: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+    """``v * 2**(e - base)`` in int64; a value more than ADD_MAX_GAP bits below the other operand
+    (``e < base``) enters as its sign (see ``add_aligned``)."""
+    wide = v.to(torch.int64)
+    s = e - base
+    return torch.where(s < 0, wide.sign(), wide << s.clamp(min=0))
+
+
+def add_aligned(a: QTensor, b: QTensor, bits: int = 8, mode: str = "nearest",
+                key: tuple[int, int] | None = None) -> QTensor:
+    """``a + b`` for integer QTensors with different exponents, rounded once to ``bits`` bits.
+
+    The operands are aligned to the finer exponent by exact left shifts and added exactly in
+    int64; the sum is requantised like a product (one rounding, ``mode``). So the result is the
+    exact sum rounded once: rounding the finer operand to the coarser exponent first and then the
+    sum again would round twice. An all-zero operand takes the other's exponent (its own is
+    meaningless, e.g. a zero-initialised branch). When the exponents differ by more than
+    ``ADD_MAX_GAP`` bits, the finer operand is below 2**-30 of the coarser one's unit (far below
+    half a unit of the result): it can only decide a tie, so it enters as its sign at the gap's
+    limit, which gives the exact sum's nearest rounding (and changes stochastic rounding's
+    probabilities by less than 2**-30).
+    Shapes must match; exponents stay tensors (no copy to the host).
+    """
+    if a.v.shape != b.v.shape:
+        raise ValueError(f"cannot add QTensors of shapes {tuple(a.v.shape)} and {tuple(b.v.shape)}")
+    ea = torch.where((a.v == 0).all(), b.e, a.e)
+    eb = torch.where((b.v == 0).all(), ea, b.e)
+    base = torch.maximum(torch.minimum(ea, eb), torch.maximum(ea, eb) - ADD_MAX_GAP)
+    total = _aligned(a.v, ea, base) + _aligned(b.v, eb, base)
+    return requantize(total, base, bits=bits, mode=mode, key=key)
+
+
 #: On CPU, element-wise passes over large tensors work on slices of about this many elements:
 #: their temporaries then stay small and are reused by the allocator instead of page-faulting
 #: fresh memory (measured: requantising a [64, 128, 32, 32] int32 accumulator 15.2 -> 5.0 ms).

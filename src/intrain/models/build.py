@@ -1,0 +1,90 @@
+"""Building a model spec twice: the integer model and its float32 twin.
+
+``build_int_model`` turns a spec tree (``models.zoo``) into integer layers in a number format
+(weights from integer initialisation), ``build_float_model`` into torch.nn layers of the same
+shapes (with biases, batch normalisation where the spec has ``bn``, and PyTorch's default
+initialisation: the float twin gets the standard recipe, not a handicapped one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.kernels import get_backend
+from intrain.layers import (IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear, IntMaxPool2d,
+                            IntReLU, IntResidual, IntSequential, weighted_layers)
+from intrain.layers.init import init_weight
+from intrain.models.zoo import model_spec
+from intrain.numeric.formats import NITI_INT8, NumberFormat
+
+
+def _int_layers(specs, backend, fmt: NumberFormat) -> list:
+    layers = []
+    for spec in specs:
+        if spec.kind == "conv":
+            cin, cout, k, stride, pad = spec.args
+            layers.append(IntConv2d(cin, cout, k, backend, stride=stride, padding=pad, fmt=fmt))
+        elif spec.kind == "linear":
+            layers.append(IntLinear(*spec.args, backend, fmt=fmt))
+        elif spec.kind == "residual":
+            main, shortcut = spec.args
+            layers.append(IntResidual(IntSequential(*_int_layers(main, backend, fmt)),
+                                      None if shortcut is None else IntSequential(*_int_layers(shortcut, backend, fmt)),
+                                      fmt=fmt))
+        elif spec.kind == "gap":
+            layers.append(IntGlobalAvgPool2d(fmt))
+        elif spec.kind == "bn":
+            continue  # the integer model has no normalisation (layers.residual says why)
+        else:
+            layers.append({"relu": IntReLU, "maxpool": IntMaxPool2d, "flatten": IntFlatten,
+                           "dropout": IntDropout}[spec.kind](*spec.args))
+    return layers
+
+
+class FloatResidual(torch.nn.Module):
+    """``main(x) + shortcut(x)`` (the identity when ``shortcut`` is None)."""
+
+    def __init__(self, main: torch.nn.Module, shortcut: torch.nn.Module | None) -> None:
+        super().__init__()
+        self.main = main
+        self.shortcut = shortcut
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+def _float_layers(specs) -> list[torch.nn.Module]:
+    layers = []
+    for spec in specs:
+        if spec.kind == "conv":
+            cin, cout, k, stride, pad = spec.args
+            layers.append(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad))
+        elif spec.kind == "residual":
+            main, shortcut = spec.args
+            layers.append(FloatResidual(torch.nn.Sequential(*_float_layers(main)),
+                                        None if shortcut is None else torch.nn.Sequential(*_float_layers(shortcut))))
+        elif spec.kind == "gap":
+            layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+        else:
+            layers.append({"linear": torch.nn.Linear, "relu": torch.nn.ReLU, "maxpool": torch.nn.MaxPool2d,
+                           "flatten": torch.nn.Flatten, "dropout": torch.nn.Dropout,
+                           "bn": torch.nn.BatchNorm2d}[spec.kind](*spec.args))
+    return layers
+
+
+def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
+                    device: str | torch.device = "cpu", width: float = 1.0,
+                    fmt: NumberFormat = NITI_INT8) -> IntSequential:
+    """The integer model in number format ``fmt``, weights initialised from ``seed`` with integer
+    arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight)."""
+    kernels = get_backend(backend, device)
+    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width), kernels, fmt))
+    model.to(device)
+    for layer in weighted_layers(model):
+        init_weight(layer, seed)
+    return model
+
+
+def build_float_model(name: str, in_shape, num_classes: int, width: float = 1.0) -> torch.nn.Sequential:
+    """The float32 twin (torch.nn, default initialisation from torch's global generator)."""
+    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width)))
