@@ -287,3 +287,10 @@ def test_train_and_eval_end_to_end(folder, tmp_path, capsys):
     assert "--image-size 40 conflicts with 32" in line
     assert main(["train", "--resume", str(run)]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == last
+
+
+def test_help_documents_the_new_options(capsys):
+    for command, option in (("train", "--image-size"), ("eval", "--workers")):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert option in capsys.readouterr().out
