@@ -71,7 +71,11 @@ def add_train(sub) -> None:
     p.add_argument("--dataset", choices=DATASETS,
                    help="data set to train on (default: digits, bundled with scikit-learn)")
     p.add_argument("--data-dir", metavar="DIR",
-                   help="folder with the data set's files (default: data/<dataset>; unused for digits)")
+                   help="folder with the data set's files (default: data/<dataset>; unused for digits); for "
+                        "imagefolder DIR/train/<class>/* and DIR/val/<class>/* (JPEG, PNG)")
+    p.add_argument("--image-size", type=_int_at_least(1, "an integer >= 1"), metavar="S",
+                   help="imagefolder only: images are resized (shorter side round(S*8/7)) and cropped to SxS, "
+                        "randomly with flips for training when augmenting, centred for evaluation (default: 224)")
     p.add_argument("--model", choices=MODELS, help="network (default: mlp)")
     p.add_argument("--width", type=_positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
@@ -91,8 +95,9 @@ def add_train(sub) -> None:
     p.add_argument("--train-limit", type=_int_at_least(1, "an integer >= 1"), metavar="N",
                    help="train on the first N training images only")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
-                   help="random crop (4-pixel zero padding) and horizontal flip of training images, "
-                        "deterministic by seed, epoch and image (default: on for cifar10, off otherwise)")
+                   help="random crop (4-pixel zero padding; imagefolder: of the resized image) and horizontal "
+                        "flip of training images, deterministic by seed, epoch and image (default: on for cifar10 "
+                        "and imagefolder, off otherwise)")
     p.add_argument("--workers", type=_int_at_least(0, "an integer >= 0"), metavar="N",
                    help="data loader worker processes; results are identical for any N (default: 0)")
     p.add_argument("--checkpoint-every", type=_int_at_least(1, "an integer >= 1"), metavar="N",
@@ -115,7 +120,7 @@ def add_train(sub) -> None:
 #: method's own options take their defaults from the method and the recipe.
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, device="cpu", width=1.0, workers=0)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "train_limit", "device", "out", "width", "augment", "workers", "checkpoint_every")
+                 "train_limit", "device", "out", "width", "augment", "workers", "checkpoint_every", "image_size")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -160,6 +165,9 @@ def add_eval(sub) -> None:
                    help="evaluate on the last N training images instead (default: the run's split)")
     p.add_argument("--batch-size", type=_int_at_least(1, "an integer >= 1"), metavar="B",
                    help="evaluation batch size (default: the run's; int8 results depend on it)")
+    p.add_argument("--workers", type=_int_at_least(0, "an integer >= 0"), metavar="N",
+                   help="loader processes decoding an image folder; the result is the same for any N "
+                        "(default: the run's)")
     p.set_defaults(handler=run_eval)
 
 
@@ -167,7 +175,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from intrain.run.evaluate import evaluate_run, format_confusion
 
     result = evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size, workers=args.workers)
     print(f"run {args.run}: {result['arith']} {result['model']} on {result['dataset']} "
           f"{result['eval_name']} ({result['eval_size']} images, batch {result['batch_size']})")
     print(f"accuracy: {result['correct']}/{result['eval_size']} = {result['accuracy']:.2f}%")

@@ -1,6 +1,8 @@
 """Data sets for intrain: uint8 images [N, C, H, W] (0..255), int64 labels.
 
-``load_dataset(name, ...)`` returns ``DatasetSplits``; ``pixels_to_int8`` turns
+``load_dataset(name, ...)`` returns ``DatasetSplits``: in-memory ``ImageDataset`` splits, or for
+"imagefolder" (``intrain.data.imagefolder``) splits decoded from image files when a batch is read,
+at ``image_size`` x ``image_size`` pixels. ``pixels_to_int8`` turns
 uint8 pixels into int8 inputs with scale ``2**PIXEL_EXPONENT`` using integer
 arithmetic only (range [0, 127] without a mean, [-127, 127] with one).
 """
@@ -17,7 +19,7 @@ from intrain.data.pixels import PIXEL_EXPONENT, pixels_to_int8
 __all__ = ["DATASETS", "DataError", "DatasetSplits", "ImageDataset", "PIXEL_EXPONENT",
            "default_data_dir", "find_idx", "load_dataset", "pixels_to_int8", "read_idx"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
 
 
 def _check_name(name: str) -> None:
@@ -32,11 +34,19 @@ def default_data_dir(name: str) -> str:
 
 
 def load_dataset(name: str, data_dir: str | None = None, val_split: int | None = None,
-                 train_limit: int | None = None) -> DatasetSplits:
+                 train_limit: int | None = None, image_size: int | None = None) -> DatasetSplits:
     """Load ``name`` (one of ``DATASETS``); ``data_dir`` defaults to ``data/<name>``
     and is ignored for "digits". See ``intrain.data.dataset.make_splits`` for
-    ``val_split`` / ``train_limit``."""
+    ``val_split`` / ``train_limit``. ``image_size`` is the side of the square images of
+    "imagefolder" (default 224) and must be None for the other data sets."""
     _check_name(name)
+    if name == "imagefolder":
+        from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE, load_imagefolder
+        return load_imagefolder(default_data_dir(name) if data_dir is None else data_dir,
+                                DEFAULT_IMAGE_SIZE if image_size is None else image_size,
+                                val_split=val_split, train_limit=train_limit)
+    if image_size is not None:
+        raise DataError(f"--image-size applies to --dataset imagefolder only; {name} images have a fixed size")
     if name == "digits":
         from intrain.data.digits import load_digits
         return load_digits(val_split=val_split, train_limit=train_limit)

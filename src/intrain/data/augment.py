@@ -15,9 +15,11 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from intrain.data.dataset import ImageDataset
+from intrain.data.errors import DataError
 from intrain.numeric.rng import MASK32, STREAM_AUGMENT, derive_key, mix32
 
-__all__ = ["crop_flip_params", "random_crop_flip", "AugmentedLoader"]
+__all__ = ["crop_flip_params", "random_crop_flip", "AugmentedLoader", "in_order"]
 
 
 def _check_nonneg_int(name: str, value) -> int:
@@ -110,6 +112,29 @@ class _AugmentedBatches(Dataset):
         return self.__getitems__([i])
 
 
+class _DecodedBatches(Dataset):
+    """Map-style view of a data set with ``load_batch`` (decoded when read); ``__getitems__`` returns
+    a batch, or the ``DataError`` met while decoding it (raised again by ``AugmentedLoader``)."""
+
+    def __init__(self, dataset, seed, epoch, augment):
+        self.dataset = dataset
+        self.seed, self.epoch, self.augment = seed, epoch, augment
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, indices):
+        idx = torch.tensor(indices, dtype=torch.int64)
+        try:
+            x = self.dataset.load_batch(idx, self.seed, self.epoch, self.augment)
+        except DataError as err:  # returned, not raised: a worker would wrap it in a traceback
+            return err
+        return x, self.dataset.labels[idx], idx
+
+    def __getitem__(self, i):
+        return self.__getitems__([i])
+
+
 def _as_is(batch):
     return batch
 
@@ -141,13 +166,46 @@ class AugmentedLoader:
         if start_batch > n_batches:
             raise ValueError(f"start_batch {start_batch} is past the {n_batches} batches of the epoch")
         self.batch_sampler = _BatchSampler(order, batch_size, start_batch)
-        self._data = _AugmentedBatches(dataset.images, dataset.labels, seed, epoch, bool(augment), padding)
+        if isinstance(dataset, ImageDataset):
+            self._data = _AugmentedBatches(dataset.images, dataset.labels, seed, epoch, bool(augment), padding)
+        else:
+            self._data = _DecodedBatches(dataset, seed, epoch, bool(augment))
         self.num_workers = num_workers
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
 
     def __iter__(self):
-        loader = DataLoader(self._data, batch_sampler=self.batch_sampler, collate_fn=_as_is,
-                            num_workers=self.num_workers)
-        yield from loader
+        # A DataLoader iterator draws its base seed from torch's global generator when it starts;
+        # our batches use no torch randomness, so the generator's state is put back (a float
+        # twin's dropout stream must not depend on how many loaders ran).
+        state = torch.get_rng_state()
+        try:
+            it = iter(DataLoader(self._data, batch_sampler=self.batch_sampler, collate_fn=_as_is,
+                                 num_workers=self.num_workers))
+        finally:
+            torch.set_rng_state(state)
+        for batch in it:
+            if isinstance(batch, DataError):
+                break
+            yield batch
+        else:
+            return
+        del it  # stop the workers now, not when a traceback holding this frame is collected
+        raise DataError(str(batch)) from None
+
+
+def in_order(dataset, batch_size: int, num_workers: int = 0):
+    """``(images uint8 [B, C, H, W], labels int64 [B])`` of ``dataset`` in index order, in batches of
+    ``batch_size`` (the last may be smaller), without augmentation (centre crops for a decoded
+    data set, read by ``num_workers`` loader processes). An in-memory ``ImageDataset`` is sliced
+    directly, in this process."""
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(dataset, ImageDataset):
+        for start in range(0, len(dataset), batch_size):
+            yield dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
+        return
+    order = torch.arange(len(dataset), dtype=torch.int64)
+    for images, labels, _ in AugmentedLoader(dataset, order, batch_size, 0, 0, False, num_workers=num_workers):
+        yield images, labels

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import torch
 
 from intrain.data import DATASETS
+from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
 from intrain.run.recipes import default_recipe
@@ -44,9 +45,10 @@ class TrainConfig:
     out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k
     overwrite: bool = False
     width: float = 1.0  # multiplies every layer's channel / unit count
-    augment: bool | None = None  # random crop + flip; default: on for cifar10 only
+    augment: bool | None = None  # random crop + flip; default: on for cifar10 and imagefolder
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
+    image_size: int | None = None  # imagefolder: side of the square crops; default 224 (None elsewhere)
     options: dict = field(default_factory=dict)  # the method's own options; None = recipe default
 
     @property
@@ -77,7 +79,9 @@ class TrainConfig:
             self,
             epochs=recipe.epochs if self.epochs is None else self.epochs,
             batch_size=batch,
-            augment=(self.dataset == "cifar10") if self.augment is None else bool(self.augment),
+            augment=(self.dataset in ("cifar10", "imagefolder")) if self.augment is None else bool(self.augment),
+            image_size=(DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder" and self.image_size is None
+                        else self.image_size),
             options=method.options_dict(options),
         )
 
@@ -119,6 +123,12 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"--width must be a positive number, got {c.width}")
     if c.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {c.workers}")
+    if c.dataset == "imagefolder":
+        if isinstance(c.image_size, bool) or not isinstance(c.image_size, int) or c.image_size < 1:
+            raise ConfigError(f"--image-size must be an integer >= 1, got {c.image_size!r}")
+    elif c.image_size is not None:
+        raise ConfigError(f"--image-size applies to --dataset imagefolder only ({c.dataset} images have a fixed "
+                          "size): leave it out")
     if c.checkpoint_every is not None and c.checkpoint_every < 1:
         raise ConfigError(f"--checkpoint-every must be 1 or more, got {c.checkpoint_every}")
     if c.device not in DEVICES:

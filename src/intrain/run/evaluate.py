@@ -6,7 +6,9 @@ split (the run's dataset, data folder, ``val_split`` and ``train_limit`` unless 
 run's integer channel mean, the run's batch size (the int8 model requantises per batch, so its
 predictions depend on the batch composition) and the same order. With the defaults the accuracy
 therefore equals the run's last ``eval_acc``. The confusion matrix has one row per true class and
-one column per predicted class; it and the accuracy go to ``<run>/eval.json``.
+one column per predicted class; it and the accuracy go to ``<run>/eval.json``. An image folder is
+decoded at the run's ``image_size`` (centre crops), by ``workers`` loader processes (default: the
+run's ``--workers``; the result is the same for any number).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def format_confusion(matrix: list[list[int]]) -> str:
 
 
 def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = None, val_split: int | None = None,
-                 batch_size: int | None = None, write: bool = True) -> dict:
+                 batch_size: int | None = None, write: bool = True, workers: int | None = None) -> dict:
     """Evaluate the run in ``run_dir`` (see the module docstring); returns what eval.json holds."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -59,7 +61,10 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
         train_limit = cfg.get("train_limit")
     else:
         train_limit = None
-    splits = load_dataset(name, data_dir, val_split, train_limit)
+    image_size = None
+    if name == "imagefolder":  # the run's crop size (an image folder is decoded at the size the model takes)
+        image_size = cfg.get("image_size") or int(cfg["image_shape"][-1])
+    splits = load_dataset(name, data_dir, val_split, train_limit, image_size)
     shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
     if splits.eval.image_shape != shape or splits.eval.num_classes != classes:
         raise ConfigError(f"the model in {run_dir} takes {'x'.join(map(str, shape))} images and {classes} classes, "
@@ -82,9 +87,9 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir / 'model.pt'} does not fit the model in {run_dir / 'config.json'} ({first})") from None
     model.eval()
-    images, labels = splits.eval.images.to(device), splits.eval.labels.to(device)
-    preds = predictions(model, method, images, mean, bs)
-    matrix = confusion_matrix(labels, preds, classes)
+    workers = int(cfg.get("workers") or 0) if workers is None else workers
+    preds = predictions(model, method, splits.eval, mean, bs, device, workers)
+    matrix = confusion_matrix(splits.eval.labels, preds, classes)
     correct = sum(matrix[i][i] for i in range(classes))
     result = dict(run=str(run_dir), dataset=name, model=cfg["model"], arith=cfg["arith"],
                   eval_name=splits.eval_name, eval_size=len(splits.eval), batch_size=bs, correct=correct,

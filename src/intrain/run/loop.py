@@ -14,7 +14,9 @@
 Batches come from ``intrain.data.augment.AugmentedLoader`` (``--workers`` loader processes; the
 batches are identical for any number): the order above, with a random crop (4-pixel zero padding)
 and horizontal flip per image keyed by (seed, epoch, image index) when augmentation is on (the
-default for CIFAR-10 only).
+default for CIFAR-10; an image folder decodes each batch from its files, with its own random
+crops and flips, ``intrain.data.imagefolder``). Evaluation reads the eval split in index order in
+batches (``intrain.data.augment.in_order``), so a folder of images is never held in memory whole.
 
 Checkpoints (``intrain.run.checkpoint``): ``checkpoint.pt`` is written atomically at the end of every
 epoch (after its evaluation, before its metrics row is appended) and every ``checkpoint_every``
@@ -90,7 +92,7 @@ def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     c = config.resolved()
     check_args(c)
     out_dir = Path(c.out) if resuming else check_out(c.out, c.overwrite)
-    splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit)
+    splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit, c.image_size)
     if len(splits.train) == 0:
         raise ConfigError(f"the {c.dataset} training set is empty: check --data-dir and --train-limit")
     steps_per_epoch = -(-len(splits.train) // c.batch_size)
@@ -105,29 +107,32 @@ def network_input(method: type[Method] | Method, images_u8: torch.Tensor, mean):
     return method.network_input(QTensor.of(pixels_to_int8(images_u8, mean), PIXEL_EXPONENT))
 
 
-def predictions(predict, method: type[Method] | Method, images: torch.Tensor, mean,
-                batch_size: int) -> torch.Tensor:
-    """Predicted classes (int64, on ``images``' device) of ``images`` in order, in batches of
-    ``batch_size``; ``predict`` maps ``method``'s network inputs to logits in eval mode."""
+def predictions(predict, method: type[Method] | Method, dataset, mean, batch_size: int, device="cpu",
+                workers: int = 0) -> torch.Tensor:
+    """Predicted classes (int64, on ``device``) of the images of ``dataset`` in index order, in
+    batches of ``batch_size`` (read by ``workers`` loader processes when the data set is decoded
+    from files); ``predict`` maps ``method``'s network inputs to logits in eval mode."""
+    from intrain.data.augment import in_order
+
     preds = []
     with torch.no_grad():
-        for start in range(0, images.shape[0], batch_size):
-            x = network_input(method, images[start:start + batch_size], mean)
+        for images, _ in in_order(dataset, batch_size, workers):
+            x = network_input(method, images.to(device), mean)
             preds.append(method.logits_as_float(predict(x)).argmax(dim=1))
     if not preds:
-        return torch.zeros(0, dtype=torch.int64, device=images.device)
+        return torch.zeros(0, dtype=torch.int64, device=device)
     return torch.cat(preds)
 
 
-def evaluate(method: Method, images: torch.Tensor, labels: torch.Tensor, mean, batch_size: int) -> float:
-    """Accuracy (percent) on ``images``/``labels`` in order, in batches of ``batch_size``.
+def evaluate(method: Method, dataset, mean, batch_size: int, device="cpu", workers: int = 0) -> float:
+    """Accuracy (percent) on ``dataset`` in index order, in batches of ``batch_size``.
 
     The int8 model requantises with a shift chosen per tensor, so its outputs depend on what
     else is in the batch; evaluating with the training batch size in a fixed order keeps the
     figure reproducible and the activation statistics like those of training.
     """
-    pred = predictions(method.predict, method, images, mean, batch_size)
-    return accuracy(int((pred == labels).sum()), len(labels))
+    pred = predictions(method.predict, method, dataset, mean, batch_size, device, workers)
+    return accuracy(int((pred == dataset.labels.to(pred.device)).sum()), len(dataset))
 
 
 def config_dict(p: Prepared, out_dir: Path) -> dict:
@@ -233,7 +238,6 @@ def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict 
           f"{len(splits.eval)} {splits.eval_name} images, {what} -> {out_dir}", file=log)
 
     dev = torch.device(c.device)
-    eval_x, eval_y = splits.eval.images.to(dev), splits.eval.labels.to(dev)
     mean, n, bs = splits.channel_mean, len(splits.train), c.batch_size
     n_batches = -(-n // bs)
     rows, step = list(start.rows), start.global_step
@@ -270,7 +274,7 @@ def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict 
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
             with method.averaged():  # int8: the mean weights (intrain.methods.averaging)
-                eval_acc = evaluate(method, eval_x, eval_y, mean, bs)
+                eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
             rows.append(row)
@@ -287,7 +291,7 @@ def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict 
         if board is not None:
             board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
-        eval_acc = evaluate(method, eval_x, eval_y, mean, bs)
+        eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers)
     with method.averaged():
         save_model(out_dir / "model.pt", cfg, p.model)
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
