@@ -57,7 +57,7 @@ def _batch(seed, n=16):
 
 @pytest.mark.parametrize("weight_bits", [8, 16])
 def test_applied_holds_the_mean_and_restores_the_latest(weight_bits):
-    options = NitiOptions(mu_schedule="0:5" if weight_bits == 8 else "0:12", weight_bits=weight_bits,
+    options = NitiOptions(mu_schedule="0:5" if weight_bits == 8 else "0:4", weight_bits=weight_bits,
                           weight_average="epoch")
     model = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", fmt=options.fmt)
     trainer = Niti(model, options, seed=0)

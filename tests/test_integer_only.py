@@ -39,7 +39,7 @@ def _batch(n=8):
 @pytest.mark.parametrize("model_name, width, weight_bits", [("lenet5", 1.0, 8), ("lenet5", 1.0, 16),
                                                          ("resnet18", 0.125, 16)])
 def test_training_step_uses_only_integer_tensors(model_name, width, weight_bits):
-    mu = "0:5" if weight_bits == 8 else "0:12"
+    mu = "0:5" if weight_bits == 8 else "0:4"
     options = NitiOptions(mu_schedule=mu, weight_bits=weight_bits, weight_average="phase",
                           error_rounding="stochastic" if model_name == "resnet18" else "nearest")
     model = build_int_model(model_name, (1, 28, 28), 10, seed=0, backend="reference", width=width, fmt=options.fmt)

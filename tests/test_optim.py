@@ -36,7 +36,7 @@ def test_model_with_master_weights_moves_int8_view_only_after_enough_updates():
     layer.weight.fill_(10)
     layer.start_master_from_weight()
     assert layer.weight_master.tolist() == [[2560] * 4]
-    update = IntegerUpdate(model, MuSchedule.parse("0:7"))  # 7 bits hold 64: a quarter int8 step
+    update = IntegerUpdate(model, MuSchedule.parse("0:-1"))  # 8 - 1 = 7 master bits hold 64: a quarter int8 step
     views = []
     for step in range(4):
         layer.weight_grad = torch.tensor([[-64, -64, -64, -64]], dtype=torch.int64)
@@ -50,7 +50,7 @@ def test_mu_schedule_parse_and_lookup():
     s = MuSchedule.parse("0:5,100:4,150:3")
     assert [s(0), s(99), s(100), s(149), s(150), s(10**6)] == [5, 5, 4, 4, 3, 3]
     assert str(s) == "0:5,100:4,150:3"
-    for bad in ("", "5", "1:5", "0:5,x:3", "0:16", "0:5:1"):
+    for bad in ("", "5", "1:5", "0:5,x:3", "0:16", "0:-17", "0:5:1"):
         with pytest.raises(ValueError):
             MuSchedule.parse(bad)
 

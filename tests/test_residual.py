@@ -163,7 +163,7 @@ def test_global_average_pooling_follows_float64(h, w):
 
 @pytest.mark.parametrize("name, shape", [("resnet18", (1, 28, 28)), ("resnet18", (3, 64, 64)), ("alexnet", (3, 64, 64))])
 def test_models_and_their_float_twins(name, shape):
-    options = NitiOptions(mu_schedule="0:12", weight_bits=16)
+    options = NitiOptions(mu_schedule="0:4", weight_bits=16)
     model = build_int_model(name, shape, 10, seed=0, width=0.125, fmt=options.fmt)
     twin = build_float_model(name, shape, 10, width=0.125)
     int_shapes = [tuple(layer.weight.shape) for layer in weighted_layers(model)]

@@ -82,7 +82,7 @@ GOLDEN_JOBS = (
     # Recipe defaults: weight-average phase, 8-bit weights, nearest error rounding.
     GoldenJob("digits-mlp-int8", _DIGITS_SHORT),
     GoldenJob("digits-mlp-int8-weight16", (*_DIGITS_SHORT, "--weight-bits", "16", "--weight-average", "none",
-                                           "--mu-schedule", "0:10,1:9")),
+                                           "--mu-schedule", "0:2,1:1")),
     GoldenJob("digits-mlp-int8-stochastic", (*_DIGITS_SHORT, "--error-rounding", "stochastic",
                                              "--weight-average", "epoch")),
     GoldenJob("digits-mlp-float", (*_DIGITS_SHORT, "--arith", "float")),

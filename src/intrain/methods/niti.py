@@ -46,7 +46,9 @@ def parse_mu_schedule(text: str) -> str:
 @dataclass(frozen=True)
 class NitiOptions:
     mu_schedule: str | None = option(
-        help="update bit width by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3' (default: from the recipe)",
+        help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "
+             "its int8 weight by 2**mu steps, with or without int16 masters (with them a negative mu makes "
+             "sub-step updates) (default: from the recipe)",
         parse=parse_mu_schedule, metavar="SPEC")
     backend: str = option(
         "auto", help="integer kernels to use (auto: the fastest for the device)", choices=("auto",) + BACKENDS)
@@ -78,9 +80,14 @@ class Niti(Method):
         if options.mu_schedule is None:
             raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
         try:
-            MuSchedule.parse(options.mu_schedule)
+            schedule = MuSchedule.parse(options.mu_schedule)
         except ValueError as err:
             raise MethodOptionError(f"--mu-schedule: {err}") from None
+        fmt = options.fmt
+        lowest = -fmt.master_extra_bits if fmt.master_bits is not None else 0
+        if min(mu for _, mu in schedule.points) < lowest:
+            raise MethodOptionError(f"--mu-schedule {options.mu_schedule}: mu below {lowest} needs "
+                                    + ("more master bits" if lowest else "--weight-bits 16 (sub-step updates)"))
 
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,

@@ -1,13 +1,18 @@
 """The integer weight update (no learning rate) and its ``mu`` schedule.
 
-``mu`` counts bits of the tensor that takes the update: the int8 weight, or the int16 master
-weight when the model keeps one (NITI's 16-bit weight accumulation; there ``mu = 8 + m`` moves the
-int8 view by up to ``2**m``, and ``mu < 8`` makes sub-step updates that accumulate).
+``mu`` is the size of the largest update in steps of the weight the products use (int8 for
+NITI): it moves by up to ``2**mu`` units whatever the format. With a master weight of ``x`` more
+bits (NITI's 16-bit weight accumulation, ``x = 8``) the update goes into the master with
+``mu + x`` bits, so the same ``mu`` means the same step size with or without masters, the master
+keeps the ``x`` bits below it, and a negative ``mu`` (down to ``-x``) makes sub-step updates that
+accumulate there. (Before intrain 0.2 ``mu`` counted bits of the master; checkpoints of such runs
+are converted when read, see ``run.config.TrainConfig.from_dict``.)
 
-For each layer with an exact int64 gradient ``G``: ``b = bit_length(max |G|)``; ``G`` is shifted
-right by ``max(b - mu, 0)`` with pseudo-stochastic rounding, so the update ``g`` has at most ``mu``
-bits (``|g| <= 2**mu``), and ``w <- clip(w - g, -127, 127)`` stays int8. The weight exponent never
-changes. ``mu`` plays the part of the learning rate and follows a per-epoch schedule.
+For each layer with an exact int64 gradient ``G`` and the update target's width ``m = mu (+ x)``:
+``b = bit_length(max |G|)``; ``G`` is shifted right by ``max(b - m, 0)`` with pseudo-stochastic
+rounding, so the update ``g`` has at most ``m`` bits (``|g| <= 2**m``), and ``w <- clip(w - g)``
+stays in the target's range. The weight exponent never changes. ``mu`` plays the part of the
+learning rate and follows a per-epoch schedule.
 """
 
 from __future__ import annotations
@@ -19,6 +24,11 @@ from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import max_bit_length, shift_round
 
 
+#: The range a schedule may name; a method narrows it to what its format can use (a negative mu
+#: needs master weights).
+MU_MIN, MU_MAX = -16, 15
+
+
 class MuSchedule:
     """Piecewise-constant ``mu`` by epoch, written ``"0:5,100:4,150:3"`` (epoch:mu, from epoch 0)."""
 
@@ -27,8 +37,8 @@ class MuSchedule:
         if not points or points[0][0] != 0:
             raise ValueError("a mu schedule must start at epoch 0, e.g. '0:5,100:4'")
         for epoch, mu in points:
-            if epoch < 0 or not 0 <= mu <= 15:
-                raise ValueError(f"bad mu schedule entry {epoch}:{mu}: epochs >= 0 and mu in 0..15")
+            if epoch < 0 or not MU_MIN <= mu <= MU_MAX:
+                raise ValueError(f"bad mu schedule entry {epoch}:{mu}: epochs >= 0 and mu in {MU_MIN}..{MU_MAX}")
         epochs = [epoch for epoch, _ in points]
         if len(set(epochs)) != len(epochs):
             twice = next(e for e in epochs if epochs.count(e) > 1)
@@ -54,6 +64,10 @@ class MuSchedule:
 
     def __str__(self) -> str:
         return ",".join(f"{epoch}:{mu}" for epoch, mu in self.points)
+
+    def shifted(self, delta: int) -> "MuSchedule":
+        """The same schedule with every mu changed by ``delta``."""
+        return MuSchedule([(epoch, mu + delta) for epoch, mu in self.points])
 
 
 def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Tensor:
@@ -87,7 +101,8 @@ class IntegerUpdate:
             if layer.weight_grad is None:
                 continue
             target = layer.update_target
-            target.copy_(apply_update(target, layer.weight_grad, mu))
+            extra = layer.fmt.master_extra_bits if layer.has_master_weight else 0
+            target.copy_(apply_update(target, layer.weight_grad, mu + extra))
             layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None

@@ -103,7 +103,13 @@ class TrainConfig:
         if "options" in saved:
             return replace(config, options=dict(saved["options"]))
         names = config.method.option_names()
-        return replace(config, options={k: v for k, v in saved.items() if k in names})
+        options = {k: v for k, v in saved.items() if k in names}
+        if options.get("weight_bits") == 16 and options.get("mu_schedule"):
+            # intrain 0.1 counted mu in bits of the int16 master, 0.2 counts int8 steps (methods.update)
+            from intrain.methods.update import MuSchedule
+
+            options["mu_schedule"] = str(MuSchedule.parse(options["mu_schedule"]).shifted(-8))
+        return replace(config, options=options)
 
 
 def check_args(c: TrainConfig) -> None:
