@@ -310,6 +310,8 @@ def check_out(out: str | None, overwrite: bool) -> Path | None:
     if path.is_dir() and holds_run(path) and not overwrite:
         raise ConfigError(f"output directory {path} already holds a run: pass --overwrite to replace it "
                           "or choose another --out")
+    if path.is_dir() and overwrite:
+        read_manifest(path)  # a damaged one is refused now, before anything is written
     return path
 
 

@@ -73,7 +73,8 @@ def resume(run_dir, given: dict | None = None, log=None) -> RunResult:
     if busy is not None:
         raise RunFolderBusy(f"run directory {run_dir} is in use by {busy}: wait for it to finish or stop it "
                             "before resuming")
-    check_creatable(run_dir, "run directory", "a resumed run writes there; copy it somewhere writable and resume the copy")
+    check_creatable(run_dir, "run directory",
+                    "a resumed run writes there; copy it somewhere writable and resume the copy")
     path = checkpoint.checkpoint_path(run_dir)
     payload = checkpoint.load(path)
     config = resume_config(payload, run_dir, given)
