@@ -7,13 +7,17 @@ from intrain.cli import main
 
 def snapshot(root):
     """Every file and directory under ``root``, with each file's bytes and modification time
-    (so a file rewritten with the same content still counts as changed)."""
+    (so a file rewritten with the same content still counts as changed); a symbolic link by its
+    target (tests link files to unreadable places)."""
     snap = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             snap[os.path.relpath(os.path.join(dirpath, d), root)] = None
         for f in filenames:
             path = os.path.join(dirpath, f)
+            if os.path.islink(path):
+                snap[os.path.relpath(path, root)] = ("link", os.readlink(path))
+                continue
             with open(path, "rb") as fh:
                 snap[os.path.relpath(path, root)] = (fh.read(), os.stat(path).st_mtime_ns)
     return snap

@@ -123,7 +123,9 @@ def test_overwrite_replaces_the_run(capsys, cwd):
     assert (run / "model.pt").read_bytes() != b"stale"
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
     names = sorted(p.name for p in run.iterdir() if p.name != "tensorboard")  # tensorboard: when installed
-    assert names == ["checkpoint.pt", "config.json", "metrics.csv", "model.pt", "notes.txt"]
+    # .intrain-files.json lists what the run wrote (for the next --overwrite), .intrain.lock is its lock
+    assert names == [".intrain-files.json", ".intrain.lock", "checkpoint.pt", "config.json", "metrics.csv",
+                     "model.pt", "notes.txt"]
 
 
 def test_default_output_directory_takes_the_first_free_number(capsys, cwd):

@@ -211,3 +211,31 @@ def test_archive_without_cifar_folder(tmp_path):
     with pytest.raises(DataError, match="does not contain"):
         download_cifar10(tmp_path, url="http://127.0.0.1:9/x", md5=hashlib.md5(data).hexdigest(),
                          progress=False)
+
+
+def test_disk_full_while_downloading_is_not_called_a_network_error(tmp_path, server, monkeypatch):
+    """Writing the .part file fails (ENOSPC simulated by a file object whose write raises): the
+    error names the file and the system's reason, not the network."""
+    import builtins
+    import errno
+
+    from intrain.data import download
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(download, "open", lambda *a, **k: Full(builtins.open(*a, **k)), raising=False)
+    with pytest.raises(DataError) as err:
+        download_cifar10(tmp_path / "d", url=server.url, md5=MD5, progress=False)
+    assert "No space left on device" in str(err.value) and ".part" in str(err.value)
+    assert "network" not in str(err.value)

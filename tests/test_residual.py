@@ -22,7 +22,12 @@ REF = get_backend("reference")
 
 def exact_sum_rounded(a, ea, b, eb, bits=8):
     """The reference in Python integers: the exact sum at the finer exponent, rounded once to
-    ``bits`` bits by a nearest shift (ties away from zero), clipped; (values, exponent)."""
+    ``bits`` bits by a nearest shift (ties away from zero), clipped; (values, exponent). An
+    all-zero operand takes the other's exponent (it has no scale of its own)."""
+    if not any(a):
+        ea = eb
+    if not any(b):
+        eb = ea
     base = min(ea, eb)
     sums = [x * 2 ** (ea - base) + y * 2 ** (eb - base) for x, y in zip(a, b)]
     limit = 2 ** (bits - 1) - 1

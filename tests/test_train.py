@@ -43,7 +43,9 @@ def test_float_run_end_to_end(tmp_path, capsys):
     stdout = capsys.readouterr().out.splitlines()
     assert LAST_LINE.match(stdout[-1]), stdout[-1]
     names = sorted(p.name for p in out.iterdir() if p.name != "tensorboard")  # tensorboard: when installed
-    assert names == ["checkpoint.pt", "config.json", "metrics.csv", "model.pt"]  # no temp files
+    # no temp files; the manifest of what the run wrote, and the folder's lock file
+    assert names == [".intrain-files.json", ".intrain.lock", "checkpoint.pt", "config.json", "metrics.csv",
+                     "model.pt"]
 
     header, rows = _rows(out)
     assert header == COLUMNS

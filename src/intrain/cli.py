@@ -6,12 +6,15 @@ and list it in ``SUBCOMMANDS``.
 
 Errors in user input (bad arguments, missing or corrupt data, an output directory that already
 holds a run) print exactly one line, ``intrain: error: <what is wrong and what to do>``, on
-stderr and exit with status 2, before anything is written.
+stderr and exit with status 2, before anything is written. So do damaged run files, a run folder
+another command holds, operating-system errors (an unwritable or uncreatable folder, a full disk)
+and running out of memory, wherever they happen.
 """
 
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 
 EXIT_USAGE = 2
@@ -255,21 +258,64 @@ def _one_line(message: str) -> str:
     return " ".join(str(message).split()) or "unknown error"
 
 
+def _os_error_line(err: OSError) -> str:
+    """An operating-system error no boundary worded: the system's reason and the path(s)."""
+    what = err.strerror or str(err) or type(err).__name__
+    paths = [p for p in (err.filename, err.filename2) if p is not None]
+    return f"{what}: {' -> '.join(map(str, paths))}" if paths else what
+
+
+def _out_of_memory(err: BaseException) -> str | None:
+    """The first line of ``err`` when it is an allocation failure (Python's or torch's), else None."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError":
+        return text
+    if isinstance(err, RuntimeError) and any(s in str(err) for s in ("can't allocate memory", "out of memory",
+                                                                     "not enough memory")):
+        return text
+    return None
+
+
+def _interrupted(err: KeyboardInterrupt) -> str:
+    run_dir = getattr(err, "run_dir", None)
+    if run_dir is None:
+        return "intrain: interrupted"
+    from intrain.run.checkpoint import checkpoint_path
+
+    if checkpoint_path(run_dir).is_file():
+        return f"intrain: interrupted; continue the run with: intrain train --resume {shlex.quote(str(run_dir))}"
+    return (f"intrain: interrupted before the first checkpoint of {run_dir}: nothing to resume; start again with "
+            "--overwrite")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``intrain`` console script; returns the exit status."""
+    """Entry point of the ``intrain`` console script; returns the exit status.
+
+    Every error a user can cause or meet (bad input, damaged files, a run folder in use, an
+    operating-system refusal, too little memory) is one line on stderr and exit status 2."""
     from intrain.data.errors import DataError
     from intrain.run.checkpoint import CheckpointError
     from intrain.run.config import ConfigError
+    from intrain.run.files import RunFileError
+    from intrain.run.lock import RunFolderBusy
 
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (UsageError, ConfigError, DataError, CheckpointError) as err:
-        print(f"intrain: error: {_one_line(err)}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("intrain: interrupted", file=sys.stderr)
+    except (UsageError, ConfigError, DataError, CheckpointError, RunFileError, RunFolderBusy) as err:
+        line = _one_line(err)
+    except OSError as err:
+        line = _one_line(_os_error_line(err))
+    except KeyboardInterrupt as err:
+        print(_interrupted(err), file=sys.stderr)
         return 130
+    except (MemoryError, RuntimeError) as err:
+        reason = _out_of_memory(err)
+        if reason is None:
+            raise
+        line = _one_line(f"out of memory ({reason}): choose a smaller --width or --batch-size")
+    print(f"intrain: error: {line}", file=sys.stderr)
+    return EXIT_USAGE
 
 
 if __name__ == "__main__":

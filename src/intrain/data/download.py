@@ -47,6 +47,13 @@ def _complete(folder: Path) -> bool:
     return folder.is_dir() and all((folder / n).is_file() for n in _REQUIRED)
 
 
+class _LocalWriteError(Exception):
+    """Writing the ``.part`` file failed (read-only folder, full disk): not a network error."""
+
+    def __init__(self, err: OSError):
+        super().__init__(err.strerror or str(err))
+
+
 def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
     """Download ``url`` into ``part``, resuming from its current size when possible."""
     offset = part.stat().st_size if part.exists() else 0
@@ -68,7 +75,11 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
         length = resp.headers.get("Content-Length")
         expected = int(length) if length is not None and length.isdigit() else None
         received = 0
-        with open(part, "ab" if offset else "wb") as out, tqdm(
+        try:
+            out = open(part, "ab" if offset else "wb")
+        except OSError as err:
+            raise _LocalWriteError(err) from None
+        with out, tqdm(
             total=None if expected is None else offset + expected, initial=offset, unit="B",
             unit_scale=True, unit_divisor=1024, desc=part.name[: -len(".part")], disable=not progress,
         ) as bar:
@@ -76,7 +87,10 @@ def _fetch(url: str, part: Path, progress: bool, timeout: float) -> None:
                 chunk = resp.read(_CHUNK)
                 if not chunk:
                     break
-                out.write(chunk)
+                try:
+                    out.write(chunk)
+                except OSError as err:
+                    raise _LocalWriteError(err) from None
                 received += len(chunk)
                 bar.update(len(chunk))
     if expected is not None and received < expected:
@@ -143,6 +157,9 @@ def download_cifar10(data_dir, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"cannot create data folder {data_dir} ({exc.strerror or exc})") from None
+    if not os.access(data_dir, os.W_OK | os.X_OK):
+        raise DataError(f"cannot write into data folder {data_dir} (read-only or no permission): "
+                        "choose another --data-dir")
     name = CIFAR10_ARCHIVE
     archive = data_dir / name
     if archive.is_file():
@@ -154,6 +171,10 @@ def download_cifar10(data_dir, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5,
         part = data_dir / f"{name}.part"
         try:
             _fetch(url, part, progress, timeout)
+        except _LocalWriteError as exc:
+            _remove_if_nothing_saved(part, missing)
+            raise DataError(f"cannot write {part} ({exc}): choose another --data-dir, or make room and "
+                            "rerun (the download resumes)") from None
         except _NET_ERRORS as exc:
             if isinstance(exc, urllib.error.HTTPError):
                 reason = f"HTTP {exc.code} {exc.reason}"

@@ -211,6 +211,16 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             out[j] = decode_image(self.path(i), s, crop)
         return torch.from_numpy(out)
 
+    def identity(self) -> bytes:
+        """What identifies the data without decoding it: image size, classes, labels, and each
+        file's name and size (for the run's data fingerprint; reading every image would take as
+        long as an epoch of loading)."""
+        parts = [f"{self.image_size};{self.classes!r};".encode(), self.labels.numpy().tobytes()]
+        for i in range(len(self)):
+            path = self.path(i)
+            parts.append(bytes(self.names[i]) + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        return b"".join(parts)
+
     def subset(self, start: int, stop: int) -> "ImageFolderDataset":
         """Images ``[start, stop)``."""
         n = len(self)

@@ -19,7 +19,8 @@ the position (``epoch``: the epoch in progress, ``batch``: batches of it already
 ``global_step`` are recorded.
 
 Loading checks the magic, version and digest before unpickling anything, and unpickles with
-``weights_only=True``; any failure is a one-line ``CheckpointError`` naming the file.
+``weights_only=True`` (torch's warnings silenced: the error line says all); any failure is a
+one-line ``CheckpointError`` naming the file.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from intrain.run.files import atomic_write
+from intrain.run.files import atomic_write, quiet_torch_load
 
 MAGIC = b"intrain-resume-checkpoint\n"
 VERSION = 1
@@ -79,7 +80,7 @@ def decode(data: bytes, path) -> dict:
     if hashlib.sha256(body).hexdigest() != digest:
         raise CheckpointError(f"{path} is truncated or corrupt (sha256 mismatch): refusing to resume from it")
     try:
-        payload = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
+        payload = quiet_torch_load(io.BytesIO(body))
     except Exception as err:  # a digest-valid file that still does not load: foreign writer
         raise CheckpointError(f"{path} cannot be loaded ({type(err).__name__}): refusing to resume from it") from None
     required = ("train_config", "config", "state_dict", "epoch", "batch", "global_step", "rows", "seed")

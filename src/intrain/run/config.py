@@ -3,17 +3,19 @@ that need no data (each raising ``ConfigError`` with one line saying what is wro
 
 A config holds the options every run has (data, model, epochs, batch, seed, device, output) and,
 in ``options``, those of its method (``--arith``; see ``intrain.methods``), by field name.
-``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.run.recipes``) and
-checks the method's options: one given to a method that does not take it is an error.
+``TrainConfig.resolved()`` fills every ``None`` from the recipe (``intrain.run.recipes``), makes
+the data folder an absolute path (so that the run can be resumed and evaluated from any current
+folder), and checks the method's options: one given to a method that does not take it is an error.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 
-from intrain.data import DATASETS
+from intrain.data import DATASETS, default_data_dir
 from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
@@ -75,8 +77,14 @@ class TrainConfig:
             options = method.make_options(self.options, recipe.options_for(batch))
         except (MethodOptionError, TypeError, ValueError) as err:
             raise ConfigError(str(err)) from None
+        data_dir = self.data_dir
+        if data_dir is None and self.dataset in DATASETS and self.dataset != "digits":  # digits: bundled
+            data_dir = default_data_dir(self.dataset)
+        if data_dir is not None:
+            data_dir = os.path.abspath(data_dir)
         return replace(
             self,
+            data_dir=data_dir,
             epochs=recipe.epochs if self.epochs is None else self.epochs,
             batch_size=batch,
             augment=(self.dataset in ("cifar10", "imagefolder")) if self.augment is None else bool(self.augment),

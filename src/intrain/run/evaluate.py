@@ -6,7 +6,9 @@ split (the run's dataset, data folder, ``val_split`` and ``train_limit`` unless 
 run's integer channel mean, the run's batch size (the int8 model requantises per batch, so its
 predictions depend on the batch composition) and the same order. With the defaults the accuracy
 therefore equals the run's last ``eval_acc``. The confusion matrix has one row per true class and
-one column per predicted class; it and the accuracy go to ``<run>/eval.json``. An image folder is
+one column per predicted class; it and the accuracy go to ``<run>/eval.json`` (written while the
+run folder is locked, and listed in the folder's manifest so that ``--overwrite`` removes it).
+``config.json`` and ``model.pt`` are checked for damage before they are used. An image folder is
 decoded at the run's ``image_size`` (centre crops), by ``workers`` loader processes (default: the
 run's ``--workers``; the result is the same for any number).
 """
@@ -21,11 +23,12 @@ import torch
 from intrain.data import load_dataset
 from intrain.methods import get_method
 from intrain.run.config import ConfigError
-from intrain.run.files import read_config, read_model, save_json
+from intrain.run import checkpoint
+from intrain.run.files import (EVAL_FILE, check_creatable, lock_run_dir, read_config, read_model, record_files,
+                                same_json, save_json)
+from intrain.run.lock import RunFolderBusy, holder
 from intrain.run.loop import predictions
 from intrain.run.metrics import accuracy
-
-EVAL_FILE = "eval.json"
 
 
 def confusion_matrix(labels: torch.Tensor, preds: torch.Tensor, num_classes: int) -> list[list[int]]:
@@ -50,9 +53,43 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
     """Evaluate the run in ``run_dir`` (see the module docstring); returns what eval.json holds."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
+        if run_dir.exists():
+            raise ConfigError(f"{run_dir} is not a directory: pass a run directory to --run")
         raise ConfigError(f"run directory {run_dir} does not exist: pass a run directory to --run")
+    if not write:
+        return _evaluate(run_dir, dataset, data_dir, val_split, batch_size, workers)
+    busy = holder(run_dir)
+    if busy is not None:
+        raise RunFolderBusy(f"run directory {run_dir} is in use by {busy}: evaluate it when that has finished")
+    check_creatable(run_dir, "run directory", f"intrain eval writes {EVAL_FILE} there; copy the run somewhere "
+                    "writable and evaluate the copy")
+    result = _evaluate(run_dir, dataset, data_dir, val_split, batch_size, workers)  # reads model.pt once, whole
+    with lock_run_dir(run_dir, "intrain eval"):
+        record_files(run_dir, EVAL_FILE)
+        save_json(run_dir / EVAL_FILE, result)
+    return result
+
+
+def _check_config(run_dir: Path, cfg: dict, saved: dict) -> None:
+    """``config.json`` must be the config ``model.pt`` recorded (under its checksum), or, when a
+    resume that moved the run or its data was stopped before writing a new ``model.pt``, the one
+    in ``checkpoint.pt``."""
+    if same_json(cfg, saved.get("config")):
+        return
+    path = checkpoint.checkpoint_path(run_dir)
+    try:
+        if path.is_file() and same_json(cfg, checkpoint.load(path)["config"]):
+            return
+    except checkpoint.CheckpointError:
+        pass
+    raise ConfigError(f"{run_dir / 'config.json'} is damaged or was edited: it differs from the config recorded in "
+                      f"{run_dir / 'model.pt'}")
+
+
+def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) -> dict:
     cfg = read_config(run_dir)
     saved = read_model(run_dir)
+    _check_config(run_dir, cfg, saved)
     same_data = dataset is None or dataset == cfg["dataset"]
     name = cfg["dataset"] if dataset is None else dataset
     if same_data:
@@ -94,6 +131,4 @@ def evaluate_run(run_dir, dataset: str | None = None, data_dir: str | None = Non
     result = dict(run=str(run_dir), dataset=name, model=cfg["model"], arith=cfg["arith"],
                   eval_name=splits.eval_name, eval_size=len(splits.eval), batch_size=bs, correct=correct,
                   accuracy=accuracy(correct, len(splits.eval)), confusion=matrix)
-    if write:
-        save_json(run_dir / EVAL_FILE, result)
     return result

@@ -5,7 +5,9 @@
 1. ``prepare(config)``: fill defaults from the recipe, check every argument, load the data,
    build the model and its trainer, and decide the output directory. Nothing is written yet,
    so bad input (``ConfigError`` / ``DataError``) leaves the file system untouched.
-2. Create the output directory, write ``config.json``, and train: each epoch visits the
+2. Create the output directory and lock it (``intrain.run.lock``; a second command writing into
+   it stops with one line naming this one), list the run's files in its manifest, write
+   ``config.json``, and train: each epoch visits the
    training set in the order ``rng.permutation(n, seed, epoch)`` in batches of ``batch_size``
    (the last one may be smaller), then evaluates on the eval split; one row per epoch goes to
    ``metrics.csv``.
@@ -46,7 +48,9 @@ from intrain.numeric import rng
 from intrain.numeric.qtensor import QTensor
 from intrain.run import checkpoint
 from intrain.run.config import ConfigError, TrainConfig, check_args
-from intrain.run.files import TENSORBOARD_DIR, check_out, make_out_dir, save_json, save_model
+from intrain.run.files import (TENSORBOARD_DIR, RunFileError, check_out, data_fingerprint, lock_run_dir,
+                                make_out_dir, record_files, remove_stale_temp_files, save_json, save_model)
+from intrain.run.memory import check_memory
 from intrain.run.metrics import MetricsCSV, Running, accuracy, progress
 
 
@@ -96,6 +100,7 @@ def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     if len(splits.train) == 0:
         raise ConfigError(f"the {c.dataset} training set is empty: check --data-dir and --train-limit")
     steps_per_epoch = -(-len(splits.train) // c.batch_size)
+    check_memory(c, splits.train.image_shape, splits.train.num_classes)
     model, method = _build(c, splits, steps_per_epoch)
     return Prepared(c, splits, model, method, out_dir)
 
@@ -141,7 +146,8 @@ def config_dict(p: Prepared, out_dir: Path) -> dict:
     d.update(out=str(out_dir), eval_name=p.splits.eval_name, train_size=len(p.splits.train),
              eval_size=len(p.splits.eval), image_shape=list(p.splits.train.image_shape),
              num_classes=p.splits.train.num_classes, torch_version=str(torch.__version__),
-             channel_mean=None if p.splits.channel_mean is None else list(p.splits.channel_mean))
+             channel_mean=None if p.splits.channel_mean is None else list(p.splits.channel_mean),
+             data_fingerprint=data_fingerprint(p.splits))
     return d
 
 
@@ -166,15 +172,21 @@ def _batches(loader):
 
 
 def _tensorboard(out_dir: Path, purge_step: int | None):
-    """A SummaryWriter in ``out_dir/tensorboard`` when tensorboard is installed, else None."""
+    """A SummaryWriter in ``out_dir/tensorboard`` when tensorboard is installed, else None; the
+    folder (when this run creates it) and the event file go into the run's manifest."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except Exception:  # tensorboard is optional
         return None
+    folder = out_dir / TENSORBOARD_DIR
+    before = set(folder.iterdir()) if folder.is_dir() else None
     try:
-        return SummaryWriter(log_dir=str(out_dir / TENSORBOARD_DIR), purge_step=purge_step)
+        board = SummaryWriter(log_dir=str(folder), purge_step=purge_step)
     except Exception:
         return None
+    made = [f"{TENSORBOARD_DIR}/{p.name}" for p in sorted(folder.iterdir()) if p not in (before or ())]
+    record_files(out_dir, *made, *([] if before is not None else [f"{TENSORBOARD_DIR}/"]))
+    return board
 
 
 @dataclass
@@ -214,21 +226,55 @@ def _save_resume(out_dir: Path, p: Prepared, cfg: dict, position: dict) -> None:
     checkpoint.save(checkpoint.checkpoint_path(out_dir), payload)
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a run; ``run_dir`` is the folder to ``--resume`` (see ``intrain.cli``)."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
+def _resume_hint(out_dir: Path) -> str:
+    if checkpoint.checkpoint_path(out_dir).is_file():
+        return f"continue with intrain train --resume {out_dir}"
+    return f"no checkpoint was written yet: start again with --out {out_dir} --overwrite"
+
+
 def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict | None = None,
                    out_dir: Path | None = None) -> RunResult:
-    """Create the output directory and run the training prepared by ``prepare``; progress
-    lines go to ``log`` (default: ``sys.stderr``). ``start``/``cfg``/``out_dir`` are given by
-    ``resume`` to continue a run (the model and method already restored)."""
+    """Create and lock the output directory and run the training prepared by ``prepare``;
+    progress lines go to ``log`` (default: ``sys.stderr``). ``start``/``cfg``/``out_dir`` are
+    given by ``resume`` to continue a run (the model and method already restored).
+
+    The folder's lock (``intrain.run.lock``) is held from before the first write to the end;
+    what the run writes is listed in the folder's manifest first (``intrain.run.files``)."""
+    c = p.config
+    if start is None:
+        out_dir, held = make_out_dir(p.out_dir, c.overwrite, f"{c.dataset}-{c.model}-{c.arith}")
+        cfg = config_dict(p, out_dir)
+    else:
+        held = lock_run_dir(out_dir, "intrain train --resume")
+    try:
+        remove_stale_temp_files(out_dir)
+        record_files(out_dir, "config.json", "metrics.csv", "checkpoint.pt", "model.pt")
+        save_json(out_dir / "config.json", cfg)
+        return _train(p, log, start, cfg, out_dir)
+    except KeyboardInterrupt:
+        raise RunInterrupted(out_dir) from None
+    except RunFileError as err:
+        raise RunFileError(f"{err}; {_resume_hint(out_dir)}") from None
+    finally:
+        held.release()
+
+
+def _train(p: Prepared, log, start: Start | None, cfg: dict, out_dir: Path) -> RunResult:
+    """The loop of ``train_prepared``, in the locked folder whose config.json is written."""
     from intrain.data.augment import AugmentedLoader
 
     log = sys.stderr if log is None else log
     c, splits, method = p.config, p.splits, p.method
     resuming = start is not None
     start = Start() if start is None else start
-    if not resuming:
-        out_dir = make_out_dir(p.out_dir, c.overwrite, f"{c.dataset}-{c.model}-{c.arith}")
-        cfg = config_dict(p, out_dir)
-        save_json(out_dir / "config.json", cfg)
     metrics = MetricsCSV(out_dir / "metrics.csv")  # on resume: rewritten from the checkpoint's rows
     for row in start.rows:
         metrics.append(**row)

@@ -15,24 +15,36 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from intrain.run.files import RunFileError, reason
+
 #: The columns of ``metrics.csv``, in order.
 COLUMNS = ("epoch", "train_loss", "train_acc", "eval_acc", "seconds")
 
 
+def format_row(epoch: int, train_loss: float, train_acc: float, eval_acc: float, seconds: float) -> list[str]:
+    """One row of ``metrics.csv`` as written: accuracies in percent, ``seconds`` of training."""
+    return [str(epoch), f"{train_loss:.6f}", f"{train_acc:.4f}", f"{eval_acc:.4f}", f"{seconds:.3f}"]
+
+
 class MetricsCSV:
-    """Writes ``metrics.csv``: the header on creation, one flushed row per epoch."""
+    """Writes ``metrics.csv``: the header on creation, one flushed row per epoch. An operating-system
+    error is a one-line ``RunFileError``."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        with open(self.path, "w", newline="") as f:
-            csv.writer(f).writerow(COLUMNS)
+        self._write("w", COLUMNS)
 
     def append(self, epoch: int, train_loss: float, train_acc: float, eval_acc: float, seconds: float) -> None:
         """Append one epoch's row; accuracies in percent, ``seconds`` the epoch's training time."""
-        row = (epoch, f"{train_loss:.6f}", f"{train_acc:.4f}", f"{eval_acc:.4f}", f"{seconds:.3f}")
-        with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
-            f.flush()
+        self._write("a", format_row(epoch, train_loss, train_acc, eval_acc, seconds))
+
+    def _write(self, mode: str, row) -> None:
+        try:
+            with open(self.path, mode, newline="") as f:
+                csv.writer(f).writerow(row)
+                f.flush()
+        except OSError as err:
+            raise RunFileError(f"cannot write {self.path} ({reason(err)})") from None
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
