@@ -25,9 +25,10 @@ from torch.utils._pytree import tree_flatten
 from intrain import kernels
 from intrain.kernels import (Backend, CpuBackend, CpuSettings, CudaBackend, CudaSettings,
                              ReferenceBackend)
-from intrain.kernels import cpu as CK
 from intrain.kernels import reference as REF
-from intrain.kernels.cpu import F64_EXACT, FloatLimits
+from intrain.kernels.cpu import bounds as B
+from intrain.kernels.cpu import exact_to_int8, weight_grad
+from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels.int_mm import INT32_REDUCTION
 from intrain.numeric.requant import requantize, requantize_chunks
 
@@ -39,11 +40,12 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
 FLOAT_PATH = CpuSettings(use_int8_gemm=False)
 
 
-def cpu_paths(settings: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits()
+def cpu_paths(tuned: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits()
               ) -> tuple[CpuBackend, CpuBackend]:
-    """The cpu backend with ``settings`` on its float path and on its int8 GEMM path."""
-    return (CpuBackend(replace(settings, use_int8_gemm=False), limits),
-            CpuBackend(replace(settings, use_int8_gemm=True), limits))
+    """The cpu backend with the settings ``tuned`` on its float path and on its int8 GEMM
+    path."""
+    return (CpuBackend(replace(tuned, use_int8_gemm=False), limits),
+            CpuBackend(replace(tuned, use_int8_gemm=True), limits))
 
 
 CPU, CPU_INT8 = cpu_paths()
@@ -82,10 +84,10 @@ def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: boo
     for int16 operands). ``grouped=False`` keeps weight gradients off the grouped path, on the
     block plans."""
     f32, f64 = (f32, F64_EXACT) if isinstance(f32, int) else f32
-    settings = replace(FLOAT_PATH, max_f32_blocks_conv=max_blocks, max_f32_blocks_mm=max_blocks)
+    tuned = replace(FLOAT_PATH, max_f32_blocks_conv=max_blocks, max_f32_blocks_mm=max_blocks)
     if not grouped:
-        settings = replace(settings, grouped_max_columns=0, grouped_max_samples=0)
-    return cpu_paths(settings, FloatLimits(f32, f64))
+        tuned = replace(tuned, grouped_max_columns=0, grouped_max_samples=0)
+    return cpu_paths(tuned, FloatLimits(f32, f64))
 
 
 def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8)) -> None:
@@ -108,13 +110,13 @@ def both(name: str, *args, paths=(CPU, CPU_INT8)):
 def spy_on_grouped_weight_grad(monkeypatch) -> list[int]:
     """The group sizes of the grouped weight gradients the cpu backend computes from now on."""
     taken = []
-    real = CK._weight_grad_grouped
+    real = weight_grad.grouped_weight_grad
 
     def spy(d, x, khw, s, p, group, chunk_bytes):
         taken.append(group)
         return real(d, x, khw, s, p, group, chunk_bytes)
 
-    monkeypatch.setattr(CK, "_weight_grad_grouped", spy)
+    monkeypatch.setattr(weight_grad, "grouped_weight_grad", spy)
     return taken
 
 
@@ -176,10 +178,10 @@ def test_a_backend_that_overrides_nothing_gives_the_reference_results():
 
 
 def test_settings_are_frozen_and_checked():
-    for settings, field in ((CpuSettings(), "use_int8_gemm"), (CudaSettings(), "chunk_bytes"),
-                            (FloatLimits(), "float32")):
+    for frozen, field in ((CpuSettings(), "use_int8_gemm"), (CudaSettings(), "chunk_bytes"),
+                          (FloatLimits(), "float32")):
         with pytest.raises(FrozenInstanceError):
-            setattr(settings, field, 1)
+            setattr(frozen, field, 1)
     assert CPU.settings == FLOAT_PATH and CPU_INT8.settings.use_int8_gemm is True
     with pytest.raises(ValueError, match="float limits"):
         FloatLimits(float32=2**24 + 1)  # the proof does not hold above 2**24
@@ -431,7 +433,7 @@ def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
             rand = torch.randint(-m, m + 1, (4000,), generator=gen, dtype=torch.int64)
             v = torch.cat([ties, -ties, near, -near, rand])
         expected = requantize(v, torch.zeros((), dtype=torch.int64))
-        values, shift = CK.exact_to_int8(v.to(dtype))
+        values, shift = exact_to_int8(v.to(dtype))
         assert_same(values, expected.v)
         assert_same(shift, expected.e)
 
@@ -585,21 +587,21 @@ def test_cpu_reduced_float32_precision_falls_back_to_float64():
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert not CK._fp32_is_strict()
-        assert CK._plan(100, [lambda: []], 1, 1, LIMITS)[0] == torch.float64
+        assert not B.fp32_is_strict()
+        assert B.plan_blocks(100, [lambda: []], 1, 1, LIMITS)[0] == torch.float64
         both("conv2d_forward", x, wt, 1, 1)
         both("conv2d_backward_weight", d, x, 3, 1, 1)
         both("linear_forward", rand_int(gen, (5, 2000)), rand_int(gen, (3, 2000)))
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert CK._fp32_is_strict()
+    assert B.fp32_is_strict()
 
 
 def test_cpu_plan_blocks_worst_case():
     """All-127 conv at K = 512*9 needs ceil(4608 / 1040) = 5 float32 channel blocks."""
     w = torch.full((3, 512, 3, 3), 127, dtype=torch.int8)
-    dt, blocks = CK._plan(127 * 127 * 4608, [lambda: [CK.L1Bound(127, CK._weight_l1(w).t())]],
-                          512, CpuSettings().max_f32_blocks_conv, LIMITS)
+    dt, blocks = B.plan_blocks(127 * 127 * 4608, [lambda: [B.L1Bound(127, B.weight_l1(w).t())]],
+                               512, CpuSettings().max_f32_blocks_conv, LIMITS)
     assert dt == torch.float32 and len(blocks) == 5
     assert blocks[0] == (0, 115) and blocks[-1][1] == 512
     for c0, c1 in blocks:
@@ -607,8 +609,8 @@ def test_cpu_plan_blocks_worst_case():
     # a random weight has a much smaller L1 norm: one call
     gen = torch.Generator().manual_seed(5)
     w = rand_int(gen, (64, 512, 3, 3), mode="sparse")
-    dt, blocks = CK._plan(127 * 127 * 4608, [lambda: [CK.L1Bound(127, CK._weight_l1(w).t())]],
-                          512, CpuSettings().max_f32_blocks_conv, LIMITS)
+    dt, blocks = B.plan_blocks(127 * 127 * 4608, [lambda: [B.L1Bound(127, B.weight_l1(w).t())]],
+                               512, CpuSettings().max_f32_blocks_conv, LIMITS)
     assert dt == torch.float32 and len(blocks) <= 2
 
 
@@ -822,13 +824,13 @@ def test_grouped_weight_grad_wide_layer_in_chunks(monkeypatch, chunk_bytes):
     gen = torch.Generator().manual_seed(11)
     x = rand_int(gen, (7, 32, 16, 16), mode="extreme")
     d = rand_int(gen, (7, 4, 16, 16), mode="extreme")
-    settings = replace(FLOAT_PATH, grouped_chunk_bytes=chunk_bytes, grouped_max_samples=4,
-                       grouped_min_blocks=0)
+    tuned = replace(FLOAT_PATH, grouped_chunk_bytes=chunk_bytes, grouped_max_samples=4,
+                    grouped_min_blocks=0)
     taken = spy_on_grouped_weight_grad(monkeypatch)
-    both("conv2d_backward_weight", d, x, 3, 1, 1, paths=cpu_paths(settings))
+    both("conv2d_backward_weight", d, x, 3, 1, 1, paths=cpu_paths(tuned))
     md, mx = int(d.abs().max()), int(x.abs().max())
-    assert taken == [min(7, CK.F32_EXACT // (md * mx * 256))]  # the float path's only
-    assert taken[0] <= settings.grouped_max_samples
+    assert taken == [min(7, F32_EXACT // (md * mx * 256))]  # the float path's only
+    assert taken[0] <= tuned.grouped_max_samples
 
 
 def test_random_large_reductions_cpu_matches_reference():
@@ -861,8 +863,8 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     wt = rand_int(gen, (o, c, kh, kw), mode=modes[1])
     d = rand_int(gen, (n, o, ho, wo), mode=modes[2])
     ax, aw, ad = (t.to(torch.int16).abs() for t in (x, wt, d))
-    mx, md = CK._absmax(x), CK._absmax(d)
-    lw = CK._weight_l1(wt)  # [O, C]
+    mx, md = B.absmax(x), B.absmax(d)
+    lw = B.weight_l1(wt)  # [O, C]
     # forward: S[n, o, ., .] <= max|x| * sum_{c,i,j} |w[o]|
     s_fwd = REF.conv2d_forward(ax, aw, s, p).to(torch.int64)
     assert bool((s_fwd <= mx * lw.sum(1).view(1, o, 1, 1)).all())
@@ -872,9 +874,9 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     # window bounds, per channel of the activation side (blocks are sums of channels):
     # forward S[n, o] from input channel k <= max|w| * window_l1(x)[k];
     # backward-input S[n, c] from error channel k <= max|w| * window_l1(d)[k].
-    mw = CK._absmax(wt)
-    win_x = CK._window_l1(x, (kh, kw), mx, LIMITS)[:, 0]
-    win_d = CK._window_l1(d, (kh, kw), md, LIMITS)[:, 0]
+    mw = B.absmax(wt)
+    win_x = B.window_l1(x, (kh, kw), mx, LIMITS)[:, 0]
+    win_d = B.window_l1(d, (kh, kw), md, LIMITS)[:, 0]
     for k in range(c):
         part = REF.conv2d_forward(ax[:, k:k + 1], aw[:, k:k + 1], s, p)
         assert int(part.max()) <= mw * int(win_x[k])
@@ -883,10 +885,10 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
         assert int(part.max()) <= mw * int(win_d[k])
     # weight gradient: L1 and Cauchy-Schwarz bounds per (o, c)
     s_bw = REF.conv2d_backward_weight(ad, ax, (kh, kw), s, p)
-    ld = CK._rows_l1(d, (2, 3), md, ho * wo, LIMITS).sum(0)  # [O]
-    lx = CK._rows_l1(x, (2, 3), mx, h * w, LIMITS).sum(0)  # [C]
-    sd = CK._rows_sq(d, md, LIMITS).sum(0)
-    sx = CK._rows_sq(x, mx, LIMITS).sum(0)
+    ld = B.rows_l1(d, (2, 3), md, ho * wo, LIMITS).sum(0)  # [O]
+    lx = B.rows_l1(x, (2, 3), mx, h * w, LIMITS).sum(0)  # [C]
+    sd = B.rows_sq(d, md, LIMITS).sum(0)
+    sx = B.rows_sq(x, mx, LIMITS).sum(0)
     assert bool((s_bw <= mx * ld.view(o, 1, 1, 1)).all())
     assert bool((s_bw <= md * lx.view(1, c, 1, 1)).all())
     assert bool((s_bw * s_bw <= sd.view(o, 1, 1, 1) * sx.view(1, c, 1, 1)).all())
@@ -901,12 +903,12 @@ def test_cpu_weight_grad_blocks_with_cauchy_schwarz():
     x.view(-1)[0] = 127
     x = x.to(torch.int8)
     d = (torch.randn(n, o, h, h, generator=gen) * 28).round().clamp(-127, 127).to(torch.int8)
-    md, mx = CK._absmax(d), CK._absmax(x)
-    l1 = [CK.L1Bound(mx, CK._rows_l1(d, (2, 3), md, h * h, LIMITS)),
-          CK.L1Bound(md, CK._rows_l1(x, (2, 3), mx, h * h, LIMITS))]
-    cs = [CK.CSBound(CK._rows_sq(d, md, LIMITS), CK._rows_sq(x, mx, LIMITS))]
-    b_l1 = CK._greedy_blocks(l1, n, CK.F32_EXACT, None)
-    b_cs = CK._greedy_blocks(l1 + cs, n, CK.F32_EXACT, None)
+    md, mx = B.absmax(d), B.absmax(x)
+    l1 = [B.L1Bound(mx, B.rows_l1(d, (2, 3), md, h * h, LIMITS)),
+          B.L1Bound(md, B.rows_l1(x, (2, 3), mx, h * h, LIMITS))]
+    cs = [B.CSBound(B.rows_sq(d, md, LIMITS), B.rows_sq(x, mx, LIMITS))]
+    b_l1 = B.greedy_blocks(l1, n, F32_EXACT, None)
+    b_cs = B.greedy_blocks(l1 + cs, n, F32_EXACT, None)
     assert len(b_cs) < len(b_l1)
     both("conv2d_backward_weight", d, x, 5, 1, 2)
 
@@ -920,10 +922,10 @@ def test_cpu_window_bound_saves_blocks_for_sparse_errors():
     d = rand_int(gen, (n, o, h, h), mode="extreme")
     d = d * (torch.rand(d.shape, generator=gen) < 0.01)
     wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
-    md, mw = CK._absmax(d), CK._absmax(wt)
-    by_weights = CK._greedy_blocks([CK.L1Bound(md, CK._weight_l1(wt))], o, CK.F32_EXACT, None)
-    by_window = CK._greedy_blocks([CK.L1Bound(mw, CK._window_l1(d, (3, 3), md, LIMITS))], o,
-                                  CK.F32_EXACT, None)
+    md, mw = B.absmax(d), B.absmax(wt)
+    by_weights = B.greedy_blocks([B.L1Bound(md, B.weight_l1(wt))], o, F32_EXACT, None)
+    by_window = B.greedy_blocks([B.L1Bound(mw, B.window_l1(d, (3, 3), md, LIMITS))], o,
+                                F32_EXACT, None)
     assert len(by_weights) > 1 and len(by_window) == 1
     both("conv2d_backward_input", d, wt, (h, h), 1, 1)
     both("conv2d_forward", d, wt.transpose(0, 1).contiguous(), 1, 1)
@@ -937,16 +939,16 @@ def test_cpu_weight_grad_split_path(monkeypatch):
     x = rand_int(gen, (n, c, h, h))
     d = rand_int(gen, (n, o, h, h))
     # this test is about the sample-block plans
-    settings = replace(FLOAT_PATH, grouped_max_columns=0, grouped_max_samples=0)
+    tuned = replace(FLOAT_PATH, grouped_max_columns=0, grouped_max_samples=0)
     calls = []
-    real = CK._WeightGradPlanner.plan
-    monkeypatch.setattr(CK._WeightGradPlanner, "plan",
+    real = weight_grad.WeightGradPlanner.plan
+    monkeypatch.setattr(weight_grad.WeightGradPlanner, "plan",
                         lambda *a: calls.append(real(*a)) or calls[-1])
-    both("conv2d_backward_weight", d, x, 5, 1, 2, paths=cpu_paths(settings))
+    both("conv2d_backward_weight", d, x, 5, 1, 2, paths=cpu_paths(tuned))
     # the direct plan (more than split_min_blocks float32 blocks, or float64), then the halves
     assert len(calls) == 3
     direct, hi, lo = calls
-    assert direct[1] != torch.float32 or len(direct[2]) > settings.split_min_blocks
+    assert direct[1] != torch.float32 or len(direct[2]) > tuned.split_min_blocks
     assert hi[1] == lo[1] == torch.float32
     assert direct[1] != torch.float32 or len(hi[2]) + len(lo[2]) < len(direct[2])
 
