@@ -50,6 +50,8 @@ def cpu_paths(tuned: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits
 
 CPU, CPU_INT8 = cpu_paths()
 INT_MM = CudaBackend()
+#: The reference functions and every backend path, for checks they must all pass.
+ALL = (REF, CPU, CPU_INT8, INT_MM)
 LIMITS = FloatLimits()
 
 
@@ -214,7 +216,7 @@ def test_get_backend_errors():
 
 def test_argument_errors():
     x = torch.zeros(2, 3, dtype=torch.int8)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         with pytest.raises(TypeError):
             be.linear_forward(x.float(), x)
         with pytest.raises(TypeError):
@@ -241,7 +243,7 @@ def test_result_dtypes():
     g = torch.Generator().manual_seed(0)
     x8, w8 = rand_int(g, (3, 5)), rand_int(g, (4, 5))
     x16 = rand_int(g, (3, 5), torch.int16)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         assert be.linear_forward(x8, w8).dtype == torch.int32
         assert be.linear_forward(x16, w8).dtype == torch.int64
         assert be.linear_backward_input(rand_int(g, (3, 4)), w8).dtype == torch.int32
@@ -257,7 +259,7 @@ def test_result_dtypes():
     # the longest int8 weight-gradient reduction with an int32 result, and one term more
     for n, dtype in ((131071, torch.int32), (131072, torch.int64)):
         d, x = torch.ones(n, 1, dtype=torch.int8), torch.ones(n, 1, dtype=torch.int8)
-        for be in (REF, CPU, INT_MM):
+        for be in ALL:
             assert be.linear_backward_weight(d, x).dtype == dtype
         assert int(REF.linear_backward_weight(d, x)) == n
 
@@ -649,7 +651,7 @@ def test_worst_case_linear(k, kind):
     b = (127 * _pattern(kind, idx, "b")).to(torch.int8)
     expected = _expected_linear_sum(kind, k)
     x, w = a.expand(4, k).contiguous(), b.expand(3, k).contiguous()
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.linear_forward(x, w)
         assert y.dtype == torch.int32 and bool((y == expected).all())
         # backward-input: reduction over O = k
@@ -682,7 +684,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     wt = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(1, c, 1, 1).expand(3, c, kh, kw)
     x, wt = x.contiguous(), wt.contiguous()
     exp = _expected_conv_forward(kind, c, h, w, kh, kw, s, p, h, w)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.conv2d_forward(x, wt, s, p)
         assert y.dtype == torch.int32
         assert torch.equal(y.to(torch.int64), exp.expand(2, 3, h, w))
@@ -691,7 +693,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     d = (127 * _pattern(kind, ci, "a")).to(torch.int8).view(1, c, 1, 1).expand(2, c, h, w)
     wb = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(c, 1, 1, 1).expand(c, 2, kh, kw)
     d, wb = d.contiguous(), wb.contiguous()
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         g = be.conv2d_backward_input(d, wb, (h, w), s, p)
         assert g.dtype == torch.int32
         assert torch.equal(g.to(torch.int64), exp.expand(2, 2, h, w))
@@ -720,7 +722,7 @@ def test_worst_case_conv_strided_checkerboard(kind):
                          * ((-1) ** ((a + b) * s) if kind == "checker" else
                             (1 if kind == "plus" else -1))
                          for b in range(ho)] for a in range(ho)], dtype=torch.int64)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.conv2d_forward(x, wt, s, p)
         assert torch.equal(y.to(torch.int64), exp.expand(2, 2, ho, ho))
 
@@ -743,12 +745,10 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
                          for j in range(kh)] for i in range(kh)], dtype=torch.int64)
     if kind == "plus":
         assert int(exp.max()) > 2**31
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:  # on the int8 GEMM path: int32 pieces of at most 131,064 rows, added in int64
         g = be.conv2d_backward_weight(d, x, kh, s, p)
         assert g.dtype == torch.int64
         assert torch.equal(g, exp.expand(o, c, kh, kh))
-    # int32 pieces of at most 131,064 rows, added in int64
-    assert torch.equal(CPU_INT8.conv2d_backward_weight(d, x, kh, s, p), exp.expand(o, c, kh, kh))
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 2**22])

@@ -115,9 +115,10 @@ class CpuBackend(Backend):
                               ) -> tuple[torch.Tensor, torch.dtype]:
         k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
         _check_cpu(x, w)
+        out_dtype = _ref.narrow_result_dtype(x, w, k)  # refuses int8 reductions int32 cannot hold
         if self._int8_gemm(x, w):
-            return mm_int32(x, w.t()), torch.int32
-        return self._mm_exact(x, w.t()), _ref.narrow_result_dtype(x, w, k)
+            return mm_int32(x, w.t()), out_dtype
+        return self._mm_exact(x, w.t()), out_dtype
 
     def linear_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
@@ -128,9 +129,10 @@ class CpuBackend(Backend):
                                      ) -> tuple[torch.Tensor, torch.dtype]:
         k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
         _check_cpu(d, w)
+        out_dtype = _ref.narrow_result_dtype(d, w, k)  # refuses int8 reductions int32 cannot hold
         if self._int8_gemm(d, w):
-            return mm_int32(d, w), torch.int32
-        return self._mm_exact(d, w), _ref.narrow_result_dtype(d, w, k)
+            return mm_int32(d, w), out_dtype
+        return self._mm_exact(d, w), out_dtype
 
     def linear_backward_input(self, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
