@@ -29,12 +29,11 @@ import torch
 
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.methods.float_twin import FloatOptions, FloatTwin
-from intrain.kernels import BACKENDS
-from intrain.kernels import cpu as cpu_kernels
+from intrain.kernels import BACKENDS, Backend, CpuSettings, get_backend
+from intrain.kernels.cpu import has_amx
 from intrain.layers import StepContext
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
-from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 
@@ -119,7 +118,7 @@ def _saved_bytes_float(model, x, y) -> int:
     return saved + 3 * params  # parameters, their gradients, momentum buffers
 
 
-def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: str,
+def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
           bf16: bool, seed: int = 0) -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
     gen = torch.Generator().manual_seed(seed)
@@ -235,12 +234,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to PyTorch here")
-    cpu_kernels.USE_INT8_GEMM = {"auto": None, "on": True, "off": False}[args.int8_gemm]
-    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if cpu_kernels._has_amx() else 'no'}, "
+    settings = None
+    if args.int8_gemm != "auto":
+        settings = CpuSettings(use_int8_gemm=args.int8_gemm == "on")
+    try:
+        backend = get_backend(args.backend, args.device, settings)
+    except (TypeError, ValueError) as err:
+        parser.error(f"--backend {args.backend} --int8-gemm {args.int8_gemm}: {err}")
+    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if has_amx() else 'no'}, "
           f"int8 GEMM: {args.int8_gemm}, PyTorch {torch.__version__}")
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
-        bench(name, args.batch, args.repeats, torch.device(args.device), args.backend, bf16)
+        bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from intrain.methods.averaging import WeightAverage
 from intrain.numeric.rounding import divide_round
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
-from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 

@@ -4,9 +4,9 @@ import torch
 
 from intrain.numeric import rng
 from intrain.data import PIXEL_EXPONENT, load_dataset, pixels_to_int8
+from intrain.kernels import CpuBackend, CpuSettings
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
-from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
 
 
@@ -53,18 +53,16 @@ def test_lenet5_backends_train_identically():
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
-def test_vgg_backends_and_cpu_paths_train_identically(monkeypatch):
+def test_vgg_backends_and_cpu_paths_train_identically():
     """VGG-small-7 at width 1/4 (32-128 channels: wide enough for the cpu backend's int8 GEMM
     path where the CPU has AMX): the cpu backend on its float path and on its int8 GEMM path, and
     the cuda backend (on CPU tensors), two steps of batch 4, end bit-identical."""
-    from intrain.kernels import cpu
-
     gen = torch.Generator().manual_seed(6)
     images = torch.randint(0, 128, (8, 3, 32, 32), generator=gen, dtype=torch.int8)
     labels = torch.randint(0, 10, (8,), generator=gen)
     weights = []
-    for backend, int8_gemm in (("cpu", False), ("cpu", True), ("cuda", None)):
-        monkeypatch.setattr(cpu, "USE_INT8_GEMM", int8_gemm)
+    for backend in (CpuBackend(CpuSettings(use_int8_gemm=False)),
+                    CpuBackend(CpuSettings(use_int8_gemm=True)), "cuda"):
         model = build_int_model("vgg-small-7", (3, 32, 32), 10, seed=2, backend=backend, width=0.25)
         trainer = Niti(model, NitiOptions(mu_schedule="0:5"), seed=2)
         for step in range(2):

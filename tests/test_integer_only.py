@@ -8,7 +8,6 @@ from torch.utils._pytree import tree_flatten
 
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
-from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 

@@ -2,7 +2,8 @@
 
 * ``reference`` is checked against float64 torch (exact for these small sizes: every sum is far
   below 2**53) and against closed-form worst cases, and must never create a float tensor.
-* ``cpu`` must be bit-identical to ``reference`` everywhere: hypothesis property tests over
+* ``cpu`` must be bit-identical to ``reference`` everywhere, on its float path and on its int8
+  GEMM path (two backends, whatever the machine would pick): hypothesis property tests over
   shapes/strides/paddings, int8 and int16 operands, and with the float32 budget lowered so that
   the channel/sample/column blocking and the float64 fall-back are exercised on small shapes.
 * Worst cases at the largest reduction lengths the models use are compared with exact Python
@@ -11,7 +12,7 @@
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import FrozenInstanceError, replace
 
 import pytest
 import torch
@@ -22,24 +23,36 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from intrain import kernels
-from intrain.kernels import cpu as CPU
-from intrain.kernels import cuda as INT_MM
-from intrain.kernels import int8_gemm as INT8_GEMM
+from intrain.kernels import (Backend, CpuBackend, CpuSettings, CudaBackend, CudaSettings,
+                             ReferenceBackend)
 from intrain.kernels import reference as REF
+from intrain.kernels.cpu import bounds as B
+from intrain.kernels.cpu import exact_to_int8, weight_grad
+from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
+from intrain.kernels.int_mm import INT32_REDUCTION
 from intrain.numeric.requant import requantize, requantize_chunks
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
+#: The cpu backend's float path (what a CPU without AMX runs), whatever this machine would pick.
+FLOAT_PATH = CpuSettings(use_int8_gemm=False)
 
-@pytest.fixture(autouse=True)
-def cpu_float_path(monkeypatch):
-    """The cpu backend's float path unless a test asks for its int8 GEMM path (which the machine
-    may or may not pick by itself); ``both`` checks the cpu backend on both paths."""
-    monkeypatch.setattr(CPU, "USE_INT8_GEMM", False)
 
-FUNCS = kernels.FUNCTIONS
+def cpu_paths(tuned: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits()
+              ) -> tuple[CpuBackend, CpuBackend]:
+    """The cpu backend with the settings ``tuned`` on its float path and on its int8 GEMM
+    path."""
+    return (CpuBackend(replace(tuned, use_int8_gemm=False), limits),
+            CpuBackend(replace(tuned, use_int8_gemm=True), limits))
+
+
+CPU, CPU_INT8 = cpu_paths()
+INT_MM = CudaBackend()
+#: The reference functions and every backend path, for checks they must all pass.
+ALL = (REF, CPU, CPU_INT8, INT_MM)
+LIMITS = FloatLimits()
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -65,53 +78,48 @@ def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:
     assert torch.equal(a, b), f"max diff {(a.to(torch.int64) - b.to(torch.int64)).abs().max()}"
 
 
-@contextlib.contextmanager
-def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: bool = True):
-    """Lower the cpu backend's float32 (and optionally float64) budget: still exact, a smaller
-    bound is only more conservative, and blocking, the float64 fall-back, float64 blocks and the
-    int64 fall-back then all run on small shapes. ``grouped=False`` keeps weight gradients off
-    the grouped path, on the block plans."""
-    f32, f64 = (f32, CPU.F64_EXACT) if isinstance(f32, int) else f32
-    names = ("F32_EXACT", "F64_EXACT", "MAX_F32_BLOCKS_CONV", "MAX_F32_BLOCKS_MM",
-             "GROUPED_MAX_COLUMNS", "GROUPED_MAX_SAMPLES")
-    saved = [getattr(CPU, k) for k in names]
-    group_limits = (CPU.GROUPED_MAX_COLUMNS, CPU.GROUPED_MAX_SAMPLES) if grouped else (0, 0)
-    for k, v in zip(names, (f32, f64, max_blocks, max_blocks, *group_limits)):
-        setattr(CPU, k, v)
-    try:
-        yield
-    finally:
-        for k, v in zip(names, saved):
-            setattr(CPU, k, v)
+def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: bool = True
+               ) -> tuple[CpuBackend, CpuBackend]:
+    """Both paths of a cpu backend with a lowered float32 (and optionally float64) budget: still
+    exact, a smaller bound is only more conservative, and blocking, the float64 fall-back,
+    float64 blocks and the int64 fall-back then all run on small shapes (on the int8 GEMM path:
+    for int16 operands). ``grouped=False`` keeps weight gradients off the grouped path, on the
+    block plans."""
+    f32, f64 = (f32, F64_EXACT) if isinstance(f32, int) else f32
+    tuned = replace(FLOAT_PATH, max_f32_blocks_conv=max_blocks, max_f32_blocks_mm=max_blocks)
+    if not grouped:
+        tuned = replace(tuned, grouped_max_columns=0, grouped_max_samples=0)
+    return cpu_paths(tuned, FloatLimits(f32, f64))
 
 
-def assert_requantized_same(name: str, *args) -> None:
+def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8)) -> None:
     """cpu's product_to_int8 gives the bits of requantising the reference accumulator."""
     expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64))
-    for on in (False, True):
-        with cpu_int8_gemm(on):
-            values, shift = CPU.product_to_int8(name, *args)
+    for cpu in paths:
+        values, shift = cpu.product_to_int8(name, *args)
         assert_same(values, expected.v)
         assert_same(shift, expected.e)
 
 
-@contextlib.contextmanager
-def cpu_int8_gemm(on: bool = True):
-    saved = CPU.USE_INT8_GEMM
-    CPU.USE_INT8_GEMM = on
-    try:
-        yield
-    finally:
-        CPU.USE_INT8_GEMM = saved
-
-
-def both(name: str, *args):
+def both(name: str, *args, paths=(CPU, CPU_INT8)):
     """The cpu backend, on its float path and on its int8 GEMM path, equals the reference."""
     r = getattr(REF, name)(*args)
-    assert_same(getattr(CPU, name)(*args), r)
-    with cpu_int8_gemm():
-        assert_same(getattr(CPU, name)(*args), r)
+    for cpu in paths:
+        assert_same(getattr(cpu, name)(*args), r)
     return r
+
+
+def spy_on_grouped_weight_grad(monkeypatch) -> list[int]:
+    """The group sizes of the grouped weight gradients the cpu backend computes from now on."""
+    taken = []
+    real = weight_grad.grouped_weight_grad
+
+    def spy(d, x, khw, s, p, group, chunk_bytes):
+        taken.append(group)
+        return real(d, x, khw, s, p, group, chunk_bytes)
+
+    monkeypatch.setattr(weight_grad, "grouped_weight_grad", spy)
+    return taken
 
 
 def valid_taps(out_idx: int, k: int, s: int, p: int, size: int) -> int:
@@ -123,16 +131,70 @@ def valid_taps(out_idx: int, k: int, s: int, p: int, size: int) -> int:
 
 def test_get_backend_names():
     assert kernels.BACKENDS == ("reference", "cpu", "cuda")
-    assert kernels.get_backend("reference") is REF
-    assert kernels.get_backend("cpu") is CPU
-    assert kernels.get_backend("auto") is CPU
-    assert kernels.get_backend("auto", torch.device("cpu")) is CPU
-    assert kernels.get_backend("reference", "cuda") is REF
-    assert kernels.get_backend("auto", "cuda") is INT_MM
-    assert kernels.get_backend("cuda") is INT_MM  # runs on CPU tensors too (how it is tested)
-    for be in (REF, CPU, INT_MM):
-        for f in FUNCS:
+    assert type(kernels.get_backend("reference")) is ReferenceBackend
+    assert type(kernels.get_backend("cpu")) is CpuBackend
+    assert type(kernels.get_backend("auto")) is CpuBackend
+    assert type(kernels.get_backend("auto", torch.device("cpu"))) is CpuBackend
+    assert type(kernels.get_backend("reference", "cuda")) is ReferenceBackend
+    assert type(kernels.get_backend("auto", "cuda")) is CudaBackend
+    assert type(kernels.get_backend("cuda")) is CudaBackend  # runs on CPU tensors too
+    for name in kernels.BACKENDS:
+        assert kernels.get_backend(name).name == name
+    assert kernels.get_backend("cpu").settings == CpuSettings()
+    off = CpuSettings(use_int8_gemm=False)
+    assert kernels.get_backend("auto", "cpu", off).settings is off
+    small = CudaSettings(chunk_bytes=300)
+    assert kernels.get_backend("cuda", "cpu", small).settings is small
+    assert kernels.get_backend(CPU) is CPU  # a backend object is used as it is
+    assert kernels.get_backend(INT_MM, "cuda") is INT_MM
+
+
+def test_every_backend_has_every_product():
+    assert kernels.PRODUCTS == ("linear_forward", "linear_backward_input",
+                                "linear_backward_weight", "conv2d_forward",
+                                "conv2d_backward_input", "conv2d_backward_weight")
+    by_name = [kernels.get_backend(name) for name in kernels.BACKENDS]
+    for be in (ReferenceBackend(), CPU, CPU_INT8, INT_MM, *by_name):
+        assert isinstance(be, Backend)
+        for f in kernels.PRODUCTS:
             assert callable(getattr(be, f))
+            assert callable(getattr(Backend, f))
+
+
+def test_a_backend_that_overrides_nothing_gives_the_reference_results():
+    class Plain(Backend):
+        name = "plain"
+
+    plain = Plain()
+    gen = torch.Generator().manual_seed(14)
+    x, wt, d = conv_case(gen, 2, 3, 4, 7, 6, 3, 3, (2, 1), (1, 0))
+    xl, wl, dl = rand_int(gen, (4, 9)), rand_int(gen, (5, 9)), rand_int(gen, (4, 5))
+    cases = [("linear_forward", xl, wl), ("linear_backward_input", dl, wl),
+             ("linear_backward_weight", dl, xl), ("conv2d_forward", x, wt, (2, 1), (1, 0)),
+             ("conv2d_backward_input", d, wt, (7, 6), (2, 1), (1, 0)),
+             ("conv2d_backward_weight", d, x, 3, (2, 1), (1, 0))]
+    assert sorted(c[0] for c in cases) == sorted(kernels.PRODUCTS)
+    for name, *args in cases:
+        assert_same(getattr(plain, name)(*args), getattr(REF, name)(*args))
+    assert not hasattr(plain, "product_to_int8")  # requantize_product then requantises itself
+
+
+def test_settings_are_frozen_and_checked():
+    for frozen, field in ((CpuSettings(), "use_int8_gemm"), (CudaSettings(), "chunk_bytes"),
+                          (FloatLimits(), "float32")):
+        with pytest.raises(FrozenInstanceError):
+            setattr(frozen, field, 1)
+    assert CPU.settings == FLOAT_PATH and CPU_INT8.settings.use_int8_gemm is True
+    with pytest.raises(ValueError, match="float limits"):
+        FloatLimits(float32=2**24 + 1)  # the proof does not hold above 2**24
+    with pytest.raises(ValueError, match="float limits"):
+        FloatLimits(float64=2**53 + 1)
+    with pytest.raises(ValueError, match="int32_terms"):
+        CudaBackend(int32_terms=INT32_REDUCTION + 1)
+    with pytest.raises(TypeError, match="CpuSettings"):
+        CpuBackend(CudaSettings())
+    with pytest.raises(TypeError, match="CudaSettings"):
+        CudaBackend(CpuSettings())
 
 
 def test_get_backend_errors():
@@ -140,11 +202,21 @@ def test_get_backend_errors():
         kernels.get_backend("fast")
     with pytest.raises(ValueError, match="cpu backend"):
         kernels.get_backend("cpu", "cuda")
+    with pytest.raises(ValueError, match="must be a string"):
+        kernels.get_backend(3)
+    with pytest.raises(ValueError, match="cpu backend"):  # an object is checked the same way
+        kernels.get_backend(CPU, "cuda")
+    with pytest.raises(ValueError, match="reference backend takes no settings"):
+        kernels.get_backend("reference", "cpu", CpuSettings())
+    with pytest.raises(TypeError, match="CudaSettings"):
+        kernels.get_backend("auto", "cuda", CpuSettings())
+    with pytest.raises(ValueError, match="its own"):
+        kernels.get_backend(CPU, "cpu", CpuSettings())
 
 
 def test_argument_errors():
     x = torch.zeros(2, 3, dtype=torch.int8)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         with pytest.raises(TypeError):
             be.linear_forward(x.float(), x)
         with pytest.raises(TypeError):
@@ -171,7 +243,7 @@ def test_result_dtypes():
     g = torch.Generator().manual_seed(0)
     x8, w8 = rand_int(g, (3, 5)), rand_int(g, (4, 5))
     x16 = rand_int(g, (3, 5), torch.int16)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         assert be.linear_forward(x8, w8).dtype == torch.int32
         assert be.linear_forward(x16, w8).dtype == torch.int64
         assert be.linear_backward_input(rand_int(g, (3, 4)), w8).dtype == torch.int32
@@ -187,7 +259,7 @@ def test_result_dtypes():
     # the longest int8 weight-gradient reduction with an int32 result, and one term more
     for n, dtype in ((131071, torch.int32), (131072, torch.int64)):
         d, x = torch.ones(n, 1, dtype=torch.int8), torch.ones(n, 1, dtype=torch.int8)
-        for be in (REF, CPU, INT_MM):
+        for be in ALL:
             assert be.linear_backward_weight(d, x).dtype == dtype
         assert int(REF.linear_backward_weight(d, x)) == n
 
@@ -308,10 +380,10 @@ def _check_conv(shape, dtypes, modes, seed, budget, scalar_args):
         s, p, khw = s[0], p[0], kh
     else:
         khw = (kh, kw)
-    with cpu_budget(budget):
-        both("conv2d_forward", x, wt, s, p)
-        both("conv2d_backward_input", d, wt, (h, w), s, p)
-        both("conv2d_backward_weight", d, x, khw, s, p)
+    paths = cpu_budget(budget)
+    both("conv2d_forward", x, wt, s, p, paths=paths)
+    both("conv2d_backward_input", d, wt, (h, w), s, p, paths=paths)
+    both("conv2d_backward_weight", d, x, khw, s, p, paths=paths)
 
 
 @SETTINGS
@@ -337,10 +409,10 @@ def test_cpu_linear_matches_reference(n, i, o, dtypes, modes, seed, budget):
     x = rand_int(gen, (n, i), dtypes[0], modes[0])
     w = rand_int(gen, (o, i), dtypes[1], modes[1])
     d = rand_int(gen, (n, o), dtypes[0], modes[2])
-    with cpu_budget(budget):
-        both("linear_forward", x, w)
-        both("linear_backward_input", d, w)
-        both("linear_backward_weight", d, x)
+    paths = cpu_budget(budget)
+    both("linear_forward", x, w, paths=paths)
+    both("linear_backward_input", d, w, paths=paths)
+    both("linear_backward_weight", d, x, paths=paths)
 
 
 # ------------------------------------------- cpu products requantised straight from floats
@@ -363,7 +435,7 @@ def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
             rand = torch.randint(-m, m + 1, (4000,), generator=gen, dtype=torch.int64)
             v = torch.cat([ties, -ties, near, -near, rand])
         expected = requantize(v, torch.zeros((), dtype=torch.int64))
-        values, shift = CPU.exact_to_int8(v.to(dtype))
+        values, shift = exact_to_int8(v.to(dtype))
         assert_same(values, expected.v)
         assert_same(shift, expected.e)
 
@@ -377,11 +449,11 @@ def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes,
     gen, x, wt, d = _conv_operands(shape, dtypes, modes, seed)
     wl = rand_int(gen, (o, c * h * w), dtypes[1], modes[1])
     dl = rand_int(gen, (n, o), dtypes[0], modes[2])
-    with cpu_budget(budget):
-        assert_requantized_same("conv2d_forward", x, wt, s, p)
-        assert_requantized_same("conv2d_backward_input", d, wt, (h, w), s, p)
-        assert_requantized_same("linear_forward", x.flatten(1), wl)
-        assert_requantized_same("linear_backward_input", dl, wl)
+    paths = cpu_budget(budget)
+    assert_requantized_same("conv2d_forward", x, wt, s, p, paths=paths)
+    assert_requantized_same("conv2d_backward_input", d, wt, (h, w), s, p, paths=paths)
+    assert_requantized_same("linear_forward", x.flatten(1), wl, paths=paths)
+    assert_requantized_same("linear_backward_input", dl, wl, paths=paths)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
@@ -423,33 +495,26 @@ def test_cpu_product_to_int8_rejects_other_products():
 
 # ------------------------------------------------- cuda (torch._int_mm) == reference, on CPU
 
-def int_mm_same(name: str, *args) -> None:
-    assert_same(getattr(INT_MM, name)(*args), getattr(REF, name)(*args))
+def int_mm_same(name: str, *args, backend: CudaBackend = INT_MM) -> None:
+    assert_same(getattr(backend, name)(*args), getattr(REF, name)(*args))
 
 
 @SETTINGS
 @given(shape=conv_shapes(max_c=12), dtypes=DTYPES, modes=st.tuples(MODES, MODES, MODES),
-       seed=st.integers(0, 2**31 - 1), reduction=st.sampled_from([INT_MM.INT32_REDUCTION, 8, 24]))
+       seed=st.integers(0, 2**31 - 1), reduction=st.sampled_from([INT32_REDUCTION, 8, 24]))
 def test_int_mm_conv_matches_reference(shape, dtypes, modes, seed, reduction):
     """Every shape, stride and padding; int16 operands go to the reference; a shortened int32
     piece length (8, 24) makes the weight gradient add many pieces in int64."""
-    saved, INT_MM.INT32_REDUCTION = INT_MM.INT32_REDUCTION, reduction
-    try:
-        _check_int_mm_conv(shape, dtypes, modes, seed)
-    finally:
-        INT_MM.INT32_REDUCTION = saved
-
-
-def _check_int_mm_conv(shape, dtypes, modes, seed):
+    backend = CudaBackend(int32_terms=reduction)
     n, c, o, h, w, kh, kw, s, p = shape
     gen = torch.Generator().manual_seed(seed)
     ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
     x = rand_int(gen, (n, c, h, w), dtypes[0], modes[0])
     wt = rand_int(gen, (o, c, kh, kw), dtypes[1], modes[1])
     d = rand_int(gen, (n, o, ho, wo), dtypes[0], modes[2])
-    int_mm_same("conv2d_forward", x, wt, s, p)
-    int_mm_same("conv2d_backward_input", d, wt, (h, w), s, p)
-    int_mm_same("conv2d_backward_weight", d, x, (kh, kw), s, p)
+    int_mm_same("conv2d_forward", x, wt, s, p, backend=backend)
+    int_mm_same("conv2d_backward_input", d, wt, (h, w), s, p, backend=backend)
+    int_mm_same("conv2d_backward_weight", d, x, (kh, kw), s, p, backend=backend)
 
 
 @SETTINGS
@@ -466,15 +531,15 @@ def test_int_mm_linear_matches_reference(n, i, o, dtypes, modes, seed):
     int_mm_same("linear_backward_weight", d, x)
 
 
-def test_int_mm_chunks_of_the_batch(monkeypatch):
+def test_int_mm_chunks_of_the_batch():
     """Convolutions built a few samples at a time give the same result as in one piece."""
     gen = torch.Generator().manual_seed(12)
     x, wt = rand_int(gen, (7, 3, 9, 9), mode="extreme"), rand_int(gen, (5, 3, 3, 3))
     d = rand_int(gen, (7, 5, 9, 9), mode="sparse")
-    monkeypatch.setattr(INT_MM, "CHUNK_BYTES", 300)
-    int_mm_same("conv2d_forward", x, wt, 1, 1)
-    int_mm_same("conv2d_backward_input", d, wt, (9, 9), 1, 1)
-    int_mm_same("conv2d_backward_weight", d, x, 3, 1, 1)
+    small = CudaBackend(CudaSettings(chunk_bytes=300))
+    int_mm_same("conv2d_forward", x, wt, 1, 1, backend=small)
+    int_mm_same("conv2d_backward_input", d, wt, (9, 9), 1, 1, backend=small)
+    int_mm_same("conv2d_backward_weight", d, x, 3, 1, 1, backend=small)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -524,21 +589,21 @@ def test_cpu_reduced_float32_precision_falls_back_to_float64():
     saved = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert not CPU._fp32_is_strict()
-        assert CPU._plan(100, [lambda: []], 1, 1)[0] == torch.float64
+        assert not B.fp32_is_strict()
+        assert B.plan_blocks(100, [lambda: []], 1, 1, LIMITS)[0] == torch.float64
         both("conv2d_forward", x, wt, 1, 1)
         both("conv2d_backward_weight", d, x, 3, 1, 1)
         both("linear_forward", rand_int(gen, (5, 2000)), rand_int(gen, (3, 2000)))
     finally:
         torch.set_float32_matmul_precision(saved)
-    assert CPU._fp32_is_strict()
+    assert B.fp32_is_strict()
 
 
 def test_cpu_plan_blocks_worst_case():
     """All-127 conv at K = 512*9 needs ceil(4608 / 1040) = 5 float32 channel blocks."""
     w = torch.full((3, 512, 3, 3), 127, dtype=torch.int8)
-    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]],
-                           512, CPU.MAX_F32_BLOCKS_CONV)
+    dt, blocks = B.plan_blocks(127 * 127 * 4608, [lambda: [B.L1Bound(127, B.weight_l1(w).t())]],
+                               512, CpuSettings().max_f32_blocks_conv, LIMITS)
     assert dt == torch.float32 and len(blocks) == 5
     assert blocks[0] == (0, 115) and blocks[-1][1] == 512
     for c0, c1 in blocks:
@@ -546,8 +611,8 @@ def test_cpu_plan_blocks_worst_case():
     # a random weight has a much smaller L1 norm: one call
     gen = torch.Generator().manual_seed(5)
     w = rand_int(gen, (64, 512, 3, 3), mode="sparse")
-    dt, blocks = CPU._plan(127 * 127 * 4608, [lambda: [CPU.L1Bound(127, CPU._weight_l1(w).t())]],
-                           512, CPU.MAX_F32_BLOCKS_CONV)
+    dt, blocks = B.plan_blocks(127 * 127 * 4608, [lambda: [B.L1Bound(127, B.weight_l1(w).t())]],
+                               512, CpuSettings().max_f32_blocks_conv, LIMITS)
     assert dt == torch.float32 and len(blocks) <= 2
 
 
@@ -586,7 +651,7 @@ def test_worst_case_linear(k, kind):
     b = (127 * _pattern(kind, idx, "b")).to(torch.int8)
     expected = _expected_linear_sum(kind, k)
     x, w = a.expand(4, k).contiguous(), b.expand(3, k).contiguous()
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.linear_forward(x, w)
         assert y.dtype == torch.int32 and bool((y == expected).all())
         # backward-input: reduction over O = k
@@ -619,7 +684,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     wt = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(1, c, 1, 1).expand(3, c, kh, kw)
     x, wt = x.contiguous(), wt.contiguous()
     exp = _expected_conv_forward(kind, c, h, w, kh, kw, s, p, h, w)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.conv2d_forward(x, wt, s, p)
         assert y.dtype == torch.int32
         assert torch.equal(y.to(torch.int64), exp.expand(2, 3, h, w))
@@ -628,7 +693,7 @@ def test_worst_case_conv_forward_and_backward_input(kind):
     d = (127 * _pattern(kind, ci, "a")).to(torch.int8).view(1, c, 1, 1).expand(2, c, h, w)
     wb = (127 * _pattern(kind, ci, "b")).to(torch.int8).view(c, 1, 1, 1).expand(c, 2, kh, kw)
     d, wb = d.contiguous(), wb.contiguous()
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         g = be.conv2d_backward_input(d, wb, (h, w), s, p)
         assert g.dtype == torch.int32
         assert torch.equal(g.to(torch.int64), exp.expand(2, 2, h, w))
@@ -657,7 +722,7 @@ def test_worst_case_conv_strided_checkerboard(kind):
                          * ((-1) ** ((a + b) * s) if kind == "checker" else
                             (1 if kind == "plus" else -1))
                          for b in range(ho)] for a in range(ho)], dtype=torch.int64)
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:
         y = be.conv2d_forward(x, wt, s, p)
         assert torch.equal(y.to(torch.int64), exp.expand(2, 2, ho, ho))
 
@@ -680,23 +745,21 @@ def test_worst_case_conv_backward_weight_large_batch(kind):
                          for j in range(kh)] for i in range(kh)], dtype=torch.int64)
     if kind == "plus":
         assert int(exp.max()) > 2**31
-    for be in (REF, CPU, INT_MM):
+    for be in ALL:  # on the int8 GEMM path: int32 pieces of at most 131,064 rows, added in int64
         g = be.conv2d_backward_weight(d, x, kh, s, p)
         assert g.dtype == torch.int64
         assert torch.equal(g, exp.expand(o, c, kh, kh))
-    with cpu_int8_gemm():  # int32 pieces of at most 131,064 rows, added in int64
-        assert torch.equal(CPU.conv2d_backward_weight(d, x, kh, s, p), exp.expand(o, c, kh, kh))
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 3000, 2**22])
-def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
+def test_cpu_int8_gemm_in_chunks_and_channel_blocks(chunk_bytes):
     """Both paths of the cpu backend cut into chunks of samples (down to one) and, for weight
     gradients on the int8 GEMM path, blocks of output channels: weight gradients added in int32
     (short reductions) and in int64 (long), and products requantised from int16 chunks whose
     own shifts differ (samples of very different sizes: the first sample all +-127, the others
     small)."""
-    monkeypatch.setattr(INT8_GEMM, "CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(CPU, "FLOAT_CHUNK_BYTES", chunk_bytes)
+    paths = cpu_paths(replace(FLOAT_PATH, int8_gemm_chunk_bytes=chunk_bytes,
+                              float_chunk_bytes=chunk_bytes))
     gen = torch.Generator().manual_seed(13)
     n, c, o, h = 5, 40, 24, 6
     x = rand_int(gen, (n, c, h, h), mode="uniform") // 9
@@ -704,18 +767,17 @@ def test_cpu_int8_gemm_in_chunks_and_channel_blocks(monkeypatch, chunk_bytes):
     wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
     d = rand_int(gen, (n, o, h + 2, h + 2)) // 5
     d[2] = rand_int(gen, (o, h + 2, h + 2), mode="extreme")
-    with cpu_int8_gemm():
-        for pad in (0, 1, 2):
-            size = h - 2 + 2 * pad
-            dp = d[..., :size, :size]
-            both("conv2d_backward_weight", dp, x, 3, 1, pad)
-            assert_requantized_same("conv2d_forward", x, wt, 1, pad)
-            assert_requantized_same("conv2d_backward_input", dp, wt, (h, h), 1, pad)
-            both("conv2d_forward", x, wt, 1, pad)
-            both("conv2d_backward_input", dp, wt, (h, h), 1, pad)
-        big_d = torch.full((2, 2, 300, 300), 127, dtype=torch.int8)  # 180,000 terms: int64
-        big_x = torch.full((2, 3, 300, 300), -127, dtype=torch.int8)
-        both("conv2d_backward_weight", big_d, big_x, 1, 1, 0)
+    for pad in (0, 1, 2):
+        size = h - 2 + 2 * pad
+        dp = d[..., :size, :size]
+        both("conv2d_backward_weight", dp, x, 3, 1, pad, paths=paths)
+        assert_requantized_same("conv2d_forward", x, wt, 1, pad, paths=paths)
+        assert_requantized_same("conv2d_backward_input", dp, wt, (h, h), 1, pad, paths=paths)
+        both("conv2d_forward", x, wt, 1, pad, paths=paths)
+        both("conv2d_backward_input", dp, wt, (h, h), 1, pad, paths=paths)
+    big_d = torch.full((2, 2, 300, 300), 127, dtype=torch.int8)  # 180,000 terms: int64
+    big_x = torch.full((2, 3, 300, 300), -127, dtype=torch.int8)
+    both("conv2d_backward_weight", big_d, big_x, 1, 1, 0, paths=paths)
 
 
 @pytest.mark.parametrize("hw, per_sample", [((26, 40), True), ((27, 39), False)])
@@ -729,9 +791,7 @@ def test_worst_case_weight_grad_grouped_path(monkeypatch, hw, per_sample, kind):
     d = torch.full((n, o, *hw), 127, dtype=torch.int8)
     if kind == "cancelling":
         d[1] = -127
-    taken = []
-    real = CPU._weight_grad_grouped
-    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
+    taken = spy_on_grouped_weight_grad(monkeypatch)
     g = CPU.conv2d_backward_weight(d, x, k, 1, 1)
     assert taken == ([1] if per_sample else [])  # one sample per group at this length
     assert torch.equal(g, REF.conv2d_backward_weight(d, x, k, 1, 1))
@@ -744,14 +804,12 @@ def test_worst_case_weight_grad_groups_of_samples(monkeypatch, n):
     """LeNet-5's second convolution with all +-127 operands, sent down the grouped path (it
     takes the sample blocks by default): groups of floor(2**24 / (127**2 * 100)) = 10 samples
     (the last one padded with zero samples), exact at the group bound."""
-    monkeypatch.setattr(CPU, "GROUPED_MAX_COLUMNS", 150)
+    cpu = CpuBackend(replace(FLOAT_PATH, grouped_max_columns=150))
     x = torch.full((n, 6, 14, 14), 127, dtype=torch.int8)
     d = torch.full((n, 16, 10, 10), -127, dtype=torch.int8)
     d[::3] = 127
-    taken = []
-    real = CPU._weight_grad_grouped
-    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
-    g = CPU.conv2d_backward_weight(d, x, 5, 1, 0)
+    taken = spy_on_grouped_weight_grad(monkeypatch)
+    g = cpu.conv2d_backward_weight(d, x, 5, 1, 0)
     assert taken == [min(n, 10)]
     assert torch.equal(g, REF.conv2d_backward_weight(d, x, 5, 1, 0))
     plus = len(range(0, n, 3))
@@ -766,16 +824,13 @@ def test_grouped_weight_grad_wide_layer_in_chunks(monkeypatch, chunk_bytes):
     gen = torch.Generator().manual_seed(11)
     x = rand_int(gen, (7, 32, 16, 16), mode="extreme")
     d = rand_int(gen, (7, 4, 16, 16), mode="extreme")
-    monkeypatch.setattr(CPU, "GROUPED_CHUNK_BYTES", chunk_bytes)
-    monkeypatch.setattr(CPU, "GROUPED_MAX_SAMPLES", 4)
-    monkeypatch.setattr(CPU, "GROUPED_MIN_BLOCKS", 0)
-    taken = []
-    real = CPU._weight_grad_grouped
-    monkeypatch.setattr(CPU, "_weight_grad_grouped", lambda *a: taken.append(a[-1]) or real(*a))
-    both("conv2d_backward_weight", d, x, 3, 1, 1)
+    tuned = replace(FLOAT_PATH, grouped_chunk_bytes=chunk_bytes, grouped_max_samples=4,
+                    grouped_min_blocks=0)
+    taken = spy_on_grouped_weight_grad(monkeypatch)
+    both("conv2d_backward_weight", d, x, 3, 1, 1, paths=cpu_paths(tuned))
     md, mx = int(d.abs().max()), int(x.abs().max())
-    assert taken == [min(7, CPU.F32_EXACT // (md * mx * 256))]
-    assert taken[0] <= CPU.GROUPED_MAX_SAMPLES
+    assert taken == [min(7, F32_EXACT // (md * mx * 256))]  # the float path's only
+    assert taken[0] <= tuned.grouped_max_samples
 
 
 def test_random_large_reductions_cpu_matches_reference():
@@ -808,8 +863,8 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     wt = rand_int(gen, (o, c, kh, kw), mode=modes[1])
     d = rand_int(gen, (n, o, ho, wo), mode=modes[2])
     ax, aw, ad = (t.to(torch.int16).abs() for t in (x, wt, d))
-    mx, md = CPU._absmax(x), CPU._absmax(d)
-    lw = CPU._weight_l1(wt)  # [O, C]
+    mx, md = B.absmax(x), B.absmax(d)
+    lw = B.weight_l1(wt)  # [O, C]
     # forward: S[n, o, ., .] <= max|x| * sum_{c,i,j} |w[o]|
     s_fwd = REF.conv2d_forward(ax, aw, s, p).to(torch.int64)
     assert bool((s_fwd <= mx * lw.sum(1).view(1, o, 1, 1)).all())
@@ -819,9 +874,9 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
     # window bounds, per channel of the activation side (blocks are sums of channels):
     # forward S[n, o] from input channel k <= max|w| * window_l1(x)[k];
     # backward-input S[n, c] from error channel k <= max|w| * window_l1(d)[k].
-    mw = CPU._absmax(wt)
-    win_x = CPU._window_l1(x, (kh, kw), mx)[:, 0]
-    win_d = CPU._window_l1(d, (kh, kw), md)[:, 0]
+    mw = B.absmax(wt)
+    win_x = B.window_l1(x, (kh, kw), mx, LIMITS)[:, 0]
+    win_d = B.window_l1(d, (kh, kw), md, LIMITS)[:, 0]
     for k in range(c):
         part = REF.conv2d_forward(ax[:, k:k + 1], aw[:, k:k + 1], s, p)
         assert int(part.max()) <= mw * int(win_x[k])
@@ -830,10 +885,10 @@ def test_cpu_bounds_really_bound_the_sum_of_absolute_products(shape, modes, seed
         assert int(part.max()) <= mw * int(win_d[k])
     # weight gradient: L1 and Cauchy-Schwarz bounds per (o, c)
     s_bw = REF.conv2d_backward_weight(ad, ax, (kh, kw), s, p)
-    ld = CPU._rows_l1(d, (2, 3), md, ho * wo).sum(0)  # [O]
-    lx = CPU._rows_l1(x, (2, 3), mx, h * w).sum(0)  # [C]
-    sd = CPU._rows_sq(d, md).sum(0)
-    sx = CPU._rows_sq(x, mx).sum(0)
+    ld = B.rows_l1(d, (2, 3), md, ho * wo, LIMITS).sum(0)  # [O]
+    lx = B.rows_l1(x, (2, 3), mx, h * w, LIMITS).sum(0)  # [C]
+    sd = B.rows_sq(d, md, LIMITS).sum(0)
+    sx = B.rows_sq(x, mx, LIMITS).sum(0)
     assert bool((s_bw <= mx * ld.view(o, 1, 1, 1)).all())
     assert bool((s_bw <= md * lx.view(1, c, 1, 1)).all())
     assert bool((s_bw * s_bw <= sd.view(o, 1, 1, 1) * sx.view(1, c, 1, 1)).all())
@@ -848,12 +903,12 @@ def test_cpu_weight_grad_blocks_with_cauchy_schwarz():
     x.view(-1)[0] = 127
     x = x.to(torch.int8)
     d = (torch.randn(n, o, h, h, generator=gen) * 28).round().clamp(-127, 127).to(torch.int8)
-    md, mx = CPU._absmax(d), CPU._absmax(x)
-    l1 = [CPU.L1Bound(mx, CPU._rows_l1(d, (2, 3), md, h * h)),
-          CPU.L1Bound(md, CPU._rows_l1(x, (2, 3), mx, h * h))]
-    cs = [CPU.CSBound(CPU._rows_sq(d, md), CPU._rows_sq(x, mx))]
-    b_l1 = CPU._greedy_blocks(l1, n, CPU.F32_EXACT, None)
-    b_cs = CPU._greedy_blocks(l1 + cs, n, CPU.F32_EXACT, None)
+    md, mx = B.absmax(d), B.absmax(x)
+    l1 = [B.L1Bound(mx, B.rows_l1(d, (2, 3), md, h * h, LIMITS)),
+          B.L1Bound(md, B.rows_l1(x, (2, 3), mx, h * h, LIMITS))]
+    cs = [B.CSBound(B.rows_sq(d, md, LIMITS), B.rows_sq(x, mx, LIMITS))]
+    b_l1 = B.greedy_blocks(l1, n, F32_EXACT, None)
+    b_cs = B.greedy_blocks(l1 + cs, n, F32_EXACT, None)
     assert len(b_cs) < len(b_l1)
     both("conv2d_backward_weight", d, x, 5, 1, 2)
 
@@ -867,10 +922,10 @@ def test_cpu_window_bound_saves_blocks_for_sparse_errors():
     d = rand_int(gen, (n, o, h, h), mode="extreme")
     d = d * (torch.rand(d.shape, generator=gen) < 0.01)
     wt = rand_int(gen, (o, c, 3, 3), mode="extreme")
-    md, mw = CPU._absmax(d), CPU._absmax(wt)
-    by_weights = CPU._greedy_blocks([CPU.L1Bound(md, CPU._weight_l1(wt))], o, CPU.F32_EXACT, None)
-    by_window = CPU._greedy_blocks([CPU.L1Bound(mw, CPU._window_l1(d, (3, 3), md))], o,
-                                   CPU.F32_EXACT, None)
+    md, mw = B.absmax(d), B.absmax(wt)
+    by_weights = B.greedy_blocks([B.L1Bound(md, B.weight_l1(wt))], o, F32_EXACT, None)
+    by_window = B.greedy_blocks([B.L1Bound(mw, B.window_l1(d, (3, 3), md, LIMITS))], o,
+                                F32_EXACT, None)
     assert len(by_weights) > 1 and len(by_window) == 1
     both("conv2d_backward_input", d, wt, (h, h), 1, 1)
     both("conv2d_forward", d, wt.transpose(0, 1).contiguous(), 1, 1)
@@ -883,17 +938,17 @@ def test_cpu_weight_grad_split_path(monkeypatch):
     n, c, o, h = 64, 1, 6, 28
     x = rand_int(gen, (n, c, h, h))
     d = rand_int(gen, (n, o, h, h))
-    monkeypatch.setattr(CPU, "GROUPED_MAX_COLUMNS", 0)  # this test is about the sample-block plans
-    monkeypatch.setattr(CPU, "GROUPED_MAX_SAMPLES", 0)
+    # this test is about the sample-block plans
+    tuned = replace(FLOAT_PATH, grouped_max_columns=0, grouped_max_samples=0)
     calls = []
-    real = CPU._WeightGradPlanner.plan
-    monkeypatch.setattr(CPU._WeightGradPlanner, "plan",
+    real = weight_grad.WeightGradPlanner.plan
+    monkeypatch.setattr(weight_grad.WeightGradPlanner, "plan",
                         lambda *a: calls.append(real(*a)) or calls[-1])
-    both("conv2d_backward_weight", d, x, 5, 1, 2)
-    # the direct plan (more than SPLIT_MIN_BLOCKS float32 blocks, or float64), then the halves
+    both("conv2d_backward_weight", d, x, 5, 1, 2, paths=cpu_paths(tuned))
+    # the direct plan (more than split_min_blocks float32 blocks, or float64), then the halves
     assert len(calls) == 3
     direct, hi, lo = calls
-    assert direct[1] != torch.float32 or len(direct[2]) > CPU.SPLIT_MIN_BLOCKS
+    assert direct[1] != torch.float32 or len(direct[2]) > tuned.split_min_blocks
     assert hi[1] == lo[1] == torch.float32
     assert direct[1] != torch.float32 or len(hi[2]) + len(lo[2]) < len(direct[2])
 
@@ -909,8 +964,8 @@ def test_cpu_weight_grad_many_blocks_matches_reference(n, c, o, hw, k, s, p, mod
     ho = (hw + 2 * p - k) // s + 1
     x = rand_int(gen, (n, c, hw, hw), mode=modes[0])
     d = rand_int(gen, (n, o, ho, ho), mode=modes[1])
-    with cpu_budget(budget, max_blocks=16, grouped=False):
-        both("conv2d_backward_weight", d, x, k, s, p)
+    both("conv2d_backward_weight", d, x, k, s, p,
+         paths=cpu_budget(budget, max_blocks=16, grouped=False))
 
 
 def test_reference_elementwise_matmul_path(monkeypatch):

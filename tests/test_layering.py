@@ -58,12 +58,6 @@ LEVELS: dict[str, float] = {
 # xfail(strict=True) per entry, so when a cycle is removed that test XPASSes and fails the run
 # until its entry is deleted here.
 KNOWN_CYCLES: dict[frozenset[str], str] = {
-    frozenset({"intrain.kernels", "intrain.kernels.reference", "intrain.kernels.cpu",
-               "intrain.kernels.cuda", "intrain.kernels.int8_gemm"}): (
-        "kernels/__init__.py imports its backends lazily in get_backend, and reference.py, cpu.py "
-        "and cuda.py import FUNCTIONS back from kernels/__init__.py (int8_gemm.py is in the cycle "
-        "through cpu.py -> int8_gemm.py -> cuda.py): issue 10 asks for backend objects; the "
-        "product names belong in a module below the backends, not in the package that selects them"),
 }
 
 # Known upward imports: (importing module, imported module) -> why. Same mechanism. None today.

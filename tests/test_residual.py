@@ -8,12 +8,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intrain.kernels import get_backend
-from intrain.layers import (IntConv2d, IntGlobalAvgPool2d, IntReLU, IntResidual, IntSequential, StepContext,
+from intrain.layers import (IntConv2d, IntGlobalAvgPool2d, IntResidual, IntSequential, StepContext,
                             weighted_layers)
 from intrain.layers.init import init_weight
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_float_model, build_int_model
-from intrain.numeric.formats import NITI_INT8, NumberFormat
+from intrain.numeric.formats import NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import ADD_MAX_GAP, add_aligned
 

@@ -14,7 +14,7 @@ import torch
 
 from intrain.run import checkpoint
 from intrain.cli import main
-from intrain.methods.float_twin import FloatOptions, FloatTwin
+from intrain.methods.float_twin import FloatTwin
 
 from cli_checks import assert_refused
 
@@ -125,7 +125,7 @@ def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, ca
 @pytest.fixture
 def interrupted(tmp_path, monkeypatch):
     """A small int8 run stopped after a mid-epoch checkpoint."""
-    from intrain.methods.niti import Niti, NitiOptions
+    from intrain.methods.niti import Niti
 
     original = Niti.train_step
 

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from intrain.cli import main
-from intrain.methods.float_twin import FloatOptions, FloatTwin
+from intrain.methods.float_twin import FloatTwin
 
 JOB = ["train", "--dataset", "digits", "--model", "mlp", "--epochs", "2", "--train-limit", "300"]
 

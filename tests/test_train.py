@@ -11,7 +11,7 @@ import torch
 from intrain.numeric import rng
 from intrain.cli import main
 from intrain.data import load_dataset
-from intrain.methods.float_twin import FloatOptions, FloatTwin
+from intrain.methods.float_twin import FloatTwin
 from intrain.models import build_float_model
 from intrain.run.config import TrainConfig
 from intrain.run.files import MODEL_FORMAT

@@ -9,7 +9,6 @@ from intrain.methods.niti import Niti, NitiOptions
 from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.layers import IntConv2d, IntDropout, IntLinear
 from intrain.models import MODELS, build_float_model, build_int_model, model_spec
-from intrain.methods.update import MuSchedule
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 

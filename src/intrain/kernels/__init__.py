@@ -1,7 +1,9 @@
 """The kernel layer: every integer product in intrain goes through one of these backends.
 
-A backend is a module with six pure functions (integer tensors in, integer tensors out, on the
-inputs' device, no hidden state):
+A backend is an object (:class:`~intrain.kernels.base.Backend`) with six products, methods that
+are pure functions of their arguments (integer tensors in, integer tensors out, on the inputs'
+device, no hidden state); each defaults to the reference one, so a backend overrides only what it
+speeds up:
 
 =============================================================  ===============================
 ``linear_forward(x, w)``                                        x [N,I], w [O,I] -> [N,O]
@@ -20,11 +22,12 @@ operands and reductions of at most 131,071 terms, else int64 (``im2col.weight_gr
 result is the exact integer sum, bit-identical across backends. stride/padding are ints or
 (h, w) pairs with the semantics of ``torch.nn.functional.conv2d`` and its gradients.
 
-Backends: ``reference`` (int64, float-free, any device, the ground truth), ``cpu`` (CPU only:
-``torch._int_mm`` where the CPU has AMX-INT8 units, exact integer results through float32/float64
-units otherwise) and ``cuda`` (int8 products with int32 accumulation through ``torch._int_mm``:
-the int8 tensor cores on a GPU; it runs on CPU tensors too, which is how it is tested without a
-GPU).
+Backends: ``reference`` (:class:`ReferenceBackend`: int64, float-free, any device, the ground
+truth), ``cpu`` (:class:`CpuBackend`, CPU only: ``torch._int_mm`` where the CPU has AMX-INT8
+units, exact integer results through float32/float64 units otherwise; its tuned constants are one
+frozen :class:`CpuSettings`) and ``cuda`` (:class:`CudaBackend`: int8 products with int32
+accumulation through ``torch._int_mm``: the int8 tensor cores on a GPU; it runs on CPU tensors
+too, which is how it is tested without a GPU; :class:`CudaSettings`).
 
 A backend may also offer ``product_to_int8(name, *args)`` for the forward and input-gradient
 products: ``requantize(<name>(*args))`` with nearest rounding to int8, as (values, shift), bit for
@@ -33,50 +36,48 @@ bit, computed without the integer accumulator; ``requant.requantize_product`` us
 
 from __future__ import annotations
 
-from types import ModuleType
-
 import torch
+
+from intrain.kernels.base import PRODUCTS, Backend, ReferenceBackend
+from intrain.kernels.cpu import CpuBackend, CpuSettings
+from intrain.kernels.cuda import CudaBackend, CudaSettings
 
 BACKENDS = ("reference", "cpu", "cuda")
 
-FUNCTIONS = (
-    "linear_forward",
-    "linear_backward_input",
-    "linear_backward_weight",
-    "conv2d_forward",
-    "conv2d_backward_input",
-    "conv2d_backward_weight",
-)
+_CLASSES = {"reference": ReferenceBackend, "cpu": CpuBackend, "cuda": CudaBackend}
 
-__all__ = ["BACKENDS", "FUNCTIONS", "get_backend"]
+__all__ = ["BACKENDS", "PRODUCTS", "Backend", "CpuBackend", "CpuSettings", "CudaBackend",
+           "CudaSettings", "ReferenceBackend", "get_backend"]
 
 
-def get_backend(name: str, device: torch.device | str = "cpu") -> ModuleType:
-    """The backend module called ``name`` (one of :data:`BACKENDS`, or ``"auto"``).
+def get_backend(name: str | Backend, device: torch.device | str = "cpu",
+                settings: CpuSettings | CudaSettings | None = None) -> Backend:
+    """A new backend called ``name`` (one of :data:`BACKENDS`, or ``"auto"``), with ``settings``
+    (:class:`CpuSettings` for ``cpu``, :class:`CudaSettings` for ``cuda``; None: the defaults).
 
     ``"auto"`` picks ``"cuda"`` for a CUDA ``device`` and ``"cpu"`` otherwise. ``"cpu"`` refuses
     a CUDA device (its exactness argument relies on CPU float kernels: no TF32, no Winograd).
+    A :class:`Backend` given as ``name`` is returned as it is, once it accepts ``device``.
     """
+    if isinstance(name, Backend):
+        if settings is not None:
+            raise ValueError("settings go with a backend name; this backend has its own")
+        name.check_device(torch.device(device))
+        return name
     if not isinstance(name, str):
         raise ValueError(f"backend name must be a string, one of {BACKENDS + ('auto',)}")
     dev = torch.device(device)
     key = name.lower()
     if key == "auto":
         key = "cuda" if dev.type == "cuda" else "cpu"
-    if key == "reference":
-        from intrain.kernels import reference
-
-        return reference
-    if key == "cpu":
-        if dev.type != "cpu":
-            raise ValueError(f"the cpu backend runs on CPU tensors only, not on {dev}; "
-                             f"use 'reference' or 'cuda'")
-        from intrain.kernels import cpu
-
-        return cpu
-    if key == "cuda":
-        from intrain.kernels import cuda
-
-        return cuda
-    raise ValueError(f"unknown kernel backend {name!r}; valid names: "
-                     f"{', '.join(BACKENDS + ('auto',))}")
+    if key not in _CLASSES:
+        raise ValueError(f"unknown kernel backend {name!r}; valid names: "
+                         f"{', '.join(BACKENDS + ('auto',))}")
+    if settings is None:
+        backend = _CLASSES[key]()
+    elif key == "reference":
+        raise ValueError("the reference backend takes no settings")
+    else:
+        backend = _CLASSES[key](settings)  # which checks that they are its kind
+    backend.check_device(dev)
+    return backend

@@ -13,18 +13,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from intrain.kernels.cuda import INT32_REDUCTION, _mm_int32
 from intrain.kernels.im2col import stack_sample_chunks, weight_grad_dtype
-
-#: Bytes of int8 im2col columns these products build at once. Small chunks keep the
-#: temporaries small (peak memory) and in memory the allocator reuses: seven VGG-small-7
-#: products took 339 ms in 4 MiB chunks, 336 ms in 16 MiB and 471 ms in 256 MiB ones (1
-#: thread, a training run beside it, throwaway script).
-CHUNK_BYTES = 2**22
+from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 
 
-def samples_per_chunk(bytes_per_sample: int) -> int:
-    return max(1, CHUNK_BYTES // max(1, bytes_per_sample))
+def samples_per_chunk(bytes_per_sample: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // max(1, bytes_per_sample))
 
 
 def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int]
@@ -35,39 +29,41 @@ def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int
     return padded.unfold(1, kh, s[0]).unfold(2, kw, s[1]).permute(0, 1, 2, 4, 5, 3)
 
 
-def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]):
-    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples at a
-    time: yields (first sample, exact int32 [n, Ho, Wo, O]) (channels last), by im2col of
-    channels-last patches and ``torch._int_mm``. Exact: an int32 sum of at most C*kh*kw <=
-    131,071 terms of magnitude <= 2**14 cannot wrap (the geometry checks the length)."""
+def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
+                chunk_bytes: int):
+    """conv2d of int8 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw], a chunk of samples (at most
+    ``chunk_bytes`` of im2col columns) at a time: yields (first sample, exact int32
+    [n, Ho, Wo, O]) (channels last), by im2col of channels-last patches and ``torch._int_mm``.
+    Exact: an int32 sum of at most C*kh*kw <= 131,071 terms of magnitude <= 2**14 cannot wrap
+    (the geometry checks the length)."""
     o, c, kh, kw = w.shape
     k = c * kh * kw
     patches = _patches(x, kh, kw, s, p)
     ho, wo = patches.shape[1:3]
     wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
-    step = samples_per_chunk(ho * wo * k)
+    step = samples_per_chunk(ho * wo * k, chunk_bytes)
     for n0 in range(0, x.shape[0], step):
         cols = patches[n0:n0 + step].reshape(-1, k)
-        product = _mm_int32(cols, wm)
+        product = mm_int32(cols, wm)
         del cols  # before the next chunk's columns exist
         yield n0, product.view(-1, ho, wo, o)
 
 
-def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]
-         ) -> torch.Tensor:
+def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
+         chunk_bytes: int) -> torch.Tensor:
     """The whole int32 result [N, Ho, Wo, O] of conv_chunks."""
-    return stack_sample_chunks(x.shape[0], conv_chunks(x, w, s, p))
+    return stack_sample_chunks(x.shape[0], conv_chunks(x, w, s, p, chunk_bytes))
 
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
-                     s: tuple[int, int], p: tuple[int, int]) -> torch.Tensor:
+                     s: tuple[int, int], p: tuple[int, int], chunk_bytes: int) -> torch.Tensor:
     """Weight gradient of a convolution of int8 operands (N >= 1) as [O, C, kh, kw] in
     weight_grad_dtype: d as [O, rows] times the channels-last columns of x [rows, kh*kw*C] by
-    ``torch._int_mm``, a chunk of samples and a block of output channels at a time (small
-    temporaries). Every piece is exact in int32 (at most INT32_REDUCTION rows); the pieces are
-    added into the result in its dtype: int32 only when the whole reduction N*Ho*Wo is at most
-    131,071 terms, so that every running total, a sum of at most that many products of magnitude
-    <= 2**14, stays below 2**31."""
+    ``torch._int_mm``, a chunk of samples and a block of output channels at a time (temporaries
+    of about ``chunk_bytes``). Every piece is exact in int32 (at most INT32_REDUCTION rows); the
+    pieces are added into the result in its dtype: int32 only when the whole reduction N*Ho*Wo
+    is at most 131,071 terms, so that every running total, a sum of at most that many products
+    of magnitude <= 2**14, stays below 2**31."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
     kh, kw = khw
@@ -75,13 +71,13 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
     grad = torch.zeros((o, c, kh, kw), dtype=weight_grad_dtype(d, x, n * ho * wo))
     by_position = grad.permute(0, 2, 3, 1)  # [O, kh, kw, C]: the columns' order
     patches = _patches(x, kh, kw, s, p)
-    step = min(samples_per_chunk(ho * wo * k), max(1, INT32_REDUCTION // (ho * wo)))
-    block = max(8, CHUNK_BYTES // (4 * k) // 8 * 8)  # output channels per piece
+    step = min(samples_per_chunk(ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
+    block = max(8, chunk_bytes // (4 * k) // 8 * 8)  # output channels per piece
     for n0 in range(0, n, step):
         cols = patches[n0:n0 + step].reshape(-1, k)
         errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
         for o0 in range(0, o, block):
-            piece = _mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
+            piece = mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
             by_position[o0:o0 + block] += piece
         del cols
     return grad

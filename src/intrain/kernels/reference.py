@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 
-from intrain.kernels import FUNCTIONS
 from intrain.kernels.im2col import (
     IntPair,
     check_operand,
@@ -42,10 +41,6 @@ from intrain.kernels.im2col import (
     pair,
     weight_grad_dtype,
 )
-
-__all__ = list(FUNCTIONS)
-
-name = "reference"
 
 # Patch matrices are int64 (8 bytes per element); convolutions walk the batch in chunks so that
 # one chunk's patch matrix stays below this many elements (256 MiB).

@@ -9,7 +9,6 @@ bound ``sqrt(6 / fan_in)`` for ReLU networks: ``k`` is the smallest integer with
 
 from __future__ import annotations
 
-import torch
 
 from intrain.numeric import rng
 from intrain.layers.base import WeightedIntModule

@@ -15,7 +15,6 @@ run's ``--workers``; the result is the same for any number).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

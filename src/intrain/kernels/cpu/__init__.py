@@ -1,0 +1,48 @@
+"""The cpu kernel backend: exact integer products on the fastest units the CPU has.
+
+Two paths, bit-identical to the ``reference`` backend for every input (same dtypes, same values,
+same error messages):
+
+* int8 GEMM: on CPUs with AMX-INT8 tile units (Intel Xeon since Sapphire Rapids), oneDNN runs
+  ``torch._int_mm`` (int8 x int8 -> int32) at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (four
+  product shapes, measured on such a machine, see BENCHMARKS.md). There int8 products go to
+  it: linear layers always, convolutions with at least ``CpuSettings.int8_gemm_min_channels``
+  input and output channels (channels-last im2col; the input gradient of a stride-1 convolution
+  as the convolution with the flipped kernel; weight gradients in int32 pieces added in int64,
+  as in the cuda backend). Exact with no look at the data: an int32 sum of at most 131,071
+  int8 products cannot wrap.
+* float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
+  convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64
+  matmul below 1 GOPS, ``torch._int_mm`` about 3 GOPS, per issue 3). This path feeds float copies
+  of the integer operands to those kernels and proves, for every call, from the actual operand
+  values, that the float result is the exact integer sum (the proof is in ``bounds``).
+
+``product_to_int8`` gives a forward or input-gradient product already requantised to int8 (what
+the layers need) without making the int32 accumulator of the float path.
+
+Integer ranges guaranteed (same as every backend): forward / backward-input results are int32
+when both operands are int8 (|sum| <= 2**14 * K < 2**31, checked statically for K <= 131,071)
+and int64 when an operand is int16; weight gradients the same with K = the batch (times Ho*Wo).
+CPU tensors only.
+
+Dense, large errors need more blocks and so more calls than heavy-tailed ones. Speed against
+float32 is measured by ``benchmarks/speed.py``; results are in BENCHMARKS.md.
+
+A backend is ``CpuBackend(CpuSettings(...))``: every tuned constant (when to take the int8
+GEMM, how many float32 blocks before float64, chunk sizes, ...) is a field of the frozen
+:class:`CpuSettings` it holds, each justified by ``benchmarks/cpu_tuning.py``. The exactness
+limits 2**24 and 2**53 are not settings: they are the proof's (``F32_EXACT``, ``F64_EXACT``), and
+a backend can only be given lower ones (:class:`FloatLimits`, which is how the tests reach the
+blocked and fall-back plans on small shapes).
+
+Modules: ``bounds`` (the proof, the bounds and the block planner), ``weight_grad`` (the float
+path of convolution weight gradients), ``backend`` (:class:`CpuBackend` and its other products),
+``settings`` (:class:`CpuSettings`).
+"""
+
+from intrain.kernels.cpu.backend import CpuBackend, exact_to_int8, has_amx
+from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
+from intrain.kernels.cpu.settings import CpuSettings
+
+__all__ = ["F32_EXACT", "F64_EXACT", "CpuBackend", "CpuSettings", "FloatLimits", "exact_to_int8",
+           "has_amx"]

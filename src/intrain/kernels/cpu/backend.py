@@ -1,0 +1,417 @@
+"""The cpu backend's products (:class:`CpuBackend`): the int8 GEMM path, the float path's
+linear products and convolutions, and the products requantised straight to int8."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from intrain.kernels import int8_gemm
+from intrain.kernels import reference as _ref
+from intrain.kernels.base import Backend
+from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
+                                        no_nnpack, plan_blocks, weight_l1, window_l1)
+from intrain.kernels.cpu.settings import CpuSettings
+from intrain.kernels.cpu.weight_grad import float_weight_grad
+from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
+from intrain.kernels.int_mm import mm_int32, mm_int64
+from intrain.numeric.requant import cpu_slices, requantize, requantize_chunks
+from intrain.numeric.rounding import shift_round
+
+
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX-INT8 tile units (where oneDNN runs ``torch._int_mm`` fast)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe()) if probe is not None else False
+
+
+def _check_cpu(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if t.device.type != "cpu":
+            raise ValueError(f"the cpu backend takes CPU tensors, got one on {t.device}; "
+                             f"use the 'reference' or 'cuda' backend")
+
+
+def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Tensor:
+    """Gradient wrt the input of conv2d: a transposed convolution. output_padding picks the
+    input size when (H + 2p - kh) % s != 0; it lies in [0, s - 1] as conv_transpose2d needs."""
+    kh, kw = wf.shape[2:]
+    ho, wo = df.shape[2:]
+    op = (input_hw[0] + 2 * p[0] - kh - (ho - 1) * s[0],
+          input_hw[1] + 2 * p[1] - kw - (wo - 1) * s[1])
+    return F.conv_transpose2d(df, wf, None, s, p, op)
+
+
+class CpuBackend(Backend):
+    """Exact integer products on CPU tensors, on the int8 GEMM or the float units (see
+    :mod:`intrain.kernels.cpu`), with the tuned constants of ``settings`` and the exactness limits of
+    ``limits`` (default: the proof's, 2**24 and 2**53)."""
+
+    name = "cpu"
+
+    def __init__(self, settings: CpuSettings | None = None,
+                 limits: FloatLimits | None = None) -> None:
+        if settings is not None and not isinstance(settings, CpuSettings):
+            raise TypeError(f"the cpu backend takes CpuSettings, not {type(settings).__name__}")
+        if limits is not None and not isinstance(limits, FloatLimits):
+            raise TypeError(f"the cpu backend takes FloatLimits, not {type(limits).__name__}")
+        self.settings = CpuSettings() if settings is None else settings
+        self.limits = FloatLimits() if limits is None else limits
+
+    def __repr__(self) -> str:
+        return f"CpuBackend({self.settings!r}, {self.limits!r})"
+
+    def check_device(self, device: torch.device) -> None:
+        if device.type != "cpu":
+            raise ValueError(f"the cpu backend runs on CPU tensors only, not on {device}; "
+                             f"use 'reference' or 'cuda'")
+
+    def _int8_gemm(self, a: torch.Tensor, b: torch.Tensor, channels: int | None = None) -> bool:
+        """True when this int8 x int8 product goes to ``torch._int_mm`` (``channels``: the
+        smaller channel count of a convolution). On CPUs with AMX-INT8 (Intel Xeon since
+        Sapphire Rapids) oneDNN runs it at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (see
+        BENCHMARKS.md); elsewhere (AMD Zen 3: about 3 GOPS) the float path wins."""
+        if a.dtype != torch.int8 or b.dtype != torch.int8:
+            return False
+        if self.settings.use_int8_gemm is not None:
+            return self.settings.use_int8_gemm
+        return has_amx() and (channels is None
+                              or channels >= self.settings.int8_gemm_min_channels)
+
+    # ------------------------------------------------------------------------------- linear
+
+    def _mm_exact(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Exact ``a @ b`` for integer a [M, K], b [K, R] (any strides): a float tensor holding
+        the exact integer results, or an int64 tensor."""
+        k = a.shape[1]
+        ma, mb = absmax(a), absmax(b)
+        n_grains = min(k, self.settings.mm_grains)
+        edges = [(i * k) // n_grains for i in range(n_grains + 1)]
+
+        def parts() -> Bounds:
+            # cost_b[g, j] = sum_{k in grain g} |b[k, j]|, bounds S for outputs in column j;
+            # cost_a[g, i] = sum_{k in grain g} |a[i, k]|, bounds S for outputs in row i.
+            a32, b32 = a.to(torch.int32).abs(), b.to(torch.int32).abs()
+            cost_a = torch.stack([a32[:, e0:e1].sum(1, dtype=torch.int64)
+                                  for e0, e1 in zip(edges, edges[1:])])
+            cost_b = torch.stack([b32[e0:e1].sum(0, dtype=torch.int64)
+                                  for e0, e1 in zip(edges, edges[1:])])
+            return [L1Bound(ma, cost_b), L1Bound(mb, cost_a)]
+
+        dt, blocks = plan_blocks(ma * mb * k, [parts], n_grains,
+                                 self.settings.max_f32_blocks_mm, self.limits)
+        if dt is None:
+            return torch.matmul(a.to(torch.int64), b.to(torch.int64))
+        if len(blocks) == 1:
+            return torch.matmul(a.to(dt), b.to(dt))
+        res = (torch.matmul(a[:, edges[g0]:edges[g1]].to(dt), b[edges[g0]:edges[g1]].to(dt))
+               for g0, g1 in blocks)
+        return accumulate(res, ma * mb * k, self.limits)
+
+    def _linear_forward_exact(self, x: torch.Tensor, w: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.dtype]:
+        k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
+        _check_cpu(x, w)
+        out_dtype = _ref.narrow_result_dtype(x, w, k)  # refuses int8 reductions int32 cannot hold
+        if self._int8_gemm(x, w):
+            return mm_int32(x, w.t()), out_dtype
+        return self._mm_exact(x, w.t()), out_dtype
+
+    def linear_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
+        exact, out_dtype = self._linear_forward_exact(x, w)
+        return exact.to(out_dtype)
+
+    def _linear_backward_input_exact(self, d: torch.Tensor, w: torch.Tensor
+                                     ) -> tuple[torch.Tensor, torch.dtype]:
+        k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
+        _check_cpu(d, w)
+        out_dtype = _ref.narrow_result_dtype(d, w, k)  # refuses int8 reductions int32 cannot hold
+        if self._int8_gemm(d, w):
+            return mm_int32(d, w), out_dtype
+        return self._mm_exact(d, w), out_dtype
+
+    def linear_backward_input(self, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
+        exact, out_dtype = self._linear_backward_input_exact(d, w)
+        return exact.to(out_dtype)
+
+    def linear_backward_weight(self, d: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``d.T @ x``: d [N, O], x [N, I] -> [O, I] (int32 for int8 operands and N <= 131,071,
+        else int64)."""
+        k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
+        dtype = weight_grad_dtype(d, x, k)
+        _check_cpu(d, x)
+        if self._int8_gemm(d, x):
+            return mm_int64(d.t(), x).to(dtype)
+        return self._mm_exact(d.t(), x).to(dtype)
+
+    # ------------------------------------------------------------------------------- conv2d
+
+    def _forward_in_chunks(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                           padding: IntPair = 0):
+        """(N, chunks) of conv2d_forward for requantize_chunks, or None: one call suffices, or
+        the operands are int16, or the reference fall-back is needed."""
+        s, p, (n, c, _, _), (o, _, _, _), (ho, wo), out_dtype = _ref.conv_forward_geometry(
+            x, w, stride, padding)
+        _check_cpu(x, w)
+        if out_dtype != torch.int32 or n == 0:
+            return None
+        conv = self._forward_as_int8_gemm(x, w, stride, padding)
+        if conv is not None:
+            return n, ((n0, part.permute(0, 3, 1, 2))
+                       for n0, part in int8_gemm.conv_chunks(*conv))
+        step = self._float_samples_per_chunk(o * ho * wo)
+        if step >= n:
+            return None  # one float call; its result is requantised directly (exact_to_int8)
+        plan = self._forward_float_plan(x, w)
+        if plan[0] is None:
+            return None
+        return n, ((n0, self._forward_float_run(x[n0:n0 + step], w, s, p, *plan))
+                   for n0 in range(0, n, step))
+
+    def _backward_input_in_chunks(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                  stride: IntPair = 1, padding: IntPair = 0):
+        """(N, chunks) of conv2d_backward_input for requantize_chunks, or None (as above)."""
+        s, p, (n, o, _, _), (_, c, _, _), hw, out_dtype = _ref.conv_backward_input_geometry(
+            d, w, input_hw, stride, padding)
+        _check_cpu(d, w)
+        if out_dtype != torch.int32 or n == 0:
+            return None
+        conv = self._backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
+        if conv is not None:
+            return n, ((n0, part.permute(0, 3, 1, 2))
+                       for n0, part in int8_gemm.conv_chunks(*conv))
+        step = self._float_samples_per_chunk(c * hw[0] * hw[1])
+        if step >= n:
+            return None
+        plan = self._backward_input_float_plan(d, w)
+        if plan[0] is None:
+            return None
+        return n, ((n0, self._backward_input_float_run(d[n0:n0 + step], w, hw, s, p, *plan))
+                   for n0 in range(0, n, step))
+
+    def _forward_as_int8_gemm(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                              padding: IntPair = 0) -> tuple | None:
+        """Arguments of int8_gemm.conv that compute conv2d_forward, or None off that path."""
+        s, p, (n, c, _, _), (o, _, _, _), _, _ = _ref.conv_forward_geometry(x, w, stride, padding)
+        if n and self._int8_gemm(x, w, min(c, o)):
+            return x, w, s, p, self.settings.int8_gemm_chunk_bytes
+        return None
+
+    def _backward_input_as_int8_gemm(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                     stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
+        """Arguments of int8_gemm.conv that compute conv2d_backward_input, or None off that
+        path. With stride 1 the input gradient is the convolution of d with the kernel flipped
+        and its channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) is needed."""
+        s, p, (n, o, _, _), (_, c, kh, kw), _, _ = _ref.conv_backward_input_geometry(
+            d, w, input_hw, stride, padding)
+        if n and s == (1, 1) and p[0] < kh and p[1] < kw and self._int8_gemm(d, w, min(c, o)):
+            return (d, w.transpose(0, 1).flip(2, 3), s, (kh - 1 - p[0], kw - 1 - p[1]),
+                    self.settings.int8_gemm_chunk_bytes)
+        return None
+
+    def conv2d_forward(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                       padding: IntPair = 0) -> torch.Tensor:
+        """``conv2d(x, w, stride, padding)``: x [N, C, H, W], w [O, C, kh, kw] -> [N, O, Ho, Wo]
+        (int32 for int8 operands, else int64)."""
+        exact, out_dtype = self._conv2d_forward_exact(x, w, stride, padding)
+        return exact.to(out_dtype).contiguous()
+
+    def _conv2d_forward_exact(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair,
+                              padding: IntPair) -> tuple[torch.Tensor, torch.dtype]:
+        """conv2d_forward as (float or int32/int64 tensor holding the exact results, result
+        dtype)."""
+        s, p, (n, c, h, wd), (o, _, kh, kw), (ho, wo), out_dtype = _ref.conv_forward_geometry(
+            x, w, stride, padding)
+        _check_cpu(x, w)
+        conv = self._forward_as_int8_gemm(x, w, stride, padding)
+        if conv is not None:
+            return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
+        plan = self._forward_float_plan(x, w)
+        if plan[0] is None or n == 0:
+            return _ref.conv2d_forward(x, w, s, p), out_dtype
+        run = functools.partial(self._forward_float_run, w=w, s=s, p=p, dt=plan[0],
+                                blocks=plan[1], quick=plan[2])
+        return self._in_sample_chunks(run, x, o * ho * wo), out_dtype
+
+    def _forward_float_plan(self, x: torch.Tensor, w: torch.Tensor
+                            ) -> tuple[torch.dtype | None, list[tuple[int, int]], int]:
+        """(float dtype, blocks of input channels, quick bound) of a forward convolution, valid
+        for every subset of the samples. Blocks (if any) are groups of input channels; the
+        bounds of a group are max|x| * max_o sum_{c in group, i, j} |w[o, c, i, j]| and
+        max|w| * sum_{c in group} (largest sum of |x[n, c]| over a kh x kw window), see
+        window_l1."""
+        c, (kh, kw) = x.shape[1], w.shape[2:]
+        mx, mw = absmax(x), absmax(w)
+        quick = mx * mw * c * kh * kw
+        limits = self.limits
+        dt, blocks = plan_blocks(
+            quick, [lambda: [L1Bound(mx, weight_l1(w).t())],
+                    lambda: [L1Bound(mw, window_l1(x, (kh, kw), mx, limits))]],
+            c, self.settings.max_f32_blocks_conv, limits)
+        return dt, blocks, quick
+
+    def _float_samples_per_chunk(self, outputs_per_sample: int) -> int:
+        return max(1, self.settings.float_chunk_bytes // (4 * max(1, outputs_per_sample)))
+
+    def _in_sample_chunks(self, run, operand: torch.Tensor, outputs_per_sample: int
+                          ) -> torch.Tensor:
+        """``run(operand)`` computed on chunks of samples with at most float_chunk_bytes of
+        float32 results each, written into one result tensor: oneDNN's own temporaries stay
+        those of a chunk."""
+        n, step = operand.shape[0], self._float_samples_per_chunk(outputs_per_sample)
+        if step >= n:
+            return run(operand)
+        return stack_sample_chunks(n, ((n0, run(operand[n0:n0 + step]))
+                                       for n0 in range(0, n, step)))
+
+    def _forward_float_run(self, x, w, s, p, dt, blocks, quick) -> torch.Tensor:
+        xf = x.to(dt)
+        with no_nnpack():
+            if len(blocks) == 1:
+                return F.conv2d(xf, w.to(dt), None, s, p)
+            res = (F.conv2d(xf[:, c0:c1], w[:, c0:c1].to(dt), None, s, p) for c0, c1 in blocks)
+            return accumulate(res, quick, self.limits)
+
+    def conv2d_backward_input(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                              stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
+        """Gradient of conv2d with respect to its input: d [N, O, Ho, Wo], w [O, C, kh, kw] ->
+        [N, C, H, W] (int32 for int8 operands, else int64)."""
+        exact, out_dtype = self._conv2d_backward_input_exact(d, w, input_hw, stride, padding)
+        return exact.to(out_dtype).contiguous()
+
+    def _conv2d_backward_input_exact(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                     stride: IntPair, padding: IntPair
+                                     ) -> tuple[torch.Tensor, torch.dtype]:
+        """conv2d_backward_input as (float or int32/int64 tensor of exact results, result
+        dtype)."""
+        s, p, (n, o, ho, wo), (_, c, kh, kw), hw, out_dtype = _ref.conv_backward_input_geometry(
+            d, w, input_hw, stride, padding)
+        _check_cpu(d, w)
+        conv = self._backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
+        if conv is not None:
+            return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
+        plan = self._backward_input_float_plan(d, w)
+        if plan[0] is None or n == 0:
+            return _ref.conv2d_backward_input(d, w, hw, s, p), out_dtype
+        run = functools.partial(self._backward_input_float_run, w=w, hw=hw, s=s, p=p,
+                                dt=plan[0], blocks=plan[1], quick=plan[2])
+        return self._in_sample_chunks(run, d, c * hw[0] * hw[1]), out_dtype
+
+    def _backward_input_float_plan(self, d: torch.Tensor, w: torch.Tensor
+                                   ) -> tuple[torch.dtype | None, list[tuple[int, int]], int]:
+        """(float dtype, blocks of output channels, quick bound) of an input gradient, valid for
+        every subset of the samples. The bounds of a group of output channels are
+        max|d| * max_c sum_{o in group, i, j} |w[o, c, i, j]| and max|w| * sum_{o in group}
+        (largest sum of |d[n, o]| over a kh x kw window): the output positions that one input
+        position meets lie in such a window (see window_l1)."""
+        o, (kh, kw) = d.shape[1], w.shape[2:]
+        md, mw = absmax(d), absmax(w)
+        quick = md * mw * o * kh * kw
+        limits = self.limits
+        dt, blocks = plan_blocks(
+            quick, [lambda: [L1Bound(mw, window_l1(d, (kh, kw), md, limits))],
+                    lambda: [L1Bound(md, weight_l1(w))]],
+            o, self.settings.max_f32_blocks_conv, limits)
+        return dt, blocks, quick
+
+    def _backward_input_float_run(self, d, w, hw, s, p, dt, blocks, quick) -> torch.Tensor:
+        df = d.to(dt)
+        if len(blocks) == 1:
+            return _transposed(df, w.to(dt), hw, s, p)
+        res = (_transposed(df[:, o0:o1], w[o0:o1].to(dt), hw, s, p) for o0, o1 in blocks)
+        return accumulate(res, quick, self.limits)
+
+    def conv2d_backward_weight(self, d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
+                               stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
+        """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
+        [O, C, kh, kw], int32 for int8 operands and a reduction N*Ho*Wo of at most 131,071
+        terms, else int64.
+
+        The reduction runs over (n, ho, wo). Blocks (if any) are groups of samples, with the
+        bounds max|x| * max_o sum_{n in group} ||d[n, o]||_1, max|d| * max_c sum_{n in group}
+        ||x[n, c]||_1 and (Cauchy-Schwarz) sqrt(max_o sum_n ||d[n, o]||_2^2 * max_c sum_n
+        ||x[n, c]||_2^2): for a fixed (o, c, i, j) each input pixel meets at most one output
+        pixel (stride >= 1), so the x-terms of one output are a subset of x[n, c]'s pixels (the
+        padding adds zeros).
+
+        Splitting d: when dense, large errors and activations need many sample blocks, d is
+        split as d = 16*dh + dl with dh = trunc(d / 16), |dh| <= |d|/16, |dl| <= min(|d|, 15),
+        and the gradient is 16*G(dh, x) + G(dl, x): two cheaper plans, usually far fewer calls.
+        All of it is integer-valued float arithmetic on exact values (division by 16 and trunc
+        are exact).
+        """
+        s, p, (n, o, ho, wo), (_, c, h, wd), khw = _ref.conv_backward_weight_geometry(
+            d, x, kernel_hw, stride, padding)
+        _check_cpu(d, x)
+        dtype = weight_grad_dtype(d, x, n * ho * wo)
+        if n == 0:
+            return _ref.conv2d_backward_weight(d, x, khw, s, p)
+        if self._int8_gemm(d, x, min(c, o)):
+            return int8_gemm.conv_weight_grad(d, x, khw, s, p,
+                                              self.settings.int8_gemm_chunk_bytes)
+        return float_weight_grad(d, x, khw, s, p, dtype, self.settings, self.limits)
+
+    # ----------------------------------------------------------------- requantised products
+
+    _EXACT_PRODUCTS = {
+        "linear_forward": _linear_forward_exact,
+        "linear_backward_input": _linear_backward_input_exact,
+        "conv2d_forward": _conv2d_forward_exact,
+        "conv2d_backward_input": _conv2d_backward_input_exact,
+    }
+
+    _CONVS_IN_CHUNKS = {
+        "conv2d_forward": _forward_in_chunks,
+        "conv2d_backward_input": _backward_input_in_chunks,
+    }
+
+    def product_to_int8(self, name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
+        """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
+        as a 0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but
+        without making it: on the float path from the exact float product (a tensor-sized
+        4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
+        samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
+        memory of the int32 result, and float temporaries of one chunk only)."""
+        if name not in self._EXACT_PRODUCTS:
+            raise ValueError(f"product_to_int8 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
+                             f"not {name!r}")
+        in_chunks = self._CONVS_IN_CHUNKS.get(name)
+        chunked = in_chunks(self, *args) if in_chunks is not None else None
+        if chunked is not None:
+            return requantize_chunks(*chunked)
+        exact, _ = self._EXACT_PRODUCTS[name](self, *args)
+        return exact_to_int8(exact)
+
+
+def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-rounding requantisation to int8 of a tensor holding exact integers: float32
+    (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype, a slice of samples at a time.
+    Consumes ``exact`` (it is scaled in place).
+
+    With ``b`` = bit length of max |y| and ``s = max(b - 7, 0)``: for s = 0 every |y| <= 127
+    and the values are cast as they are. Otherwise ``t = trunc(y * 2**(1 - s))`` (scaling by a
+    power of two is exact in floats, and the cast truncates) is |y| / 2**(s-1) rounded down in
+    magnitude, below 2**8 (int16), and nearest rounding of y / 2**s with ties away from zero is
+    ``sign(t) * floor((|t| + 1) / 2)``, because floor((z + 1) / 2) = floor((floor(z) + 1) / 2)
+    for z >= 0: one more nearest shift of t, by 1. The clip to [-127, 127] follows as in
+    ``requantize``. Integer tensors go to ``requantize`` itself.
+    """
+    if not exact.is_floating_point():
+        q = requantize(exact, torch.zeros((), dtype=torch.int64))
+        return q.v, q.e
+    if exact.numel() == 0:
+        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
+    low, high = torch.aminmax(exact)
+    shift = max(int(max(-low, high)).bit_length() - 7, 0)
+    if shift == 0:
+        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
+    values = torch.empty(exact.shape, dtype=torch.int8)
+    for rows in cpu_slices(exact):
+        halves = exact[rows].mul_(2.0 ** (1 - shift)).to(torch.int16)
+        values[rows] = shift_round(halves, 1, "nearest").clamp_(-127, 127)
+    return values, torch.tensor(shift, dtype=torch.int64)

@@ -1,0 +1,47 @@
+"""Exact int8 matrix products through ``torch._int_mm`` (int8 x int8 -> int32), shared by the cuda
+backend and the cpu backend's int8 GEMM path.
+
+``_int_mm``'s shape rules on CUDA (more than 16 rows, a reduction length and a column count
+divisible by 8) are met by zero padding, which adds nothing to any sum; every call pads, on every
+device, so the padding is tested too. Integer ranges: an int32 sum of at most ``INT32_REDUCTION``
+products of int8 operands (each of magnitude <= 2**14) cannot wrap; longer reductions are cut
+into such pieces, added in int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+#: Longest reduction whose int32 sum of int8 products cannot wrap (128 * 128 * K < 2**31),
+#: rounded down to a multiple of 8 so that pieces need no padding of their own.
+INT32_REDUCTION = 131064
+#: Rows below this are padded (CUDA ``_int_mm`` wants more than 16; a multiple of 8 is kept).
+MIN_ROWS = 32
+
+
+def _round_up(v: int, multiple: int) -> int:
+    return -(-v // multiple) * multiple
+
+
+def mm_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 a [M, K], b [K, N] with K <= INT32_REDUCTION, as int32 [M, N]."""
+    m, k = a.shape
+    n = b.shape[1]
+    if m == 0 or n == 0 or k == 0:
+        return torch.zeros((m, n), dtype=torch.int32, device=a.device)
+    mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
+    a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a
+    b = F.pad(b, (0, np_ - n, 0, kp - k)) if (kp, np_) != (k, n) else b
+    return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
+
+
+def mm_int64(a: torch.Tensor, b: torch.Tensor, piece: int = INT32_REDUCTION) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 a [M, K], b [K, N] and any K, as int64: int32 pieces of the
+    reduction, each of at most ``piece`` <= INT32_REDUCTION terms, added in int64."""
+    k = a.shape[1]
+    total = None
+    for k0 in range(0, max(k, 1), piece):
+        part = mm_int32(a[:, k0:k0 + piece], b[k0:k0 + piece]).to(torch.int64)
+        total = part if total is None else total.add_(part)
+    return total
