@@ -151,7 +151,7 @@ def record_step(model_name: str, steps_before: int, seed: int = 0) -> list[Call]
     gen = torch.Generator().manual_seed(seed)
     recorder = Recorder()
     model = build_int_model(model_name, shape, 10, seed=seed, backend=recorder, width=width)
-    trainer = Niti(model, NitiOptions(mu_schedule="0:4"), seed=seed)
+    trainer = Niti(model, NitiOptions(mu_schedule="0:4", weight_average="none"), seed=seed)
     for step in range(steps_before + 1):
         pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
         labels = torch.randint(0, 10, (batch,), generator=gen)
