@@ -44,23 +44,13 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 # ----------------------------------------------------------------------------- train
 
 def add_train(sub) -> None:
     """``intrain train``: train one model (int8 or its float32 twin) and save the run."""
     from intrain.data import DATASETS
     from intrain.methods import METHODS
-    from intrain.methods.base import add_option_arguments
+    from intrain.methods.base import add_option_arguments, positive_float
     from intrain.models import MODELS
     from intrain.run.config import DEVICES
 
@@ -80,7 +70,7 @@ def add_train(sub) -> None:
                    help="imagefolder only: images are resized (shorter side round(S*8/7)) and cropped to SxS, "
                         "randomly with flips for training when augmenting, centred for evaluation (default: 224)")
     p.add_argument("--model", choices=MODELS, help="network (default: mlp)")
-    p.add_argument("--width", type=_positive_float, metavar="W",
+    p.add_argument("--width", type=positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
                         "VGG-small (default: 1.0)")
     p.add_argument("--arith", choices=tuple(METHODS),

@@ -42,6 +42,17 @@ def option(default: Any = None, *, help: str, parse: Callable[[str], Any] | None
     return field(default=default, metadata=dict(help=help, parse=parse, choices=choices, metavar=metavar))
 
 
+def positive_float(text: str) -> float:
+    """Parser of a positive, finite number option (``--lr``, ``--width``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option field: ``mu_schedule`` -> ``--mu-schedule``."""
     return "--" + name.replace("_", "-")

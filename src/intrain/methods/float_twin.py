@@ -16,14 +16,13 @@ model is built and the run is reproducible on CPU.
 
 from __future__ import annotations
 
-import argparse
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from intrain.methods.base import Method, MethodOptionError, option
+from intrain.methods.base import Method, MethodOptionError, option, positive_float
 from intrain.models import build_float_model
 from intrain.numeric.qtensor import QTensor
 
@@ -51,19 +50,9 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> 
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def parse_lr(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
 @dataclass(frozen=True)
 class FloatOptions:
-    lr: float | None = option(help="peak learning rate (default: 0.05 x batch size / 64)", parse=parse_lr,
+    lr: float | None = option(help="peak learning rate (default: 0.05 x batch size / 64)", parse=positive_float,
                               metavar="LR")
 
 
