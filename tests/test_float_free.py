@@ -59,10 +59,6 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
     ("intrain.numeric.qtensor", "def QTensor.to_float",
      "the real value for people and the float baseline; called only by run/loop.py (_as_float, "
      "for logging and evaluation outside the step), never inside a training step"),
-    ("intrain.numeric.requant", "part.mul_(2.0 ** -k)",
-     "cpu backend only: its float-unit products hold exact integers (< 2**31) in float tensors, "
-     "scaled here by an exact power of two; the reference backend passes int32 chunks and never "
-     "takes this branch"),
     ("intrain.layers.dropout", "p: float = 0.5",
      "default of the dropout probability, a float hyper-parameter that IntDropout.__init__ turns "
      "once, at build time, into the integer threshold round(p * 2**32) (exact in binary64: a "

@@ -30,7 +30,8 @@ from intrain.kernels.cpu import bounds as B
 from intrain.kernels.cpu import exact_to_int8, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels.int_mm import INT32_REDUCTION
-from intrain.numeric.requant import requantize, requantize_chunks
+from intrain.kernels.cpu.chunks import requantize_chunks
+from intrain.numeric.requant import requantize
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,

@@ -6,8 +6,6 @@ rounding and the exponent becomes ``e + s``; otherwise they are kept as they are
 The result is clipped to the symmetric range ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``
 (``[-127, 127]`` for int8, ``[-32767, 32767]`` for int16) and stored in int8 or int16.
 Rounding may carry one value past the limit (127.5 rounds to 128); the clip absorbs that.
-``requantize_chunks`` gives the same int8 result (nearest rounding) for a product delivered a
-chunk of samples at a time, without ever holding the whole accumulator.
 """
 
 from __future__ import annotations
@@ -105,40 +103,3 @@ def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: i
         return requantize(getattr(backend, name)(*args), e, bits=bits)
     values, shift = fused(name, *args)
     return QTensor(values, e + shift)
-
-
-def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
-    """A product of int8 operands requantised to int8 [N, ...] with nearest rounding, as
-    (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, as int32
-    or a float tensor of integers below 2**31 in magnitude, any memory layout) pairs. The whole
-    accumulator is never made: each chunk is kept in int16 as ``t = sign(y) * floor(|y| / 2**k)``
-    with k = max(bit_length(max |chunk|) - 15, 0), and once the overall shift
-    ``s = max(bit_length(max |y|) - 7, 0)`` is known, rounded by a nearest shift of t by s - k.
-    That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c) / m) for
-    integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
-    floor((t + c) / m) = floor((|y| + 2**(s-1)) / 2**s); c is an integer because s - k >= 1
-    whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
-    kept, dropped, largest = None, [], 0
-    for n0, part in chunks:
-        low, high = torch.aminmax(part)
-        chunk_max = max(-int(low), int(high))
-        k = max(chunk_max.bit_length() - 15, 0)
-        if kept is None:
-            kept = torch.empty((n,) + part.shape[1:], dtype=torch.int16)
-        if k and part.is_floating_point():
-            part = part.mul_(2.0 ** -k)  # exact; the cast to int16 below truncates toward zero
-        elif k:
-            sign = part >> 31  # -1 for negative values: |y| = (y ^ sign) - sign
-            truncated = ((part ^ sign) - sign) >> k
-            part = (truncated ^ sign) - sign
-        kept[n0:n0 + part.shape[0]] = part
-        dropped.append((n0, part.shape[0], k))
-        largest = max(largest, chunk_max)
-    shift = max(largest.bit_length() - 7, 0)
-    values = torch.empty(kept.shape, dtype=torch.int8)
-    for n0, rows, k in dropped:
-        chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
-        for sl in cpu_slices(chunk_kept):
-            chunk_values[sl] = shift_round(chunk_kept[sl].to(torch.int32), shift - k,
-                                           "nearest").clamp_(-127, 127)
-    return values, torch.tensor(shift, dtype=torch.int64)

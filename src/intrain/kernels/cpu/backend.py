@@ -17,7 +17,8 @@ from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
 from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
 from intrain.kernels.int_mm import mm_int32, mm_int64
-from intrain.numeric.requant import cpu_slices, requantize, requantize_chunks
+from intrain.kernels.cpu.chunks import requantize_chunks
+from intrain.numeric.requant import cpu_slices, requantize
 from intrain.numeric.rounding import shift_round
 
 
