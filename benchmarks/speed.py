@@ -181,6 +181,10 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
         print(f"  peak above start int8 {peaks[0] / 2**20:8.2f} MiB  float32 {peaks[1] / 2**20:8.2f} MiB  ratio {peaks[0] / peaks[1]:5.2f}x")
 
+    if len(int_model.layers) != len(float_model):
+        # e.g. ResNet's float twin has BatchNorm layers the integer model does not: no pairing.
+        print("  per layer: not paired (the float twin has layers the integer model has not)")
+        return
     print("  per layer (forward + backward):")
     q, f = x_int, x_float
     for int_layer, float_layer in zip(int_model.layers, float_model):
