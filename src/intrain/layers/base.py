@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from intrain.numeric import rng
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize_product
@@ -23,10 +24,16 @@ from intrain.numeric.rounding import shift_round
 
 @dataclass(frozen=True)
 class StepContext:
-    """What a training step's random numbers are keyed by: the run's seed and the global step."""
+    """What a training step's random numbers are keyed by (the run's seed and the global step),
+    and, for a data-parallel run, how this process's shard sits in the global batch:
+    ``sample_offset`` is the global index of its first sample (random numbers are keyed by global
+    element position, never by rank) and ``collective`` reduces over all processes (``LOCAL``: one
+    process)."""
 
     seed: int
     step: int
+    sample_offset: int = 0
+    collective: Collective = LOCAL
 
 
 class IntModule(torch.nn.Module):
