@@ -158,6 +158,25 @@ def test_val_split_and_train_limit(tmp_path):
     assert len(s.train) == 1
 
 
+def test_tune_split_never_touches_the_reported_split(tmp_path):
+    """The tuning split lies just before the validation split (the last images without one): the
+    images results are reported on are neither trained nor evaluated on while choosing a recipe."""
+    tr_x, tr_y, _, _ = make_set(tmp_path, test=False)
+    s = load_dataset("fashion-mnist", str(tmp_path), val_split=5, tune_split=4)
+    assert s.eval_name == "tuning" and len(s.train) == 11 and len(s.eval) == 4
+    assert torch.equal(s.eval.images[:, 0], torch.from_numpy(tr_x[11:15]))
+    assert s.eval.labels.tolist() == tr_y[11:15].tolist()
+    assert torch.equal(s.train.images[:, 0], torch.from_numpy(tr_x[:11]))
+    s = load_dataset("fashion-mnist", str(tmp_path), val_split=5, tune_split=4, train_limit=3)
+    assert torch.equal(s.train.images[:, 0], torch.from_numpy(tr_x[:3]))
+    assert torch.equal(s.eval.images[:, 0], torch.from_numpy(tr_x[11:15]))
+    # MNIST reports on its test split: the tuning split is the last training images, and the
+    # test files need not be there
+    s = load_dataset("mnist", str(tmp_path), tune_split=6)
+    assert s.eval_name == "tuning" and torch.equal(s.eval.images[:, 0], torch.from_numpy(tr_x[14:]))
+    assert len(s.train) == 14
+
+
 def test_train_limit_with_test_split(tmp_path):
     tr_x, tr_y, te_x, _ = make_set(tmp_path)
     s = load_dataset("mnist", str(tmp_path), train_limit=7)
@@ -169,6 +188,8 @@ def test_train_limit_with_test_split(tmp_path):
     (dict(val_split=0), "--val-split"), (dict(val_split=20), "--val-split"),
     (dict(val_split=-3), "--val-split"), (dict(val_split=2.0), "--val-split"),
     (dict(train_limit=0), "--train-limit"), (dict(val_split=3, train_limit=-1), "--train-limit"),
+    (dict(tune_split=0), "--tune-split"), (dict(tune_split=20), "--tune-split must be smaller than the 20 "),
+    (dict(val_split=15, tune_split=5), "--tune-split must be smaller than the 5 training images of mnist left by"),
 ])
 def test_bad_split_args(tmp_path, kw, pattern):
     make_set(tmp_path)
@@ -273,12 +294,12 @@ def test_cifar_dispatch(monkeypatch):
 
     calls = []
     fake = types.ModuleType("intrain.data.cifar")
-    fake.load_cifar10 = lambda data_dir, val_split=None, train_limit=None: calls.append(
-        (data_dir, val_split, train_limit)) or "splits"
+    fake.load_cifar10 = lambda data_dir, val_split=None, train_limit=None, tune_split=None: calls.append(
+        (data_dir, val_split, train_limit, tune_split)) or "splits"
     monkeypatch.setitem(sys.modules, "intrain.data.cifar", fake)
-    assert load_dataset("cifar10", "somewhere", val_split=3, train_limit=9) == "splits"
+    assert load_dataset("cifar10", "somewhere", val_split=3, train_limit=9, tune_split=4) == "splits"
     assert load_dataset("cifar10") == "splits"
-    assert calls == [("somewhere", 3, 9), (os.path.join("data", "cifar10"), None, None)]
+    assert calls == [("somewhere", 3, 9, 4), (os.path.join("data", "cifar10"), None, None, None)]
 
 
 # ---------------------------------------------------------------- real data

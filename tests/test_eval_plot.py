@@ -59,6 +59,23 @@ def test_eval_with_overrides(runs, capsys):
     assert sum(map(sum, result["confusion"])) == 100
 
 
+def test_a_tuning_run_evaluates_on_its_tuning_split(tmp_path, capsys):
+    run_dir = tmp_path / "tuning"
+    argv = ["train", "--epochs", "1", "--val-split", "100", "--tune-split", "200", "--out", str(run_dir)]
+    assert main(argv) == 0
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert cfg["tune_split"] == 200 and cfg["eval_name"] == "tuning" and cfg["train_size"] == 1437 - 300
+    expected = _last_eval_acc(run_dir)
+    capsys.readouterr()
+    assert main(["eval", "--run", str(run_dir)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"eval_acc={expected:.2f}"
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["eval_name"] == "tuning" and result["eval_size"] == 200
+    assert main(["eval", "--run", str(run_dir), "--val-split", "100"]) == 0  # the reported split, asked for
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["eval_name"] == "validation" and result["eval_size"] == 100
+
+
 def test_eval_errors(tmp_path, runs, capsys):
     assert "nowhere" in _refused(["eval", "--run", str(tmp_path / "nowhere")], tmp_path, capsys)
     (tmp_path / "empty").mkdir()

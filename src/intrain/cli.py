@@ -85,6 +85,10 @@ def add_train(sub) -> None:
     p.add_argument("--val-split", type=_int_at_least(1, "an integer >= 1"), metavar="N",
                    help="hold out the last N training images for validation and evaluate on them "
                         "instead of the test split (needed for fashion-mnist)")
+    p.add_argument("--tune-split", type=_int_at_least(1, "an integer >= 1"), metavar="N",
+                   help="hold out the N training images just before the validation split (the last N without "
+                        "--val-split) and evaluate on them instead: the split to choose recipes on, so the "
+                        "validation or test split that results are reported on is never seen")
     p.add_argument("--train-limit", type=_int_at_least(1, "an integer >= 1"), metavar="N",
                    help="train on the first N training images only")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction,
@@ -113,6 +117,7 @@ def add_train(sub) -> None:
 #: method's own options take their defaults from the method and the recipe.
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, device="cpu", width=1.0, workers=0)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
+                 "tune_split",
                  "train_limit", "device", "out", "width", "augment", "workers", "checkpoint_every", "image_size")
 
 

@@ -34,26 +34,27 @@ def default_data_dir(name: str) -> str:
 
 
 def load_dataset(name: str, data_dir: str | None = None, val_split: int | None = None,
-                 train_limit: int | None = None, image_size: int | None = None) -> DatasetSplits:
+                 train_limit: int | None = None, image_size: int | None = None,
+                 tune_split: int | None = None) -> DatasetSplits:
     """Load ``name`` (one of ``DATASETS``); ``data_dir`` defaults to ``data/<name>``
     and is ignored for "digits". See ``intrain.data.dataset.make_splits`` for
-    ``val_split`` / ``train_limit``. ``image_size`` is the side of the square images of
+    ``val_split`` / ``tune_split`` / ``train_limit``. ``image_size`` is the side of the square images of
     "imagefolder" (default 224) and must be None for the other data sets."""
     _check_name(name)
     if name == "imagefolder":
         from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE, load_imagefolder
         return load_imagefolder(default_data_dir(name) if data_dir is None else data_dir,
                                 DEFAULT_IMAGE_SIZE if image_size is None else image_size,
-                                val_split=val_split, train_limit=train_limit)
+                                val_split=val_split, train_limit=train_limit, tune_split=tune_split)
     if image_size is not None:
         raise DataError(f"--image-size applies to --dataset imagefolder only; {name} images have a fixed size")
     if name == "digits":
         from intrain.data.digits import load_digits
-        return load_digits(val_split=val_split, train_limit=train_limit)
+        return load_digits(val_split=val_split, train_limit=train_limit, tune_split=tune_split)
     if data_dir is None:
         data_dir = default_data_dir(name)
     if name == "cifar10":
         from intrain.data.cifar import load_cifar10
-        return load_cifar10(data_dir, val_split=val_split, train_limit=train_limit)
+        return load_cifar10(data_dir, val_split=val_split, train_limit=train_limit, tune_split=tune_split)
     from intrain.data.idx import load_mnist_format
-    return load_mnist_format(data_dir, name, val_split=val_split, train_limit=train_limit)
+    return load_mnist_format(data_dir, name, val_split=val_split, train_limit=train_limit, tune_split=tune_split)

@@ -151,9 +151,10 @@ def channel_mean_u8(images: torch.Tensor) -> tuple[int, ...]:
     return tuple((2 * s + count) // (2 * count) for s in sums)
 
 
-def load_cifar10(data_dir, val_split: int | None = None, train_limit: int | None = None) -> DatasetSplits:
+def load_cifar10(data_dir, val_split: int | None = None, train_limit: int | None = None,
+                 tune_split: int | None = None) -> DatasetSplits:
     """Load CIFAR-10 from ``data_dir``; see the module docstring for the guarantees."""
-    check_split_args(val_split, train_limit)
+    check_split_args(val_split, train_limit, tune_split)
     fmt, folder, root = _find(Path(data_dir))
     for name in _TRAIN + [_TEST]:  # report a missing file before reading anything large
         path = folder / (name if fmt == "py" else f"{name}.bin")
@@ -163,5 +164,5 @@ def load_cifar10(data_dir, val_split: int | None = None, train_limit: int | None
     test_x, test_y = _read_split(folder, fmt, [_TEST], root)
     splits = make_splits(ImageDataset(train_x, train_y, NUM_CLASSES, "cifar10-train"),
                          ImageDataset(test_x, test_y, NUM_CLASSES, "cifar10-test"),
-                         val_split=val_split, train_limit=train_limit)
+                         val_split=val_split, train_limit=train_limit, tune_split=tune_split)
     return dataclasses.replace(splits, channel_mean=channel_mean_u8(splits.train.images))

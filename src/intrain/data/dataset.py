@@ -76,12 +76,12 @@ class DatasetSplits:
 
     train: ImageDataset
     eval: ImageDataset
-    eval_name: str  # "test" or "validation"
+    eval_name: str  # "test", "validation" or "tuning"
     channel_mean: tuple[int, ...] | None  # per-channel integer mean (0..255) to subtract, or None
 
     def __post_init__(self):
-        if self.eval_name not in ("test", "validation"):
-            raise DataError(f"eval_name must be 'test' or 'validation', got {self.eval_name!r}")
+        if self.eval_name not in ("test", "validation", "tuning"):
+            raise DataError(f"eval_name must be 'test', 'validation' or 'tuning', got {self.eval_name!r}")
         if self.channel_mean is not None:
             c = self.train.image_shape[0]
             if len(self.channel_mean) != c or not all(
@@ -89,30 +89,42 @@ class DatasetSplits:
                 raise DataError(f"channel_mean must be {c} ints in 0..255, got {self.channel_mean!r}")
 
 
-def check_split_args(val_split: int | None, train_limit: int | None) -> None:
+def check_split_args(val_split: int | None, train_limit: int | None, tune_split: int | None = None) -> None:
     """Cheap argument checks to run before loading anything (upper bounds come later)."""
     if val_split is not None and (not _is_int(val_split) or val_split < 1):
         raise DataError(f"--val-split must be an integer >= 1, got {val_split!r}")
+    if tune_split is not None and (not _is_int(tune_split) or tune_split < 1):
+        raise DataError(f"--tune-split must be an integer >= 1, got {tune_split!r}")
     if train_limit is not None and (not _is_int(train_limit) or train_limit < 1):
         raise DataError(f"--train-limit must be an integer >= 1, got {train_limit!r}")
 
 
 def make_splits(full_train: ImageDataset, test: ImageDataset | None, val_split: int | None = None,
                 train_limit: int | None = None,
-                channel_mean: tuple[int, ...] | None = None) -> DatasetSplits:
-    """Apply the shared ``val_split`` / ``train_limit`` semantics.
+                channel_mean: tuple[int, ...] | None = None, tune_split: int | None = None) -> DatasetSplits:
+    """Apply the shared ``val_split`` / ``tune_split`` / ``train_limit`` semantics.
 
     ``val_split=N`` holds out the LAST N images of ``full_train`` as the validation
     set (1 <= N < len(full_train)); otherwise ``test`` is the eval set.
+    ``tune_split=M`` holds out the M images just before the validation set (the last M when
+    there is none) and evaluates on them instead: the split recipes are chosen on, so the
+    validation or test split that results are reported on is never seen while choosing (the
+    validation images are then neither trained nor evaluated on).
     ``train_limit=N`` (N >= 1) keeps the first N remaining training images (all of
     them if fewer are available). Slices share memory with ``full_train``.
     """
-    check_split_args(val_split, train_limit)
+    check_split_args(val_split, train_limit, tune_split)
     n = len(full_train)
     if val_split is not None and val_split >= n:
         raise DataError(f"--val-split must be smaller than the {n} training images of "
                         f"{full_train.name}, got {val_split}")
-    if val_split is not None:
+    if tune_split is not None:
+        end = n - (val_split or 0)
+        if tune_split >= end:
+            raise DataError(f"--tune-split must be smaller than the {end} training images of {full_train.name}"
+                            f"{' left by --val-split' if val_split else ''}, got {tune_split}")
+        train, ev, eval_name = full_train.subset(0, end - tune_split), full_train.subset(end - tune_split, end), "tuning"
+    elif val_split is not None:
         train, ev, eval_name = full_train.subset(0, n - val_split), full_train.subset(n - val_split, n), "validation"
     else:
         if test is None:

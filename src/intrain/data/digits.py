@@ -37,12 +37,13 @@ def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
     return p.astype(np.uint8), np.asarray(d.target).astype(np.int64)
 
 
-def load_digits(val_split: int | None = None, train_limit: int | None = None) -> DatasetSplits:
+def load_digits(val_split: int | None = None, train_limit: int | None = None,
+                tune_split: int | None = None) -> DatasetSplits:
     """Digits splits as described in the module docstring."""
-    check_split_args(val_split, train_limit)
+    check_split_args(val_split, train_limit, tune_split)
     images, labels = _digits_arrays()
     full = ImageDataset(torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels), 10, "digits")
     is_test = torch.arange(len(full)) % 5 == 0
     train = ImageDataset(full.images[~is_test], full.labels[~is_test], 10, "digits")
     test = ImageDataset(full.images[is_test], full.labels[is_test], 10, "digits")
-    return make_splits(train, test, val_split=val_split, train_limit=train_limit)
+    return make_splits(train, test, val_split=val_split, train_limit=train_limit, tune_split=tune_split)

@@ -113,13 +113,13 @@ def _load_pair(images_path: str, labels_path: str, name: str) -> ImageDataset:
 
 
 def load_mnist_format(data_dir: str, name: str, val_split: int | None = None,
-                      train_limit: int | None = None) -> DatasetSplits:
+                      train_limit: int | None = None, tune_split: int | None = None) -> DatasetSplits:
     """Load MNIST / Fashion-MNIST IDX files from ``data_dir`` (``.gz`` or raw).
 
-    Without ``val_split`` the eval set is the t10k test split, which must exist.
+    Without ``val_split`` or ``tune_split`` the eval set is the t10k test split, which must exist.
     ``channel_mean`` is None (inputs are p >> 1 in [0, 127]).
     """
-    check_split_args(val_split, train_limit)
+    check_split_args(val_split, train_limit, tune_split)
     if os.path.exists(data_dir) and not os.path.isdir(data_dir):
         raise DataError(f"data directory {data_dir} is a file, not a directory: pass --data-dir "
                         "pointing at the folder with the IDX files")
@@ -131,11 +131,11 @@ def load_mnist_format(data_dir: str, name: str, val_split: int | None = None,
         lambda s: f"training file {os.path.join(data_dir, s)}[.gz] missing: pass "
                   f"--data-dir pointing at the folder with the {name} IDX files")
     test_paths = None
-    if val_split is None:  # check before the (slow) reading of the training files
+    if val_split is None and tune_split is None:  # check before the (slow) reading of the training files
         test_paths = _find_pair(
             data_dir, (TEST_IMAGES, TEST_LABELS),
             lambda s: f"no test split in {data_dir} ({s}[.gz] missing): pass "
                       "--val-split N to hold out N training images for validation")
     train = _load_pair(*train_paths, name)
     test = _load_pair(*test_paths, name) if test_paths else None
-    return make_splits(train, test, val_split=val_split, train_limit=train_limit)
+    return make_splits(train, test, val_split=val_split, train_limit=train_limit, tune_split=tune_split)

@@ -264,11 +264,11 @@ def _split(folder: Path, classes: list[str], image_size: int, name: str, empty_o
 
 
 def load_imagefolder(data_dir, image_size: int = DEFAULT_IMAGE_SIZE, val_split: int | None = None,
-                     train_limit: int | None = None) -> DatasetSplits:
+                     train_limit: int | None = None, tune_split: int | None = None) -> DatasetSplits:
     """The train/ and val/ splits of ``data_dir`` (see the module docstring); lists files, decodes none."""
-    check_split_args(val_split, train_limit)
+    check_split_args(val_split, train_limit, tune_split)
     check_image_size(image_size)
-    for flag, value in (("--val-split", val_split), ("--train-limit", train_limit)):
+    for flag, value in (("--val-split", val_split), ("--tune-split", tune_split), ("--train-limit", train_limit)):
         if value is not None:
             raise DataError(f"{flag} does not apply to imagefolder: the images are in (class, name) order, so "
                             "the last or first N would be of a few classes only; make val/ (or a smaller "

@@ -42,6 +42,7 @@ class TrainConfig:
     batch_size: int | None = None
     seed: int = 0
     val_split: int | None = None
+    tune_split: int | None = None  # evaluate on the images just before the validation split (recipe tuning)
     train_limit: int | None = None
     device: str = "cpu"
     out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k

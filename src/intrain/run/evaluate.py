@@ -93,14 +93,16 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
     name = cfg["dataset"] if dataset is None else dataset
     if same_data:
         data_dir = cfg.get("data_dir") if data_dir is None else data_dir
+        # an explicit --val-split asks for the validation split, not the run's tuning split
+        tune_split = cfg.get("tune_split") if val_split is None else None
         val_split = cfg.get("val_split") if val_split is None else val_split
         train_limit = cfg.get("train_limit")
     else:
-        train_limit = None
+        train_limit = tune_split = None
     image_size = None
     if name == "imagefolder":  # the run's crop size (an image folder is decoded at the size the model takes)
         image_size = cfg.get("image_size") or int(cfg["image_shape"][-1])
-    splits = load_dataset(name, data_dir, val_split, train_limit, image_size)
+    splits = load_dataset(name, data_dir, val_split, train_limit, image_size, tune_split=tune_split)
     shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
     if splits.eval.image_shape != shape or splits.eval.num_classes != classes:
         raise ConfigError(f"the model in {run_dir} takes {'x'.join(map(str, shape))} images and {classes} classes, "

@@ -96,7 +96,8 @@ def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     c = config.resolved()
     check_args(c)
     out_dir = Path(c.out) if resuming else check_out(c.out, c.overwrite)
-    splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit, c.image_size)
+    splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit, c.image_size,
+                          tune_split=c.tune_split)
     if len(splits.train) == 0:
         raise ConfigError(f"the {c.dataset} training set is empty: check --data-dir and --train-limit")
     steps_per_epoch = -(-len(splits.train) // c.batch_size)
