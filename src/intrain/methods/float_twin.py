@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
 from intrain.models import build_float_model
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 #: Fraction of all steps spent in linear warm-up.
@@ -81,8 +82,9 @@ class FloatTwin(Method):
     def network_input(cls, pixels: QTensor) -> torch.Tensor:
         return pixels.to_float()
 
-    def __init__(self, model: torch.nn.Module, options: FloatOptions, *, seed: int = 0, total_steps: int) -> None:
-        super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)))
+    def __init__(self, model: torch.nn.Module, options: FloatOptions, *, seed: int = 0, total_steps: int,
+                 collective: Collective = LOCAL) -> None:
+        super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)), collective=collective)
         self.base_lr = float(options.lr)
         self.warmup_steps = max(1, round(WARMUP_FRACTION * self.total_steps))
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
@@ -96,8 +98,9 @@ class FloatTwin(Method):
         """The learning rate this trainer uses at global step ``step``."""
         return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0) -> torch.Tensor:
         """One SGD step on batch ``(x, y)`` at global step ``step``; returns the batch's logits.
+        One process only (``data_parallel`` is off): ``sample_offset`` is always 0.
 
         The logits are those of the forward pass the update is computed from (before the
         update), detached.
