@@ -70,7 +70,7 @@ class IntResidual(IntModule):
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        return self.fmt.add(d_main, d_short, mode="stochastic", key=key, offset=ctx.element_offset(d.v),
+        return self.fmt.add(d_main, d_short, mode="stochastic", key=key, offset=ctx.element_offset(d_main.v),
                             reduce_max=ctx.collective.max)
 
     def clear_saved(self) -> None:
