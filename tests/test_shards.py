@@ -161,9 +161,16 @@ def test_residual_add_of_shards_is_the_whole_batch(mode):
     ("conv2d_backward_input", lambda x, w: (x, w, (6, 6), 1, 1)),
     ("linear_forward", None),
 ])
-def test_cpu_fused_requantisation_of_shards_is_the_whole_batch(product, args):
-    """The cpu backend's ``product_to_int8`` in small chunks (``requantize_chunks``) and whole
-    (``exact_to_int8``) takes the whole batch's shift."""
+def test_cpu_fused_requantisation_of_shards_is_the_whole_batch(product, args, monkeypatch):
+    """The cpu backend's ``product_to_int8`` in small chunks (``requantize_chunks``, the
+    convolutions here) and whole (``exact_to_int8``, the linear product) takes the whole batch's
+    shift."""
+    import intrain.kernels.cpu.backend as cpu_backend
+
+    chunked = []
+    original = cpu_backend.requantize_chunks
+    monkeypatch.setattr(cpu_backend, "requantize_chunks",
+                        lambda *a, **k: chunked.append(1) or original(*a, **k))
     backend = CpuBackend(CpuSettings(float_chunk_bytes=2**10, int8_gemm_chunk_bytes=2**10))
     gen = torch.Generator().manual_seed(1)
     rows, world = 9, 2
@@ -187,6 +194,7 @@ def test_cpu_fused_requantisation_of_shards_is_the_whole_batch(product, args):
     parts = ThreadGroup(world).run(shard)
     assert torch.equal(torch.cat([p.v for p in parts]), whole.v)
     assert all(int(p.e) == int(whole.e) for p in parts)
+    assert bool(chunked) == (args is not None)
 
 
 def _model(name: str, shape, options: NitiOptions, width: float):
