@@ -7,7 +7,8 @@ would) train with the same seed and global batch as one process, and the final w
 for LeNet-5 and a narrow ResNet-18, with stochastic error rounding (its random numbers are keyed
 by element position in the global batch). The batches are chosen so that the shards are uneven
 and the last batch of every epoch has one image: one process then has an empty shard. A
-two-process run killed with SIGKILL mid-epoch and resumed by one process ends identical too.
+two-process run killed with SIGKILL mid-epoch and resumed by one process ends identical too, and
+so does a one-process run resumed by two.
 Bad input (the float twin under several processes, an inconsistent environment) stops every
 process with one line and exit status 2, writing nothing.
 """
@@ -33,9 +34,10 @@ for _name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
 TIMEOUT = 180
 
 #: 149 training images in batches of 37: four full batches (shards of 18 and 19 images) and a
-#: last batch of one image (an empty shard for rank 0, the image for rank 1).
+#: last batch of one image (an empty shard for rank 0, the image for rank 1); a checkpoint every
+#: 2 steps, so that rank 0 writes some mid-epoch and a killed run resumes mid-epoch.
 LENET = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit", "149",
-         "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3")
+         "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3", "--checkpoint-every", "2")
 RESNET = ("--dataset", "mnist", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "37",
           "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--weight-bits", "16",
           "--mu-schedule", "0:2")
@@ -92,22 +94,37 @@ def _written(folder) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
-@pytest.mark.parametrize("args", [LENET, RESNET], ids=["lenet5", "resnet18"])
-def test_two_processes_end_bit_identical_to_one(args, mnist_dir, tmp_path):
-    one = _run(_train_command(args, tmp_path / "one", mnist_dir, 1), tmp_path)
-    two = _run(_train_command(args, tmp_path / "two", mnist_dir, 2), tmp_path)
-    _assert_same_run(tmp_path / "two", tmp_path / "one")
+@pytest.fixture(scope="module")
+def lenet_one(mnist_dir, tmp_path_factory):
+    """The one-process LeNet-5 run: (its folder, its output)."""
+    root = tmp_path_factory.mktemp("lenet-one")
+    return root / "run", _run(_train_command(LENET, root / "run", mnist_dir, 1), root)
+
+
+def _check_two_against_one(one_dir, one, two_dir, two) -> None:
+    _assert_same_run(two_dir, one_dir)
     assert one.stdout.splitlines()[-1] == two.stdout.splitlines()[-1]
     assert two.stdout.count("eval_acc=") == 1, "rank 1 printed too: " + two.stdout
     assert "over 2 processes" in two.stderr
-    assert _written(tmp_path / "two") == _written(tmp_path / "one")
+    assert _written(two_dir) == _written(one_dir)
 
 
-def test_two_processes_killed_mid_epoch_resume_in_one(mnist_dir, tmp_path):
-    args = (*LENET, "--checkpoint-every", "2")
-    _run(_train_command(args, tmp_path / "one", mnist_dir, 1), tmp_path)
+def test_lenet5_two_processes_end_bit_identical_to_one(lenet_one, mnist_dir, tmp_path):
+    two = _run(_train_command(LENET, tmp_path / "two", mnist_dir, 2), tmp_path)
+    _check_two_against_one(*lenet_one, tmp_path / "two", two)
+
+
+def test_resnet18_two_processes_end_bit_identical_to_one(mnist_dir, tmp_path):
+    one = _run(_train_command(RESNET, tmp_path / "one", mnist_dir, 1), tmp_path)
+    two = _run(_train_command(RESNET, tmp_path / "two", mnist_dir, 2), tmp_path)
+    _check_two_against_one(tmp_path / "one", one, tmp_path / "two", two)
+
+
+@pytest.mark.parametrize("killed, resumed", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
+def test_killed_mid_epoch_resumes_with_another_number_of_processes(killed, resumed, lenet_one, mnist_dir,
+                                                                   tmp_path):
     run_dir = tmp_path / "killed"
-    launcher = subprocess.Popen(_train_command(args, run_dir, mnist_dir, 2), cwd=tmp_path, env=ENV,
+    launcher = subprocess.Popen(_train_command(LENET, run_dir, mnist_dir, killed), cwd=tmp_path, env=ENV,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -115,16 +132,18 @@ def test_two_processes_killed_mid_epoch_resume_in_one(mnist_dir, tmp_path):
             assert launcher.poll() is None, "the run ended before writing a checkpoint"
             assert time.monotonic() < deadline, "no checkpoint appeared"
             time.sleep(0.005)
-        os.killpg(launcher.pid, signal.SIGKILL)  # torchrun and both workers, at once
+        os.killpg(launcher.pid, signal.SIGKILL)  # the process, or torchrun and both workers, at once
     finally:
         launcher.wait(timeout=60)
     assert launcher.returncode == -signal.SIGKILL
     assert not (run_dir / "model.pt").exists()
     position = checkpoint.load(checkpoint.checkpoint_path(run_dir))
     assert position["batch"] > 0, "the kill was meant to come mid-epoch"
-    resumed = _run([sys.executable, "-m", "intrain", "train", "--resume", str(run_dir)], tmp_path)
-    assert "resuming at epoch" in resumed.stderr
-    _assert_same_run(run_dir, tmp_path / "one")
+    command = _train_command((), run_dir, mnist_dir, resumed)
+    command = command[:command.index("train") + 1] + ["--resume", str(run_dir)]
+    proc = _run(command, tmp_path)
+    assert "resuming at epoch" in proc.stderr
+    _assert_same_run(run_dir, lenet_one[0])
 
 
 def _workers(args, env_of_rank, cwd, processes: int = 2) -> list[subprocess.CompletedProcess]:

@@ -355,10 +355,13 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
                 for b, (images, labels, _) in enumerate(_batches(loader), start=first_batch):
                     y = labels.to(dev, non_blocking=True)
                     x = network_input(method, images.to(dev, non_blocking=True), mean)
-                    rows_in_batch = min(bs, n - b * bs)
-                    first, _ = shard_range(rows_in_batch, collective.rank, collective.world)
-                    logits = method.train_step(x, y, step, epoch, sample_offset=first)
-                    if collective.world > 1:  # the whole batch's logits and labels, for the metrics
+                    if collective.world == 1:
+                        logits = method.train_step(x, y, step, epoch)
+                    else:  # only data-parallel methods get here (prepare), and they take the offset
+                        rows_in_batch = min(bs, n - b * bs)
+                        first, _ = shard_range(rows_in_batch, collective.rank, collective.world)
+                        logits = method.train_step(x, y, step, epoch, sample_offset=first)
+                        # the whole batch's logits and labels, for the metrics
                         logits = QTensor(dist.gather_batch(collective, logits.v, rows_in_batch, first), logits.e)
                         y = dist.gather_batch(collective, y, rows_in_batch, first)
                     running.update(method.logits_as_float(logits), y)
