@@ -58,7 +58,9 @@ def add_train(sub) -> None:
         "train", help="train a model with integer-only arithmetic or its float32 twin",
         description="Train one model and write metrics.csv, config.json and model.pt to the run "
                     "directory. Options left out take the recipe's defaults for the dataset "
-                    "(intrain.run.recipes). The last line on stdout is eval_acc=NN.NN (percent).")
+                    "(intrain.run.recipes). The last line on stdout is eval_acc=NN.NN (percent). "
+                    "Under torchrun (torchrun --nproc-per-node N -m intrain train ...) the int8 methods "
+                    "train data-parallel, bit for bit as one process; rank 0 writes the run.")
     # Options default to None here so that ``--resume`` can tell which were given; run_train
     # fills in TRAIN_DEFAULTS for a new run.
     p.add_argument("--dataset", choices=DATASETS,

@@ -12,8 +12,9 @@ A method (NITI's int8 training, the float32 twin, ...) is a subclass of ``Method
   saved), ``state_dict``/``load_state_dict`` (what a checkpoint needs beyond the model's own
   state_dict, for a bit-exact resume).
 - ``data_parallel``: whether it trains one batch split over several processes (``collective``,
-  a ``numeric.collective.Collective``; each process's ``train_step`` gets its shard and the
-  shard's first sample in the batch) with the result of one process.
+  a ``numeric.collective.Collective``) with the result of one process. Only such a method's
+  ``train_step`` is given ``sample_offset`` (its shard's first sample in the batch); the others
+  are never run on several processes and may leave the argument out.
 
 Adding a method means adding a module with such a class and one entry in ``METHODS``.
 
@@ -146,7 +147,8 @@ class Method:
 
     def train_step(self, x, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0):
         """Train on one batch at global step ``step`` (data parallel: this process's shard of
-        it, from sample ``sample_offset`` on); returns its logits before the update."""
+        it, from sample ``sample_offset`` on, see the module docstring); returns its logits
+        before the update."""
         raise NotImplementedError
 
     @torch.no_grad()

@@ -98,9 +98,9 @@ class FloatTwin(Method):
         """The learning rate this trainer uses at global step ``step``."""
         return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup_steps)
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0) -> torch.Tensor:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         """One SGD step on batch ``(x, y)`` at global step ``step``; returns the batch's logits.
-        One process only (``data_parallel`` is off): ``sample_offset`` is always 0.
+        One process only (``data_parallel`` is off), so no shard offset.
 
         The logits are those of the forward pass the update is computed from (before the
         update), detached.
