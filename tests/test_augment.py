@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from intrain.data.augment import AugmentedLoader, crop_flip_params, random_crop_flip
+from intrain.data.augment import AugmentedLoader, crop_flip_params, in_order, random_crop_flip
 from intrain.data.dataset import ImageDataset
 
 
@@ -165,3 +165,31 @@ def test_property_matches_reference(seed, epoch, padding, ids, h, w):
     assert int(dx.min()) >= 0 and int(dx.max()) <= 2 * padding
     for i in range(len(ids)):
         assert torch.equal(out[i], _reference(x[i], int(dy[i]), int(dx[i]), int(flip[i]), padding))
+
+
+@pytest.mark.parametrize("world", [2, 3, 6])
+def test_loader_shards_are_the_whole_batches_cut_in_order(world):
+    """Process r of a data-parallel run loads samples [floor(r*B/N), floor((r+1)*B/N)) of every
+    batch, augmented as in the whole batch; a batch of fewer than N samples leaves empty shards."""
+    ds = _dataset(37)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(2))
+    whole = _collect(AugmentedLoader(ds, order, batch_size=9, seed=4, epoch=1, augment=True, start_batch=1))
+    shards = [_collect(AugmentedLoader(ds, order, batch_size=9, seed=4, epoch=1, augment=True, start_batch=1,
+                                       shard=(rank, world))) for rank in range(world)]
+    assert [len(s) for s in shards] == [len(whole)] * world
+    assert whole[-1][0].shape[0] == 1  # 37 = 4 * 9 + 1
+    for k, batch in enumerate(whole):
+        for part in range(3):
+            assert torch.equal(torch.cat([s[k][part] for s in shards]), batch[part])
+    assert [s[-1][0].shape[0] for s in shards] == [0] * (world - 1) + [1]
+
+
+def test_in_order_every_kth_batch():
+    ds = _dataset(37)
+    whole = [(x.clone(), y.clone()) for x, y in in_order(ds, 8)]
+    for step in (1, 2, 3, 7):
+        for first in range(step):
+            part = [(x.clone(), y.clone()) for x, y in in_order(ds, 8, every=(first, step))]
+            expected = whole[first::step]
+            assert len(part) == len(expected)
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(part, expected))

@@ -177,6 +177,25 @@ def test_loader_same_batches_for_any_workers(folder):
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(seq, par, strict=True))
 
 
+def test_loader_shards_and_eval_share_of_a_decoded_folder(folder):
+    """Data-parallel reading of decoded images: the shards of every training batch (rank 0's empty
+    in the last batch of 2 images over 3 processes) and every other eval batch are the pixels of
+    one process's batches."""
+    data = load_dataset("imagefolder", str(folder), image_size=16)
+    order = rng.permutation(len(data.train), 5, 1)
+    whole = _batches(AugmentedLoader(data.train, order, 4, seed=5, epoch=1, augment=True))
+    shards = [_batches(AugmentedLoader(data.train, order, 4, seed=5, epoch=1, augment=True, num_workers=1,
+                                       shard=(rank, 3))) for rank in range(3)]
+    for k, batch in enumerate(whole):
+        for part in range(3):
+            assert torch.equal(torch.cat([s[k][part] for s in shards]), batch[part])
+    assert [s[-1][0].shape[0] for s in shards] == [0, 1, 1]
+    seq = [(x.clone(), y.clone()) for x, y in in_order(data.eval, 4)]
+    for first in (0, 1):
+        part = [(x.clone(), y.clone()) for x, y in in_order(data.eval, 4, 1, every=(first, 2))]
+        assert len(part) == 1 and torch.equal(part[0][0], seq[first][0]) and torch.equal(part[0][1], seq[first][1])
+
+
 def _corrupt(folder):
     bad = folder / "train" / "bee" / "d.JPEG"
     bad.write_bytes(bad.read_bytes()[:200])  # truncated

@@ -50,6 +50,7 @@ STEP_MODULES = (
     "methods/update.py",      # integer weight update and mu schedule
     "methods/loss.py",        # integer cross-entropy gradient
     "methods/averaging.py",   # integer weight averaging
+    "run/dist.py",            # a data-parallel step's all-reduces (exact integer sums and maxima)
 )
 
 # Legitimate float uses in STEP_MODULES: (module, where, reason). ``where`` is "def Qual.name"

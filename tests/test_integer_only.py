@@ -63,3 +63,27 @@ def test_audit_catches_a_float_operation():
     with FloatAudit() as audit:
         torch.ones(3, dtype=torch.int8).to(torch.float32).sum()
     assert audit.float_ops
+
+
+def test_data_parallel_training_step_uses_only_integer_tensors():
+    """A ResNet-18 step split over 3 shards (threads standing for processes, test_shards.ThreadGroup),
+    each audited in its own thread (dispatch modes are per thread): the reductions over the
+    shards add no float either."""
+    from intrain.numeric.collective import shard_range
+    from test_shards import ThreadGroup
+
+    options = NitiOptions(mu_schedule="0:4", weight_bits=16, error_rounding="stochastic")
+    x, y = _batch(5)
+
+    def shard(rank, collective):
+        model = build_int_model("resnet18", (1, 28, 28), 10, seed=0, backend="reference", width=0.125,
+                                fmt=options.fmt)
+        trainer = Niti(model, options, seed=0, collective=collective)
+        first, stop = shard_range(5, rank, collective.world)
+        with FloatAudit() as audit:
+            trainer.train_step(QTensor(x.v[first:stop], x.e), y[first:stop], step=0, epoch=0, sample_offset=first)
+        return audit
+
+    audits = ThreadGroup(3).run(shard)
+    assert all(audit.float_ops == [] for audit in audits), [sorted(set(a.float_ops)) for a in audits]
+    assert all(any(name.startswith("aten.maximum") for name in audit.ops) for audit in audits)

@@ -58,7 +58,9 @@ def add_train(sub) -> None:
         "train", help="train a model with integer-only arithmetic or its float32 twin",
         description="Train one model and write metrics.csv, config.json and model.pt to the run "
                     "directory. Options left out take the recipe's defaults for the dataset "
-                    "(intrain.run.recipes). The last line on stdout is eval_acc=NN.NN (percent).")
+                    "(intrain.run.recipes). The last line on stdout is eval_acc=NN.NN (percent). "
+                    "Under torchrun (torchrun --nproc-per-node N -m intrain train ...) the int8 methods "
+                    "train data-parallel, bit for bit as one process; rank 0 writes the run.")
     # Options default to None here so that ``--resume`` can tell which were given; run_train
     # fills in TRAIN_DEFAULTS for a new run.
     p.add_argument("--dataset", choices=DATASETS,
@@ -124,6 +126,7 @@ _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size"
 def run_train(args: argparse.Namespace) -> int:
     """Build the TrainConfig from the parsed arguments and run it (or resume a run); prints the summary."""
     from intrain.methods import METHODS
+    from intrain.run import dist
     from intrain.run.config import TrainConfig
     from intrain.run.loop import run
     from intrain.run.resume import resume
@@ -131,13 +134,18 @@ def run_train(args: argparse.Namespace) -> int:
     option_names = {name for method in METHODS.values() for name in method.option_names()}
     given = {name: getattr(args, name) for name in _TRAIN_FIELDS}
     options = {name: getattr(args, name) for name in sorted(option_names)}
-    if args.resume is not None:
-        given["overwrite"] = args.overwrite or None
-        result = resume(args.resume, {**given, **options})
-    else:
-        values = {k: (TRAIN_DEFAULTS[k] if v is None and k in TRAIN_DEFAULTS else v) for k, v in given.items()}
-        options = {k: v for k, v in options.items() if v is not None}
-        result = run(TrainConfig(overwrite=args.overwrite, options=options, **values))
+    try:
+        if args.resume is not None:
+            given["overwrite"] = args.overwrite or None
+            result = resume(args.resume, {**given, **options})
+        else:
+            values = {k: (TRAIN_DEFAULTS[k] if v is None and k in TRAIN_DEFAULTS else v) for k, v in given.items()}
+            options = {k: v for k, v in options.items() if v is not None}
+            result = run(TrainConfig(overwrite=args.overwrite, options=options, **values))
+    finally:
+        dist.close()
+    if dist.environment()[0] != 0:  # data parallel: rank 0 reports for all
+        return 0
     print(f"run directory: {result.out_dir}")
     print(f"{result.eval_name} accuracy after {len(result.rows)} epochs: {result.eval_acc:.2f}%")
     print(f"eval_acc={result.eval_acc:.2f}")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from intrain.data.dataset import ImageDataset
 from intrain.data.errors import DataError
+from intrain.numeric.collective import shard_range
 from intrain.numeric.rng import MASK32, STREAM_AUGMENT, derive_key, mix32
 
 __all__ = ["crop_flip_params", "random_crop_flip", "AugmentedLoader", "in_order"]
@@ -74,12 +75,14 @@ def random_crop_flip(images_u8: torch.Tensor, sample_ids: torch.Tensor, seed: in
     return padded.view(b, c, hp * wp).gather(2, flat).view(b, c, h, w)
 
 class _BatchSampler(Sampler):
-    """Yields lists of dataset indices: consecutive slices of ``order``, from ``start_batch`` on."""
+    """Yields lists of dataset indices: consecutive slices of ``order``, from ``start_batch`` on,
+    each cut to the samples of process ``rank`` of ``world`` (``numeric.collective.shard_range``)."""
 
-    def __init__(self, order: torch.Tensor, batch_size: int, start_batch: int):
+    def __init__(self, order: torch.Tensor, batch_size: int, start_batch: int, rank: int = 0, world: int = 1):
         self.order = order
         self.batch_size = batch_size
         self.start_batch = start_batch
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
         n = self.order.numel()
@@ -88,7 +91,9 @@ class _BatchSampler(Sampler):
     def __iter__(self):
         n = self.order.numel()
         for start in range(self.start_batch * self.batch_size, n, self.batch_size):
-            yield self.order[start:start + self.batch_size].tolist()
+            batch = self.order[start:start + self.batch_size]
+            first, stop = shard_range(batch.numel(), self.rank, self.world)
+            yield batch[first:stop].tolist()
 
 
 class _AugmentedBatches(Dataset):
@@ -144,11 +149,14 @@ class AugmentedLoader:
 
     Yields ``(images uint8 [B, C, H, W], labels int64 [B], indices int64 [B])``; the last batch may
     be smaller. Batches come out in order with identical content for any ``num_workers``;
-    ``start_batch`` skips that many leading batches (resuming mid-epoch).
+    ``start_batch`` skips that many leading batches (resuming mid-epoch). ``shard=(rank, world)``:
+    each batch holds only the samples process ``rank`` of a data-parallel run takes
+    (``numeric.collective.shard_range``; possibly none), read and augmented as in the whole batch.
     """
 
     def __init__(self, dataset, order: torch.Tensor, batch_size: int, seed: int, epoch: int,
-                 augment: bool, num_workers: int = 0, start_batch: int = 0, padding: int = 4):
+                 augment: bool, num_workers: int = 0, start_batch: int = 0, padding: int = 4,
+                 shard: tuple[int, int] = (0, 1)):
         _check_nonneg_int("seed", seed)
         _check_nonneg_int("epoch", epoch)
         _check_nonneg_int("num_workers", num_workers)
@@ -165,7 +173,7 @@ class AugmentedLoader:
         n_batches = -(-order.numel() // batch_size)
         if start_batch > n_batches:
             raise ValueError(f"start_batch {start_batch} is past the {n_batches} batches of the epoch")
-        self.batch_sampler = _BatchSampler(order, batch_size, start_batch)
+        self.batch_sampler = _BatchSampler(order, batch_size, start_batch, *shard)
         if isinstance(dataset, ImageDataset):
             self._data = _AugmentedBatches(dataset.images, dataset.labels, seed, epoch, bool(augment), padding)
         else:
@@ -195,17 +203,23 @@ class AugmentedLoader:
         raise DataError(str(batch)) from None
 
 
-def in_order(dataset, batch_size: int, num_workers: int = 0):
+def in_order(dataset, batch_size: int, num_workers: int = 0, every: tuple[int, int] = (0, 1)):
     """``(images uint8 [B, C, H, W], labels int64 [B])`` of ``dataset`` in index order, in batches of
     ``batch_size`` (the last may be smaller), without augmentation (centre crops for a decoded
     data set, read by ``num_workers`` loader processes). An in-memory ``ImageDataset`` is sliced
-    directly, in this process."""
+    directly, in this process. ``every=(r, k)``: only the batches ``r, r + k, r + 2k, ...`` (the
+    share of process r of k evaluating together), the same batches as in the whole sequence."""
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    first, step = every
+    starts = range(first * batch_size, len(dataset), step * batch_size)
     if isinstance(dataset, ImageDataset):
-        for start in range(0, len(dataset), batch_size):
+        for start in starts:
             yield dataset.images[start:start + batch_size], dataset.labels[start:start + batch_size]
         return
-    order = torch.arange(len(dataset), dtype=torch.int64)
+    # Only the last batch of the whole sequence can be short, and it comes last here too, so
+    # cutting this order into batch_size pieces gives exactly the chosen batches.
+    order = torch.cat([torch.arange(start, min(start + batch_size, len(dataset)), dtype=torch.int64)
+                       for start in starts] or [torch.zeros(0, dtype=torch.int64)])
     for images, labels, _ in AugmentedLoader(dataset, order, batch_size, 0, 0, False, num_workers=num_workers):
         yield images, labels

@@ -6,6 +6,13 @@ returns the int8 error for the layer below and, for layers with weights, stores 
 weight gradient in ``weight_grad`` (with its exponent in ``weight_grad_exp``) for the update, as
 the kernels return it: int32 when its static bound allows (int8 operands, ``|G| <= 2**14 * K <
 2**31`` for a reduction over K terms, i.e. K < 2**17), else int64.
+
+Data-parallel shards: in a training step (``ctx`` given) the tensors are one process's shard of
+the global batch, samples ``ctx.sample_offset ..``; every requantisation takes its shift from the
+maximum over all shards (``ctx.collective.max``, see ``numeric.requant``) and every random draw
+its element's position in the global batch (``StepContext.element_offset``), so each shard's
+values are exactly its rows of the one-process result and every exponent is the same in every
+process. Evaluation (no ``ctx``) requantises the local batch.
 """
 
 from __future__ import annotations
@@ -34,6 +41,19 @@ class StepContext:
     step: int
     sample_offset: int = 0
     collective: Collective = LOCAL
+
+    def element_offset(self, t: torch.Tensor) -> int:
+        """Position in the global batch's tensor of the first element of ``t``, this process's
+        shard of it (samples along the first dimension): the offset of its random numbers."""
+        per_sample = 1
+        for size in t.shape[1:]:
+            per_sample *= size
+        return self.sample_offset * per_sample
+
+
+def reduce_max(ctx: StepContext | None):
+    """The maximum over the processes of a step (``None``, local, without a step: evaluation)."""
+    return None if ctx is None else ctx.collective.max
 
 
 class IntModule(torch.nn.Module):
@@ -83,9 +103,11 @@ class WeightedIntModule(IntModule):
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
 
-    def requantize_output(self, product: str, args: tuple, e: torch.Tensor) -> QTensor:
-        """The backend's ``product`` of ``args`` (exponent ``e``) rounded to the format, nearest."""
-        return requantize_product(self.backend, product, args, e, self.fmt.bits)
+    def requantize_output(self, product: str, args: tuple, e: torch.Tensor,
+                          ctx: StepContext | None = None) -> QTensor:
+        """The backend's ``product`` of ``args`` (exponent ``e``) rounded to the format, nearest,
+        with the shift of the whole batch over all processes of ``ctx``."""
+        return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
                          ctx: StepContext | None) -> QTensor:
@@ -93,11 +115,13 @@ class WeightedIntModule(IntModule):
         rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps the
         small errors of most samples alive on average."""
         if self.fmt.error_rounding == "nearest":
-            return self.requantize_output(product, args, e)
+            return self.requantize_output(product, args, e, ctx)
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        return self.fmt.requantize(getattr(self.backend, product)(*args), e, mode="stochastic", key=key)
+        acc = getattr(self.backend, product)(*args)
+        return self.fmt.requantize(acc, e, mode="stochastic", key=key, offset=ctx.element_offset(acc),
+                                   reduce_max=ctx.collective.max)
 
     @property
     def has_master_weight(self) -> bool:

@@ -1,4 +1,6 @@
-"""Integer dropout with a mask from the counter-based generator (seed, step, layer).
+"""Integer dropout with a mask from the counter-based generator (seed, step, layer), element by
+element at its position in the global batch (``StepContext.element_offset``: a data-parallel
+shard draws its rows of the one-process mask).
 
 An element is kept when its 32-bit random number is at least ``drop_threshold = round(p * 2**32)``
 (fixed when the layer is built). Kept values are not rescaled: every integer layer after it is
@@ -30,7 +32,8 @@ class IntDropout(IntModule):
         if ctx is None:
             raise ValueError("IntDropout in training mode needs a StepContext for its random mask")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_DROPOUT)
-        keep = (rng.uint32(key, x.v.shape, x.v.device) >= self.drop_threshold).to(x.v.dtype)
+        draws = rng.uint32(key, x.v.shape, x.v.device, ctx.element_offset(x.v))
+        keep = (draws >= self.drop_threshold).to(x.v.dtype)
         self._keep = keep
         return QTensor(x.v * keep, x.e)
 

@@ -14,7 +14,7 @@ class IntFlatten(IntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._shape = x.v.shape
-        return QTensor(x.v.reshape(x.v.shape[0], -1), x.e)
+        return QTensor(x.v.flatten(1), x.e)  # not reshape(n, -1): ambiguous for an empty shard
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         return QTensor(d.v.reshape(self._shape), d.e)

@@ -22,7 +22,7 @@ class IntLinear(WeightedIntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp)
+        return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp, ctx)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input

@@ -6,6 +6,8 @@ exact left shifts, adds exactly in int64 and rounds the sum once (nearest), see
 ``numeric.requant.add_aligned``. Backward: the error fans out unchanged to both branches, and the
 two errors arriving at the branch point (``x`` fed both) are added the same way, rounded with
 the format's error rounding (stochastic keyed by (seed, step, this block's layer id)).
+In a data-parallel step both adds and the pooling's requantisations take the whole batch's
+shift and "all zero" tests over all processes (``layers.base``).
 
 ``IntGlobalAvgPool2d``: ``[N, C, H, W] -> [N, C]``, the mean over the H*W positions. The int64
 sum (``|sum| <= 127 * H * W``) times ``2**g`` is divided by H*W with nearest rounding (exact when
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.layers.base import IntModule, StepContext, number_layers, weighted_layers
+from intrain.layers.base import IntModule, StepContext, number_layers, reduce_max, weighted_layers
 from intrain.numeric import rng
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
@@ -53,7 +55,7 @@ class IntResidual(IntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         main = self.main(x, ctx)
         short = x if self.shortcut is None else self.shortcut(x, ctx)
-        return self.fmt.add(main, short)
+        return self.fmt.add(main, short, reduce_max=reduce_max(ctx))
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         d_main = self.main.backward(d, ctx, need_input_grad=need_input_grad)
@@ -64,11 +66,12 @@ class IntResidual(IntModule):
         if not need_input_grad:
             return None
         if self.fmt.error_rounding == "nearest":
-            return self.fmt.add(d_main, d_short)
+            return self.fmt.add(d_main, d_short, reduce_max=reduce_max(ctx))
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        return self.fmt.add(d_main, d_short, mode="stochastic", key=key)
+        return self.fmt.add(d_main, d_short, mode="stochastic", key=key, offset=ctx.element_offset(d_main.v),
+                            reduce_max=ctx.collective.max)
 
     def clear_saved(self) -> None:
         self.main.clear_saved()
@@ -88,7 +91,7 @@ class IntGlobalAvgPool2d(IntModule):
             self._hw = (h, w)
         total = x.v.to(torch.int64).sum(dim=(2, 3))
         guard = _guard_bits(h * w)
-        return self.fmt.requantize(divide_round(total << guard, h * w), x.e - guard)
+        return self.fmt.requantize(divide_round(total << guard, h * w), x.e - guard, reduce_max=reduce_max(ctx))
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         if self._hw is None:
@@ -97,7 +100,8 @@ class IntGlobalAvgPool2d(IntModule):
         if not need_input_grad:
             return None
         guard = _guard_bits(h * w)
-        q = self.fmt.requantize(divide_round(d.v.to(torch.int64) << guard, h * w), d.e - guard)
+        q = self.fmt.requantize(divide_round(d.v.to(torch.int64) << guard, h * w), d.e - guard,
+                                reduce_max=reduce_max(ctx))
         return QTensor(q.v[:, :, None, None].expand(-1, -1, h, w).contiguous(), q.e)
 
     def clear_saved(self) -> None:

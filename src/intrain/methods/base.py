@@ -11,6 +11,10 @@ A method (NITI's int8 training, the float32 twin, ...) is a subclass of ``Method
 - per run: ``train_step``, ``predict``, ``begin_epoch``, ``averaged`` (the weights evaluated and
   saved), ``state_dict``/``load_state_dict`` (what a checkpoint needs beyond the model's own
   state_dict, for a bit-exact resume).
+- ``data_parallel``: whether it trains one batch split over several processes (``collective``,
+  a ``numeric.collective.Collective``) with the result of one process. Only such a method's
+  ``train_step`` is given ``sample_offset`` (its shard's first sample in the batch); the others
+  are never run on several processes and may leave the argument out.
 
 Adding a method means adding a module with such a class and one entry in ``METHODS``.
 
@@ -28,6 +32,7 @@ from typing import Any, Callable, ClassVar
 
 import torch
 
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 
@@ -69,6 +74,8 @@ class Method:
     Options: ClassVar[type]
     #: Whether the model computes on integers (QTensor inputs and logits).
     integer: ClassVar[bool]
+    #: Whether it trains data-parallel (a collective of several processes), bit for bit as one.
+    data_parallel: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ options
 
@@ -127,15 +134,21 @@ class Method:
 
     # ------------------------------------------------------------------ training
 
-    def __init__(self, model: torch.nn.Module, options, *, seed: int, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, options, *, seed: int, total_steps: int,
+                 collective: Collective = LOCAL) -> None:
         type(self).check_options(options)
+        if collective.world > 1 and not self.data_parallel:
+            raise ValueError(f"--arith {self.name} does not train data-parallel: run it in one process")
         self.model = model
         self.options = options
         self.seed = seed
         self.total_steps = total_steps
+        self.collective = collective
 
-    def train_step(self, x, y: torch.Tensor, step: int, epoch: int):
-        """Train on one batch at global step ``step``; returns its logits before the update."""
+    def train_step(self, x, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0):
+        """Train on one batch at global step ``step`` (data parallel: this process's shard of
+        it, from sample ``sample_offset`` on, see the module docstring); returns its logits
+        before the update."""
         raise NotImplementedError
 
     @torch.no_grad()

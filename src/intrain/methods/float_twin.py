@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
 from intrain.models import build_float_model
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 #: Fraction of all steps spent in linear warm-up.
@@ -81,8 +82,9 @@ class FloatTwin(Method):
     def network_input(cls, pixels: QTensor) -> torch.Tensor:
         return pixels.to_float()
 
-    def __init__(self, model: torch.nn.Module, options: FloatOptions, *, seed: int = 0, total_steps: int) -> None:
-        super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)))
+    def __init__(self, model: torch.nn.Module, options: FloatOptions, *, seed: int = 0, total_steps: int,
+                 collective: Collective = LOCAL) -> None:
+        super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)), collective=collective)
         self.base_lr = float(options.lr)
         self.warmup_steps = max(1, round(WARMUP_FRACTION * self.total_steps))
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
@@ -98,6 +100,7 @@ class FloatTwin(Method):
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, epoch: int) -> torch.Tensor:
         """One SGD step on batch ``(x, y)`` at global step ``step``; returns the batch's logits.
+        One process only (``data_parallel`` is off), so no shard offset.
 
         The logits are those of the forward pass the update is computed from (before the
         update), detached.

@@ -16,6 +16,11 @@ Input: logits (int8, or any integer format with ``|v| < 2**15``) ``(v, e)`` of s
    the target class: ``g`` in ``[-2**PROB_BITS, 2**PROB_BITS]``, exponent ``-PROB_BITS``.
 5. Requantise ``g`` to the format's values with stochastic rounding keyed by (seed, step, loss stream).
 
+Steps 1-4 are per sample. For one process's shard of a data-parallel batch (samples
+``sample_offset ..``) step 5 takes the whole batch's shift (``collective.max``) and each element
+the random number of its position in the whole batch, so the shard gets exactly its rows of the
+one-process error.
+
 NITI uses the floor of ``t`` (FRACTION_BITS = 0), an offset of 10 and a scale of 2**11; the table
 makes the exponential finer at no float cost, and the wider scales keep small probabilities.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from intrain.numeric import rng
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 
@@ -69,8 +75,10 @@ def softmax_scaled(logits: QTensor) -> torch.Tensor:
 
 
 def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: int,
-                       fmt: NumberFormat = NITI_INT8) -> QTensor:
-    """The error ``softmax(z) - onehot(y)`` in ``fmt`` for a batch of logits (see module docstring)."""
+                       fmt: NumberFormat = NITI_INT8, *, sample_offset: int = 0,
+                       collective: Collective = LOCAL) -> QTensor:
+    """The error ``softmax(z) - onehot(y)`` in ``fmt`` for a batch of logits, or for the shard of
+    one starting at sample ``sample_offset`` (see module docstring)."""
     if logits.v.dim() != 2:
         raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.v.shape)}")
     g = softmax_scaled(logits)
@@ -78,4 +86,5 @@ def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: i
     g[rows, target] -= 1 << PROB_BITS
     key = rng.derive_key(seed, step, rng.STREAM_LOSS_ROUNDING)
     exponent = torch.full((), -PROB_BITS, dtype=torch.int64, device=g.device)
-    return fmt.requantize(g, exponent, mode="stochastic", key=key)
+    return fmt.requantize(g, exponent, mode="stochastic", key=key, offset=sample_offset * g.shape[1],
+                          reduce_max=collective.max)

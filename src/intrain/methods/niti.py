@@ -6,8 +6,13 @@ gradient (``methods.loss``), backward, the integer update without learning rate
 integer running sums (``methods.averaging``) that restart in ``begin_epoch`` (every epoch, or when
 mu changes) and whose mean ``averaged()`` applies for evaluation and saving. Everything in it is
 an integer operation on integer tensors (the audit test records every aten operator to prove it).
-Its random numbers (loss rounding, error rounding, dropout) are keyed by ``(seed, step, layer)``,
-so any step can be replayed bit for bit.
+Its random numbers (loss rounding, error rounding, dropout) are keyed by ``(seed, step, layer)``
+and the element's position in the batch, so any step can be replayed bit for bit.
+
+Data parallel (``collective`` of several processes): each process trains on its shard of every
+batch; every maximum that picks a shift and every weight gradient is reduced over the processes
+exactly (``layers.base``, ``methods.update``), so every process ends the step with the weights of
+one process training on the whole batch.
 
 The number format (``numeric.formats``) follows from the options: ``NITI_INT8``, or with
 ``weight_bits=16`` ``NITI_INT8_MASTER16`` (int16 master weights behind the int8 ones, NITI's
@@ -29,6 +34,7 @@ from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.update import IntegerUpdate, MuSchedule
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 #: Formats by ``--weight-bits``.
@@ -73,6 +79,7 @@ class Niti(Method):
     summary = "integer-only training (NITI)"
     Options = NitiOptions
     integer = True
+    data_parallel = True
 
     @classmethod
     def check_options(cls, options: NitiOptions) -> None:
@@ -95,20 +102,23 @@ class Niti(Method):
         return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
                                width=width, fmt=options.fmt)
 
-    def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0) -> None:
-        super().__init__(model, options, seed=seed, total_steps=total_steps)
+    def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0,
+                 collective: Collective = LOCAL) -> None:
+        super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
-        self.update = IntegerUpdate(model, self.mu_schedule)
+        self.update = IntegerUpdate(model, self.mu_schedule, collective)
         self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()
-    def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:
-        """Train on one batch; returns its logits as computed before the update."""
+    def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0) -> QTensor:
+        """Train on one batch (or this process's shard of it, from sample ``sample_offset``);
+        returns its logits as computed before the update."""
         self.model.train()
-        ctx = StepContext(self.seed, step)
+        ctx = StepContext(self.seed, step, sample_offset, self.collective)
         logits = self.model(x, ctx)
-        error = cross_entropy_grad(logits, y, self.seed, step, self.fmt)
+        error = cross_entropy_grad(logits, y, self.seed, step, self.fmt, sample_offset=sample_offset,
+                                   collective=self.collective)
         self.model.backward(error, ctx)
         self.update.step(epoch)
         if self.average is not None:

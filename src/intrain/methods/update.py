@@ -13,6 +13,13 @@ For each layer with an exact int64 gradient ``G`` and the update target's width 
 rounding, so the update ``g`` has at most ``m`` bits (``|g| <= 2**m``), and ``w <- clip(w - g)``
 stays in the target's range. The weight exponent never changes. ``mu`` plays the part of the
 learning rate and follows a per-epoch schedule.
+
+Data parallel: each process holds the exact gradient of its shard of the batch. Every exponent of
+a step is the same in every process (the shifts come from maxima over all processes,
+``layers.base``), so the shard gradients share one exponent and their int64 sum over the
+processes (``Collective.sum``: exact, order-free) is the whole batch's gradient, bit for bit; the
+update then runs on it identically in every process. (Per shard the kernels may return int32
+where the whole batch's gradient would be int64; the values are the same integers either way.)
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import max_bit_length, shift_round
 
@@ -89,11 +97,12 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
 
 class IntegerUpdate:
     """Applies the integer update to every weighted layer (anywhere in the model's tree) that has
-    a gradient."""
+    a gradient, summed over the processes of ``collective`` first."""
 
-    def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule) -> None:
+    def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule, collective: Collective = LOCAL) -> None:
         self.model = model
         self.mu_schedule = mu_schedule
+        self.collective = collective
 
     def step(self, epoch: int) -> None:
         mu = self.mu_schedule(epoch)
@@ -102,7 +111,10 @@ class IntegerUpdate:
                 continue
             target = layer.update_target
             extra = layer.fmt.master_extra_bits if layer.has_master_weight else 0
-            target.copy_(apply_update(target, layer.weight_grad, mu + extra))
+            grad = layer.weight_grad
+            if self.collective.world > 1:
+                grad = self.collective.sum(grad.to(torch.int64))
+            target.copy_(apply_update(target, grad, mu + extra))
             layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None

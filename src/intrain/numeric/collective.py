@@ -10,6 +10,12 @@ torch.distributed implementation lives with the run (``run.dist``); numeric code
 Contract: ``sum`` and ``max`` take an integer tensor of the same shape on every process and
 return the elementwise sum / maximum over all processes (a new tensor or the argument itself);
 they never change dtype, so callers pick a dtype wide enough for the total (int64 for sums).
+Every process makes the same calls in the same order (an all-reduce waits for all of them).
+
+Sharding rule (``shard_range``): a batch of ``B`` samples split over ``N`` processes gives
+process ``r`` the contiguous samples ``[floor(r * B / N), floor((r + 1) * B / N))``: in order,
+sizes differing by at most one, empty ones when ``B < N`` (they still take part in every
+reduction, with nothing to contribute).
 """
 
 from __future__ import annotations
@@ -45,3 +51,11 @@ class LocalCollective:
 
 
 LOCAL = LocalCollective()
+
+
+def shard_range(rows: int, rank: int, world: int) -> tuple[int, int]:
+    """``(start, stop)``: the samples of a batch of ``rows`` that process ``rank`` of ``world``
+    takes (the sharding rule in the module docstring)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} is not one of the {world} processes")
+    return rows * rank // world, rows * (rank + 1) // world

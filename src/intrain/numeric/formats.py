@@ -80,13 +80,15 @@ class NumberFormat:
         return self.master_bits - self.bits
 
     def requantize(self, acc: torch.Tensor, e: torch.Tensor, mode: str = "nearest",
-                   key: tuple[int, int] | None = None) -> QTensor:
-        """``acc * 2**e`` rounded to this format's values (see ``numeric.requant``)."""
-        return requantize(acc, e, bits=self.bits, mode=mode, key=key)
+                   key: tuple[int, int] | None = None, *, offset: int = 0, reduce_max=None) -> QTensor:
+        """``acc * 2**e`` rounded to this format's values (see ``numeric.requant``; ``offset`` and
+        ``reduce_max`` when ``acc`` is a shard of a batch)."""
+        return requantize(acc, e, bits=self.bits, mode=mode, key=key, offset=offset, reduce_max=reduce_max)
 
-    def add(self, a: QTensor, b: QTensor, mode: str = "nearest", key: tuple[int, int] | None = None) -> QTensor:
+    def add(self, a: QTensor, b: QTensor, mode: str = "nearest", key: tuple[int, int] | None = None, *,
+            offset: int = 0, reduce_max=None) -> QTensor:
         """``a + b`` aligned by exact shifts and rounded once to this format (``numeric.requant.add_aligned``)."""
-        return add_aligned(a, b, bits=self.bits, mode=mode, key=key)
+        return add_aligned(a, b, bits=self.bits, mode=mode, key=key, offset=offset, reduce_max=reduce_max)
 
 
 NITI_INT8 = NumberFormat(bits=8)

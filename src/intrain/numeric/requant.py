@@ -6,6 +6,15 @@ rounding and the exponent becomes ``e + s``; otherwise they are kept as they are
 The result is clipped to the symmetric range ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]``
 (``[-127, 127]`` for int8, ``[-32767, 32767]`` for int16) and stored in int8 or int16.
 Rounding may carry one value past the limit (127.5 rounds to 128); the clip absorbs that.
+
+Shards: when ``a`` is one process's shard of a batch split over several processes,
+``reduce_max`` (the run's ``Collective.max``) turns the local ``bit_length(max |a|)`` into the
+maximum over all shards, which is ``bit_length`` of the whole batch's ``max |a|`` (bit length is
+monotone), so every shard takes the shift the whole batch would: the values of each shard are
+exactly the rows of the whole batch's result, and the exponent is the same everywhere. Every
+shard must call it, in the same order, an empty one included. ``offset`` is the shard's first
+element in the whole batch, so that stochastic rounding draws the whole batch's numbers
+(``numeric.rounding``).
 """
 
 from __future__ import annotations
@@ -24,14 +33,19 @@ def requantize(
     bits: int = 8,
     mode: str = "nearest",
     key: tuple[int, int] | None = None,
+    *,
+    offset: int = 0,
+    reduce_max=None,
 ) -> QTensor:
-    """Round accumulator ``a * 2**e`` to a ``bits``-bit QTensor (see module docstring)."""
+    """Round accumulator ``a * 2**e`` to a ``bits``-bit QTensor (see module docstring; ``offset``
+    and ``reduce_max`` for a shard of a batch)."""
     if bits not in _STORAGE:
         raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
     limit = 2 ** (bits - 1) - 1
-    shift = (max_bit_length(a) - (bits - 1)).clamp(min=0)
+    length = max_bit_length(a) if reduce_max is None else reduce_max(max_bit_length(a))
+    shift = (length - (bits - 1)).clamp(min=0)
     if mode != "nearest" or a.device.type != "cpu":
-        v = shift_round(a, shift, mode, key).clamp_(-limit, limit).to(_STORAGE[bits])
+        v = shift_round(a, shift, mode, key, offset).clamp_(-limit, limit).to(_STORAGE[bits])
         return QTensor(v, e + shift)
     v = torch.empty(a.shape, dtype=_STORAGE[bits])
     for rows in cpu_slices(a):
@@ -54,7 +68,7 @@ def _aligned(v: torch.Tensor, e: torch.Tensor, base: torch.Tensor) -> torch.Tens
 
 
 def add_aligned(a: QTensor, b: QTensor, bits: int = 8, mode: str = "nearest",
-                key: tuple[int, int] | None = None) -> QTensor:
+                key: tuple[int, int] | None = None, *, offset: int = 0, reduce_max=None) -> QTensor:
     """``a + b`` for integer QTensors with different exponents, rounded once to ``bits`` bits.
 
     The operands are aligned to the finer exponent by exact left shifts and added exactly in
@@ -66,15 +80,22 @@ def add_aligned(a: QTensor, b: QTensor, bits: int = 8, mode: str = "nearest",
     half a unit of the result): it can only decide a tie, so it enters as its sign at the gap's
     limit, which gives the exact sum's nearest rounding (and changes stochastic rounding's
     probabilities by less than 2**-30).
-    Shapes must match; exponents stay tensors (no copy to the host).
+    Shapes must match; exponents stay tensors (no copy to the host). For shards of a batch
+    (``offset``, ``reduce_max``: see the module docstring) "all zero" means all zero in every
+    shard, so that every shard picks the exponents the whole batch would.
     """
     if a.v.shape != b.v.shape:
         raise ValueError(f"cannot add QTensors of shapes {tuple(a.v.shape)} and {tuple(b.v.shape)}")
-    ea = torch.where((a.v == 0).all(), b.e, a.e)
-    eb = torch.where((b.v == 0).all(), ea, b.e)
+    if reduce_max is None:
+        a_zero, b_zero = (a.v == 0).all(), (b.v == 0).all()
+    else:
+        nonzero = reduce_max(torch.stack([(a.v != 0).any(), (b.v != 0).any()]).to(torch.int64))
+        a_zero, b_zero = nonzero[0] == 0, nonzero[1] == 0
+    ea = torch.where(a_zero, b.e, a.e)
+    eb = torch.where(b_zero, ea, b.e)
     base = torch.maximum(torch.minimum(ea, eb), torch.maximum(ea, eb) - ADD_MAX_GAP)
     total = _aligned(a.v, ea, base) + _aligned(b.v, eb, base)
-    return requantize(total, base, bits=bits, mode=mode, key=key)
+    return requantize(total, base, bits=bits, mode=mode, key=key, offset=offset, reduce_max=reduce_max)
 
 
 #: On CPU, element-wise passes over large tensors work on slices of about this many elements:
@@ -93,13 +114,14 @@ def cpu_slices(t: torch.Tensor) -> list:
     return [slice(i, i + step) for i in range(0, t.shape[0], step)]
 
 
-def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8) -> QTensor:
-    """``requantize(getattr(backend, name)(*args), e, bits)`` with nearest rounding. Backends that
-    compute products in floats offer ``product_to_int8``, which gives the same bits for 8-bit
-    results without making the integer accumulator; other widths and backends are requantised
-    here."""
+def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8, *,
+                       reduce_max=None) -> QTensor:
+    """``requantize(getattr(backend, name)(*args), e, bits, reduce_max=reduce_max)`` with nearest
+    rounding. Backends that compute products in floats offer ``product_to_int8``, which gives the
+    same bits for 8-bit results without making the integer accumulator; other widths and
+    backends are requantised here."""
     fused = getattr(backend, "product_to_int8", None) if bits == 8 else None
     if fused is None:
-        return requantize(getattr(backend, name)(*args), e, bits=bits)
-    values, shift = fused(name, *args)
+        return requantize(getattr(backend, name)(*args), e, bits=bits, reduce_max=reduce_max)
+    values, shift = fused(name, *args, reduce_max=reduce_max)
     return QTensor(values, e + shift)

@@ -8,6 +8,11 @@ is the same on any machine.
 
 Guarantees: ``uint32`` returns int64 values in ``[0, 2**32)``; ``uniform_bits(..., bits=s)``
 returns values in ``[0, 2**s)`` for ``0 <= s <= 62``.
+
+Element offset: ``uint32(key, shape, offset=k)`` is elements ``k, k+1, ...`` of the stream that
+``offset=0`` starts at element 0, so a tensor cut into contiguous pieces (a data-parallel shard
+of a batch is one, ``offset`` = its first element's position in the whole) draws, piece by piece,
+exactly the numbers the whole tensor draws. ``offset=0`` is the stream as it always was.
 """
 
 from __future__ import annotations
@@ -61,22 +66,24 @@ def derive_key(*parts: int) -> tuple[int, int]:
     return k1, k2
 
 
-def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cpu") -> torch.Tensor:
-    """One uniform 32-bit integer per element (int64 tensor), element ``i`` a function of ``key, i``."""
+def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cpu", offset: int = 0) -> torch.Tensor:
+    """One uniform 32-bit integer per element (int64 tensor), element ``i`` a function of
+    ``key, offset + i`` (see the module docstring)."""
     numel = 1
     for size in shape:
         numel *= size
-    if numel >= 2**32:
-        raise ValueError("uint32 supports tensors of fewer than 2**32 elements")
-    index = torch.arange(numel, dtype=torch.int64, device=device)
+    if offset < 0 or offset + numel > 2**32:
+        raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
+    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
     k1, k2 = key
     return mix32(mix32(index ^ k1) ^ k2).reshape(tuple(shape))
 
 
-def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu") -> torch.Tensor:
-    """Uniform integers in ``[0, 2**bits)`` (int64), ``bits`` from 0 to 62, possibly a 0-d tensor."""
-    high = uint32(key, shape, device) >> 1  # 31 bits
-    low = uint32((key[0] ^ 0x5BD1E995, key[1]), shape, device)
+def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu", offset: int = 0) -> torch.Tensor:
+    """Uniform integers in ``[0, 2**bits)`` (int64), ``bits`` from 0 to 62, possibly a 0-d tensor;
+    element ``i`` is element ``offset + i`` of the stream."""
+    high = uint32(key, shape, device, offset) >> 1  # 31 bits
+    low = uint32((key[0] ^ 0x5BD1E995, key[1]), shape, device, offset)
     word = (high << 32) | low  # uniform in [0, 2**63)
     return word >> (63 - bits)
 

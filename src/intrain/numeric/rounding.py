@@ -5,7 +5,9 @@ that the result is symmetric around zero. Modes:
 
 - ``nearest``: add ``2**(s-1)`` to ``|a|`` before the shift (ties away from zero).
 - ``stochastic``: add a uniform integer ``r`` in ``[0, 2**s)`` from the counter-based generator
-  (:mod:`intrain.numeric.rng`) keyed by the caller; unbiased: ``E[result] = a / 2**s``.
+  (:mod:`intrain.numeric.rng`) keyed by the caller; unbiased: ``E[result] = a / 2**s``. Element
+  ``i`` of ``a`` takes element ``offset + i`` of the key's stream (``offset``: where ``a`` starts
+  in a larger tensor it is a contiguous piece of, e.g. a data-parallel shard; 0 by default).
 - ``pseudo``: NITI's pseudo-stochastic rounding. The ``s`` discarded bits are split into the upper
   ``ceil(s/2)`` bits ``h`` (the probability) and the lower ``floor(s/2)`` bits ``l`` (the random
   number, doubled when ``s`` is odd so both have the same width); the magnitude rounds up when
@@ -65,6 +67,7 @@ def shift_round(
     s: torch.Tensor | int,
     mode: str,
     key: tuple[int, int] | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """``sign(a) * round(|a| / 2**s)`` with the given rounding mode (see module docstring)."""
     if not isinstance(s, torch.Tensor):
@@ -85,7 +88,7 @@ def shift_round(
     if mode == "stochastic":
         if key is None:
             raise ValueError("stochastic rounding needs a random key")
-        noise = rng.uniform_bits(key, a.shape, s, a.device).to(a.dtype)
+        noise = rng.uniform_bits(key, a.shape, s, a.device, offset).to(a.dtype)
         rounded = (magnitude + noise) >> s
     elif mode == "pseudo":
         low_width = s >> 1

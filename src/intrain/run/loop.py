@@ -30,6 +30,20 @@ Every method sees the same inputs: ``pixels_to_int8(u8, mean)`` with exponent
 ``PIXEL_EXPONENT`` as a ``QTensor``, which the method turns into its network's input
 (``Method.network_input``: the integers themselves, or for the float twin their real values
 ``v * 2**PIXEL_EXPONENT`` in float32). Resuming is in ``intrain.run.resume``.
+
+Data parallel (``torchrun --nproc-per-node N -m intrain train ...``, ``intrain.run.dist``): every
+process prepares the same run and joins the process group; each global batch (the same batches
+as one process, of ``batch_size`` images) is cut into N contiguous shards
+(``numeric.collective.shard_range``: sizes differ by at most one, a batch of fewer than N images
+leaves some shards empty), process r loads and trains on shard r with the step's reductions done
+over all processes (``methods.niti``), so every process holds the one-process weights after
+every step. The training metrics are computed from the whole batch's logits and labels
+(``dist.gather_batch``: integers, exact), so they are the one-process figures too. Evaluation is
+split by whole eval batches (process r takes batches r, r + N, ...; an int8 model's outputs
+depend on the batch, so batches are never cut) and the correct counts are summed. Rank 0 alone
+writes: the run folder, its lock, ``config.json``, ``metrics.csv``, checkpoints, TensorBoard,
+``model.pt``, the log lines and the progress bar; the others write nothing. A checkpoint is the
+global state, so any number of processes resumes it (every process reads it).
 """
 
 
@@ -45,8 +59,9 @@ import torch
 from intrain.data import PIXEL_EXPONENT, DatasetSplits, load_dataset, pixels_to_int8
 from intrain.methods import Method
 from intrain.numeric import rng
+from intrain.numeric.collective import LOCAL, Collective, shard_range
 from intrain.numeric.qtensor import QTensor
-from intrain.run import checkpoint
+from intrain.run import checkpoint, dist
 from intrain.run.config import ConfigError, TrainConfig, check_args
 from intrain.run.files import (TENSORBOARD_DIR, RunFileError, check_out, data_fingerprint, lock_run_dir,
                                 make_out_dir, record_files, remove_stale_temp_files, save_json, save_model)
@@ -74,11 +89,13 @@ class Prepared:
     model: torch.nn.Module
     method: Method
     out_dir: Path | None  # None: pick runs/<name>-<k> when creating it
+    collective: Collective = LOCAL  # the processes of a data-parallel run
 
 
 # ----------------------------------------------------------------------------- building
 
-def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int) -> tuple[torch.nn.Module, Method]:
+def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int,
+           collective: Collective) -> tuple[torch.nn.Module, Method]:
     """The model and its method for ``c`` (ConfigError when the model does not fit the data)."""
     method_cls = c.method
     options = c.method_options()
@@ -87,23 +104,34 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int) -> tuple
                                        seed=c.seed, width=c.width, device=c.device)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
-    return model, method_cls(model, options, seed=c.seed, total_steps=c.epochs * steps_per_epoch)
+    return model, method_cls(model, options, seed=c.seed, total_steps=c.epochs * steps_per_epoch,
+                             collective=collective)
 
 
 def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     """Check everything and load everything; writes nothing (see the module docstring).
-    ``resuming``: ``config.out`` is the run being resumed, so it may hold a run."""
+    ``resuming``: ``config.out`` is the run being resumed, so it may hold a run. In a
+    data-parallel run the output folder is rank 0's to check, and the process group is joined
+    last, once every check has passed."""
     c = config.resolved()
     check_args(c)
-    out_dir = Path(c.out) if resuming else check_out(c.out, c.overwrite)
+    rank, world, _ = dist.environment()
+    if world > 1 and not c.method.data_parallel:
+        raise ConfigError(f"--arith {c.arith} does not train data-parallel: run it in one process, without "
+                          "torchrun (only the integer methods give one-process results on several)")
+    if resuming or rank != 0:
+        out_dir = None if c.out is None else Path(c.out)
+    else:
+        out_dir = check_out(c.out, c.overwrite)
     splits = load_dataset(c.dataset, c.data_dir, c.val_split, c.train_limit, c.image_size,
                           tune_split=c.tune_split)
     if len(splits.train) == 0:
         raise ConfigError(f"the {c.dataset} training set is empty: check --data-dir and --train-limit")
     steps_per_epoch = -(-len(splits.train) // c.batch_size)
     check_memory(c, splits.train.image_shape, splits.train.num_classes)
-    model, method = _build(c, splits, steps_per_epoch)
-    return Prepared(c, splits, model, method, out_dir)
+    collective = dist.from_environment(c.device)
+    model, method = _build(c, splits, steps_per_epoch, collective)
+    return Prepared(c, splits, model, method, out_dir, collective)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -113,32 +141,43 @@ def network_input(method: type[Method] | Method, images_u8: torch.Tensor, mean):
     return method.network_input(QTensor.of(pixels_to_int8(images_u8, mean), PIXEL_EXPONENT))
 
 
+def _predicted_batches(predict, method: type[Method] | Method, dataset, mean, batch_size: int, device,
+                       workers: int, every: tuple[int, int] = (0, 1)):
+    """``(predicted classes, labels)`` of the batches of ``dataset`` in index order (or of every
+    k-th from the r-th, ``every=(r, k)``), both int64 on ``device``."""
+    from intrain.data.augment import in_order
+
+    with torch.no_grad():
+        for images, labels in in_order(dataset, batch_size, workers, every):
+            x = network_input(method, images.to(device), mean)
+            yield method.logits_as_float(predict(x)).argmax(dim=1), labels.to(device)
+
+
 def predictions(predict, method: type[Method] | Method, dataset, mean, batch_size: int, device="cpu",
                 workers: int = 0) -> torch.Tensor:
     """Predicted classes (int64, on ``device``) of the images of ``dataset`` in index order, in
     batches of ``batch_size`` (read by ``workers`` loader processes when the data set is decoded
     from files); ``predict`` maps ``method``'s network inputs to logits in eval mode."""
-    from intrain.data.augment import in_order
-
-    preds = []
-    with torch.no_grad():
-        for images, _ in in_order(dataset, batch_size, workers):
-            x = network_input(method, images.to(device), mean)
-            preds.append(method.logits_as_float(predict(x)).argmax(dim=1))
+    preds = [pred for pred, _ in _predicted_batches(predict, method, dataset, mean, batch_size, device, workers)]
     if not preds:
         return torch.zeros(0, dtype=torch.int64, device=device)
     return torch.cat(preds)
 
 
-def evaluate(method: Method, dataset, mean, batch_size: int, device="cpu", workers: int = 0) -> float:
-    """Accuracy (percent) on ``dataset`` in index order, in batches of ``batch_size``.
+def evaluate(method: Method, dataset, mean, batch_size: int, device="cpu", workers: int = 0,
+             collective: Collective = LOCAL) -> float:
+    """Accuracy (percent) on ``dataset`` in index order, in batches of ``batch_size``; the
+    processes of ``collective`` share the batches and sum their correct counts.
 
     The int8 model requantises with a shift chosen per tensor, so its outputs depend on what
     else is in the batch; evaluating with the training batch size in a fixed order keeps the
     figure reproducible and the activation statistics like those of training.
     """
-    pred = predictions(method.predict, method, dataset, mean, batch_size, device, workers)
-    return accuracy(int((pred == dataset.labels.to(pred.device)).sum()), len(dataset))
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    for pred, labels in _predicted_batches(method.predict, method, dataset, mean, batch_size, device, workers,
+                                           (collective.rank, collective.world)):
+        correct += (pred == labels).sum()
+    return accuracy(int(collective.sum(correct)), len(dataset))
 
 
 def config_dict(p: Prepared, out_dir: Path) -> dict:
@@ -248,8 +287,11 @@ def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict 
     given by ``resume`` to continue a run (the model and method already restored).
 
     The folder's lock (``intrain.run.lock``) is held from before the first write to the end;
-    what the run writes is listed in the folder's manifest first (``intrain.run.files``)."""
+    what the run writes is listed in the folder's manifest first (``intrain.run.files``). In a
+    data-parallel run only rank 0 does any of that; the others train and write nothing."""
     c = p.config
+    if p.collective.rank != 0:
+        return _train(p, log, start, cfg, out_dir)
     if start is None:
         out_dir, held = make_out_dir(p.out_dir, c.overwrite, f"{c.dataset}-{c.model}-{c.arith}")
         cfg = config_dict(p, out_dir)
@@ -268,28 +310,36 @@ def train_prepared(p: Prepared, log=None, start: Start | None = None, cfg: dict 
         held.release()
 
 
-def _train(p: Prepared, log, start: Start | None, cfg: dict, out_dir: Path) -> RunResult:
-    """The loop of ``train_prepared``, in the locked folder whose config.json is written."""
+def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Path | None) -> RunResult:
+    """The loop of ``train_prepared``, in the locked folder whose config.json is written (rank 0;
+    the other processes of a data-parallel run write nothing, see the module docstring)."""
     from intrain.data.augment import AugmentedLoader
 
+    c, splits, method, collective = p.config, p.splits, p.method, p.collective
+    writes = collective.rank == 0
     log = sys.stderr if log is None else log
-    c, splits, method = p.config, p.splits, p.method
+
+    def say(line: str) -> None:
+        if writes:
+            print(line, file=log)
+
     resuming = start is not None
     start = Start() if start is None else start
-    metrics = MetricsCSV(out_dir / "metrics.csv")  # on resume: rewritten from the checkpoint's rows
-    for row in start.rows:
+    metrics = MetricsCSV(out_dir / "metrics.csv") if writes else None  # on resume: rewritten from the checkpoint's rows
+    for row in start.rows if writes else ():
         metrics.append(**row)
     what = (f"resuming at epoch {start.epoch + 1}, batch {start.batch}" if resuming else
             f"{c.epochs} epochs of batch {c.batch_size}")
-    print(f"intrain: {c.arith} {c.model} on {c.dataset}: {len(splits.train)} training images, "
-          f"{len(splits.eval)} {splits.eval_name} images, {what} -> {out_dir}", file=log)
+    processes = f" over {collective.world} processes" if collective.world > 1 else ""
+    say(f"intrain: {c.arith} {c.model} on {c.dataset}: {len(splits.train)} training images, "
+        f"{len(splits.eval)} {splits.eval_name} images, {what}{processes} -> {out_dir}")
 
     dev = torch.device(c.device)
     mean, n, bs = splits.channel_mean, len(splits.train), c.batch_size
     n_batches = -(-n // bs)
     rows, step = list(start.rows), start.global_step
     eval_acc = rows[-1]["eval_acc"] if rows else None
-    board = _tensorboard(out_dir, start.epoch + 1 if resuming else None)
+    board = _tensorboard(out_dir, start.epoch + 1 if resuming else None) if writes else None
     try:
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
@@ -299,20 +349,28 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict, out_dir: Path) -> R
             if first_batch == 0:  # a resumed partial epoch keeps its checkpointed method state
                 method.begin_epoch(epoch)
             order = rng.permutation(n, c.seed, epoch)
-            loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment,
-                                     num_workers=c.workers, start_batch=first_batch)
-            with progress(n_batches, f"epoch {epoch + 1}/{c.epochs}") as bar:
+            loader = AugmentedLoader(splits.train, order, bs, c.seed, epoch, c.augment, num_workers=c.workers,
+                                     start_batch=first_batch, shard=(collective.rank, collective.world))
+            with progress(n_batches, f"epoch {epoch + 1}/{c.epochs}", shown=writes) as bar:
                 bar.update(first_batch)
                 for b, (images, labels, _) in enumerate(_batches(loader), start=first_batch):
                     y = labels.to(dev, non_blocking=True)
                     x = network_input(method, images.to(dev, non_blocking=True), mean)
-                    logits = method.train_step(x, y, step, epoch)
+                    if collective.world == 1:
+                        logits = method.train_step(x, y, step, epoch)
+                    else:  # only data-parallel methods get here (prepare), and they take the offset
+                        rows_in_batch = min(bs, n - b * bs)
+                        first, _ = shard_range(rows_in_batch, collective.rank, collective.world)
+                        logits = method.train_step(x, y, step, epoch, sample_offset=first)
+                        # the whole batch's logits and labels, for the metrics
+                        logits = QTensor(dist.gather_batch(collective, logits.v, rows_in_batch, first), logits.e)
+                        y = dist.gather_batch(collective, y, rows_in_batch, first)
                     running.update(method.logits_as_float(logits), y)
                     step += 1
                     bar.update(1)
                     if not bar.disable and (step % 20 == 0 or b + 1 == n_batches):
                         bar.set_postfix(loss=f"{running.loss:.4f}", acc=f"{running.acc:.2f}%", refresh=False)
-                    if c.checkpoint_every and step % c.checkpoint_every == 0 and b + 1 < n_batches:
+                    if writes and c.checkpoint_every and step % c.checkpoint_every == 0 and b + 1 < n_batches:
                         _save_resume(out_dir, p, cfg, dict(
                             epoch=epoch, batch=b + 1, global_step=step, rows=rows,
                             running=_running_state(running),
@@ -321,26 +379,28 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict, out_dir: Path) -> R
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
             with method.averaged():  # int8: the mean weights (intrain.methods.averaging)
-                eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers)
+                eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers, collective)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
             rows.append(row)
-            _save_resume(out_dir, p, cfg, dict(epoch=epoch + 1, batch=0, global_step=step, rows=rows,
-                                               running=None, seconds=0.0))
-            metrics.append(**row)
+            if writes:
+                _save_resume(out_dir, p, cfg, dict(epoch=epoch + 1, batch=0, global_step=step, rows=rows,
+                                                   running=None, seconds=0.0))
+                metrics.append(**row)
             if board is not None:
                 for key in ("train_loss", "train_acc", "eval_acc"):
                     board.add_scalar(f"{key}/{c.arith}", row[key], epoch + 1)
                 board.flush()
-            print(f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}, train {row['train_acc']:.2f}%, "
-                  f"{splits.eval_name} {eval_acc:.2f}%, {seconds:.1f}s", file=log)
+            say(f"epoch {epoch + 1}/{c.epochs}: loss {row['train_loss']:.4f}, train {row['train_acc']:.2f}%, "
+                f"{splits.eval_name} {eval_acc:.2f}%, {seconds:.1f}s")
     finally:
         if board is not None:
             board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
-        eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers)
-    with method.averaged():
-        save_model(out_dir / "model.pt", cfg, p.model)
+        eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers, collective)
+    if writes:
+        with method.averaged():
+            save_model(out_dir / "model.pt", cfg, p.model)
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
 
 

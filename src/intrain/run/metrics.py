@@ -84,9 +84,11 @@ class Running:
         return accuracy(int(self.correct), self.n)
 
 
-def progress(total: int, desc: str) -> tqdm:
-    """A per-epoch progress bar on stderr; silent when stderr is not a terminal (logs, tests)."""
-    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True, disable=None)
+def progress(total: int, desc: str, shown: bool = True) -> tqdm:
+    """A per-epoch progress bar on stderr; silent when stderr is not a terminal (logs, tests) or
+    not ``shown`` (the processes of a data-parallel run other than rank 0)."""
+    return tqdm(total=total, desc=desc, file=sys.stderr, leave=False, dynamic_ncols=True,
+                disable=None if shown else True)
 
 
 def accuracy(correct: int, n: int) -> float:

@@ -6,6 +6,11 @@ computes) and ``--data-dir``: the run recorded its data folder as an absolute pa
 fingerprint of the data (``intrain.run.files.data_fingerprint``), and any folder holding the same
 data is accepted (runs made before fingerprints: the same number of images). The result is bit
 for bit that of an uninterrupted run. The run folder is locked while the run continues.
+
+A checkpoint is the state of the whole run, whatever number of processes wrote it, so a run
+resumes under torchrun with any number of processes (``intrain.run.loop``): every process reads
+the checkpoint (on several nodes the run folder must be on a file system they share), rank 0
+alone checks, locks and writes the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 
 from intrain.methods.base import flag
 from intrain.run import checkpoint
+from intrain.run import dist
 from intrain.run.config import RESUME_FREE, ConfigError, TrainConfig
 from intrain.run.files import check_creatable, data_fingerprint
 from intrain.run.lock import RunFolderBusy, holder
@@ -69,12 +75,14 @@ def resume(run_dir, given: dict | None = None, log=None) -> RunResult:
         if run_dir.exists():
             raise ConfigError(f"{run_dir} is not a directory: pass the directory of the run to resume")
         raise ConfigError(f"run directory {run_dir} does not exist: pass the directory of the run to resume")
-    busy = holder(run_dir)
+    rank, _, _ = dist.environment()
+    busy = holder(run_dir) if rank == 0 else None  # the others would find rank 0's lock
     if busy is not None:
         raise RunFolderBusy(f"run directory {run_dir} is in use by {busy}: wait for it to finish or stop it "
                             "before resuming")
-    check_creatable(run_dir, "run directory",
-                    "a resumed run writes there; copy it somewhere writable and resume the copy")
+    if rank == 0:
+        check_creatable(run_dir, "run directory",
+                        "a resumed run writes there; copy it somewhere writable and resume the copy")
     path = checkpoint.checkpoint_path(run_dir)
     payload = checkpoint.load(path)
     config = resume_config(payload, run_dir, given)

@@ -371,25 +371,26 @@ class CpuBackend(Backend):
         "conv2d_backward_input": _backward_input_in_chunks,
     }
 
-    def product_to_int8(self, name: str, *args) -> tuple[torch.Tensor, torch.Tensor]:
+    def product_to_int8(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
         as a 0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but
         without making it: on the float path from the exact float product (a tensor-sized
         4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
-        memory of the int32 result, and float temporaries of one chunk only)."""
+        memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
+        for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
         if name not in self._EXACT_PRODUCTS:
             raise ValueError(f"product_to_int8 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
         in_chunks = self._CONVS_IN_CHUNKS.get(name)
         chunked = in_chunks(self, *args) if in_chunks is not None else None
         if chunked is not None:
-            return requantize_chunks(*chunked)
+            return requantize_chunks(*chunked, reduce_max=reduce_max)
         exact, _ = self._EXACT_PRODUCTS[name](self, *args)
-        return exact_to_int8(exact)
+        return exact_to_int8(exact, reduce_max)
 
 
-def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_to_int8(exact: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest-rounding requantisation to int8 of a tensor holding exact integers: float32
     (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype, a slice of samples at a time.
     Consumes ``exact`` (it is scaled in place).
@@ -400,15 +401,19 @@ def exact_to_int8(exact: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     magnitude, below 2**8 (int16), and nearest rounding of y / 2**s with ties away from zero is
     ``sign(t) * floor((|t| + 1) / 2)``, because floor((z + 1) / 2) = floor((floor(z) + 1) / 2)
     for z >= 0: one more nearest shift of t, by 1. The clip to [-127, 127] follows as in
-    ``requantize``. Integer tensors go to ``requantize`` itself.
+    ``requantize``. Integer tensors go to ``requantize`` itself. ``reduce_max``: for a shard of
+    a batch, b is the whole batch's (``numeric.requant``); an empty shard still takes part.
     """
     if not exact.is_floating_point():
-        q = requantize(exact, torch.zeros((), dtype=torch.int64))
+        q = requantize(exact, torch.zeros((), dtype=torch.int64), reduce_max=reduce_max)
         return q.v, q.e
-    if exact.numel() == 0:
-        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
-    low, high = torch.aminmax(exact)
-    shift = max(int(max(-low, high)).bit_length() - 7, 0)
+    length = 0
+    if exact.numel() > 0:
+        low, high = torch.aminmax(exact)
+        length = int(max(-low, high)).bit_length()
+    if reduce_max is not None:
+        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+    shift = max(length - 7, 0)
     if shift == 0:
         return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
     values = torch.empty(exact.shape, dtype=torch.int8)

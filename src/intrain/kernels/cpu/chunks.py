@@ -12,7 +12,7 @@ from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import shift_round
 
 
-def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
+def requantize_chunks(n: int, chunks, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
     """A product of int8 operands requantised to int8 [N, ...] with nearest rounding, as
     (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, as int32
     or a float tensor of integers below 2**31 in magnitude, any memory layout) pairs. The whole
@@ -22,7 +22,11 @@ def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
     That equals rounding y by s directly: floor((floor(z) + c) / m) = floor((z + c) / m) for
     integers c and m >= 1, so with z = |y| / 2**k, c = 2**(s-k-1), m = 2**(s-k),
     floor((t + c) / m) = floor((|y| + 2**(s-1)) / 2**s); c is an integer because s - k >= 1
-    whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8)."""
+    whenever k > 0 (s >= bit_length(max |chunk|) - 7 = k + 8).
+
+    ``reduce_max`` (a ``Collective.max``), for a shard of a batch split over processes, turns the
+    bit length of the shard's max |y| into the whole batch's (``numeric.requant``), so s is the
+    whole batch's shift; it is at least the shard's own, so the argument above holds."""
     kept, dropped, largest = None, [], 0
     for n0, part in chunks:
         low, high = torch.aminmax(part)
@@ -39,7 +43,10 @@ def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
         kept[n0:n0 + part.shape[0]] = part
         dropped.append((n0, part.shape[0], k))
         largest = max(largest, chunk_max)
-    shift = max(largest.bit_length() - 7, 0)
+    length = largest.bit_length()
+    if reduce_max is not None:
+        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+    shift = max(length - 7, 0)
     values = torch.empty(kept.shape, dtype=torch.int8)
     for n0, rows, k in dropped:
         chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
