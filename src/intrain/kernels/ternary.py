@@ -3,7 +3,7 @@
 One edge of a layer with O outputs and fan-in K is a ternary tensor ``t`` [O, G, N] (int8, values in
 {-1, 0, +1}; group g of output o covers the fan-in positions ``g*N .. g*N+N-1`` in the order of the
 weight flattened to [O, K]: for a convolution (C, kh, kw); the last group is padded with zeros
-when N does not divide K) and integer scales ``alpha`` [O, G] (int16 storage, ``|alpha| <= 127``).
+when N does not divide K; what the padding holds is ignored) and integer scales ``alpha`` [O, G] (int16 storage, ``|alpha| <= 127``).
 The weight it stands for is ``w[o, i] = alpha[o, g(i)] * t[o, i]``, so its product with an int8
 input ``x`` is, per output and sample,
 
@@ -57,10 +57,11 @@ def effective_weight(t: torch.Tensor, alpha: torch.Tensor, fan_in: int) -> torch
 
 def _sign_index(t: torch.Tensor, fan_in: int, sign: int) -> torch.Tensor:
     """[O, G, N] int64: the fan-in index of each position of ``t`` equal to ``sign``, else
-    ``fan_in`` (the index of an appended zero input)."""
+    ``fan_in`` (the index of an appended zero input); the padding of the last group is ignored,
+    as ``effective_weight`` ignores it."""
     o, g, n = t.shape
     index = torch.arange(g * n, device=t.device, dtype=torch.int64).reshape(1, g, n).expand(o, g, n)
-    return torch.where(t == sign, index, torch.full_like(index, fan_in))
+    return torch.where((t == sign) & (index < fan_in), index, torch.full_like(index, fan_in))
 
 
 def group_sums(patches: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
