@@ -138,7 +138,6 @@ def calibration_statistics(float_net: torch.nn.Module, layers: list[SourceLayer]
 
     def hook(module, args, out):
         inputs[module] = args[0].detach()
-        out.retain_grad()
         outputs[module] = out
 
     handles = [layer.float_module.register_forward_hook(hook) for layer in layers]
