@@ -304,3 +304,20 @@ def test_cli_bad_input(case, runs, tmp_path, capsys):
     elif case == "residuals-above-1":
         argv = ["eval", "--run", str(run), "--residuals", "1.5"]
     assert_refused(argv, capsys, tmp_path)
+
+
+def test_converted_model_bit_identical_across_backends_and_products(runs):
+    model, kept = _convert(runs / "float", group_size=4, budget=1)
+    x = QTensor.of(torch.randint(0, 128, (32, 1, 8, 8), generator=torch.Generator().manual_seed(2),
+                                 dtype=torch.int8), -7)
+    outs = []
+    for backend, product in itertools.product(BACKENDS, ("adds", "dense")):
+        for layer in ternary_layers(model):
+            layer.backend, layer.product = get_backend(backend), product
+        for active in (0, kept // 2, kept):
+            set_active_residuals(model, active)
+            y = model(x)
+            outs.append((active, y.v, int(y.e)))
+    for active in (0, kept // 2, kept):
+        same = [(v, e) for a, v, e in outs if a == active]
+        assert all(torch.equal(v, same[0][0]) and e == same[0][1] for v, e in same)
