@@ -203,8 +203,8 @@ def run_eval_ternary(args: argparse.Namespace) -> int:
         raise ConfigError("a ternary run is evaluated on its source run's data: drop --dataset, --data-dir, "
                           "--val-split and --workers")
     r = evaluate_ternary_run(args.run, residuals=args.residuals, batch_size=args.batch_size)
-    print(f"run {args.run}: 8-2 {r['model']} converted from the {r['source_arith']} run, on {r['dataset']} {r['eval_name']} "
-          f"({r['eval_size']} images, batch {r['batch_size']})")
+    print(f"run {args.run}: 8-2 {r['model']} converted from the {r['source_arith']} run, on {r['dataset']} "
+          f"{r['eval_name']} ({r['eval_size']} images, batch {r['batch_size']})")
     print(f"residual edges on: {r['residual_edges_on']} of {r['residual_edges']} "
           f"({r['residual_edges_on'] / r['groups']:.3f} per group, {r['groups']} groups)")
     print("confusion matrix (rows: true class, columns: predicted class):")
