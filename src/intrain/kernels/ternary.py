@@ -1,9 +1,10 @@
 """Products of int8 activations with grouped ternary weights (one residual edge at a time).
 
-One edge of a layer with O outputs and fan-in K is a ternary tensor ``t`` [O, G, N] (int8, values in
-{-1, 0, +1}; group g of output o covers the fan-in positions ``g*N .. g*N+N-1`` in the order of the
-weight flattened to [O, K]: for a convolution (C, kh, kw); the last group is padded with zeros
-when N does not divide K; what the padding holds is ignored) and integer scales ``alpha`` [O, G] (int16 storage, ``|alpha| <= 127``).
+One edge of a layer with O outputs and fan-in K is a ternary tensor ``t`` [O, G, N] (int8, values
+in {-1, 0, +1}; group g of output o covers the fan-in positions ``g*N .. g*N+N-1`` in the order of
+the weight flattened to [O, K]: for a convolution (C, kh, kw); the last group is padded when N
+does not divide K, and what the padding holds is ignored) and integer scales ``alpha`` [O, G]
+(int16 storage, ``|alpha| <= 127``).
 The weight it stands for is ``w[o, i] = alpha[o, g(i)] * t[o, i]``, so its product with an int8
 input ``x`` is, per output and sample,
 
