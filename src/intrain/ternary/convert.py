@@ -78,12 +78,11 @@ class TernarySettings:
 
 @dataclass(frozen=True)
 class SourceLayer:
-    """One weighted layer of the source: its real weight and bias (None: no bias), its integer
-    layer in the source's integer model, and its float module in the calibration network."""
+    """One weighted layer of the source: its real weight and bias (None: no bias) and its float
+    module in the calibration network."""
 
     weight: torch.Tensor
     bias: torch.Tensor | None
-    int_layer: torch.nn.Module
     float_module: torch.nn.Module
 
 
@@ -127,8 +126,7 @@ def load_source(cfg: dict, saved: dict, run_dir: Path) -> tuple[torch.nn.Module,
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ConfigError(f"{run_dir / 'model.pt'} does not fit the model in {run_dir / 'config.json'} "
                           f"({first})") from None
-    layers = [SourceLayer(w, b, il, fm) for (w, b), il, fm
-              in zip(sources, weighted_layers(int_model), _float_weighted(float_net))]
+    layers = [SourceLayer(w, b, fm) for (w, b), fm in zip(sources, _float_weighted(float_net))]
     return int_model, float_net.eval(), layers
 
 

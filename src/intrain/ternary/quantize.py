@@ -124,9 +124,3 @@ def decompose(w: torch.Tensor, group_size: int, edges: int, rule: str) -> Decomp
     return Decomposition(torch.stack(ternaries), torch.stack(alphas), torch.tensor(exps, dtype=torch.int64),
                          (stacked**2).sum(dim=3), valid.sum(dim=1), stacked)
 
-
-def reconstruct(d: Decomposition, on: torch.Tensor) -> torch.Tensor:
-    """The real weight [O, G*N] of the group-edges ``on`` [E, O, G] (bool)."""
-    scale = d.alpha.to(torch.float64) * torch.pow(2.0, d.alpha_exp.to(torch.float64))[:, None, None] * on
-    w = (scale[..., None] * d.ternary.to(torch.float64)).sum(dim=0)
-    return w.reshape(w.shape[0], -1)

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from intrain.data import load_dataset
-from intrain.layers.ternary import TernaryLayer, set_active_residuals
+from intrain.layers.ternary import set_active_residuals
 from intrain.methods import get_method
 from intrain.numeric.qtensor import QTensor
 from intrain.run.config import ConfigError
