@@ -43,6 +43,7 @@ STEP_MODULES = (
     "kernels/__init__.py",    # get_backend: how a model finds its backend
     "kernels/reference.py",   # the reference products
     "kernels/im2col.py",      # reference convolutions: im2col/col2im, checks, conv_*_by
+    "kernels/ternary.py",     # ternary x int8 products of the 8-2 inference (layers/ternary.py)
     "layers/",                # integer layers and integer initialisation (layers/init.py)
     "models/",                # building the integer model (before the step, integer too)
     "methods/__init__.py",

@@ -46,7 +46,12 @@ from hostile import immutable, simulate_read_only
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 TRAIN = ["train", "--epochs", "1", "--train-limit", "64", "--batch-size", "16", "--width", "0.25"]
-UNREADABLE = "/proc/self/mem"  # reading it at offset 0 fails with EIO, for root too
+UNREADABLE = "/proc/self/mem"
+
+
+def _ternarize(run):
+    """``intrain ternarize`` of ``run`` without its --out."""
+    return ["ternarize", "--run", str(run), "--group-size", "4", "--budget", "1"]  # reading it at offset 0 fails with EIO, for root too
 
 
 class Crash(Exception):
@@ -253,6 +258,21 @@ CASES = [
     Case("eval-in-use", lambda c: (c.hold_lock(c.finished), ["eval", "--run", str(c.finished)])[1], ("in use",)),
     Case("eval-data-dir-missing", lambda c: ["eval", "--run", str(c.finished), "--dataset", "mnist",
                                              "--data-dir", str(c.tmp / "nowhere")], ("nowhere",)),
+    # ---- ternarize
+    Case("ternarize-run-missing", lambda c: [*_ternarize(c.tmp / "nowhere"), "--out", str(c.tmp / "t")], ("nowhere",)),
+    Case("ternarize-unfinished-run", lambda c: [*_ternarize(c.interrupted), "--out", str(c.tmp / "t")], ("model.pt",)),
+    Case("ternarize-model-flipped", lambda c: (c.flip(c.finished / "model.pt"),
+                                               [*_ternarize(c.finished), "--out", str(c.tmp / "t")])[1], ("damaged",)),
+    Case("ternarize-model-foreign-pickle", lambda c: ((c.finished / "model.pt").write_bytes(_evil_pickle(c)),
+                                                      [*_ternarize(c.finished), "--out", str(c.tmp / "t")])[1],
+         ("model.pt",)),
+    Case("ternarize-out-under-a-file", lambda c: [*_ternarize(c.finished), "--out", str(c.file / "t")],
+         ("a-file", "is a file")),
+    Case("ternarize-out-below-read-only",
+         lambda c: [*_ternarize(c.finished), "--out", str(c.make_read_only(c.tmp / "ro") / "t")], ("ro",), ro=True),
+    Case("ternarize-out-in-use", lambda c: (c.hold_lock(c.interrupted),
+                                            [*_ternarize(c.finished), "--out", str(c.interrupted), "--overwrite"])[1],
+         ("in use",)),
     # ---- plot
     Case("plot-run-missing", lambda c: ["plot", str(c.tmp / "nowhere"), "-o", str(c.tmp / "c.png")], ("nowhere",)),
     Case("plot-metrics-missing", lambda c: ((c.finished / "metrics.csv").unlink(),
@@ -291,7 +311,7 @@ CASES = [
 
 #: Cases run again as real processes (no read-only or busy ones: those need this process).
 REAL_PROCESS = ("train-out-under-a-file", "train-out-in-proc", "resume-checkpoint-foreign-pickle",
-                "eval-model-foreign-pickle", "eval-model-flipped", "plot-output-in-proc",
+                "eval-model-foreign-pickle", "eval-model-flipped", "ternarize-model-flipped", "plot-output-in-proc",
                 "download-data-dir-under-a-file")
 
 
@@ -302,7 +322,8 @@ def _params():
 
 
 def test_every_subcommand_is_covered():
-    assert {case.id.split("-")[0] for case in CASES} == {"train", "resume", "eval", "plot", "download"}
+    assert {case.id.split("-")[0] for case in CASES} == {"train", "resume", "eval", "ternarize", "plot",
+                                                                 "download"}
     assert set(REAL_PROCESS) <= {case.id for case in CASES}
 
 

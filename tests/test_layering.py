@@ -42,6 +42,7 @@ LEVELS: dict[str, float] = {
     "intrain.models": 3,       # model specs -> integer model / float twin
     "intrain.methods": 4,      # training methods: NITI, update, loss, averaging, float twin
     "intrain.run": 5,          # config, recipes, loop, checkpoint, evaluation, metrics
+    "intrain.ternary": 5.5,    # converting a run to a ternary 8-2 model, its ranking and evaluation
     "intrain.cli": 6,          # entry points
     "intrain.plot": 6,
     "intrain.__main__": 6,

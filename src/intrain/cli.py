@@ -174,12 +174,28 @@ def add_eval(sub) -> None:
     p.add_argument("--workers", type=_int_at_least(0, "an integer >= 0"), metavar="N",
                    help="loader processes decoding an image folder; the result is the same for any N "
                         "(default: the run's)")
+    p.add_argument("--residuals", type=_fraction, metavar="FRACTION",
+                   help="ternary runs (intrain ternarize) only: keep this fraction of the ranked residual edges "
+                        "on, the most important first (default: 1, all of them; 0: the plain 8-2 model)")
     p.set_defaults(handler=run_eval)
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got {text!r}")
+    return value
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from intrain.run.evaluate import evaluate_run, format_confusion
+    from intrain.ternary.report import is_ternary_run
 
+    if args.residuals is not None or is_ternary_run(args.run):
+        return run_eval_ternary(args)
     result = evaluate_run(args.run, dataset=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
                           batch_size=args.batch_size, workers=args.workers)
     print(f"run {args.run}: {result['arith']} {result['model']} on {result['dataset']} "
@@ -188,6 +204,91 @@ def run_eval(args: argparse.Namespace) -> int:
     print("confusion matrix (rows: true class, columns: predicted class):")
     print(format_confusion(result["confusion"]))
     print(f"eval_acc={result['accuracy']:.2f}")
+    return 0
+
+
+def run_eval_ternary(args: argparse.Namespace) -> int:
+    from intrain.run.config import ConfigError
+    from intrain.run.evaluate import format_confusion
+    from intrain.ternary.report import evaluate_ternary_run
+
+    if args.dataset or args.data_dir or args.val_split or args.workers is not None:
+        raise ConfigError("a ternary run is evaluated on its source run's data: drop --dataset, --data-dir, "
+                          "--val-split and --workers")
+    r = evaluate_ternary_run(args.run, residuals=args.residuals, batch_size=args.batch_size)
+    print(f"run {args.run}: 8-2 {r['model']} converted from the {r['source_arith']} run, on {r['dataset']} "
+          f"{r['eval_name']} ({r['eval_size']} images, batch {r['batch_size']})")
+    print(f"residual edges on: {r['residual_edges_on']} of {r['residual_edges']} "
+          f"({r['residual_edges_on'] / r['groups']:.3f} per group, {r['groups']} groups)")
+    print("confusion matrix (rows: true class, columns: predicted class):")
+    print(format_confusion(r["confusion"]))
+    source = "n/a" if r["source_eval_acc"] is None else f"{r['source_eval_acc']:.2f}%"
+    print(f"accuracy: {r['correct']}/{r['eval_size']} = {r['accuracy']:.2f}% (source {r['source_arith']} run: "
+          f"{source})")
+    for what, key in (("model size (bits)", "bits"), ("multiplications / image", "mults"),
+                      ("additions / image", "adds")):
+        ours, base = r[key], r[key + "_8_8"]
+        print(f"{what}: {ours} (8-8: {base}, ratio 8-8 / 8-2 = {base / max(ours, 1):.2f}x)")
+    print(f"eval_acc={r['accuracy']:.2f}")
+    return 0
+
+
+# ----------------------------------------------------------------------------- ternarize
+
+def add_ternarize(sub) -> None:
+    """``intrain ternarize``: convert a finished run into an 8-2 model with residual ternary edges."""
+    from intrain.ternary.convert import MAX_EDGES
+    from intrain.ternary.quantize import THRESHOLD_RULES
+    from intrain.ternary.rank import RANKINGS
+
+    p = sub.add_parser(
+        "ternarize", help="convert a finished int8 or float run into an 8-2 model with residual ternary edges",
+        description="Ternarise every weighted layer of RUN's model in groups of N weights (values -1, 0, +1 and "
+                    "one integer scale per group), add residual edges where a perturbation analysis on training "
+                    "images says they lower the output error most per bit, and save the 8-2 model as a run in "
+                    "OUT (evaluate it with intrain eval --run OUT [--residuals FRACTION]).")
+    p.add_argument("--run", metavar="DIR", required=True, help="the finished int8 or float run to convert")
+    p.add_argument("--group-size", type=_int_at_least(1, "an integer >= 1"), metavar="N", required=True,
+                   help="weights per group (consecutive along a unit's inputs; N >= fan-in: one group per filter)")
+    p.add_argument("--budget", type=_budget(MAX_EDGES - 1), metavar="B", required=True,
+                   help=f"residual edges per group on average, on top of every group's first edge (0 to "
+                        f"{MAX_EDGES - 1}; 0: the plain 8-2 model)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output run directory")
+    p.add_argument("--threshold", choices=THRESHOLD_RULES, default="optimal",
+                   help="which weights of a group become +-1: the l2-optimal support, or |w| > 0.7 mean |w| "
+                        "(default: optimal)")
+    p.add_argument("--ranking", choices=RANKINGS, default="perturbation",
+                   help="how residual edges are chosen: output error on calibration images, the data-free l2 "
+                        "error of the weights, or at random (default: perturbation)")
+    p.add_argument("--calibration-images", type=_int_at_least(1, "an integer >= 1"), default=256, metavar="M",
+                   help="training images for the perturbation ranking (default: 256, the first ones)")
+    p.add_argument("--seed", type=_int_at_least(0, "an integer >= 0"), default=0, metavar="S",
+                   help="seed of the random ranking (default: 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.set_defaults(handler=run_ternarize)
+
+
+def _budget(top: int):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of edges per group, got {text!r}") from None
+        if not 0 <= value <= top:
+            raise argparse.ArgumentTypeError(f"expected a budget between 0 and {top} edges per group, got {text!r}")
+        return value
+
+    return parse
+
+
+def run_ternarize(args: argparse.Namespace) -> int:
+    from intrain.ternary.convert import TernarySettings, ternarize_run
+
+    settings = TernarySettings(group_size=args.group_size, budget=args.budget, threshold=args.threshold,
+                               ranking=args.ranking, calibration_images=args.calibration_images, seed=args.seed)
+    section = ternarize_run(args.run, args.out, settings, overwrite=args.overwrite)
+    print(f"8-2 model of {args.run} in {args.out}: groups of {args.group_size}, {section['groups']} groups, "
+          f"{section['residual_edges']} residual edges ({args.ranking} ranking, {args.threshold} threshold)")
     return 0
 
 
@@ -239,7 +340,7 @@ def run_download(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------- main
 
-SUBCOMMANDS = (add_train, add_eval, add_plot, add_download)
+SUBCOMMANDS = (add_train, add_eval, add_ternarize, add_plot, add_download)
 
 
 def build_parser() -> Parser:
