@@ -31,7 +31,7 @@ from intrain.kernels.cpu import exact_to_int8, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels.int_mm import INT32_REDUCTION
 from intrain.kernels.cpu.chunks import requantize_chunks
-from intrain.numeric.requant import requantize
+from intrain.numeric.requant import requantize, requantize_product
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -987,3 +987,27 @@ def test_reference_elementwise_matmul_path(monkeypatch):
            REF.conv2d_backward_weight(d, x, 3, 2, 1))
     for g_, w_ in zip(got, want):
         assert_same(g_, w_)
+
+
+@pytest.mark.parametrize("value", [-128, 127, -127])
+def test_requantized_worst_case_at_the_longest_int32_reduction(value):
+    """All operands ``value`` at K = 131,071 (the longest int8 reduction int32 holds): the sum
+    value**2 * K (2**31 - 2**14 for -128) requantises to the same int8 with shift 24 on every
+    backend and path (nearest rounding of the exact sum, clipped to 127), through requantize_product as the layers call it (the reference and cuda backends
+    used to wrap the rounding constant and give -127)."""
+    k = 131071
+    expected = min((value * value * k + 2**23) >> 24, 127)  # 128 clips to 127 for -128; 126 else
+    e = torch.zeros((), dtype=torch.int64)
+    x = torch.full((2, k), value, dtype=torch.int8)
+    w = torch.full((3, k), value, dtype=torch.int8)
+    xc = x[:1].view(1, k, 1, 1)  # a 1x1 convolution over k channels, one pixel
+    wc = w.view(3, k, 1, 1)
+    dc = torch.full((1, k, 1, 1), value, dtype=torch.int8)
+    calls = [("linear_forward", (x, w)), ("linear_backward_input", (x, w.t().contiguous())),
+             ("conv2d_forward", (xc, wc, 1, 0)),
+             ("conv2d_backward_input", (dc, wc.transpose(0, 1).contiguous(), (1, 1), 1, 0))]
+    for backend in ALL:
+        for name, args in calls:
+            q = requantize_product(backend, name, args, e)
+            assert int(q.e) == 24, (backend, name)
+            assert bool((q.v == expected).all()), (backend, name, q.v.flatten()[:4].tolist())
