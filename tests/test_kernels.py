@@ -1011,3 +1011,35 @@ def test_requantized_worst_case_at_the_longest_int32_reduction(value):
             q = requantize_product(backend, name, args, e)
             assert int(q.e) == 24, (backend, name)
             assert bool((q.v == expected).all()), (backend, name, q.v.flatten()[:4].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_requantize_chunks_of_channels_last_chunks(dtype):
+    """Chunks delivered channels-last (the int8 GEMM's [n, Ho, Wo, O] products seen as
+    [n, O, Ho, Wo]), at magnitudes from 2**31 - 1 down to below 2**15, with every tie of the
+    final shift and its neighbours, of both signs: the int8 values equal requantize's, and they
+    come back channels-last (no transposing copy)."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randint(-2**20, 2**20, (6, 3, 4, 5), generator=gen, dtype=torch.int64)
+    top = 2**31 - 1
+    s = 31 - 7
+    flat = full.view(-1)
+    ties = [(2 * j + 1) * 2**(s - 1) + d for j in range(3) for d in (-1, 0, 1)]
+    flat[:2] = torch.tensor([top, -top])
+    flat[2:2 + 2 * len(ties)] = torch.tensor(ties + [-t for t in ties])
+    full[4:] //= 2**17  # a chunk whose own k is 0
+    full[4, 0, 0, :2] = torch.tensor([-2**15 + 1, 2**15 - 1])
+    expected = requantize(full, torch.zeros((), dtype=torch.int64))
+
+    def chunks():
+        for n0 in range(0, 6, 2):
+            part = full[n0:n0 + 2].permute(0, 2, 3, 1).contiguous().to(dtype)  # [n, H, W, C]
+            yield n0, part.permute(0, 3, 1, 2)
+
+    values, shift = requantize_chunks(6, chunks())
+    assert int(shift) == int(expected.e) == s
+    assert_same(values, expected.v)
+    assert values.is_contiguous(memory_format=torch.channels_last)
+    small = torch.randint(-127, 128, (2, 3, 4, 5), generator=gen)  # s = 0: the values themselves
+    values, shift = requantize_chunks(2, [(0, small.to(dtype).contiguous(memory_format=torch.channels_last))])
+    assert int(shift) == 0 and torch.equal(values.to(torch.int64), small)
