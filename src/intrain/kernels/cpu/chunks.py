@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from intrain.numeric.requant import cpu_slices
-from intrain.numeric.rounding import shift_round
+from intrain.numeric.rounding import max_bit_length, shift_round
 
 
 def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,11 +48,10 @@ def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
     u = floor(t / 2**(m-1)), floor((t + 2**(m-1)) / 2**m) = floor((u + 1) / 2) = u - floor(u / 2)
     (the identity again). When s = 0, every |y| <= 127, k = 0 and y = t + 1 where t < 0.
     """
-    kept, dropped, largest = None, [], 0
+    kept, dropped, largest_bits = None, [], 0
     for n0, part in chunks:
-        low, high = torch.aminmax(part)
-        chunk_max = max(-int(low), int(high))
-        k = max(chunk_max.bit_length() - 15, 0)
+        chunk_bits = int(max_bit_length(part))  # reads a channels-last view in place
+        k = max(chunk_bits - 15, 0)
         if kept is None:
             kept = torch.empty_strided((n,) + part.shape[1:], _layout_strides(part, n),
                                        dtype=torch.int16)
@@ -64,8 +63,8 @@ def requantize_chunks(n: int, chunks) -> tuple[torch.Tensor, torch.Tensor]:
             part = floored.bitwise_right_shift_(k) if k else floored
         kept[n0:n0 + part.shape[0]] = part
         dropped.append((n0, part.shape[0], k, part.is_floating_point()))
-        largest = max(largest, chunk_max)
-    shift = max(largest.bit_length() - 7, 0)
+        largest_bits = max(largest_bits, chunk_bits)
+    shift = max(largest_bits - 7, 0)
     values = torch.empty_like(kept, dtype=torch.int8)
     for n0, rows, k, truncated in dropped:
         chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
