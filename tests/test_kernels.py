@@ -1043,3 +1043,21 @@ def test_requantize_chunks_of_channels_last_chunks(dtype):
     small = torch.randint(-127, 128, (2, 3, 4, 5), generator=gen)  # s = 0: the values themselves
     values, shift = requantize_chunks(2, [(0, small.to(dtype).contiguous(memory_format=torch.channels_last))])
     assert int(shift) == 0 and torch.equal(values.to(torch.int64), small)
+
+
+@pytest.mark.parametrize("value", [127, -128])
+@pytest.mark.parametrize("k, s, p, h", [(3, 2, 1, 7), (3, 2, 1, 8), (1, 2, 0, 7), (3, 3, 0, 11), (5, 2, 2, 9)])
+def test_worst_case_strided_input_gradient(value, k, s, p, h):
+    """The input gradient of strided convolutions (the int8 GEMM path spreads d by the stride),
+    every operand ``value`` over O = 14,563 output channels (O*k*k up to 131,067 for k = 3, the
+    longest int8 reduction), odd and even input sizes (rows the forward's floor dropped): every
+    path and backend equals the reference, and so do the int8 values requantised from it."""
+    o, c = (14563 if k == 3 else 4096), 2
+    ho = (h + 2 * p - k) // s + 1
+    d = torch.full((1, o, ho, ho), value, dtype=torch.int8)
+    w = torch.full((o, c, k, k), value, dtype=torch.int8)
+    expected = REF.conv2d_backward_input(d, w, (h, h), s, p)
+    assert int(expected.abs().max()) >= 127 * 127 * o  # the sums are as large as the taps allow
+    for be in ALL:
+        assert_same(be.conv2d_backward_input(d, w, (h, h), s, p), expected)
+    assert_requantized_same("conv2d_backward_input", d, w, (h, h), s, p)
