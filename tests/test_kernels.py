@@ -31,7 +31,7 @@ from intrain.kernels.cpu import exact_to_int8, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels.int_mm import INT32_REDUCTION
 from intrain.kernels.cpu.chunks import requantize_chunks
-from intrain.numeric.requant import requantize
+from intrain.numeric.requant import requantize, requantize_product
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
@@ -987,3 +987,77 @@ def test_reference_elementwise_matmul_path(monkeypatch):
            REF.conv2d_backward_weight(d, x, 3, 2, 1))
     for g_, w_ in zip(got, want):
         assert_same(g_, w_)
+
+
+@pytest.mark.parametrize("value", [-128, 127, -127])
+def test_requantized_worst_case_at_the_longest_int32_reduction(value):
+    """All operands ``value`` at K = 131,071 (the longest int8 reduction int32 holds): the sum
+    value**2 * K (2**31 - 2**14 for -128) requantises to the same int8 with shift 24 on every
+    backend and path (nearest rounding of the exact sum, clipped to 127), through requantize_product as the layers call it (the reference and cuda backends
+    used to wrap the rounding constant and give -127)."""
+    k = 131071
+    expected = min((value * value * k + 2**23) >> 24, 127)  # 128 clips to 127 for -128; 126 else
+    e = torch.zeros((), dtype=torch.int64)
+    x = torch.full((2, k), value, dtype=torch.int8)
+    w = torch.full((3, k), value, dtype=torch.int8)
+    xc = x[:1].view(1, k, 1, 1)  # a 1x1 convolution over k channels, one pixel
+    wc = w.view(3, k, 1, 1)
+    dc = torch.full((1, k, 1, 1), value, dtype=torch.int8)
+    calls = [("linear_forward", (x, w)), ("linear_backward_input", (x, w.t().contiguous())),
+             ("conv2d_forward", (xc, wc, 1, 0)),
+             ("conv2d_backward_input", (dc, wc.transpose(0, 1).contiguous(), (1, 1), 1, 0))]
+    for backend in ALL:
+        for name, args in calls:
+            q = requantize_product(backend, name, args, e)
+            assert int(q.e) == 24, (backend, name)
+            assert bool((q.v == expected).all()), (backend, name, q.v.flatten()[:4].tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.float64])
+def test_requantize_chunks_of_channels_last_chunks(dtype):
+    """Chunks delivered channels-last (the int8 GEMM's [n, Ho, Wo, O] products seen as
+    [n, O, Ho, Wo]), at magnitudes from 2**31 - 1 down to below 2**15, with every tie of the
+    final shift and its neighbours, of both signs: the int8 values equal requantize's, and they
+    come back channels-last (no transposing copy)."""
+    gen = torch.Generator().manual_seed(5)
+    full = torch.randint(-2**20, 2**20, (6, 3, 4, 5), generator=gen, dtype=torch.int64)
+    top = 2**31 - 1
+    s = 31 - 7
+    flat = full.view(-1)
+    ties = [(2 * j + 1) * 2**(s - 1) + d for j in range(3) for d in (-1, 0, 1)]
+    flat[:2] = torch.tensor([top, -top])
+    flat[2:2 + 2 * len(ties)] = torch.tensor(ties + [-t for t in ties])
+    full[4:] //= 2**17  # a chunk whose own k is 0
+    full[4, 0, 0, :2] = torch.tensor([-2**15 + 1, 2**15 - 1])
+    expected = requantize(full, torch.zeros((), dtype=torch.int64))
+
+    def chunks():
+        for n0 in range(0, 6, 2):
+            part = full[n0:n0 + 2].permute(0, 2, 3, 1).contiguous().to(dtype)  # [n, H, W, C]
+            yield n0, part.permute(0, 3, 1, 2)
+
+    values, shift = requantize_chunks(6, chunks())
+    assert int(shift) == int(expected.e) == s
+    assert_same(values, expected.v)
+    assert values.is_contiguous(memory_format=torch.channels_last)
+    small = torch.randint(-127, 128, (2, 3, 4, 5), generator=gen)  # s = 0: the values themselves
+    values, shift = requantize_chunks(2, [(0, small.to(dtype).contiguous(memory_format=torch.channels_last))])
+    assert int(shift) == 0 and torch.equal(values.to(torch.int64), small)
+
+
+@pytest.mark.parametrize("value", [127, -128])
+@pytest.mark.parametrize("k, s, p, h", [(3, 2, 1, 7), (3, 2, 1, 8), (1, 2, 0, 7), (3, 3, 0, 11), (5, 2, 2, 9)])
+def test_worst_case_strided_input_gradient(value, k, s, p, h):
+    """The input gradient of strided convolutions (the int8 GEMM path spreads d by the stride),
+    every operand ``value`` over O = 14,563 output channels (O*k*k up to 131,067 for k = 3, the
+    longest int8 reduction), odd and even input sizes (rows the forward's floor dropped): every
+    path and backend equals the reference, and so do the int8 values requantised from it."""
+    o, c = (14563 if k == 3 else 4096), 2
+    ho = (h + 2 * p - k) // s + 1
+    d = torch.full((1, o, ho, ho), value, dtype=torch.int8)
+    w = torch.full((o, c, k, k), value, dtype=torch.int8)
+    expected = REF.conv2d_backward_input(d, w, (h, h), s, p)
+    assert int(expected.abs().max()) >= 127 * 127 * o  # the sums are as large as the taps allow
+    for be in ALL:
+        assert_same(be.conv2d_backward_input(d, w, (h, h), s, p), expected)
+    assert_requantized_same("conv2d_backward_input", d, w, (h, h), s, p)

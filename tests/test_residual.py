@@ -194,3 +194,29 @@ def test_resnet_layouts_by_image_size():
     assert large[0].args[2:] == (7, 2, 3) and large[3].kind == "maxpool"
     with pytest.raises(ValueError, match="alexnet needs images of at least 63x63"):
         model_spec("alexnet", (1, 28, 28), 10)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(-128, 127), st.integers(-128, 127)), min_size=1, max_size=20),
+       st.integers(-40, 40), st.integers(-70, 70), st.sampled_from([torch.int8, torch.int16]),
+       st.sampled_from(["nearest", "stochastic"]), st.booleans())
+def test_narrow_cpu_sum_equals_the_int64_sum(pairs, ea, gap, dtype, mode, zero):
+    """add_aligned on CPU holds the exact sum in int16/int32 when the dtypes and the shift allow:
+    the same values and exponent as the int64 sum other devices make, so the same rounding (both
+    modes, the same key), at gaps beyond ADD_MAX_GAP and with an all-zero operand too."""
+    from intrain.numeric.requant import _exact_sum_int64, _exact_sum_narrow, requantize
+
+    scale = 256 if dtype == torch.int16 else 1  # int16 operands up to +-32768
+    a = torch.tensor([x * scale for x, _ in pairs], dtype=dtype)
+    b = torch.tensor([0 if zero else y * scale + (y % scale) for _, y in pairs], dtype=dtype)
+    qa, qb = QTensor.of(a, ea), QTensor.of(b, ea - gap)
+    narrow, e_narrow = _exact_sum_narrow(qa, qb)
+    wide, e_wide = _exact_sum_int64(qa, qb)
+    assert torch.equal(narrow.to(torch.int64), wide)
+    assert int(e_narrow) == int(e_wide)
+    if dtype == torch.int8 and abs(gap) <= 7:
+        assert narrow.dtype == torch.int16
+    for bits in (8, 16):
+        got = requantize(narrow, e_narrow, bits=bits, mode=mode, key=(5, 6))
+        expected = requantize(wide, e_wide, bits=bits, mode=mode, key=(5, 6))
+        assert torch.equal(got.v, expected.v) and int(got.e) == int(expected.e)

@@ -129,3 +129,47 @@ def test_requantize_int16():
     a = torch.tensor([2**40 + 12345, -(2**40)], dtype=torch.int64)
     q = requantize(a, torch.tensor(0), bits=16)
     assert q.v.dtype == torch.int16 and int(q.v.abs().max()) <= 32767 and int(q.e) == 41 - 15
+
+
+def _python_round(v: int, s: int, mode: str, noise: int = 0) -> int:
+    """sign(v) * round(|v| / 2**s) with Python's unbounded integers (never wraps)."""
+    m = abs(v)
+    if mode == "nearest":
+        r = (m + (1 << s >> 1)) >> s
+    elif mode == "stochastic":
+        r = (m + noise) >> s
+    else:  # pseudo: upper ceil(s/2) discarded bits against the lower floor(s/2), doubled if odd
+        low, high = s >> 1, s - (s >> 1)
+        kept = m & ((1 << s) - 1)
+        r = (m >> s) + int((kept >> low) > ((kept & ((1 << low) - 1)) << (high - low)))
+    return r if v >= 0 else -r
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32, torch.int64])
+@pytest.mark.parametrize("mode", ["nearest", "stochastic", "pseudo"])
+def test_shift_round_never_wraps_at_the_dtype_limits(dtype, mode):
+    """Values up to the dtype's maximum in magnitude, at every shift: the rounding constant or
+    the noise added to a magnitude near the limit must not wrap (it did for nearest rounding of
+    int32 sums above 2**31 - 2**(s-1): 131,071 products (-128)(-128) gave -128 at s = 24)."""
+    top = torch.iinfo(dtype).max
+    values = [top, -top, top - 1, -(top - 1), top - (1 << 6), 0, 1, -1, 3, -3]
+    values += [(top >> k) + d for k in (1, 2, 7) for d in (-1, 0, 1)]
+    values += [-v for v in values]
+    a = torch.tensor(values, dtype=dtype)
+    key = rng.derive_key(3, 1, rng.STREAM_ROUNDING)
+    for s in range(torch.iinfo(dtype).bits - 1):
+        got = shift_round(a, s, mode, key=key)
+        assert got.dtype == dtype
+        noise = (rng.uniform_bits(key, a.shape, torch.tensor(s), a.device).tolist()
+                 if mode == "stochastic" else [0] * len(values))
+        assert got.tolist() == [_python_round(v, s, mode, r) for v, r in zip(values, noise)], s
+        # the shift as a 0-d tensor (how requantize passes it) gives the same bits
+        assert torch.equal(shift_round(a, torch.tensor(s), mode, key=key), got)
+
+
+def test_requantize_sum_of_131071_products_of_minus_128():
+    """The largest int32 sum int8 operands can reach, 128 * 128 * 131,071 = 2**31 - 2**14:
+    bit length 31, shift 24, 127.999 rounds to 128 and clips to 127 (not -127)."""
+    top = 128 * 128 * 131071
+    q = requantize(t([top, -top, top - 2**23, 2**23]), torch.tensor(0), mode="nearest")
+    assert q.v.tolist() == [127, -127, 127, 1] and int(q.e) == 24

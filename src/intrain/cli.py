@@ -44,6 +44,15 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
+def _hidden_sizes(text: str) -> list[int]:
+    """``--hidden 100,50``: one or more positive integers separated by commas."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, e.g. 100,50, "
+                                         f"got {text!r}")
+    return [int(part) for part in parts]
+
+
 # ----------------------------------------------------------------------------- train
 
 def add_train(sub) -> None:
@@ -75,6 +84,9 @@ def add_train(sub) -> None:
     p.add_argument("--width", type=positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
                         "VGG-small (default: 1.0)")
+    p.add_argument("--hidden", type=_hidden_sizes, metavar="H1,H2,...",
+                   help="mlp only: the hidden layers' sizes, e.g. 100,50 for a 784-100-50-10 MLP on MNIST "
+                        "(--width scales them too) (default: 512,256)")
     p.add_argument("--arith", choices=tuple(METHODS),
                    help="the training method: " + "; ".join(f"{name}: {m.summary}" for name, m in METHODS.items())
                         + " (default: int8)")
@@ -119,8 +131,8 @@ def add_train(sub) -> None:
 #: method's own options take their defaults from the method and the recipe.
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, device="cpu", width=1.0, workers=0)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
-                 "tune_split",
-                 "train_limit", "device", "out", "width", "augment", "workers", "checkpoint_every", "image_size")
+                 "tune_split", "train_limit", "device", "out", "width", "hidden", "augment", "workers",
+                 "checkpoint_every", "image_size")
 
 
 def run_train(args: argparse.Namespace) -> int:

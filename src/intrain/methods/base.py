@@ -119,7 +119,7 @@ class Method:
 
     @classmethod
     def build_model(cls, options, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str) -> torch.nn.Module:
+                    width: float, device: str, hidden: list[int] | None = None) -> torch.nn.Module:
         raise NotImplementedError
 
     @classmethod

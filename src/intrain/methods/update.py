@@ -88,10 +88,12 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
         return (weight.to(torch.int64) - step).clamp(-limit, limit).to(weight.dtype)
     # On CPU a slice of rows at a time: the rounding's temporaries stay small (they were the
     # peak of a VGG-small-7 step's tensor memory, eight of them the size of the largest gradient).
+    # The difference in the step's own dtype (int32 for int32 gradients: |w| <= 2**15 and
+    # |step| <= 2**m + 1 <= 2**24 + 1 for m = mu + 8 <= 23 cannot wrap; half the bytes of int64).
     updated = torch.empty_like(weight)
     for rows in cpu_slices(grad):
         step = shift_round(grad[rows], shift, "pseudo")
-        updated[rows] = (weight[rows].to(torch.int64) - step).clamp_(-limit, limit)
+        updated[rows] = step.neg_().add_(weight[rows]).clamp_(-limit, limit)
     return updated
 
 

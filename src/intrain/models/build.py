@@ -74,17 +74,19 @@ def _float_layers(specs) -> list[torch.nn.Module]:
 
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
                     device: str | torch.device = "cpu", width: float = 1.0,
-                    fmt: NumberFormat = NITI_INT8) -> IntSequential:
+                    fmt: NumberFormat = NITI_INT8, hidden: list[int] | None = None) -> IntSequential:
     """The integer model in number format ``fmt``, weights initialised from ``seed`` with integer
     arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight)."""
     kernels = get_backend(backend, device)
-    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width), kernels, fmt))
+    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width, hidden), kernels,
+                                       fmt))
     model.to(device)
     for layer in weighted_layers(model):
         init_weight(layer, seed)
     return model
 
 
-def build_float_model(name: str, in_shape, num_classes: int, width: float = 1.0) -> torch.nn.Sequential:
+def build_float_model(name: str, in_shape, num_classes: int, width: float = 1.0,
+                      hidden: list[int] | None = None) -> torch.nn.Sequential:
     """The float32 twin (torch.nn, default initialisation from torch's global generator)."""
-    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width)))
+    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width, hidden)))

@@ -27,10 +27,16 @@ def _scaled(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-def mlp_spec(in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:
-    """784-512-256-10 style MLP (input size from the data)."""
+#: The MLP's hidden layer sizes unless ``hidden`` gives others.
+MLP_HIDDEN = (512, 256)
+
+
+def mlp_spec(in_shape, num_classes: int, width: float = 1.0,
+             hidden: tuple[int, ...] | list[int] | None = None) -> list[LayerSpec]:
+    """An MLP with the input size from the data and hidden layers of ``hidden`` units (default
+    ``MLP_HIDDEN``: 784-512-256-10 on MNIST), each scaled by ``width``."""
     c, h, w = in_shape
-    sizes = [c * h * w, _scaled(512, width), _scaled(256, width)]
+    sizes = [c * h * w] + [_scaled(units, width) for units in (MLP_HIDDEN if hidden is None else hidden)]
     specs = [LayerSpec("flatten")]
     for fan_in, fan_out in zip(sizes, sizes[1:]):
         specs += [LayerSpec("linear", (fan_in, fan_out)), LayerSpec("relu")]
@@ -173,11 +179,30 @@ _SPECS = {"mlp": mlp_spec, "lenet5": lenet5_spec,
 MODELS = tuple(_SPECS)
 
 
-def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:
+def check_hidden(name: str, hidden) -> None:
+    """Refuse (ValueError, one line) hidden sizes that are not one or more positive integers, or
+    hidden sizes for a model other than the MLP (the others' layer sizes are fixed)."""
+    if hidden is None:
+        return
+    if name != "mlp":
+        raise ValueError(f"--hidden applies to --model mlp only ({name} has fixed layer sizes; "
+                         "--width scales them): leave it out")
+    if (not isinstance(hidden, (list, tuple)) or not hidden
+            or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden)):
+        raise ValueError(f"--hidden must be one or more positive integers separated by commas, "
+                         f"e.g. 100,50, got {hidden!r}")
+
+
+def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0,
+               hidden: tuple[int, ...] | list[int] | None = None) -> list[LayerSpec]:
+    """The spec tree of model ``name``; ``hidden``: the MLP's hidden sizes (None: its default)."""
     if name not in _SPECS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}")
     if width <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    check_hidden(name, hidden)
+    if hidden is not None:
+        return mlp_spec(tuple(in_shape), num_classes, width, hidden)
     return _SPECS[name](tuple(in_shape), num_classes, width)
 
 

@@ -13,9 +13,13 @@ that the result is symmetric around zero. Modes:
   number, doubled when ``s`` is odd so both have the same width); the magnitude rounds up when
   ``h > l``. No generator is involved.
 
-Ranges: ``a`` may be any integer dtype; the result has ``a``'s dtype and ``|result| <= |a| / 2**s
-+ 1``. The caller keeps ``|a| + 2**s`` inside the dtype (for int32 accumulators: ``|a| < 2**30``).
-``s`` is a non-negative Python int or 0-d int64 tensor (a tensor keeps the work on the device).
+Ranges: ``a`` may be any integer dtype, every value with ``|a| <= `` the dtype's maximum (all
+but the dtype's minimum: an int32 sum of at most 131,071 int8 products is at most 2**31 - 2**14 in
+magnitude); the result has ``a``'s dtype and ``|result| <= |a| / 2**s + 1``. No intermediate
+value leaves the dtype: the rounding constant is never added to a full-width magnitude (``|a| +
+2**(s-1)`` wraps an int32 from ``|a| > 2**31 - 2**(s-1)``, e.g. 131,071 products (-128)(-128)
+at s = 24 rounded to -127 instead of +127). ``s`` is a non-negative Python int or 0-d int64
+tensor (a tensor keeps the work on the device), below the dtype's bit count.
 """
 
 from __future__ import annotations
@@ -62,6 +66,29 @@ def _sign_mask(a: torch.Tensor) -> torch.Tensor:
     return a >> (torch.iinfo(a.dtype).bits - 1)
 
 
+def _nearest(a: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``sign(a) * floor((|a| + 2**(s-1)) / 2**s)`` (ties away from zero) without adding the
+    rounding constant to ``|a|``, so that it cannot wrap for any ``|a| <=`` the dtype's maximum.
+
+    For s >= 1 let ``b = a - 1`` where ``a < 0`` and ``b = a`` elsewhere (no wrap: a is above
+    the dtype's minimum), and ``t = floor(b / 2**(s-1))`` (an arithmetic shift). For a >= 0,
+    ``floor((a + 2**(s-1)) / 2**s) = floor((a / 2**(s-1) + 1) / 2) = floor((t + 1) / 2)``
+    (floor((z + 1) / 2) = floor((floor(z) + 1) / 2) for real z). For a < 0, the result
+    ``-floor((-a + 2**(s-1)) / 2**s) = ceil((a - 2**(s-1)) / 2**s)`` equals
+    ``floor((a - 1 + 2**(s-1)) / 2**s)`` (ceil(x / m) = floor((x + m - 1) / m)), which is
+    ``floor((t + 1) / 2)`` by the same step with b. And ``floor((t + 1) / 2) = ceil(t / 2) =
+    t - floor(t / 2)``, whose magnitude is at most |t|. For s = 0 both corrections are masked
+    off and the result is a itself. In place on the one new tensor (plus one for the halves):
+    on CPU each fresh accumulator-sized temporary costs more (page faults) than the arithmetic.
+    """
+    rounds = (s > 0).to(a.dtype)  # 1 when bits are dropped, 0 for s = 0
+    out = _sign_mask(a).bitwise_and_(-rounds)
+    out += a
+    out.bitwise_right_shift_(s - rounds)
+    out -= (out >> 1).bitwise_and_(-rounds)
+    return out
+
+
 def shift_round(
     a: torch.Tensor,
     s: torch.Tensor | int,
@@ -74,22 +101,18 @@ def shift_round(
         if s < 0:
             raise ValueError(f"shift must be non-negative, got {s}")
         s = torch.tensor(s, dtype=torch.int64, device=a.device)
-    sign = _sign_mask(a)
     if mode == "nearest":
-        # Ties away from zero without taking |a|: for a < 0, -((-a + h) >> s) == (a + h - 1) >> s.
-        # In place on the one new tensor: on CPU, each fresh accumulator-sized temporary costs
-        # more (page faults) than the arithmetic.
-        half = (1 << s) >> 1
-        out = sign.bitwise_and_(-(half > 0).to(a.dtype))
-        out += a
-        out += half.to(a.dtype)
-        return out.bitwise_right_shift_(s)
+        return _nearest(a, s)
+    sign = _sign_mask(a)
     magnitude = (a ^ sign) - sign
     if mode == "stochastic":
         if key is None:
             raise ValueError("stochastic rounding needs a random key")
         noise = rng.uniform_bits(key, a.shape, s, a.device, offset).to(a.dtype)
-        rounded = (magnitude + noise) >> s
+        # The remainder and the noise are both below 2**s, so their sum cannot wrap where
+        # magnitude + noise could (magnitude near the dtype's limit).
+        remainder = magnitude & ((1 << s) - 1).to(a.dtype)
+        rounded = (magnitude >> s) + ((remainder + noise) >> s)
     elif mode == "pseudo":
         low_width = s >> 1
         high_width = s - low_width

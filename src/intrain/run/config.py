@@ -19,6 +19,7 @@ from intrain.data import DATASETS, default_data_dir
 from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
+from intrain.models.zoo import check_hidden
 from intrain.run.recipes import default_recipe
 
 DEVICES = ("cpu", "cuda")
@@ -48,6 +49,7 @@ class TrainConfig:
     out: str | None = None  # default: runs/<dataset>-<model>-<arith>-<k>, first free k
     overwrite: bool = False
     width: float = 1.0  # multiplies every layer's channel / unit count
+    hidden: list[int] | None = None  # the MLP's hidden layer sizes; None: models.zoo.MLP_HIDDEN
     augment: bool | None = None  # random crop + flip; default: on for cifar10 and imagefolder
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
@@ -136,6 +138,10 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"--seed must be 0 or more, got {c.seed}")
     if not (c.width > 0 and c.width != float("inf")):
         raise ConfigError(f"--width must be a positive number, got {c.width}")
+    try:
+        check_hidden(c.model, c.hidden)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if c.workers < 0:
         raise ConfigError(f"--workers must be 0 or more, got {c.workers}")
     if c.dataset == "imagefolder":

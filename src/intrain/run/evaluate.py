@@ -119,7 +119,7 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
             given["backend"] = "auto"
         options = method.make_options(given, {})
         model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
-                                   device=device)
+                                   device=device, hidden=cfg.get("hidden"))
         model.load_state_dict(saved["state_dict"])
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

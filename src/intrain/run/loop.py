@@ -101,7 +101,7 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int,
     options = c.method_options()
     try:
         model = method_cls.build_model(options, c.model, splits.train.image_shape, splits.train.num_classes,
-                                       seed=c.seed, width=c.width, device=c.device)
+                                       seed=c.seed, width=c.width, device=c.device, hidden=c.hidden)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     return model, method_cls(model, options, seed=c.seed, total_steps=c.epochs * steps_per_epoch,

@@ -7,9 +7,9 @@ same error messages):
   ``torch._int_mm`` (int8 x int8 -> int32) at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (four
   product shapes, measured on such a machine, see BENCHMARKS.md). There int8 products go to
   it: linear layers always, convolutions with at least ``CpuSettings.int8_gemm_min_channels``
-  input and output channels (channels-last im2col; the input gradient of a stride-1 convolution
-  as the convolution with the flipped kernel; weight gradients in int32 pieces added in int64,
-  as in the cuda backend). Exact with no look at the data: an int32 sum of at most 131,071
+  input and output channels (channels-last im2col; the input gradient as the convolution of
+  the error, spread by the stride when it is above 1, with the flipped kernel; weight gradients
+  in int32 pieces added in int64, as in the cuda backend). Exact with no look at the data: an int32 sum of at most 131,071
   int8 products cannot wrap.
 * float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
   convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64

@@ -46,6 +46,19 @@ def _transposed(df: torch.Tensor, wf: torch.Tensor, input_hw, s, p) -> torch.Ten
     return F.conv_transpose2d(df, wf, None, s, p, op)
 
 
+def _spread(d: torch.Tensor, s: tuple[int, int], spread_hw: tuple[int, int]) -> torch.Tensor:
+    """d [N, O, Ho, Wo] with its values at rows and columns 0, s, 2s, ... of a zero tensor
+    [N, O, spread_hw] (channels-last, the layout the int8 GEMM's im2col reads). A stride-1
+    convolution of it with the flipped kernel padded by k - 1 - p is the input gradient of the
+    stride-s convolution: each input position then meets exactly the (output, tap) pairs of the
+    strided convolution, and zeros elsewhere. ``spread_hw = H + 2p - k + 1`` per axis, which is
+    (Ho - 1) * s + 1 plus the rows and columns the forward convolution's floor dropped."""
+    n, o = d.shape[:2]
+    spread = d.new_zeros((n, *spread_hw, o)).permute(0, 3, 1, 2)
+    spread[:, :, ::s[0], ::s[1]] = d
+    return spread
+
+
 class CpuBackend(Backend):
     """Exact integer products on CPU tensors, on the int8 GEMM or the float units (see
     :mod:`intrain.kernels.cpu`), with the tuned constants of ``settings`` and the exactness limits of
@@ -207,11 +220,16 @@ class CpuBackend(Backend):
                                      stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
         """Arguments of int8_gemm.conv that compute conv2d_backward_input, or None off that
         path. With stride 1 the input gradient is the convolution of d with the kernel flipped
-        and its channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) is needed."""
-        s, p, (n, o, _, _), (_, c, kh, kw), _, _ = _ref.conv_backward_input_geometry(
+        and its channel axes swapped, padded by k - 1 - p: no scatter-add (col2im) is needed.
+        With stride s > 1 it is the same convolution of d spread out by s (``_spread``): the
+        zeros between add nothing to any sum, so it stays exact (s*s times the products of the
+        true reduction, on units that run int8 products several times faster than float)."""
+        s, p, (n, o, _, _), (_, c, kh, kw), hw, _ = _ref.conv_backward_input_geometry(
             d, w, input_hw, stride, padding)
-        if n and s == (1, 1) and p[0] < kh and p[1] < kw and self._int8_gemm(d, w, min(c, o)):
-            return (d, w.transpose(0, 1).flip(2, 3), s, (kh - 1 - p[0], kw - 1 - p[1]),
+        if n and p[0] < kh and p[1] < kw and self._int8_gemm(d, w, min(c, o)):
+            if s != (1, 1):
+                d = _spread(d, s, (hw[0] + 2 * p[0] - kh + 1, hw[1] + 2 * p[1] - kw + 1))
+            return (d, w.transpose(0, 1).flip(2, 3), (1, 1), (kh - 1 - p[0], kw - 1 - p[1]),
                     self.settings.int8_gemm_chunk_bytes)
         return None
 
