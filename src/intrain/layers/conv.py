@@ -32,20 +32,22 @@ class IntConv2d(WeightedIntModule):
         if self.training:
             self._saved_input = x
         return self.requantize_output("conv2d_forward", (x.v, self.weight, self.stride, self.padding),
-                                      x.e + self.weight_exp)
+                                      x.e + self.weight_exp, self.fan_in)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input
         if x is None:
             raise RuntimeError("IntConv2d.backward called without a training-mode forward")
-        self.weight_grad = self.backend.conv2d_backward_weight(d.v, x.v, self.kernel_size,
-                                                               self.stride, self.padding)
-        self.weight_grad_exp = d.e + x.e
+        n, _, ho, wo = d.v.shape
+        self.weight_grad, self.weight_grad_exp = self.accumulate(
+            "conv2d_backward_weight", (d.v, x.v, self.kernel_size, self.stride, self.padding), d.e + x.e, n * ho * wo)
         self._saved_input = None
         if not need_input_grad:
             return None
         args = (d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
-        return self.requantize_error("conv2d_backward_input", args, d.e + self.weight_exp, ctx)
+        # each input element receives at most O * kh * kw terms
+        terms = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+        return self.requantize_error("conv2d_backward_input", args, d.e + self.weight_exp, ctx, terms)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -22,19 +22,20 @@ class IntLinear(WeightedIntModule):
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
             self._saved_input = x
-        return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp)
+        return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp,
+                                      self.in_features)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input
         if x is None:
             raise RuntimeError("IntLinear.backward called without a training-mode forward")
-        self.weight_grad = self.backend.linear_backward_weight(d.v, x.v)
-        self.weight_grad_exp = d.e + x.e
+        self.weight_grad, self.weight_grad_exp = self.accumulate("linear_backward_weight", (d.v, x.v), d.e + x.e,
+                                                                 d.v.shape[0])
         self._saved_input = None
         if not need_input_grad:
             return None
         return self.requantize_error("linear_backward_input", (d.v, self.weight),
-                                     d.e + self.weight_exp, ctx)
+                                     d.e + self.weight_exp, ctx, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
