@@ -50,6 +50,9 @@ STEP_MODULES = (
     "methods/update.py",      # integer weight update and mu schedule
     "methods/loss.py",        # integer cross-entropy gradient
     "methods/averaging.py",   # integer weight averaging
+    "methods/dfp16.py",       # the DFP16 training step (its fp32-master mode, methods/float_master.py,
+                              # is float by design and not part of the integer-only mode)
+    "methods/sgd_fixed.py",   # DFP16's integer-only SGD: int32 masters, fixed-point factors
 )
 
 # Legitimate float uses in STEP_MODULES: (module, where, reason). ``where`` is "def Qual.name"

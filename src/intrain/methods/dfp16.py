@@ -96,7 +96,11 @@ class Dfp16(Method):
     @classmethod
     def check_options(cls, options: Dfp16Options) -> None:
         super().check_options(options)
-        if options.lr is None or not options.lr > 0 or options.lr == float("inf"):
+        try:  # the update reads the learning rate as the exact rational of its binary64 value
+            positive = options.lr is not None and options.lr.as_integer_ratio()[0] > 0
+        except (OverflowError, ValueError):  # infinite or not a number
+            positive = False
+        if not positive:
             raise MethodOptionError(f"--lr must be a positive number, got {options.lr}")
         if options.dfp16_chunk < 1:
             raise MethodOptionError(f"--dfp16-chunk must be 1 or more, got {options.dfp16_chunk}")
