@@ -4,6 +4,9 @@ Forward: ``y = requant(conv2d(x, w))`` with nearest rounding; int8 in, int8 out,
 ``e_x + e_w + shift``. Backward: the weight gradient is kept exact (int32 or int64, see
 ``layers.base``; its reduction runs over batch and output positions); the input error is the transposed convolution requantised to int8
 with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw`` (int32).
+In a 16-bit format (DFP16) values are int16 and every product goes through the format's
+accumulator (``layers.base``): reduction lengths ``C * kh * kw`` (forward), at most ``O * kh * kw``
+(input error) and ``N * Ho * Wo`` (weight gradient).
 """
 
 from __future__ import annotations

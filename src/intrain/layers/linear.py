@@ -4,6 +4,9 @@ Forward: ``y = requant(x @ w.T)`` with nearest rounding; int8 in, int8 out, expo
 ``e_x + e_w + shift``. Backward: the weight gradient ``d.T @ x`` is kept exact (int32 or int64,
 see ``layers.base``; its reduction runs over the batch), the input error ``requant(d @ w)`` is int8 with nearest rounding.
 Accumulators: ``|x @ w.T| <= 127 * 127 * in_features`` (int32 for ``in_features < 133,000``).
+In a 16-bit format (DFP16) values are int16 and every product goes through the format's
+accumulator (``layers.base``): reduction lengths ``in_features`` (forward), ``out_features``
+(input error) and the batch (weight gradient).
 """
 
 from __future__ import annotations
