@@ -16,6 +16,7 @@ from intrain.kernels.cuda import CudaBackend
 from intrain.layers import IntConv2d, IntLinear, weighted_layers
 from intrain.methods import METHODS
 from intrain.methods.dfp16 import Dfp16, Dfp16Options
+from intrain.methods.float_master import to_format
 from intrain.methods.float_twin import lr_at, warmup_length
 from intrain.methods.sgd_fixed import COS_BITS, PI_Q64, cos_pi, fixed, schedule_fraction
 from intrain.numeric import wide
@@ -203,6 +204,16 @@ def test_wide_operations_round_once(a, b, ea, eb, f):
         assert abs(int(got.v)) <= 2**31 - 1
         unit = Fraction(2) ** int(got.e)
         assert abs(int(got.v) * unit - exact) <= unit
+
+
+def test_float_masters_become_dfp16_weights_with_the_largest_at_full_scale():
+    master = torch.tensor([[0.75, -0.001, 3.0e-6], [0.0, -0.5, 0.25]], dtype=torch.float32)
+    values, exponent = to_format(master, DFP16)
+    assert values.dtype == torch.int16 and int(exponent) == -15  # max |W| = 0.75 < 2**0
+    assert int(values.abs().max()) == 24576 and 2**14 <= 24576 < 2**15
+    assert torch.equal(values[1], torch.tensor([0, -16384, 8192], dtype=torch.int16))  # exact
+    assert int(values[0, 1]) == round(-0.001 * 2**15)
+    assert to_format(torch.zeros(3), DFP16) is None
 
 
 def _model_and_method(master: str, accumulator: str = "int32-chunked", backend: str = "reference"):
