@@ -57,6 +57,9 @@ def scale(a: QTensor, factor: tuple[int, int]) -> QTensor:
 def _aligned(v: torch.Tensor, e: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     wide = v.to(torch.int64)
     s = e - base
+    if s.device.type == "cpu":  # no device to stay on: pick the one alignment needed on the host
+        shift = int(s)
+        return wide << shift if shift >= 0 else shift_round(wide, min(-shift, 62), "nearest")
     # a right shift by 62 already rounds every 31-bit value to 0; larger ones would overflow 1 << s
     return torch.where(s >= 0, wide << s.clamp(min=0), shift_round(wide, (-s).clamp(0, 62), "nearest"))
 
