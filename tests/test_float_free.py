@@ -52,6 +52,9 @@ STEP_MODULES = (
     "methods/loss.py",        # integer cross-entropy gradient
     "methods/averaging.py",   # integer weight averaging
     "run/dist.py",            # a data-parallel step's all-reduces (exact integer sums and maxima)
+    "methods/dfp16.py",       # the DFP16 training step (its fp32-master mode, methods/float_master.py,
+                              # is float by design and not part of the integer-only mode)
+    "methods/sgd_fixed.py",   # DFP16's integer-only SGD: int32 masters, fixed-point factors
 )
 
 # Legitimate float uses in STEP_MODULES: (module, where, reason). ``where`` is "def Qual.name"

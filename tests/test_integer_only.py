@@ -59,6 +59,28 @@ def test_training_step_uses_only_integer_tensors(model_name, width, weight_bits)
     assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, weighted_layers(model)))
 
 
+@pytest.mark.parametrize("accumulator", ["int32-chunked", "exact"])
+def test_dfp16_training_step_uses_only_integer_tensors(accumulator):
+    """DFP16's integer-only mode (int32 masters and momentum, fixed-point learning rate and decay
+    factors): two steps, products through either accumulator, no float tensor anywhere."""
+    from intrain.methods.dfp16 import Dfp16, Dfp16Options
+
+    options = Dfp16Options(lr=0.05, backend="reference", dfp16_accumulator=accumulator)
+    model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
+    trainer = Dfp16(model, options, seed=0, total_steps=10)
+    x, y = _batch()
+    before = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(model)]
+    with FloatAudit() as audit:
+        x = Dfp16.network_input(x)
+        trainer.train_step(x, y, step=0, epoch=0)
+        trainer.train_step(x, y, step=1, epoch=0)
+    assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
+    names = set(audit.ops)
+    for op in ("aten.mm", "aten.__rshift__", "aten.div.Tensor_mode", "aten.mul", "aten.amax", "aten.where"):
+        assert any(name.startswith(op) for name in names), (op, sorted(names))
+    assert all(not torch.equal(w, layer.weight) for (w, _), layer in zip(before, weighted_layers(model)))
+
+
 def test_audit_catches_a_float_operation():
     with FloatAudit() as audit:
         torch.ones(3, dtype=torch.int8).to(torch.float32).sum()

@@ -17,7 +17,9 @@ accumulator never wraps; the input gradient's col2im adds the kh*kw terms of one
 length O*kh*kw, under the same bound); weight gradients (reduction N*Ho*Wo or N) are cut into
 pieces of at most ``INT32_REDUCTION`` terms, each exact in int32, added in int64, and returned in
 int32 when the whole reduction is at most 131,071 terms (same bound), else in int64.
-Operands that are not both int8 (int16) go to the ``reference`` backend.
+Operands that are not both int8 (int16: DFP16) go to the ``reference`` backend, exact by
+construction; an int16 path through the int8 tensor cores (each operand split into int8 halves)
+is not built yet.
 """
 
 from __future__ import annotations

@@ -13,6 +13,14 @@ maximum over all shards (``ctx.collective.max``, see ``numeric.requant``) and ev
 its element's position in the global batch (``StepContext.element_offset``), so each shard's
 values are exactly its rows of the one-process result and every exponent is the same in every
 process. Evaluation (no ``ctx``) requantises the local batch.
+
+Every product of a weighted layer goes through its format's accumulator (``accumulate``):
+``exact`` is the backend's exact sum; ``int32-chunked`` first shifts both operands by the headroom
+``numeric.accumulate`` proves enough for int32 chunk sums, and adds the shifts to the exponent.
+Layers of formats wider than 8 bits count in ``int32_wraps`` the results of their exact products
+that a plain int32 accumulator would have got wrong (0 under ``int32-chunked``, whose chunk sums
+cannot wrap). The headroom comes from the local operands' maxima, so ``int32-chunked`` formats
+do not train data-parallel (DFP16 refuses torchrun).
 """
 
 from __future__ import annotations
@@ -23,9 +31,10 @@ import torch
 
 from intrain.numeric import rng
 from intrain.numeric.collective import LOCAL, Collective
+from intrain.numeric.accumulate import headroom_operands, plain_int32_wraps
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize_product
+from intrain.numeric.requant import requantize, requantize_product
 from intrain.numeric.rounding import shift_round
 
 
@@ -102,24 +111,43 @@ class WeightedIntModule(IntModule):
         self.weight_grad: torch.Tensor | None = None
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
+        self.int32_wraps = 0
 
-    def requantize_output(self, product: str, args: tuple, e: torch.Tensor,
-                          ctx: StepContext | None = None) -> QTensor:
-        """The backend's ``product`` of ``args`` (exponent ``e``) rounded to the format, nearest,
-        with the shift of the whole batch over all processes of ``ctx``."""
-        return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
+    def accumulate(self, product: str, args: tuple, e: torch.Tensor, terms: int | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The backend's ``product`` of ``args`` (its two operands first) with exponent ``e``,
+        through the format's accumulator, as (exact integer sum, exponent). ``terms``: the
+        reduction length, which the ``int32-chunked`` accumulator's bound needs."""
+        if self.fmt.accumulator == "int32-chunked":
+            if terms is None:
+                raise ValueError("the int32-chunked accumulator needs the reduction length")
+            a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
+            return getattr(self.backend, product)(a, b, *args[2:]), e + shift
+        exact = getattr(self.backend, product)(*args)
+        if self.fmt.bits > 8:
+            self.int32_wraps += plain_int32_wraps(exact)
+        return exact, e
+
+    def requantize_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None = None,
+                          terms: int | None = None) -> QTensor:
+        """The backend's ``product`` of ``args`` (exponent ``e``, reduction length ``terms``)
+        rounded to the format, nearest, with the shift of the whole batch over all processes of
+        ``ctx``."""
+        if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
+            return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
+        return requantize(*self.accumulate(product, args, e, terms), bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
-                         ctx: StepContext | None) -> QTensor:
+                         ctx: StepContext | None, terms: int | None = None) -> QTensor:
         """The error for the layer below, from the backend's ``product`` of ``args``: nearest
         rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps the
         small errors of most samples alive on average."""
         if self.fmt.error_rounding == "nearest":
-            return self.requantize_output(product, args, e, ctx)
+            return self.requantize_output(product, args, e, ctx, terms)
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        acc = getattr(self.backend, product)(*args)
+        acc, e = self.accumulate(product, args, e, terms)
         return self.fmt.requantize(acc, e, mode="stochastic", key=key, offset=ctx.element_offset(acc),
                                    reduce_max=ctx.collective.max)
 

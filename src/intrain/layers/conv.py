@@ -4,6 +4,9 @@ Forward: ``y = requant(conv2d(x, w))`` with nearest rounding; int8 in, int8 out,
 ``e_x + e_w + shift``. Backward: the weight gradient is kept exact (int32 or int64, see
 ``layers.base``; its reduction runs over batch and output positions); the input error is the transposed convolution requantised to int8
 with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw`` (int32).
+In a 16-bit format (DFP16) values are int16 and every product goes through the format's
+accumulator (``layers.base``): reduction lengths ``C * kh * kw`` (forward), at most ``O * kh * kw``
+(input error) and ``N * Ho * Wo`` (weight gradient).
 """
 
 from __future__ import annotations
@@ -32,20 +35,22 @@ class IntConv2d(WeightedIntModule):
         if self.training:
             self._saved_input = x
         return self.requantize_output("conv2d_forward", (x.v, self.weight, self.stride, self.padding),
-                                      x.e + self.weight_exp, ctx)
+                                      x.e + self.weight_exp, ctx, self.fan_in)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input
         if x is None:
             raise RuntimeError("IntConv2d.backward called without a training-mode forward")
-        self.weight_grad = self.backend.conv2d_backward_weight(d.v, x.v, self.kernel_size,
-                                                               self.stride, self.padding)
-        self.weight_grad_exp = d.e + x.e
+        n, _, ho, wo = d.v.shape
+        self.weight_grad, self.weight_grad_exp = self.accumulate(
+            "conv2d_backward_weight", (d.v, x.v, self.kernel_size, self.stride, self.padding), d.e + x.e, n * ho * wo)
         self._saved_input = None
         if not need_input_grad:
             return None
         args = (d.v, self.weight, tuple(x.v.shape[-2:]), self.stride, self.padding)
-        return self.requantize_error("conv2d_backward_input", args, d.e + self.weight_exp, ctx)
+        # each input element receives at most O * kh * kw terms
+        terms = self.out_channels * self.kernel_size[0] * self.kernel_size[1]
+        return self.requantize_error("conv2d_backward_input", args, d.e + self.weight_exp, ctx, terms)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "

@@ -33,6 +33,11 @@ MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
 
 
+def warmup_length(total_steps: int) -> int:
+    """Steps of linear warm-up in a run of ``total_steps`` steps (at least one)."""
+    return max(1, round(WARMUP_FRACTION * total_steps))
+
+
 def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> float:
     """Learning rate at global step ``step`` (0-based): linear warm-up, then cosine to 0.
 
@@ -86,7 +91,7 @@ class FloatTwin(Method):
                  collective: Collective = LOCAL) -> None:
         super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)), collective=collective)
         self.base_lr = float(options.lr)
-        self.warmup_steps = max(1, round(WARMUP_FRACTION * self.total_steps))
+        self.warmup_steps = warmup_length(self.total_steps)
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
         groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}]

@@ -17,10 +17,20 @@ copy of their code. Its fields are orthogonal:
   ``stochastic`` (counter-based, unbiased).
 - ``accumulator``: how products are accumulated. ``exact``: every backend returns the exact
   integer sum (int32 when ``limit**2 * K < 2**31`` is proved statically, else int64).
+  ``int32-chunked`` (DFP16's overflow control, ``numeric.accumulate``): the reduction is cut into
+  chunks of ``chunk_length`` terms whose int32 partial sums provably cannot wrap, because both
+  operands are first shifted right (nearest rounding) by the fewest headroom bits (at least
+  ``headroom`` each) that the bound from their actual max ``|x|`` and ``|w|`` needs; the chunk
+  sums are added in int64. The result is the exact product of the shifted operands, with the
+  shifts added to the exponent.
+- ``chunk_length``, ``headroom``: the ``int32-chunked`` accumulator's chunk length (terms per
+  int32 partial sum) and minimum right shift of each operand (bits); unused by ``exact``.
 - ``exponent``: granularity of the power-of-two exponents: ``tensor``, one per tensor (the only
   one so far; per-channel exponents would be another value here).
 
-Presets: ``NITI_INT8`` and ``NITI_INT8_MASTER16``.
+Presets: ``NITI_INT8``, ``NITI_INT8_MASTER16`` (NITI) and ``DFP16`` (Das et al. 2018: int16
+values with a per-tensor exponent from max ``|x|``, products through the int32-chunked
+accumulator; its master weights and momentum belong to its update, ``methods.dfp16``).
 """
 
 from __future__ import annotations
@@ -35,7 +45,7 @@ from intrain.numeric.requant import add_aligned, requantize
 #: Storage dtype by value bits.
 _STORAGE = {8: torch.int8, 16: torch.int16}
 ERROR_ROUNDINGS = ("nearest", "stochastic")
-ACCUMULATORS = ("exact",)
+ACCUMULATORS = ("exact", "int32-chunked")
 EXPONENT_GRANULARITIES = ("tensor",)
 
 
@@ -46,6 +56,8 @@ class NumberFormat:
     error_rounding: str = "nearest"
     accumulator: str = "exact"
     exponent: str = "tensor"
+    chunk_length: int = 16
+    headroom: int = 0
 
     def __post_init__(self) -> None:
         if self.bits not in _STORAGE:
@@ -57,6 +69,10 @@ class NumberFormat:
             raise ValueError(f"error rounding must be one of {', '.join(ERROR_ROUNDINGS)}, got {self.error_rounding!r}")
         if self.accumulator not in ACCUMULATORS:
             raise ValueError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, got {self.accumulator!r}")
+        if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:
+            raise ValueError(f"chunk length must be an integer >= 1, got {self.chunk_length!r}")
+        if isinstance(self.headroom, bool) or not isinstance(self.headroom, int) or not 0 <= self.headroom < self.bits:
+            raise ValueError(f"headroom must be an integer in [0, {self.bits - 1}] bits, got {self.headroom!r}")
         if self.exponent not in EXPONENT_GRANULARITIES:
             raise ValueError(f"exponent granularity must be one of {', '.join(EXPONENT_GRANULARITIES)}, "
                              f"got {self.exponent!r}")
@@ -93,3 +109,4 @@ class NumberFormat:
 
 NITI_INT8 = NumberFormat(bits=8)
 NITI_INT8_MASTER16 = NumberFormat(bits=8, master_bits=16)
+DFP16 = NumberFormat(bits=16, accumulator="int32-chunked")

@@ -6,9 +6,10 @@ keeps for the backward pass. From these it makes a lower bound of the memory tra
 
 * per weight: the weight itself and its gradient, for int8 1 + 4 bytes (an int32 gradient, the
   narrowest the update uses), + 2 with int16 master weights, + 8 for the int64 sums of weight
-  averaging; for the float twin 4 + 4 + 4 (weight, gradient, momentum);
-* per activation element and image of a batch: 1 byte for int8, 4 for float (the stored output
-  alone; temporaries come on top).
+  averaging; for the float twin 4 + 4 + 4 (weight, gradient, momentum); for DFP16 2 + 4 + 4
+  (int16 weight, int32 or float32 master and momentum; its gradient comes on top);
+* per activation element and image of a batch: 1 byte for int8, 2 for DFP16, 4 for float (the
+  stored output alone; temporaries come on top).
 
 When even this bound is more than the memory available (``MemAvailable`` of ``/proc/meminfo``,
 or the device's free memory), the run is refused with one line giving both figures, instead of
@@ -57,6 +58,8 @@ def model_counts(model: str, image_shape, num_classes: int, width: float,
 def bytes_per_weight(config) -> int:
     if config.arith == "float":
         return 12
+    if config.arith == "dfp16":
+        return 10
     options = config.options or {}
     extra = 2 if options.get("weight_bits") == 16 else 0
     extra += 0 if options.get("weight_average") == "none" else 8
@@ -95,7 +98,7 @@ def check_memory(config, image_shape, num_classes: int, available: int | None = 
     available memory; returns the bound in bytes."""
     weights, acts = model_counts(config.model, image_shape, num_classes, config.width, config.hidden)
     state = weights * bytes_per_weight(config)
-    batch = config.batch_size * acts * (4 if config.arith == "float" else 1)
+    batch = config.batch_size * acts * {"float": 4, "dfp16": 2}.get(config.arith, 1)
     need = state + batch
     available = available_bytes(config.device) if available is None else available
     if available is not None and need > available:

@@ -63,7 +63,8 @@ _INT8_BATCH = {"mnist": 256, "fashion-mnist": 128}
 
 
 def default_recipe(dataset: str, model: str, method: str) -> Recipe:
-    """The default recipe for training ``model`` on ``dataset`` with ``method`` ("int8"|"float").
+    """The default recipe for training ``model`` on ``dataset`` with ``method`` ("int8", "dfp16" or
+    "float"; DFP16 keeps the float twin's recipe unchanged, as Das et al. do).
 
     ``model`` is part of the key so that tuned numbers can differ per model later; today every
     model of a dataset shares its numbers. Unknown datasets get a generic recipe rather than an

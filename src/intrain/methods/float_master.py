@@ -1,0 +1,80 @@
+"""DFP16's ``--dfp16-master fp32`` update, as in Das et al.: float32 master weights and momentum.
+
+Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
+optimiser itself (``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``, weight decay
+``WEIGHT_DECAY``, learning rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
+gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
+and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
+master converted back: exponent ``e = k - (bits - 1)`` where ``max |W| < 2**k`` (``frexp``), values
+``round(W / 2**e)`` (to nearest even, exact scaling by a power of two) clipped to the format's
+limit. The forward and backward products stay integer; only this elementwise update is float,
+which is why ``fp32`` is not the integer-only mode.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.layers import weighted_layers
+from intrain.methods.float_twin import MOMENTUM, WEIGHT_DECAY, lr_at, warmup_length
+from intrain.numeric.formats import NumberFormat
+
+
+def to_format(master: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(values, exponent)`` of float ``master`` in ``fmt``'s integers (None for an all-zero
+    tensor, whose exponent is meaningless)."""
+    largest = master.abs().amax()
+    if not bool(largest > 0):
+        return None
+    exponent = torch.frexp(largest).exponent.to(torch.int64) - (fmt.bits - 1)
+    values = torch.round(torch.ldexp(master, -exponent.to(master.dtype))).clamp_(-fmt.limit, fmt.limit)
+    return values.to(fmt.dtype), exponent
+
+
+class FloatMasterSgd:
+    """The fp32-master update of every weighted layer of ``model`` (see the module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int) -> None:
+        self.layers = weighted_layers(model)
+        self.fmt = fmt
+        self.base_lr = lr
+        self.total_steps = total_steps
+        self.warmup = warmup_length(total_steps)
+        self.master = [torch.ldexp(layer.weight.to(torch.float32), layer.weight_exp.to(torch.float32))
+                       for layer in self.layers]  # exact: 16-bit integers times a power of two
+        self.optimizer = torch.optim.SGD(self.master, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
+                                         weight_decay=WEIGHT_DECAY)
+
+    def lr_at(self, step: int) -> float:
+        return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup)
+
+    @torch.no_grad()
+    def step(self, step: int, batch: int) -> None:
+        """Update every layer from its ``weight_grad`` of a batch of ``batch`` samples."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        for master, layer in zip(self.master, self.layers):
+            exact = torch.ldexp(layer.weight_grad.to(torch.float64), layer.weight_grad_exp.to(torch.float64))
+            master.grad = (exact / batch).to(torch.float32)
+        self.optimizer.step()
+        for master, layer in zip(self.master, self.layers):
+            converted = to_format(master, self.fmt)
+            if converted is not None:
+                layer.weight.copy_(converted[0])
+                layer.weight_exp.copy_(converted[1])
+            else:
+                layer.weight.zero_()
+            master.grad = None
+            layer.weight_grad = layer.weight_grad_exp = None
+
+    def state_dict(self) -> dict:
+        return {"master": [m.clone() for m in self.master], "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["master"]) != len(self.master):
+            raise ValueError(f"master state for {len(state['master'])} layers, the model has {len(self.master)}")
+        for i, (saved, master) in enumerate(zip(state["master"], self.master)):
+            if saved.dtype != torch.float32 or saved.shape != master.shape:
+                raise ValueError(f"master of layer {i + 1} does not fit: {saved.dtype} {tuple(saved.shape)}")
+            master.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])

@@ -1,0 +1,140 @@
+"""The float twin's SGD recipe on integers: int32 master weights and momentum with exponents.
+
+The float twin (``methods.float_twin``) trains with SGD, Nesterov momentum ``MOMENTUM``, weight
+decay ``WEIGHT_DECAY``, linear warm-up over ``warmup_length(total)`` steps and cosine decay to 0
+(``lr_at``). ``FixedPointSgd`` runs the same update, PyTorch's ``torch.optim.SGD`` formula, with
+integers only:
+
+    g = G / N + wd * W;   B = m * B + g;   u = g + m * B;   W = W - lr_t * u
+
+per weighted layer, where ``G`` is the layer's exact integer weight gradient of the summed loss
+(``N`` samples; the float twin's loss is their mean). ``W`` (master weight) and ``B`` (momentum)
+are int32 tensors with a power-of-two exponent each (``|v| <= 2**31 - 1``, the exponent chosen
+from max ``|v|`` after every operation, ``numeric.wide``). Every factor (``1/N``, ``wd``, ``m``,
+``lr_t``) is a fixed-point scalar ``(f, e)`` with ``2**30 <= f < 2**31`` (``fixed``), so every
+product ``v * f`` is exact in int64 (``< 2**62``) and rounded once (nearest) to 31 bits, and
+every sum is aligned and rounded once (``numeric.wide.add``): each operation's relative error is
+at most ``2**-30``. After the update the layer's int16 weight is ``W`` rounded (nearest) to
+DFP16, with its new exponent.
+
+Where the factors come from: the hyper-parameters are the float twin's numbers (``--lr``,
+``MOMENTUM``, ``WEIGHT_DECAY``), read once when the update is built as the exact rationals their
+binary64 values are (``as_integer_ratio``); the learning rate of step ``s`` is an exact rational
+times the schedule, whose cosine is computed with Python integers (``cos_pi``: a Taylor series in
+fixed point with ``COS_BITS`` fraction bits, error below ``2**-55``), and the warm-up length is
+``float_twin.warmup_length``, the same integer the float twin uses. No float is computed in a step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.layers import weighted_layers
+from intrain.methods.float_twin import MOMENTUM, WEIGHT_DECAY, warmup_length
+from intrain.numeric.formats import NumberFormat
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize
+from intrain.numeric import wide
+
+#: Fraction bits of the integer cosine.
+COS_BITS = 64
+#: floor(pi * 2**64) (pi to 80 digits by Machin's formula).
+PI_Q64 = 57952155664616982739
+
+
+def fixed(num: int, den: int) -> tuple[int, int]:
+    """The positive rational ``num / den`` as ``(f, e)`` with ``f * 2**e`` its nearest value of
+    31 significant bits (``2**30 <= f < 2**31``, or f = 0 for 0); Python integers only."""
+    if num < 0 or den <= 0:
+        raise ValueError(f"fixed-point factors are non-negative rationals, got {num}/{den}")
+    if num == 0:
+        return 0, 0
+    e = (num.bit_length() - den.bit_length()) - 31
+    while True:  # at most two turns: the first guess of e is off by at most one
+        scaled_num, scaled_den = (num << -e, den) if e < 0 else (num, den << e)
+        f = (2 * scaled_num + scaled_den) // (2 * scaled_den)
+        if f >= 1 << 31:
+            e += 1
+        elif f < 1 << 30:
+            e -= 1
+        else:
+            return f, e
+
+
+def cos_pi(a: int, b: int) -> int:
+    """``cos(pi * a / b)`` in fixed point with ``COS_BITS`` fraction bits, ``0 <= a <= b``: the
+    Taylor series of ``cos x`` at ``x = pi * a / b <= pi``, summed until its terms vanish (their
+    magnitudes fall below one unit after about 30 terms; each term is truncated, so the error is
+    below 2**-55)."""
+    one = 1 << COS_BITS
+    x = PI_Q64 * a // b  # |x| <= pi, COS_BITS fraction bits
+    x2 = x * x >> COS_BITS
+    total, term, k = one, one, 1  # term: |x**(2k) / (2k)!|, added with alternating signs
+    while term:
+        term = (term * x2 >> COS_BITS) // ((2 * k - 1) * (2 * k))
+        total += -term if k % 2 else term
+        k += 1
+    return total
+
+
+def schedule_fraction(step: int, total_steps: int, warmup: int) -> tuple[int, int]:
+    """The float twin's schedule ``lr_at(step) / base_lr`` as an exact rational (num, den): linear
+    warm-up ``(step + 1) / warmup``, then ``(1 + cos(pi * p)) / 2`` with ``p = (step - warmup) /
+    (total_steps - warmup)`` (cosine in fixed point), 0 past the end."""
+    if step < warmup:
+        return step + 1, warmup
+    decay = total_steps - warmup
+    if decay <= 0 or step >= total_steps:
+        return 0, 1
+    return (1 << COS_BITS) + cos_pi(step - warmup, decay), 1 << (COS_BITS + 1)
+
+
+class FixedPointSgd:
+    """The integer-only SGD update of every weighted layer of ``model`` (see the module
+    docstring), with peak learning rate ``lr`` (a positive float, read as its exact rational)."""
+
+    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int) -> None:
+        self.layers = weighted_layers(model)
+        self.fmt = fmt
+        self.lr = lr.as_integer_ratio()
+        self.total_steps = total_steps
+        self.warmup = warmup_length(total_steps)
+        self.momentum = fixed(*MOMENTUM.as_integer_ratio())
+        self.decay = fixed(*WEIGHT_DECAY.as_integer_ratio())
+        self.master = [wide.from_values(layer.weight, layer.weight_exp) for layer in self.layers]
+        self.velocity = [QTensor(torch.zeros_like(m.v), torch.zeros_like(m.e)) for m in self.master]
+
+    def lr_factor(self, step: int) -> tuple[int, int]:
+        """The learning rate of global step ``step`` as a fixed-point factor."""
+        num, den = schedule_fraction(step, self.total_steps, self.warmup)
+        return fixed(self.lr[0] * num, self.lr[1] * den)
+
+    @torch.no_grad()
+    def step(self, step: int, batch: int) -> None:
+        """Update every layer from its ``weight_grad`` of a batch of ``batch`` samples."""
+        per_sample = fixed(1, batch)
+        lr_f, lr_e = self.lr_factor(step)
+        for i, layer in enumerate(self.layers):
+            grad = wide.scale(wide.requantize(layer.weight_grad, layer.weight_grad_exp), per_sample)
+            g = wide.add(grad, wide.scale(self.master[i], self.decay))
+            self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
+            u = wide.add(g, wide.scale(self.velocity[i], self.momentum))
+            self.master[i] = wide.add(self.master[i], wide.scale(u, (-lr_f, lr_e)))
+            weight = requantize(self.master[i].v, self.master[i].e, bits=self.fmt.bits)
+            layer.weight.copy_(weight.v)
+            layer.weight_exp.copy_(weight.e)
+            layer.weight_grad = layer.weight_grad_exp = None
+
+    def state_dict(self) -> dict:
+        return {"master": [(m.v, m.e) for m in self.master], "momentum": [(b.v, b.e) for b in self.velocity]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("master", "momentum"):
+            if len(state[key]) != len(self.layers):
+                raise ValueError(f"{key} state for {len(state[key])} layers, the model has {len(self.layers)}")
+        device = self.layers[0].weight.device if self.layers else "cpu"
+        for name, target in (("master", self.master), ("momentum", self.velocity)):
+            for i, ((v, e), layer) in enumerate(zip(state[name], self.layers)):
+                if v.dtype != torch.int32 or tuple(v.shape) != tuple(layer.weight.shape):
+                    raise ValueError(f"{name} of layer {i + 1} does not fit: {v.dtype} {tuple(v.shape)}")
+                target[i] = QTensor(v.to(device), e.to(device))
