@@ -220,3 +220,15 @@ def test_resnet18_step_and_evaluation_are_integer_only(weight_bits):
             logits = model(x)
     assert audit.float_ops == [], sorted(set(audit.float_ops))
     assert logits.v.shape == (8, 10)
+
+
+def test_resnet18_recipe():
+    from intrain.run.recipes import default_recipe
+
+    int8, flt = default_recipe("mnist", "resnet18", "int8"), default_recipe("mnist", "resnet18", "float")
+    assert (int8.epochs, int8.batch_size, flt.epochs, flt.batch_size) == (10, 64, 10, 64)
+    assert int8.options == {"mu_schedule": "0:1,4:0", "weight_average": "none"}
+    assert default_recipe("fashion-mnist", "resnet18", "int8").epochs == 15
+    # the other models keep their dataset's numbers
+    assert default_recipe("mnist", "lenet5", "int8").batch_size == 256
+    assert default_recipe("mnist", "lenet5", "int8").options == {"mu_schedule": "0:5,8:4,14:3"}
