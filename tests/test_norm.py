@@ -116,8 +116,8 @@ def test_running_statistics_for_evaluation_and_checkpoints():
     bn.eval()
     # the first batch sets the running statistics: evaluation on it gives the same bits
     assert torch.equal(bn(x).v, train_out.v)
-    # the same input at another exponent is the same real value at another scale... and the
-    # running statistics are real values: the output follows the exponent change
+    # the running statistics are real values: the same integers at a coarser exponent are a
+    # twice larger input, which they normalise differently
     bigger = bn(QTensor.of(x.v, -5))
     assert int(bigger.v[:, 0].to(torch.int64).sum()) != int(train_out.v[:, 0].to(torch.int64).sum())
     # a checkpoint keeps them

@@ -57,18 +57,20 @@ rounded (nearest) by one shift so that the largest has 22 bits; then
 format (its error rounding; the shift from the maximum over all processes,
 ``ctx.collective.max``). ``a`` keeps at least 15 bits (``|b| / a <= 64``, ``|c| / a <= 127``).
 The one approximation is ``h`` for ``y`` per element (half a unit, and at clipped positions);
-using ``h`` in ``D2`` too (``sum dz*h``) was measured worse: where the error has a large channel
-mean, ``y``'s rounding errors, the same for every equal input, add up (5 % of the gradient in a
-test), while ``W`` is exact.
+using ``h`` in ``D2`` too (``sum dz*h``) is less exact: where the error has a large channel mean,
+``y``'s rounding errors, the same for every equal input, add up (5 % of the gradient in a test),
+while ``W`` is exact (in training the two did not differ beyond the spread between seeds).
 
 Evaluation uses running statistics when the layer has seen a training batch (else the batch's
 own): integer exponential moving averages of ``mean_G`` and ``std_G``,
 ``run <- run + round((batch - run) / 2**MOMENTUM_SHIFT)`` (momentum 1/8, BatchNorm's default
 is 0.1), kept in the frame (exponent ``stats_exp``) of the latest training batch: the old
 averages are shifted into the new frame first (exact left shift, or nearest right shift). They
-are buffers, so checkpoints and ``model.pt`` keep them; they track the latest weights, not the
-averaged ones that evaluation uses (``methods.averaging``), a mismatch as small as the weights'
-jitter. At evaluation the averages are shifted into the frame of the batch's input and used as
+are buffers, so checkpoints and ``model.pt`` keep them. They follow the latest weights, so mean
+weights over many steps (``methods.averaging``) do not match them: ResNet-18's recipe turns
+weight averaging off (``run.recipes``). Batch statistics at evaluation would make each
+prediction depend on the other images of its batch and on the batch size (BENCHMARKS.md). At
+evaluation the averages are shifted into the frame of the batch's input and used as
 above, with ``std_G`` floored at one unit of the input. The counts must satisfy
 ``M <= MAX_COUNT = 2**22`` (all int64 bounds above assume it; ImageNet's stem at batch 256 has
 ``256 * 112**2 < 2**22``).
