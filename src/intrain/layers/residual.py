@@ -17,9 +17,8 @@ so the result is within 0.502 units of the exact mean; ``|sum| * 2**g < 2**(16 +
 stays far inside int64 for any image. Backward: each position receives ``d / (H*W)``, computed
 the same way (``d * 2**g`` divided by H*W, requantised).
 
-What replaces batch normalisation: nothing (NITI trains without it). Every product is
-requantised by its own tensor's maximum, which keeps activations and errors at full int8
-resolution whatever their scale; BatchNorm's learned per-channel affine has no counterpart.
+What replaces batch normalisation: the integer batch normalisation of ``layers.norm`` (NITI
+trains without any; its module docstring says why residual networks need one).
 """
 
 from __future__ import annotations

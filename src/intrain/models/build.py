@@ -1,7 +1,8 @@
 """Building a model spec twice: the integer model and its float32 twin.
 
 ``build_int_model`` turns a spec tree (``models.zoo``) into integer layers in a number format
-(weights from integer initialisation), ``build_float_model`` into torch.nn layers of the same
+(weights from integer initialisation; ``bn`` becomes the integer batch normalisation of
+``layers.norm``), ``build_float_model`` into torch.nn layers of the same
 shapes (with biases, batch normalisation where the spec has ``bn``, and PyTorch's default
 initialisation: the float twin gets the standard recipe, not a handicapped one).
 """
@@ -11,8 +12,8 @@ from __future__ import annotations
 import torch
 
 from intrain.kernels import get_backend
-from intrain.layers import (IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear, IntMaxPool2d,
-                            IntReLU, IntResidual, IntSequential, weighted_layers)
+from intrain.layers import (IntBatchNorm, IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear,
+                            IntMaxPool2d, IntReLU, IntResidual, IntSequential, weighted_layers)
 from intrain.layers.init import init_weight
 from intrain.models.zoo import model_spec
 from intrain.numeric.formats import NITI_INT8, NumberFormat
@@ -34,7 +35,7 @@ def _int_layers(specs, backend, fmt: NumberFormat) -> list:
         elif spec.kind == "gap":
             layers.append(IntGlobalAvgPool2d(fmt))
         elif spec.kind == "bn":
-            continue  # the integer model has no normalisation (layers.residual says why)
+            layers.append(IntBatchNorm(*spec.args, fmt=fmt))
         else:
             layers.append({"relu": IntReLU, "maxpool": IntMaxPool2d, "flatten": IntFlatten,
                            "dropout": IntDropout}[spec.kind](*spec.args))

@@ -2,8 +2,8 @@
 
 Specs: ``conv (cin, cout, kernel, stride, padding)``, ``linear (fan_in, fan_out)``, ``relu``,
 ``maxpool (k)`` (non-overlapping k x k windows), ``flatten``, ``dropout (p)``, ``gap`` (global
-average pooling to [N, C]), ``bn (channels)`` (batch normalisation in the float twin only; the
-integer model has none, see ``layers.residual``), and ``residual (main, shortcut)``: two tuples of
+average pooling to [N, C]), ``bn (channels)`` (batch normalisation: torch's BatchNorm2d in the float
+twin, the integer one of ``layers.norm`` in the integer model), and ``residual (main, shortcut)``: two tuples of
 specs whose outputs are added (``shortcut`` None: the identity).
 
 Residual networks: ``resnet18``, the CIFAR layout (3x3 stride-1 stem, no max pooling) for images
@@ -130,7 +130,7 @@ IMAGENET_LAYOUT_MIN_SIZE = 64
 
 
 def resnet18_spec(in_shape, num_classes: int, width: float = 1.0) -> list[LayerSpec]:
-    """ResNet-18 (He et al.) without batch normalisation in the integer model (see the module docstring)."""
+    """ResNet-18 (He et al.), batch normalisation after every convolution."""
     c, h, w = in_shape
     if h < 8 or w < 8:
         raise ValueError(f"resnet18 needs images of at least 8x8 pixels, got {h}x{w}: use --model mlp")

@@ -125,11 +125,13 @@ def shift_round(
     return (rounded ^ sign) - sign
 
 
-def divide_round(total: torch.Tensor, count: int) -> torch.Tensor:
+def divide_round(total: torch.Tensor, count: int | torch.Tensor) -> torch.Tensor:
     """The nearest integer to ``total / count`` (ties away from zero), elementwise, by integer
     division: ``sign(t) * floor((2 * |t| + count) / (2 * count))``; ``total``'s dtype must hold
-    ``2 * |total| + count``. Used for means (weight averaging, average pooling)."""
-    if count <= 0:
+    ``2 * |total| + count``. ``count`` is a positive int or an integer tensor of positive values
+    that broadcasts with ``total`` (per-channel counts and standard deviations). Used for means
+    (weight averaging, average pooling, batch normalisation)."""
+    if isinstance(count, int) and count <= 0:
         raise ValueError(f"cannot divide by {count}: need a positive count")
     sign = total.sign()
     return sign * torch.div(2 * total.abs() + count, 2 * count, rounding_mode="floor")

@@ -1,0 +1,234 @@
+"""The integer batch normalisation (layers.norm): its integer square root, forward and backward
+against float64 BatchNorm (batch statistics, no affine, epsilon one input unit squared), the
+extremes of the int8 range, running statistics for evaluation and in checkpoints, a batch split
+over two simulated processes giving the same bits as one, and ResNet-18 with it: integer-only in
+training and evaluation, with its float twin's BatchNorm at the same places."""
+
+import math
+import threading
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from intrain.layers import IntBatchNorm, StepContext
+from intrain.layers.norm import MAX_COUNT, isqrt
+from intrain.methods.niti import Niti, NitiOptions
+from intrain.models import build_float_model, build_int_model
+from intrain.numeric.formats import NumberFormat
+from intrain.numeric.qtensor import QTensor
+
+from test_integer_only import FloatAudit
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 2**62), min_size=1, max_size=20))
+def test_isqrt_is_the_exact_floor(values):
+    n = torch.tensor(values, dtype=torch.int64)
+    assert isqrt(n).tolist() == [math.isqrt(v) for v in values]
+
+
+def test_isqrt_worst_cases():
+    edges = [0, 1, 2, 3, 4, 15, 16, 17, 2**62, 2**63 - 1, (2**31 - 1) ** 2, (2**31 - 1) ** 2 - 1, 2**48 * 16130]
+    assert isqrt(torch.tensor(edges, dtype=torch.int64)).tolist() == [math.isqrt(v) for v in edges]
+
+
+def _float_bn(x: QTensor):
+    """float64 BatchNorm of ``x`` with batch statistics, no affine, epsilon one unit of x squared."""
+    xf = x.to_float().to(torch.float64).requires_grad_()
+    unit = 2.0 ** int(x.e)
+    return xf, torch.nn.functional.batch_norm(xf, None, None, training=True, eps=unit * unit)
+
+
+def _inputs(seed: int, shape=(16, 6, 5, 5)) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(-127, 128, shape, generator=gen)
+    x[:, 1] = x[:, 1] // 16 + 60          # offset, narrow channel
+    x[:, 2] = 0                            # constant channel
+    x[:, 3] = 0
+    x[0, 3, 0, 0] = 1                      # one non-zero value: the largest normalised outlier
+    x[:, 4] = torch.where(x[:, 4] > 0, 127, -127)  # the int8 extremes only
+    x[:, 5] = x[:, 5].clamp(min=0)         # after a ReLU
+    return x.to(torch.int8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("exponent", [-30, -5, 0, 12])
+@pytest.mark.parametrize("correlated_error", [False, True])
+def test_forward_and_backward_against_float64(seed, exponent, correlated_error):
+    x = QTensor.of(_inputs(seed), exponent)
+    bn = IntBatchNorm(6).train()
+    y = bn(x)
+    assert y.v.dtype == torch.int8 and int(y.e) == -4
+    xf, ref = _float_bn(x)
+    # the fixed exponent: +-127 units of sigma/16; within half a unit plus the scale's rounding
+    error = (y.to_float().to(torch.float64) - ref.clamp(-127 / 16, 127 / 16)).abs().max()
+    assert error <= 16.0 ** -1 * (0.5 + 2.0**-10)
+    if correlated_error:  # channel means far from zero, errors and inputs alike
+        d = QTensor.of(_inputs(seed + 100).flip(0), exponent - 3)
+    else:
+        gen = torch.Generator().manual_seed(seed + 100)
+        d = QTensor.of(torch.randint(-127, 128, x.v.shape, generator=gen).to(torch.int8), exponent - 3)
+    dx = bn.backward(d, None)
+    assert dx.v.dtype == torch.int8
+    ref.backward(d.to_float().to(torch.float64))
+    # h (the rounded output) stands in for the exact normalised value per element: within
+    # about half a unit of the result
+    assert (dx.to_float().to(torch.float64) - xf.grad).abs().max() <= 0.6 * 2.0 ** int(dx.e)
+    assert dx.v.abs().max() >= 64  # requantised to full range
+
+
+def test_clip_at_eight_standard_deviations():
+    # one value of 4096 is ~64 sigma away: clipped to 127 (7.94 sigma), the others stay exact
+    x = torch.zeros(4096, 1, dtype=torch.int8)
+    x[0, 0] = 127
+    y = IntBatchNorm(1).train()(QTensor.of(x, -7))
+    assert int(y.v[0, 0]) == 127 and int(y.v[1:].abs().max()) <= 1
+
+
+def test_stochastic_error_rounding_is_keyed_and_close():
+    fmt = NumberFormat(error_rounding="stochastic")
+    x = QTensor.of(_inputs(3), -6)
+    d = QTensor.of(_inputs(4).flip(0), -9)
+    results = []
+    for step in (0, 0, 1):
+        bn = IntBatchNorm(6, fmt).train()
+        bn(x, StepContext(0, step))
+        results.append(bn.backward(d, StepContext(0, step)))
+    assert torch.equal(results[0].v, results[1].v) and not torch.equal(results[0].v, results[2].v)
+    xf, ref = _float_bn(x)
+    ref.backward(d.to_float().to(torch.float64))
+    assert (results[2].to_float().to(torch.float64) - xf.grad).abs().max() <= 1.1 * 2.0 ** int(results[2].e)
+
+
+def test_count_limit():
+    bn = IntBatchNorm(1).train()
+    with pytest.raises(ValueError, match="positions per channel"):
+        bn(QTensor.of(torch.zeros(MAX_COUNT + 1, 1, dtype=torch.int8), 0))
+
+
+def test_running_statistics_for_evaluation_and_checkpoints():
+    x = QTensor.of(_inputs(5), -6)
+    bn = IntBatchNorm(6).train()
+    train_out = bn(x)
+    bn.clear_saved()
+    bn.eval()
+    # the first batch sets the running statistics: evaluation on it gives the same bits
+    assert torch.equal(bn(x).v, train_out.v)
+    # the running statistics are real values: the same integers at a coarser exponent are a
+    # twice larger input, which they normalise differently
+    bigger = bn(QTensor.of(x.v, -5))
+    assert int(bigger.v[:, 0].to(torch.int64).sum()) != int(train_out.v[:, 0].to(torch.int64).sum())
+    # a checkpoint keeps them
+    state = {k: v.clone() for k, v in bn.state_dict().items()}
+    assert set(state) == {"running_mean", "running_std", "stats_exp", "batches_tracked"}
+    fresh = IntBatchNorm(6)
+    fresh.load_state_dict(state)
+    fresh.eval()
+    assert torch.equal(fresh(x).v, train_out.v)
+    # a layer that never trained normalises by the batch's own statistics
+    assert torch.equal(IntBatchNorm(6).eval()(x).v, train_out.v)
+
+
+def test_running_statistics_move_by_an_eighth():
+    bn = IntBatchNorm(1).train()
+    first = QTensor.of(torch.tensor([[0], [16]], dtype=torch.int8), 0)    # mean 8
+    second = QTensor.of(torch.tensor([[80], [96]], dtype=torch.int8), 0)  # mean 88
+    bn(first)
+    bn(second)
+    # frame: 16 guard bits below the input's unit; mean 8 + (88 - 8) / 8 = 18
+    assert int(bn.running_mean[0]) == 18 << 16 and int(bn.stats_exp) == -16 and int(bn.batches_tracked) == 2
+    # the next batch has a coarser exponent: the averages move into its frame, exactly
+    bn(QTensor.of(torch.tensor([[9], [9]], dtype=torch.int8), 1))  # mean 18 in the first unit
+    assert int(bn.running_mean[0]) == 9 << 16 and int(bn.stats_exp) == -15
+
+
+class ThreadCollective:
+    """Two threads as two processes: sum and max by exchanging tensors at a barrier."""
+
+    def __init__(self, rank: int, shared: dict, barrier: threading.Barrier) -> None:
+        self.rank, self.world, self.shared, self.barrier = rank, 2, shared, barrier
+
+    def _reduce(self, t, op):
+        self.shared[self.rank] = t.clone()
+        self.barrier.wait()
+        out = op(self.shared[0], self.shared[1])
+        self.barrier.wait()
+        return out
+
+    def sum(self, t):
+        return self._reduce(t, torch.add)
+
+    def max(self, t):
+        return self._reduce(t, torch.maximum)
+
+
+@pytest.mark.parametrize("error_rounding", ["nearest"])
+def test_two_processes_give_the_bits_of_one(error_rounding):
+    fmt = NumberFormat(error_rounding=error_rounding)
+    x = QTensor.of(_inputs(6, (8, 6, 4, 4)), -6)
+    d = QTensor.of(_inputs(7, (8, 6, 4, 4)), -9)
+    whole = IntBatchNorm(6, fmt).train()
+    y = whole(x, StepContext(0, 0))
+    dx = whole.backward(d, StepContext(0, 0))
+    shared, barrier, results = {}, threading.Barrier(2), {}
+
+    def run(rank):
+        part = IntBatchNorm(6, fmt).train()
+        ctx = StepContext(0, 0, sample_offset=4 * rank, collective=ThreadCollective(rank, shared, barrier))
+        rows = slice(4 * rank, 4 * rank + 4)
+        out = part(QTensor(x.v[rows], x.e), ctx)
+        grad = part.backward(QTensor(d.v[rows], d.e), ctx)
+        results[rank] = (out, grad, part.state_dict())
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert torch.equal(torch.cat([results[0][0].v, results[1][0].v]), y.v)
+    assert torch.equal(torch.cat([results[0][1].v, results[1][1].v]), dx.v)
+    assert int(results[0][1].e) == int(results[1][1].e) == int(dx.e)
+    for rank in (0, 1):
+        for key, value in whole.state_dict().items():
+            assert torch.equal(results[rank][2][key], value)
+
+
+def test_resnet18_has_integer_batch_norm_where_the_twin_has_batch_norm():
+    model = build_int_model("resnet18", (1, 28, 28), 10, seed=0, width=0.125)
+    twin = build_float_model("resnet18", (1, 28, 28), 10, width=0.125)
+    int_norms = [m.channels for m in model.modules() if isinstance(m, IntBatchNorm)]
+    float_norms = [m.num_features for m in twin.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert int_norms == float_norms and len(int_norms) == 20
+    assert any(k.endswith("running_std") for k in model.state_dict())
+
+
+@pytest.mark.parametrize("weight_bits", [8, 16])
+def test_resnet18_step_and_evaluation_are_integer_only(weight_bits):
+    options = NitiOptions(mu_schedule="0:2", weight_bits=weight_bits)
+    model = build_int_model("resnet18", (1, 28, 28), 10, seed=0, backend="reference", width=0.125,
+                            fmt=options.fmt)
+    trainer = Niti(model, options, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = QTensor.of(torch.randint(0, 128, (8, 1, 28, 28), generator=gen).to(torch.int8), -7)
+    y = torch.arange(8) % 10
+    with FloatAudit() as audit:
+        trainer.train_step(x, y, step=0, epoch=0)
+        model.eval()
+        with trainer.averaged():
+            logits = model(x)
+    assert audit.float_ops == [], sorted(set(audit.float_ops))
+    assert logits.v.shape == (8, 10)
+
+
+def test_resnet18_recipe():
+    from intrain.run.recipes import default_recipe
+
+    int8, flt = default_recipe("mnist", "resnet18", "int8"), default_recipe("mnist", "resnet18", "float")
+    assert (int8.epochs, int8.batch_size, flt.epochs, flt.batch_size) == (10, 64, 10, 64)
+    assert int8.options == {"mu_schedule": "0:1,4:0", "weight_average": "none"}
+    assert default_recipe("fashion-mnist", "resnet18", "int8").epochs == 15
+    # the other models keep their dataset's numbers
+    assert default_recipe("mnist", "lenet5", "int8").batch_size == 256
+    assert default_recipe("mnist", "lenet5", "int8").options == {"mu_schedule": "0:5,8:4,14:3"}
