@@ -17,6 +17,7 @@ import torch
 
 from intrain.data import DATASETS, default_data_dir
 from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
+from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
 from intrain.run.recipes import default_recipe
@@ -88,8 +89,9 @@ class TrainConfig:
             epochs=recipe.epochs if self.epochs is None else self.epochs,
             batch_size=batch,
             augment=(self.dataset in ("cifar10", "imagefolder")) if self.augment is None else bool(self.augment),
-            image_size=(DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder" and self.image_size is None
-                        else self.image_size),
+            image_size=(self.image_size if self.image_size is not None
+                        else DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder"
+                        else DEFAULT_FRAME_SIZE if self.dataset == "moving-mnist-actions" else None),
             options=method.options_dict(options),
         )
 
@@ -140,6 +142,13 @@ def check_args(c: TrainConfig) -> None:
     if c.dataset == "imagefolder":
         if isinstance(c.image_size, bool) or not isinstance(c.image_size, int) or c.image_size < 1:
             raise ConfigError(f"--image-size must be an integer >= 1, got {c.image_size!r}")
+    elif c.dataset == "moving-mnist-actions":
+        if c.image_size not in FRAME_SIZES:
+            raise ConfigError(f"--image-size of moving-mnist-actions frames must be "
+                              f"{' or '.join(map(str, FRAME_SIZES))}, got {c.image_size!r}")
+        if c.augment:
+            raise ConfigError("--augment does not apply to moving-mnist-actions (a mirrored clip would turn "
+                              "left into right): leave it out")
     elif c.image_size is not None:
         raise ConfigError(f"--image-size applies to --dataset imagefolder only ({c.dataset} images have a fixed "
                           "size): leave it out")

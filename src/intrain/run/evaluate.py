@@ -98,7 +98,7 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
     else:
         train_limit = None
     image_size = None
-    if name == "imagefolder":  # the run's crop size (an image folder is decoded at the size the model takes)
+    if name in ("imagefolder", "moving-mnist-actions"):  # the run's crop / frame size (an image folder is decoded at the size the model takes)
         image_size = cfg.get("image_size") or int(cfg["image_shape"][-1])
     splits = load_dataset(name, data_dir, val_split, train_limit, image_size)
     shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
