@@ -112,7 +112,8 @@ class Method:
 
     @classmethod
     def build_model(cls, options, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str) -> torch.nn.Module:
+                    width: float, device: str, recurrent=None) -> torch.nn.Module:
+        """The network; ``recurrent``: the recurrent models' ``models.zoo.RecurrentOptions``."""
         raise NotImplementedError
 
     @classmethod

@@ -71,11 +71,11 @@ class FloatTwin(Method):
 
     @classmethod
     def build_model(cls, options: FloatOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str) -> torch.nn.Module:
+                    width: float, device: str, recurrent=None) -> torch.nn.Module:
         """The float32 twin, with PyTorch's default initialisation drawn after seeding torch's global
         generator with ``seed`` (which also keys dropout)."""
         torch.manual_seed(seed)
-        return build_float_model(model_name, in_shape, num_classes, width=width).to(device)
+        return build_float_model(model_name, in_shape, num_classes, width=width, recurrent=recurrent).to(device)
 
     @classmethod
     def network_input(cls, pixels: QTensor) -> torch.Tensor:

@@ -91,9 +91,9 @@ class Niti(Method):
 
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str) -> torch.nn.Module:
+                    width: float, device: str, recurrent=None) -> torch.nn.Module:
         return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
-                               width=width, fmt=options.fmt)
+                               width=width, fmt=options.fmt, recurrent=recurrent)
 
     def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0) -> None:
         super().__init__(model, options, seed=seed, total_steps=total_steps)

@@ -20,6 +20,7 @@ from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
+from intrain.models.zoo import RecurrentOptions
 from intrain.run.recipes import default_recipe
 
 DEVICES = ("cpu", "cuda")
@@ -52,6 +53,9 @@ class TrainConfig:
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
     image_size: int | None = None  # imagefolder: side of the square crops; default 224 (None elsewhere)
+    tr_rank: int | None = None  # tt-lstm / tr-lstm: tensor rank (models.zoo.RecurrentOptions)
+    tr_input_factors: str | None = None  # tt-lstm / tr-lstm: factors of the frame size, "4x8x8x4"
+    tr_hidden_factors: str | None = None  # tt-lstm / tr-lstm: factors of the hidden size, "4x8x4"
     options: dict = field(default_factory=dict)  # the method's own options; None = recipe default
 
     @property
@@ -61,6 +65,11 @@ class TrainConfig:
             return get_method(self.arith)
         except MethodOptionError as err:
             raise ConfigError(str(err)) from None
+
+    @property
+    def recurrent(self) -> RecurrentOptions:
+        """The recurrent models' options (``models.zoo``)."""
+        return RecurrentOptions(self.tr_rank, self.tr_input_factors, self.tr_hidden_factors)
 
     def method_options(self):
         """The method's options object (``ConfigError`` when one does not fit the method)."""

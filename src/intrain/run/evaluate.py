@@ -21,6 +21,7 @@ import torch
 
 from intrain.data import load_dataset
 from intrain.methods import get_method
+from intrain.models.zoo import RecurrentOptions
 from intrain.run.config import ConfigError
 from intrain.run import checkpoint
 from intrain.run.files import (EVAL_FILE, check_creatable, lock_run_dir, read_config, read_model, record_files,
@@ -116,8 +117,9 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
         if "backend" in given:  # every backend gives the same bits; the run's may not suit this device
             given["backend"] = "auto"
         options = method.make_options(given, {})
+        recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"))
         model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
-                                   device=device)
+                                   device=device, recurrent=recurrent)
         model.load_state_dict(saved["state_dict"])
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

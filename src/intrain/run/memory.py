@@ -26,10 +26,10 @@ from intrain.models import model_spec
 from intrain.run.config import ConfigError
 
 
-def model_counts(model: str, image_shape, num_classes: int, width: float) -> tuple[int, int]:
+def model_counts(model: str, image_shape, num_classes: int, width: float, recurrent=None) -> tuple[int, int]:
     """(weights, activation elements per image) of ``model``; Python ints, so no overflow."""
     try:
-        specs = model_spec(model, image_shape, num_classes, width)
+        specs = model_spec(model, image_shape, num_classes, width, recurrent)
     except ValueError:
         return 0, 0  # the build reports it
     c, h, w = (int(v) for v in image_shape)
@@ -45,6 +45,11 @@ def model_counts(model: str, image_shape, num_classes: int, width: float) -> tup
             fan_in, fan_out = spec.args
             weights += fan_in * fan_out
             size = fan_out
+        elif spec.kind == "lstm":  # c: the frames; kept per frame: the input, four gates, cell and state
+            frame, hidden, shape = spec.args
+            weights += (frame * 4 * hidden if shape is None else shape.parameters) + 4 * hidden * hidden
+            size = hidden
+            acts += c * (frame + 7 * hidden)
         elif spec.kind == "maxpool":
             k = spec.args[0]
             h, w = h // k, w // k
@@ -92,7 +97,7 @@ def _size(n: int) -> str:
 def check_memory(config, image_shape, num_classes: int, available: int | None = None) -> int:
     """Refuse (``ConfigError``) a run whose lower bound (see the module docstring) exceeds the
     available memory; returns the bound in bytes."""
-    weights, acts = model_counts(config.model, image_shape, num_classes, config.width)
+    weights, acts = model_counts(config.model, image_shape, num_classes, config.width, config.recurrent)
     state = weights * bytes_per_weight(config)
     batch = config.batch_size * acts * (4 if config.arith == "float" else 1)
     need = state + batch
