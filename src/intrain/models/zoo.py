@@ -241,8 +241,13 @@ def _lstm(input_map: str | None):
                           else parse_factors(options.input_factors, "input"))
             hidden_factors = (balanced_factors(hidden, 3) if options.hidden_factors is None
                               else parse_factors(options.hidden_factors, "hidden"))
-            check_factors(in_factors, frame, f"--tr-input-factors: input (frame of {'x'.join(map(str, in_shape[1:]))})")
-            check_factors(hidden_factors, hidden, "--tr-hidden-factors: hidden")
+            for flag, factors, size, what in (("--tr-input-factors", in_factors, frame, "input"),
+                                              ("--tr-hidden-factors", hidden_factors, hidden, "hidden")):
+                try:
+                    check_factors(factors, size, what)
+                except ValueError as err:
+                    raise ValueError(f"{flag}: {err} (frames of {'x'.join(map(str, in_shape[1:]))}, "
+                                     f"{hidden} hidden units)") from None
             rank = DEFAULT_RANK if options.rank is None else options.rank
             if rank < 1:
                 raise ValueError(f"--tr-rank must be 1 or more, got {rank}")
