@@ -279,9 +279,9 @@ def test_image_dataset_validation_and_subset():
 
 
 def test_registry(tmp_path, monkeypatch):
-    assert DATASETS == ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+    assert DATASETS == ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "moving-mnist-actions")
     assert default_data_dir("mnist") == os.path.join("data", "mnist")
-    with pytest.raises(DataError, match="digits, mnist, fashion-mnist, cifar10, imagefolder"):
+    with pytest.raises(DataError, match="digits, mnist, fashion-mnist, cifar10, imagefolder, moving-mnist-actions"):
         load_dataset("svhn")
     make_set(tmp_path / "data" / "mnist")
     monkeypatch.chdir(tmp_path)

@@ -77,6 +77,12 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
      "VGG-small's dropout probability, a hyper-parameter converted to an integer threshold by "
      "IntDropout (see its entry)"),
     ("intrain.models.zoo", "ALEXNET_DROPOUT = 0.5", "AlexNet's dropout probability, likewise"),
+    ("intrain.layers.recurrent", "def FloatLSTM",
+     "the float32 twin of IntLSTM, kept beside it; only the float method builds it (models.build's "
+     "_float_layers), an integer step never constructs or calls it"),
+    ("intrain.layers.tensor_ring", "def FloatTensorRing",
+     "the float32 twin of IntTensorRing (its initialisation draws floats), likewise built only by "
+     "the float method"),
 )
 
 # KNOWN VIOLATIONS: real floats in the training step, to be fixed; same format as ALLOWED. Each

@@ -81,6 +81,23 @@ def test_dfp16_training_step_uses_only_integer_tensors(accumulator):
     assert all(not torch.equal(w, layer.weight) for (w, _), layer in zip(before, weighted_layers(model)))
 
 
+def test_tr_lstm_training_step_uses_only_integer_tensors():
+    options = NitiOptions(mu_schedule="0:4", weight_average="phase")
+    model = build_int_model("tr-lstm", (10, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
+    trainer = Niti(model, options, seed=0)
+    gen = torch.Generator().manual_seed(0)
+    x = QTensor.of(torch.randint(0, 128, (4, 10, 16, 16), generator=gen).to(torch.int8), -7)
+    y = torch.randint(0, 8, (4,), generator=gen)
+    before = [layer.weight.clone() for layer in weighted_layers(model)]
+    with FloatAudit() as audit:
+        trainer.train_step(x, y, step=0, epoch=0)
+        with trainer.averaged():
+            pass
+    assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
+    assert len(before) == 4 + 4 + 2  # four input and four output cores, the recurrent and output weights
+    assert all(not torch.equal(b, layer.weight) for b, layer in zip(before, weighted_layers(model)))
+
+
 def test_audit_catches_a_float_operation():
     with FloatAudit() as audit:
         torch.ones(3, dtype=torch.int8).to(torch.float32).sum()

@@ -78,8 +78,9 @@ def add_train(sub) -> None:
                    help="folder with the data set's files (default: data/<dataset>; unused for digits); for "
                         "imagefolder DIR/train/<class>/* and DIR/val/<class>/* (JPEG, PNG)")
     p.add_argument("--image-size", type=_int_at_least(1, "an integer >= 1"), metavar="S",
-                   help="imagefolder only: images are resized (shorter side round(S*8/7)) and cropped to SxS, "
-                        "randomly with flips for training when augmenting, centred for evaluation (default: 224)")
+                   help="imagefolder: images are resized (shorter side round(S*8/7)) and cropped to SxS, "
+                        "randomly with flips for training when augmenting, centred for evaluation (default: 224); "
+                        "moving-mnist-actions: frames of 32x32 or 64x64 pixels (default: 32)")
     p.add_argument("--model", choices=MODELS, help="network (default: mlp)")
     p.add_argument("--width", type=positive_float, metavar="W",
                    help="multiply every layer's channel / unit count by W, e.g. 0.25 for a quarter-width "
@@ -118,6 +119,15 @@ def add_train(sub) -> None:
                    help="continue the run in DIR from DIR/checkpoint.pt with the options recorded there "
                         "(giving a different value for one of them is an error); the result is bit for bit "
                         "that of an uninterrupted run")
+    p.add_argument("--tr-rank", type=_int_at_least(0, "an integer >= 1"), metavar="R",
+                   help="tt-lstm and tr-lstm only: rank of the tensor ring (of the inner bonds of the tensor train) "
+                        "of the input-to-hidden map (default: 8)")
+    p.add_argument("--tr-input-factors", metavar="AxBx..",
+                   help="tt-lstm and tr-lstm only: factors of the frame size, e.g. 4x8x8x4 for 32x32 frames "
+                        "(default: four factors as equal as possible)")
+    p.add_argument("--tr-hidden-factors", metavar="AxBx..",
+                   help="tt-lstm and tr-lstm only: factors of the hidden size (128 x --width), e.g. 4x8x4; the "
+                        "four gates are one more output factor (default: three factors as equal as possible)")
     p.add_argument("--device", choices=DEVICES, help="where to train (default: cpu)")
     p.add_argument("--out", metavar="DIR",
                    help="run directory (default: runs/<dataset>-<model>-<arith>-<k>, first free k)")
@@ -132,7 +142,7 @@ def add_train(sub) -> None:
 TRAIN_DEFAULTS = dict(dataset="digits", model="mlp", arith="int8", seed=0, device="cpu", width=1.0, workers=0)
 _TRAIN_FIELDS = ("dataset", "model", "arith", "data_dir", "epochs", "batch_size", "seed", "val_split",
                  "tune_split", "train_limit", "device", "out", "width", "hidden", "augment", "workers",
-                 "checkpoint_every", "image_size")
+                 "checkpoint_every", "image_size", "tr_rank", "tr_input_factors", "tr_hidden_factors")
 
 
 def run_train(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from intrain.data.pixels import PIXEL_EXPONENT, pixels_to_int8
 __all__ = ["DATASETS", "DataError", "DatasetSplits", "ImageDataset", "PIXEL_EXPONENT",
            "default_data_dir", "find_idx", "load_dataset", "pixels_to_int8", "read_idx"]
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder")
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "imagefolder", "moving-mnist-actions")
 
 
 def _check_name(name: str) -> None:
@@ -39,13 +39,20 @@ def load_dataset(name: str, data_dir: str | None = None, val_split: int | None =
     """Load ``name`` (one of ``DATASETS``); ``data_dir`` defaults to ``data/<name>``
     and is ignored for "digits". See ``intrain.data.dataset.make_splits`` for
     ``val_split`` / ``tune_split`` / ``train_limit``. ``image_size`` is the side of the square images of
-    "imagefolder" (default 224) and must be None for the other data sets."""
+    "imagefolder" (default 224) or of the frames of "moving-mnist-actions" (32 or 64, default 32)
+    and must be None for the other data sets."""
     _check_name(name)
     if name == "imagefolder":
         from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE, load_imagefolder
         return load_imagefolder(default_data_dir(name) if data_dir is None else data_dir,
                                 DEFAULT_IMAGE_SIZE if image_size is None else image_size,
                                 val_split=val_split, train_limit=train_limit, tune_split=tune_split)
+    if name == "moving-mnist-actions":
+        from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, load_moving_mnist_actions
+        return load_moving_mnist_actions(default_data_dir(name) if data_dir is None else data_dir,
+                                         DEFAULT_FRAME_SIZE if image_size is None else image_size,
+                                         val_split=val_split, train_limit=train_limit,
+                                         tune_split=tune_split)
     if image_size is not None:
         raise DataError(f"--image-size applies to --dataset imagefolder only; {name} images have a fixed size")
     if name == "digits":

@@ -119,7 +119,9 @@ class Method:
 
     @classmethod
     def build_model(cls, options, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str, hidden: list[int] | None = None) -> torch.nn.Module:
+                    width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
+        """The network; ``hidden``: the MLP's hidden sizes; ``recurrent``: the recurrent models'
+        ``models.zoo.RecurrentOptions``."""
         raise NotImplementedError
 
     @classmethod

@@ -98,9 +98,9 @@ class Niti(Method):
 
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str, hidden: list[int] | None = None) -> torch.nn.Module:
+                    width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
         return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
-                               width=width, fmt=options.fmt, hidden=hidden)
+                               width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
 
     def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0,
                  collective: Collective = LOCAL) -> None:

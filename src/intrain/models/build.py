@@ -15,7 +15,9 @@ from intrain.kernels import get_backend
 from intrain.layers import (IntBatchNorm, IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear,
                             IntMaxPool2d, IntReLU, IntResidual, IntSequential, weighted_layers)
 from intrain.layers.init import init_weight
-from intrain.models.zoo import model_spec
+from intrain.layers.recurrent import FloatLSTM, IntLSTM
+from intrain.layers.tensor_ring import FloatTensorRing, IntTensorRing
+from intrain.models.zoo import RecurrentOptions, model_spec
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 
 
@@ -34,6 +36,11 @@ def _int_layers(specs, backend, fmt: NumberFormat) -> list:
                                       fmt=fmt))
         elif spec.kind == "gap":
             layers.append(IntGlobalAvgPool2d(fmt))
+        elif spec.kind == "lstm":
+            frame, hidden, shape = spec.args
+            input_map = (IntLinear(frame, 4 * hidden, backend, fmt=fmt) if shape is None
+                         else IntTensorRing(shape, backend, fmt=fmt))
+            layers.append(IntLSTM(input_map, hidden, backend, fmt=fmt))
         elif spec.kind == "bn":
             layers.append(IntBatchNorm(*spec.args, fmt=fmt))
         else:
@@ -66,6 +73,10 @@ def _float_layers(specs) -> list[torch.nn.Module]:
                                         None if shortcut is None else torch.nn.Sequential(*_float_layers(shortcut))))
         elif spec.kind == "gap":
             layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
+        elif spec.kind == "lstm":
+            frame, hidden, shape = spec.args
+            input_map = torch.nn.Linear(frame, 4 * hidden, bias=False) if shape is None else FloatTensorRing(shape)
+            layers.append(FloatLSTM(input_map, hidden))
         else:
             layers.append({"linear": torch.nn.Linear, "relu": torch.nn.ReLU, "maxpool": torch.nn.MaxPool2d,
                            "flatten": torch.nn.Flatten, "dropout": torch.nn.Dropout,
@@ -75,12 +86,13 @@ def _float_layers(specs) -> list[torch.nn.Module]:
 
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
                     device: str | torch.device = "cpu", width: float = 1.0,
-                    fmt: NumberFormat = NITI_INT8, hidden: list[int] | None = None) -> IntSequential:
+                    fmt: NumberFormat = NITI_INT8, hidden: list[int] | None = None,
+                    recurrent: RecurrentOptions | None = None) -> IntSequential:
     """The integer model in number format ``fmt``, weights initialised from ``seed`` with integer
     arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight)."""
     kernels = get_backend(backend, device)
-    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width, hidden), kernels,
-                                       fmt))
+    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width, hidden, recurrent),
+                                       kernels, fmt))
     model.to(device)
     for layer in weighted_layers(model):
         init_weight(layer, seed)
@@ -88,6 +100,7 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
 
 
 def build_float_model(name: str, in_shape, num_classes: int, width: float = 1.0,
-                      hidden: list[int] | None = None) -> torch.nn.Sequential:
+                      hidden: list[int] | None = None,
+                      recurrent: RecurrentOptions | None = None) -> torch.nn.Sequential:
     """The float32 twin (torch.nn, default initialisation from torch's global generator)."""
-    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width, hidden)))
+    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width, hidden, recurrent)))

@@ -3,8 +3,18 @@
 Specs: ``conv (cin, cout, kernel, stride, padding)``, ``linear (fan_in, fan_out)``, ``relu``,
 ``maxpool (k)`` (non-overlapping k x k windows), ``flatten``, ``dropout (p)``, ``gap`` (global
 average pooling to [N, C]), ``bn (channels)`` (batch normalisation: torch's BatchNorm2d in the float
-twin, the integer one of ``layers.norm`` in the integer model), and ``residual (main, shortcut)``: two tuples of
-specs whose outputs are added (``shortcut`` None: the identity).
+twin, the integer one of ``layers.norm`` in the integer model), ``residual (main, shortcut)``: two
+tuples of specs whose outputs are added (``shortcut`` None: the identity), and ``lstm (frame_size,
+hidden, input_map)``: an LSTM over clips ``[N, T, ...]`` returning its last hidden state, whose
+input-to-hidden map is dense (``input_map`` None) or a ``layers.tensor_ring.TensorRingShape``.
+
+Recurrent models (``lstm``, ``tt-lstm``, ``tr-lstm``; ``RecurrentOptions``): an LSTM of
+``round(128 x width)`` hidden units over the frames of a clip, then a linear classifier of the last
+hidden state. The tensor models factorise the frame size (``input_factors``, default: into four
+factors as equal as the primes allow, 4x4x8x8 ordered 4x8x8x4 for 32x32 frames) and the hidden
+size (``hidden_factors``, default three factors, 4x8x4 for 128); the output factors are the four
+gates as one factor followed by the hidden factors; ``rank`` (default 8) is every rank of the
+ring, or the inner ranks of the train (end ranks 1).
 
 Residual networks: ``resnet18``, the CIFAR layout (3x3 stride-1 stem, no max pooling) for images
 smaller than 64 pixels and the ImageNet layout (7x7 stride-2 stem, then pooling) from 64 pixels
@@ -16,6 +26,8 @@ sizes are the same for even inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from intrain.layers.tensor_ring import TensorRingShape, check_factors
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -173,9 +185,100 @@ def alexnet_spec(in_shape, num_classes: int, width: float = 1.0) -> list[LayerSp
                     LayerSpec("linear", (f, f)), LayerSpec("relu"), LayerSpec("linear", (f, num_classes))]
 
 
+@dataclass(frozen=True)
+class RecurrentOptions:
+    """Options of the recurrent models (None: the default, see the module docstring)."""
+
+    rank: int | None = None
+    input_factors: str | None = None   # e.g. "4x8x8x4"
+    hidden_factors: str | None = None  # e.g. "4x4x8"
+
+    @property
+    def given(self) -> list[str]:
+        names = {"rank": "--tr-rank", "input_factors": "--tr-input-factors", "hidden_factors": "--tr-hidden-factors"}
+        return [flag for name, flag in names.items() if getattr(self, name) is not None]
+
+
+DEFAULT_RANK = 8
+DEFAULT_HIDDEN = 128
+GATES = 4
+
+
+def balanced_factors(size: int, count: int) -> tuple[int, ...]:
+    """``size`` as ``count`` factors as equal as its prime factors allow (largest primes placed
+    first, each on the smallest product so far), ordered small, large..., small: 1024 ->
+    (4, 8, 8, 4), 128 -> (4, 4, 8)."""
+    primes, rest, p = [], size, 2
+    while rest > 1:
+        while rest % p == 0:
+            primes.append(p)
+            rest //= p
+        p += 1
+    bins = [1] * count
+    for prime in sorted(primes, reverse=True):
+        bins[bins.index(min(bins))] *= prime
+    bins.sort()
+    return tuple(bins[0::2] + bins[1::2][::-1]) if count > 2 else tuple(bins)
+
+
+def parse_factors(text: str, what: str) -> tuple[int, ...]:
+    try:
+        factors = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"cannot read {what} factors {text!r}: write them as 4x8x8x4") from None
+    return factors
+
+
+def _lstm(input_map: str | None):
+    def spec(in_shape, num_classes: int, width: float = 1.0, recurrent: RecurrentOptions | None = None):
+        options = recurrent or RecurrentOptions()
+        name = {None: "lstm", "ring": "tr-lstm", "train": "tt-lstm"}[input_map]
+        if input_map is None and options.given:
+            raise ValueError(f"{options.given[0]} applies to tt-lstm and tr-lstm only: leave it out for {name}")
+        if len(in_shape) < 2:
+            raise ValueError(f"{name} needs clips [frames, height, width], got images of shape {in_shape}")
+        frame = 1
+        for size in in_shape[1:]:
+            frame *= int(size)
+        hidden = _scaled(DEFAULT_HIDDEN, width)
+        shape = None
+        if input_map is not None:
+            in_factors = (balanced_factors(frame, 4) if options.input_factors is None
+                          else parse_factors(options.input_factors, "input"))
+            hidden_factors = (balanced_factors(hidden, 3) if options.hidden_factors is None
+                              else parse_factors(options.hidden_factors, "hidden"))
+            for flag, factors, size, what in (("--tr-input-factors", in_factors, frame, "input"),
+                                              ("--tr-hidden-factors", hidden_factors, hidden, "hidden")):
+                try:
+                    check_factors(factors, size, what)
+                except ValueError as err:
+                    raise ValueError(f"{flag}: {err} (frames of {'x'.join(map(str, in_shape[1:]))}, "
+                                     f"{hidden} hidden units)") from None
+            rank = DEFAULT_RANK if options.rank is None else options.rank
+            if rank < 1:
+                raise ValueError(f"--tr-rank must be 1 or more, got {rank}")
+            shape = TensorRingShape(in_factors, (GATES,) + hidden_factors, rank, ring=input_map == "ring")
+        return [LayerSpec("lstm", (frame, hidden, shape)), LayerSpec("linear", (hidden, num_classes))]
+
+    spec.__doc__ = f"LSTM with a {input_map or 'dense'} input-to-hidden map (see the module docstring)."
+    return spec
+
+
+def input_to_hidden_parameters(specs: list[LayerSpec]) -> int | None:
+    """Weights of the input-to-hidden map of the model's LSTM, or None without one."""
+    for spec in specs:
+        if spec.kind == "lstm":
+            frame, hidden, shape = spec.args
+            return frame * GATES * hidden if shape is None else shape.parameters
+    return None
+
+
+RECURRENT_MODELS = ("lstm", "tt-lstm", "tr-lstm")
+
 _SPECS = {"mlp": mlp_spec, "lenet5": lenet5_spec,
           **{f"vgg-small-{depth}": _vgg(depth) for depth in VGG_SMALL_STAGES},
-          "resnet18": resnet18_spec, "alexnet": alexnet_spec}
+          "resnet18": resnet18_spec, "alexnet": alexnet_spec,
+          "lstm": _lstm(None), "tt-lstm": _lstm("train"), "tr-lstm": _lstm("ring")}
 MODELS = tuple(_SPECS)
 
 
@@ -194,8 +297,10 @@ def check_hidden(name: str, hidden) -> None:
 
 
 def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0,
-               hidden: tuple[int, ...] | list[int] | None = None) -> list[LayerSpec]:
-    """The spec tree of model ``name``; ``hidden``: the MLP's hidden sizes (None: its default)."""
+               hidden: tuple[int, ...] | list[int] | None = None,
+               recurrent: RecurrentOptions | None = None) -> list[LayerSpec]:
+    """The spec tree of model ``name``; ``hidden``: the MLP's hidden sizes (None: its default);
+    ``recurrent``: the recurrent models' options."""
     if name not in _SPECS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(_SPECS)}")
     if width <= 0:
@@ -203,6 +308,10 @@ def model_spec(name: str, in_shape, num_classes: int, width: float = 1.0,
     check_hidden(name, hidden)
     if hidden is not None:
         return mlp_spec(tuple(in_shape), num_classes, width, hidden)
+    if name in RECURRENT_MODELS:
+        return _SPECS[name](tuple(in_shape), num_classes, width, recurrent)
+    if recurrent is not None and recurrent.given:
+        raise ValueError(f"{recurrent.given[0]} applies to tt-lstm and tr-lstm only: leave it out for {name}")
     return _SPECS[name](tuple(in_shape), num_classes, width)
 
 

@@ -17,9 +17,10 @@ import torch
 
 from intrain.data import DATASETS, default_data_dir
 from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
+from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
-from intrain.models.zoo import check_hidden
+from intrain.models.zoo import RecurrentOptions, check_hidden
 from intrain.run.recipes import default_recipe
 
 DEVICES = ("cpu", "cuda")
@@ -54,6 +55,9 @@ class TrainConfig:
     workers: int = 0  # data loader processes; results are identical for any number
     checkpoint_every: int | None = None  # also checkpoint every N global steps
     image_size: int | None = None  # imagefolder: side of the square crops; default 224 (None elsewhere)
+    tr_rank: int | None = None  # tt-lstm / tr-lstm: tensor rank (models.zoo.RecurrentOptions)
+    tr_input_factors: str | None = None  # tt-lstm / tr-lstm: factors of the frame size, "4x8x8x4"
+    tr_hidden_factors: str | None = None  # tt-lstm / tr-lstm: factors of the hidden size, "4x8x4"
     options: dict = field(default_factory=dict)  # the method's own options; None = recipe default
 
     @property
@@ -63,6 +67,11 @@ class TrainConfig:
             return get_method(self.arith)
         except MethodOptionError as err:
             raise ConfigError(str(err)) from None
+
+    @property
+    def recurrent(self) -> RecurrentOptions:
+        """The recurrent models' options (``models.zoo``)."""
+        return RecurrentOptions(self.tr_rank, self.tr_input_factors, self.tr_hidden_factors)
 
     def method_options(self):
         """The method's options object (``ConfigError`` when one does not fit the method)."""
@@ -91,8 +100,9 @@ class TrainConfig:
             epochs=recipe.epochs if self.epochs is None else self.epochs,
             batch_size=batch,
             augment=(self.dataset in ("cifar10", "imagefolder")) if self.augment is None else bool(self.augment),
-            image_size=(DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder" and self.image_size is None
-                        else self.image_size),
+            image_size=(self.image_size if self.image_size is not None
+                        else DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder"
+                        else DEFAULT_FRAME_SIZE if self.dataset == "moving-mnist-actions" else None),
             options=method.options_dict(options),
         )
 
@@ -147,6 +157,13 @@ def check_args(c: TrainConfig) -> None:
     if c.dataset == "imagefolder":
         if isinstance(c.image_size, bool) or not isinstance(c.image_size, int) or c.image_size < 1:
             raise ConfigError(f"--image-size must be an integer >= 1, got {c.image_size!r}")
+    elif c.dataset == "moving-mnist-actions":
+        if c.image_size not in FRAME_SIZES:
+            raise ConfigError(f"--image-size of moving-mnist-actions frames must be "
+                              f"{' or '.join(map(str, FRAME_SIZES))}, got {c.image_size!r}")
+        if c.augment:
+            raise ConfigError("--augment does not apply to moving-mnist-actions (a mirrored clip would turn "
+                              "left into right): leave it out")
     elif c.image_size is not None:
         raise ConfigError(f"--image-size applies to --dataset imagefolder only ({c.dataset} images have a fixed "
                           "size): leave it out")

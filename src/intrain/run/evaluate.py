@@ -21,6 +21,7 @@ import torch
 
 from intrain.data import load_dataset
 from intrain.methods import get_method
+from intrain.models.zoo import RecurrentOptions
 from intrain.run.config import ConfigError
 from intrain.run import checkpoint
 from intrain.run.files import (EVAL_FILE, check_creatable, lock_run_dir, read_config, read_model, record_files,
@@ -100,7 +101,7 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
     else:
         train_limit = tune_split = None
     image_size = None
-    if name == "imagefolder":  # the run's crop size (an image folder is decoded at the size the model takes)
+    if name in ("imagefolder", "moving-mnist-actions"):  # the run's crop / frame size (an image folder is decoded at the size the model takes)
         image_size = cfg.get("image_size") or int(cfg["image_shape"][-1])
     splits = load_dataset(name, data_dir, val_split, train_limit, image_size, tune_split=tune_split)
     shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
@@ -118,8 +119,9 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
         if "backend" in given:  # every backend gives the same bits; the run's may not suit this device
             given["backend"] = "auto"
         options = method.make_options(given, {})
+        recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"))
         model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
-                                   device=device, hidden=cfg.get("hidden"))
+                                   device=device, hidden=cfg.get("hidden"), recurrent=recurrent)
         model.load_state_dict(saved["state_dict"])
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -58,6 +58,7 @@ import torch
 
 from intrain.data import PIXEL_EXPONENT, DatasetSplits, load_dataset, pixels_to_int8
 from intrain.methods import Method
+from intrain.models.zoo import input_to_hidden_parameters, model_spec
 from intrain.numeric import rng
 from intrain.numeric.collective import LOCAL, Collective, shard_range
 from intrain.numeric.qtensor import QTensor
@@ -101,7 +102,8 @@ def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int,
     options = c.method_options()
     try:
         model = method_cls.build_model(options, c.model, splits.train.image_shape, splits.train.num_classes,
-                                       seed=c.seed, width=c.width, device=c.device, hidden=c.hidden)
+                                       seed=c.seed, width=c.width, device=c.device, hidden=c.hidden,
+                                       recurrent=c.recurrent)
     except ValueError as err:
         raise ConfigError(str(err).splitlines()[0] if str(err) else repr(err)) from None
     return model, method_cls(model, options, seed=c.seed, total_steps=c.epochs * steps_per_epoch,
@@ -188,6 +190,11 @@ def config_dict(p: Prepared, out_dir: Path) -> dict:
              num_classes=p.splits.train.num_classes, torch_version=str(torch.__version__),
              channel_mean=None if p.splits.channel_mean is None else list(p.splits.channel_mean),
              data_fingerprint=data_fingerprint(p.splits))
+    parameters = input_to_hidden_parameters(
+        model_spec(p.config.model, p.splits.train.image_shape, p.splits.train.num_classes, p.config.width,
+                   p.config.recurrent))
+    if parameters is not None:
+        d["input_to_hidden_parameters"] = parameters
     return d
 
 
@@ -333,6 +340,8 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
     processes = f" over {collective.world} processes" if collective.world > 1 else ""
     say(f"intrain: {c.arith} {c.model} on {c.dataset}: {len(splits.train)} training images, "
         f"{len(splits.eval)} {splits.eval_name} images, {what}{processes} -> {out_dir}")
+    if "input_to_hidden_parameters" in cfg:
+        say(f"intrain: {c.model} input-to-hidden parameters: {cfg['input_to_hidden_parameters']}")
 
     dev = torch.device(c.device)
     mean, n, bs = splits.channel_mean, len(splits.train), c.batch_size

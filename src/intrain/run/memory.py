@@ -28,10 +28,10 @@ from intrain.run.config import ConfigError
 
 
 def model_counts(model: str, image_shape, num_classes: int, width: float,
-                 hidden: list[int] | None = None) -> tuple[int, int]:
+                 hidden: list[int] | None = None, recurrent=None) -> tuple[int, int]:
     """(weights, activation elements per image) of ``model``; Python ints, so no overflow."""
     try:
-        specs = model_spec(model, image_shape, num_classes, width, hidden)
+        specs = model_spec(model, image_shape, num_classes, width, hidden, recurrent)
     except ValueError:
         return 0, 0  # the build reports it
     c, h, w = (int(v) for v in image_shape)
@@ -47,6 +47,11 @@ def model_counts(model: str, image_shape, num_classes: int, width: float,
             fan_in, fan_out = spec.args
             weights += fan_in * fan_out
             size = fan_out
+        elif spec.kind == "lstm":  # c: the frames; kept per frame: the input, four gates, cell and state
+            frame, hidden, shape = spec.args
+            weights += (frame * 4 * hidden if shape is None else shape.parameters) + 4 * hidden * hidden
+            size = hidden
+            acts += c * (frame + 7 * hidden)
         elif spec.kind == "maxpool":
             k = spec.args[0]
             h, w = h // k, w // k
@@ -96,7 +101,8 @@ def _size(n: int) -> str:
 def check_memory(config, image_shape, num_classes: int, available: int | None = None) -> int:
     """Refuse (``ConfigError``) a run whose lower bound (see the module docstring) exceeds the
     available memory; returns the bound in bytes."""
-    weights, acts = model_counts(config.model, image_shape, num_classes, config.width, config.hidden)
+    weights, acts = model_counts(config.model, image_shape, num_classes, config.width, config.hidden,
+                                 config.recurrent)
     state = weights * bytes_per_weight(config)
     batch = config.batch_size * acts * {"float": 4, "dfp16": 2}.get(config.arith, 1)
     need = state + batch

@@ -1,0 +1,244 @@
+"""Integer LSTM (and its float32 twin) over clips ``[N, T, ...]``; returns the last hidden state.
+
+Per step ``t`` (gates in the order i, f, g, o; no biases, as in NITI's layers):
+
+    z_t = U x_t + W h_{t-1}          i, f, o = sigmoid(z_i, z_f, z_o)   g = tanh(z_g)
+    c_t = f c_{t-1} + i g            h_t = o tanh(c_t)
+
+``U x_t`` (the input-to-hidden map: dense ``IntLinear`` or ``IntTensorRing``, 4H outputs with the
+gates as one output factor) runs once for all ``N T`` frames; ``W h`` is an ``IntLinear`` weight
+used step by step.
+
+Formats and ranges (the integer version):
+
+- ``x_t``: int8 with any exponent; ``h_t``: int8 with the fixed exponent ``-7`` (``|h| < 1``, so
+  the fixed exponent loses no range), ``h = round(o tanh(c) / 2**21)`` clipped to [-127, 127].
+- gate pre-activations ``z``: int16 fixed point ``Q11`` (exponent ``-11``, range +-16). ``U x`` and
+  ``W h`` are each rounded to Q11 (nearest) and added; values past +-16 saturate at +-32767:
+  there sigmoid and tanh are within 2**-14 of their limits, which is what the tables give anyway.
+- gate values: sigmoid and tanh in Q14 (int16, ``[0, 2**14]`` and ``[-2**14, 2**14]``), read from
+  65,535-entry integer tables indexed by the Q11 value (``gate_tables``: built with Python
+  integers only, exp by a Taylor series in 2**-62 fixed point; every entry is within one unit of
+  the float function, ``tests/test_recurrent.py``).
+- cell state ``c``: int16 Q11 (exponent ``-11``, range +-16): ``f c`` (Q25, < 2**29) plus ``i g``
+  (Q28 rounded to Q25), rounded to Q11. Since ``|c_t| <= |c_{t-1}| + 1``, ``|c_t| <= t``: no clip
+  for sequences of up to 15 steps; past that ``c`` saturates at +-16, where ``tanh(c)`` is 1 in
+  Q14, so ``h`` is unchanged and only the (then negligible) memory beyond +-16 is lost.
+
+Backward through time (integer): errors are QTensors with floating exponents, so a shrinking
+error keeps its 15 or 7 significant bits with a falling exponent instead of underflowing to zero,
+and a growing one raises its exponent instead of overflowing. Per step, from the stored
+``i, f, g, o, tanh(c_t), c_{t-1}, h_{t-1}``: ``dc = dh o (1 - tanh^2 c) + dc_{next}``,
+``di = dc g``, ``df = dc c_{t-1}``, ``dg = dc i``, ``do = dh tanh c``, ``dc_prev = dc f``;
+``dz = d. s (1 - s)`` or ``d. (1 - g^2)``, the derivatives from the stored outputs as exact int64
+products (every product below 2**60); the recurrent errors ``dh`` and ``dc`` are rounded to int16,
+the four gate errors to int8 at one shared exponent (``dz_t``) for the products
+``dh_{t-1} = dz_t W``. The gate errors of all steps are then brought to the largest of their
+exponents (nearest rounding: an error more than 2**8 below the largest step's is below one unit
+there, as it would be in any fixed-point sum) so that the weight gradients ``dW = sum_t dz_t^T
+h_{t-1}`` and the input map's are one exact product over batch x time each.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from intrain.layers.base import IntModule, StepContext
+from intrain.layers.linear import IntLinear
+from intrain.numeric.formats import NITI_INT8, NumberFormat
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import add_aligned, requantize
+from intrain.numeric.rounding import shift_round
+
+GATE_EXPONENT = -11          # pre-activations and cell state: Q11 in int16
+CELL_EXPONENT = -11
+ONE_BITS = 14                # gate values: Q14
+HIDDEN_EXPONENT = -7         # int8 hidden state
+INT16_LIMIT = 2**15 - 1
+_EXP_BITS = 62               # fixed point of the table builder
+
+
+def _exp_table(count: int) -> list[int]:
+    """``round(2**62 * exp(-k / 2**11))`` for ``k < count`` (Python ints): ``exp(-2**-11)`` by its
+    Taylor series (terms below 2**-62 dropped), then powers by repeated rounded multiplication
+    (error below ``count`` units of 2**-62)."""
+    one = 1 << _EXP_BITS
+    base, term, n = 0, one, 0
+    while term:
+        base += term if n % 2 == 0 else -term
+        n += 1
+        term = term // (n << -GATE_EXPONENT)
+    table = [one]
+    for _ in range(count - 1):
+        table.append((table[-1] * base + (one >> 1)) >> _EXP_BITS)
+    return table
+
+
+def _round_div(a: int, b: int) -> int:
+    return (2 * a + b) // (2 * b)
+
+
+def gate_tables() -> tuple[torch.Tensor, torch.Tensor]:
+    """sigmoid and tanh of every Q11 value ``v`` in [-32767, 32767], in Q14 (int16 tables of
+    65,535 entries, entry ``v + 32767``), built with integer arithmetic only:
+    ``sigmoid(x) = 1 / (1 + e^-x)``, ``tanh(x) = (1 - e^-2x) / (1 + e^-2x)`` for ``x >= 0``, rounded
+    to nearest, and by symmetry (``1 - sigmoid(-x)``, ``-tanh(-x)``) below 0."""
+    exp = _exp_table(2 * INT16_LIMIT + 1)
+    one, out = 1 << _EXP_BITS, 1 << ONE_BITS
+    sig = [_round_div(out * one, one + exp[v]) for v in range(INT16_LIMIT + 1)]
+    tanh = [_round_div(out * (one - exp[2 * v]), one + exp[2 * v]) for v in range(INT16_LIMIT + 1)]
+    sigmoid = torch.tensor([out - s for s in reversed(sig[1:])] + sig, dtype=torch.int16)
+    tanh_t = torch.tensor([-t for t in reversed(tanh[1:])] + tanh, dtype=torch.int16)
+    return sigmoid, tanh_t
+
+
+def to_fixed(v: torch.Tensor, e: torch.Tensor, target: int) -> torch.Tensor:
+    """``v * 2**e`` in units of ``2**target`` (int64), nearest rounding, saturated to int16's
+    symmetric range (a left shift is applied to values already clipped to 2**16, which it can
+    only push further out: the saturation is exact)."""
+    shift = e - target
+    wide = v.to(torch.int64)
+    if int(shift) >= 0:
+        out = wide.clamp(-(1 << 16), 1 << 16) << shift
+    else:
+        out = shift_round(wide, -shift, "nearest")
+    return out.clamp(-INT16_LIMIT, INT16_LIMIT)
+
+
+def _align(parts: list[QTensor], bits: int = 8) -> list[QTensor]:
+    """The QTensors ``parts`` at the largest of their exponents (nearest rounding) and rounded to
+    ``bits`` bits together: one exponent for all."""
+    top = torch.stack([p.e for p in parts]).max()
+    # a gap of 40 bits already rounds any int16 value to zero; the cap keeps 2**shift in int64
+    shifted = [shift_round(p.v.to(torch.int64), (top - p.e).clamp(max=40), "nearest") for p in parts]
+    sizes = [s.shape for s in shifted]
+    joined = requantize(torch.cat([s.reshape(-1) for s in shifted]), top, bits=bits)
+    out, start = [], 0
+    for size in sizes:
+        n = size.numel()
+        out.append(QTensor(joined.v[start:start + n].reshape(size), joined.e))
+        start += n
+    return out
+
+
+class IntLSTM(IntModule):
+    """Integer LSTM layer over ``[N, T, ...]`` inputs, returning ``h_T`` (see the module docstring)."""
+
+    def __init__(self, input_map: IntModule, hidden_size: int, backend, fmt: NumberFormat = NITI_INT8) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.input_map = input_map
+        self.recurrent = IntLinear(hidden_size, 4 * hidden_size, backend, fmt)
+        self.backend = backend
+        self.fmt = fmt
+        sigmoid, tanh = gate_tables()
+        self.register_buffer("sigmoid_table", sigmoid, persistent=False)
+        self.register_buffer("tanh_table", tanh, persistent=False)
+        self._saved: list | None = None
+        self._input_shape: tuple = ()
+
+    @property
+    def has_weight(self) -> bool:
+        return True
+
+    def _lookup(self, table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return table[(v + INT16_LIMIT).to(torch.int64)].to(torch.int64)
+
+    def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        n, steps = x.v.shape[:2]
+        hidden = self.hidden_size
+        u = self.input_map(QTensor(x.v.reshape(n * steps, -1), x.e), ctx)
+        u_fixed = to_fixed(u.v, u.e, GATE_EXPONENT).reshape(n, steps, 4 * hidden)
+        w = self.recurrent.weight
+        h = torch.zeros((n, hidden), dtype=torch.int8, device=x.v.device)
+        c = torch.zeros((n, hidden), dtype=torch.int64, device=x.v.device)
+        saved = []
+        for t in range(steps):
+            recurrent = self.backend.linear_forward(h, w)
+            z = u_fixed[:, t] + to_fixed(recurrent, HIDDEN_EXPONENT + self.recurrent.weight_exp, GATE_EXPONENT)
+            z = z.clamp(-INT16_LIMIT, INT16_LIMIT)
+            zi, zf, zg, zo = z.split(hidden, dim=1)
+            i, f, o = (self._lookup(self.sigmoid_table, part) for part in (zi, zf, zo))
+            g = self._lookup(self.tanh_table, zg)
+            # f c: Q14 x Q11 = Q25; i g: Q28 -> Q25; the sum -> Q11
+            c_next = shift_round(f * c + shift_round(i * g, 3, "nearest"), ONE_BITS, "nearest")
+            c_next = c_next.clamp(-INT16_LIMIT, INT16_LIMIT)
+            tanh_c = self._lookup(self.tanh_table, c_next)
+            h_next = shift_round(o * tanh_c, 2 * ONE_BITS + HIDDEN_EXPONENT, "nearest").clamp(-127, 127)
+            if self.training:
+                saved.append(tuple(s.to(torch.int16) for s in (i, f, g, o, tanh_c, c)) + (h,))
+            h, c = h_next.to(torch.int8), c_next
+        if self.training:
+            self._saved = saved
+            self._input_shape = tuple(x.v.shape[2:])
+        return QTensor.of(h, HIDDEN_EXPONENT)
+
+    def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
+        saved, self._saved = self._saved, None
+        if saved is None:
+            raise RuntimeError("IntLSTM.backward called without a training-mode forward")
+        one = 1 << ONE_BITS
+        dh = QTensor(d.v.to(torch.int16), d.e)
+        dc = QTensor(torch.zeros_like(dh.v), d.e)
+        gate_errors = []
+        w = self.recurrent.weight
+        for i, f, g, o, tanh_c, c_prev, _ in reversed(saved):
+            i, f, g, o, tanh_c, c_prev = (t.to(torch.int64) for t in (i, f, g, o, tanh_c, c_prev))
+            dh_v = dh.v.to(torch.int64)
+            # dc = dh o (1 - tanh^2 c) + dc_next: exponent dh.e - 14 - 28; |.| < 2**15 2**14 2**28
+            from_h = requantize(dh_v * o * ((one * one) - tanh_c * tanh_c), dh.e - 3 * ONE_BITS, bits=16)
+            dc = add_aligned(from_h, dc, bits=16)
+            dc_v = dc.v.to(torch.int64)
+            sig_slope = [s * (one - s) for s in (i, f, o)]  # s (1 - s) in Q28
+            dz_i = QTensor(dc_v * g * sig_slope[0], dc.e - 3 * ONE_BITS)
+            dz_f = QTensor(dc_v * c_prev * sig_slope[1], dc.e + CELL_EXPONENT - 2 * ONE_BITS)
+            dz_g = QTensor(dc_v * i * (one * one - g * g), dc.e - 3 * ONE_BITS)
+            dz_o = QTensor(dh_v * tanh_c * sig_slope[2], dh.e - 3 * ONE_BITS)
+            parts = _align([requantize(p.v, p.e, bits=16) for p in (dz_i, dz_f, dz_g, dz_o)])
+            dz = QTensor(torch.cat([p.v for p in parts], dim=1), parts[0].e)
+            gate_errors.append(dz)
+            dc = requantize(dc_v * f, dc.e - ONE_BITS, bits=16)
+            dh = requantize(self.backend.linear_backward_input(dz.v, w), dz.e + self.recurrent.weight_exp, bits=16)
+        gate_errors.reverse()
+        aligned = _align(gate_errors)
+        dz_all = QTensor(torch.stack([a.v for a in aligned], dim=1), aligned[0].e)  # [N, T, 4H]
+        n, steps = dz_all.v.shape[:2]
+        h_prev = torch.stack([s[-1] for s in saved], dim=1).reshape(n * steps, -1)
+        flat = dz_all.v.reshape(n * steps, -1)
+        self.recurrent.weight_grad = self.backend.linear_backward_weight(flat, h_prev)
+        self.recurrent.weight_grad_exp = dz_all.e + HIDDEN_EXPONENT
+        dx = self.input_map.backward(QTensor(flat, dz_all.e), ctx, need_input_grad=need_input_grad)
+        if dx is None:
+            return None
+        return QTensor(dx.v.reshape(n, steps, *self._input_shape), dx.e)
+
+    def clear_saved(self) -> None:
+        self._saved = None
+        self.input_map.clear_saved()
+        self.recurrent.clear_saved()
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}"
+
+
+class FloatLSTM(torch.nn.Module):
+    """The float32 twin: the same LSTM over ``[N, T, ...]`` returning ``h_T``, with the input map
+    given (``torch.nn.Linear`` without bias or ``FloatTensorRing``), a recurrent ``Linear`` and
+    one bias per gate unit (float twins keep their biases, ``models.build``)."""
+
+    def __init__(self, input_map: torch.nn.Module, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.input_map = input_map
+        self.recurrent = torch.nn.Linear(hidden_size, 4 * hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, steps = x.shape[:2]
+        u = self.input_map(x.reshape(n * steps, -1)).reshape(n, steps, -1)
+        h = x.new_zeros((n, self.hidden_size))
+        c = torch.zeros_like(h)
+        for t in range(steps):
+            zi, zf, zg, zo = (u[:, t] + self.recurrent(h)).chunk(4, dim=1)
+            c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+            h = torch.sigmoid(zo) * torch.tanh(c)
+        return h

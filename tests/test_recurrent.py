@@ -1,0 +1,126 @@
+"""Integer LSTM: gate tables, forward and backward through time against float64 autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from intrain.kernels import get_backend
+from intrain.layers.linear import IntLinear
+from intrain.layers.recurrent import IntLSTM, gate_tables
+from intrain.layers.tensor_ring import IntTensorRing, TensorRingShape
+from intrain.numeric.qtensor import QTensor
+
+
+def test_gate_tables_within_one_unit_of_the_float_functions():
+    sigmoid, tanh = gate_tables()
+    x = torch.arange(-32767, 32768, dtype=torch.float64) / 2**11
+    assert (sigmoid.double() - torch.sigmoid(x) * 2**14).abs().max() <= 1
+    assert (tanh.double() - torch.tanh(x) * 2**14).abs().max() <= 1
+    assert sigmoid[32767] == 2**13 and tanh[32767] == 0
+    assert sigmoid[0] == 0 and sigmoid[-1] == 2**14 and tanh[-1] == 2**14 and tanh[0] == -2**14
+
+
+def float64_lstm(x, u_weight, w_weight, hidden):
+    """The same LSTM in float64 with autograd (exact sigmoid and tanh)."""
+    n, steps = x.shape[:2]
+    u = (x.reshape(n * steps, -1) @ u_weight.T).reshape(n, steps, -1)
+    h = x.new_zeros((n, hidden))
+    c = torch.zeros_like(h)
+    for t in range(steps):
+        zi, zf, zg, zo = (u[:, t] + h @ w_weight.T).chunk(4, dim=1)
+        c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+        h = torch.sigmoid(zo) * torch.tanh(c)
+    return h
+
+
+def random_weights(layer, exps, seed):
+    g = torch.Generator().manual_seed(seed)
+    for module, e in zip(layer, exps):
+        module.weight.copy_(torch.randint(-127, 128, module.weight.shape, generator=g).to(torch.int8))
+        module.weight_exp.fill_(e)
+
+
+def cosine(a, b):
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+@pytest.mark.parametrize("steps", [1, 3, 12])
+def test_forward_and_backward_through_time_against_float64(steps):
+    torch.manual_seed(0)
+    n, frame, hidden = 6, 8, 5
+    backend = get_backend("reference", "cpu")
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend)
+    random_weights([lstm.input_map, lstm.recurrent], [-8, -8], 1)
+    g = torch.Generator().manual_seed(2)
+    x = QTensor.of(torch.randint(-127, 128, (n, steps, frame), generator=g).to(torch.int8), -7)
+    h = lstm(x)
+    d = QTensor.of(torch.randint(-127, 128, (n, hidden), generator=g).to(torch.int8), -9)
+    dx = lstm.backward(d, None, need_input_grad=True)
+
+    xf = x.to_float().double().requires_grad_()
+    u = lstm.input_map.weight_q.to_float().double().requires_grad_()
+    w = lstm.recurrent.weight_q.to_float().double().requires_grad_()
+    hf = float64_lstm(xf, u, w, hidden)
+    # forward: the int8 hidden state is the float one rounded to 2**-7, up to the tables' and
+    # the Q11 roundings
+    assert (h.to_float().double() - hf).abs().max() < 3 * 2**-7
+    (hf * d.to_float().double()).sum().backward()
+    for got, want in ((lstm.input_map.weight_grad.double() * 2.0 ** float(lstm.input_map.weight_grad_exp), u.grad),
+                      (lstm.recurrent.weight_grad.double() * 2.0 ** float(lstm.recurrent.weight_grad_exp), w.grad),
+                      (dx.to_float().double(), xf.grad)):
+        if not want.any():  # one step: h_0 = 0, so the recurrent weight has no gradient
+            assert not got.any()
+            continue
+        assert cosine(got, want) > 0.99, cosine(got, want)
+        assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_long_sequences_saturate_instead_of_overflowing():
+    """200 steps with large weights: the cell state saturates at +-16 (Q11 int16) and the hidden
+    state stays in int8."""
+    n, frame, hidden, steps = 4, 6, 3, 200
+    backend = get_backend("reference", "cpu")
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend)
+    lstm.input_map.weight.fill_(127)
+    lstm.input_map.weight_exp.fill_(-4)
+    lstm.recurrent.weight.fill_(10)
+    lstm.recurrent.weight_exp.fill_(-8)
+    x = QTensor.of(torch.full((n, steps, frame), 100, dtype=torch.int8), -7)
+    h = lstm(x)
+    assert h.v.dtype == torch.int8 and int(h.v.max()) == 127
+    c_last = lstm._saved[-1][5]
+    assert int(c_last.max()) == 2**15 - 1
+
+
+def test_errors_do_not_vanish_over_200_steps_when_the_forget_gate_is_open():
+    """With the forget gate at exactly 1 and g = 0 the cell state carries the error unchanged:
+    the error reaching the inputs of step 0 equals that of step 199, bit for bit."""
+    n, frame, hidden, steps = 4, 6, 3, 200
+    backend = get_backend("reference", "cpu")
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend)
+    signs = torch.tensor([1, -1] * (frame // 2), dtype=torch.int8)
+    weight = torch.full((4 * hidden, frame), 3, dtype=torch.int8)  # i, g, o: pre-activation 0
+    weight[hidden:2 * hidden] = 127 * signs  # forget gate: pre-activation above 16, sigmoid 1 in Q14
+    lstm.input_map.weight.copy_(weight)
+    lstm.input_map.weight_exp.fill_(-5)
+    lstm.recurrent.weight.zero_()
+    x = QTensor.of((100 * signs).expand(n, steps, frame).contiguous(), -7)  # g = tanh(0): c stays 0
+    lstm(x)
+    dx = lstm.backward(QTensor.of(torch.full((n, hidden), 64, dtype=torch.int8), -7), None)
+    assert int(dx.v[:, 0].abs().max()) > 0
+    assert torch.equal(dx.v[:, 0], dx.v[:, -1])
+
+
+def test_tensor_ring_input_map_trains_through_the_lstm():
+    backend = get_backend("reference", "cpu")
+    shape = TensorRingShape((2, 4), (4, 2, 2), 3)
+    lstm = IntLSTM(IntTensorRing(shape, backend), 4, backend)
+    g = torch.Generator().manual_seed(0)
+    for core in lstm.input_map.cores:
+        core.weight.copy_(torch.randint(-127, 128, core.weight.shape, generator=g).to(torch.int8))
+        core.weight_exp.fill_(-7)
+    x = QTensor.of(torch.randint(-127, 128, (3, 5, 8), generator=g).to(torch.int8), -7)
+    lstm(x)
+    assert lstm.backward(QTensor.of(torch.ones((3, 4), dtype=torch.int8), 0), None, need_input_grad=False) is None
+    assert all(core.weight_grad is not None and core.weight_grad.abs().sum() > 0 for core in lstm.input_map.cores)
