@@ -78,6 +78,8 @@ above, with ``std_G`` floored at one unit of the input. The counts must satisfy
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from intrain.layers.base import IntModule, StepContext
@@ -168,7 +170,7 @@ class IntBatchNorm(IntModule):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"IntBatchNorm({self.channels}) needs [N, {self.channels}, ...] inputs, "
                              f"got shape {tuple(x.shape)}")
-        if x[0, 0].numel() > MAX_SAMPLE_POSITIONS:
+        if math.prod(x.shape[2:]) > MAX_SAMPLE_POSITIONS:  # from the shape: a shard may have no samples
             raise ValueError(f"IntBatchNorm: more than {MAX_SAMPLE_POSITIONS} positions per sample and channel")
 
     def _normalise(self, x: QTensor, mean_g: torch.Tensor, std_g: torch.Tensor) -> QTensor:
@@ -257,7 +259,7 @@ class IntBatchNorm(IntModule):
             if ctx is None:
                 raise ValueError("stochastic error rounding needs a StepContext")
             key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-            values = shift_round(total, second_shift, "stochastic", key)
+            values = shift_round(total, second_shift, "stochastic", key, ctx.element_offset(total))
         values = values.clamp_(-limit, limit).to(self.fmt.dtype)
         return QTensor(values, d.e - f2 - x_exp - q + first_shift + second_shift)
 

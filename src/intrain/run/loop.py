@@ -192,7 +192,7 @@ def config_dict(p: Prepared, out_dir: Path) -> dict:
              data_fingerprint=data_fingerprint(p.splits))
     parameters = input_to_hidden_parameters(
         model_spec(p.config.model, p.splits.train.image_shape, p.splits.train.num_classes, p.config.width,
-                   p.config.recurrent))
+                   p.config.hidden, p.config.recurrent))
     if parameters is not None:
         d["input_to_hidden_parameters"] = parameters
     return d
@@ -340,7 +340,7 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
     processes = f" over {collective.world} processes" if collective.world > 1 else ""
     say(f"intrain: {c.arith} {c.model} on {c.dataset}: {len(splits.train)} training images, "
         f"{len(splits.eval)} {splits.eval_name} images, {what}{processes} -> {out_dir}")
-    if "input_to_hidden_parameters" in cfg:
+    if cfg and "input_to_hidden_parameters" in cfg:  # cfg: rank 0 only
         say(f"intrain: {c.model} input-to-hidden parameters: {cfg['input_to_hidden_parameters']}")
 
     dev = torch.device(c.device)

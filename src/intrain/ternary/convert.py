@@ -35,6 +35,7 @@ from intrain.layers.ternary import TernaryLayer
 from intrain.methods import get_method
 from intrain.models import build_int_model
 from intrain.models.build import build_float_model
+from intrain.models.zoo import RECURRENT_MODELS
 from intrain.run.config import ConfigError
 from intrain.run.metrics import progress
 from intrain.run.files import (check_out, make_out_dir, read_config, read_model, record_files, same_json,
@@ -94,11 +95,15 @@ def load_source(cfg: dict, saved: dict, run_dir: Path) -> tuple[torch.nn.Module,
     """(integer model, float calibration network, layers) of a run (see the module docstring)."""
     shape, classes = tuple(cfg["image_shape"]), int(cfg["num_classes"])
     width = float(cfg.get("width") or 1.0)
+    hidden = cfg.get("hidden")
     arith = cfg.get("arith")
+    if cfg.get("model") in RECURRENT_MODELS:
+        raise ConfigError(f"{run_dir} holds a recurrent model ({cfg['model']}): only feed-forward models "
+                          "(their linear and convolution layers) can be ternarised")
     try:
         int_model = build_int_model(cfg["model"], shape, classes, seed=int(cfg["seed"]), backend="reference",
-                                    width=width)
-        float_net = build_float_model(cfg["model"], shape, classes, width=width).to(torch.float64)
+                                    width=width, hidden=hidden)
+        float_net = build_float_model(cfg["model"], shape, classes, width=width, hidden=hidden).to(torch.float64)
         if any(isinstance(m, torch.nn.BatchNorm2d) for m in float_net.modules()):
             raise ConfigError(f"{cfg['model']} has batch normalisation, which the integer layers cannot hold: "
                               "only models without it can be ternarised")
@@ -112,7 +117,7 @@ def load_source(cfg: dict, saved: dict, run_dir: Path) -> tuple[torch.nn.Module,
             given = {k: cfg[k] for k in method.option_names() if cfg.get(k) is not None}
             given["backend"] = "reference"
             source = method.build_model(method.make_options(given, {}), cfg["model"], shape, classes,
-                                        seed=int(cfg["seed"]), width=width, device="cpu")
+                                        seed=int(cfg["seed"]), width=width, device="cpu", hidden=hidden)
             source.load_state_dict(saved["state_dict"])
             sources = [(layer.weight.to(torch.float64) * 2.0 ** int(layer.weight_exp), None)
                        for layer in weighted_layers(source)]

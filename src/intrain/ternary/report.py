@@ -89,7 +89,8 @@ def load_ternary_model(cfg: dict, saved: dict, run_dir: Path, product: str = "de
     section = cfg["ternary"]
     try:
         int_model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]),
-                                    seed=int(cfg["seed"]), width=float(cfg.get("width") or 1.0))
+                                    seed=int(cfg["seed"]), width=float(cfg.get("width") or 1.0),
+                                    hidden=cfg.get("hidden"))
         model = ternary_skeleton(int_model, int(section["group_size"]), int(section["max_edges"]),
                                  bool(section["bias"]), product=product)
         model.load_state_dict(saved["state_dict"])
