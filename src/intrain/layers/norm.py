@@ -78,8 +78,6 @@ above, with ``std_G`` floored at one unit of the input. The counts must satisfy
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from intrain.layers.base import IntModule, StepContext
@@ -170,7 +168,10 @@ class IntBatchNorm(IntModule):
         if x.dim() < 2 or x.shape[1] != self.channels:
             raise ValueError(f"IntBatchNorm({self.channels}) needs [N, {self.channels}, ...] inputs, "
                              f"got shape {tuple(x.shape)}")
-        if math.prod(x.shape[2:]) > MAX_SAMPLE_POSITIONS:  # from the shape: a shard may have no samples
+        positions = 1  # from the shape, not x[0]: a data-parallel shard may hold no samples
+        for size in x.shape[2:]:
+            positions *= size
+        if positions > MAX_SAMPLE_POSITIONS:
             raise ValueError(f"IntBatchNorm: more than {MAX_SAMPLE_POSITIONS} positions per sample and channel")
 
     def _normalise(self, x: QTensor, mean_g: torch.Tensor, std_g: torch.Tensor) -> QTensor:

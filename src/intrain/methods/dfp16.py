@@ -110,9 +110,9 @@ class Dfp16(Method):
 
     @classmethod
     def build_model(cls, options: Dfp16Options, model_name: str, in_shape, num_classes: int, *, seed: int,
-                    width: float, device: str, hidden: list[int] | None = None) -> torch.nn.Module:
+                    width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
         return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
-                               width=width, fmt=options.fmt, hidden=hidden)
+                               width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
 
     @classmethod
     def network_input(cls, pixels: QTensor) -> QTensor:
