@@ -368,8 +368,9 @@ SUBCOMMANDS = (add_train, add_eval, add_ternarize, add_plot, add_download)
 def build_parser() -> Parser:
     """The ``intrain`` parser with every subcommand in ``SUBCOMMANDS``."""
     parser = Parser(prog="intrain",
-                    description="Train neural networks with integer-only arithmetic (NITI) on "
-                                "PyTorch, and their float32 twins for comparison.")
+                    description="Train neural networks with integer-only arithmetic (NITI int8, DFP16 "
+                                "int16) on PyTorch, on one process or several (torchrun), convert them to "
+                                "ternary 8-2 models, and train their float32 twins for comparison.")
     from intrain import __version__
 
     parser.add_argument("--version", action="version", version=f"intrain {__version__}")
