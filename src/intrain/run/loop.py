@@ -120,7 +120,8 @@ def prepare(config: TrainConfig, resuming: bool = False) -> Prepared:
     rank, world, _ = dist.environment()
     if world > 1 and not c.method.data_parallel:
         raise ConfigError(f"--arith {c.arith} does not train data-parallel: run it in one process, without "
-                          "torchrun (only the integer methods give one-process results on several)")
+                          "torchrun (only --arith int8 reduces everything it computes over the batch across "
+                          "processes, so that N processes give the one-process result)")
     if resuming or rank != 0:
         out_dir = None if c.out is None else Path(c.out)
     else:
