@@ -125,14 +125,20 @@ class CpuBackend(Backend):
                for g0, g1 in blocks)
         return accumulate(res, ma * mb * k, self.limits)
 
+    def _weight_product_exact(self, a: torch.Tensor, w: torch.Tensor, rhs: torch.Tensor, k: int
+                              ) -> tuple[torch.Tensor, torch.dtype]:
+        """``a @ rhs`` exactly, ``rhs`` being ``w`` or its transpose, a reduction over ``k`` terms,
+        with the dtype the result is to take: through the int8 GEMM when it applies to (a, w)."""
+        _check_cpu(a, w)
+        out_dtype = _ref.narrow_result_dtype(a, w, k)  # refuses int8 reductions int32 cannot hold
+        if self._int8_gemm(a, w):
+            return mm_int32(a, rhs), out_dtype
+        return self._mm_exact(a, rhs), out_dtype
+
     def _linear_forward_exact(self, x: torch.Tensor, w: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.dtype]:
         k = _ref.linear_geometry(x, w, "x", "w", 1, 1, "I")
-        _check_cpu(x, w)
-        out_dtype = _ref.narrow_result_dtype(x, w, k)  # refuses int8 reductions int32 cannot hold
-        if self._int8_gemm(x, w):
-            return mm_int32(x, w.t()), out_dtype
-        return self._mm_exact(x, w.t()), out_dtype
+        return self._weight_product_exact(x, w, w.t(), k)
 
     def linear_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
@@ -142,11 +148,7 @@ class CpuBackend(Backend):
     def _linear_backward_input_exact(self, d: torch.Tensor, w: torch.Tensor
                                      ) -> tuple[torch.Tensor, torch.dtype]:
         k = _ref.linear_geometry(d, w, "d", "w", 1, 0, "O")
-        _check_cpu(d, w)
-        out_dtype = _ref.narrow_result_dtype(d, w, k)  # refuses int8 reductions int32 cannot hold
-        if self._int8_gemm(d, w):
-            return mm_int32(d, w), out_dtype
-        return self._mm_exact(d, w), out_dtype
+        return self._weight_product_exact(d, w, w, k)
 
     def linear_backward_input(self, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
