@@ -36,3 +36,23 @@ def test_permutation_is_a_permutation_and_depends_on_seed_and_epoch():
     assert torch.equal(p, rng.permutation(1000, seed=3, epoch=0))
     assert not torch.equal(p, rng.permutation(1000, seed=4, epoch=0))
     assert not torch.equal(p, rng.permutation(1000, seed=3, epoch=1))
+
+
+def test_uniform_bits_are_the_top_bits_of_one_63_bit_word_for_every_width():
+    # The short path (bits <= 31 skips the low word) must give exactly the numbers of the
+    # 63-bit word, as int and as 0-d tensor widths, at an offset, across the 31/32 boundary.
+    key = rng.derive_key(11, 3)
+    high = rng.uint32(key, (257,), offset=5) >> 1
+    low = rng.uint32((key[0] ^ 0x5BD1E995, key[1]), (257,), offset=5)
+    word = (high << 32) | low
+    for bits in range(63):
+        expected = word >> (63 - bits)
+        assert torch.equal(rng.uniform_bits(key, (257,), bits, offset=5), expected), bits
+        assert torch.equal(rng.uniform_bits(key, (257,), torch.tensor(bits), offset=5), expected), bits
+
+
+def test_mix32_leaves_its_input_alone():
+    x = torch.arange(1000, dtype=torch.int64) * 4_000_003 % 2**32
+    before = x.clone()
+    rng.mix32(x)
+    assert torch.equal(x, before)

@@ -43,12 +43,14 @@ def _mix_int(x: int) -> int:
 
 
 def mix32(x: torch.Tensor) -> torch.Tensor:
-    """Bijective avalanche hash of int64 tensor values in [0, 2**32); same as ``_mix_int``."""
+    """Bijective avalanche hash of int64 tensor values in [0, 2**32); same as ``_mix_int``.
+    Works in place on one copy of ``x``: on CPU each fresh temporary costs more than the
+    arithmetic on it (``python benchmarks/rng_speed.py``)."""
     x = x ^ (x >> 16)
-    x = (x * _MUL1) & MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & MASK32
-    return x ^ (x >> 16)
+    x.mul_(_MUL1).bitwise_and_(MASK32)
+    x.bitwise_xor_(x >> 15)
+    x.mul_(_MUL2).bitwise_and_(MASK32)
+    return x.bitwise_xor_(x >> 16)
 
 
 def derive_key(*parts: int) -> tuple[int, int]:
@@ -81,8 +83,15 @@ def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cp
 
 def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu", offset: int = 0) -> torch.Tensor:
     """Uniform integers in ``[0, 2**bits)`` (int64), ``bits`` from 0 to 62, possibly a 0-d tensor;
-    element ``i`` is element ``offset + i`` of the stream."""
+    element ``i`` is element ``offset + i`` of the stream.
+
+    The value is the top ``bits`` bits of a 63-bit word ``high * 2**32 + low`` (``high``: 31
+    bits, ``low``: 32). For ``bits <= 31`` those are the top bits of ``high`` alone, so ``low``
+    is not drawn when ``bits`` is known on the host to be at most 31: the same numbers for half
+    the hashing (rounding shifts of int32 sums are below 32)."""
     high = uint32(key, shape, device, offset) >> 1  # 31 bits
+    if (not isinstance(bits, torch.Tensor) or bits.device.type == "cpu") and int(bits) <= 31:
+        return high >> (31 - bits)
     low = uint32((key[0] ^ 0x5BD1E995, key[1]), shape, device, offset)
     word = (high << 32) | low  # uniform in [0, 2**63)
     return word >> (63 - bits)
