@@ -31,6 +31,7 @@ from intrain.methods.niti import Niti, NitiOptions
 from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.kernels import BACKENDS, Backend, CpuSettings, get_backend
 from intrain.kernels.cpu import has_amx
+from intrain.kernels.cpu.calibrate import INT8_GEMM_MIN_SPEEDUP, int8_gemm_speedup
 from intrain.layers import StepContext
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
@@ -230,9 +231,9 @@ def main() -> None:
     parser.add_argument("--backend", choices=BACKENDS + ("auto",), default="auto",
                         help="int8 kernels (default: auto, the fastest for the device)")
     parser.add_argument("--int8-gemm", choices=("auto", "on", "off"), default="auto",
-                        help="cpu backend: int8 products through torch._int_mm (auto: on CPUs "
-                             "with AMX-INT8, for wide enough layers), or always, or never "
-                             "(off: the float path, as on CPUs without such units)")
+                        help="cpu backend: int8 products through torch._int_mm (auto: where it "
+                             "measured at least 2x float32 on this machine, for wide enough layers), or "
+                             "always, or never (off: the float path, as on CPUs without such units)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
@@ -246,8 +247,10 @@ def main() -> None:
         backend = get_backend(args.backend, args.device, settings)
     except (TypeError, ValueError) as err:
         parser.error(f"--backend {args.backend} --int8-gemm {args.int8_gemm}: {err}")
-    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if has_amx() else 'no'}, "
-          f"int8 GEMM: {args.int8_gemm}, PyTorch {torch.__version__}")
+    speedup = int8_gemm_speedup()
+    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if has_amx() else 'no'}, int8 GEMM measured {speedup:.1f}x "
+          f"float32 (auto {'takes' if speedup >= INT8_GEMM_MIN_SPEEDUP else 'skips'} it), "
+          f"int8 GEMM: {args.int8_gemm}, threads {torch.get_num_threads()}, PyTorch {torch.__version__}")
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16)

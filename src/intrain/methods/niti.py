@@ -26,7 +26,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from intrain.kernels import BACKENDS
+from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, option
@@ -58,6 +58,10 @@ class NitiOptions:
         parse=parse_mu_schedule, metavar="SPEC")
     backend: str = option(
         "auto", help="integer kernels to use (auto: the fastest for the device)", choices=("auto",) + BACKENDS)
+    int8_gemm: str = option(
+        "auto", help="cpu backend: int8 products on this CPU's int8 GEMM units (torch._int_mm) 'on', exactly on its "
+                     "float units 'off', or 'auto': on where the int8 GEMM measured at least 2x float32 here (once "
+                     "per machine, cached); the results are bit-identical either way", choices=("auto", "on", "off"))
     weight_bits: int = option(
         8, help="16 keeps an int16 master copy of every weight that takes the updates, while all products "
                 "use its upper 8 bits (NITI's 16-bit weight accumulation)", parse=int, choices=tuple(WEIGHT_BITS))
@@ -90,6 +94,9 @@ class Niti(Method):
             schedule = MuSchedule.parse(options.mu_schedule)
         except ValueError as err:
             raise MethodOptionError(f"--mu-schedule: {err}") from None
+        if options.int8_gemm != "auto" and options.backend not in ("auto", "cpu"):
+            raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend: leave it out "
+                                    f"with --backend {options.backend}")
         fmt = options.fmt
         lowest = -fmt.master_extra_bits if fmt.master_bits is not None else 0
         if min(mu for _, mu in schedule.points) < lowest:
@@ -99,7 +106,13 @@ class Niti(Method):
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
                     width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
-        return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
+        backend = options.backend
+        if options.int8_gemm != "auto":
+            if torch.device(device).type != "cpu":
+                raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend, which "
+                                        f"runs on CPU tensors only: leave it out with --device {device}")
+            backend = CpuBackend(CpuSettings(use_int8_gemm=options.int8_gemm == "on"))
+        return build_int_model(model_name, in_shape, num_classes, seed, backend=backend, device=device,
                                width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
 
     def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0,

@@ -3,14 +3,14 @@
 Two paths, bit-identical to the ``reference`` backend for every input (same dtypes, same values,
 same error messages):
 
-* int8 GEMM: on CPUs with AMX-INT8 tile units (Intel Xeon since Sapphire Rapids), oneDNN runs
-  ``torch._int_mm`` (int8 x int8 -> int32) at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (four
-  product shapes, measured on such a machine, see BENCHMARKS.md). There int8 products go to
-  it: linear layers always, convolutions with at least ``CpuSettings.int8_gemm_min_channels``
+* int8 GEMM: where this CPU's ``torch._int_mm`` (int8 x int8 -> int32: oneDNN on AMX-INT8 tiles
+  or VNNI dot products) measured at least twice its float32 GEMM (``calibrate``, once per machine,
+  cached; on the AMX Xeon of BENCHMARKS.md 0.3-3.2 TOPS, 1.7-11x float32). There int8 products
+  go to it: linear layers always, convolutions with at least ``CpuSettings.int8_gemm_min_channels``
   input and output channels (channels-last im2col; the input gradient as the convolution of
   the error, spread by the stride when it is above 1, with the flipped kernel; weight gradients
-  in int32 pieces added in int64, as in the cuda backend). Exact with no look at the data: an int32 sum of at most 131,071
-  int8 products cannot wrap.
+  in int32 pieces added in int64, as in the cuda backend). Exact with no look at the data: an
+  int32 sum of at most 131,071 int8 products cannot wrap.
 * float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
   convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64
   matmul below 1 GOPS, ``torch._int_mm`` about 3 GOPS, per issue 3). This path feeds float copies
@@ -36,7 +36,7 @@ a backend can only be given lower ones (:class:`FloatLimits`, which is how the t
 blocked and fall-back plans on small shapes).
 
 Modules: ``bounds`` (the proof, the bounds and the block planner), ``weight_grad`` (the float
-path of convolution weight gradients), ``backend`` (:class:`CpuBackend` and its other products),
+path of convolution weight gradients), ``calibrate`` (whether the int8 GEMM pays here), ``backend`` (:class:`CpuBackend` and its other products),
 ``settings`` (:class:`CpuSettings`).
 """
 

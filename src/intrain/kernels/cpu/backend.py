@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from intrain.kernels import int8_gemm
 from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
+from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
                                         no_nnpack, plan_blocks, weight_l1, window_l1)
 from intrain.kernels.cpu.settings import CpuSettings
@@ -85,15 +86,15 @@ class CpuBackend(Backend):
 
     def _int8_gemm(self, a: torch.Tensor, b: torch.Tensor, channels: int | None = None) -> bool:
         """True when this int8 x int8 product goes to ``torch._int_mm`` (``channels``: the
-        smaller channel count of a convolution). On CPUs with AMX-INT8 (Intel Xeon since
-        Sapphire Rapids) oneDNN runs it at 0.3-3.2 TOPS, 1.7-11x its float32 GEMM (see
-        BENCHMARKS.md); elsewhere (AMD Zen 3: about 3 GOPS) the float path wins."""
+        smaller channel count of a convolution). Automatically when this machine's int8 GEMM
+        measured at least twice its float32 GEMM (``calibrate``: AMX-INT8 and VNNI CPUs; not
+        AMD Zen 3, where it runs at about 3 GOPS) and the layer is wide enough."""
         if a.dtype != torch.int8 or b.dtype != torch.int8:
             return False
         if self.settings.use_int8_gemm is not None:
             return self.settings.use_int8_gemm
-        return has_amx() and (channels is None
-                              or channels >= self.settings.int8_gemm_min_channels)
+        return ((channels is None or channels >= self.settings.int8_gemm_min_channels)
+                and int8_gemm_pays())
 
     # ------------------------------------------------------------------------------- linear
 

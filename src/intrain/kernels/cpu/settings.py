@@ -23,7 +23,8 @@ class CpuSettings:
     """
 
     #: Whether int8 x int8 products use ``torch._int_mm`` (exact int32 accumulation) instead of
-    #: float units: None = automatically (on CPUs with AMX-INT8, for wide enough layers), True =
+    #: float units: None = automatically (where ``calibrate`` measured the int8 GEMM at 2x float32 or
+    #: more, for wide enough layers), True =
     #: always, False = never. ``--only use_int8_gemm``: off (the float path) 1.56x [1.80x] on
     #: VGG-small-7, 1.02x on LeNet-5; on (every product) 0.95x [1.08x] on VGG, 2.43x on LeNet.
     use_int8_gemm: bool | None = None
