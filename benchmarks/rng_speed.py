@@ -4,6 +4,8 @@ Rows (each the best of ``--repeats`` runs, process CPU time with one thread):
 - ``uniform_bits`` at a width of at most 31 bits (every rounding shift of an int32 sum) against
   drawing the whole 63-bit word it takes its top bits from (what it did before it skipped the
   low word: the same numbers, checked here);
+- ``uint32`` hashed in chunks of 2**12 .. 2**20 elements against the whole tensor at once
+  (``rng.CPU_CHUNK_ELEMENTS`` is the chosen chunk);
 - ``shift_round`` of an int32 tensor the size of LeNet-5's first error at batch 128
   (128 x 6 x 28 x 28) with stochastic rounding, against nearest rounding of the same tensor.
 
@@ -51,6 +53,15 @@ def main() -> None:
     whole = _best(lambda: _whole_word(key, n, bits), args.repeats)
     print(f"uniform_bits ({bits} bits)      {short * 1e3:8.2f} ms   whole 63-bit word {whole * 1e3:8.2f} ms"
           f"   ratio {short / whole:.2f}x")
+    whole_tensor = _best(lambda: rng.uint32(key, (n,), chunk_elements=n), args.repeats)
+    for log2 in (12, 14, 15, 16, 18, 20):
+        chunk = 2**log2
+        if not torch.equal(rng.uint32(key, (n,), chunk_elements=chunk), rng.uint32(key, (n,), chunk_elements=n)):
+            raise SystemExit(f"uint32 in chunks of {chunk} differs")
+        chunked = _best(lambda: rng.uint32(key, (n,), chunk_elements=chunk), args.repeats)
+        chosen = " (chosen)" if chunk == rng.CPU_CHUNK_ELEMENTS else ""
+        print(f"uint32 in chunks of 2**{log2:<2}      {chunked * 1e3:8.2f} ms   whole tensor      {whole_tensor * 1e3:8.2f} ms"
+              f"   ratio {chunked / whole_tensor:.2f}x{chosen}")
     a = (rng.uint32(rng.derive_key(4), (n,)) - 2**31).to(torch.int32) >> 6
     stochastic = _best(lambda: shift_round(a, 12, "stochastic", key), args.repeats)
     nearest = _best(lambda: shift_round(a, 12, "nearest"), args.repeats)

@@ -56,3 +56,12 @@ def test_mix32_leaves_its_input_alone():
     before = x.clone()
     rng.mix32(x)
     assert torch.equal(x, before)
+
+
+def test_chunked_hashing_gives_the_same_stream():
+    key = rng.derive_key(9)
+    whole = rng.uint32(key, (3, 1000), offset=77, chunk_elements=10**9)
+    for chunk in (1, 7, 256, 2999, 3000):
+        assert torch.equal(rng.uint32(key, (3, 1000), offset=77, chunk_elements=chunk), whole), chunk
+    # chunks at an offset are pieces of the same stream
+    assert torch.equal(rng.uint32(key, (500,), offset=1077, chunk_elements=64), whole.flatten()[1000:1500])

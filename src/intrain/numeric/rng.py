@@ -68,33 +68,66 @@ def derive_key(*parts: int) -> tuple[int, int]:
     return k1, k2
 
 
-def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cpu", offset: int = 0) -> torch.Tensor:
-    """One uniform 32-bit integer per element (int64 tensor), element ``i`` a function of
-    ``key, offset + i`` (see the module docstring)."""
+#: Elements hashed at once on CPU: chunks whose int64 temporaries (256 KiB each) stay in cache
+#: run the ~20 elementwise passes of the hash 1.5-2x faster than one pass over a 600,000-element
+#: tensor (``python benchmarks/rng_speed.py``: chunk rows; 2**14 to 2**16 were alike on the
+#: Xeon of BENCHMARKS.md, and 2**15 leaves room in the smaller L2 caches of other CPUs). Other
+#: devices hash in one go.
+CPU_CHUNK_ELEMENTS = 2**15
+
+
+def _hashed(key: tuple[int, int], numel: int, device, offset: int, chunk_elements: int, shift: int,
+            dtype: torch.dtype) -> torch.Tensor:
+    """Elements ``offset .. offset + numel - 1`` of the stream of ``key``, each shifted right by
+    ``shift`` bits, as a flat tensor of ``dtype`` (which must hold ``2**(32 - shift) - 1``)."""
+    if offset < 0 or offset + numel > 2**32:
+        raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
+    k1, k2 = key
+
+    def words(start: int, stop: int) -> torch.Tensor:
+        index = torch.arange(offset + start, offset + stop, dtype=torch.int64, device=device)
+        return mix32(mix32(index.bitwise_xor_(k1)).bitwise_xor_(k2)).bitwise_right_shift_(shift)
+
+    if torch.device(device).type != "cpu" or numel <= chunk_elements:
+        return words(0, numel).to(dtype)
+    out = torch.empty(numel, dtype=dtype)
+    for start in range(0, numel, chunk_elements):
+        stop = min(numel, start + chunk_elements)
+        out[start:stop] = words(start, stop)
+    return out
+
+
+def _numel(shape) -> int:
     numel = 1
     for size in shape:
         numel *= size
-    if offset < 0 or offset + numel > 2**32:
-        raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
-    index = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    k1, k2 = key
-    return mix32(mix32(index ^ k1) ^ k2).reshape(tuple(shape))
+    return numel
 
 
-def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu", offset: int = 0) -> torch.Tensor:
-    """Uniform integers in ``[0, 2**bits)`` (int64), ``bits`` from 0 to 62, possibly a 0-d tensor;
-    element ``i`` is element ``offset + i`` of the stream.
+def uint32(key: tuple[int, int], shape: tuple[int, ...] | torch.Size, device="cpu", offset: int = 0,
+           chunk_elements: int = CPU_CHUNK_ELEMENTS) -> torch.Tensor:
+    """One uniform 32-bit integer per element (int64 tensor), element ``i`` a function of
+    ``key, offset + i`` (see the module docstring); ``chunk_elements`` changes only the speed."""
+    return _hashed(key, _numel(shape), device, offset, chunk_elements, 0, torch.int64).reshape(tuple(shape))
 
-    The value is the top ``bits`` bits of a 63-bit word ``high * 2**32 + low`` (``high``: 31
-    bits, ``low``: 32). For ``bits <= 31`` those are the top bits of ``high`` alone, so ``low``
-    is not drawn when ``bits`` is known on the host to be at most 31: the same numbers for half
-    the hashing (rounding shifts of int32 sums are below 32)."""
-    high = uint32(key, shape, device, offset) >> 1  # 31 bits
+
+def uniform_bits(key: tuple[int, int], shape, bits: torch.Tensor | int, device="cpu", offset: int = 0,
+                 dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """Uniform integers in ``[0, 2**bits)``, ``bits`` from 0 to 62, possibly a 0-d tensor;
+    element ``i`` is element ``offset + i`` of the stream. ``dtype`` (default int64) must hold
+    ``2**bits - 1``.
+
+    The value is the top ``bits`` bits of a 63-bit word ``high * 2**32 + low`` (``high``: the
+    top 31 bits of one 32-bit draw, ``low``: another draw). For ``bits <= 31`` those are the top
+    bits of ``high`` alone, so ``low`` is not drawn when ``bits`` is known on the host to be at
+    most 31: the same numbers for half the hashing (rounding shifts of int32 sums are below 32)."""
     if (not isinstance(bits, torch.Tensor) or bits.device.type == "cpu") and int(bits) <= 31:
-        return high >> (31 - bits)
+        short = _hashed(key, _numel(shape), device, offset, CPU_CHUNK_ELEMENTS, 32 - int(bits), dtype)
+        return short.reshape(tuple(shape))
+    high = uint32(key, shape, device, offset) >> 1  # 31 bits
     low = uint32((key[0] ^ 0x5BD1E995, key[1]), shape, device, offset)
     word = (high << 32) | low  # uniform in [0, 2**63)
-    return word >> (63 - bits)
+    return (word >> (63 - bits)).to(dtype)
 
 
 def permutation(n: int, seed: int, epoch: int, device="cpu") -> torch.Tensor:

@@ -108,7 +108,7 @@ def shift_round(
     if mode == "stochastic":
         if key is None:
             raise ValueError("stochastic rounding needs a random key")
-        noise = rng.uniform_bits(key, a.shape, s, a.device, offset).to(a.dtype)
+        noise = rng.uniform_bits(key, a.shape, s, a.device, offset, dtype=a.dtype)
         # The remainder and the noise are both below 2**s, so their sum cannot wrap where
         # magnitude + noise could (magnitude near the dtype's limit).
         remainder = magnitude & ((1 << s) - 1).to(a.dtype)
