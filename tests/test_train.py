@@ -149,3 +149,10 @@ def test_fashion_mnist_int8_recipe_uses_batch_128():
 
     assert default_recipe("fashion-mnist", "lenet5", "int8").batch_size == 128
     assert default_recipe("fashion-mnist", "lenet5", "float").batch_size == 64
+
+
+def test_fashion_lenet5_int8_recipe_rounds_errors_stochastically():
+    from intrain.run.recipes import default_recipe
+    assert default_recipe("fashion-mnist", "lenet5", "int8").options["error_rounding"] == "stochastic"
+    assert "error_rounding" not in default_recipe("mnist", "lenet5", "int8").options
+    assert "error_rounding" not in default_recipe("fashion-mnist", "vgg-small-7", "int8").options

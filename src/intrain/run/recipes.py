@@ -69,6 +69,14 @@ _INT8_BATCH = {"mnist": 256, "fashion-mnist": 128}
 _INT8_MU = {("moving-mnist-actions", "tt-lstm"): "0:2", ("moving-mnist-actions", "tr-lstm"): "0:2"}
 
 
+# int8 error rounding by (dataset, model) where it is not NITI's nearest. Chosen on a tuning split
+# (issue 17: the 5,000 Fashion-MNIST training images before the 10,000 validation ones, LeNet-5,
+# 20 epochs): stochastic rounding of the errors ended 0.20, 0.10 and 0.40 points above nearest on
+# seeds 0-2 (gap to float 0.42 / 1.10 / 0.76 against 0.62 / 1.20 / 1.16; BENCHMARKS.md). Other
+# models keep nearest until they are measured the same way.
+_INT8_ERROR_ROUNDING = {("fashion-mnist", "lenet5"): "stochastic"}
+
+
 # Float optimiser and peak rate at batch 64 by dataset. On moving-mnist-actions (10,000 clips,
 # validation split) the dense float LSTM stayed near chance for 5 epochs with SGD at 0.05 (14.7 %),
 # and the tensor-ring LSTM with SGD at 0.5 (11.9 % after 2 epochs; 2 and 8 diverged), while
@@ -111,6 +119,8 @@ def default_recipe(dataset: str, model: str, method: str) -> Recipe:
             batch_size = _INT8_BATCH.get(dataset, batch_size)
     if method == "int8":
         options = {"mu_schedule": _INT8_MU.get((dataset, model), mu)}
+        if (dataset, model) in _INT8_ERROR_ROUNDING:
+            options["error_rounding"] = _INT8_ERROR_ROUNDING[dataset, model]
         if model in _NORMALISED_MODELS:
             options["weight_average"] = "none"
         return Recipe(epochs=epochs, batch_size=batch_size, options=options)
