@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from typing import Callable
+
 import torch
 
 from intrain.numeric import rng
@@ -50,6 +52,11 @@ class StepContext:
     step: int
     sample_offset: int = 0
     collective: Collective = LOCAL
+    #: Called by a container (``IntSequential``) with each weighted child once the child's backward
+    #: has returned: the weight gradients inside it are final. A method may update those layers
+    #: there and free their gradients, so that a step never holds every layer's gradient at once
+    #: (NITI's update does: ``methods.niti``). ``None``: gradients wait for the method's update.
+    gradient_ready: Callable[["IntModule"], None] | None = None
 
     def element_offset(self, t: torch.Tensor) -> int:
         """Position in the global batch's tensor of the first element of ``t``, this process's

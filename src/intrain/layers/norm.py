@@ -85,6 +85,7 @@ from intrain.numeric import rng
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import bit_length, divide_round, shift_round
 
 #: Bits below the input's unit kept by the means and standard deviations.
@@ -147,6 +148,23 @@ def _channel_sums(t: torch.Tensor) -> torch.Tensor:
     return per_sample.sum(0, dtype=torch.int64)
 
 
+def _slices(t: torch.Tensor) -> list:
+    """Row slices for element-wise passes: a few hundred thousand elements at a time on CPU, so
+    that the int32 temporaries of this layer stay small (they set the peak memory of a ResNet-18
+    step: ``python benchmarks/speed.py --model resnet18``); the whole tensor on other devices."""
+    return cpu_slices(t) if t.device.type == "cpu" else [...]
+
+
+def _channel_sums_of_products(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """``_channel_sums(a * b)`` (``_channel_sums(a)`` without ``b``) for int8 tensors of one
+    shape, made slice by slice (no int32 copy or product of the whole tensors)."""
+    total = torch.zeros(a.shape[1], dtype=torch.int64, device=a.device)
+    for rows in _slices(a):
+        part = a[rows].to(torch.int32)
+        total += _channel_sums(part if b is None else part.mul_(b[rows]))
+    return total
+
+
 class IntBatchNorm(IntModule):
     """Per-channel integer normalisation of ``[N, C, ...]`` inputs (see the module docstring)."""
 
@@ -181,12 +199,16 @@ class IntBatchNorm(IntModule):
         multiplier = divide_round(torch.full_like(std_g, 1 << (scale + GUARD_BITS)), std_g)
         offset = divide_round(-(mean_g << scale), std_g).clamp(-(1 << 30), 1 << 30) + (1 << (SCALE_BITS - 1))
         dims = x.v.dim()
-        values = x.v.to(torch.int32) * self._per_channel(multiplier.to(torch.int32), dims)
-        values += self._per_channel(offset.to(torch.int32), dims)
-        values >>= SCALE_BITS
+        multiplier = self._per_channel(multiplier.to(torch.int32), dims)
+        offset = self._per_channel(offset.to(torch.int32), dims)
         limit = self.fmt.limit
-        exponent = torch.full_like(x.e, -self.fraction_bits)
-        return QTensor(values.clamp_(-limit, limit).to(self.fmt.dtype), exponent)
+        out = torch.empty(x.v.shape, dtype=self.fmt.dtype, device=x.v.device)
+        for rows in _slices(x.v):
+            values = x.v[rows].to(torch.int32) * multiplier
+            values += offset
+            values >>= SCALE_BITS
+            out[rows] = values.clamp_(-limit, limit)
+        return QTensor(out, torch.full_like(x.e, -self.fraction_bits))
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         self._check_shape(x.v)
@@ -198,8 +220,8 @@ class IntBatchNorm(IntModule):
         collective = LOCAL if ctx is None or not self.training else ctx.collective
         if x.v.numel() // self.channels * collective.world > MAX_COUNT:
             raise ValueError(f"IntBatchNorm: more than {MAX_COUNT} positions per channel in one batch")
-        narrow = x.v.to(torch.int32)
-        local = torch.cat([_channel_sums(narrow), _channel_sums(narrow * narrow),
+        local = torch.cat([_channel_sums_of_products(x.v),
+                           _channel_sums_of_products(x.v, x.v),
                            torch.full((1,), x.v.numel() // self.channels, dtype=torch.int64, device=x.v.device)])
         total = collective.sum(local)
         c = self.channels
@@ -234,10 +256,10 @@ class IntBatchNorm(IntModule):
         collective = LOCAL if ctx is None else ctx.collective
         self._check_shape(d.v)
         limit = self.fmt.limit
-        narrow_h = h.to(torch.int32)
-        dz = d.v.to(torch.int32)
         c = self.channels
-        sums = collective.sum(torch.cat([_channel_sums(dz), _channel_sums(dz * x.to(torch.int32))]))
+        sums = collective.sum(torch.cat([
+            _channel_sums_of_products(d.v),
+            _channel_sums_of_products(d.v, x)]))
         f2 = 2 * self.fraction_bits
         # sum(dz * y) * 2**F from the exact input: (M * sum(dz * x) - S1 * sum(dz)) * 2**F / r
         weighted = divide_round((count * sums[c:] - s1 * sums[:c]) << self.fraction_bits, root)
@@ -250,18 +272,31 @@ class IntBatchNorm(IntModule):
         first_shift = (widest - ERROR_SUM_BITS).clamp(min=0)
         a, b, offset = (self._per_channel(k, d.v.dim()).to(torch.int32)
                         for k in shift_round(coefficients, first_shift, "nearest"))
-        total = dz * a
-        total += narrow_h * b
-        total += offset
+        # The per-element sums in int32, made and then rounded slice by slice: one int32 tensor of
+        # the whole size (the sums, which the shift's maximum needs) and small temporaries.
+        total = torch.empty(d.v.shape, dtype=torch.int32, device=d.v.device)
+        slices = _slices(total)
+        for rows in slices:
+            part = torch.mul(d.v[rows], a, out=total[rows])
+            part += h[rows].to(torch.int32) * b
+            part += offset
         second_shift = _global_shift(total, self.fmt.bits, collective)
-        if self.fmt.error_rounding == "nearest":
-            values = shift_round(total, second_shift, "nearest")
-        else:
+        stochastic = self.fmt.error_rounding != "nearest"
+        if stochastic:
             if ctx is None:
                 raise ValueError("stochastic error rounding needs a StepContext")
             key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-            values = shift_round(total, second_shift, "stochastic", key, ctx.element_offset(total))
-        values = values.clamp_(-limit, limit).to(self.fmt.dtype)
+            base = ctx.element_offset(total)
+        per_row = total[0].numel() if total.dim() > 0 and total.shape[0] else 0
+        values = torch.empty(d.v.shape, dtype=self.fmt.dtype, device=d.v.device)
+        for rows in slices:
+            part = total[rows]
+            if stochastic:
+                start = rows.start if isinstance(rows, slice) else 0
+                rounded = shift_round(part, second_shift, "stochastic", key, base + start * per_row)
+            else:
+                rounded = shift_round(part, second_shift, "nearest")
+            values[rows] = rounded.clamp_(-limit, limit)
         return QTensor(values, d.e - f2 - x_exp - q + first_shift + second_shift)
 
     def clear_saved(self) -> None:

@@ -33,7 +33,10 @@ class IntSequential(IntModule):
         first_weighted = next((i for i, layer in enumerate(self.layers) if layer.has_weight), 0)
         for index in range(len(self.layers) - 1, first_weighted - 1, -1):
             is_bottom = index == first_weighted and not need_input_grad
-            d = self.layers[index].backward(d, ctx, need_input_grad=not is_bottom)
+            layer = self.layers[index]
+            d = layer.backward(d, ctx, need_input_grad=not is_bottom)
+            if ctx is not None and ctx.gradient_ready is not None and layer.has_weight:
+                ctx.gradient_ready(layer)
         return d
 
     def clear_saved(self) -> None:

@@ -106,9 +106,11 @@ class IntegerUpdate:
         self.mu_schedule = mu_schedule
         self.collective = collective
 
-    def step(self, epoch: int) -> None:
+    def step(self, epoch: int, within: torch.nn.Module | None = None) -> None:
+        """Update every layer of the model (of ``within``, a part of it, when given) that holds a
+        gradient, and free the gradient."""
         mu = self.mu_schedule(epoch)
-        for layer in weighted_layers(self.model):
+        for layer in weighted_layers(self.model if within is None else within):
             if layer.weight_grad is None:
                 continue
             target = layer.update_target
