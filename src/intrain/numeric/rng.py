@@ -69,7 +69,7 @@ def derive_key(*parts: int) -> tuple[int, int]:
 
 
 #: Elements hashed at once on CPU: chunks whose int64 temporaries (256 KiB each) stay in cache
-#: run the ~20 elementwise passes of the hash 1.5-2x faster than one pass over a 600,000-element
+#: run the ~20 elementwise passes of the hash 1.4-2x faster than one pass over a 600,000-element
 #: tensor (``python benchmarks/rng_speed.py``: chunk rows; 2**14 to 2**16 were alike on the
 #: Xeon of BENCHMARKS.md, and 2**15 leaves room in the smaller L2 caches of other CPUs). Other
 #: devices hash in one go.
