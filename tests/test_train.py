@@ -156,3 +156,16 @@ def test_fashion_lenet5_int8_recipe_rounds_errors_stochastically():
     assert default_recipe("fashion-mnist", "lenet5", "int8").options["error_rounding"] == "stochastic"
     assert "error_rounding" not in default_recipe("mnist", "lenet5", "int8").options
     assert "error_rounding" not in default_recipe("fashion-mnist", "vgg-small-7", "int8").options
+
+
+def test_a_log_file_gets_a_progress_line_during_long_epochs(tmp_path, capsys, monkeypatch):
+    # stderr is not a terminal here, so the bar is silent; with the interval at zero every batch
+    # but the last says how far the epoch has got, and the epoch's own line follows.
+    import intrain.run.loop as loop
+    from intrain.cli import main
+    monkeypatch.setattr(loop, "LOG_PROGRESS_SECONDS", 0)
+    assert main(["train", "--epochs", "1", "--batch-size", "512", "--out", str(tmp_path / "run")]) == 0
+    lines = capsys.readouterr().err.splitlines()
+    progress = [line for line in lines if ", train " in line and "so far" in line]
+    assert progress and progress[0].startswith("epoch 1/1: batch 1/")
+    assert lines.index(progress[-1]) < next(i for i, line in enumerate(lines) if line.startswith("epoch 1/1: loss"))

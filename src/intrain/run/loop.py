@@ -93,6 +93,11 @@ class Prepared:
     collective: Collective = LOCAL  # the processes of a data-parallel run
 
 
+#: Without a terminal (stderr to a log file) the progress bar is silent; a line this often says
+#: how far a long epoch has got (a ResNet-18 epoch on two cores takes a quarter of an hour).
+LOG_PROGRESS_SECONDS = 60
+
+
 # ----------------------------------------------------------------------------- building
 
 def _build(c: TrainConfig, splits: DatasetSplits, steps_per_epoch: int,
@@ -354,7 +359,7 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
         for epoch in range(start.epoch, c.epochs):
             first_batch = start.batch if epoch == start.epoch else 0
             carried = start.seconds if epoch == start.epoch else 0.0
-            t0 = time.perf_counter()
+            t0 = last_line = time.perf_counter()
             running = _restore_running(start.running if epoch == start.epoch else None, dev)
             if first_batch == 0:  # a resumed partial epoch keeps its checkpointed method state
                 method.begin_epoch(epoch)
@@ -380,6 +385,10 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
                     bar.update(1)
                     if not bar.disable and (step % 20 == 0 or b + 1 == n_batches):
                         bar.set_postfix(loss=f"{running.loss:.4f}", acc=f"{running.acc:.2f}%", refresh=False)
+                    elif bar.disable and time.perf_counter() - last_line >= LOG_PROGRESS_SECONDS and b + 1 < n_batches:
+                        say(f"epoch {epoch + 1}/{c.epochs}: batch {b + 1}/{n_batches}, loss {running.loss:.4f}, "
+                            f"train {running.acc:.2f}% so far")
+                        last_line = time.perf_counter()
                     if writes and c.checkpoint_every and step % c.checkpoint_every == 0 and b + 1 < n_batches:
                         _save_resume(out_dir, p, cfg, dict(
                             epoch=epoch, batch=b + 1, global_step=step, rows=rows,
