@@ -35,3 +35,25 @@ def assert_refused(argv, capsys, root):
     assert out == ""
     assert snapshot(root) == before
     return lines[0]
+
+
+class Crash(Exception):
+    """Stands for the process dying in the middle of a step."""
+
+
+def run_until_crash(monkeypatch, method, at_step: int, argv) -> None:
+    """Run ``main(argv)`` with ``method.train_step`` dying (like a kill) when it reaches global step
+    ``at_step``; the run must end in that crash. ``method.train_step`` is itself again afterwards."""
+    import pytest
+
+    original = method.train_step
+
+    def crashing(self, x, y, step, epoch, *rest, **keywords):
+        if step == at_step:
+            raise Crash
+        return original(self, x, y, step, epoch, *rest, **keywords)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(method, "train_step", crashing)
+        with pytest.raises(Crash):
+            main(argv)

@@ -32,7 +32,7 @@ def _random_mnist(folder, n):
     return folder
 
 
-def test_lenet5_epoch_is_bit_identical_on_every_path(tmp_path, monkeypatch):
+def test_lenet5_epoch_is_bit_identical_on_every_path(tmp_path):
     data = _random_mnist(tmp_path / "mnist", 384)
     runs = {"auto": ["--int8-gemm", "auto"], "on": ["--int8-gemm", "on"], "off": ["--int8-gemm", "off"],
             "reference": ["--backend", "reference"]}

@@ -8,12 +8,12 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from cli_checks import assert_refused
+from cli_checks import assert_refused, run_until_crash
 from intrain.cli import main
 from intrain.kernels import get_backend
 from intrain.kernels.cpu import CpuBackend, CpuSettings
 from intrain.kernels.cuda import CudaBackend
-from intrain.layers import IntConv2d, IntLinear, weighted_layers
+from intrain.layers import IntConv2d, IntLinear
 from intrain.methods import METHODS
 from intrain.methods.dfp16 import Dfp16, Dfp16Options
 from intrain.methods.float_master import to_format
@@ -259,10 +259,6 @@ JOB = ["train", "--arith", "dfp16", "--epochs", "2", "--train-limit", "96", "--b
        "--seed", "3", "--checkpoint-every", "4"]
 
 
-class Crash(Exception):
-    """Stands for the process dying in the middle of a step."""
-
-
 def _state(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
@@ -271,17 +267,7 @@ def _state(run_dir):
 def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master):
     job = [*JOB, "--dfp16-master", master]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
-    original = Dfp16.train_step
-
-    def crashing(self, x, y, step, epoch):
-        if step == 9:
-            raise Crash
-        return original(self, x, y, step, epoch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Dfp16, "train_step", crashing)
-        with pytest.raises(Crash):
-            main([*job, "--out", str(tmp_path / "run")])
+    run_until_crash(monkeypatch, Dfp16, 9, [*job, "--out", str(tmp_path / "run")])
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run"))
     assert saved["global_step"] == 8 and saved["dfp16_update"]["master"]
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0

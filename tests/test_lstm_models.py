@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from cli_checks import assert_refused
+from cli_checks import assert_refused, run_until_crash
 from intrain.cli import main
 from intrain.methods.niti import Niti
 from intrain.models.zoo import balanced_factors, input_to_hidden_parameters, model_spec
 from test_data_idx import make_set
-from test_resume import Crash, _metrics, _same, _state
+from test_resume import _metrics, _same, _state
 
 TINY = ["--dataset", "moving-mnist-actions", "--width", "0.125", "--batch-size", "8", "--train-limit", "24"]
 
@@ -64,17 +63,7 @@ def test_train_eval_plot(model, arith, data, tmp_path, capsys):
 def test_tr_lstm_resumes_bit_identical(data, tmp_path, monkeypatch, capsys):
     job = ["train", *TINY, *data, "--model", "tr-lstm", "--tr-rank", "3", "--epochs", "2", "--checkpoint-every", "2"]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
-    original = Niti.train_step
-
-    def crashing(self, x, y, step, epoch):
-        if step == 4:
-            raise Crash
-        return original(self, x, y, step, epoch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Niti, "train_step", crashing)
-        with pytest.raises(Crash):
-            main([*job, "--out", str(tmp_path / "run")])
+    run_until_crash(monkeypatch, Niti, 4, [*job, "--out", str(tmp_path / "run")])
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
     assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")

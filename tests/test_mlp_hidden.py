@@ -12,11 +12,7 @@ from intrain.methods.niti import Niti
 from intrain.models import model_spec
 from intrain.run import checkpoint
 
-from cli_checks import assert_refused
-
-
-class Crash(Exception):
-    """Stands for the process dying in the middle of a step."""
+from cli_checks import assert_refused, run_until_crash
 
 
 def _linear_shapes(run_dir):
@@ -55,17 +51,7 @@ def test_resume_keeps_hidden(tmp_path, monkeypatch, capsys):
     job = ["train", "--hidden", "30", "--epochs", "2", "--train-limit", "160", "--batch-size", "16",
            "--checkpoint-every", "4"]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
-    original = Niti.train_step
-
-    def crashing(self, x, y, step, epoch):
-        if step == 13:
-            raise Crash
-        return original(self, x, y, step, epoch)
-
-    with monkeypatch.context() as m:
-        m.setattr(Niti, "train_step", crashing)
-        with pytest.raises(Crash):
-            main([*job, "--out", str(tmp_path / "run")])
+    run_until_crash(monkeypatch, Niti, 13, [*job, "--out", str(tmp_path / "run")])
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run"))
     assert saved["global_step"] == 12
     capsys.readouterr()

@@ -16,7 +16,7 @@ from intrain.run import checkpoint
 from intrain.cli import main
 from intrain.methods.float_twin import FloatTwin
 
-from cli_checks import assert_refused
+from cli_checks import assert_refused, run_until_crash
 
 
 def _refused(argv, root, capsys):
@@ -25,10 +25,6 @@ def _refused(argv, root, capsys):
 ENV = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 INT_JOB = ["--dataset", "digits", "--model", "mlp", "--arith", "int8", "--epochs", "3", "--seed", "7",
            "--batch-size", "16", "--checkpoint-every", "5"]
-
-
-class Crash(Exception):
-    """Stands for the process dying in the middle of a step."""
 
 
 def _state(run_dir):
@@ -91,27 +87,13 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, reference):
     assert (final["epoch"], final["batch"], len(final["rows"])) == (3, 0, 3)
 
 
-def _crash_at(monkeypatch, at_step):
-    """Make FloatTwin.train_step die (like a kill) when it reaches global step ``at_step``."""
-    original = FloatTwin.train_step
-
-    def crashing(self, x, y, step, epoch):
-        if step == at_step:
-            raise Crash
-        return original(self, x, y, step, epoch)
-
-    monkeypatch.setattr(FloatTwin, "train_step", crashing)
-
-
 def test_float_twin_with_dropout_resumes_bit_identical(tmp_path, monkeypatch, capsys):
     """A float VGG (dropout draws from torch's generator; SGD has momentum buffers) crashing mid-epoch."""
     job = ["train", "--arith", "float", "--model", "vgg-small-7", "--width", "0.125", "--epochs", "2",
            "--train-limit", "96", "--batch-size", "16", "--seed", "3", "--checkpoint-every", "4"]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
-    with monkeypatch.context() as m:
-        _crash_at(m, 9)  # checkpoint after step 8 (epoch 2, batch 2 of 6), then the crash
-        with pytest.raises(Crash):
-            main([*job, "--out", str(tmp_path / "run")])
+    # checkpoint after step 8 (epoch 2, batch 2 of 6), then the crash
+    run_until_crash(monkeypatch, FloatTwin, 9, [*job, "--out", str(tmp_path / "run")])
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run"))
     assert (saved["epoch"], saved["batch"], saved["global_step"]) == (1, 2, 8)
     assert saved["optimizer"]["state"] and saved["torch_rng"] is not None
@@ -127,19 +109,9 @@ def interrupted(tmp_path, monkeypatch):
     """A small int8 run stopped after a mid-epoch checkpoint."""
     from intrain.methods.niti import Niti
 
-    original = Niti.train_step
-
-    def crashing(self, x, y, step, epoch):
-        if step == 6:
-            raise Crash
-        return original(self, x, y, step, epoch)
-
     run_dir = tmp_path / "run"
-    with monkeypatch.context() as m:
-        m.setattr(Niti, "train_step", crashing)
-        with pytest.raises(Crash):
-            main(["train", "--epochs", "2", "--train-limit", "64", "--batch-size", "16", "--checkpoint-every", "3",
-                  "--out", str(run_dir)])
+    run_until_crash(monkeypatch, Niti, 6, ["train", "--epochs", "2", "--train-limit", "64", "--batch-size", "16",
+                                           "--checkpoint-every", "3", "--out", str(run_dir)])
     return run_dir
 
 

@@ -155,13 +155,15 @@ def _slices(t: torch.Tensor) -> list:
     return cpu_slices(t) if t.device.type == "cpu" else [...]
 
 
-def _channel_sums_of_products(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """``_channel_sums(a * b)`` (``_channel_sums(a)`` without ``b``) for int8 tensors of one
-    shape, made slice by slice (no int32 copy or product of the whole tensors)."""
-    total = torch.zeros(a.shape[1], dtype=torch.int64, device=a.device)
+def _channel_sums_and_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[_channel_sums(a), _channel_sums(a * b)]`` (int64, ``[2C]``) for int8 tensors of one shape,
+    in one pass made slice by slice (no int32 copy or product of the whole tensors)."""
+    channels = a.shape[1]
+    total = torch.zeros(2 * channels, dtype=torch.int64, device=a.device)
     for rows in _slices(a):
         part = a[rows].to(torch.int32)
-        total += _channel_sums(part if b is None else part.mul_(b[rows]))
+        total[:channels] += _channel_sums(part)
+        total[channels:] += _channel_sums(part.mul_(b[rows]))
     return total
 
 
@@ -220,8 +222,7 @@ class IntBatchNorm(IntModule):
         collective = LOCAL if ctx is None or not self.training else ctx.collective
         if x.v.numel() // self.channels * collective.world > MAX_COUNT:
             raise ValueError(f"IntBatchNorm: more than {MAX_COUNT} positions per channel in one batch")
-        local = torch.cat([_channel_sums_of_products(x.v),
-                           _channel_sums_of_products(x.v, x.v),
+        local = torch.cat([_channel_sums_and_products(x.v, x.v),
                            torch.full((1,), x.v.numel() // self.channels, dtype=torch.int64, device=x.v.device)])
         total = collective.sum(local)
         c = self.channels
@@ -257,9 +258,7 @@ class IntBatchNorm(IntModule):
         self._check_shape(d.v)
         limit = self.fmt.limit
         c = self.channels
-        sums = collective.sum(torch.cat([
-            _channel_sums_of_products(d.v),
-            _channel_sums_of_products(d.v, x)]))
+        sums = collective.sum(_channel_sums_and_products(d.v, x))
         f2 = 2 * self.fraction_bits
         # sum(dz * y) * 2**F from the exact input: (M * sum(dz * x) - S1 * sum(dz)) * 2**F / r
         weighted = divide_round((count * sums[c:] - s1 * sums[:c]) << self.fraction_bits, root)
