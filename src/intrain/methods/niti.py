@@ -130,7 +130,7 @@ class Niti(Method):
         self.model.train()
         # Each layer is updated as soon as backward has made its gradient (the update of a layer
         # reads nothing but its own gradient and weight, so the order changes no bit), which
-        # frees the gradients one by one: ResNet-18's would otherwise all be alive at once, 44 MiB
+        # frees the gradients one by one: ResNet-18's would otherwise all be alive at once, 42.6 MiB
         # of int32 at width 1 (``python benchmarks/speed.py --model resnet18``, peak memory).
         ctx = StepContext(self.seed, step, sample_offset, self.collective,
                           gradient_ready=lambda layer: self.update.step(epoch, within=layer))
