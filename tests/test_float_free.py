@@ -83,6 +83,10 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
     ("intrain.layers.tensor_ring", "def FloatTensorRing",
      "the float32 twin of IntTensorRing (its initialisation draws floats), likewise built only by "
      "the float method"),
+    ("intrain.numeric.native", "torch.float32: \"f32\"",
+     "the table of tensor types the C kernels take: the cpu backend's float path hands them the "
+     "exact integers it holds in floats (kernels.cpu.exact_to_int8); an integer step never passes "
+     "a float tensor (tests/test_native.py: test_an_integer_step_gives_the_kernels_integer_tensors_only)"),
 )
 
 # KNOWN VIOLATIONS: real floats in the training step, to be fixed; same format as ALLOWED. Each

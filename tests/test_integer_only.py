@@ -8,8 +8,18 @@ from torch.utils._pytree import tree_flatten
 
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
+from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
+
+
+@pytest.fixture(autouse=True)
+def rounding_as_aten_operators(monkeypatch):
+    """A dispatch mode sees aten operators only, not the C rounding kernels (``numeric.native``),
+    so they are switched off here and every rounding runs as PyTorch operators the audit records.
+    ``tests/test_native.py`` shows the kernels give the same bits and receive integer tensors
+    only in an integer step."""
+    monkeypatch.setattr(native, "library", lambda: None)
 
 
 class FloatAudit(TorchDispatchMode):

@@ -29,7 +29,7 @@ from intrain.kernels import reference as REF
 from intrain.kernels.cpu import bounds as B
 from intrain.kernels.cpu import exact_to_int8, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
-from intrain.kernels.int_mm import INT32_REDUCTION
+from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric.requant import requantize, requantize_product
 
@@ -581,6 +581,24 @@ def test_cpu_handles_minus_128_and_noncontiguous():
     # empty batch
     both("conv2d_forward", x[:0], wt)
     both("linear_forward", xl[:0], wl)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 2), (2, 1, 1), (1, 3, 1), (3, 1, 4), (1, 5, 6), (6, 5, 1)])
+def test_unpadded_int_mm_with_ambiguous_strides(m, k, n):
+    """The cpu backend calls ``torch._int_mm`` without padding; a matrix with a size of 1 can have
+    strides that fit row- and column-major alike (``w.t()`` of a [2, 1] weight: [1, 2], strides
+    (1, 1)), on which ``_int_mm`` returned garbage until such operands were copied."""
+    gen = torch.Generator().manual_seed(m * 100 + k * 10 + n)
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
+    expected = (a.to(torch.int64) @ b.to(torch.int64)).to(torch.int32)
+    for a_view in (a, torch.as_strided(a.clone(), a.shape, (1, 1)) if 1 in a.shape else a.t().contiguous().t()):
+        for b_view in (b, torch.as_strided(b.clone(), b.shape, (1, 1)) if 1 in b.shape else b.t().contiguous().t()):
+            assert torch.equal(mm_int32(a_view, b_view, pad=False), expected)
+            assert torch.equal(mm_int32(a_view, b_view, pad=True), expected)
+    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    x = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    both("linear_forward", x, w)
 
 
 def test_cpu_reduced_float32_precision_falls_back_to_float64():

@@ -64,7 +64,7 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     step = samples_per_chunk(ho * wo * k, chunk_bytes)
     columns = _ColumnBuffer(patches, step)
     for n0 in range(0, x.shape[0], step):
-        product = mm_int32(columns.of(n0), wm)
+        product = mm_int32(columns.of(n0), wm, pad=False)
         yield n0, product.view(-1, ho, wo, o)
 
 
@@ -97,6 +97,6 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
         cols = columns.of(n0)
         errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
         for o0 in range(0, o, block):
-            piece = mm_int32(errors[o0:o0 + block], cols).view(-1, kh, kw, c)
+            piece = mm_int32(errors[o0:o0 + block], cols, pad=False).view(-1, kh, kw, c)
             by_position[o0:o0 + block] += piece
     return grad

@@ -2,10 +2,15 @@
 backend and the cpu backend's int8 GEMM path.
 
 ``_int_mm``'s shape rules on CUDA (more than 16 rows, a reduction length and a column count
-divisible by 8) are met by zero padding, which adds nothing to any sum; every call pads, on every
-device, so the padding is tested too. Integer ranges: an int32 sum of at most ``INT32_REDUCTION``
-products of int8 operands (each of magnitude <= 2**14) cannot wrap; longer reductions are cut
-into such pieces, added in int64.
+divisible by 8, contiguous operands) are met by zero padding, which adds nothing to any sum. The
+cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
+column-major operands (``_gemm_operand``), and the padded, contiguous copies cost more than the
+product on small layers (an MLP layer
+784 -> 100 at batch 64: 79 us for the product of the transposed weight as it is, 325 us with its
+contiguous copy, 368 us padded; ``python benchmarks/native_speed.py`` times whole steps). The
+cuda backend pads on every device, so the tests run the padding on CPU tensors too. Integer
+ranges: an int32 sum of at most ``INT32_REDUCTION`` products of int8 operands (each of magnitude
+<= 2**14) cannot wrap; longer reductions are cut into such pieces, added in int64.
 """
 
 from __future__ import annotations
@@ -24,24 +29,38 @@ def _round_up(v: int, multiple: int) -> int:
     return -(-v // multiple) * multiple
 
 
-def mm_int32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` for int8 a [M, K], b [K, N] with K <= INT32_REDUCTION, as int32 [M, N]."""
+def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when it is a row-major or column-major matrix with both sizes above 1, else a
+    row-major copy. oneDNN reads the layout from the strides, and a matrix with a size of 1 can
+    carry strides that fit both layouts: ``w.t()`` of a [2, 1] weight is [1, 2] with strides
+    (1, 1), for which ``torch._int_mm`` returned garbage (PyTorch 2.13.0 on CPU; found by
+    ``test_cpu_linear_matches_reference``). Such operands are vectors, so the copy is small."""
+    if min(t.shape) > 1 and (t.is_contiguous() or t.t().is_contiguous()):
+        return t
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
+
+
+def mm_int32(a: torch.Tensor, b: torch.Tensor, pad: bool = True) -> torch.Tensor:
+    """Exact ``a @ b`` for int8 a [M, K], b [K, N] with K <= INT32_REDUCTION, as int32 [M, N]
+    (``pad``: to CUDA's shape rules, see above)."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros((m, n), dtype=torch.int32, device=a.device)
+    if not pad:
+        return torch._int_mm(_gemm_operand(a), _gemm_operand(b))
     mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
     a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a
     b = F.pad(b, (0, np_ - n, 0, kp - k)) if (kp, np_) != (k, n) else b
     return torch._int_mm(a.contiguous(), b.contiguous())[:m, :n]
 
 
-def mm_int64(a: torch.Tensor, b: torch.Tensor, piece: int = INT32_REDUCTION) -> torch.Tensor:
+def mm_int64(a: torch.Tensor, b: torch.Tensor, piece: int = INT32_REDUCTION, pad: bool = True) -> torch.Tensor:
     """Exact ``a @ b`` for int8 a [M, K], b [K, N] and any K, as int64: int32 pieces of the
     reduction, each of at most ``piece`` <= INT32_REDUCTION terms, added in int64."""
     k = a.shape[1]
     total = None
     for k0 in range(0, max(k, 1), piece):
-        part = mm_int32(a[:, k0:k0 + piece], b[k0:k0 + piece]).to(torch.int64)
+        part = mm_int32(a[:, k0:k0 + piece], b[k0:k0 + piece], pad).to(torch.int64)
         total = part if total is None else total.add_(part)
     return total

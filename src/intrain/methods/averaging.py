@@ -22,6 +22,7 @@ from contextlib import contextmanager
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.numeric import native
 from intrain.numeric.rounding import divide_round
 
 WEIGHT_AVERAGES = ("phase", "epoch", "none")
@@ -44,7 +45,8 @@ class WeightAverage:
             self.sums = [t.to(torch.int64) for t in targets]
         else:
             for total, t in zip(self.sums, targets):
-                total.add_(t)
+                if not native.add_into_int64(total, t):  # one C pass where it applies, same sums
+                    total.add_(t)
         self.count += 1
 
     @contextmanager

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.rounding import max_bit_length, shift_round
 
@@ -42,6 +43,10 @@ def requantize(
     if bits not in _STORAGE:
         raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
     limit = 2 ** (bits - 1) - 1
+    if a.device.type == "cpu":
+        fast = _requantize_native(a, e, bits, mode, key, offset, reduce_max)
+        if fast is not None:
+            return fast
     length = max_bit_length(a) if reduce_max is None else reduce_max(max_bit_length(a))
     shift = (length - (bits - 1)).clamp(min=0)
     if mode != "nearest" or a.device.type != "cpu":
@@ -51,6 +56,23 @@ def requantize(
     for rows in cpu_slices(a):
         v[rows] = shift_round(a[rows], shift, mode).clamp_(-limit, limit)
     return QTensor(v, e + shift)
+
+
+def _requantize_native(a: torch.Tensor, e: torch.Tensor, bits: int, mode: str, key, offset: int,
+                       reduce_max) -> QTensor | None:
+    """``requantize`` by the C kernels (``numeric.native``: one pass for the maximum, one for
+    the rounding, the shift as a Python int), or ``None`` where they do not apply."""
+    if mode not in ("nearest", "stochastic"):
+        return None
+    largest = native.max_abs(a)
+    if largest is None:
+        return None
+    length = largest.bit_length()
+    if reduce_max is not None:
+        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+    shift = max(length - (bits - 1), 0)
+    values = native.round_shift(a, shift, mode, 2 ** (bits - 1) - 1, _STORAGE[bits], key, offset)
+    return None if values is None else QTensor(values, e + shift)
 
 
 #: Largest exponent gap bridged exactly by ``add_aligned``: int16 values (< 2**15) shifted left by

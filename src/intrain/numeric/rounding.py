@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.numeric import rng
+from intrain.numeric import native, rng
 
 ROUNDING_MODES = ("nearest", "stochastic", "pseudo")
 
@@ -44,6 +44,10 @@ def max_bit_length(a: torch.Tensor) -> torch.Tensor:
     # One reading pass and no |a| temporary (which cost as much as the rest of a requantisation
     # on VGG-sized accumulators); the extremes are widened to int64 before negation so that an
     # int8/int16/int32 minimum cannot wrap around (int64 accumulators stay far below 2**63).
+    if a.device.type == "cpu":
+        largest = native.max_abs(a)  # one C pass and no tensor for the result, where it applies
+        if largest is not None:
+            return torch.tensor(largest.bit_length(), dtype=torch.int64)
     low, high = torch.aminmax(_in_memory_order(a))
     if a.device.type == "cpu":
         # Python integers: no device to stay on, and a handful of small tensor operations fewer

@@ -17,8 +17,9 @@ from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, ac
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
 from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
-from intrain.kernels.int_mm import mm_int32, mm_int64
+from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
+from intrain.numeric import native
 from intrain.numeric.requant import cpu_slices, requantize
 from intrain.numeric.rounding import shift_round
 
@@ -133,7 +134,7 @@ class CpuBackend(Backend):
         _check_cpu(a, w)
         out_dtype = _ref.narrow_result_dtype(a, w, k)  # refuses int8 reductions int32 cannot hold
         if self._int8_gemm(a, w):
-            return mm_int32(a, rhs), out_dtype
+            return mm_int32(a, rhs, pad=False), out_dtype
         return self._mm_exact(a, rhs), out_dtype
 
     def _linear_forward_exact(self, x: torch.Tensor, w: torch.Tensor
@@ -163,7 +164,9 @@ class CpuBackend(Backend):
         dtype = weight_grad_dtype(d, x, k)
         _check_cpu(d, x)
         if self._int8_gemm(d, x):
-            return mm_int64(d.t(), x).to(dtype)
+            if k <= INT32_REDUCTION:  # one int32 product, no int64 copy of it and back
+                return mm_int32(d.t(), x, pad=False)
+            return mm_int64(d.t(), x, pad=False).to(dtype)
         return self._mm_exact(d.t(), x).to(dtype)
 
     # ------------------------------------------------------------------------------- conv2d
@@ -425,6 +428,15 @@ def exact_to_int8(exact: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, t
     ``requantize``. Integer tensors go to ``requantize`` itself. ``reduce_max``: for a shard of
     a batch, b is the whole batch's (``numeric.requant``); an empty shard still takes part.
     """
+    largest = native.max_abs(exact)  # the C kernels where they apply: two passes, same bits
+    if largest is not None:
+        length = largest.bit_length()
+        if reduce_max is not None:
+            length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+        shift = max(length - 7, 0)
+        values = native.round_shift(exact, shift, "nearest", 127, torch.int8)
+        if values is not None:
+            return values, torch.tensor(shift, dtype=torch.int64)
     if not exact.is_floating_point():
         q = requantize(exact, torch.zeros((), dtype=torch.int64), reduce_max=reduce_max)
         return q.v, q.e

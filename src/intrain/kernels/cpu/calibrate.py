@@ -30,15 +30,15 @@ once per machine and setting; an unreadable or unwritable cache only means measu
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from intrain.numeric.native import cache_dir, cpu_identity
 
 #: Take the int8 GEMM automatically from this measured int8 / float32 GEMM rate (see above).
 INT8_GEMM_MIN_SPEEDUP = 2.0
@@ -49,24 +49,8 @@ _SHAPES = ((1024, 1152, 128), (4096, 576, 64), (256, 784, 512), (1600, 400, 16))
 _REPEATS = 3
 
 
-def _cpu_identity() -> str:
-    """The CPU's model name and a digest of its feature flags (Linux), else what platform knows."""
-    fields = {}
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                name, _, value = line.partition(":")
-                fields.setdefault(name.strip(), value.strip())
-    except OSError:
-        pass
-    model = fields.get("model name") or platform.processor() or platform.machine()
-    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
-    return f"{model}|{flags}"
-
-
 def _cache_path() -> Path:
-    root = os.environ.get("INTRAIN_CACHE_DIR") or Path.home() / ".cache" / "intrain"
-    return Path(root) / "cpu-calibration.json"
+    return cache_dir() / "cpu-calibration.json"
 
 
 def _best_seconds(fn) -> float:
@@ -96,7 +80,7 @@ def measure_int8_gemm_speedup() -> float:
 @functools.cache
 def int8_gemm_speedup() -> float:
     """The measured int8 / float32 GEMM rate of this machine (cached on disk and per process)."""
-    key = f"{_cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())

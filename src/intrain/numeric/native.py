@@ -1,0 +1,198 @@
+"""One-pass C kernels for the elementwise rounding of CPU tensors (``native.c``), with the bits of
+the PyTorch code in ``numeric.rounding``, ``numeric.requant`` and ``methods.update``.
+
+Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
+requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
+subtract) plus the clip and the narrowing copy, stochastic rounding about twenty (the counter
+hash), NITI's pseudo-stochastic update about a dozen, adding int8 weights into int64 sums a
+conversion and an add; each kernel here is one pass over the data
+and one call (``python benchmarks/native_speed.py`` times both sides). The PyTorch code stays the
+reference and the path on every other device; ``tests/test_native.py`` checks every kernel
+against it bit for bit, on random values and on the extremes of each type.
+
+Each function returns ``None`` where its kernel does not apply (no compiled library, a tensor
+not on the CPU or not contiguous, a dtype or shift it does not take): the caller then runs the
+PyTorch code. Integer ranges are the callers' (listed at the top of ``native.c``).
+
+Building: the first call compiles ``native.c`` with the system's C compiler (``$CC``, else ``cc``
+or ``gcc``; about a second) at ``-O3 -march=native`` into ``$INTRAIN_CACHE_DIR`` (default
+``~/.cache/intrain``), keyed by the source, the compiler's version and this CPU's identity, so a
+shared cache never hands one CPU another's instructions; the file is written beside its final
+name and renamed, so processes starting together (torchrun) never load half a file. Without a
+compiler, or with ``INTRAIN_NATIVE=off`` in the environment, every rounding runs in PyTorch: the
+same bits, more time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("native.c")
+
+_TYPE_NAMES = {torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.int64: "i64",
+               torch.float32: "f32", torch.float64: "f64"}
+_INTEGER_INPUTS = ("i16", "i32", "i64")
+_OUTPUTS = ("i8", "i16")
+#: Stochastic noise is the top bits of one 32-bit draw (``rng.uniform_bits`` for bits <= 31).
+MAX_STOCHASTIC_SHIFT = 31
+
+
+def cache_dir() -> Path:
+    """Where intrain keeps what it measures or builds once per machine."""
+    return Path(os.environ.get("INTRAIN_CACHE_DIR") or Path.home().joinpath(".cache", "intrain"))
+
+
+def cpu_identity() -> str:
+    """The CPU's model name and a digest of its feature flags (Linux), else what platform knows."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                name, _, value = line.partition(":")
+                fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        pass
+    model = fields.get("model name") or platform.processor() or platform.machine()
+    flags = hashlib.sha256(fields.get("flags", "").encode()).hexdigest()[:16]
+    return f"{model}|{flags}"
+
+
+_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+
+
+def _build(compiler: str) -> Path | None:
+    source = SOURCE.read_bytes()
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
+                                 timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    key = hashlib.sha256(b"|".join([source, version.encode(), cpu_identity().encode(),
+                                    " ".join(_FLAGS).encode(), platform.machine().encode()]))
+    path = cache_dir().joinpath(f"native-{key.hexdigest()[:20]}.so")
+    if path.exists():
+        return path
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        done = subprocess.run([compiler, *_FLAGS, "-o", str(temporary), str(SOURCE)],
+                              capture_output=True, timeout=300)
+        if done.returncode != 0:
+            return None
+        os.replace(temporary, path)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, n, i, u32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
+    for t in _TYPE_NAMES.values():
+        fn = getattr(lib, f"intrain_max_abs_{t}")
+        fn.argtypes, fn.restype = [p, n], n
+    for out in _OUTPUTS:
+        for t in _INTEGER_INPUTS + ("f32", "f64"):
+            getattr(lib, f"intrain_round_nearest_{t}_{out}").argtypes = [p, p, n, i, n]
+        for t in _INTEGER_INPUTS:
+            getattr(lib, f"intrain_round_stochastic_{t}_{out}").argtypes = [p, p, n, i, n, u32, u32, u64]
+    for g in ("i32", "i64"):
+        for w in _OUTPUTS:
+            getattr(lib, f"intrain_update_pseudo_{g}_{w}").argtypes = [p, p, p, n, i, n]
+    for w in _OUTPUTS:
+        getattr(lib, f"intrain_add_into_i64_{w}").argtypes = [p, p, n]
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, or ``None`` (no compiler, a failed build, ``INTRAIN_NATIVE=off``)."""
+    if os.environ.get("INTRAIN_NATIVE", "on").lower() == "off":
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    path = _build(compiler) if compiler else None
+    if path is None:
+        return None
+    try:
+        lib = ctypes.CDLL(str(path))
+        _declare(lib)
+    except (OSError, AttributeError):
+        return None
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are in use on this machine."""
+    return library() is not None
+
+
+def _applies(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _TYPE_NAMES for t in tensors)
+
+
+def max_abs(a: torch.Tensor) -> int | None:
+    """``max |a|`` as a Python int (0 for an empty tensor), or ``None`` where the kernel does not
+    apply."""
+    lib = library()
+    if lib is None or not _applies(a):
+        return None
+    return getattr(lib, f"intrain_max_abs_{_TYPE_NAMES[a.dtype]}")(a.data_ptr(), a.numel())
+
+
+def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: torch.dtype,
+                key: tuple[int, int] | None = None, offset: int = 0) -> torch.Tensor | None:
+    """``shift_round(a, shift, mode, key, offset).clamp(-limit, limit).to(out_dtype)`` for mode
+    "nearest" or "stochastic", in one pass; ``None`` where the kernel does not apply."""
+    lib = library()
+    name, out = _TYPE_NAMES.get(a.dtype), _TYPE_NAMES.get(out_dtype)
+    if lib is None or not _applies(a) or out not in _OUTPUTS:
+        return None
+    values = torch.empty(a.shape, dtype=out_dtype)
+    if mode == "nearest":
+        getattr(lib, f"intrain_round_nearest_{name}_{out}")(a.data_ptr(), values.data_ptr(), a.numel(),
+                                                             shift, limit)
+        return values
+    if mode != "stochastic" or name not in _INTEGER_INPUTS or shift > MAX_STOCHASTIC_SHIFT:
+        return None
+    if key is None:
+        raise ValueError("stochastic rounding needs a random key")
+    if offset < 0 or offset + a.numel() > 2**32:
+        raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
+    getattr(lib, f"intrain_round_stochastic_{name}_{out}")(a.data_ptr(), values.data_ptr(), a.numel(),
+                                                            shift, limit, key[0], key[1], offset)
+    return values
+
+
+def update_pseudo(weight: torch.Tensor, grad: torch.Tensor, shift: int, limit: int) -> torch.Tensor | None:
+    """``clamp(weight - shift_round(grad, shift, "pseudo"), -limit, limit)`` in the weight's
+    dtype, in one pass; ``None`` where the kernel does not apply."""
+    lib = library()
+    g, w = _TYPE_NAMES.get(grad.dtype), _TYPE_NAMES.get(weight.dtype)
+    if (lib is None or not _applies(weight, grad) or g not in ("i32", "i64") or w not in _OUTPUTS
+            or weight.shape != grad.shape):
+        return None
+    updated = torch.empty_like(weight)
+    getattr(lib, f"intrain_update_pseudo_{g}_{w}")(weight.data_ptr(), grad.data_ptr(), updated.data_ptr(),
+                                                   grad.numel(), shift, limit)
+    return updated
+
+
+def add_into_int64(total: torch.Tensor, values: torch.Tensor) -> bool:
+    """``total += values`` for an int64 ``total`` and int8 or int16 ``values`` of its shape, in
+    one pass; False (nothing done) where the kernel does not apply."""
+    lib = library()
+    name = _TYPE_NAMES.get(values.dtype)
+    if (lib is None or total.dtype != torch.int64 or name not in _OUTPUTS or not _applies(total, values)
+            or total.shape != values.shape):
+        return False
+    getattr(lib, f"intrain_add_into_i64_{name}")(total.data_ptr(), values.data_ptr(), values.numel())
+    return True

@@ -1,0 +1,194 @@
+"""The C rounding kernels (``numeric.native``) give the PyTorch code's bits: for every input and
+output type they take, every shift, random values and each type's extremes (its maximum and
+minus it, ties, zero), through the public functions that use them (``requantize``,
+``max_bit_length``, ``apply_update``, ``exact_to_int8``) against the same functions with the
+kernels switched off. A machine without a C compiler has no kernels to check: the build test
+says so instead of passing."""
+
+from __future__ import annotations
+
+import shutil
+from unittest import mock
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from intrain.kernels.cpu import exact_to_int8
+from intrain.methods.update import apply_update
+from intrain.numeric import native, rng
+from intrain.numeric.requant import requantize
+from intrain.numeric.rounding import max_bit_length
+
+INPUTS = (torch.int16, torch.int32, torch.int64)
+
+
+def torch_only(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` with the C kernels switched off: the PyTorch code's result."""
+    with mock.patch.object(native, "library", lambda: None):
+        return fn(*args, **kwargs)
+
+
+def test_library_builds_where_there_is_a_compiler():
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("no C compiler on this machine: the PyTorch code runs instead (same bits)")
+    assert native.available(), "cc is here but numeric/native.c did not build or load"
+
+
+needs_native = pytest.mark.skipif(not native.available(), reason="numeric/native.c not built here")
+
+
+def _extremes(dtype: torch.dtype, shift: int) -> torch.Tensor:
+    """Each type's largest magnitudes, zero, one, and the ties and near-ties of ``shift``."""
+    top = torch.iinfo(dtype).max if not dtype.is_floating_point else 2**53 - 1
+    values = [0, 1, -1, top, -top, top - 1, -(top - 1)]
+    if shift > 0:
+        half = 2 ** (shift - 1)
+        for k in (1, 3, 5, 2**10 + 1):
+            for delta in (-1, 0, 1):
+                v = k * half + delta
+                if v <= top:
+                    values += [v, -v]
+    return torch.tensor(values, dtype=torch.int64).to(dtype)
+
+
+def _random(dtype: torch.dtype, bits: int, n: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    limit = 2 ** bits - 1
+    return torch.randint(-limit, limit + 1, (n,), generator=generator, dtype=torch.int64).to(dtype)
+
+
+def _input_bits(dtype: torch.dtype) -> int:
+    """Magnitude bits the callers may pass: int64 accumulators stay below 2**62."""
+    if dtype.is_floating_point:
+        return 53
+    return min(torch.iinfo(dtype).bits - 1, 62)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", INPUTS + (torch.int8,))
+def test_max_bit_length(dtype):
+    for bits in range(0, _input_bits(dtype) + 1, 3):
+        for a in (_random(dtype, bits, 1000, bits), _extremes(dtype, 0), torch.zeros(0, dtype=dtype)):
+            assert native.max_abs(a) is not None
+            assert int(max_bit_length(a)) == int(torch_only(max_bit_length, a))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", INPUTS)
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("mode", ("nearest", "stochastic"))
+def test_requantize_every_shift(dtype, bits, mode):
+    e = torch.tensor(-3, dtype=torch.int64)
+    key = rng.derive_key(7, 11, 3, rng.STREAM_ROUNDING)
+    top = _input_bits(dtype)
+    if mode == "stochastic":
+        top = min(top, 31 + bits - 1)  # longer shifts take the PyTorch path on both sides
+    for length in range(0, top + 1):
+        shift = max(length - (bits - 1), 0)
+        for a in (_random(dtype, length, 3000, length), _extremes(dtype, shift)):
+            a = a.clamp(-(2**length - 1), 2**length - 1) if length < _input_bits(dtype) else a
+            a = a.reshape(-1, 3) if a.numel() % 3 == 0 else a
+            out = torch.int8 if bits == 8 else torch.int16
+            assert native.round_shift(a, shift, mode, 2 ** (bits - 1) - 1, out, key, 5) is not None
+            fast = requantize(a, e, bits, mode, key, offset=5)
+            slow = torch_only(requantize, a, e, bits, mode, key, offset=5)
+            assert fast.v.dtype == slow.v.dtype and int(fast.e) == int(slow.e)
+            assert torch.equal(fast.v, slow.v), (dtype, bits, mode, length)
+
+
+@needs_native
+@given(values=st.lists(st.integers(-(2**31 - 1), 2**31 - 1), min_size=1, max_size=200),
+       offset=st.integers(0, 2**32 - 200), seed=st.integers(0, 2**20))
+@settings(max_examples=150, deadline=None)
+def test_stochastic_matches_the_counter_stream(values, offset, seed):
+    """Noise of element i = stream position offset + i, as ``rng.uniform_bits`` draws it."""
+    a = torch.tensor(values, dtype=torch.int32)
+    key = rng.derive_key(seed, 1, 2, rng.STREAM_ROUNDING)
+    e = torch.zeros((), dtype=torch.int64)
+    fast = requantize(a, e, 8, "stochastic", key, offset=offset)
+    slow = torch_only(requantize, a, e, 8, "stochastic", key, offset=offset)
+    assert torch.equal(fast.v, slow.v) and int(fast.e) == int(slow.e)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.int32, torch.int64))
+def test_exact_to_int8(dtype):
+    exact_bits = 24 if dtype == torch.float32 else _input_bits(dtype) if not dtype.is_floating_point else 53
+    for length in range(0, exact_bits + 1):
+        for a in (_random(torch.int64, length, 2000, length), _extremes(torch.int64, max(length - 7, 0))):
+            a = a.clamp(-(2**length - 1), 2**length - 1).to(dtype)
+            assert native.round_shift(a, 0, "nearest", 127, torch.int8) is not None
+            fast = exact_to_int8(a.clone())
+            slow = torch_only(exact_to_int8, a.clone())
+            assert torch.equal(fast[0], slow[0]) and int(fast[1]) == int(slow[1]), (dtype, length)
+
+
+@needs_native
+@pytest.mark.parametrize("grad_dtype", (torch.int32, torch.int64))
+@pytest.mark.parametrize("weight_dtype", (torch.int8, torch.int16))
+def test_update(grad_dtype, weight_dtype):
+    limit = torch.iinfo(weight_dtype).max
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randint(-limit, limit + 1, (40, 25), generator=generator).to(weight_dtype)
+    weight.view(-1)[:4] = torch.tensor([limit, -limit, limit, -limit])
+    top = 30 if grad_dtype == torch.int32 else 40
+    for length in range(0, top + 1):
+        grad = _random(torch.int64, length, 1000, length).reshape(40, 25)
+        grad.view(-1)[:4] = torch.tensor([2**length - 1, -(2**length - 1), -(2**length - 1), 2**length - 1])
+        grad = grad.to(grad_dtype)
+        assert native.update_pseudo(weight, grad, 0, limit) is not None
+        for mu in (0, 1, 4, 12):
+            fast = apply_update(weight, grad, mu)
+            slow = torch_only(apply_update, weight, grad, mu)
+            assert fast.dtype == slow.dtype == weight_dtype
+            assert torch.equal(fast, slow), (grad_dtype, weight_dtype, length, mu)
+
+
+@needs_native
+def test_kernels_decline_what_they_do_not_take():
+    """Non-contiguous tensors, unknown modes and long stochastic shifts go to the PyTorch code."""
+    a = torch.arange(12, dtype=torch.int32).reshape(3, 4)
+    assert native.round_shift(a.t(), 1, "nearest", 127, torch.int8) is None
+    assert native.round_shift(a, 1, "pseudo", 127, torch.int8) is None
+    assert native.round_shift(a.to(torch.int64), 32, "stochastic", 127, torch.int8, (1, 2)) is None
+    assert native.round_shift(a, 1, "nearest", 127, torch.int32) is None
+    assert native.update_pseudo(torch.zeros(4, 3, dtype=torch.int8), a, 1, 127) is None
+    assert native.max_abs(a.t()) is None
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.int8, torch.int16))
+def test_add_into_int64(dtype):
+    limit = torch.iinfo(dtype).max
+    values = torch.tensor([limit, -limit, 0, 1, -1, torch.iinfo(dtype).min], dtype=dtype).repeat(50)
+    total = torch.full(values.shape, 2**40, dtype=torch.int64)
+    expected = total + values.to(torch.int64)
+    assert native.add_into_int64(total, values)
+    assert torch.equal(total, expected)
+    assert not native.add_into_int64(total.to(torch.int32), values)  # only int64 sums
+    assert not native.add_into_int64(total[::2], values[::2])  # not contiguous
+
+
+@needs_native
+def test_an_integer_step_gives_the_kernels_integer_tensors_only(monkeypatch):
+    """What the integer-only audit (``tests/test_integer_only.py``, kernels off) cannot see: in a
+    LeNet-5 step with the reference kernels, int16 masters, stochastic error rounding and weight
+    averaging, every tensor the C kernels receive is an integer tensor (their float inputs exist
+    for the cpu backend's float path only)."""
+    from intrain.methods.niti import Niti, NitiOptions
+    from intrain.models import build_int_model
+    from intrain.numeric.qtensor import QTensor
+
+    seen = []
+    for name in ("max_abs", "round_shift", "update_pseudo", "add_into_int64"):
+        def spy(*args, real=getattr(native, name), **kwargs):
+            seen.extend(a.dtype for a in args if isinstance(a, torch.Tensor))
+            return real(*args, **kwargs)
+        monkeypatch.setattr(native, name, spy)
+    options = NitiOptions(mu_schedule="0:2", weight_bits=16, error_rounding="stochastic")
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt)
+    generator = torch.Generator().manual_seed(0)
+    x = QTensor.of(torch.randint(0, 128, (8, 1, 28, 28), generator=generator).to(torch.int8), -7)
+    Niti(model, options, seed=0).train_step(x, torch.randint(0, 10, (8,), generator=generator), 0, 0)
+    assert len(seen) > 20 and not any(dtype.is_floating_point for dtype in seen), seen
