@@ -17,6 +17,7 @@ from hypothesis import given, settings, strategies as st
 from intrain.kernels.cpu import exact_to_int8
 from intrain.methods.update import apply_update
 from intrain.numeric import native, rng
+from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize
 from intrain.numeric.rounding import max_bit_length
 
@@ -192,3 +193,28 @@ def test_an_integer_step_gives_the_kernels_integer_tensors_only(monkeypatch):
     x = QTensor.of(torch.randint(0, 128, (8, 1, 28, 28), generator=generator).to(torch.int8), -7)
     Niti(model, options, seed=0).train_step(x, torch.randint(0, 10, (8,), generator=generator), 0, 0)
     assert len(seen) > 20 and not any(dtype.is_floating_point for dtype in seen), seen
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.int8, torch.int16))
+def test_softmax_gradient(dtype):
+    """The loss gradient (``methods.loss.cross_entropy_grad``) with the C kernel equals the PyTorch
+    code's at every logit exponent from far below to far above the table's range (right shifts
+    past 63 bits, left shifts capped at 32), for random logits, equal logits, and rows holding the
+    type's extremes."""
+    from intrain.methods.loss import cross_entropy_grad
+
+    top = torch.iinfo(dtype).max
+    generator = torch.Generator().manual_seed(0)
+    random = torch.randint(-top, top + 1, (40, 10), generator=generator, dtype=torch.int64)
+    extremes = torch.tensor([[top, -top] + [0] * 8, [-top - 1] * 10, [top] * 10, [-top - 1, top] + [-1] * 8])
+    for values in (random, extremes):
+        v = values.to(dtype)
+        target = torch.randint(0, 10, (v.shape[0],), generator=generator)
+        for e in list(range(-80, 20, 3)) + [-40, -8, -7, -6, 0, 60]:
+            logits = QTensor(v, torch.tensor(e))
+            fast = cross_entropy_grad(logits, target, seed=3, step=e + 100)
+            slow = torch_only(cross_entropy_grad, logits, target, seed=3, step=e + 100)
+            assert torch.equal(fast.v, slow.v) and int(fast.e) == int(slow.e), (dtype, e)
+    with pytest.raises(IndexError, match="target class"):
+        cross_entropy_grad(QTensor(v, torch.tensor(0)), torch.full((v.shape[0],), 10), seed=0, step=0)

@@ -35,7 +35,8 @@ def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
     carry strides that fit both layouts: ``w.t()`` of a [2, 1] weight is [1, 2] with strides
     (1, 1), for which ``torch._int_mm`` returned garbage (PyTorch 2.13.0 on CPU; found by
     ``test_cpu_linear_matches_reference``). Such operands are vectors, so the copy is small."""
-    if min(t.shape) > 1 and (t.is_contiguous() or t.t().is_contiguous()):
+    rows, cols = t.shape
+    if rows > 1 and cols > 1 and (t.stride() == (cols, 1) or t.stride() == (1, rows)):
         return t
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 

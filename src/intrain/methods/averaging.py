@@ -33,6 +33,7 @@ class WeightAverage:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
+        self.layers = weighted_layers(model)  # the model's structure is fixed once built
         self.sums: list[torch.Tensor] | None = None
         self.count = 0
 
@@ -40,7 +41,7 @@ class WeightAverage:
         self.sums, self.count = None, 0
 
     def accumulate(self) -> None:
-        targets = [layer.update_target for layer in weighted_layers(self.model)]
+        targets = [layer.update_target for layer in self.layers]
         if self.sums is None:
             self.sums = [t.to(torch.int64) for t in targets]
         else:

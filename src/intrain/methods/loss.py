@@ -27,9 +27,11 @@ makes the exponential finer at no float cost, and the wider scales keep small pr
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from intrain.numeric import rng
+from intrain.numeric import native, rng
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.formats import NITI_INT8, NumberFormat
@@ -62,13 +64,19 @@ def _exp2_fraction_table() -> list[int]:
 EXP2_FRACTION_TABLE = _exp2_fraction_table()
 
 
+@functools.cache
+def _exp2_table(device: torch.device) -> torch.Tensor:
+    """``EXP2_FRACTION_TABLE`` as an int64 tensor on ``device``, made once (read only: indexed)."""
+    return torch.tensor(EXP2_FRACTION_TABLE, dtype=torch.int64, device=device)
+
+
 def softmax_scaled(logits: QTensor) -> torch.Tensor:
     """Integer softmax of each row scaled to ``2**PROB_BITS`` (int64, rows sum to about that)."""
     v = logits.v.to(torch.int64) * LOG2E_Q15
     shift = 15 - FRACTION_BITS - logits.e
     t = torch.where(shift >= 0, v >> shift.clamp(min=0), v << (-shift).clamp(min=0, max=32))
     u = t.amax(dim=1, keepdim=True) - t
-    table = torch.tensor(EXP2_FRACTION_TABLE, dtype=torch.int64, device=v.device)
+    table = _exp2_table(v.device)
     whole = (u >> FRACTION_BITS).clamp(max=62)
     exp = table[u & ((1 << FRACTION_BITS) - 1)] >> whole
     return torch.div(exp << PROB_BITS, exp.sum(dim=1, keepdim=True), rounding_mode="floor")
@@ -81,9 +89,14 @@ def cross_entropy_grad(logits: QTensor, target: torch.Tensor, seed: int, step: i
     one starting at sample ``sample_offset`` (see module docstring)."""
     if logits.v.dim() != 2:
         raise ValueError(f"logits must be [batch, classes], got shape {tuple(logits.v.shape)}")
-    g = softmax_scaled(logits)
-    rows = torch.arange(g.shape[0], device=g.device)
-    g[rows, target] -= 1 << PROB_BITS
+    g = None
+    if logits.v.device.type == "cpu":  # one C pass per row where it applies, same integers
+        g = native.softmax_gradient(logits.v, int(logits.e), target, _exp2_table(logits.v.device),
+                                    LOG2E_Q15, FRACTION_BITS, PROB_BITS)
+    if g is None:
+        g = softmax_scaled(logits)
+        rows = torch.arange(g.shape[0], device=g.device)
+        g[rows, target] -= 1 << PROB_BITS
     key = rng.derive_key(seed, step, rng.STREAM_LOSS_ROUNDING)
     exponent = torch.full((), -PROB_BITS, dtype=torch.int64, device=g.device)
     return fmt.requantize(g, exponent, mode="stochastic", key=key, offset=sample_offset * g.shape[1],

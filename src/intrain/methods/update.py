@@ -111,12 +111,13 @@ class IntegerUpdate:
         self.model = model
         self.mu_schedule = mu_schedule
         self.collective = collective
+        self.layers = weighted_layers(model)  # the model's structure is fixed once built
 
     def step(self, epoch: int, within: torch.nn.Module | None = None) -> None:
         """Update every layer of the model (of ``within``, a part of it, when given) that holds a
         gradient, and free the gradient."""
         mu = self.mu_schedule(epoch)
-        for layer in weighted_layers(self.model if within is None else within):
+        for layer in self.layers if within is None else weighted_layers(within):
             if layer.weight_grad is None:
                 continue
             target = layer.update_target

@@ -111,30 +111,33 @@ ROUND_STOCHASTIC(i64, int64_t, i16, int16_t)
 
 /* The discarded s bits of |g| split into the upper ceil(s/2) (the probability) and the lower
  * floor(s/2) (the pseudo-random number, doubled for odd s); the magnitude rounds up when the
- * first exceeds the second (numeric/rounding.py, mode "pseudo"). |w| <= 2**15 and the step is at
- * most 2**m + 1 for the update widths methods/update.py allows, far inside int64. */
-#define UPDATE_PSEUDO(GNAME, G, WNAME, W)                                                          \
+ * first exceeds the second (numeric/rounding.py, mode "pseudo"). The arithmetic runs in the
+ * gradient's own type A (int32 or int64), as the PyTorch code's does, so the int32 loop
+ * vectorises: |w| <= 2**15 and the step is at most 2**m + 1 <= 2**24 + 1 for the update widths
+ * methods/update.py allows, so w - step cannot wrap. */
+#define UPDATE_PSEUDO(GNAME, G, BITS, WNAME, W)                                                    \
     void intrain_update_pseudo_##GNAME##_##WNAME(const W *w, const G *g, W *out, int64_t n, int s,  \
                                                  int64_t limit) {                                  \
         const int low_width = s >> 1, high_width = s - low_width;                                  \
-        const int64_t mask = ((int64_t)1 << s) - 1, low_mask = ((int64_t)1 << low_width) - 1;      \
+        const G mask = (G)(((int64_t)1 << s) - 1), low_mask = (G)(((int64_t)1 << low_width) - 1);  \
+        const G lim = (G)limit;                                                                    \
         for (int64_t i = 0; i < n; i++) {                                                          \
-            int64_t v = (int64_t)g[i];                                                             \
-            int64_t sign = v >> 63;                                                                \
-            int64_t magnitude = (v ^ sign) - sign;                                                 \
-            int64_t discarded = magnitude & mask;                                                  \
-            int64_t probability = discarded >> low_width;                                          \
-            int64_t pseudo_random = (discarded & low_mask) << (high_width - low_width);            \
-            int64_t rounded = (magnitude >> s) + (probability > pseudo_random);                    \
-            int64_t updated = (int64_t)w[i] - ((rounded ^ sign) - sign);                           \
-            out[i] = (W)CLAMP(updated, limit);                                                     \
+            G v = g[i];                                                                            \
+            G sign = v >> ((BITS) - 1);                                                            \
+            G magnitude = (v ^ sign) - sign;                                                       \
+            G discarded = magnitude & mask;                                                        \
+            G probability = discarded >> low_width;                                                \
+            G pseudo_random = (G)((discarded & low_mask) << (high_width - low_width));             \
+            G rounded = (G)((magnitude >> s) + (probability > pseudo_random));                     \
+            G updated = (G)((G)w[i] - ((rounded ^ sign) - sign));                                  \
+            out[i] = (W)CLAMP(updated, lim);                                                       \
         }                                                                                          \
     }
 
-UPDATE_PSEUDO(i32, int32_t, i8, int8_t)
-UPDATE_PSEUDO(i64, int64_t, i8, int8_t)
-UPDATE_PSEUDO(i32, int32_t, i16, int16_t)
-UPDATE_PSEUDO(i64, int64_t, i16, int16_t)
+UPDATE_PSEUDO(i32, int32_t, 32, i8, int8_t)
+UPDATE_PSEUDO(i64, int64_t, 64, i8, int8_t)
+UPDATE_PSEUDO(i32, int32_t, 32, i16, int16_t)
+UPDATE_PSEUDO(i64, int64_t, 64, i16, int16_t)
 
 /* --------------------------------------- weight averaging: int64 running sums of int8/int16 */
 
@@ -148,3 +151,50 @@ UPDATE_PSEUDO(i64, int64_t, i16, int16_t)
 
 ADD_INTO_I64(i8, int8_t)
 ADD_INTO_I64(i16, int16_t)
+
+/* ------------------------------- the integer softmax cross-entropy gradient (methods/loss.py) */
+
+/* Per row of logits v (int8 or int16) with exponent e: t = v * log2e_q15 shifted right by
+ * `shift` = 15 - fraction_bits - e (left by at most 32 when negative; right shifts of 64 bits
+ * or more act as 63, as PyTorch's do), u = max(t) - t, E = table[u mod 2**f] >> min(u >> f, 62),
+ * g = floor(E * 2**prob_bits / sum(E)), minus 2**prob_bits at the target class. Every value is
+ * the PyTorch code's: |t| < 2**55 for int8 logits (< 2**63 for 16-bit ones), E <= 2**24, so
+ * E * 2**prob_bits < 2**39, and sum(E) >= 2**24 (the row maximum maps to table[0]).
+ * With 16-bit logits at exponents above about 30, max(t) - t can pass 2**63: it wraps in both
+ * codes alike (u < 0 then gives E = 0, as PyTorch's right shift by a negative amount does).
+ * Returns -1 (nothing meaningful written) when a target is outside [0, cols). */
+#define SOFTMAX_GRAD(NAME, T)                                                                      \
+    int intrain_softmax_grad_##NAME(const T *v, const int64_t *target, const int64_t *table,        \
+                                    int64_t *g, int64_t rows, int64_t cols, int64_t shift,          \
+                                    int64_t log2e_q15, int fraction_bits, int prob_bits) {         \
+        const int right = shift >= 0 ? (shift > 63 ? 63 : (int)shift) : 0;                       \
+        const int left = shift < 0 ? (-shift > 32 ? 32 : (int)-shift) : 0;                       \
+        const int64_t fraction_mask = ((int64_t)1 << fraction_bits) - 1;                           \
+        for (int64_t r = 0; r < rows; r++) {                                                       \
+            const T *row = v + r * cols;                                                           \
+            int64_t *out = g + r * cols;                                                           \
+            if (target[r] < 0 || target[r] >= cols) return -1;                                     \
+            int64_t top = INT64_MIN;                                                               \
+            for (int64_t j = 0; j < cols; j++) {                                                   \
+                int64_t t = (int64_t)row[j] * log2e_q15;                                           \
+                t = shift >= 0 ? t >> right : (int64_t)((uint64_t)t << left);                      \
+                out[j] = t;                                                                        \
+                top = t > top ? t : top;                                                           \
+            }                                                                                      \
+            int64_t total = 0;                                                                     \
+            for (int64_t j = 0; j < cols; j++) {                                                   \
+                int64_t u = (int64_t)((uint64_t)top - (uint64_t)out[j]);                           \
+                int64_t whole = u >> fraction_bits;                                                \
+                int64_t entry = table[u & fraction_mask];                                          \
+                out[j] = whole < 0 ? entry >> 63 : entry >> (whole > 62 ? 62 : whole);            \
+                total += out[j];                                                                   \
+            }                                                                                      \
+            for (int64_t j = 0; j < cols; j++)                                                     \
+                out[j] = (out[j] << prob_bits) / total;                                            \
+            out[target[r]] -= (int64_t)1 << prob_bits;                                             \
+        }                                                                                          \
+        return 0;                                                                                  \
+    }
+
+SOFTMAX_GRAD(i8, int8_t)
+SOFTMAX_GRAD(i16, int16_t)

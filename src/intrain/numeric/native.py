@@ -111,6 +111,8 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"intrain_update_pseudo_{g}_{w}").argtypes = [p, p, p, n, i, n]
     for w in _OUTPUTS:
         getattr(lib, f"intrain_add_into_i64_{w}").argtypes = [p, p, n]
+        fn = getattr(lib, f"intrain_softmax_grad_{w}")
+        fn.argtypes, fn.restype = [p, p, p, p, n, n, n, n, i, i], i
 
 
 @functools.cache
@@ -196,3 +198,24 @@ def add_into_int64(total: torch.Tensor, values: torch.Tensor) -> bool:
         return False
     getattr(lib, f"intrain_add_into_i64_{name}")(total.data_ptr(), values.data_ptr(), values.numel())
     return True
+
+
+def softmax_gradient(logits: torch.Tensor, e: int, target: torch.Tensor, table: torch.Tensor,
+                     log2e_q15: int, fraction_bits: int, prob_bits: int) -> torch.Tensor | None:
+    """``methods.loss``'s integer ``softmax(z) - onehot(target)`` scaled by ``2**prob_bits`` (int64
+    [N, K]) from int8 or int16 logits [N, K] with exponent ``e``, in one pass per row; ``None``
+    where the kernel does not apply."""
+    lib = library()
+    name = _TYPE_NAMES.get(logits.dtype)
+    if (lib is None or name not in _OUTPUTS or logits.dim() != 2 or target.dtype != torch.int64
+            or table.dtype != torch.int64 or not _applies(logits, target, table)
+            or target.shape != logits.shape[:1]):
+        return None
+    rows, cols = logits.shape
+    g = torch.empty((rows, cols), dtype=torch.int64)
+    status = getattr(lib, f"intrain_softmax_grad_{name}")(
+        logits.data_ptr(), target.data_ptr(), table.data_ptr(), g.data_ptr(), rows, cols,
+        15 - fraction_bits - e, log2e_q15, fraction_bits, prob_bits)
+    if status != 0:
+        raise IndexError(f"a target class is outside [0, {cols}): labels must index the logits")
+    return g
