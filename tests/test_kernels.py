@@ -581,6 +581,8 @@ def test_cpu_handles_minus_128_and_noncontiguous():
     # empty batch
     both("conv2d_forward", x[:0], wt)
     both("linear_forward", xl[:0], wl)
+    # the weight gradient of an empty batch (an empty data-parallel shard): an empty reduction
+    both("linear_backward_weight", xl[:0, :30], xl[:0])
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 1, 2), (2, 1, 1), (1, 3, 1), (3, 1, 4), (1, 5, 6), (6, 5, 1)])

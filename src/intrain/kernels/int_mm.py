@@ -5,12 +5,12 @@ backend and the cpu backend's int8 GEMM path.
 divisible by 8, contiguous operands) are met by zero padding, which adds nothing to any sum. The
 cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
 column-major operands (``_gemm_operand``), and the padded, contiguous copies cost more than the
-product on small layers (an MLP layer
-784 -> 100 at batch 64: 79 us for the product of the transposed weight as it is, 325 us with its
-contiguous copy, 368 us padded; ``python benchmarks/native_speed.py`` times whole steps). The
-cuda backend pads on every device, so the tests run the padding on CPU tensors too. Integer
-ranges: an int32 sum of at most ``INT32_REDUCTION`` products of int8 operands (each of magnitude
-<= 2**14) cannot wrap; longer reductions are cut into such pieces, added in int64.
+product on small layers (an MLP layer 784 -> 100 at batch 64, 1 thread of the Xeon of
+BENCHMARKS.md with other jobs running: 79 us for the product of the transposed weight as it is,
+325 us with its contiguous copy, 368 us padded; ``python benchmarks/native_speed.py`` times whole
+steps). The cuda backend pads on every device, so the tests run the padding on CPU tensors too.
+Integer ranges: an int32 sum of at most ``INT32_REDUCTION`` products of int8 operands (each of
+magnitude <= 2**14) cannot wrap; longer reductions are cut into such pieces, added in int64.
 """
 
 from __future__ import annotations

@@ -1,14 +1,16 @@
-"""One-pass C kernels for the elementwise rounding of CPU tensors (``native.c``), with the bits of
-the PyTorch code in ``numeric.rounding``, ``numeric.requant`` and ``methods.update``.
+"""One-pass C kernels for the elementwise integer work of a training step on CPU tensors
+(``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
+``methods.update``, ``methods.averaging`` and ``methods.loss``.
 
 Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
 requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
 subtract) plus the clip and the narrowing copy, stochastic rounding about twenty (the counter
 hash), NITI's pseudo-stochastic update about a dozen, adding int8 weights into int64 sums a
-conversion and an add; each kernel here is one pass over the data
-and one call (``python benchmarks/native_speed.py`` times both sides). The PyTorch code stays the
-reference and the path on every other device; ``tests/test_native.py`` checks every kernel
-against it bit for bit, on random values and on the extremes of each type.
+conversion and an add, the integer softmax gradient about twenty small operations; each kernel
+here is one pass over the data and one call (``python benchmarks/native_speed.py`` times whole
+steps both ways). The PyTorch code stays the reference and the path on every other device;
+``tests/test_native.py`` checks every kernel against it bit for bit, on random values and on the
+extremes of each type.
 
 Each function returns ``None`` where its kernel does not apply (no compiled library, a tensor
 not on the CPU or not contiguous, a dtype or shift it does not take): the caller then runs the

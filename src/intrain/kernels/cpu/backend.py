@@ -103,6 +103,8 @@ class CpuBackend(Backend):
         """Exact ``a @ b`` for integer a [M, K], b [K, R] (any strides): a float tensor holding
         the exact integer results, or an int64 tensor."""
         k = a.shape[1]
+        if k == 0:  # an empty reduction (a weight gradient of an empty data-parallel shard)
+            return torch.zeros((a.shape[0], b.shape[1]), dtype=torch.int64)
         ma, mb = absmax(a), absmax(b)
         n_grains = min(k, self.settings.mm_grains)
         edges = [(i * k) // n_grains for i in range(n_grains + 1)]
