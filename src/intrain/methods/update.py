@@ -30,7 +30,7 @@ from intrain.layers import weighted_layers
 from intrain.numeric import native
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.requant import cpu_slices
-from intrain.numeric.rounding import max_bit_length, shift_round
+from intrain.numeric.rounding import cpu_max_bit_length, max_bit_length, shift_round
 
 
 #: The range a schedule may name; a method narrows it to what its format can use (a negative mu
@@ -83,15 +83,14 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
     """The new weight after one integer update with ``mu`` bits (see module docstring), in the
     weight's dtype: int8 clipped to [-127, 127], or an int16 master clipped to [-32767, 32767]."""
     limit = torch.iinfo(weight.dtype).max
-    largest = native.max_abs(grad)  # the C kernels where they apply: two passes, same bits
-    if largest is not None:
-        updated = native.update_pseudo(weight, grad, max(largest.bit_length() - mu, 0), limit)
-        if updated is not None:
-            return updated
-    shift = (max_bit_length(grad) - mu).clamp(min=0)
     if grad.device.type != "cpu":
+        shift = (max_bit_length(grad) - mu).clamp(min=0)
         step = shift_round(grad, shift, "pseudo")
         return (weight.to(torch.int64) - step).clamp(-limit, limit).to(weight.dtype)
+    shift = max(cpu_max_bit_length(grad) - mu, 0)
+    updated = native.update_pseudo(weight, grad, shift, limit)  # one C pass where it applies
+    if updated is not None:
+        return updated
     # Else on CPU a slice of rows at a time: the rounding's temporaries stay small (they were the
     # peak of a VGG-small-7 step's tensor memory, eight of them the size of the largest gradient).
     # The difference in the step's own dtype (int32 for int32 gradients: |w| <= 2**15 and

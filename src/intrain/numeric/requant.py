@@ -23,7 +23,7 @@ import torch
 
 from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.rounding import max_bit_length, shift_round
+from intrain.numeric.rounding import cpu_max_bit_length, max_bit_length, shift_round
 
 _STORAGE = {8: torch.int8, 16: torch.int16}
 
@@ -44,11 +44,17 @@ def requantize(
         raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
     limit = 2 ** (bits - 1) - 1
     if a.device.type == "cpu":
-        fast = _requantize_native(a, e, bits, mode, key, offset, reduce_max)
-        if fast is not None:
-            return fast
-    length = max_bit_length(a) if reduce_max is None else reduce_max(max_bit_length(a))
-    shift = (length - (bits - 1)).clamp(min=0)
+        length = cpu_max_bit_length(a)
+        if reduce_max is not None:
+            length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+        shift = max(length - (bits - 1), 0)
+        values = native.round_shift(a, shift, mode, limit, _STORAGE[bits], key, offset)  # one C pass
+        if values is not None:
+            return QTensor(values, e + shift)
+        shift = torch.tensor(shift, dtype=torch.int64)
+    else:
+        length = max_bit_length(a) if reduce_max is None else reduce_max(max_bit_length(a))
+        shift = (length - (bits - 1)).clamp(min=0)
     if mode != "nearest" or a.device.type != "cpu":
         v = shift_round(a, shift, mode, key, offset).clamp_(-limit, limit).to(_STORAGE[bits])
         return QTensor(v, e + shift)
@@ -56,23 +62,6 @@ def requantize(
     for rows in cpu_slices(a):
         v[rows] = shift_round(a[rows], shift, mode).clamp_(-limit, limit)
     return QTensor(v, e + shift)
-
-
-def _requantize_native(a: torch.Tensor, e: torch.Tensor, bits: int, mode: str, key, offset: int,
-                       reduce_max) -> QTensor | None:
-    """``requantize`` by the C kernels (``numeric.native``: one pass for the maximum, one for
-    the rounding, the shift as a Python int), or ``None`` where they do not apply."""
-    if mode not in ("nearest", "stochastic"):
-        return None
-    largest = native.max_abs(a)
-    if largest is None:
-        return None
-    length = largest.bit_length()
-    if reduce_max is not None:
-        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
-    shift = max(length - (bits - 1), 0)
-    values = native.round_shift(a, shift, mode, 2 ** (bits - 1) - 1, _STORAGE[bits], key, offset)
-    return None if values is None else QTensor(values, e + shift)
 
 
 #: Largest exponent gap bridged exactly by ``add_aligned``: int16 values (< 2**15) shifted left by

@@ -39,21 +39,29 @@ def bit_length(m: torch.Tensor) -> torch.Tensor:
 
 def max_bit_length(a: torch.Tensor) -> torch.Tensor:
     """Bit length of ``max |a|`` as a 0-d int64 tensor."""
+    if a.device.type == "cpu":
+        return torch.tensor(cpu_max_bit_length(a), dtype=torch.int64)
     if a.numel() == 0:
         return torch.zeros((), dtype=torch.int64, device=a.device)
     # One reading pass and no |a| temporary (which cost as much as the rest of a requantisation
     # on VGG-sized accumulators); the extremes are widened to int64 before negation so that an
     # int8/int16/int32 minimum cannot wrap around (int64 accumulators stay far below 2**63).
-    if a.device.type == "cpu":
-        largest = native.max_abs(a)  # one C pass and no tensor for the result, where it applies
-        if largest is not None:
-            return torch.tensor(largest.bit_length(), dtype=torch.int64)
     low, high = torch.aminmax(_in_memory_order(a))
-    if a.device.type == "cpu":
-        # Python integers: no device to stay on, and a handful of small tensor operations fewer
-        # for every requantisation and update (they add up on small models).
-        return torch.tensor(max(int(high), -int(low)).bit_length(), dtype=torch.int64)
     return bit_length(torch.maximum(high.to(torch.int64), -low.to(torch.int64)))
+
+
+def cpu_max_bit_length(a: torch.Tensor) -> int:
+    """Bit length of ``max |a|`` for a CPU tensor (integers, or floats holding exact integers) as
+    a Python int: no device to stay on, and a handful of small tensor operations fewer for every
+    requantisation and update (they add up on small models). One C pass where the kernel applies
+    (``numeric.native``), else one ``aminmax`` pass."""
+    largest = native.max_abs(a)
+    if largest is None:
+        if a.numel() == 0:
+            return 0
+        low, high = torch.aminmax(_in_memory_order(a))
+        largest = max(int(high), -int(low))
+    return largest.bit_length()
 
 
 def _in_memory_order(a: torch.Tensor) -> torch.Tensor:

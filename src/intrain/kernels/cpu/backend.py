@@ -21,7 +21,7 @@ from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric import native
 from intrain.numeric.requant import cpu_slices, requantize
-from intrain.numeric.rounding import shift_round
+from intrain.numeric.rounding import cpu_max_bit_length, shift_round
 
 
 @functools.cache
@@ -430,25 +430,16 @@ def exact_to_int8(exact: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, t
     ``requantize``. Integer tensors go to ``requantize`` itself. ``reduce_max``: for a shard of
     a batch, b is the whole batch's (``numeric.requant``); an empty shard still takes part.
     """
-    largest = native.max_abs(exact)  # the C kernels where they apply: two passes, same bits
-    if largest is not None:
-        length = largest.bit_length()
-        if reduce_max is not None:
-            length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
-        shift = max(length - 7, 0)
-        values = native.round_shift(exact, shift, "nearest", 127, torch.int8)
-        if values is not None:
-            return values, torch.tensor(shift, dtype=torch.int64)
     if not exact.is_floating_point():
         q = requantize(exact, torch.zeros((), dtype=torch.int64), reduce_max=reduce_max)
         return q.v, q.e
-    length = 0
-    if exact.numel() > 0:
-        low, high = torch.aminmax(exact)
-        length = int(max(-low, high)).bit_length()
+    length = cpu_max_bit_length(exact)
     if reduce_max is not None:
         length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
     shift = max(length - 7, 0)
+    values = native.round_shift(exact, shift, "nearest", 127, torch.int8)  # one C pass, same bits
+    if values is not None:
+        return values, torch.tensor(shift, dtype=torch.int64)
     if shift == 0:
         return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
     values = torch.empty(exact.shape, dtype=torch.int8)
