@@ -218,3 +218,40 @@ def test_softmax_gradient(dtype):
             assert torch.equal(fast.v, slow.v) and int(fast.e) == int(slow.e), (dtype, e)
     with pytest.raises(IndexError, match="target class"):
         cross_entropy_grad(QTensor(v, torch.tensor(0)), torch.full((v.shape[0],), 10), seed=0, step=0)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", (torch.int8, torch.int16))
+@pytest.mark.parametrize("kernel_size", (2, 3))
+def test_max_pool(dtype, kernel_size):
+    """Max pooling (``layers.pooling``) with the C kernels gives the PyTorch code's maxima, arg-max
+    positions and routed errors: ties everywhere (values from a range of three), the type's
+    minimum and maximum in every window position, sizes that leave rows and columns out of every
+    window, evaluation mode (no arg-max kept), and errors of each type backward takes."""
+    from intrain.layers import IntMaxPool2d
+
+    low, high = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    generator = torch.Generator().manual_seed(kernel_size)
+    tied = torch.randint(-1, 2, (3, 4, 13, 11), generator=generator)
+    extremes = torch.randint(0, 2, (2, 3, 12, 12), generator=generator) * (high - low) + low
+    for values in (tied, extremes, torch.full((1, 2, 6, 6), low), torch.full((1, 2, 6, 6), high)):
+        x = QTensor(values.to(dtype), torch.tensor(-3))
+        for training in (True, False):
+            fast, slow = IntMaxPool2d(kernel_size).train(training), IntMaxPool2d(kernel_size).train(training)
+            y_fast, y_slow = fast(x), torch_only(slow, x)
+            assert torch.equal(y_fast.v, y_slow.v) and y_fast.v.dtype == dtype
+            if not training:
+                continue
+            assert torch.equal(fast._argmax, slow._argmax)
+            for error_dtype in (torch.int8, torch.int16, torch.int32):
+                top = torch.iinfo(error_dtype).max
+                d = torch.randint(-top, top + 1, y_fast.v.shape, generator=generator, dtype=torch.int64)
+                d = QTensor(d.to(error_dtype), torch.tensor(-5))
+                argmax = fast._argmax
+                routed_fast = fast.backward(d, None)
+                slow._argmax = fast._argmax = argmax
+                routed_slow = torch_only(slow.backward, d, None)
+                assert torch.equal(routed_fast.v, routed_slow.v) and routed_fast.v.dtype == error_dtype
+                fast._argmax = argmax
+    assert native.max_pool(torch.zeros(2, 3, 4, 4, dtype=torch.int32), 2, True) is None  # not int8/int16
+    assert native.max_pool(torch.zeros(2, 3, 4, 4, dtype=torch.int8).transpose(2, 3), 2, True) is None

@@ -5,6 +5,8 @@ dropped, as ``torch.nn.MaxPool2d`` does. Ties go to the first position in row-ma
 every backend, so the error routing in backward is the same everywhere; training keeps only that
 position (int8, one per output value). Backward places the error at that arg-max and zero
 elsewhere (and in the dropped rows and columns). Values, dtypes and exponents pass through unchanged.
+On contiguous CPU tensors both directions run as one C pass each (``numeric.native``; the code
+below stays the reference and the path elsewhere, ``tests/test_native.py`` compares the two).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers.base import IntModule, StepContext
+from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
 
 
@@ -29,6 +32,12 @@ class IntMaxPool2d(IntModule):
         return [v[:, :, i: ho * k: k, j: wo * k: k] for i in range(k) for j in range(k)]
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
+        pooled = native.max_pool(x.v, self.kernel_size, self.training)  # one pass in C, same bits
+        if pooled is not None:
+            maxima, argmax = pooled
+            if self.training:
+                self._argmax, self._input_hw = argmax, tuple(x.v.shape[2:])
+            return QTensor(maxima, x.e)
         # Elementwise maxima of strided views: much faster than a reduction over the window axes.
         views = self._positions(x.v)
         maxima = views[0]
@@ -49,6 +58,9 @@ class IntMaxPool2d(IntModule):
         argmax, self._argmax = self._argmax, None
         if argmax is None:
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
+        routed = native.max_pool_backward(d.v, argmax, self._input_hw, self.kernel_size)
+        if routed is not None:
+            return QTensor(routed, d.e)
         n, c = argmax.shape[:2]
         routed = torch.zeros((n, c, *self._input_hw), dtype=d.v.dtype, device=d.v.device)
         for position, view in enumerate(self._positions(routed)):

@@ -1,5 +1,6 @@
-/* intrain's elementwise rounding kernels in C: each is one pass over contiguous memory doing what
- * numeric/rounding.py and numeric/requant.py do in several PyTorch passes, with the same bits.
+/* intrain's elementwise kernels in C: each is one pass over contiguous memory doing what
+ * numeric/rounding.py, numeric/requant.py, the update, the averaging, the loss gradient and max
+ * pooling do in several PyTorch passes, with the same bits.
  * numeric/native.py compiles this file once per machine and calls it through ctypes; the PyTorch
  * code stays the reference, and tests/test_native.py compares the two bit for bit.
  *
@@ -198,3 +199,79 @@ ADD_INTO_I64(i16, int16_t)
 
 SOFTMAX_GRAD(i8, int8_t)
 SOFTMAX_GRAD(i16, int16_t)
+
+/* ------------------------------------- max pooling, k x k windows with stride k (layers/pooling.py) */
+
+/* x: planes [P, H, W] (P = N * C); maxima [P, H/k, W/k]; argmax (NULL in evaluation): the
+ * row-major window position (0 .. k*k-1) of the first maximum, as the PyTorch code keeps it.
+ * Rows and columns that do not fill a window are not read. k*k <= 127 (the caller's check). */
+#define MAX_POOL(NAME, T)                                                                          \
+    void intrain_max_pool_##NAME(const T *restrict x, T *restrict maxima, int8_t *restrict argmax,  \
+                                 int64_t planes, int64_t h, int64_t w, int k) {                    \
+        const int64_t ho = h / k, wo = w / k;                                                      \
+        for (int64_t p = 0; p < planes; p++) {                                                     \
+            const T *plane = x + p * h * w;                                                        \
+            for (int64_t r = 0; r < ho; r++) {                                                     \
+                const T *top = plane + r * k * w;                                                  \
+                T *out = maxima + (p * ho + r) * wo;                                               \
+                int8_t *where = argmax ? argmax + (p * ho + r) * wo : 0;                           \
+                if (k == 2 && where) {                                                             \
+                    /* branch-free selects, so the loop over windows vectorises */                 \
+                    const T *bottom = top + w;                                                     \
+                    for (int64_t c = 0; c < wo; c++) {                                             \
+                        T a = top[2 * c], b = top[2 * c + 1], d = bottom[2 * c], e = bottom[2 * c + 1]; \
+                        T ab = a > b ? a : b, de = d > e ? d : e, m = ab > de ? ab : de;           \
+                        int8_t position = (int8_t)((a != m) * (1 + (b != m) * (1 + (d != m))));   \
+                        out[c] = m;                                                                \
+                        where[c] = position;                                                       \
+                    }                                                                              \
+                    continue;                                                                      \
+                }                                                                                  \
+                if (k == 2) {                                                                      \
+                    const T *bottom = top + w;                                                     \
+                    for (int64_t c = 0; c < wo; c++) {                                             \
+                        T a = top[2 * c], b = top[2 * c + 1], d = bottom[2 * c], e = bottom[2 * c + 1]; \
+                        T ab = a > b ? a : b, de = d > e ? d : e;                                  \
+                        out[c] = ab > de ? ab : de;                                                \
+                    }                                                                              \
+                    continue;                                                                      \
+                }                                                                                  \
+                for (int64_t c = 0; c < wo; c++) {                                                 \
+                    const T *window = top + c * k;                                                 \
+                    T best = window[0];                                                            \
+                    int position = 0;                                                              \
+                    for (int i = 0; i < k; i++)                                                    \
+                        for (int j = 0; j < k; j++)                                                \
+                            if (window[i * w + j] > best) {                                        \
+                                best = window[i * w + j];                                          \
+                                position = i * k + j;                                              \
+                            }                                                                      \
+                    out[c] = best;                                                                 \
+                    if (where) where[c] = (int8_t)position;                                        \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+    }
+
+MAX_POOL(i8, int8_t)
+MAX_POOL(i16, int16_t)
+
+/* The error d [P, H/k, W/k] placed at each window's arg-max of a routed [P, H, W] that this
+ * writes whole (zero elsewhere, and in the rows and columns no window covered). */
+#define MAX_POOL_BACKWARD(NAME, T)                                                                  \
+    void intrain_max_pool_backward_##NAME(const T *d, const int8_t *argmax, T *routed,             \
+                                          int64_t planes, int64_t h, int64_t w, int k) {           \
+        const int64_t ho = h / k, wo = w / k;                                                      \
+        for (int64_t i = 0; i < planes * h * w; i++) routed[i] = 0;                                \
+        for (int64_t p = 0; p < planes; p++)                                                       \
+            for (int64_t r = 0; r < ho; r++)                                                       \
+                for (int64_t c = 0; c < wo; c++) {                                                 \
+                    int64_t at = (p * ho + r) * wo + c;                                            \
+                    int position = argmax[at];                                                     \
+                    routed[p * h * w + (r * k + position / k) * w + c * k + position % k] = d[at]; \
+                }                                                                                  \
+    }
+
+MAX_POOL_BACKWARD(i8, int8_t)
+MAX_POOL_BACKWARD(i16, int16_t)
+MAX_POOL_BACKWARD(i32, int32_t)

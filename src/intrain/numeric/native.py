@@ -1,13 +1,14 @@
 """One-pass C kernels for the elementwise integer work of a training step on CPU tensors
 (``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
-``methods.update``, ``methods.averaging`` and ``methods.loss``.
+``methods.update``, ``methods.averaging``, ``methods.loss`` and ``layers.pooling``.
 
 Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
 requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
 subtract) plus the clip and the narrowing copy, stochastic rounding about twenty (the counter
 hash), NITI's pseudo-stochastic update about a dozen, adding int8 weights into int64 sums a
-conversion and an add, the integer softmax gradient about twenty small operations; each kernel
-here is one pass over the data and one call (``python benchmarks/native_speed.py`` times whole
+conversion and an add, the integer softmax gradient about twenty small operations, a 2x2 max
+pool with its arg-max seven passes over strided views and its backward eight; each kernel here
+is one pass over the data and one call (``python benchmarks/native_speed.py`` times whole
 steps both ways). The PyTorch code stays the reference and the path on every other device;
 ``tests/test_native.py`` checks every kernel against it bit for bit, on random values and on the
 extremes of each type.
@@ -44,6 +45,7 @@ _TYPE_NAMES = {torch.int8: "i8", torch.int16: "i16", torch.int32: "i32", torch.i
                torch.float32: "f32", torch.float64: "f64"}
 _INTEGER_INPUTS = ("i16", "i32", "i64")
 _OUTPUTS = ("i8", "i16")
+_POOLED_ERRORS = ("i8", "i16", "i32")
 #: Stochastic noise is the top bits of one 32-bit draw (``rng.uniform_bits`` for bits <= 31).
 MAX_STOCHASTIC_SHIFT = 31
 
@@ -115,6 +117,9 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"intrain_add_into_i64_{w}").argtypes = [p, p, n]
         fn = getattr(lib, f"intrain_softmax_grad_{w}")
         fn.argtypes, fn.restype = [p, p, p, p, n, n, n, n, i, i], i
+        getattr(lib, f"intrain_max_pool_{w}").argtypes = [p, p, p, n, n, n, i]
+    for d in _POOLED_ERRORS:
+        getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i]
 
 
 @functools.cache
@@ -221,3 +226,36 @@ def softmax_gradient(logits: torch.Tensor, e: int, target: torch.Tensor, table: 
     if status != 0:
         raise IndexError(f"a target class is outside [0, {cols}): labels must index the logits")
     return g
+
+
+def max_pool(x: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Maxima of the k x k windows (stride k) of int8 or int16 x [N, C, H, W], and in training
+    the window position (int8, 0 .. k*k-1, row-major) of each window's first maximum; ``None``
+    where the kernel does not apply."""
+    lib = library()
+    name = _TYPE_NAMES.get(x.dtype)
+    if lib is None or name not in _OUTPUTS or x.dim() != 4 or not _applies(x) or not 1 <= k * k <= 127:
+        return None
+    n, c, h, w = x.shape
+    maxima = torch.empty((n, c, h // k, w // k), dtype=x.dtype)
+    argmax = torch.empty(maxima.shape, dtype=torch.int8) if training else None
+    getattr(lib, f"intrain_max_pool_{name}")(x.data_ptr(), maxima.data_ptr(),
+                                             argmax.data_ptr() if training else None, n * c, h, w, k)
+    return maxima, argmax
+
+
+def max_pool_backward(d: torch.Tensor, argmax: torch.Tensor, input_hw: tuple[int, int], k: int
+                      ) -> torch.Tensor | None:
+    """The error d [N, C, H/k, W/k] (int8, int16 or int32) at each window's arg-max of a zero
+    [N, C, H, W]; ``None`` where the kernel does not apply."""
+    lib = library()
+    name = _TYPE_NAMES.get(d.dtype)
+    if (lib is None or name not in _POOLED_ERRORS or argmax.dtype != torch.int8 or not _applies(d, argmax)
+            or d.shape != argmax.shape or d.dim() != 4):
+        return None
+    n, c = d.shape[:2]
+    routed = torch.empty((n, c, *input_hw), dtype=d.dtype)
+    getattr(lib, f"intrain_max_pool_backward_{name}")(d.data_ptr(), argmax.data_ptr(), routed.data_ptr(),
+                                                      n * c, input_hw[0], input_hw[1], k)
+    return routed
+
