@@ -89,11 +89,15 @@ class _BatchSampler(Sampler):
         return max(0, -(-n // self.batch_size) - self.start_batch)
 
     def __iter__(self):
+        return (batch.tolist() for batch in self.index_tensors())
+
+    def index_tensors(self):
+        """The same batches as int64 tensors (views of ``order``), for reading in this process."""
         n = self.order.numel()
         for start in range(self.start_batch * self.batch_size, n, self.batch_size):
             batch = self.order[start:start + self.batch_size]
             first, stop = shard_range(batch.numel(), self.rank, self.world)
-            yield batch[first:stop].tolist()
+            yield batch[first:stop]
 
 
 class _AugmentedBatches(Dataset):
@@ -107,11 +111,12 @@ class _AugmentedBatches(Dataset):
         return int(self.images.shape[0])
 
     def __getitems__(self, indices):
-        idx = torch.tensor(indices, dtype=torch.int64)
-        x = self.images[idx]
+        idx = torch.as_tensor(indices, dtype=torch.int64)
+        # index_select copies whole rows: several times faster than indexing (MNIST at batch 64)
+        x = torch.index_select(self.images, 0, idx)
         if self.augment:
             x = random_crop_flip(x, idx, self.seed, self.epoch, self.padding)
-        return x, self.labels[idx], idx
+        return x, torch.index_select(self.labels, 0, idx), idx
 
     def __getitem__(self, i):
         return self.__getitems__([i])
@@ -129,7 +134,7 @@ class _DecodedBatches(Dataset):
         return len(self.dataset)
 
     def __getitems__(self, indices):
-        idx = torch.tensor(indices, dtype=torch.int64)
+        idx = torch.as_tensor(indices, dtype=torch.int64)
         try:
             x = self.dataset.load_batch(idx, self.seed, self.epoch, self.augment)
         except DataError as err:  # returned, not raised: a worker would wrap it in a traceback
@@ -184,6 +189,13 @@ class AugmentedLoader:
         return len(self.batch_sampler)
 
     def __iter__(self):
+        if self.num_workers == 0:  # read here, without DataLoader's own cost per batch
+            for indices in self.batch_sampler.index_tensors():
+                batch = self._data.__getitems__(indices)
+                if isinstance(batch, DataError):
+                    raise DataError(str(batch)) from None
+                yield batch
+            return
         # A DataLoader iterator draws its base seed from torch's global generator when it starts;
         # our batches use no torch randomness, so the generator's state is put back (a float
         # twin's dropout stream must not depend on how many loaders ran).

@@ -32,7 +32,7 @@ def pixels_to_int8(images_u8: torch.Tensor, channel_mean: tuple[int, ...] | None
     if images_u8.dim() != 4:
         raise ValueError(f"pixels_to_int8 expects [N, C, H, W], got shape {tuple(images_u8.shape)}")
     if channel_mean is None:
-        return (images_u8 >> 1).to(torch.int8)
+        return (images_u8 >> 1).view(torch.int8)  # 0..127: the same bytes as int8, no second copy
     c = images_u8.shape[1]
     mean = tuple(channel_mean)
     if len(mean) != c or not all(isinstance(m, int) and not isinstance(m, bool) and 0 <= m <= 255
