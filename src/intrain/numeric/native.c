@@ -25,15 +25,16 @@
 
 /* ---------------------------------------------------------------- max |a| (as int64) */
 
+/* The minimum and maximum are kept in the input's own type (so the loop runs as many lanes as
+ * that type fits in a vector) and widened once at the end, where -low cannot wrap. */
 #define MAX_ABS(NAME, T)                                                   \
     int64_t intrain_max_abs_##NAME(const T *a, int64_t n) {               \
-        int64_t low = 0, high = 0;                                         \
+        T low = 0, high = 0;                                               \
         for (int64_t i = 0; i < n; i++) {                                  \
-            int64_t v = (int64_t)a[i];                                     \
-            low = v < low ? v : low;                                       \
-            high = v > high ? v : high;                                    \
+            low = a[i] < low ? a[i] : low;                                 \
+            high = a[i] > high ? a[i] : high;                              \
         }                                                                  \
-        return high > -low ? high : -low;                                  \
+        return (int64_t)high > -(int64_t)low ? (int64_t)high : -(int64_t)low; \
     }
 
 MAX_ABS(i8, int8_t)

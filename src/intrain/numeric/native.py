@@ -70,10 +70,17 @@ def cpu_identity() -> str:
     return f"{model}|{flags}"
 
 
-_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+_BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+#: Vectors as wide as the CPU has: gcc and clang otherwise keep to 256 bits on AVX-512 CPUs. The
+#: kernels then run 1.3-2x faster on the Xeon of BENCHMARKS.md (``python
+#: benchmarks/native_flags.py``); on CPUs without 512-bit vectors the flag changes nothing, and a
+#: compiler that does not know it builds with the base flags.
+WIDE_VECTORS = "-mprefer-vector-width=512"
 
 
-def _build(compiler: str) -> Path | None:
+def _build(compiler: str, flags: tuple[str, ...] = (*_BASE_FLAGS, WIDE_VECTORS)) -> Path | None:
+    """Compile native.c with ``flags`` (cached by source, compiler, CPU and flags); ``None`` when
+    that fails."""
     source = SOURCE.read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
@@ -81,14 +88,14 @@ def _build(compiler: str) -> Path | None:
     except (OSError, subprocess.SubprocessError):
         return None
     key = hashlib.sha256(b"|".join([source, version.encode(), cpu_identity().encode(),
-                                    " ".join(_FLAGS).encode(), platform.machine().encode()]))
+                                    " ".join(flags).encode(), platform.machine().encode()]))
     path = cache_dir().joinpath(f"native-{key.hexdigest()[:20]}.so")
     if path.exists():
         return path
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([compiler, *_FLAGS, "-o", str(temporary), str(SOURCE)],
+        done = subprocess.run([compiler, *flags, "-o", str(temporary), str(SOURCE)],
                               capture_output=True, timeout=300)
         if done.returncode != 0:
             return None
@@ -128,9 +135,12 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("INTRAIN_NATIVE", "on").lower() == "off":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    path = _build(compiler) if compiler else None
-    if path is None:
-        return None
+    path = (_build(compiler) or _build(compiler, _BASE_FLAGS)) if compiler else None
+    return load(path) if path is not None else None
+
+
+def load(path: Path) -> ctypes.CDLL | None:
+    """The compiled kernels at ``path`` with their signatures declared (``None`` if unloadable)."""
     try:
         lib = ctypes.CDLL(str(path))
         _declare(lib)
