@@ -31,7 +31,7 @@ from intrain.methods.niti import Niti, NitiOptions
 from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.kernels import BACKENDS, Backend, CpuSettings, get_backend
 from intrain.kernels.cpu import has_amx
-from intrain.kernels.cpu.calibrate import INT8_GEMM_MIN_SPEEDUP, int8_gemm_speedup
+from intrain.kernels.cpu.calibrate import INT8_GEMM_MIN_SPEEDUP, int8_gemm_speedup, isa_limit_label
 from intrain.layers import StepContext
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
@@ -248,7 +248,8 @@ def main() -> None:
     except (TypeError, ValueError) as err:
         parser.error(f"--backend {args.backend} --int8-gemm {args.int8_gemm}: {err}")
     speedup = int8_gemm_speedup()
-    print(f"CPU: {_cpu_name()}, AMX-INT8: {'yes' if has_amx() else 'no'}, int8 GEMM measured {speedup:.1f}x "
+    limits = isa_limit_label().replace("|", ", ")
+    print(f"CPU: {_cpu_name()}{limits}, AMX-INT8: {'yes' if has_amx() else 'no'}, int8 GEMM measured {speedup:.1f}x "
           f"float32 (auto {'takes' if speedup >= INT8_GEMM_MIN_SPEEDUP else 'skips'} it), "
           f"int8 GEMM: {args.int8_gemm}, threads {torch.get_num_threads()}, PyTorch {torch.__version__}")
     for name in args.model or ["lenet5"]:

@@ -92,6 +92,29 @@ def test_calibration_is_measured_once_and_cached(tmp_path, monkeypatch):
         calibrate.int8_gemm_speedup.cache_clear()
 
 
+def test_an_instruction_set_limit_is_measured_apart(tmp_path, monkeypatch):
+    """``ONEDNN_MAX_CPU_ISA`` (and the like) change what the GEMMs run on, so a rate measured
+    without the limit is not reused under it, nor the other way round."""
+    monkeypatch.setenv("INTRAIN_CACHE_DIR", str(tmp_path))
+    for name in calibrate.ISA_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    rates = iter([5.0, 2.5])
+    monkeypatch.setattr(calibrate, "measure_int8_gemm_speedup", lambda: next(rates))
+    try:
+        calibrate.int8_gemm_speedup.cache_clear()
+        assert calibrate.int8_gemm_speedup() == 5.0
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_VNNI")
+        calibrate.int8_gemm_speedup.cache_clear()
+        assert calibrate.int8_gemm_speedup() == 2.5
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+        calibrate.int8_gemm_speedup.cache_clear()
+        assert calibrate.int8_gemm_speedup() == 5.0  # from the cache: no third measurement
+        keys = sorted(json.loads((tmp_path / "cpu-calibration.json").read_text()))
+        assert len(keys) == 2 and keys[1].endswith("|ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI")
+    finally:
+        calibrate.int8_gemm_speedup.cache_clear()
+
+
 def test_measurement_gives_a_positive_rate():
     assert calibrate.measure_int8_gemm_speedup() > 0
 

@@ -23,8 +23,8 @@ compare on any machine.
 
 The measurement takes well under a second (more on CPUs without int8 units, where int_mm is
 slow) and is cached in ``$INTRAIN_CACHE_DIR`` (default ``~/.cache/intrain``) under a key of the
-CPU's model name, its feature flags, the PyTorch version and the thread count, so that it runs
-once per machine and setting; an unreadable or unwritable cache only means measuring again.
+CPU's model name, its feature flags, the PyTorch version, the thread count and any limit on the
+instructions oneDNN or MKL may use (``ISA_LIMITS``), so that it runs once per machine and setting; an unreadable or unwritable cache only means measuring again.
 """
 
 from __future__ import annotations
@@ -47,6 +47,18 @@ INT8_GEMM_MIN_SPEEDUP = 2.0
 #: (cut to a tenth of their rows), an MLP layer at batch 256, LeNet-5's second convolution.
 _SHAPES = ((1024, 1152, 128), (4096, 576, 64), (256, 784, 512), (1600, 400, 16))
 _REPEATS = 3
+
+
+#: Environment variables with which oneDNN (``torch._int_mm``, float convolutions) and MKL (float
+#: matmul) are told to use fewer of the CPU's instructions; a measurement under one holds only
+#: for it, so they are part of the cache key. ``ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI`` on an AMX
+#: machine is how BENCHMARKS.md measures the path a VNNI-only CPU takes.
+ISA_LIMITS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def isa_limit_label() -> str:
+    """The instruction-set limits set in the environment, as ``|NAME=value`` pieces ("" if none)."""
+    return "".join(f"|{name}={os.environ[name]}" for name in ISA_LIMITS if os.environ.get(name))
 
 
 def _cache_path() -> Path:
@@ -80,7 +92,7 @@ def measure_int8_gemm_speedup() -> float:
 @functools.cache
 def int8_gemm_speedup() -> float:
     """The measured int8 / float32 GEMM rate of this machine (cached on disk and per process)."""
-    key = f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    key = f"{cpu_identity()}|torch {torch.__version__}|threads {torch.get_num_threads()}{isa_limit_label()}"
     path = _cache_path()
     try:
         cache = json.loads(path.read_text())
