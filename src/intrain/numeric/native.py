@@ -155,7 +155,11 @@ def available() -> bool:
 
 
 def _applies(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == "cpu" and t.is_contiguous() and t.dtype in _TYPE_NAMES for t in tensors)
+    # A loop, not all() over a generator: this runs several times per layer and step.
+    for t in tensors:
+        if not (t.is_cpu and t.is_contiguous() and t.dtype in _TYPE_NAMES):
+            return False
+    return True
 
 
 def max_abs(a: torch.Tensor) -> int | None:
