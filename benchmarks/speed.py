@@ -120,8 +120,10 @@ def _saved_bytes_float(model, x, y) -> int:
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
-          bf16: bool, seed: int = 0) -> None:
+          bf16: bool, seed: int = 0, image_size: int | None = None) -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
+    if image_size is not None:  # e.g. 224: ResNet-18 and AlexNet take the ImageNet layout
+        shape = (shape[0], image_size, image_size)
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
@@ -226,6 +228,8 @@ def main() -> None:
     parser.add_argument("--model", action="append", choices=MODELS,
                         help="model to measure (repeatable; default: lenet5)")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="side of square images (default: 28 for MNIST models, 32 otherwise)")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--backend", choices=BACKENDS + ("auto",), default="auto",
@@ -254,7 +258,8 @@ def main() -> None:
           f"int8 GEMM: {args.int8_gemm}, threads {torch.get_num_threads()}, PyTorch {torch.__version__}")
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
-        bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16)
+        bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16,
+              image_size=args.image_size)
 
 
 if __name__ == "__main__":
