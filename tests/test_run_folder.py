@@ -65,8 +65,11 @@ def _metric_rows(run_dir):
 def test_two_runs_into_one_folder_at_once(tmp_path):
     """The issue's reproduction: two real processes started together into one folder. Exactly one
     trains; the other exits 2 with one line naming the holder's pid; the winner's files are all
-    its own (its seed, three epochs, a model that verifies, its printed accuracy)."""
-    job = ["--epochs", "3", "--checkpoint-every", "5", "--out", "r"]
+    its own (its seed, all its epochs, a model that verifies, its printed accuracy)."""
+    # 10 epochs (several seconds): the loser, however late its interpreter starts, then reaches
+    # the lock while the winner holds it; with 3 epochs the winner could finish first (the loser
+    # then, rightly, found a finished run there), which made this test depend on timing.
+    job = ["--epochs", "10", "--checkpoint-every", "5", "--out", "r"]
     procs = [subprocess.Popen([sys.executable, "-m", "intrain.cli", "train", *job, "--seed", str(seed)],
                               cwd=tmp_path, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)]
@@ -82,7 +85,7 @@ def test_two_runs_into_one_folder_at_once(tmp_path):
     assert json.loads((run / "config.json").read_text())["seed"] == seed
     assert checkpoint.load(run / "checkpoint.pt")["seed"] == seed
     rows = _metric_rows(run)
-    assert [r[0] for r in rows] == ["epoch", "1", "2", "3"]  # no interleaved rows
+    assert [r[0] for r in rows] == ["epoch", *map(str, range(1, 11))]  # no interleaved rows
     assert out.splitlines()[-1] == f"eval_acc={float(rows[-1][3]):.2f}"
     read_model(run)  # verifies
 
