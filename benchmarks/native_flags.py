@@ -55,9 +55,9 @@ def main() -> None:
     args = parser.parse_args()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     builds = {}
-    for name, flags in (("256-bit (compiler default)", native._BASE_FLAGS),
-                        ("wide (-mprefer-vector-width=512)", (*native._BASE_FLAGS, native.WIDE_VECTORS))):
-        path = native._build(compiler, flags) if compiler else None
+    for name, flags in (("256-bit (compiler default)", native.BASE_FLAGS),
+                        ("wide (-mprefer-vector-width=512)", (*native.BASE_FLAGS, native.WIDE_VECTORS))):
+        path = native.build(compiler, flags) if compiler else None
         lib = native.load(path) if path is not None else None
         if lib is None:
             parser.exit(2, f"native_flags.py: the kernels did not build with {' '.join(flags)}\n")

@@ -32,7 +32,6 @@ class WeightAverage:
     """Running int64 sums of every weighted layer's update target since the last ``reset``."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
         self.layers = weighted_layers(model)  # the model's structure is fixed once built
         self.sums: list[torch.Tensor] | None = None
         self.count = 0
@@ -57,7 +56,7 @@ class WeightAverage:
         if self.count == 0:
             yield
             return
-        layers = weighted_layers(self.model)
+        layers = self.layers
         # The int8 view of a master weight is derived from it, so the target is all there is to keep.
         saved = [layer.update_target.clone() for layer in layers]
 
@@ -77,7 +76,7 @@ class WeightAverage:
 
     def load_state_dict(self, state: dict) -> None:
         sums, count = state["sums"], int(state["count"])
-        targets = [layer.update_target for layer in weighted_layers(self.model)]
+        targets = [layer.update_target for layer in self.layers]
         if sums is None:
             if count != 0:
                 raise ValueError("weight average state has a count but no sums")

@@ -70,7 +70,7 @@ def cpu_identity() -> str:
     return f"{model}|{flags}"
 
 
-_BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 #: Vectors as wide as the CPU has: gcc and clang otherwise keep to 256 bits on AVX-512 CPUs. The
 #: kernels then run 1.3-2x faster on the Xeon of BENCHMARKS.md (``python
 #: benchmarks/native_flags.py``); on CPUs without 512-bit vectors the flag changes nothing, and a
@@ -78,7 +78,7 @@ _BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
 WIDE_VECTORS = "-mprefer-vector-width=512"
 
 
-def _build(compiler: str, flags: tuple[str, ...] = (*_BASE_FLAGS, WIDE_VECTORS)) -> Path | None:
+def build(compiler: str, flags: tuple[str, ...] = (*BASE_FLAGS, WIDE_VECTORS)) -> Path | None:
     """Compile native.c with ``flags`` (cached by source, compiler, CPU and flags); ``None`` when
     that fails."""
     source = SOURCE.read_bytes()
@@ -135,7 +135,7 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("INTRAIN_NATIVE", "on").lower() == "off":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    path = (_build(compiler) or _build(compiler, _BASE_FLAGS)) if compiler else None
+    path = (build(compiler) or build(compiler, BASE_FLAGS)) if compiler else None
     return load(path) if path is not None else None
 
 

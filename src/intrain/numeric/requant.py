@@ -28,6 +28,15 @@ from intrain.numeric.rounding import cpu_max_bit_length, max_bit_length, shift_r
 _STORAGE = {8: torch.int8, 16: torch.int16}
 
 
+def cpu_shift(a: torch.Tensor, bits: int, reduce_max=None) -> int:
+    """The requantisation shift of a CPU accumulator ``a`` to ``bits`` bits, as a Python int: the
+    bit length of ``max |a|`` (over all processes with ``reduce_max``) above ``bits - 1``."""
+    length = cpu_max_bit_length(a)
+    if reduce_max is not None:
+        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
+    return max(length - (bits - 1), 0)
+
+
 def requantize(
     a: torch.Tensor,
     e: torch.Tensor,
@@ -44,10 +53,7 @@ def requantize(
         raise ValueError(f"requantize supports 8 or 16 bits, got {bits}")
     limit = 2 ** (bits - 1) - 1
     if a.device.type == "cpu":
-        length = cpu_max_bit_length(a)
-        if reduce_max is not None:
-            length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
-        shift = max(length - (bits - 1), 0)
+        shift = cpu_shift(a, bits, reduce_max)
         values = native.round_shift(a, shift, mode, limit, _STORAGE[bits], key, offset)  # one C pass
         if values is not None:
             return QTensor(values, e + shift)

@@ -20,8 +20,8 @@ from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dty
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric import native
-from intrain.numeric.requant import cpu_slices, requantize
-from intrain.numeric.rounding import cpu_max_bit_length, shift_round
+from intrain.numeric.requant import cpu_shift, cpu_slices, requantize
+from intrain.numeric.rounding import shift_round
 
 
 @functools.cache
@@ -433,10 +433,7 @@ def exact_to_int8(exact: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, t
     if not exact.is_floating_point():
         q = requantize(exact, torch.zeros((), dtype=torch.int64), reduce_max=reduce_max)
         return q.v, q.e
-    length = cpu_max_bit_length(exact)
-    if reduce_max is not None:
-        length = int(reduce_max(torch.tensor(length, dtype=torch.int64)))
-    shift = max(length - 7, 0)
+    shift = cpu_shift(exact, 8, reduce_max)
     values = native.round_shift(exact, shift, "nearest", 127, torch.int8)  # one C pass, same bits
     if values is not None:
         return values, torch.tensor(shift, dtype=torch.int64)

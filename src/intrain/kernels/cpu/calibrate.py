@@ -24,7 +24,8 @@ compare on any machine.
 The measurement takes well under a second (more on CPUs without int8 units, where int_mm is
 slow) and is cached in ``$INTRAIN_CACHE_DIR`` (default ``~/.cache/intrain``) under a key of the
 CPU's model name, its feature flags, the PyTorch version, the thread count and any limit on the
-instructions oneDNN or MKL may use (``ISA_LIMITS``), so that it runs once per machine and setting; an unreadable or unwritable cache only means measuring again.
+instructions oneDNN or MKL may use (``ISA_LIMITS``), so that it runs once per machine and
+setting; an unreadable or unwritable cache only means measuring again.
 """
 
 from __future__ import annotations
