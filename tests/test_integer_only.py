@@ -91,8 +91,9 @@ def test_dfp16_training_step_uses_only_integer_tensors(accumulator):
     assert all(not torch.equal(w, layer.weight) for (w, _), layer in zip(before, weighted_layers(model)))
 
 
-def test_tr_lstm_training_step_uses_only_integer_tensors():
-    options = NitiOptions(mu_schedule="0:4", weight_average="phase")
+@pytest.mark.parametrize("core_update", ["niti", "sign"])
+def test_tr_lstm_training_step_uses_only_integer_tensors(core_update):
+    options = NitiOptions(mu_schedule="0:4", weight_average="phase", core_update=core_update)
     model = build_int_model("tr-lstm", (10, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
     trainer = Niti(model, options, seed=0)
     gen = torch.Generator().manual_seed(0)

@@ -32,6 +32,8 @@ def data(tmp_path):
     (["--model", "mlp", "--tr-hidden-factors", "4x4"], "applies to tt-lstm and tr-lstm only"),
     (["--model", "tr-lstm", "--augment"], "--augment does not apply to moving-mnist-actions"),
     (["--model", "tr-lstm", "--image-size", "48"], "32 or 64"),
+    (["--model", "lstm", "--core-update", "sign"], "applies to the cores of tt-lstm and tr-lstm: lstm has none"),
+    (["--model", "tr-lstm", "--arith", "float", "--core-update", "sign"], "--core-update does not apply to --arith float"),
 ])
 def test_bad_recurrent_options_are_refused(extra, words, data, tmp_path, capsys):
     line = assert_refused(["train", *TINY, *data, *extra, "--out", str(tmp_path / "run")], capsys, tmp_path)

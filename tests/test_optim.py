@@ -5,7 +5,7 @@ import torch
 
 from intrain.kernels import get_backend
 from intrain.layers import IntLinear
-from intrain.methods.update import IntegerUpdate, MuSchedule, apply_update
+from intrain.methods.update import IntegerUpdate, MuSchedule, apply_sign_update, apply_update
 from intrain.layers import IntSequential
 from intrain.numeric.formats import NITI_INT8_MASTER16
 
@@ -60,3 +60,64 @@ def test_master_weight_refresh_near_the_int16_limit():
     layer.weight_master.copy_(torch.tensor([[32767, -32767, 32640]], dtype=torch.int16))
     layer.refresh_weight()
     assert layer.weight.tolist() == [[127, -127, 127]]
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.int8, 0), (torch.int8, 2), (torch.int8, 7), (torch.int16, 8),
+                                         (torch.int16, 10), (torch.int16, 15)])
+@pytest.mark.parametrize("grad_dtype", [torch.int32, torch.int64])
+def test_sign_update_moves_every_element_by_the_same_step(dtype, bits, grad_dtype):
+    """Each element with a non-zero gradient moves by 2**bits against its sign, clipped to the
+    symmetric range; gradients at the dtype's extremes (int64's -2**63 included) and zero ones."""
+    limit = torch.iinfo(dtype).max
+    info = torch.iinfo(grad_dtype)
+    weights = [-limit, -limit, -1, 0, 0, 1, limit - 1, limit, limit, 3, -3, 0]
+    grads = [info.min, info.max, 1, 0, -1, info.max, -5, -1, 1, 0, 0, info.min]
+    w = torch.tensor(weights, dtype=dtype)
+    g = torch.tensor(grads, dtype=grad_dtype)
+    new = apply_sign_update(w, g, bits)
+    expected = [max(-limit, min(limit, wi - (gi > 0) * 2**bits + (gi < 0) * 2**bits)) for wi, gi in zip(weights, grads)]
+    assert new.dtype == dtype and new.tolist() == expected
+
+
+def test_sign_update_refuses_a_step_int32_cannot_hold():
+    with pytest.raises(ValueError, match="0..23 bits"):
+        apply_sign_update(torch.zeros(2, dtype=torch.int16), torch.ones(2, dtype=torch.int32), 24)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 16])
+def test_sign_rule_changes_the_cores_only(weight_bits):
+    """One training step of a tensor-ring LSTM with --core-update sign against one with niti from
+    the same weights: every layer that is not a core ends identical; every core element moved by
+    0 or exactly 2**mu int8 steps (clipped), and more of them moved than under NITI's rule."""
+    from intrain.layers import weighted_layers
+    from intrain.layers.tensor_ring import TensorRingCore
+    from intrain.methods.niti import Niti, NitiOptions
+    from intrain.models import build_int_model
+    from intrain.numeric.qtensor import QTensor
+
+    mu = 2
+    gen = torch.Generator().manual_seed(0)
+    x = QTensor.of(torch.randint(-128, 128, (8, 6, 16, 16), generator=gen).to(torch.int8), -7)
+    y = torch.randint(0, 8, (8,), generator=gen)
+    models = {}
+    for rule in ("niti", "sign"):
+        options = NitiOptions(mu_schedule=f"0:{mu}", weight_bits=weight_bits, core_update=rule, weight_average="none")
+        model = build_int_model("tr-lstm", (6, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
+        Niti(model, options, seed=0).train_step(x, y, step=0, epoch=0)
+        models[rule] = model
+    fresh = build_int_model("tr-lstm", (6, 16, 16), 8, seed=0, backend="reference", width=0.25,
+                            fmt=NitiOptions(mu_schedule="0:2", weight_bits=weight_bits).fmt)
+    moved = {"niti": 0, "sign": 0}
+    layers = zip(weighted_layers(fresh), weighted_layers(models["niti"]), weighted_layers(models["sign"]))
+    for before, niti, sign in layers:
+        if not isinstance(before, TensorRingCore):
+            assert torch.equal(niti.update_target, sign.update_target)
+            continue
+        step = 2 ** (mu + (8 if weight_bits == 16 else 0))
+        limit = torch.iinfo(before.update_target.dtype).max
+        delta = (sign.update_target.to(torch.int32) - before.update_target.to(torch.int32)).abs()
+        clipped = sign.update_target.abs() == limit
+        assert bool(((delta == 0) | (delta == step) | clipped).all())
+        moved["sign"] += int((delta != 0).sum())
+        moved["niti"] += int((niti.update_target != before.update_target).sum())
+    assert moved["sign"] > moved["niti"] > 0

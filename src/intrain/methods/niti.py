@@ -31,7 +31,8 @@ from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, option
 from intrain.methods.loss import cross_entropy_grad
-from intrain.methods.update import IntegerUpdate, MuSchedule
+from intrain.layers.tensor_ring import TensorRingCore
+from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
 from intrain.numeric.collective import LOCAL, Collective
@@ -68,6 +69,11 @@ class NitiOptions:
     error_rounding: str = option(
         "nearest", help="rounding of the errors sent down to earlier layers: NITI's nearest, or stochastic",
         choices=ERROR_ROUNDINGS)
+    core_update: str = option(
+        "niti", help="update of the cores of tt-lstm / tr-lstm: NITI's ('niti': the core's largest gradient moves "
+                     "its element by 2**mu int8 steps, the others in proportion) or 'sign' (every element with a "
+                     "non-zero gradient moves by 2**mu steps against its sign); other layers always take NITI's "
+                     "(default: from the recipe)", choices=CORE_UPDATES)
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
@@ -112,15 +118,19 @@ class Niti(Method):
                 raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend, which "
                                         f"runs on CPU tensors only: leave it out with --device {device}")
             backend = CpuBackend(CpuSettings(use_int8_gemm=options.int8_gemm == "on"))
-        return build_int_model(model_name, in_shape, num_classes, seed, backend=backend, device=device,
-                               width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
+        model = build_int_model(model_name, in_shape, num_classes, seed, backend=backend, device=device,
+                                width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
+        if options.core_update != "niti" and not any(isinstance(m, TensorRingCore) for m in model.modules()):
+            raise MethodOptionError(f"--core-update {options.core_update} applies to the cores of tt-lstm and tr-lstm: "
+                                    f"{model_name} has none, leave it out")
+        return model
 
     def __init__(self, model: torch.nn.Module, options: NitiOptions, *, seed: int, total_steps: int = 0,
                  collective: Collective = LOCAL) -> None:
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
-        self.update = IntegerUpdate(model, self.mu_schedule, collective)
+        self.update = IntegerUpdate(model, self.mu_schedule, collective, core_rule=options.core_update)
         self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()

@@ -14,6 +14,15 @@ rounding, so the update ``g`` has at most ``m`` bits (``|g| <= 2**m``), and ``w 
 stays in the target's range. The weight exponent never changes. ``mu`` plays the part of the
 learning rate and follows a per-epoch schedule.
 
+Sign rule (``rule="sign"``, for tensor-ring and tensor-train cores): every element with a non-zero
+gradient moves by exactly ``2**m`` units of the target against its gradient's sign, ``w <- clip(w
+- sign(G) 2**m)`` (``2**mu`` int8 steps, as the largest element moves under the rule above). Why
+the cores need it: a layer-wise rule scales every element's step by the layer's largest gradient,
+so in a core whose gradients span orders of magnitude most elements round to no step at all; the
+float tensor-ring LSTM, likewise, trains with Adam's per-element scaling and not with plain SGD
+(BENCHMARKS.md, issue 14). ``|sign(G) 2**m| <= 2**23`` for ``m <= 23``, so the int32 difference
+cannot wrap, and the rule has no rounding, so it is the same integers on every device.
+
 Data parallel: each process holds the exact gradient of its shard of the batch. Every exponent of
 a step is the same in every process (the shifts come from maxima over all processes,
 ``layers.base``), so the shard gradients share one exponent and their int64 sum over the
@@ -27,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.layers.tensor_ring import TensorRingCore
 from intrain.numeric import native
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.requant import cpu_slices
@@ -36,6 +46,10 @@ from intrain.numeric.rounding import cpu_max_bit_length, max_bit_length, shift_r
 #: The range a schedule may name; a method narrows it to what its format can use (a negative mu
 #: needs master weights).
 MU_MIN, MU_MAX = -16, 15
+
+#: Update rules for tensor-ring / tensor-train cores (see the module docstring); other layers
+#: always take NITI's.
+CORE_UPDATES = ("niti", "sign")
 
 
 class MuSchedule:
@@ -102,14 +116,29 @@ def apply_update(weight: torch.Tensor, grad: torch.Tensor, mu: int) -> torch.Ten
     return updated
 
 
+def apply_sign_update(weight: torch.Tensor, grad: torch.Tensor, bits: int) -> torch.Tensor:
+    """The new weight after one sign-rule update (see the module docstring): ``2**bits`` units
+    against each non-zero gradient's sign, clipped to the weight dtype's symmetric range."""
+    if not 0 <= bits <= 23:
+        raise ValueError(f"a sign update of 2**{bits} units does not fit int32 arithmetic: use 0..23 bits")
+    limit = torch.iinfo(weight.dtype).max
+    step = torch.sign(grad).to(torch.int32) << bits
+    return (weight.to(torch.int32) - step).clamp_(-limit, limit).to(weight.dtype)
+
+
 class IntegerUpdate:
     """Applies the integer update to every weighted layer (anywhere in the model's tree) that has
-    a gradient, summed over the processes of ``collective`` first."""
+    a gradient, summed over the processes of ``collective`` first; tensor-ring cores take
+    ``core_rule`` (``CORE_UPDATES``)."""
 
-    def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule, collective: Collective = LOCAL) -> None:
+    def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule, collective: Collective = LOCAL,
+                 core_rule: str = "niti") -> None:
+        if core_rule not in CORE_UPDATES:
+            raise ValueError(f"unknown core update rule {core_rule!r}: choose one of {', '.join(CORE_UPDATES)}")
         self.model = model
         self.mu_schedule = mu_schedule
         self.collective = collective
+        self.core_rule = core_rule
         self.layers = weighted_layers(model)  # the model's structure is fixed once built
 
     def step(self, epoch: int, within: torch.nn.Module | None = None) -> None:
@@ -124,7 +153,10 @@ class IntegerUpdate:
             grad = layer.weight_grad
             if self.collective.world > 1:
                 grad = self.collective.sum(grad.to(torch.int64))
-            target.copy_(apply_update(target, grad, mu + extra))
+            if self.core_rule == "sign" and isinstance(layer, TensorRingCore):
+                target.copy_(apply_sign_update(target, grad, mu + extra))
+            else:
+                target.copy_(apply_update(target, grad, mu + extra))
             layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None
