@@ -34,6 +34,9 @@ def data(tmp_path):
     (["--model", "tr-lstm", "--image-size", "48"], "32 or 64"),
     (["--model", "lstm", "--core-update", "sign"], "applies to the cores of tt-lstm and tr-lstm: lstm has none"),
     (["--model", "tr-lstm", "--arith", "float", "--core-update", "sign"], "--core-update does not apply to --arith float"),
+    (["--model", "lstm", "--core-mu-schedule", "0:2"], "--core-mu-schedule 0:2 applies to the cores of tt-lstm"),
+    (["--model", "tr-lstm", "--core-mu-schedule", "0:-1"], "--core-mu-schedule 0:-1: mu below 0 needs --weight-bits 16"),
+    (["--model", "tr-lstm", "--core-mu-schedule", "5"], "--core-mu-schedule: cannot read mu schedule"),
 ])
 def test_bad_recurrent_options_are_refused(extra, words, data, tmp_path, capsys):
     line = assert_refused(["train", *TINY, *data, *extra, "--out", str(tmp_path / "run")], capsys, tmp_path)

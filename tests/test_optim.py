@@ -84,36 +84,41 @@ def test_sign_update_refuses_a_step_int32_cannot_hold():
         apply_sign_update(torch.zeros(2, dtype=torch.int16), torch.ones(2, dtype=torch.int32), 24)
 
 
-@pytest.mark.parametrize("weight_bits", [8, 16])
-def test_sign_rule_changes_the_cores_only(weight_bits):
-    """One training step of a tensor-ring LSTM with --core-update sign against one with niti from
-    the same weights: every layer that is not a core ends identical; every core element moved by
-    0 or exactly 2**mu int8 steps (clipped), and more of them moved than under NITI's rule."""
-    from intrain.layers import weighted_layers
-    from intrain.layers.tensor_ring import TensorRingCore
+def _tr_lstm_after_one_step(weight_bits: int, **options):
+    """A small int8 TR-LSTM after one NITI step with ``options``, and one never trained."""
     from intrain.methods.niti import Niti, NitiOptions
     from intrain.models import build_int_model
     from intrain.numeric.qtensor import QTensor
 
-    mu = 2
     gen = torch.Generator().manual_seed(0)
     x = QTensor.of(torch.randint(-128, 128, (8, 6, 16, 16), generator=gen).to(torch.int8), -7)
     y = torch.randint(0, 8, (8,), generator=gen)
-    models = {}
-    for rule in ("niti", "sign"):
-        options = NitiOptions(mu_schedule=f"0:{mu}", weight_bits=weight_bits, core_update=rule, weight_average="none")
-        model = build_int_model("tr-lstm", (6, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
-        Niti(model, options, seed=0).train_step(x, y, step=0, epoch=0)
-        models[rule] = model
-    fresh = build_int_model("tr-lstm", (6, 16, 16), 8, seed=0, backend="reference", width=0.25,
-                            fmt=NitiOptions(mu_schedule="0:2", weight_bits=weight_bits).fmt)
+    options = NitiOptions(weight_bits=weight_bits, weight_average="none", **options)
+    models = [build_int_model("tr-lstm", (6, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
+              for _ in range(2)]
+    Niti(models[0], options, seed=0).train_step(x, y, step=0, epoch=0)
+    return models
+
+
+@pytest.mark.parametrize("weight_bits", [8, 16])
+@pytest.mark.parametrize("mu, core_mu", [(2, None), (4, 1)])
+def test_sign_rule_changes_the_cores_only(weight_bits, mu, core_mu):
+    """One training step of a tensor-ring LSTM with --core-update sign against one with niti from
+    the same weights: every layer that is not a core ends identical; every core element moved by
+    0 or exactly 2**core_mu int8 steps (clipped; core_mu is mu's unless the cores have their own
+    schedule), and more of them moved than under NITI's rule."""
+    from intrain.layers import weighted_layers
+    from intrain.layers.tensor_ring import TensorRingCore
+
+    schedules = dict(mu_schedule=f"0:{mu}", core_mu_schedule=None if core_mu is None else f"0:{core_mu}")
+    niti, fresh = _tr_lstm_after_one_step(weight_bits, core_update="niti", **schedules)
+    sign, _ = _tr_lstm_after_one_step(weight_bits, core_update="sign", **schedules)
     moved = {"niti": 0, "sign": 0}
-    layers = zip(weighted_layers(fresh), weighted_layers(models["niti"]), weighted_layers(models["sign"]))
-    for before, niti, sign in layers:
+    for before, niti, sign in zip(weighted_layers(fresh), weighted_layers(niti), weighted_layers(sign)):
         if not isinstance(before, TensorRingCore):
             assert torch.equal(niti.update_target, sign.update_target)
             continue
-        step = 2 ** (mu + (8 if weight_bits == 16 else 0))
+        step = 2 ** ((mu if core_mu is None else core_mu) + (8 if weight_bits == 16 else 0))
         limit = torch.iinfo(before.update_target.dtype).max
         delta = (sign.update_target.to(torch.int32) - before.update_target.to(torch.int32)).abs()
         clipped = sign.update_target.abs() == limit
@@ -121,3 +126,16 @@ def test_sign_rule_changes_the_cores_only(weight_bits):
         moved["sign"] += int((delta != 0).sum())
         moved["niti"] += int((niti.update_target != before.update_target).sum())
     assert moved["sign"] > moved["niti"] > 0
+
+
+def test_core_schedule_changes_the_cores_only():
+    """--core-mu-schedule gives the cores their own mu: with mu 4 for the other layers, cores at
+    mu 1 end unlike cores at mu 4, and every other layer ends as with one schedule for all."""
+    from intrain.layers import weighted_layers
+    from intrain.layers.tensor_ring import TensorRingCore
+
+    own, _ = _tr_lstm_after_one_step(8, mu_schedule="0:4", core_mu_schedule="0:1")
+    shared, _ = _tr_lstm_after_one_step(8, mu_schedule="0:4")
+    same = [torch.equal(a.weight, b.weight) for a, b in zip(weighted_layers(own), weighted_layers(shared))]
+    cores = [isinstance(layer, TensorRingCore) for layer in weighted_layers(own)]
+    assert all(s for s, core in zip(same, cores) if not core) and not any(s for s, core in zip(same, cores) if core)

@@ -29,7 +29,7 @@ import torch
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
-from intrain.methods.base import Method, MethodOptionError, option
+from intrain.methods.base import Method, MethodOptionError, flag, option
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule
@@ -74,6 +74,9 @@ class NitiOptions:
                      "its element by 2**mu int8 steps, the others in proportion) or 'sign' (every element with a "
                      "non-zero gradient moves by 2**mu steps against its sign); other layers always take NITI's "
                      "(default: from the recipe)", choices=CORE_UPDATES)
+    core_mu_schedule: str | None = option(
+        help="mu by epoch for the cores of tt-lstm / tr-lstm, written like --mu-schedule (default: from the "
+             "recipe, else --mu-schedule's)", parse=parse_mu_schedule, metavar="SPEC")
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
@@ -96,18 +99,24 @@ class Niti(Method):
         super().check_options(options)
         if options.mu_schedule is None:
             raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
-        try:
-            schedule = MuSchedule.parse(options.mu_schedule)
-        except ValueError as err:
-            raise MethodOptionError(f"--mu-schedule: {err}") from None
+        schedules = {}
+        for name in ("mu_schedule", "core_mu_schedule"):
+            text = getattr(options, name)
+            if text is None:
+                continue
+            try:
+                schedules[name] = MuSchedule.parse(text)
+            except ValueError as err:
+                raise MethodOptionError(f"{flag(name)}: {err}") from None
         if options.int8_gemm != "auto" and options.backend not in ("auto", "cpu"):
             raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend: leave it out "
                                     f"with --backend {options.backend}")
         fmt = options.fmt
         lowest = -fmt.master_extra_bits if fmt.master_bits is not None else 0
-        if min(mu for _, mu in schedule.points) < lowest:
-            raise MethodOptionError(f"--mu-schedule {options.mu_schedule}: mu below {lowest} needs "
-                                    + ("more master bits" if lowest else "--weight-bits 16 (sub-step updates)"))
+        for name, schedule in schedules.items():
+            if min(mu for _, mu in schedule.points) < lowest:
+                raise MethodOptionError(f"{flag(name)} {schedule}: mu below {lowest} needs "
+                                        + ("more master bits" if lowest else "--weight-bits 16 (sub-step updates)"))
 
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
@@ -120,8 +129,11 @@ class Niti(Method):
             backend = CpuBackend(CpuSettings(use_int8_gemm=options.int8_gemm == "on"))
         model = build_int_model(model_name, in_shape, num_classes, seed, backend=backend, device=device,
                                 width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
-        if options.core_update != "niti" and not any(isinstance(m, TensorRingCore) for m in model.modules()):
-            raise MethodOptionError(f"--core-update {options.core_update} applies to the cores of tt-lstm and tr-lstm: "
+        core_options = [f"{flag(name)} {value}" for name, value in
+                        (("core_update", options.core_update), ("core_mu_schedule", options.core_mu_schedule))
+                        if value not in (None, "niti")]
+        if core_options and not any(isinstance(m, TensorRingCore) for m in model.modules()):
+            raise MethodOptionError(f"{core_options[0]} applies to the cores of tt-lstm and tr-lstm: "
                                     f"{model_name} has none, leave it out")
         return model
 
@@ -130,7 +142,10 @@ class Niti(Method):
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
-        self.update = IntegerUpdate(model, self.mu_schedule, collective, core_rule=options.core_update)
+        self.core_schedule = (self.mu_schedule if options.core_mu_schedule is None
+                              else MuSchedule.parse(options.core_mu_schedule))
+        self.update = IntegerUpdate(model, self.mu_schedule, collective, core_rule=options.core_update,
+                                    core_schedule=self.core_schedule)
         self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()
@@ -162,8 +177,8 @@ class Niti(Method):
         """Restarts the weight sums every epoch ("epoch") or when mu changes ("phase")."""
         if self.average is None:
             return
-        mu = self.mu_schedule
-        if self.options.weight_average == "epoch" or epoch == 0 or mu(epoch) != mu(epoch - 1):
+        changed = any(mu(epoch) != mu(epoch - 1) for mu in (self.mu_schedule, self.core_schedule))
+        if self.options.weight_average == "epoch" or epoch == 0 or changed:
             self.average.reset()
 
     def state_dict(self) -> dict:

@@ -129,22 +129,23 @@ def apply_sign_update(weight: torch.Tensor, grad: torch.Tensor, bits: int) -> to
 class IntegerUpdate:
     """Applies the integer update to every weighted layer (anywhere in the model's tree) that has
     a gradient, summed over the processes of ``collective`` first; tensor-ring cores take
-    ``core_rule`` (``CORE_UPDATES``)."""
+    ``core_rule`` (``CORE_UPDATES``) with ``core_schedule`` (default: ``mu_schedule``)."""
 
     def __init__(self, model: torch.nn.Module, mu_schedule: MuSchedule, collective: Collective = LOCAL,
-                 core_rule: str = "niti") -> None:
+                 core_rule: str = "niti", core_schedule: MuSchedule | None = None) -> None:
         if core_rule not in CORE_UPDATES:
             raise ValueError(f"unknown core update rule {core_rule!r}: choose one of {', '.join(CORE_UPDATES)}")
         self.model = model
         self.mu_schedule = mu_schedule
         self.collective = collective
         self.core_rule = core_rule
+        self.core_schedule = core_schedule or mu_schedule
         self.layers = weighted_layers(model)  # the model's structure is fixed once built
 
     def step(self, epoch: int, within: torch.nn.Module | None = None) -> None:
         """Update every layer of the model (of ``within``, a part of it, when given) that holds a
         gradient, and free the gradient."""
-        mu = self.mu_schedule(epoch)
+        mu, core_mu = self.mu_schedule(epoch), self.core_schedule(epoch)
         for layer in self.layers if within is None else weighted_layers(within):
             if layer.weight_grad is None:
                 continue
@@ -153,10 +154,12 @@ class IntegerUpdate:
             grad = layer.weight_grad
             if self.collective.world > 1:
                 grad = self.collective.sum(grad.to(torch.int64))
-            if self.core_rule == "sign" and isinstance(layer, TensorRingCore):
-                target.copy_(apply_sign_update(target, grad, mu + extra))
-            else:
+            if not isinstance(layer, TensorRingCore):
                 target.copy_(apply_update(target, grad, mu + extra))
+            elif self.core_rule == "sign":
+                target.copy_(apply_sign_update(target, grad, core_mu + extra))
+            else:
+                target.copy_(apply_update(target, grad, core_mu + extra))
             layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None
