@@ -688,6 +688,29 @@ def test_worst_case_linear(k, kind):
                             b.view(k, 1).expand(k, 5).contiguous())
 
 
+@pytest.mark.parametrize("k", [1024, 1025])
+def test_plan_from_dtypes_at_its_boundary(k):
+    """A product of int8 operands skips the data-dependent plan while 128 * 128 * K <= 2**24
+    (``bounds.static_f32_plan``). At its boundary, all -128 but one product of 1 x 1: K = 1024
+    sums to 2**24 - 2**14 + 1 (one float32 product is exact), K = 1025 to 2**24 + 1, which float32
+    cannot hold, so the plan must come from the data there (a dtype bound taken as 127 would miss
+    it). Linear forward and backward-input, convolution forward and backward-input (1x1 kernels,
+    C or O = K)."""
+    a = torch.full((k,), -128, dtype=torch.int8)
+    a[-1] = 1
+    expected = 128 * 128 * (k - 1) + 1
+    assert (expected > F32_EXACT) == (k == 1025)
+    x, w = a.expand(2, k).contiguous(), a.expand(3, k).contiguous()
+    for be in ALL:
+        assert bool((be.linear_forward(x, w).to(torch.int64) == expected).all())
+        assert bool((be.linear_backward_input(x, w.t().contiguous()).to(torch.int64) == expected).all())
+        conv_x, conv_w = x.view(2, k, 1, 1), w.view(3, k, 1, 1)
+        assert bool((be.conv2d_forward(conv_x, conv_w, 1, 0).to(torch.int64) == expected).all())
+        d, wb = x.view(2, k, 1, 1), a.view(k, 1, 1, 1).expand(k, 3, 1, 1).contiguous()
+        assert bool((be.conv2d_backward_input(d, wb, (1, 1), 1, 0).to(torch.int64) == expected).all())
+    assert (B.static_f32_plan(torch.int8, torch.int8, k, FloatLimits()) is not None) == (k == 1024)
+
+
 def _expected_conv_forward(kind, c, h, w, kh, kw, s, p, ho, wo):
     """Exact expected output of the 'channel pattern' worst case, with Python ints."""
     per_tap = _expected_linear_sum(kind, c)  # sum over channels of one kernel tap

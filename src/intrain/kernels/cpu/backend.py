@@ -13,7 +13,7 @@ from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
-                                        no_nnpack, plan_blocks, weight_l1, window_l1)
+                                        no_nnpack, plan_blocks, static_f32_plan, weight_l1, window_l1)
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
 from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
@@ -105,6 +105,8 @@ class CpuBackend(Backend):
         k = a.shape[1]
         if k == 0:  # an empty reduction (a weight gradient of an empty data-parallel shard)
             return torch.zeros((a.shape[0], b.shape[1]), dtype=torch.int64)
+        if static_f32_plan(a.dtype, b.dtype, k, self.limits) is not None:
+            return torch.matmul(a.to(torch.float32), b.to(torch.float32))
         ma, mb = absmax(a), absmax(b)
         n_grains = min(k, self.settings.mm_grains)
         edges = [(i * k) // n_grains for i in range(n_grains + 1)]
@@ -273,6 +275,9 @@ class CpuBackend(Backend):
         max|w| * sum_{c in group} (largest sum of |x[n, c]| over a kh x kw window), see
         window_l1."""
         c, (kh, kw) = x.shape[1], w.shape[2:]
+        static = static_f32_plan(x.dtype, w.dtype, c * kh * kw, self.limits)
+        if static is not None:
+            return torch.float32, [(0, c)], static
         mx, mw = absmax(x), absmax(w)
         quick = mx * mw * c * kh * kw
         limits = self.limits
@@ -337,6 +342,9 @@ class CpuBackend(Backend):
         (largest sum of |d[n, o]| over a kh x kw window): the output positions that one input
         position meets lie in such a window (see window_l1)."""
         o, (kh, kw) = d.shape[1], w.shape[2:]
+        static = static_f32_plan(d.dtype, w.dtype, o * kh * kw, self.limits)
+        if static is not None:
+            return torch.float32, [(0, o)], static
         md, mw = absmax(d), absmax(w)
         quick = md * mw * o * kh * kw
         limits = self.limits

@@ -103,6 +103,21 @@ def no_nnpack():
     return nullcontext()
 
 
+def magnitude_limit(dtype: torch.dtype) -> int:
+    """The largest magnitude an integer ``dtype`` holds (int8: 128, for its -128)."""
+    return -torch.iinfo(dtype).min
+
+
+def static_f32_plan(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int, limits: FloatLimits) -> int | None:
+    """The bound ``S <= max|a| max|b| terms`` from the dtypes alone when it is small enough for one
+    float32 product (and float32 products are strict), else None. It needs no pass over the
+    operands: at int8 x int8, ``128 * 128 * terms <= 2**24`` for every reduction of up to 1,024
+    terms, so an MLP's or LeNet-5's products skip the two maxima a data-dependent plan reads
+    (``python benchmarks/native_speed.py``, BENCHMARKS.md)."""
+    bound = magnitude_limit(a_dtype) * magnitude_limit(b_dtype) * terms
+    return bound if bound <= limits.float32 and fp32_is_strict() else None
+
+
 def absmax(t: torch.Tensor) -> int:
     """max |t| as a Python int (handles int8's -128 without overflow)."""
     if t.numel() == 0:
