@@ -73,3 +73,30 @@ def test_tr_lstm_resumes_bit_identical(data, tmp_path, monkeypatch, capsys):
     assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
     assert _metrics(tmp_path / "run") == _metrics(tmp_path / "ref")
     capsys.readouterr()
+
+
+def test_run_saved_before_core_update_resumes_with_nitis_rule(data, tmp_path, monkeypatch, capsys):
+    """A checkpoint written before --core-update existed has no such option: its run updated the
+    cores with NITI's rule, so it resumes with that rule although the tr-lstm recipe now says
+    'sign', bit for bit as an uninterrupted run with --core-update niti."""
+    from intrain.run import checkpoint
+
+    job = ["train", *TINY, *data, "--model", "tr-lstm", "--tr-rank", "3", "--epochs", "2", "--checkpoint-every", "2",
+           "--core-update", "niti"]
+    assert main([*job, "--out", str(tmp_path / "ref")]) == 0
+    run_until_crash(monkeypatch, Niti, 4, [*job, "--out", str(tmp_path / "run")])
+    path = checkpoint.checkpoint_path(tmp_path / "run")
+    payload = checkpoint.load(path)
+    del payload["train_config"]["options"]["core_update"], payload["train_config"]["options"]["core_mu_schedule"]
+    checkpoint.save(path, payload)
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
+    capsys.readouterr()
+
+
+def test_recipe_updates_tr_lstm_cores_by_sign(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", *TINY, *data, "--model", "tr-lstm", "--epochs", "1", "--out", str(run)]) == 0
+    options = json.loads((run / "config.json").read_text())
+    assert options["core_update"] == "sign" and options["mu_schedule"] == "0:2,7:1"
+    capsys.readouterr()

@@ -122,7 +122,12 @@ class TrainConfig:
             raise TypeError(f"unknown config fields {', '.join(sorted(unknown))}")
         config = cls(**{k: v for k, v in saved.items() if k in common})
         if "options" in saved:
-            return replace(config, options=dict(saved["options"]))
+            options = dict(saved["options"])
+            if config.arith == "int8" and "mu_schedule" in options:
+                # Saved before --core-update existed: those runs updated every core with NITI's rule
+                # (the recipe of tt-lstm / tr-lstm now says otherwise).
+                options.setdefault("core_update", "niti")
+            return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
         if options.get("weight_bits") == 16 and options.get("mu_schedule"):
