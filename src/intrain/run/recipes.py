@@ -94,6 +94,11 @@ _INT8_ERROR_ROUNDING = {("fashion-mnist", "lenet5"): "stochastic"}
 # Adam at 3e-3 reached 60.9 % in one epoch (BENCHMARKS.md).
 _FLOAT_OPTIMIZER = {"moving-mnist-actions": ("adamw", 3e-3)}
 
+# Where a model needs another peak rate than its dataset's. The float TR-LSTM at 3e-3 swung with
+# the seed (3 epochs, 10,000 clips, validation split: 66.80, 38.30 and 52.45 % on seeds 0-2; 1e-3:
+# 48.75 and 37.65 % on seeds 0-1), at 1e-2 it reached 69.45, 64.00 and 66.80 % (BENCHMARKS.md).
+_FLOAT_LR_BY_MODEL = {("moving-mnist-actions", "tr-lstm"): 1e-2}
+
 
 # (epochs, batch_size for both arithmetics, int8 mu schedule) for a (dataset, model) pair whose
 # numbers differ from its dataset's. ResNet-18 with integer batch normalisation (layers.norm):
@@ -139,6 +144,7 @@ def default_recipe(dataset: str, model: str, method: str) -> Recipe:
         return Recipe(epochs=epochs, batch_size=batch_size, options=options)
     if method == "float" and dataset in _FLOAT_OPTIMIZER:  # DFP16 keeps SGD, the paper's recipe
         optimizer, lr = _FLOAT_OPTIMIZER[dataset]
+        lr = _FLOAT_LR_BY_MODEL.get((dataset, model), lr)
         return Recipe(epochs=epochs, batch_size=batch_size,
                       options={"lr": lr * batch_size / LR_REFERENCE_BATCH, "optimizer": optimizer})
     return Recipe(epochs=epochs, batch_size=batch_size, options={"lr": scaled_lr(batch_size)})
