@@ -76,13 +76,13 @@ def test_tr_lstm_resumes_bit_identical(data, tmp_path, monkeypatch, capsys):
 
 
 def test_run_saved_before_core_update_resumes_with_nitis_rule(data, tmp_path, monkeypatch, capsys):
-    """A checkpoint written before --core-update existed has no such option: its run updated the
-    cores with NITI's rule, so it resumes with that rule although the tr-lstm recipe now says
-    'sign', bit for bit as an uninterrupted run with --core-update niti."""
+    """A checkpoint written before --core-update existed has neither core option: its run updated
+    the cores with NITI's rule and its one mu schedule, so it resumes with those although the
+    tr-lstm recipe now says otherwise, bit for bit as an uninterrupted run with them given."""
     from intrain.run import checkpoint
 
     job = ["train", *TINY, *data, "--model", "tr-lstm", "--tr-rank", "3", "--epochs", "2", "--checkpoint-every", "2",
-           "--core-update", "niti"]
+           "--core-update", "niti", "--mu-schedule", "0:3", "--core-mu-schedule", "0:3"]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
     run_until_crash(monkeypatch, Niti, 4, [*job, "--out", str(tmp_path / "run")])
     path = checkpoint.checkpoint_path(tmp_path / "run")
@@ -98,5 +98,6 @@ def test_recipe_updates_tr_lstm_cores_by_sign(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, *data, "--model", "tr-lstm", "--epochs", "1", "--out", str(run)]) == 0
     options = json.loads((run / "config.json").read_text())
-    assert options["core_update"] == "sign" and options["mu_schedule"] == "0:2,7:1"
+    assert options["core_update"] == "sign" and options["mu_schedule"] == "0:4"
+    assert options["core_mu_schedule"] == "0:2,7:1"
     capsys.readouterr()

@@ -123,10 +123,10 @@ class TrainConfig:
         config = cls(**{k: v for k, v in saved.items() if k in common})
         if "options" in saved:
             options = dict(saved["options"])
-            if config.arith == "int8" and "mu_schedule" in options:
+            if config.arith == "int8" and "mu_schedule" in options and "core_update" not in options:
                 # Saved before --core-update existed: those runs updated every core with NITI's rule
-                # (the recipe of tt-lstm / tr-lstm now says otherwise).
-                options.setdefault("core_update", "niti")
+                # and the one mu schedule (the tr-lstm recipe now says otherwise).
+                options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
             return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
