@@ -18,9 +18,9 @@ Sign rule (``rule="sign"``, for tensor-ring and tensor-train cores): every eleme
 gradient moves by exactly ``2**m`` units of the target against its gradient's sign, ``w <- clip(w
 - sign(G) 2**m)`` (``2**mu`` int8 steps, as the largest element moves under the rule above). Why
 the cores need it: a layer-wise rule scales every element's step by the layer's largest gradient,
-so in a core whose gradients span orders of magnitude most elements round to no step at all; the
-float tensor-ring LSTM, likewise, trains with Adam's per-element scaling and not with plain SGD
-(BENCHMARKS.md, issue 14). ``|sign(G) 2**m| <= 2**23`` for ``m <= 23``, so the int32 difference
+so elements with small gradients round to no step (the first step of a rank-8 TR-LSTM at mu 2
+moved 51 % of its core elements, the sign rule 99.5 %), and the float tensor-ring LSTM, likewise,
+trains with Adam's per-element scaling and not with plain SGD (BENCHMARKS.md, issue 14). ``|sign(G) 2**m| <= 2**23`` for ``m <= 23``, so the int32 difference
 cannot wrap, and the rule has no rounding, so it is the same integers on every device.
 
 Data parallel: each process holds the exact gradient of its shard of the batch. Every exponent of
