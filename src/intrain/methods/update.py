@@ -20,8 +20,9 @@ gradient moves by exactly ``2**m`` units of the target against its gradient's si
 the cores need it: a layer-wise rule scales every element's step by the layer's largest gradient,
 so elements with small gradients round to no step (the first step of a rank-8 TR-LSTM at mu 2
 moved 51 % of its core elements, the sign rule 99.5 %), and the float tensor-ring LSTM, likewise,
-trains with Adam's per-element scaling and not with plain SGD (BENCHMARKS.md, issue 14). ``|sign(G) 2**m| <= 2**23`` for ``m <= 23``, so the int32 difference
-cannot wrap, and the rule has no rounding, so it is the same integers on every device.
+trains with Adam's per-element scaling and not with plain SGD (BENCHMARKS.md, issue 14).
+``|sign(G) 2**m| <= 2**23`` for ``m <= 23``, so the int32 difference cannot wrap, and the rule has
+no rounding, so it is the same integers on every device.
 
 Data parallel: each process holds the exact gradient of its shard of the batch. Every exponent of
 a step is the same in every process (the shifts come from maxima over all processes,
@@ -154,12 +155,9 @@ class IntegerUpdate:
             grad = layer.weight_grad
             if self.collective.world > 1:
                 grad = self.collective.sum(grad.to(torch.int64))
-            if not isinstance(layer, TensorRingCore):
-                target.copy_(apply_update(target, grad, mu + extra))
-            elif self.core_rule == "sign":
-                target.copy_(apply_sign_update(target, grad, core_mu + extra))
-            else:
-                target.copy_(apply_update(target, grad, core_mu + extra))
+            core = isinstance(layer, TensorRingCore)
+            rule = apply_sign_update if core and self.core_rule == "sign" else apply_update
+            target.copy_(rule(target, grad, (core_mu if core else mu) + extra))
             layer.refresh_weight()
             layer.weight_grad = None
             layer.weight_grad_exp = None
