@@ -1,6 +1,7 @@
-"""Training-step speed and memory: the int8 engine against its float32 twin, in one process.
+"""Training-step speed and memory: an integer method (NITI int8 or DFP16) against its float32 twin, in
+one process.
 
-Prints, per model, the median time of a whole training step (int8, float32, and on CUDA float32
+Prints, per model, the median time of a whole training step (integer, float32, and on CUDA float32
 under bf16 autocast) and the ratios, per-layer forward+backward times, and for int8 and float32
 the bytes a step keeps alive between forward and update (weights, optimizer state, weight
 gradients, tensors saved for backward: "held") and the peak of all tensor memory alive during
@@ -12,6 +13,7 @@ ratios are meant to be compared. On a GPU (``--device cuda``) every timed call e
     python benchmarks/speed.py --model mlp --batch 256 --repeats 20
     python benchmarks/speed.py --model vgg-small-7 --batch 256 --device cuda
     python benchmarks/speed.py --model vgg-small-7 --batch 64 --int8-gemm off   # float path only
+    python benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16      # DFP16, int32 masters
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import warnings
 
 import torch
 
+from intrain.methods.dfp16 import MASTERS, Dfp16, Dfp16Options
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.methods.float_twin import FloatOptions, FloatTwin
 from intrain.kernels import BACKENDS, Backend, CpuSettings, get_backend
@@ -69,12 +72,12 @@ def _saved_bytes_int(model) -> int:
     return sum(storages.values())
 
 
-def _weight_grad_bytes_int(model, x, y, seed) -> int:
+def _weight_grad_bytes_int(model, x, y, seed, fmt) -> int:
     """Bytes of the weight gradients a step holds between backward and the update (int32 or
     int64, as the layers store them), measured by running forward, loss gradient and backward."""
     ctx = StepContext(seed, 0)
     model.train()
-    error = cross_entropy_grad(model(x, ctx), y, seed, 0)
+    error = cross_entropy_grad(model(x, ctx), y, seed, 0, fmt)
     model.backward(error, ctx)
     total = 0
     for layer in weighted_layers(model):
@@ -119,20 +122,32 @@ def _saved_bytes_float(model, x, y) -> int:
     return saved + 3 * params  # parameters, their gradients, momentum buffers
 
 
+def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed: int, backend: Backend,
+                     device: torch.device):
+    """(method, model) of the integer side: NITI int8 as the earlier figures measured it (mu 4, no
+    weight averaging: its int64 sums are 8x the weights), or DFP16 with the float twin's learning
+    rate."""
+    if arith == "dfp16":
+        options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master)
+        model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
+        return Dfp16(model, options, seed=seed, total_steps=10**6), model
+    model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device)
+    return Niti(model, NitiOptions(mu_schedule="0:4", weight_average="none"), seed=seed), model
+
+
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
-          bf16: bool, seed: int = 0, image_size: int | None = None) -> None:
+          bf16: bool, seed: int = 0, image_size: int | None = None, arith: str = "int8",
+          dfp16_master: str = "int32") -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
     if image_size is not None:  # e.g. 224: ResNet-18 and AlexNet take the ImageNet layout
         shape = (shape[0], image_size, image_size)
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randint(0, 128, (batch, *shape), generator=gen).to(torch.int8)
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
-    x_int = QTensor.of(pixels.to(device), -7)
     x_float = (pixels.to(torch.float32) / 128).to(device)
 
-    int_model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device)
-    # No weight averaging (its int64 sums are 8x the weights): the step as the earlier figures measured it.
-    int_trainer = Niti(int_model, NitiOptions(mu_schedule="0:4", weight_average="none"), seed=seed)
+    int_trainer, int_model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device)
+    x_int = type(int_trainer).network_input(QTensor.of(pixels.to(device), -7))
     torch.manual_seed(seed)
     float_model = build_float_model(model_name, shape, 10).to(device)
     float_trainer = FloatTwin(float_model, FloatOptions(lr=0.01), total_steps=(1) * (10**6))
@@ -150,29 +165,32 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
         with torch.autocast(device.type, dtype=torch.bfloat16):
             float_trainer.train_step(x_float, labels, step[0], 0)
 
-    sides = [("int8", int_step), ("float32", float_step)] + ([("bf16", bf16_step)] if bf16 else [])
+    sides = [(arith, int_step), ("float32", float_step)] + ([("bf16", bf16_step)] if bf16 else [])
     times = {key: [] for key, _ in sides}
     for _ in range(3):  # interleave, so drifting machine load hits every side alike
         for key, fn in sides:
             times[key].append(_median_seconds(fn, repeats, device))
-    t_int, t_float = min(times["int8"]), min(times["float32"])
+    t_int, t_float = min(times[arith]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    print(f"\n{model_name}, batch {batch}, {where}, int8 kernels: {weighted_layers(int_model)[0].backend.name}")
-    print(f"  training step   int8 {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
+    master = f" ({dfp16_master} masters)" if arith == "dfp16" else ""
+    print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
+          f"{weighted_layers(int_model)[0].backend.name}")
+    print(f"  training step  {arith:>5s} {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
     if bf16:
         t_bf16 = min(times["bf16"])
         print(f"                                    bf16 autocast {t_bf16 * 1e3:8.2f} ms   ratio {t_int / t_bf16:5.2f}x")
 
     int_model.train()
     int_model(x_int, StepContext(seed, 0))
-    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model, x_int, labels, seed)
+    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model, x_int, labels, seed,
+                                                                   weighted_layers(int_model)[0].fmt)
     int_model.clear_saved()
     mem_float = _saved_bytes_float(float_model, x_float, labels)
-    print(f"  held memory     int8 {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
+    print(f"  held memory    {arith:>5s} {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
     if device.type == "cpu":
         peak_int = _peak_live_bytes(int_step)
         peak_float = _peak_live_bytes(float_step)
-        print(f"  peak memory     int8 {peak_int / 2**20:8.2f} MiB  float32 {peak_float / 2**20:8.2f} MiB  ratio {peak_int / peak_float:5.2f}x")
+        print(f"  peak memory    {arith:>5s} {peak_int / 2**20:8.2f} MiB  float32 {peak_float / 2**20:8.2f} MiB  ratio {peak_int / peak_float:5.2f}x")
     else:
         peaks = []
         for fn in (int_step, float_step):
@@ -182,7 +200,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             fn()
             torch.cuda.synchronize(device)
             peaks.append(torch.cuda.max_memory_allocated(device) - base)
-        print(f"  peak above start int8 {peaks[0] / 2**20:8.2f} MiB  float32 {peaks[1] / 2**20:8.2f} MiB  ratio {peaks[0] / peaks[1]:5.2f}x")
+        print(f"  peak above start {arith} {peaks[0] / 2**20:8.2f} MiB  float32 {peaks[1] / 2**20:8.2f} MiB  ratio {peaks[0] / peaks[1]:5.2f}x")
 
     if len(int_model.layers) != len(float_model):
         # e.g. ResNet's float twin has BatchNorm layers the integer model does not: no pairing.
@@ -197,7 +215,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             layer.train()
             ctx = StepContext(seed, 0)
             out = layer(inp, ctx)
-            layer.backward(QTensor(out.v.clamp(-127, 127).to(torch.int8), out.e), ctx)
+            limit = layer.fmt.limit if hasattr(layer, "fmt") else 127
+            layer.backward(QTensor(out.v.clamp(-limit, limit).to(out.v.dtype), out.e), ctx)
 
         def float_layer_step(layer=float_layer, inp=f_in):
             out = layer(inp)
@@ -205,7 +224,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
 
         ti = _median_seconds(int_layer_step, repeats, device)
         tf = _median_seconds(float_layer_step, repeats, device)
-        print(f"    {type(int_layer).__name__:14s} int8 {ti * 1e3:8.3f} ms   float32 {tf * 1e3:8.3f} ms   ratio {ti / tf:5.2f}x")
+        print(f"    {type(int_layer).__name__:14s} {arith:>5s} {ti * 1e3:8.3f} ms   float32 {tf * 1e3:8.3f} ms   ratio {ti / tf:5.2f}x")
         int_layer.eval()
         q = int_layer(q)
         f = float_layer(f)
@@ -238,6 +257,11 @@ def main() -> None:
                         help="cpu backend: int8 products through torch._int_mm (auto: where it "
                              "measured at least 2x float32 on this machine, for wide enough layers), or "
                              "always, or never (off: the float path, as on CPUs without such units)")
+    parser.add_argument("--arith", choices=("int8", "dfp16"), default="int8",
+                        help="integer method to time against the float32 twin: NITI int8 (default) or DFP16")
+    parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",
+                        help="with --arith dfp16: int32 master weights and momentum (integer-only, the "
+                             "default) or float32 (Das et al.)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
@@ -259,7 +283,7 @@ def main() -> None:
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16,
-              image_size=args.image_size)
+              image_size=args.image_size, arith=args.arith, dfp16_master=args.dfp16_master)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ from intrain.kernels import reference as REF
 from intrain.kernels.cpu import bounds as B
 from intrain.kernels.cpu import exact_to_int8, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
+from intrain.kernels import int16_gemm
+from intrain.numeric import native
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric.requant import requantize, requantize_product
@@ -414,6 +416,94 @@ def test_cpu_linear_matches_reference(n, i, o, dtypes, modes, seed, budget):
     both("linear_forward", x, w, paths=paths)
     both("linear_backward_input", d, w, paths=paths)
     both("linear_backward_weight", d, x, paths=paths)
+
+
+# ------------------------------------------------ int16 products as int8 halves (cpu, DFP16)
+
+def test_int16_halves_split_every_value():
+    """Every int16 value is 256 * hi + lo + 128 with int8 halves, and 0 is (ZERO_HI, ZERO_LO)."""
+    v = torch.arange(-32768, 32768, dtype=torch.int16)
+    hi, lo = int16_gemm.split_halves(v)
+    assert hi.dtype == lo.dtype == torch.int8
+    assert torch.equal(hi.to(torch.int64) * 256 + lo.to(torch.int64) + 128, v.to(torch.int64))
+    assert (hi[32768].item(), lo[32768].item()) == (int16_gemm.ZERO_HI, int16_gemm.ZERO_LO)
+
+
+def halves_int(gen: torch.Generator, shape, mode: str) -> torch.Tensor:
+    """int16 operands: uniform over the whole range, or only its ends and the values whose halves
+    are at their ends (-32768, -32641, -129, -128, -1, 0, 127, 128, 255, 32639, 32640, 32767)."""
+    if mode == "uniform":
+        return torch.randint(-32768, 32768, shape, generator=gen).to(torch.int16)
+    ends = torch.tensor([-32768, -32641, -129, -128, -1, 0, 127, 128, 255, 32639, 32640, 32767])
+    return ends[torch.randint(0, len(ends), shape, generator=gen)].to(torch.int16)
+
+
+#: The int8 GEMM path as it is, and with im2col chunks of one sample.
+HALVES_PATHS = (CPU_INT8, CpuBackend(replace(FLOAT_PATH, use_int8_gemm=True, int8_gemm_chunk_bytes=1)))
+
+
+@pytest.fixture(params=["C", "PyTorch"])
+def halves_calls(request, monkeypatch) -> list[str]:
+    """Names of the int16_gemm products the cpu backend runs from now on; the parts combined in
+    C (``native.combine_halves``) or by the PyTorch code."""
+    if request.param == "PyTorch":
+        monkeypatch.setattr(native, "combine_halves", lambda *args, **kwargs: False)
+    elif not native.available():
+        pytest.skip("no C compiler here: the PyTorch case covers this machine")
+    taken = []
+    for name in ("mm", "conv", "conv_weight_grad"):
+        real = getattr(int16_gemm, name)
+        monkeypatch.setattr(int16_gemm, name, lambda *a, _real=real, _name=name, **k: taken.append(_name) or _real(*a, **k))
+    return taken
+
+
+@settings(max_examples=30, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=conv_shapes(max_c=6), modes=st.tuples(*[st.sampled_from(["uniform", "ends"])] * 3),
+       seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), i=st.integers(1, 200))
+def test_cpu_int16_halves_match_reference(shape, modes, seed, n, i, halves_calls):
+    """Every product of int16 operands on the int8 GEMM path, over shapes, strides and paddings,
+    is the reference's, and runs as int8 halves; also with chunks of one sample (many pieces of
+    the convolutions and of the weight gradient's int64 sum)."""
+    halves_calls.clear()  # one fixture for all examples
+    nc, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
+    x, wt = halves_int(gen, (nc, c, h, w), modes[0]), halves_int(gen, (o, c, kh, kw), modes[1])
+    d = halves_int(gen, (nc, o, ho, wo), modes[2])
+    both("conv2d_forward", x, wt, s, p, paths=HALVES_PATHS)
+    both("conv2d_backward_weight", d, x, (kh, kw), s, p, paths=HALVES_PATHS)
+    expected = ["conv", "conv_weight_grad"]
+    if p[0] < kh and p[1] < kw:  # the input gradient as a convolution needs k - 1 - p >= 0
+        both("conv2d_backward_input", d, wt, (h, w), s, p, paths=HALVES_PATHS)
+        expected.append("conv")
+    xl, wl, dl = halves_int(gen, (n, i), modes[0]), halves_int(gen, (o, i), modes[1]), halves_int(gen, (n, o), modes[2])
+    for name, args in (("linear_forward", (xl, wl)), ("linear_backward_input", (dl, wl)),
+                       ("linear_backward_weight", (dl, xl))):
+        both(name, *args, paths=HALVES_PATHS)
+    assert halves_calls == [name for name in expected for _ in HALVES_PATHS] + ["mm"] * 3 * len(HALVES_PATHS)
+
+
+def test_cpu_int16_halves_worst_cases_at_the_longest_reduction(halves_calls):
+    """The largest magnitudes, at the longest reduction one int32 piece of each half product
+    holds (INT32_REDUCTION) and one term past it (two pieces), against Python integers: the
+    halves of -32768 are (-128, -128) and of 32767 (127, 127), the int32 sums' extremes; then a
+    VGG-sized convolution (576 terms) with padding, its input gradient and weight gradient."""
+    for k in (INT32_REDUCTION, INT32_REDUCTION + 1):
+        for a_value, b_value in ((-32768, -32768), (-32768, 32767), (32767, 32767)):
+            a = torch.full((2, k), a_value, dtype=torch.int16)
+            b = torch.full((3, k), b_value, dtype=torch.int16)
+            out = CPU_INT8.linear_forward(a, b)
+            assert out.dtype == torch.int64
+            assert torch.equal(out, torch.full((2, 3), a_value * b_value * k, dtype=torch.int64))
+    for value in (-32768, 32767):
+        x = torch.full((2, 64, 8, 8), value, dtype=torch.int16)
+        wt = torch.full((4, 64, 3, 3), -32768, dtype=torch.int16)
+        d = torch.full((2, 4, 8, 8), value, dtype=torch.int16)
+        both("conv2d_forward", x, wt, 1, 1, paths=(CPU_INT8,))
+        both("conv2d_backward_input", d, wt, (8, 8), 1, 1, paths=(CPU_INT8,))
+        both("conv2d_backward_weight", d, x, 3, 1, 1, paths=(CPU_INT8,))
+    assert halves_calls == ["mm"] * 6 + ["conv", "conv", "conv_weight_grad"] * 2
 
 
 # ------------------------------------------- cpu products requantised straight from floats

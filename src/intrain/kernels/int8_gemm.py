@@ -21,11 +21,12 @@ def samples_per_chunk(bytes_per_sample: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, bytes_per_sample))
 
 
-def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int]
-             ) -> torch.Tensor:
-    """Patches of x [N, C, H, W] as a strided view [N, Ho, Wo, kh, kw, C] over its zero-padded
-    channels-last copy: rows of columns in (kh, kw, C) order are runs of C contiguous values."""
-    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]))  # [N, H', W', C]
+def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int],
+             fill: int = 0) -> torch.Tensor:
+    """Patches of x [N, C, H, W] as a strided view [N, Ho, Wo, kh, kw, C] over its channels-last
+    copy padded with ``fill`` (zero, or what stands for zero in ``int16_gemm``'s halves): rows of
+    columns in (kh, kw, C) order are runs of C contiguous values."""
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, p[1], p[1], p[0], p[0]), value=fill)  # [N, H', W', C]
     return padded.unfold(1, kh, s[0]).unfold(2, kw, s[1]).permute(0, 1, 2, 4, 5, 3)
 
 

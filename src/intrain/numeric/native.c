@@ -276,3 +276,42 @@ MAX_POOL(i16, int16_t)
 MAX_POOL_BACKWARD(i8, int8_t)
 MAX_POOL_BACKWARD(i16, int16_t)
 MAX_POOL_BACKWARD(i32, int32_t)
+
+/* ------------------------------- int16 products from their int8 halves (kernels/int16_gemm.py) */
+
+/* out (+)= 65536 hh + 256 (c1 + c2) + ll + rows[r] + cols[j] for row r < m and column j < n, the
+ * four int32 parts at [r * ld + j] of their pointers. hw = 1: out is the row-major [m, n]
+ * matrix. hw > 1: rows are (sample, position) pairs, r = sample * hw + position, and out is
+ * [samples, n, hw] (NCHW), written a block of positions at a time so that the strided reads of
+ * one column stay in cache. Products by 65536 and 256 rather than left shifts: the values are
+ * signed. */
+#define HALVES_TOTAL(r, j) \
+    ((int64_t)hh[(r) * ld + (j)] * 65536 + ((int64_t)c1[(r) * ld + (j)] + c2[(r) * ld + (j)]) * 256 \
+     + ll[(r) * ld + (j)] + rows[r] + cols[j])
+
+void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t *c2, const int32_t *ll,
+                            int64_t ld, const int64_t *rows, const int64_t *cols, int64_t *out,
+                            int64_t m, int64_t n, int64_t hw, int accumulate) {
+    if (hw == 1) {
+        for (int64_t r = 0; r < m; r++) {
+            int64_t *o = out + r * n;
+            if (accumulate)
+                for (int64_t j = 0; j < n; j++) o[j] += HALVES_TOTAL(r, j);
+            else
+                for (int64_t j = 0; j < n; j++) o[j] = HALVES_TOTAL(r, j);
+        }
+        return;
+    }
+    const int64_t block = 64;
+    for (int64_t sample = 0; sample < m / hw; sample++) {
+        int64_t *o = out + sample * n * hw;
+        for (int64_t p0 = 0; p0 < hw; p0 += block) {
+            const int64_t p1 = p0 + block < hw ? p0 + block : hw;
+            for (int64_t j = 0; j < n; j++)
+                for (int64_t p = p0; p < p1; p++) {
+                    const int64_t r = sample * hw + p;
+                    o[j * hw + p] = accumulate ? o[j * hw + p] + HALVES_TOTAL(r, j) : HALVES_TOTAL(r, j);
+                }
+        }
+    }
+}

@@ -1,6 +1,7 @@
 """One-pass C kernels for the elementwise integer work of a training step on CPU tensors
 (``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
-``methods.update``, ``methods.averaging``, ``methods.loss`` and ``layers.pooling``.
+``methods.update``, ``methods.averaging``, ``methods.loss``, ``layers.pooling`` and
+``kernels.int16_gemm``.
 
 Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
 requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
@@ -127,6 +128,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"intrain_max_pool_{w}").argtypes = [p, p, p, n, n, n, i]
     for d in _POOLED_ERRORS:
         getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i]
+    lib.intrain_combine_halves.argtypes = [p, p, p, p, n, p, p, p, n, n, n, i]
 
 
 @functools.cache
@@ -273,3 +275,29 @@ def max_pool_backward(d: torch.Tensor, argmax: torch.Tensor, input_hw: tuple[int
                                                       n * c, input_hw[0], input_hw[1], k)
     return routed
 
+
+
+def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], rows: torch.Tensor,
+                   cols: torch.Tensor, out: torch.Tensor, hw: int = 1, accumulate: bool = False) -> bool:
+    """``kernels.int16_gemm``'s combination of an int16 product from the products of its halves
+    ``parts = (hh, c1, c2, ll)``, int32 [M, N] views with one row stride and unit column stride:
+    ``out (+)= 65536 hh + 256 (c1 + c2) + ll + rows + cols`` (``rows`` int64 [M, 1], ``cols`` int64
+    [1, N]) into a contiguous int64 ``out``, [M, N] for ``hw = 1``, else [M / hw, N, hw] with row
+    ``r`` at sample ``r // hw`` and position ``r % hw``, in one pass; False (nothing done) where the
+    kernel does not apply."""
+    lib = library()
+    if lib is None or not (out.is_cpu and out.dtype == torch.int64 and out.is_contiguous()):
+        return False
+    m, n = parts[0].shape
+    ld = parts[0].stride(0)
+    for part in parts:
+        if (not part.is_cpu or part.dtype != torch.int32 or part.shape != (m, n)
+                or (n > 1 and part.stride(1) != 1) or (m > 1 and part.stride(0) != ld)):
+            return False
+    rows, cols = rows.reshape(-1), cols.reshape(-1)
+    if (rows.dtype != torch.int64 or cols.dtype != torch.int64 or not _applies(rows, cols)
+            or rows.numel() != m or cols.numel() != n or out.numel() != m * n or hw < 1 or m % hw):
+        return False
+    lib.intrain_combine_halves(*(part.data_ptr() for part in parts), ld, rows.data_ptr(), cols.data_ptr(),
+                               out.data_ptr(), m, n, hw, int(accumulate))
+    return True

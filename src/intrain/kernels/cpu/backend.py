@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from intrain.kernels import int8_gemm
+from intrain.kernels import int8_gemm, int16_gemm
 from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.cpu.calibrate import int8_gemm_pays
@@ -92,10 +92,28 @@ class CpuBackend(Backend):
         AMD Zen 3, where it runs at about 3 GOPS) and the layer is wide enough."""
         if a.dtype != torch.int8 or b.dtype != torch.int8:
             return False
+        return self._int8_units(channels)
+
+    def _int8_units(self, channels: int | None) -> bool:
+        """Whether products of a layer with ``channels`` (None: a linear layer) go to the int8
+        GEMM units, for int8 operands or int16 ones split into int8 halves."""
         if self.settings.use_int8_gemm is not None:
             return self.settings.use_int8_gemm
         return ((channels is None or channels >= self.settings.int8_gemm_min_channels)
                 and int8_gemm_pays())
+
+    def _int16_halves(self, a: torch.Tensor, b: torch.Tensor, channels: int | None = None,
+                      terms: int | None = None) -> bool:
+        """True when this int16 x int16 product goes to the int8 GEMM as four products of int8
+        halves (``int16_gemm``): where int8 products go there (four of them cost what two float32
+        products do at the 2x speed-up ``auto`` asks for, about one float64 product, the float
+        path's exact fall-back for such operands) and a convolution's reduction (``terms``) is
+        one int32 piece."""
+        if a.dtype != torch.int16 or b.dtype != torch.int16:
+            return False
+        if terms is not None and terms > INT32_REDUCTION:
+            return False
+        return self._int8_units(channels)
 
     # ------------------------------------------------------------------------------- linear
 
@@ -139,6 +157,8 @@ class CpuBackend(Backend):
         out_dtype = _ref.narrow_result_dtype(a, w, k)  # refuses int8 reductions int32 cannot hold
         if self._int8_gemm(a, w):
             return mm_int32(a, rhs, pad=False), out_dtype
+        if self._int16_halves(a, w):
+            return int16_gemm.mm(a, rhs), out_dtype
         return self._mm_exact(a, rhs), out_dtype
 
     def _linear_forward_exact(self, x: torch.Tensor, w: torch.Tensor
@@ -171,6 +191,8 @@ class CpuBackend(Backend):
             if k <= INT32_REDUCTION:  # one int32 product, no int64 copy of it and back
                 return mm_int32(d.t(), x, pad=False)
             return mm_int64(d.t(), x, pad=False).to(dtype)
+        if self._int16_halves(d, x):
+            return int16_gemm.mm(d.t(), x)
         return self._mm_exact(d.t(), x).to(dtype)
 
     # ------------------------------------------------------------------------------- conv2d
@@ -237,11 +259,28 @@ class CpuBackend(Backend):
         s, p, (n, o, _, _), (_, c, kh, kw), hw, _ = _ref.conv_backward_input_geometry(
             d, w, input_hw, stride, padding)
         if n and p[0] < kh and p[1] < kw and self._int8_gemm(d, w, min(c, o)):
-            if s != (1, 1):
-                d = _spread(d, s, (hw[0] + 2 * p[0] - kh + 1, hw[1] + 2 * p[1] - kw + 1))
-            return (d, w.transpose(0, 1).flip(2, 3), (1, 1), (kh - 1 - p[0], kw - 1 - p[1]),
-                    self.settings.int8_gemm_chunk_bytes)
+            return self._input_gradient_as_convolution(d, w, hw, s, p)
         return None
+
+    def _backward_input_as_halves(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
+                                  stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
+        """Arguments of int16_gemm.conv that compute conv2d_backward_input of int16 operands (the
+        same convolution as ``_backward_input_as_int8_gemm``), or None off that path."""
+        s, p, (n, o, _, _), (_, c, kh, kw), hw, _ = _ref.conv_backward_input_geometry(
+            d, w, input_hw, stride, padding)
+        if n and p[0] < kh and p[1] < kw and self._int16_halves(d, w, min(c, o), o * kh * kw):
+            return self._input_gradient_as_convolution(d, w, hw, s, p)
+        return None
+
+    def _input_gradient_as_convolution(self, d: torch.Tensor, w: torch.Tensor, hw: IntPair,
+                                       s: IntPair, p: IntPair) -> tuple:
+        """(d spread by the stride, flipped kernel with swapped channel axes, stride 1, padding,
+        chunk bytes): a convolution that is the input gradient (``_backward_input_as_int8_gemm``)."""
+        kh, kw = w.shape[2:]
+        if s != (1, 1):
+            d = _spread(d, s, (hw[0] + 2 * p[0] - kh + 1, hw[1] + 2 * p[1] - kw + 1))
+        return (d, w.transpose(0, 1).flip(2, 3), (1, 1), (kh - 1 - p[0], kw - 1 - p[1]),
+                self.settings.int8_gemm_chunk_bytes)
 
     def conv2d_forward(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                        padding: IntPair = 0) -> torch.Tensor:
@@ -260,6 +299,8 @@ class CpuBackend(Backend):
         conv = self._forward_as_int8_gemm(x, w, stride, padding)
         if conv is not None:
             return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
+        if n and self._int16_halves(x, w, min(c, o), c * kh * kw):
+            return int16_gemm.conv(x, w, s, p, self.settings.int8_gemm_chunk_bytes), out_dtype
         plan = self._forward_float_plan(x, w)
         if plan[0] is None or n == 0:
             return _ref.conv2d_forward(x, w, s, p), out_dtype
@@ -327,6 +368,9 @@ class CpuBackend(Backend):
         conv = self._backward_input_as_int8_gemm(d, w, input_hw, stride, padding)
         if conv is not None:
             return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
+        conv = self._backward_input_as_halves(d, w, input_hw, stride, padding)
+        if conv is not None:
+            return int16_gemm.conv(*conv), out_dtype
         plan = self._backward_input_float_plan(d, w)
         if plan[0] is None or n == 0:
             return _ref.conv2d_backward_input(d, w, hw, s, p), out_dtype
@@ -389,6 +433,8 @@ class CpuBackend(Backend):
         if self._int8_gemm(d, x, min(c, o)):
             return int8_gemm.conv_weight_grad(d, x, khw, s, p,
                                               self.settings.int8_gemm_chunk_bytes)
+        if self._int16_halves(d, x, min(c, o)):
+            return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes)
         return float_weight_grad(d, x, khw, s, p, dtype, self.settings, self.limits)
 
     # ----------------------------------------------------------------- requantised products
