@@ -16,7 +16,8 @@ from hypothesis import given, settings, strategies as st
 
 from intrain.kernels.cpu import exact_to_int8
 from intrain.methods.update import apply_update
-from intrain.numeric import native, rng
+from intrain.numeric import native, rng, wide
+from intrain.numeric.accumulate import shift_operand
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize
 from intrain.numeric.rounding import max_bit_length
@@ -96,6 +97,33 @@ def test_requantize_every_shift(dtype, bits, mode):
             slow = torch_only(requantize, a, e, bits, mode, key, offset=5)
             assert fast.v.dtype == slow.v.dtype and int(fast.e) == int(slow.e)
             assert torch.equal(fast.v, slow.v), (dtype, bits, mode, length)
+
+
+@needs_native
+def test_wide_requantize_every_shift():
+    """DFP16's int32 masters from int64 sums (``numeric.wide.requantize``): every bit length up to
+    the 62 bits its callers promise, so every shift to 31 bits, ties and extremes included."""
+    e = torch.tensor(5, dtype=torch.int64)
+    for length in range(0, 63):
+        shift = max(length - wide.VALUE_BITS, 0)
+        for a in (_random(torch.int64, length, 3000, length), _extremes(torch.int64, shift)):
+            a = a.clamp(-(2**length - 1), 2**length - 1)
+            assert native.round_shift(a, shift, "nearest", wide.LIMIT, torch.int32) is not None
+            fast, slow = wide.requantize(a, e), torch_only(wide.requantize, a, e)
+            assert fast.v.dtype == slow.v.dtype == torch.int32 and int(fast.e) == int(slow.e)
+            assert torch.equal(fast.v, slow.v), length
+
+
+@needs_native
+def test_headroom_shift_of_every_int16_value():
+    """DFP16's headroom shifts (``numeric.accumulate.shift_operand``) of all 65,536 int16 values,
+    -32768 included, by every shift an int16 operand can take."""
+    v = torch.arange(-32768, 32768, dtype=torch.int16)
+    for shift in range(0, 17):
+        assert shift == 0 or native.shift_int16(v, shift) is not None
+        fast, slow = shift_operand(v, shift), torch_only(shift_operand, v, shift)
+        assert fast.dtype == slow.dtype == torch.int16
+        assert torch.equal(fast, slow), shift
 
 
 @needs_native

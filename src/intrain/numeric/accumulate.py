@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import torch
 
+from intrain.numeric import native
 from intrain.numeric.rounding import shift_round
 
 INT32_MAX = 2**31 - 1
@@ -82,6 +83,10 @@ def shift_operand(v: torch.Tensor, shift: int) -> torch.Tensor:
     int32: ``|v| + 2**(shift-1)`` can pass int16's range, the result cannot, ``|v| < 2**15``)."""
     if shift == 0:
         return v
+    if v.dtype == torch.int16:
+        shifted = native.shift_int16(v, shift)  # one C pass, same bits
+        if shifted is not None:
+            return shifted
     return shift_round(v.to(torch.int32), shift, "nearest").to(v.dtype)
 
 

@@ -69,6 +69,11 @@ ROUND_NEAREST(i32, int32_t, int32_t, 32, i16, int16_t)
 ROUND_NEAREST(i64, int64_t, int64_t, 64, i16, int16_t)
 ROUND_NEAREST(f32, float, int64_t, 64, i16, int16_t)
 ROUND_NEAREST(f64, double, int64_t, 64, i16, int16_t)
+/* DFP16's wide (int32) masters and momentum from their int64 sums (numeric/wide.py). */
+ROUND_NEAREST(i64, int64_t, int64_t, 64, i32, int32_t)
+/* DFP16's headroom shifts of int16 operands (numeric/accumulate.py), in int32 so that any int16
+ * value, -32768 included, rounds without wrapping. */
+ROUND_NEAREST(i16w, int16_t, int32_t, 32, i16, int16_t)
 
 /* ------------------------------------------------- stochastic rounding with the counter hash */
 

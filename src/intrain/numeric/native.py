@@ -118,6 +118,8 @@ def _declare(lib: ctypes.CDLL) -> None:
             getattr(lib, f"intrain_round_nearest_{t}_{out}").argtypes = [p, p, n, i, n]
         for t in _INTEGER_INPUTS:
             getattr(lib, f"intrain_round_stochastic_{t}_{out}").argtypes = [p, p, n, i, n, u32, u32, u64]
+    lib.intrain_round_nearest_i64_i32.argtypes = [p, p, n, i, n]
+    lib.intrain_round_nearest_i16w_i16.argtypes = [p, p, n, i, n]
     for g in ("i32", "i64"):
         for w in _OUTPUTS:
             getattr(lib, f"intrain_update_pseudo_{g}_{w}").argtypes = [p, p, p, n, i, n]
@@ -179,7 +181,7 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
     "nearest" or "stochastic", in one pass; ``None`` where the kernel does not apply."""
     lib = library()
     name, out = _TYPE_NAMES.get(a.dtype), _TYPE_NAMES.get(out_dtype)
-    if lib is None or not _applies(a) or out not in _OUTPUTS:
+    if lib is None or not _applies(a) or (out not in _OUTPUTS and (name, out, mode) != ("i64", "i32", "nearest")):
         return None
     values = torch.empty(a.shape, dtype=out_dtype)
     if mode == "nearest":
@@ -194,6 +196,17 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
         raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
     getattr(lib, f"intrain_round_stochastic_{name}_{out}")(a.data_ptr(), values.data_ptr(), a.numel(),
                                                             shift, limit, key[0], key[1], offset)
+    return values
+
+
+def shift_int16(v: torch.Tensor, shift: int) -> torch.Tensor | None:
+    """``shift_round(v, shift, "nearest")`` of an int16 ``v`` (any value, -32768 included) in
+    int16, in one pass; ``None`` where the kernel does not apply."""
+    lib = library()
+    if lib is None or v.dtype != torch.int16 or not _applies(v) or not 0 <= shift < 32:
+        return None
+    values = torch.empty(v.shape, dtype=torch.int16)
+    lib.intrain_round_nearest_i16w_i16(v.data_ptr(), values.data_ptr(), v.numel(), shift, 32767)
     return values
 
 

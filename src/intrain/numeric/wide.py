@@ -22,7 +22,8 @@ from __future__ import annotations
 import torch
 
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.rounding import max_bit_length, shift_round
+from intrain.numeric import native
+from intrain.numeric.rounding import cpu_max_bit_length, max_bit_length, shift_round
 
 #: Magnitude bits of a wide value.
 VALUE_BITS = 31
@@ -34,6 +35,11 @@ MAX_ALIGN = 30
 def requantize(a: torch.Tensor, e: torch.Tensor) -> QTensor:
     """``a * 2**e`` (any integer dtype, ``|a| < 2**62``) rounded to a wide tensor."""
     a = a.to(torch.int64)
+    if a.device.type == "cpu":
+        shift = max(cpu_max_bit_length(a) - VALUE_BITS, 0)
+        values = native.round_shift(a, shift, "nearest", LIMIT, torch.int32)  # one C pass, same bits
+        if values is not None:
+            return QTensor(values, e + shift)
     shift = (max_bit_length(a) - VALUE_BITS).clamp(min=0)
     return QTensor(shift_round(a, shift, "nearest").clamp_(-LIMIT, LIMIT).to(torch.int32), e + shift)
 
