@@ -243,6 +243,38 @@ def test_int32_masters_follow_the_float32_masters():
         assert (as_float - f.to(torch.float64)).abs().max() <= 1e-4 * f.abs().max()
 
 
+@pytest.mark.parametrize("master", ["int32", "fp32"])
+def test_updating_each_layer_as_backward_reaches_it_changes_no_bit(master):
+    """A step that updates each layer as soon as its gradient is made (``train_step``) ends with
+    the weights, masters and momentum of one that updates every layer after backward."""
+    from intrain.layers import StepContext
+    from intrain.methods.loss import cross_entropy_grad
+
+    x, y = _batch()
+    _, at_once = _model_and_method(master, backend="cpu")
+    model, per_layer = _model_and_method(master, backend="cpu")
+    for step in range(3):
+        ctx = StepContext(at_once.seed, step)
+        logits = at_once.model(x, ctx)
+        at_once.model.backward(cross_entropy_grad(logits, y, at_once.seed, step, at_once.fmt), ctx)
+        at_once.update.step(step, y.shape[0])
+        per_layer.train_step(x, y, step, 0)
+    for (name, a), (_, b) in zip(at_once.model.state_dict().items(), per_layer.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    state_a, state_b = at_once.update.state_dict(), per_layer.update.state_dict()
+    if master == "int32":
+        pairs = [(a, b) for key in ("master", "momentum") for pa, pb in zip(state_a[key], state_b[key])
+                 for a, b in zip(pa, pb)]
+    else:  # the optimizer's state is keyed by parameter, filled in another order
+        momentum_a, momentum_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+        assert sorted(momentum_a) == sorted(momentum_b) == list(range(5))
+        pairs = list(zip(state_a["master"], state_b["master"]))
+        pairs += [(momentum_a[i]["momentum_buffer"], momentum_b[i]["momentum_buffer"]) for i in range(5)]
+    assert len(pairs) == 10 or len(pairs) == 20
+    for a, b in pairs:
+        assert torch.equal(a, b)
+
+
 def test_plain_int32_would_wrap_in_a_lenet_step_and_the_control_never_does():
     x, y = _batch()
     counts = {}

@@ -129,11 +129,14 @@ class Dfp16(Method):
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:
         """Train on one batch; returns its logits as computed before the update."""
         self.model.train()
-        ctx = StepContext(self.seed, step)
+        batch = y.shape[0]
+        # Each layer is updated as soon as backward has made its gradient (same bits in any
+        # order), so the int64 gradients are freed one by one instead of all living at once.
+        ctx = StepContext(self.seed, step, gradient_ready=lambda layer: self.update.step(step, batch, within=layer))
         logits = self.model(x, ctx)
         error = cross_entropy_grad(logits, y, self.seed, step, self.fmt)
         self.model.backward(error, ctx)
-        self.update.step(step, y.shape[0])
+        self.update.step(step, batch)  # layers no container reported
         return logits
 
     def int32_wraps(self) -> list[int]:

@@ -49,15 +49,22 @@ class FloatMasterSgd:
         return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup)
 
     @torch.no_grad()
-    def step(self, step: int, batch: int) -> None:
-        """Update every layer from its ``weight_grad`` of a batch of ``batch`` samples."""
+    def step(self, step: int, batch: int, within=None) -> None:
+        """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples, or only
+        the layer ``within`` (called as backward finishes each layer; ``torch.optim.SGD`` updates
+        the masters that have a gradient, each with its own arithmetic, so the order changes no
+        bit); each gradient is freed once used."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
-        for master, layer in zip(self.master, self.layers):
+        chosen = [(master, layer) for master, layer in zip(self.master, self.layers)
+                  if layer.weight_grad is not None and (within is None or layer is within)]
+        if not chosen:
+            return
+        for master, layer in chosen:
             exact = torch.ldexp(layer.weight_grad.to(torch.float64), layer.weight_grad_exp.to(torch.float64))
             master.grad = (exact / batch).to(torch.float32)
         self.optimizer.step()
-        for master, layer in zip(self.master, self.layers):
+        for master, layer in chosen:
             converted = to_format(master, self.fmt)
             if converted is not None:
                 layer.weight.copy_(converted[0])

@@ -110,11 +110,16 @@ class FixedPointSgd:
         return fixed(self.lr[0] * num, self.lr[1] * den)
 
     @torch.no_grad()
-    def step(self, step: int, batch: int) -> None:
-        """Update every layer from its ``weight_grad`` of a batch of ``batch`` samples."""
+    def step(self, step: int, batch: int, within=None) -> None:
+        """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples, or only
+        the layer ``within`` (called as backward finishes each layer: a layer's update reads only
+        its own gradient, master and momentum, so the order changes no bit); each gradient is
+        freed once used."""
         per_sample = fixed(1, batch)
         lr_f, lr_e = self.lr_factor(step)
         for i, layer in enumerate(self.layers):
+            if layer.weight_grad is None or (within is not None and layer is not within):
+                continue
             grad = wide.scale(wide.requantize(layer.weight_grad, layer.weight_grad_exp), per_sample)
             g = wide.add(grad, wide.scale(self.master[i], self.decay))
             self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
