@@ -442,14 +442,20 @@ def halves_int(gen: torch.Generator, shape, mode: str) -> torch.Tensor:
 HALVES_PATHS = (CPU_INT8, CpuBackend(replace(FLOAT_PATH, use_int8_gemm=True, int8_gemm_chunk_bytes=1)))
 
 
-@pytest.fixture(params=["C", "PyTorch"])
+@pytest.fixture(params=["C", "C on three threads", "PyTorch"])
 def halves_calls(request, monkeypatch) -> list[str]:
     """Names of the int16_gemm products the cpu backend runs from now on; the parts combined in
-    C (``native.combine_halves``) or by the PyTorch code."""
+    C (``native.combine_halves``: in one call, or cut into three ranges on threads whatever the
+    size) or by the PyTorch code."""
     if request.param == "PyTorch":
         monkeypatch.setattr(native, "combine_halves", lambda *args, **kwargs: False)
     elif not native.available():
         pytest.skip("no C compiler here: the PyTorch case covers this machine")
+    elif request.param == "C on three threads":
+        monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        request.addfinalizer(lambda: torch.set_num_threads(threads))
     taken = []
     for name in ("mm", "conv", "conv_weight_grad"):
         real = getattr(int16_gemm, name)

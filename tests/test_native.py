@@ -31,6 +31,20 @@ def torch_only(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
+@pytest.fixture(autouse=True, params=["one range", "split"])
+def kernel_threads(request, monkeypatch):
+    """Every test runs twice: each kernel in one call, and cut into three ranges run on threads
+    (``native._split``) whatever the size, so the cut is checked against the PyTorch code too."""
+    if request.param == "split":
+        monkeypatch.setattr(native, "PARALLEL_MIN", 1)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(3)
+        yield
+        torch.set_num_threads(threads)
+    else:
+        yield
+
+
 def test_library_builds_where_there_is_a_compiler():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler on this machine: the PyTorch code runs instead (same bits)")

@@ -18,6 +18,12 @@ Each function returns ``None`` where its kernel does not apply (no compiled libr
 not on the CPU or not contiguous, a dtype or shift it does not take): the caller then runs the
 PyTorch code. Integer ranges are the callers' (listed at the top of ``native.c``).
 
+Threads: a call over at least ``PARALLEL_MIN`` elements is cut into ``torch.get_num_threads()``
+contiguous ranges (whole rows, planes or samples where the kernel works on those) run at once on
+Python threads (ctypes lets go of the interpreter lock during the call), so a kernel uses the
+cores PyTorch's own operations use. Every element is computed by the same code whatever the cut
+(stochastic rounding draws by element position), so the bits do not depend on the thread count.
+
 Building: the first call compiles ``native.c`` with the system's C compiler (``$CC``, else ``cc``
 or ``gcc``; about a second) at ``-O3 -march=native`` into ``$INTRAIN_CACHE_DIR`` (default
 ``~/.cache/intrain``), keyed by the source, the compiler's version and this CPU's identity, so a
@@ -36,6 +42,7 @@ import os
 import platform
 import shutil
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -158,6 +165,31 @@ def available() -> bool:
     return library() is not None
 
 
+#: Elements below which a kernel runs on the calling thread alone: handing ranges to workers
+#: costs 80-100 us a call. ``OMP_NUM_THREADS=2 python benchmarks/native_threads.py`` (the 2-core
+#: Xeon of BENCHMARKS.md): at 2**20 elements every kernel ran in 0.61-0.90x of its one-thread
+#: time, at 2**18 the lightest (max |a|, the NITI update) in 1.8-3.1x; at 2**22 0.35-0.62x.
+PARALLEL_MIN = 1 << 20
+
+
+@functools.cache
+def _workers(count: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(count, thread_name_prefix="intrain-native")
+
+
+def _split(run, units: int, unit_elements: int = 1) -> list:
+    """``run(start, stop)`` over ``[0, units)``: in one call, or, for at least ``PARALLEL_MIN``
+    elements (``unit_elements`` each), in one contiguous range per PyTorch thread, the first on
+    the calling thread. Returns the ranges' results in order."""
+    threads = min(torch.get_num_threads(), units)
+    if threads <= 1 or units * unit_elements < PARALLEL_MIN:
+        return [run(0, units)]
+    edges = [units * i // threads for i in range(threads + 1)]
+    pool = _workers(threads - 1)
+    rest = [pool.submit(run, lo, hi) for lo, hi in zip(edges[1:-1], edges[2:])]
+    return [run(edges[0], edges[1])] + [future.result() for future in rest]
+
+
 def _applies(*tensors: torch.Tensor) -> bool:
     # A loop, not all() over a generator: this runs several times per layer and step.
     for t in tensors:
@@ -172,7 +204,8 @@ def max_abs(a: torch.Tensor) -> int | None:
     lib = library()
     if lib is None or not _applies(a):
         return None
-    return getattr(lib, f"intrain_max_abs_{_TYPE_NAMES[a.dtype]}")(a.data_ptr(), a.numel())
+    kernel, base, size = getattr(lib, f"intrain_max_abs_{_TYPE_NAMES[a.dtype]}"), a.data_ptr(), a.element_size()
+    return max(_split(lambda lo, hi: kernel(base + lo * size, hi - lo), a.numel()))
 
 
 def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: torch.dtype,
@@ -184,9 +217,10 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
     if lib is None or not _applies(a) or (out not in _OUTPUTS and (name, out, mode) != ("i64", "i32", "nearest")):
         return None
     values = torch.empty(a.shape, dtype=out_dtype)
+    src, dst, src_size, dst_size = a.data_ptr(), values.data_ptr(), a.element_size(), values.element_size()
     if mode == "nearest":
-        getattr(lib, f"intrain_round_nearest_{name}_{out}")(a.data_ptr(), values.data_ptr(), a.numel(),
-                                                             shift, limit)
+        kernel = getattr(lib, f"intrain_round_nearest_{name}_{out}")
+        _split(lambda lo, hi: kernel(src + lo * src_size, dst + lo * dst_size, hi - lo, shift, limit), a.numel())
         return values
     if mode != "stochastic" or name not in _INTEGER_INPUTS or shift > MAX_STOCHASTIC_SHIFT:
         return None
@@ -194,8 +228,9 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
         raise ValueError("stochastic rounding needs a random key")
     if offset < 0 or offset + a.numel() > 2**32:
         raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
-    getattr(lib, f"intrain_round_stochastic_{name}_{out}")(a.data_ptr(), values.data_ptr(), a.numel(),
-                                                            shift, limit, key[0], key[1], offset)
+    kernel = getattr(lib, f"intrain_round_stochastic_{name}_{out}")
+    _split(lambda lo, hi: kernel(src + lo * src_size, dst + lo * dst_size, hi - lo, shift, limit, key[0], key[1],
+                                 offset + lo), a.numel())
     return values
 
 
@@ -206,7 +241,9 @@ def shift_int16(v: torch.Tensor, shift: int) -> torch.Tensor | None:
     if lib is None or v.dtype != torch.int16 or not _applies(v) or not 0 <= shift < 32:
         return None
     values = torch.empty(v.shape, dtype=torch.int16)
-    lib.intrain_round_nearest_i16w_i16(v.data_ptr(), values.data_ptr(), v.numel(), shift, 32767)
+    src, dst = v.data_ptr(), values.data_ptr()
+    _split(lambda lo, hi: lib.intrain_round_nearest_i16w_i16(src + 2 * lo, dst + 2 * lo, hi - lo, shift, 32767),
+           v.numel())
     return values
 
 
@@ -219,8 +256,9 @@ def update_pseudo(weight: torch.Tensor, grad: torch.Tensor, shift: int, limit: i
             or weight.shape != grad.shape):
         return None
     updated = torch.empty_like(weight)
-    getattr(lib, f"intrain_update_pseudo_{g}_{w}")(weight.data_ptr(), grad.data_ptr(), updated.data_ptr(),
-                                                   grad.numel(), shift, limit)
+    kernel, ws, gs = getattr(lib, f"intrain_update_pseudo_{g}_{w}"), weight.element_size(), grad.element_size()
+    wp, gp, up = weight.data_ptr(), grad.data_ptr(), updated.data_ptr()
+    _split(lambda lo, hi: kernel(wp + lo * ws, gp + lo * gs, up + lo * ws, hi - lo, shift, limit), grad.numel())
     return updated
 
 
@@ -232,7 +270,8 @@ def add_into_int64(total: torch.Tensor, values: torch.Tensor) -> bool:
     if (lib is None or total.dtype != torch.int64 or name not in _OUTPUTS or not _applies(total, values)
             or total.shape != values.shape):
         return False
-    getattr(lib, f"intrain_add_into_i64_{name}")(total.data_ptr(), values.data_ptr(), values.numel())
+    kernel, tp, vp, vs = getattr(lib, f"intrain_add_into_i64_{name}"), total.data_ptr(), values.data_ptr(), values.element_size()
+    _split(lambda lo, hi: kernel(tp + 8 * lo, vp + lo * vs, hi - lo), values.numel())
     return True
 
 
@@ -268,8 +307,10 @@ def max_pool(x: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, tor
     n, c, h, w = x.shape
     maxima = torch.empty((n, c, h // k, w // k), dtype=x.dtype)
     argmax = torch.empty(maxima.shape, dtype=torch.int8) if training else None
-    getattr(lib, f"intrain_max_pool_{name}")(x.data_ptr(), maxima.data_ptr(),
-                                             argmax.data_ptr() if training else None, n * c, h, w, k)
+    kernel, size, plane, pooled = getattr(lib, f"intrain_max_pool_{name}"), x.element_size(), h * w, (h // k) * (w // k)
+    xp, mp, ap = x.data_ptr(), maxima.data_ptr(), argmax.data_ptr() if training else None
+    _split(lambda lo, hi: kernel(xp + lo * plane * size, mp + lo * pooled * size,
+                                 None if ap is None else ap + lo * pooled, hi - lo, h, w, k), n * c, plane)
     return maxima, argmax
 
 
@@ -284,8 +325,11 @@ def max_pool_backward(d: torch.Tensor, argmax: torch.Tensor, input_hw: tuple[int
         return None
     n, c = d.shape[:2]
     routed = torch.empty((n, c, *input_hw), dtype=d.dtype)
-    getattr(lib, f"intrain_max_pool_backward_{name}")(d.data_ptr(), argmax.data_ptr(), routed.data_ptr(),
-                                                      n * c, input_hw[0], input_hw[1], k)
+    kernel, size = getattr(lib, f"intrain_max_pool_backward_{name}"), d.element_size()
+    pooled, plane = d.shape[2] * d.shape[3], input_hw[0] * input_hw[1]
+    dp, ap, rp = d.data_ptr(), argmax.data_ptr(), routed.data_ptr()
+    _split(lambda lo, hi: kernel(dp + lo * pooled * size, ap + lo * pooled, rp + lo * plane * size, hi - lo,
+                                 input_hw[0], input_hw[1], k), n * c, plane)
     return routed
 
 
@@ -311,6 +355,12 @@ def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     if (rows.dtype != torch.int64 or cols.dtype != torch.int64 or not _applies(rows, cols)
             or rows.numel() != m or cols.numel() != n or out.numel() != m * n or hw < 1 or m % hw):
         return False
-    lib.intrain_combine_halves(*(part.data_ptr() for part in parts), ld, rows.data_ptr(), cols.data_ptr(),
-                               out.data_ptr(), m, n, hw, int(accumulate))
+    pointers, rp, cp, op = [part.data_ptr() for part in parts], rows.data_ptr(), cols.data_ptr(), out.data_ptr()
+
+    def run(lo: int, hi: int) -> None:  # samples lo..hi (rows of hw = 1)
+        first = lo * hw
+        lib.intrain_combine_halves(*(pointer + 4 * first * ld for pointer in pointers), ld, rp + 8 * first, cp,
+                                   op + 8 * first * n, (hi - lo) * hw, n, hw, int(accumulate))
+
+    _split(run, m // hw, hw * n)
     return True
