@@ -56,11 +56,13 @@ def _median_seconds(fn, repeats: int, device: torch.device) -> float:
     return statistics.median(timed() for _ in range(repeats))
 
 
-def _saved_bytes_int(model) -> int:
-    """Bytes an int8 step holds after forward: weights, and tensors kept for backward (each
-    storage counted once: a ReLU and the layer after it keep the same tensor)."""
+def _saved_bytes_int(model, trainer) -> int:
+    """Bytes an integer step holds after forward: weights, the method's state (DFP16's master
+    weights and momentum), and tensors kept for backward (each storage counted once: a ReLU and
+    the layer after it keep the same tensor)."""
     storages = {}
-    tensors = list(model.buffers())
+    state = torch.utils._pytree.tree_flatten(trainer.state_dict())[0]
+    tensors = list(model.buffers()) + [t for t in state if isinstance(t, torch.Tensor)]
     for layer in model.layers:
         for name in ("_saved_input", "_output", "_argmax", "_keep"):
             kept = getattr(layer, name, None)
@@ -182,7 +184,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
 
     int_model.train()
     int_model(x_int, StepContext(seed, 0))
-    mem_int = _saved_bytes_int(int_model) + _weight_grad_bytes_int(int_model, x_int, labels, seed,
+    mem_int = _saved_bytes_int(int_model, int_trainer) + _weight_grad_bytes_int(int_model, x_int, labels, seed,
                                                                    weighted_layers(int_model)[0].fmt)
     int_model.clear_saved()
     mem_float = _saved_bytes_float(float_model, x_float, labels)

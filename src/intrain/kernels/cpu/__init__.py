@@ -1,6 +1,6 @@
 """The cpu kernel backend: exact integer products on the fastest units the CPU has.
 
-Two paths, bit-identical to the ``reference`` backend for every input (same dtypes, same values,
+Paths bit-identical to the ``reference`` backend for every input (same dtypes, same values,
 same error messages):
 
 * int8 GEMM: where this CPU's ``torch._int_mm`` (int8 x int8 -> int32: oneDNN on AMX-INT8 tiles
@@ -11,6 +11,9 @@ same error messages):
   the error, spread by the stride when it is above 1, with the flipped kernel; weight gradients
   in int32 pieces added in int64, as in the cuda backend). Exact with no look at the data: an
   int32 sum of at most 131,071 int8 products cannot wrap.
+* int16 operands (DFP16) on the same int8 GEMM units, where int8 products go there: each product
+  as four int8 products of the operands' halves (``kernels.int16_gemm``), combined exactly in
+  int64.
 * float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
   convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64
   matmul below 1 GOPS, ``torch._int_mm`` about 3 GOPS, per issue 3). This path feeds float copies
