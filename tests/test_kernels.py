@@ -600,8 +600,9 @@ def int_mm_same(name: str, *args, backend: CudaBackend = INT_MM) -> None:
 @given(shape=conv_shapes(max_c=12), dtypes=DTYPES, modes=st.tuples(MODES, MODES, MODES),
        seed=st.integers(0, 2**31 - 1), reduction=st.sampled_from([INT32_REDUCTION, 8, 24]))
 def test_int_mm_conv_matches_reference(shape, dtypes, modes, seed, reduction):
-    """Every shape, stride and padding; int16 operands go to the reference; a shortened int32
-    piece length (8, 24) makes the weight gradient add many pieces in int64."""
+    """Every shape, stride and padding; two int16 operands as int8 halves, mixes to the
+    reference; a shortened int32 piece length (8, 24) makes the weight gradient add many pieces
+    in int64."""
     backend = CudaBackend(int32_terms=reduction)
     n, c, o, h, w, kh, kw, s, p = shape
     gen = torch.Generator().manual_seed(seed)
@@ -628,6 +629,24 @@ def test_int_mm_linear_matches_reference(n, i, o, dtypes, modes, seed):
     int_mm_same("linear_backward_weight", d, x)
 
 
+def test_int_mm_int16_runs_on_int8_halves(halves_calls):
+    """The cuda backend's int16 products are int16_gemm's (padded to CUDA's shape rules), exact at
+    -32768 and 32767 over the longest reduction one int32 piece holds and one term past it, and
+    for a padded, strided convolution's three products."""
+    halves_calls.clear()
+    for k in (INT32_REDUCTION, INT32_REDUCTION + 1):
+        a = torch.full((2, k), -32768, dtype=torch.int16)
+        b = torch.full((3, k), 32767, dtype=torch.int16)
+        assert torch.equal(INT_MM.linear_forward(a, b), torch.full((2, 3), -32768 * 32767 * k, dtype=torch.int64))
+    gen = torch.Generator().manual_seed(14)
+    x, wt = halves_int(gen, (3, 5, 9, 9), "ends"), halves_int(gen, (4, 5, 3, 3), "ends")
+    d = halves_int(gen, (3, 4, 5, 5), "ends")
+    int_mm_same("conv2d_forward", x, wt, 2, 1)
+    int_mm_same("conv2d_backward_input", d, wt, (9, 9), 2, 1)
+    int_mm_same("conv2d_backward_weight", d, x, 3, 2, 1)
+    assert halves_calls == ["mm"] * 5
+
+
 def test_int_mm_chunks_of_the_batch():
     """Convolutions built a few samples at a time give the same result as in one piece."""
     gen = torch.Generator().manual_seed(12)
@@ -641,15 +660,17 @@ def test_int_mm_chunks_of_the_batch():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["uniform", "extreme", "sparse"])
-def test_int_mm_on_cuda_matches_reference_on_cpu(mode):
-    """The int8 tensor-core path on a GPU, VGG-like and odd shapes, against the CPU reference."""
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+def test_int_mm_on_cuda_matches_reference_on_cpu(mode, dtype):
+    """The int8 tensor-core path on a GPU (int16 operands as int8 halves), VGG-like and odd
+    shapes, against the CPU reference."""
     gen = torch.Generator().manual_seed(13)
     cases = [((64, 32, 16, 16), (32, 32, 3, 3), 1, 1), ((3, 5, 7, 9), (6, 5, 3, 2), 2, 1),
              ((1, 512, 4, 4), (512, 512, 3, 3), 1, 1)]
     for xs, ws, s, p in cases:
-        x, wt = rand_int(gen, xs, mode=mode), rand_int(gen, ws, mode=mode)
+        x, wt = rand_int(gen, xs, dtype, mode), rand_int(gen, ws, dtype, mode)
         y = REF.conv2d_forward(x, wt, s, p)
-        d = rand_int(gen, tuple(y.shape), mode=mode)
+        d = rand_int(gen, tuple(y.shape), dtype, mode)
         on = [t.cuda() for t in (x, wt, d)]
         assert_same(INT_MM.conv2d_forward(on[0], on[1], s, p).cpu(), y)
         assert_same(INT_MM.conv2d_backward_input(on[2], on[1], xs[2:], s, p).cpu(),

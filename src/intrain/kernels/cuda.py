@@ -17,9 +17,10 @@ accumulator never wraps; the input gradient's col2im adds the kh*kw terms of one
 length O*kh*kw, under the same bound); weight gradients (reduction N*Ho*Wo or N) are cut into
 pieces of at most ``INT32_REDUCTION`` terms, each exact in int32, added in int64, and returned in
 int32 when the whole reduction is at most 131,071 terms (same bound), else in int64.
-Operands that are not both int8 (int16: DFP16) go to the ``reference`` backend, exact by
-construction; an int16 path through the int8 tensor cores (each operand split into int8 halves)
-is not built yet.
+Products of two int16 operands (DFP16) run on the same int8 products, four per product, of the
+operands' int8 halves (``int16_gemm.mm``: exact int32 pieces combined in int64, every int16 value
+included), with the same im2col and col2im. Other mixes (int8 with int16) go to the ``reference``
+backend, exact by construction.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
+from intrain.kernels import int16_gemm
 from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.im2col import (IntPair, conv_backward_input_by, conv_backward_weight_by,
@@ -47,6 +49,14 @@ class CudaSettings:
 
 def _both_int8(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype == torch.int8
+
+
+def _both_int16(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype == torch.int16
+
+
+def _mm_int16(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return int16_gemm.mm(a, b, pad=True)
 
 
 class CudaBackend(Backend):
@@ -83,6 +93,8 @@ class CudaBackend(Backend):
     def linear_forward(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``x @ w.T``: x [N, I], w [O, I] -> [N, O] (int32 for int8 operands, else int64)."""
         _ref.narrow_result_dtype(x, w, _ref.linear_geometry(x, w, "x", "w", 1, 1, "I"))
+        if _both_int16(x, w):
+            return _mm_int16(x, w.t())
         if not _both_int8(x, w):
             return _ref.linear_forward(x, w)
         return mm_int32(x, w.t())
@@ -90,6 +102,8 @@ class CudaBackend(Backend):
     def linear_backward_input(self, d: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """``d @ w``: d [N, O], w [O, I] -> [N, I] (int32 for int8 operands, else int64)."""
         _ref.narrow_result_dtype(d, w, _ref.linear_geometry(d, w, "d", "w", 1, 0, "O"))
+        if _both_int16(d, w):
+            return _mm_int16(d, w)
         if not _both_int8(d, w):
             return _ref.linear_backward_input(d, w)
         return mm_int32(d, w)
@@ -99,6 +113,8 @@ class CudaBackend(Backend):
         else int64)."""
         k = _ref.linear_geometry(d, x, "d", "x", 0, 0, "N")
         dtype = weight_grad_dtype(d, x, k)
+        if _both_int16(d, x):
+            return _mm_int16(d.t(), x)
         if not _both_int8(d, x):
             return _ref.linear_backward_weight(d, x)
         return self._mm_int64(d.t(), x).to(dtype)
@@ -111,10 +127,11 @@ class CudaBackend(Backend):
         (int32 for int8 operands, else int64)."""
         s, p, (n, c, _, _), (o, _, kh, kw), (ho, wo), _ = _ref.conv_forward_geometry(
             x, w, stride, padding)
-        if not _both_int8(x, w) or n == 0:
+        if n == 0 or not (_both_int8(x, w) or _both_int16(x, w)):
             return _ref.conv2d_forward(x, w, s, p)
-        step = self._samples_per_chunk(ho * wo, c * kh * kw)
-        return conv_forward_by(mm_int32, x, w, s, p, (ho, wo), step).contiguous()
+        step = self._samples_per_chunk(ho * wo, c * kh * kw * x.element_size())
+        mm = mm_int32 if _both_int8(x, w) else _mm_int16
+        return conv_forward_by(mm, x, w, s, p, (ho, wo), step).contiguous()
 
     def conv2d_backward_input(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                               stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
@@ -122,12 +139,12 @@ class CudaBackend(Backend):
         [N, C, H, W] (int32 for int8 operands, else int64)."""
         s, p, (n, o, ho, wo), (_, c, kh, kw), hw, _ = _ref.conv_backward_input_geometry(
             d, w, input_hw, stride, padding)
-        if not _both_int8(d, w) or n == 0:
+        if n == 0 or not (_both_int8(d, w) or _both_int16(d, w)):
             return _ref.conv2d_backward_input(d, w, hw, s, p)
         k = c * kh * kw
-        step = self._samples_per_chunk(ho * wo, 4 * k)  # the int32 columns are the largest tensor
-        return conv_backward_input_by(mm_int32, d, w.reshape(o, k), (kh, kw), hw, s, p,
-                                      step).contiguous()
+        mm, result_bytes = (mm_int32, 4) if _both_int8(d, w) else (_mm_int16, 8)
+        step = self._samples_per_chunk(ho * wo, result_bytes * k)  # the product's columns are the largest tensor
+        return conv_backward_input_by(mm, d, w.reshape(o, k), (kh, kw), hw, s, p, step).contiguous()
 
     def conv2d_backward_weight(self, d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                                stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
@@ -136,8 +153,9 @@ class CudaBackend(Backend):
         reduction is cut into int32-exact pieces added in int64)."""
         s, p, (n, o, ho, wo), (_, c, _, _), (kh, kw) = _ref.conv_backward_weight_geometry(
             d, x, kernel_hw, stride, padding)
-        if not _both_int8(d, x) or n == 0:
+        if n == 0 or not (_both_int8(d, x) or _both_int16(d, x)):
             return _ref.conv2d_backward_weight(d, x, (kh, kw), s, p)
-        step = self._samples_per_chunk(ho * wo, c * kh * kw)
-        g = conv_backward_weight_by(self._mm_int64, d, x, (kh, kw), s, p, step)
+        step = self._samples_per_chunk(ho * wo, c * kh * kw * x.element_size())
+        mm = self._mm_int64 if _both_int8(d, x) else _mm_int16
+        g = conv_backward_weight_by(mm, d, x, (kh, kw), s, p, step)
         return g.to(weight_grad_dtype(d, x, n * ho * wo))

@@ -1,5 +1,6 @@
-"""Exact products of int16 operands on int8 GEMM units (the cpu backend's path for DFP16 where its
-``torch._int_mm`` measured at least twice float32: AMX-INT8 and VNNI CPUs).
+"""Exact products of int16 operands on int8 GEMM units: DFP16's products on the cpu backend where
+its ``torch._int_mm`` measured at least twice float32 (AMX-INT8 and VNNI CPUs), and on the cuda
+backend (the int8 tensor cores; ``mm`` only, with the backend's own im2col).
 
 Each int16 value is split into two int8 halves around an offset of 128:
 
@@ -22,8 +23,9 @@ gradients, where b is the padded im2col columns) from a row of ones beside the h
 padding of a convolution pads the halves with ``split(0) = (0, -128)``, so padded taps count as
 ``a = 0`` in every sum. Everything is combined in int64: ``|sum a b| <= K * 2**30``, and the
 terms and partial totals are of the same order, far below ``2**63`` for every reduction the
-kernels accept (``im2col.weight_grad_dtype`` refuses ``K >= 2**33``). CPU tensors; the results
-are int64, as every backend returns for int16 operands.
+kernels accept (``im2col.weight_grad_dtype`` refuses ``K >= 2**33``). ``mm`` takes tensors on any
+device, the convolutions CPU tensors; the results are int64, as every backend returns for int16
+operands.
 """
 
 from __future__ import annotations
@@ -70,20 +72,21 @@ def _offset_terms(sum_a_hi: torch.Tensor, sum_a_lo: torch.Tensor, sum_b: torch.T
     return rows, cols
 
 
-def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Exact ``a @ b`` for int16 a [M, K], b [K, N] (any strides), as int64 [M, N]; reductions
-    longer than ``INT32_REDUCTION`` in pieces."""
+def mm(a: torch.Tensor, b: torch.Tensor, pad: bool = False) -> torch.Tensor:
+    """Exact ``a @ b`` for int16 a [M, K], b [K, N] (any strides) on any device, as int64 [M, N];
+    reductions longer than ``INT32_REDUCTION`` in pieces. ``pad``: the int8 products padded to
+    CUDA's shape rules (``int_mm.mm_int32``), which the cuda backend needs."""
     m, k = a.shape
     n = b.shape[1]
-    out = torch.empty((m, n), dtype=torch.int64)
+    out = torch.empty((m, n), dtype=torch.int64, device=a.device)
     a_hi, a_lo = split_halves(a)
     b_hi, b_lo = split_halves(b)
     for k0 in range(0, max(k, 1), INT32_REDUCTION):
         piece = slice(k0, k0 + INT32_REDUCTION)
-        ones = torch.ones((b_hi[piece].shape[0], 1), dtype=torch.int8)
+        ones = torch.ones((b_hi[piece].shape[0], 1), dtype=torch.int8, device=a.device)
         both = torch.cat([b_hi[piece], b_lo[piece], ones], dim=1)  # [K', 2N + 1]
-        high = mm_int32(a_hi[:, piece], both, pad=False)  # [a_hi b_hi | a_hi b_lo | sum a_hi]
-        low = mm_int32(a_lo[:, piece], both, pad=False)   # [a_lo b_hi | a_lo b_lo | sum a_lo]
+        high = mm_int32(a_hi[:, piece], both, pad=pad)  # [a_hi b_hi | a_hi b_lo | sum a_hi]
+        low = mm_int32(a_lo[:, piece], both, pad=pad)   # [a_lo b_hi | a_lo b_lo | sum a_lo]
         rows, cols = _offset_terms(high[:, 2 * n:], low[:, 2 * n:],
                                    b[piece].sum(0, dtype=torch.int64, keepdim=True), ones.shape[0])
         _combine(out, high[:, :n], high[:, n:2 * n], low[:, :n], low[:, n:2 * n], rows, cols,
