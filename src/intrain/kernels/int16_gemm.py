@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.kernels.int8_gemm import _ColumnBuffer, _patches, samples_per_chunk
+from intrain.kernels.int8_gemm import ColumnBuffer, channels_last_patches, samples_per_chunk
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.numeric import native
 
@@ -108,12 +108,12 @@ def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int
     w_hi, w_lo = split_halves(w_rows)
     both = torch.cat([w_hi, w_lo, torch.ones((1, k), dtype=torch.int8)]).t()  # [K, 2O + 1]
     sum_w = w_rows.sum(1, dtype=torch.int64).view(1, o)
-    patches_hi = _patches(x_hi, kh, kw, s, p, ZERO_HI)
-    patches_lo = _patches(x_lo, kh, kw, s, p, ZERO_LO)
+    patches_hi = channels_last_patches(x_hi, kh, kw, s, p, ZERO_HI)
+    patches_lo = channels_last_patches(x_lo, kh, kw, s, p, ZERO_LO)
     n, ho, wo = patches_hi.shape[:3]
     out = torch.empty((n, o, ho, wo), dtype=torch.int64)
     step = samples_per_chunk(2 * ho * wo * k, chunk_bytes)
-    columns_hi, columns_lo = _ColumnBuffer(patches_hi, step), _ColumnBuffer(patches_lo, step)
+    columns_hi, columns_lo = ColumnBuffer(patches_hi, step), ColumnBuffer(patches_lo, step)
     for n0 in range(0, n, step):
         high = mm_int32(columns_hi.of(n0), both, pad=False)
         low = mm_int32(columns_lo.of(n0), both, pad=False)
@@ -140,10 +140,10 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
     by_position = torch.empty((o, k), dtype=torch.int64)  # [O, kh*kw*C]: the columns' order
     d_hi, d_lo = split_halves(d)
     x_hi, x_lo = split_halves(x)
-    patches_hi = _patches(x_hi, kh, kw, s, p, ZERO_HI)
-    patches_lo = _patches(x_lo, kh, kw, s, p, ZERO_LO)
+    patches_hi = channels_last_patches(x_hi, kh, kw, s, p, ZERO_HI)
+    patches_lo = channels_last_patches(x_lo, kh, kw, s, p, ZERO_LO)
     step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
-    columns_hi, columns_lo = _ColumnBuffer(patches_hi, step), _ColumnBuffer(patches_lo, step)
+    columns_hi, columns_lo = ColumnBuffer(patches_hi, step), ColumnBuffer(patches_lo, step)
     for n0 in range(0, n, step):
         errors = d[n0:n0 + step]
         rows_here = errors.shape[0] * ho * wo

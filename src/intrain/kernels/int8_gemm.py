@@ -21,7 +21,7 @@ def samples_per_chunk(bytes_per_sample: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // max(1, bytes_per_sample))
 
 
-def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int],
+def channels_last_patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int, int],
              fill: int = 0) -> torch.Tensor:
     """Patches of x [N, C, H, W] as a strided view [N, Ho, Wo, kh, kw, C] over its channels-last
     copy padded with ``fill`` (zero, or what stands for zero in ``int16_gemm``'s halves): rows of
@@ -30,7 +30,7 @@ def _patches(x: torch.Tensor, kh: int, kw: int, s: tuple[int, int], p: tuple[int
     return padded.unfold(1, kh, s[0]).unfold(2, kw, s[1]).permute(0, 1, 2, 4, 5, 3)
 
 
-class _ColumnBuffer:
+class ColumnBuffer:
     """The im2col columns of one chunk of samples at a time, [rows, kh*kw*C], copied into one
     buffer allocated for the first (largest) chunk and reused by the others: a fresh
     chunk-sized tensor per chunk cost several times the copy itself in page faults (4 MiB
@@ -59,11 +59,11 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     (the geometry checks the length)."""
     o, c, kh, kw = w.shape
     k = c * kh * kw
-    patches = _patches(x, kh, kw, s, p)
+    patches = channels_last_patches(x, kh, kw, s, p)
     ho, wo = patches.shape[1:3]
     wm = w.permute(0, 2, 3, 1).reshape(o, k).t()  # [kh*kw*C, O], the patches' order
     step = samples_per_chunk(ho * wo * k, chunk_bytes)
-    columns = _ColumnBuffer(patches, step)
+    columns = ColumnBuffer(patches, step)
     for n0 in range(0, x.shape[0], step):
         product = mm_int32(columns.of(n0), wm, pad=False)
         yield n0, product.view(-1, ho, wo, o)
@@ -90,10 +90,10 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int],
     k = c * kh * kw
     grad = torch.zeros((o, c, kh, kw), dtype=weight_grad_dtype(d, x, n * ho * wo))
     by_position = grad.permute(0, 2, 3, 1)  # [O, kh, kw, C]: the columns' order
-    patches = _patches(x, kh, kw, s, p)
+    patches = channels_last_patches(x, kh, kw, s, p)
     step = min(samples_per_chunk(ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
     block = max(8, chunk_bytes // (4 * k) // 8 * 8)  # output channels per piece
-    columns = _ColumnBuffer(patches, step)
+    columns = ColumnBuffer(patches, step)
     for n0 in range(0, n, step):
         cols = columns.of(n0)
         errors = d[n0:n0 + step].transpose(0, 1).reshape(o, -1)  # rows in the order of cols
