@@ -584,66 +584,6 @@ def test_requantize_chunks_matches_requantize_with_ties(dtype):
     assert_same(values, expected.v)
 
 
-def test_requantize_chunks_to_16_bits_matches_requantize_with_ties():
-    """The same for 16-bit results of int64 chunks (DFP16's products on the int8 halves): chunks
-    from 62 bits (the callers' bound) down to 4, each kept in int32 with its own shift k, the
-    ties of the final shift s and their neighbours in each; and a batch small enough that s = 0
-    (every value kept as it is, negative ones included)."""
-    gen = torch.Generator().manual_seed(22)
-    top = 62
-    s = top - 15
-    chunks = []
-    for b in [top, top - 5, 40, 32, 31, 30, 16, 4]:
-        m = 2**b - 1
-        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64), torch.tensor([m, -m])]
-        for j in range(4):
-            tie = (2 * j + 1) * 2**(s - 1)
-            step = 2**max(b - 31, 0)
-            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
-            near = near[(near > 0) & (near <= m)]
-            values += [near, -near]
-        chunks.append(torch.cat(values))
-    width = max(len(c) for c in chunks)
-    full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])
-    small = torch.randint(-32767, 32768, full.shape, generator=gen, dtype=torch.int64)
-    small[0, :2] = torch.tensor([32767, -32767])
-    for batch in (full, small):
-        expected = requantize(batch, torch.zeros((), dtype=torch.int64), bits=16)
-        buffer = torch.empty((1, batch.shape[1]), dtype=torch.int64)  # reused, as conv_chunks does
-
-        def parts(batch=batch, buffer=buffer):
-            for i in range(batch.shape[0]):
-                yield i, buffer.copy_(batch[i:i + 1])
-
-        values, shift = requantize_chunks(batch.shape[0], parts(), bits=16)
-        assert int(shift) == int(expected.e) == (s if batch is full else 0)
-        assert_same(values, expected.v)
-
-
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(shape=conv_shapes(max_c=6), modes=st.tuples(*[st.sampled_from(["uniform", "ends"])] * 3),
-       seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), i=st.integers(1, 200))
-def test_cpu_product_to_int16_matches_requantized_reference(shape, modes, seed, n, i):
-    """DFP16's products rounded to int16 by the cpu backend (a chunk at a time on the halves
-    path, in chunks of one sample too; from the exact result on the float path) are the
-    reference's accumulator requantised, values and shift."""
-    nc, c, o, h, w, kh, kw, s, p = shape
-    gen = torch.Generator().manual_seed(seed)
-    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
-    x, wt = halves_int(gen, (nc, c, h, w), modes[0]), halves_int(gen, (o, c, kh, kw), modes[1])
-    d = halves_int(gen, (nc, o, ho, wo), modes[2])
-    xl, wl = halves_int(gen, (n, i), modes[0]), halves_int(gen, (o, i), modes[1])
-    cases = [("conv2d_forward", (x, wt, s, p)), ("conv2d_backward_input", (d, wt, (h, w), s, p)),
-             ("linear_forward", (xl, wl))]
-    for name, args in cases:
-        expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64), bits=16)
-        for cpu in HALVES_PATHS + (CPU,):
-            values, shift = cpu.product_to_int16(name, *args)
-            assert_same(values, expected.v)
-            assert_same(shift, expected.e)
-
-
 def test_cpu_product_to_int8_rejects_other_products():
     with pytest.raises(ValueError, match="product_to_int8 takes one of"):
         CPU.product_to_int8("conv2d_backward_weight", torch.zeros(1, 1, 1, 1, dtype=torch.int8),

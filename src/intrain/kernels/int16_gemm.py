@@ -94,15 +94,13 @@ def mm(a: torch.Tensor, b: torch.Tensor, pad: bool = False) -> torch.Tensor:
     return out
 
 
-def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
-                chunk_bytes: int, out: torch.Tensor | None = None):
+def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
+         chunk_bytes: int) -> torch.Tensor:
     """conv2d of int16 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] with C*kh*kw at most
-    ``INT32_REDUCTION``, a chunk of samples at a time: yields (first sample, exact int64
-    [n, O, Ho, Wo] of the chunk). The halves' channels-last im2col columns (``int8_gemm``) times
-    both halves of the weight and a column of ones side by side, combined straight into NCHW (one
-    C pass) or through a channels-last copy. Each chunk is written into ``out`` [N, O, Ho, Wo]
-    when given, else into one buffer that the next chunk reuses (take what a chunk holds before
-    asking for the next)."""
+    ``INT32_REDUCTION``, as exact int64 [N, O, Ho, Wo]: the halves' channels-last im2col columns
+    (``int8_gemm``), a chunk of samples at a time, times both halves of the weight and a column
+    of ones side by side, combined straight into the NCHW result (one C pass) or through a
+    channels-last chunk."""
     o, c, kh, kw = w.shape
     k = c * kh * kw
     x_hi, x_lo = split_halves(x)
@@ -113,31 +111,19 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     patches_hi = channels_last_patches(x_hi, kh, kw, s, p, ZERO_HI)
     patches_lo = channels_last_patches(x_lo, kh, kw, s, p, ZERO_LO)
     n, ho, wo = patches_hi.shape[:3]
+    out = torch.empty((n, o, ho, wo), dtype=torch.int64)
     step = samples_per_chunk(2 * ho * wo * k, chunk_bytes)
-    buffer = None if out is not None else torch.empty((min(step, n), o, ho, wo), dtype=torch.int64)
     columns_hi, columns_lo = ColumnBuffer(patches_hi, step), ColumnBuffer(patches_lo, step)
     for n0 in range(0, n, step):
         high = mm_int32(columns_hi.of(n0), both, pad=False)
         low = mm_int32(columns_lo.of(n0), both, pad=False)
         rows, cols = _offset_terms(high[:, 2 * o:], low[:, 2 * o:], sum_w, k)
         parts = (high[:, :o], high[:, o:2 * o], low[:, :o], low[:, o:2 * o])
-        target = out[n0:n0 + step] if out is not None else buffer[:min(step, n - n0)]
+        target = out[n0:n0 + step]
         if not native.combine_halves(parts, rows, cols, target, hw=ho * wo):
             chunk = torch.empty((high.shape[0], o), dtype=torch.int64)
             _combine(chunk, *parts, rows, cols)
             target.copy_(chunk.view(-1, ho, wo, o).permute(0, 3, 1, 2))
-        yield n0, target
-
-
-def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
-         chunk_bytes: int) -> torch.Tensor:
-    """The whole exact int64 result [N, O, Ho, Wo] of ``conv_chunks``."""
-    o = w.shape[0]
-    ho = (x.shape[2] + 2 * p[0] - w.shape[2]) // s[0] + 1
-    wo = (x.shape[3] + 2 * p[1] - w.shape[3]) // s[1] + 1
-    out = torch.empty((x.shape[0], o, ho, wo), dtype=torch.int64)
-    for _ in conv_chunks(x, w, s, p, chunk_bytes, out):
-        pass
     return out
 
 

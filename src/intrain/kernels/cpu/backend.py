@@ -262,15 +262,6 @@ class CpuBackend(Backend):
             return self._input_gradient_as_convolution(d, w, hw, s, p)
         return None
 
-    def _forward_as_halves(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
-                           padding: IntPair = 0) -> tuple | None:
-        """Arguments of int16_gemm.conv that compute conv2d_forward of int16 operands, or None
-        off that path."""
-        s, p, (n, c, _, _), (o, _, kh, kw), _, _ = _ref.conv_forward_geometry(x, w, stride, padding)
-        if n and self._int16_halves(x, w, min(c, o), c * kh * kw):
-            return x, w, s, p, self.settings.int8_gemm_chunk_bytes
-        return None
-
     def _backward_input_as_halves(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                                   stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
         """Arguments of int16_gemm.conv that compute conv2d_backward_input of int16 operands (the
@@ -308,9 +299,8 @@ class CpuBackend(Backend):
         conv = self._forward_as_int8_gemm(x, w, stride, padding)
         if conv is not None:
             return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
-        conv = self._forward_as_halves(x, w, stride, padding)
-        if conv is not None:
-            return int16_gemm.conv(*conv), out_dtype
+        if n and self._int16_halves(x, w, min(c, o), c * kh * kw):
+            return int16_gemm.conv(x, w, s, p, self.settings.int8_gemm_chunk_bytes), out_dtype
         plan = self._forward_float_plan(x, w)
         if plan[0] is None or n == 0:
             return _ref.conv2d_forward(x, w, s, p), out_dtype
@@ -460,24 +450,6 @@ class CpuBackend(Backend):
         "conv2d_forward": _forward_in_chunks,
         "conv2d_backward_input": _backward_input_in_chunks,
     }
-
-    def product_to_int16(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``requantize(<name>(*args))`` with nearest rounding to int16, as (int16 values, shift as
-        a 0-d int64 tensor), bit-identical to requantising the int64 accumulator: convolutions of
-        int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
-        the shift is known (``requantize_chunks``: half the memory of the int64 result), every
-        other product from its exact result. ``reduce_max``: as in ``product_to_int8``."""
-        if name not in self._EXACT_PRODUCTS:
-            raise ValueError(f"product_to_int16 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
-                             f"not {name!r}")
-        as_halves = {"conv2d_forward": self._forward_as_halves,
-                     "conv2d_backward_input": self._backward_input_as_halves}.get(name)
-        conv = as_halves(*args) if as_halves is not None else None
-        if conv is not None:
-            return requantize_chunks(args[0].shape[0], int16_gemm.conv_chunks(*conv), reduce_max=reduce_max, bits=16)
-        q = requantize(getattr(self, name)(*args), torch.zeros((), dtype=torch.int64), bits=16,
-                       reduce_max=reduce_max)
-        return q.v, q.e
 
     def product_to_int8(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
