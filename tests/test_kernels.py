@@ -828,6 +828,27 @@ def test_plan_from_dtypes_at_its_boundary(k):
     assert (B.static_f32_plan(torch.int8, torch.int8, k, FloatLimits()) is not None) == (k == 1024)
 
 
+@pytest.mark.parametrize("k", [2**23, 2**23 + 1])
+def test_float64_plan_from_dtypes_at_its_boundary(k):
+    """A product with an int16 operand goes to one float64 product without reading the data while
+    32768 * 32768 * K <= 2**53 (``bounds.static_f64_plan``). At its boundary, all -32768 but one
+    product of 1 x 1: K = 2**23 sums to 2**53 - 2**30 + 1 (exact in float64), K = 2**23 + 1 to
+    2**53 + 1, which float64 cannot hold, so the plan must come from the data there. The cpu
+    backend's float path (the halves path does not use floats), linear forward and a convolution
+    with one 1x1 tap per input channel, and the weight gradient of a one-channel convolution over
+    K positions."""
+    a = torch.full((k,), -32768, dtype=torch.int16)
+    a[-1] = 1
+    expected = 32768 * 32768 * (k - 1) + 1
+    assert (expected > F64_EXACT) == (k == 2**23 + 1)
+    x = a.view(1, k)
+    assert int(CPU.linear_forward(x, x)) == expected
+    assert int(CPU.conv2d_forward(x.view(1, k, 1, 1), x.view(1, k, 1, 1), 1, 0)) == expected
+    assert int(CPU.conv2d_backward_weight(x.view(1, 1, 1, k), x.view(1, 1, 1, k), 1, 1, 0)) == expected
+    assert (B.static_f64_plan(torch.int16, torch.int16, k, FloatLimits()) is not None) == (k == 2**23)
+    assert B.static_f64_plan(torch.int8, torch.int8, 4, FloatLimits()) is None
+
+
 def _expected_conv_forward(kind, c, h, w, kh, kw, s, p, ho, wo):
     """Exact expected output of the 'channel pattern' worst case, with Python ints."""
     per_tap = _expected_linear_sum(kind, c)  # sum over channels of one kernel tap

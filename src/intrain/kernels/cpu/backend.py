@@ -13,7 +13,8 @@ from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
-                                        no_nnpack, plan_blocks, static_f32_plan, weight_l1, window_l1)
+                                        no_nnpack, plan_blocks, static_f32_plan, static_f64_plan,
+                                        weight_l1, window_l1)
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
 from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
@@ -125,6 +126,8 @@ class CpuBackend(Backend):
             return torch.zeros((a.shape[0], b.shape[1]), dtype=torch.int64)
         if static_f32_plan(a.dtype, b.dtype, k, self.limits) is not None:
             return torch.matmul(a.to(torch.float32), b.to(torch.float32))
+        if static_f64_plan(a.dtype, b.dtype, k, self.limits) is not None:
+            return torch.matmul(a.to(torch.float64), b.to(torch.float64))
         ma, mb = absmax(a), absmax(b)
         n_grains = min(k, self.settings.mm_grains)
         edges = [(i * k) // n_grains for i in range(n_grains + 1)]
@@ -319,6 +322,9 @@ class CpuBackend(Backend):
         static = static_f32_plan(x.dtype, w.dtype, c * kh * kw, self.limits)
         if static is not None:
             return torch.float32, [(0, c)], static
+        static = static_f64_plan(x.dtype, w.dtype, c * kh * kw, self.limits)
+        if static is not None:
+            return torch.float64, [(0, c)], static
         mx, mw = absmax(x), absmax(w)
         quick = mx * mw * c * kh * kw
         limits = self.limits
@@ -389,6 +395,9 @@ class CpuBackend(Backend):
         static = static_f32_plan(d.dtype, w.dtype, o * kh * kw, self.limits)
         if static is not None:
             return torch.float32, [(0, o)], static
+        static = static_f64_plan(d.dtype, w.dtype, o * kh * kw, self.limits)
+        if static is not None:
+            return torch.float64, [(0, o)], static
         md, mw = absmax(d), absmax(w)
         quick = md * mw * o * kh * kw
         limits = self.limits

@@ -118,6 +118,19 @@ def static_f32_plan(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int, limi
     return bound if bound <= limits.float32 and fp32_is_strict() else None
 
 
+def static_f64_plan(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int, limits: FloatLimits) -> int | None:
+    """For a product with an int16 operand (DFP16), the bound ``S <= max|a| max|b| terms`` from
+    the dtypes alone when one float64 product holds it exactly (int16 x int16: up to 2**23 terms),
+    else None. Such products rarely fit float32 blocks (one term can reach 2**30), so reading the
+    operands' maxima and sums to plan blocks mostly ends in float64 anyway; on LeNet-5's small
+    convolutions the plan cost more than the float64 product (``python benchmarks/speed.py --model
+    lenet5 --batch 64 --arith dfp16``, BENCHMARKS.md)."""
+    if torch.int16 not in (a_dtype, b_dtype):
+        return None
+    bound = magnitude_limit(a_dtype) * magnitude_limit(b_dtype) * terms
+    return bound if bound <= limits.float64 else None
+
+
 def absmax(t: torch.Tensor) -> int:
     """max |t| as a Python int (handles int8's -128 without overflow)."""
     if t.numel() == 0:

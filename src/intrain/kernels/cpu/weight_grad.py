@@ -18,7 +18,8 @@ import torch
 
 from intrain.kernels import reference as _ref
 from intrain.kernels.cpu.bounds import (Bounds, CSBound, FloatLimits, L1Bound, absmax,
-                                        accumulate, fp32_is_strict, plan_blocks, rows_l1, rows_sq)
+                                        accumulate, fp32_is_strict, plan_blocks, rows_l1, rows_sq,
+                                        static_f64_plan)
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.im2col import im2col
 
@@ -125,6 +126,11 @@ def float_weight_grad(d: torch.Tensor, x: torch.Tensor, khw, s, p, dtype: torch.
     or the split of d (see CpuBackend.conv2d_backward_weight), as a ``dtype`` tensor."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
+    run = functools.partial(_weight_grad_run, khw=khw, s=s, p=p,
+                            chunk_bytes=settings.float_chunk_bytes, limits=limits)
+    static = static_f64_plan(d.dtype, x.dtype, n * ho * wo, limits)
+    if static is not None:  # an int16 operand: straight to float64, no plan (bounds.static_f64_plan)
+        return run(d, x, static, torch.float64, [(0, n)]).to(dtype)
     md, mx = absmax(d), absmax(x)
     per_sample = md * mx * ho * wo
     group = min(n, limits.float32 // max(per_sample, 1))
@@ -136,8 +142,6 @@ def float_weight_grad(d: torch.Tensor, x: torch.Tensor, khw, s, p, dtype: torch.
     # the blocks hold a few samples each.
     max_blocks = max(settings.max_f32_blocks_conv, n // settings.min_samples_per_block)
     plan = planner.plan(d, md, max_blocks)
-    run = functools.partial(_weight_grad_run, khw=khw, s=s, p=p,
-                            chunk_bytes=settings.float_chunk_bytes, limits=limits)
     if plan[1] == torch.float32 and len(plan[2]) <= settings.grouped_min_blocks:
         return run(d, x, *plan).to(dtype)
     if grouped and group <= settings.grouped_max_samples:
