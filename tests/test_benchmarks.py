@@ -1,0 +1,34 @@
+"""The benchmark scripts the figures of BENCHMARKS.md come from still run (tiny sizes, one
+repeat): a script that rots silently would leave numbers nobody can reproduce. Timings are not
+checked here (they are never tested, only printed)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*argv: str) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], capture_output=True,
+                          text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.parametrize("arith", ["int8", "dfp16"])
+def test_speed_script_runs_for_each_method(arith):
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--arith", arith)
+    assert f"training step  {arith:>5s}" in out and "peak memory" in out and "ratio" in out
+
+
+def test_native_threads_script_checks_the_same_bits():
+    from intrain.numeric import native
+    if not native.available():
+        pytest.skip("no C compiler here: the script refuses, as it says")
+    out = run_script("native_threads.py", "--sizes", "64", "--calls", "1")
+    assert "max |a|, int64" in out and "x" in out
