@@ -129,6 +129,38 @@ def test_wide_requantize_every_shift():
 
 
 @needs_native
+@given(exps=st.tuples(st.integers(-100, 40), st.integers(-100, 40)), f=st.integers(-2**31 + 1, 2**31 - 1),
+       zero=st.sampled_from(["neither", "a", "b", "both"]), negative=st.booleans(), seed=st.integers(0, 2**20))
+@settings(max_examples=150, deadline=None)
+def test_wide_add_and_scale(exps, f, zero, negative, seed):
+    """DFP16's int32 masters and momentum (``numeric.wide``): add and scale by the C kernels give
+    the PyTorch code's values and exponents: exponent gaps from 0 to 140 (left alignments up to 30
+    bits, right ones past 62), all-zero operands, the largest values and factors, ties, and
+    operands whose largest magnitudes are all negative (small positive values beside them)."""
+    gen = torch.Generator().manual_seed(seed)
+    top = 2**31 - 1
+    values = []
+    for _ in range(2):
+        v = torch.randint(-top, top + 1, (300,), generator=gen, dtype=torch.int64)
+        v[:6] = torch.tensor([top, -top, 0, 1, -1, 2**30])
+        v[6:20] //= 2 ** torch.randint(0, 31, (14,), generator=gen)
+        if negative:
+            v = torch.where(v > 0, v // 2**20, v)
+        values.append(v.to(torch.int32))
+    a, b = values
+    if zero in ("a", "both"):
+        a = torch.zeros_like(a)
+    if zero in ("b", "both"):
+        b = torch.zeros_like(b)
+    qa = QTensor(a, torch.tensor(exps[0], dtype=torch.int64))
+    qb = QTensor(b, torch.tensor(exps[1], dtype=torch.int64))
+    for fn, args in ((wide.add, (qa, qb)), (wide.scale, (qa, (f, exps[1])))):
+        fast, slow = fn(*args), torch_only(fn, *args)
+        assert fast.v.dtype == slow.v.dtype == torch.int32
+        assert int(fast.e) == int(slow.e) and torch.equal(fast.v, slow.v)
+
+
+@needs_native
 def test_headroom_shift_of_every_int16_value():
     """DFP16's headroom shifts (``numeric.accumulate.shift_operand``) of all 65,536 int16 values,
     -32768 included, by every shift an int16 operand can take."""

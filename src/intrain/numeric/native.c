@@ -320,3 +320,45 @@ void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t 
         }
     }
 }
+
+/* ------------------------------------- DFP16's wide (int32) masters and momentum (numeric/wide.py) */
+
+/* v * 2**s for s >= 0 (s <= 30: below 2**61), else v / 2**min(-s, 62) rounded to nearest. */
+static inline int64_t wide_align(int32_t v, int s) {
+    if (s >= 0) return (int64_t)v * ((int64_t)1 << s);
+    const int r = -s > 62 ? 62 : -s;
+    return NEAREST(int64_t, 64, (int64_t)v, r);
+}
+
+/* max |align(a, sa) + align(b, sb)|: the first pass of wide.add (no int64 temporaries). */
+int64_t intrain_wide_add_max(const int32_t *a, int sa, const int32_t *b, int sb, int64_t n) {
+    int64_t best = 0;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t t = wide_align(a[i], sa) + wide_align(b[i], sb);
+        t = t < 0 ? -t : t;
+        best = t > best ? t : best;
+    }
+    return best;
+}
+
+/* The sums again, rounded to nearest by `shift` and clipped to +-(2**31 - 1). */
+void intrain_wide_add_round(const int32_t *a, int sa, const int32_t *b, int sb, int shift, int32_t *out,
+                            int64_t n) {
+    const int64_t lim = 2147483647;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = wide_align(a[i], sa) + wide_align(b[i], sb);
+        const int64_t r = NEAREST(int64_t, 64, t, shift);
+        out[i] = (int32_t)CLAMP(r, lim);
+    }
+}
+
+/* v * f rounded to nearest by `shift` and clipped: wide.scale (the caller takes the shift from
+ * max |v| * |f|, which is max |v * f|). */
+void intrain_wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *out, int64_t n) {
+    const int64_t lim = 2147483647;
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t t = (int64_t)v[i] * f;
+        const int64_t r = NEAREST(int64_t, 64, t, shift);
+        out[i] = (int32_t)CLAMP(r, lim);
+    }
+}

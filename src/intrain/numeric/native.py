@@ -1,7 +1,7 @@
 """One-pass C kernels for the elementwise integer work of a training step on CPU tensors
 (``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
-``methods.update``, ``methods.averaging``, ``methods.loss``, ``layers.pooling`` and
-``kernels.int16_gemm``.
+``methods.update``, ``methods.averaging``, ``methods.loss``, ``layers.pooling``,
+``kernels.int16_gemm`` and ``numeric.wide``.
 
 Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
 requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
@@ -138,6 +138,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     for d in _POOLED_ERRORS:
         getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i]
     lib.intrain_combine_halves.argtypes = [p, p, p, p, n, p, p, p, n, n, n, i]
+    lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n], n
+    lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n]
+    lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n]
 
 
 @functools.cache
@@ -364,3 +367,42 @@ def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
 
     _split(run, m // hw, hw * n)
     return True
+
+
+#: Magnitude bits of a wide value (``numeric.wide.VALUE_BITS``).
+_WIDE_BITS = 31
+
+
+def wide_add(a: torch.Tensor, a_shift: int, b: torch.Tensor, b_shift: int) -> tuple[torch.Tensor, int] | None:
+    """``numeric.wide.add``'s values and extra shift for int32 ``a`` and ``b`` of one shape: each
+    aligned by its shift (left for >= 0, at most 30 bits; else nearest right by at most 62), summed
+    in int64 and rounded once to 31 bits, in two passes (the maximum, then the rounding) with no
+    int64 temporaries; ``None`` where the kernels do not apply."""
+    lib = library()
+    if (lib is None or a.dtype != torch.int32 or b.dtype != torch.int32 or a.shape != b.shape
+            or not _applies(a, b) or not (a_shift <= 30 and b_shift <= 30)):
+        return None
+    ap, bp = a.data_ptr(), b.data_ptr()
+    largest = max(_split(lambda lo, hi: lib.intrain_wide_add_max(ap + 4 * lo, a_shift, bp + 4 * lo, b_shift, hi - lo),
+                         a.numel()))
+    shift = max(largest.bit_length() - _WIDE_BITS, 0)
+    values = torch.empty(a.shape, dtype=torch.int32)
+    vp = values.data_ptr()
+    _split(lambda lo, hi: lib.intrain_wide_add_round(ap + 4 * lo, a_shift, bp + 4 * lo, b_shift, shift, vp + 4 * lo,
+                                                     hi - lo), a.numel())
+    return values, shift
+
+
+def wide_scale(v: torch.Tensor, factor: int) -> tuple[torch.Tensor, int] | None:
+    """``numeric.wide.scale``'s values and shift for int32 ``v`` and ``|factor| < 2**31``: ``v *
+    factor`` rounded once to 31 bits, the shift from ``max |v| * |factor|`` (which is ``max |v *
+    factor|``), in one pass after the maximum; ``None`` where the kernels do not apply."""
+    lib = library()
+    largest = max_abs(v) if v.dtype == torch.int32 else None
+    if lib is None or largest is None:
+        return None
+    shift = max((largest * abs(factor)).bit_length() - _WIDE_BITS, 0)
+    values = torch.empty(v.shape, dtype=torch.int32)
+    src, dst = v.data_ptr(), values.data_ptr()
+    _split(lambda lo, hi: lib.intrain_wide_scale_round(src + 4 * lo, factor, shift, dst + 4 * lo, hi - lo), v.numel())
+    return values, shift
