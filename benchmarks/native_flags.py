@@ -40,9 +40,10 @@ def _cases():
     ]
 
 
-def _same(a, b) -> bool:
+def same_bits(a, b) -> bool:
+    """Whether two kernel results (tensors, tuples of them, or numbers) are the same bits."""
     if isinstance(a, tuple):
-        return all(_same(x, y) for x, y in zip(a, b))
+        return all(same_bits(x, y) for x, y in zip(a, b))
     if isinstance(a, torch.Tensor):
         return torch.equal(a, b)
     return a == b
@@ -75,7 +76,7 @@ def main() -> None:
                         call()
                     times[name] = min(times[name], (time.perf_counter() - start) / args.calls)
         first, second = results.values()
-        if not _same(first, second):
+        if not same_bits(first, second):
             raise SystemExit(f"native_flags.py: the two builds differ on {label}")
         base, wide = times.values()
         print(f"  {label:46s} 256-bit {base * 1e6:8.1f} us   wide {wide * 1e6:8.1f} us   wide/256-bit {wide / base:5.2f}x")

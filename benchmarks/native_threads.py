@@ -14,6 +14,7 @@ import time
 import torch
 
 from intrain.numeric import native, rng
+from native_flags import same_bits  # benchmarks/ is the script's folder, first on sys.path
 
 
 def kernels(n: int, gen: torch.Generator) -> dict:
@@ -57,14 +58,6 @@ def timed(fn, calls: int) -> float:
     return min(samples)
 
 
-def same(a, b) -> bool:
-    if isinstance(a, tuple):
-        return all(same(x, y) for x, y in zip(a, b))
-    if isinstance(a, torch.Tensor):
-        return torch.equal(a, b)
-    return a == b
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="4096,16384,65536,131072,262144,1048576,4194304",
@@ -88,7 +81,7 @@ def main() -> None:
                     results[way] = result.clone() if isinstance(result, torch.Tensor) else result
                     times[way].append(timed(fn, args.calls * max(1, 65536 // n)))
             native.PARALLEL_MIN = default
-            if not same(results["one"], results["split"]):
+            if not same_bits(results["one"], results["split"]):
                 raise SystemExit(f"{name} at {n} elements: the split gave other bits")
             one, split = min(times["one"]), min(times["split"])
             print(f"{name:28s} {n:9d} {one * 1e6:10.1f}us {split * 1e6:10.1f}us {split / one:6.2f}x")

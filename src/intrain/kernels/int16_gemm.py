@@ -152,9 +152,9 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
                             torch.ones((1, rows_here), dtype=torch.int8)])  # [2O + 1, rows]
         by_hi = mm_int32(halves, columns_hi.of(n0), pad=False)  # [d_hi x_hi ; d_lo x_hi ; sum x_hi]
         by_lo = mm_int32(halves, columns_lo.of(n0), pad=False)  # [d_hi x_lo ; d_lo x_lo ; sum x_lo]
-        # Here a = d (rows o) and b = the columns: a's sums directly, b*'s from the row of ones.
-        sum_d = errors.sum((0, 2, 3), dtype=torch.int64).view(o, 1)
-        rows = (sum_d - 128 * rows_here).mul_(128).add_(16384 * rows_here)
+        # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
+        # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
+        rows = errors.sum((0, 2, 3), dtype=torch.int64).view(o, 1).mul_(128)
         cols = by_hi[2 * o:].to(torch.int64).mul_(256).add_(by_lo[2 * o:]).mul_(128)
         _combine(by_position, by_hi[:o], by_lo[:o], by_hi[o:2 * o], by_lo[o:2 * o], rows, cols,
                  accumulate=n0 > 0)
