@@ -90,3 +90,39 @@ def test_same_seed_same_weights_and_it_learns():
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     assert acc > 0.85  # a nearly separable 3-class problem
+
+
+def _built(weight_init, model="vgg-small-7"):
+    options = FloatOptions(lr=0.05, weight_init=weight_init)
+    return FloatTwin.build_model(options, model, (1, 28, 28), 10, seed=3, width=0.25, device="cpu")
+
+
+def test_kaiming_init_has_the_integer_models_scale_and_zero_biases():
+    layers = [m for m in _built("kaiming").modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    assert len(layers) == 7
+    for m in layers:
+        bound = math.sqrt(6 / m.weight[0].numel())
+        top = float(m.weight.detach().abs().max())
+        assert 0.9 * bound < top <= bound  # uniform over the whole range
+        assert torch.equal(m.bias, torch.zeros_like(m.bias))
+    default = [m for m in _built("torch").modules() if isinstance(m, torch.nn.Conv2d)]
+    for m in default:  # PyTorch's own: uniform in +-sqrt(1 / fan_in), non-zero biases
+        assert float(m.weight.detach().abs().max()) <= math.sqrt(1 / m.weight[0].numel())
+        assert float(m.bias.detach().abs().max()) > 0
+
+
+def test_kaiming_init_is_seeded():
+    a, b = _built("kaiming").state_dict(), _built("kaiming").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_recipe_takes_kaiming_for_vgg_only_and_old_runs_keep_the_default():
+    from intrain.run.recipes import default_recipe
+
+    assert default_recipe("fashion-mnist", "vgg-small-7", "float").options["weight_init"] == "kaiming"
+    assert default_recipe("cifar10", "vgg-small-8", "float").options["weight_init"] == "kaiming"
+    assert "weight_init" not in default_recipe("mnist", "lenet5", "float").options
+    assert "weight_init" not in default_recipe("fashion-mnist", "vgg-small-7", "dfp16").options
+    # A run saved before the option existed resolves to what it was trained with.
+    assert FloatTwin.make_options({"lr": 0.05}, {}).weight_init == "torch"
+    assert FloatTwin.make_options({}, default_recipe("mnist", "lenet5", "float").options).weight_init == "torch"

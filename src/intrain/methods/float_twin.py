@@ -10,7 +10,13 @@ recipe rather than a copy of the integer method's constraints:
   are not decayed, as is common practice, since decaying them only hurts;
 - a per-step learning-rate schedule: linear warm-up over the first 2 % of all steps (at least
   one step), then cosine decay to 0 at the last step;
-- cross-entropy loss on the logits.
+- cross-entropy loss on the logits;
+- initialisation (``weight_init``): PyTorch's default, or Kaiming-uniform (``kaiming``: weights
+  uniform in +-sqrt(6 / fan_in), biases 0), the scale the integer models start from
+  (``layers.init``). PyTorch's default (uniform in +-sqrt(1 / fan_in)) has a sixth of that
+  variance, so a plain ReLU stack without normalisation starts with its signal shrinking by
+  about sqrt(6) per layer: the recipe (``run.recipes``) takes ``kaiming`` for the VGG-small
+  models, where the default left a 7-layer network at chance.
 
 Determinism: nothing here draws random numbers; seed torch (``torch.manual_seed``) before the
 model is built and the run is reproducible on CPU.
@@ -30,6 +36,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 OPTIMIZERS = ("sgd", "adamw")
+WEIGHT_INITS = ("torch", "kaiming")
 #: Fraction of all steps spent in linear warm-up.
 WARMUP_FRACTION = 0.02
 MOMENTUM = 0.9
@@ -65,6 +72,9 @@ class FloatOptions:
                               metavar="LR")
     optimizer: str = option("sgd", help="SGD with Nesterov momentum, or AdamW (default: from the recipe, sgd)",
                             choices=OPTIMIZERS)
+    weight_init: str = option("torch", help="PyTorch's default initialisation, or Kaiming-uniform for ReLU networks "
+                              "(weights uniform in +-sqrt(6 / fan_in), biases 0) (default: from the recipe, "
+                              "kaiming for vgg-small models)", choices=WEIGHT_INITS)
 
 
 class FloatTwin(Method):
@@ -84,11 +94,18 @@ class FloatTwin(Method):
     @classmethod
     def build_model(cls, options: FloatOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
                     width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
-        """The float32 twin, with PyTorch's default initialisation drawn after seeding torch's global
-        generator with ``seed`` (which also keys dropout)."""
+        """The float32 twin, initialised (``options.weight_init``) from torch's global generator
+        seeded with ``seed`` (which also keys dropout)."""
         torch.manual_seed(seed)
-        return build_float_model(model_name, in_shape, num_classes, width=width, hidden=hidden,
-                                 recurrent=recurrent).to(device)
+        model = build_float_model(model_name, in_shape, num_classes, width=width, hidden=hidden,
+                                  recurrent=recurrent)
+        if options.weight_init == "kaiming":
+            for module in model.modules():
+                if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                    torch.nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
+                    if module.bias is not None:
+                        torch.nn.init.zeros_(module.bias)
+        return model.to(device)
 
     @classmethod
     def network_input(cls, pixels: QTensor) -> torch.Tensor:
