@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from intrain.models.zoo import VGG_SMALL_STAGES
+
 #: Float learning rate at the reference batch size ``LR_REFERENCE_BATCH``.
 BASE_LR = 0.05
 LR_REFERENCE_BATCH = 64
@@ -102,12 +104,12 @@ _FLOAT_OPTIMIZER = {"moving-mnist-actions": ("adamw", 3e-3)}
 _FLOAT_LR_BY_MODEL = {("moving-mnist-actions", "tr-lstm"): 1e-2}
 
 # Float initialisation by model where it is not PyTorch's default (``methods.float_twin``). The
-# VGG-small models are plain ReLU stacks without normalisation, which the default's third of
+# VGG-small models are plain ReLU stacks without normalisation, which the default's sixth of
 # Kaiming's variance shrinks at every layer: VGG-small-7 width 0.5 on Fashion-MNIST (seed 0,
 # batch 64, rate 0.05) stayed at chance (training loss 2.29 and 2.30 in epochs 1 and 2; the
 # integer models start from Kaiming's scale, ``layers.init``). Kaiming-uniform is the usual
 # choice for such networks; the other float models keep the default they were measured with.
-_FLOAT_INIT_BY_MODEL = {f"vgg-small-{depth}": "kaiming" for depth in (7, 8, 9)}
+_FLOAT_INIT_BY_MODEL = {f"vgg-small-{depth}": "kaiming" for depth in VGG_SMALL_STAGES}
 
 
 # (epochs, batch_size for both arithmetics, int8 mu schedule) for a (dataset, model) pair whose
