@@ -126,3 +126,27 @@ def test_recipe_takes_kaiming_for_vgg_only_and_old_runs_keep_the_default():
     # A run saved before the option existed resolves to what it was trained with.
     assert FloatTwin.make_options({"lr": 0.05}, {}).weight_init == "torch"
     assert FloatTwin.make_options({}, default_recipe("mnist", "lenet5", "float").options).weight_init == "torch"
+
+
+def _gradient_norm(net):
+    return float(torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in net.parameters()])))
+
+
+def test_clip_grad_norm_rescales_the_step_gradient_and_is_off_by_default():
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(5)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    plain, clipped = _net(), _net()
+    FloatTwin(plain, FloatOptions(lr=0.1), total_steps=10).train_step(x, y, step=0, epoch=0)
+    FloatTwin(clipped, FloatOptions(lr=0.1, clip_grad_norm=0.01), total_steps=10).train_step(x, y, step=0, epoch=0)
+    full = _gradient_norm(plain)
+    assert full > 0.1  # the gradient the step left behind is the one it used
+    assert _gradient_norm(clipped) == pytest.approx(0.01, rel=1e-4)
+    for p, q in zip(plain.parameters(), clipped.parameters()):  # same direction, scaled
+        torch.testing.assert_close(q.grad, p.grad * (0.01 / full), rtol=1e-4, atol=1e-7)
+    assert FloatTwin.make_options({"lr": 0.05}, {}).clip_grad_norm is None  # runs saved before the option
+
+
+def test_clip_grad_norm_must_be_positive():
+    from intrain.methods.base import MethodOptionError
+
+    with pytest.raises(MethodOptionError, match="--clip-grad-norm"):
+        FloatTwin.check_options(FloatOptions(lr=0.1, clip_grad_norm=-1.0))

@@ -16,7 +16,10 @@ recipe rather than a copy of the integer method's constraints:
   (``layers.init``). PyTorch's default (uniform in +-sqrt(1 / fan_in)) has a sixth of that
   variance, so a plain ReLU stack without normalisation starts with its signal shrinking by
   about sqrt(6) per layer: the recipe (``run.recipes``) takes ``kaiming`` for the VGG-small
-  models, where the default left a 7-layer network at chance.
+  models, where the default left a 7-layer network at chance;
+- gradient clipping (``clip_grad_norm``): off, or the whole gradient rescaled to at most that
+  L2 norm before each step, the usual guard for recurrent networks (the recipe takes it for the
+  tensor-ring LSTM, whose float run collapsed on one seed without it; ``run.recipes``).
 
 Determinism: nothing here draws random numbers; seed torch (``torch.manual_seed``) before the
 model is built and the run is reproducible on CPU.
@@ -75,6 +78,8 @@ class FloatOptions:
     weight_init: str = option("torch", help="PyTorch's default initialisation, or Kaiming-uniform for ReLU networks "
                               "(weights uniform in +-sqrt(6 / fan_in), biases 0) (default: from the recipe, "
                               "kaiming for vgg-small models)", choices=WEIGHT_INITS)
+    clip_grad_norm: float | None = option(help="rescale the gradient to at most this L2 norm before each step "
+                                          "(default: from the recipe, off)", parse=positive_float, metavar="NORM")
 
 
 class FloatTwin(Method):
@@ -90,6 +95,9 @@ class FloatTwin(Method):
         super().check_options(options)
         if options.lr is None or not options.lr > 0 or options.lr == float("inf"):
             raise MethodOptionError(f"--lr must be a positive number, got {options.lr}")
+        norm = options.clip_grad_norm
+        if norm is not None and (not norm > 0 or norm == float("inf")):
+            raise MethodOptionError(f"--clip-grad-norm must be a positive number, got {norm}")
 
     @classmethod
     def build_model(cls, options: FloatOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
@@ -115,6 +123,7 @@ class FloatTwin(Method):
                  collective: Collective = LOCAL) -> None:
         super().__init__(model, options, seed=seed, total_steps=max(0, int(total_steps)), collective=collective)
         self.base_lr = float(options.lr)
+        self.clip_grad_norm = options.clip_grad_norm
         self.warmup_steps = warmup_length(self.total_steps)
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
@@ -144,6 +153,8 @@ class FloatTwin(Method):
         loss = F.cross_entropy(logits, y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if self.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
         self.optimizer.step()
         return logits.detach()
 
