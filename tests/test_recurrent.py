@@ -124,3 +124,76 @@ def test_tensor_ring_input_map_trains_through_the_lstm():
     lstm(x)
     assert lstm.backward(QTensor.of(torch.ones((3, 4), dtype=torch.int8), 0), None, need_input_grad=False) is None
     assert all(core.weight_grad is not None and core.weight_grad.abs().sum() > 0 for core in lstm.input_map.cores)
+
+
+def test_align_steps_keeps_eight_more_bits_below_the_largest_step():
+    from intrain.layers.recurrent import align_steps
+
+    v = torch.tensor([127, -127, 1, -1, 64, 0], dtype=torch.int8)
+    parts = [QTensor.of(v, e) for e in (-3, -11, -15, -18, -43)]
+    out = align_steps(parts)
+    assert all(p.v.dtype == torch.int16 and int(p.e) == -11 for p in out)
+    assert out[0].v.tolist() == [127 * 256, -127 * 256, 256, -256, 64 * 256, 0]  # the largest, exact
+    assert torch.equal(out[1].v, v.to(torch.int16))  # 8 bits below: all 7 bits kept
+    assert out[2].v.tolist() == [8, -8, 0, 0, 4, 0]  # 12 bits below: 127 / 16 = 7.94, 1 / 16 and 64 / 16 exact
+    assert out[3].v.tolist() == [1, -1, 0, 0, 1, 0]  # 15 bits below: 127 / 128 and the tie 64 / 128 round to 1
+    assert not out[4].v.any()  # 40 bits below: nothing left
+
+
+def test_small_errors_of_early_steps_reach_the_input_weights():
+    """Two steps; frame feature 0 (step 1 only) closes the forget gate of step 1 (f about 2**-11.5),
+    so the errors of step 0 are about 2**-12 of step 1's. Feature 1 (step 0 only) gets its gradient
+    from step 0 alone: with all steps at one int8 exponent it was 0; now it follows float64."""
+    n, frame, hidden = 4, 2, 1
+    backend = get_backend("reference", "cpu")
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend)
+    # rows: gates i, f, g, o; columns: features 0, 1 (exponent -3: pre-activations -78 / 10 x 0.098
+    # for a feature of 100 x 2**-7: f of step 1 is sigmoid(-7.6), i and g of step 0 unsaturated)
+    weight = torch.tensor([[0, 10], [-78, 0], [0, 10], [0, 10]], dtype=torch.int8)
+    lstm.input_map.weight.copy_(weight)
+    lstm.input_map.weight_exp.fill_(-3)
+    lstm.recurrent.weight.zero_()
+    x = torch.zeros((n, 2, frame), dtype=torch.int8)
+    x[:, 0, 1] = torch.tensor([100, 90, 80, 70], dtype=torch.int8)
+    x[:, 1, 0] = 100
+    x = QTensor.of(x, -7)
+    lstm(x)
+    lstm.backward(QTensor.of(torch.full((n, hidden), 100, dtype=torch.int8), -7), None, need_input_grad=False)
+    got = lstm.input_map.weight_grad.double() * 2.0 ** float(lstm.input_map.weight_grad_exp)
+
+    xf = x.to_float().double()
+    u = lstm.input_map.weight_q.to_float().double().requires_grad_()
+    w = lstm.recurrent.weight_q.to_float().double()
+    (float64_lstm(xf, u, w, hidden) * (100 * 2.0**-7)).sum().backward()
+    early, late = u.grad[:, 1], u.grad[:, 0]
+    assert 2**-14 < early.abs().max() / late.abs().max() < 2**-9  # the scenario holds
+    assert got[:, 1].abs().max() > 0
+    assert cosine(got[:, 1], early) > 0.99
+    assert (got[:, 1] - early).abs().max() <= 0.05 * early.abs().max()
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_backward_through_time_same_bits_on_every_cpu_path(ring):
+    """The weight gradients take int16 gate errors: every backend and CPU path gives the same bits."""
+    from intrain.kernels import CpuSettings
+
+    results = []
+    for backend in (get_backend("reference", "cpu"), get_backend("cpu", "cpu", CpuSettings(use_int8_gemm=True)),
+                    get_backend("cpu", "cpu", CpuSettings(use_int8_gemm=False))):
+        torch.manual_seed(0)
+        if ring:
+            input_map = IntTensorRing(TensorRingShape((4, 4), (4, 4, 2), 3), backend)
+            maps = list(input_map.cores)
+        else:
+            input_map = IntLinear(16, 32, backend)
+            maps = [input_map]
+        lstm = IntLSTM(input_map, 8, backend)
+        random_weights(maps + [lstm.recurrent], [-6] * len(maps) + [-8], 3)
+        g = torch.Generator().manual_seed(4)
+        x = QTensor.of(torch.randint(-128, 128, (40, 12, 16), generator=g).to(torch.int8), -7)
+        lstm(x)
+        dx = lstm.backward(QTensor.of(torch.randint(-128, 128, (40, 8), generator=g).to(torch.int8), -6), None)
+        results.append([dx.v, dx.e, lstm.recurrent.weight_grad, lstm.recurrent.weight_grad_exp]
+                       + [t for m in maps for t in (m.weight_grad, m.weight_grad_exp)])
+    for other in results[1:]:
+        assert all(torch.equal(a.to(torch.int64), b.to(torch.int64)) for a, b in zip(results[0], other))

@@ -33,10 +33,16 @@ and a growing one raises its exponent instead of overflowing. Per step, from the
 ``dz = d. s (1 - s)`` or ``d. (1 - g^2)``, the derivatives from the stored outputs as exact int64
 products (every product below 2**60); the recurrent errors ``dh`` and ``dc`` are rounded to int16,
 the four gate errors to int8 at one shared exponent (``dz_t``) for the products
-``dh_{t-1} = dz_t W``. The gate errors of all steps are then brought to the largest of their
-exponents (nearest rounding: an error more than 2**8 below the largest step's is below one unit
-there, as it would be in any fixed-point sum) so that the weight gradients ``dW = sum_t dz_t^T
-h_{t-1}`` and the input map's are one exact product over batch x time each.
+``dh_{t-1} = dz_t W``. For the weight gradients ``dW = sum_t dz_t^T h_{t-1}`` and the input map's,
+one exact product over batch x time each, the gate errors of all steps are brought to one
+exponent ``WIDE_GATE_ERROR_BITS - 8`` bits below the largest step's, as int16 (``align_steps``):
+a step whose errors are up to 2**8 smaller than the largest step's keeps all 7 significant bits,
+up to 2**15 smaller some of them (nearest rounding), and only smaller ones round to zero. Errors
+shrink along the sequence (by the forget gate at every step back), and at int8 (one exponent for
+all steps, as before) every step more than 2**8 below the last was lost: the int8 TR-LSTM then
+never learnt the direction of rotations and zooms, which needs the earlier frames (BENCHMARKS.md,
+2026-12-03). The products take int16 errors with int8 (``h``) or int8-core operands; their
+int32/int64 results are exact on every backend.
 """
 
 from __future__ import annotations
@@ -103,6 +109,29 @@ def to_fixed(v: torch.Tensor, e: torch.Tensor, target: int) -> torch.Tensor:
     else:
         out = shift_round(wide, -shift, "nearest")
     return out.clamp(-INT16_LIMIT, INT16_LIMIT)
+
+
+#: Bits of the gate errors of all steps at one exponent, for the weight gradients.
+WIDE_GATE_ERROR_BITS = 16
+
+
+def align_steps(parts: list[QTensor], bits: int = WIDE_GATE_ERROR_BITS) -> list[QTensor]:
+    """int8 QTensors ``parts`` (the gate errors of each step) at one exponent ``bits - 8`` below
+    the largest of theirs, as int16: a part at the largest exponent is shifted left by that
+    (exact, ``|v| <= 127 * 2**(bits - 8) < 2**(bits - 1)``), finer ones less or, when more than
+    that below, right with nearest rounding (``|v| <= 127`` stays in range)."""
+    top = torch.stack([p.e for p in parts]).max()
+    base = top - (bits - 8)
+    out = []
+    for p in parts:
+        shift = p.e - base
+        wide = p.v.to(torch.int64)
+        if int(shift) >= 0:
+            v = wide << shift
+        else:  # a gap of 40 bits already rounds any int8 value to zero; the cap keeps 2**shift in int64
+            v = shift_round(wide, (-shift).clamp(max=40), "nearest")
+        out.append(QTensor(v.to(torch.int16), base))
+    return out
 
 
 def _align(parts: list[QTensor], bits: int = 8) -> list[QTensor]:
@@ -200,7 +229,7 @@ class IntLSTM(IntModule):
             dc = requantize(dc_v * f, dc.e - ONE_BITS, bits=16)
             dh = requantize(self.backend.linear_backward_input(dz.v, w), dz.e + self.recurrent.weight_exp, bits=16)
         gate_errors.reverse()
-        aligned = _align(gate_errors)
+        aligned = align_steps(gate_errors)
         dz_all = QTensor(torch.stack([a.v for a in aligned], dim=1), aligned[0].e)  # [N, T, 4H]
         n, steps = dz_all.v.shape[:2]
         h_prev = torch.stack([s[-1] for s in saved], dim=1).reshape(n * steps, -1)
