@@ -99,5 +99,5 @@ def test_recipe_updates_tr_lstm_cores_by_sign(data, tmp_path, capsys):
     assert main(["train", *TINY, *data, "--model", "tr-lstm", "--epochs", "1", "--out", str(run)]) == 0
     options = json.loads((run / "config.json").read_text())
     assert options["core_update"] == "sign" and options["mu_schedule"] == "0:4"
-    assert options["core_mu_schedule"] == "0:2,7:1"
+    assert options["core_mu_schedule"] == "0:2,4:1" and options["weight_average"] == "epoch"
     capsys.readouterr()
