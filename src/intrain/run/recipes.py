@@ -84,7 +84,7 @@ _INT8_MU = {("moving-mnist-actions", "tt-lstm"): "0:2,7:1", ("moving-mnist-actio
 # At the recipe's length, after the gate errors of all steps kept 8 more bits (``layers.recurrent``;
 # 10 epochs of the 50,000 clips before the 10,000 validation ones, seeds 0 and 1, epoch averaging
 # below): the cores' drop from mu 2 to 1 at epoch 4 ended at 95.17 and 87.28 %, at epoch 7 at
-# 92.45 and 87.46 %, mu 1 throughout at 74.23 and 87.13 % (BENCHMARKS.md, 2026-12-03).
+# 92.45 and 87.46 %, mu 1 throughout at 74.23 and 87.27 % (BENCHMARKS.md, 2026-12-03).
 _INT8_CORE_UPDATE = {("moving-mnist-actions", "tr-lstm"): ("sign", "0:2,4:1")}  # rule, the cores' mu
 
 # int8 weight averaging by dataset where it is not the mean of the current mu phase. The recurrent
