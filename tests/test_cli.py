@@ -56,6 +56,11 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--mu-schedule", "0:5,0:4"], "appears twice"),
     (["train", "--mu-schedule", "0:-1"], "needs --weight-bits 16"),
     (["train", "--mu-schedule", "0:-9", "--weight-bits", "16"], "mu below -8"),
+    (["train", "--mu-schedule", "0:5,3:4", "--weight-decay-shift", "5"], "--weight-decay-shift 5 must exceed every mu"),
+    (["train", "--weight-decay-shift", "x"], "--weight-decay-shift"),
+    (["train", "--arith", "float", "--weight-decay", "-1"], "--weight-decay"),
+    (["train", "--arith", "float", "--weight-decay-shift", "12"], "--weight-decay-shift does not apply to --arith float"),
+    (["train", "--weight-decay", "0"], "--weight-decay does not apply to --arith int8"),
     # an option of one method given to another (issue 10): the flag and the method are named
     (["train", "--lr", "0.1"], "--lr does not apply to --arith int8"),
     (["train", "--arith", "float", "--mu-schedule", "0:5"], "--mu-schedule does not apply to --arith float"),

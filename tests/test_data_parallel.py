@@ -5,7 +5,8 @@ would) train with the same seed and global batch as one process, and the final w
 (``model.pt``), the checkpoint (weights, int16 masters, weight-average sums), ``metrics.csv``
 (without the seconds) and the printed accuracy are compared with the one-process run's: equal,
 for LeNet-5 and a narrow ResNet-18, with stochastic error rounding (its random numbers are keyed
-by element position in the global batch). The batches are chosen so that the shards are uneven
+by element position in the global batch) and, for LeNet-5, integer weight decay (keyed by step).
+The batches are chosen so that the shards are uneven
 and the last batch of every epoch has one image: one process then has an empty shard. A
 two-process run killed with SIGKILL mid-epoch and resumed by one process ends identical too, and
 so does a one-process run resumed by two.
@@ -37,7 +38,8 @@ TIMEOUT = 180
 #: last batch of one image (an empty shard for rank 0, the image for rank 1); a checkpoint every
 #: 2 steps, so that rank 0 writes some mid-epoch and a killed run resumes mid-epoch.
 LENET = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit", "149",
-         "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3", "--checkpoint-every", "2")
+         "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3", "--checkpoint-every", "2",
+         "--weight-decay-shift", "9")
 RESNET = ("--dataset", "mnist", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "37",
           "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--weight-bits", "16",
           "--mu-schedule", "0:2")

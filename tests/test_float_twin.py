@@ -150,3 +150,21 @@ def test_clip_grad_norm_must_be_positive():
 
     with pytest.raises(MethodOptionError, match="--clip-grad-norm"):
         FloatTwin.check_options(FloatOptions(lr=0.1, clip_grad_norm=-1.0))
+
+
+def test_weight_decay_is_an_option_of_the_weights_only():
+    """--weight-decay sets the decay of the matrices (5e-4 unless given; 0 turns it off); biases
+    are never decayed. With a zero gradient only the decay moves a weight: by lr x decay x (1 + 0.9)
+on the first step (Nesterov adds the momentum buffer, itself the decay term, once more)."""
+    assert FloatTwin.make_options({"lr": 0.05}, {}).weight_decay == 5e-4  # runs saved before the option
+    for decay in (0.0, 0.1):
+        net = _net()
+        trainer = FloatTwin(net, FloatOptions(lr=1.0, weight_decay=decay), total_steps=1)
+        assert [g["weight_decay"] for g in trainer.optimizer.param_groups] == [decay, 0.0]
+        before = [p.detach().clone() for p in net.parameters()]
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        trainer.optimizer.step()
+        for b, p in zip(before, net.parameters()):
+            shrink = decay * trainer.optimizer.param_groups[0]["lr"] * 1.9 if p.dim() > 1 else 0.0
+            torch.testing.assert_close(p.detach(), b * (1 - shrink))

@@ -50,7 +50,8 @@ def _batch(n=8):
 def test_training_step_uses_only_integer_tensors(model_name, width, weight_bits):
     mu = "0:5" if weight_bits == 8 else "0:4"
     options = NitiOptions(mu_schedule=mu, weight_bits=weight_bits, weight_average="phase",
-                          error_rounding="stochastic" if model_name == "resnet18" else "nearest")
+                          error_rounding="stochastic" if model_name == "resnet18" else "nearest",
+                          weight_decay_shift=12 if weight_bits == 16 else None)
     model = build_int_model(model_name, (1, 28, 28), 10, seed=0, backend="reference", width=width, fmt=options.fmt)
     trainer = Niti(model, options, seed=0)
     x, y = _batch()

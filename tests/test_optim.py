@@ -139,3 +139,101 @@ def test_core_schedule_changes_the_cores_only():
     same = [torch.equal(a.weight, b.weight) for a, b in zip(weighted_layers(own), weighted_layers(shared))]
     cores = [isinstance(layer, TensorRingCore) for layer in weighted_layers(own)]
     assert all(s for s, core in zip(same, cores) if not core) and not any(s for s, core in zip(same, cores) if core)
+
+
+def _decaying_layer(value: int, n: int = 4000, fmt=None) -> tuple[IntLinear, IntSequential]:
+    layer = IntLinear(n, 1, get_backend("reference"), **({} if fmt is None else {"fmt": fmt}))
+    layer.weight.fill_(value)
+    if fmt is not None:
+        layer.start_master_from_weight()
+    return layer, IntSequential(layer)
+
+
+def test_weight_decay_is_stochastic_with_the_mean_of_its_fraction():
+    """A zero gradient leaves only the decay: 100 / 2**(K - mu) = 100 / 16 = 6.25 per step, so about
+    a quarter of the weights lose 7 and the rest 6 (nearest rounding would take 6 from all, NITI's
+    pseudo-stochastic rounding, whose randomness is the value's own low bits, too)."""
+    layer, model = _decaying_layer(100)
+    update = IntegerUpdate(model, MuSchedule.parse("0:3"), decay_shift=7, seed=1)
+    layer.weight_grad = torch.zeros(1, 4000, dtype=torch.int64)
+    update.step(0, step=0)
+    lost = 100 - layer.weight.to(torch.int64)
+    assert set(lost.unique().tolist()) == {6, 7}
+    assert 900 <= int((lost == 7).sum()) <= 1100  # 1000 expected, 27 one standard deviation
+
+
+def test_weight_decay_follows_mu_and_is_the_same_fraction_of_a_master_weight():
+    """mu 3 then 5 with K = 7: shifts 4 then 2; an int16 master (the int8 value times 256) loses the
+    same fraction of itself, exactly here because it is divisible."""
+    layer, model = _decaying_layer(10, n=8, fmt=NITI_INT8_MASTER16)
+    update = IntegerUpdate(model, MuSchedule.parse("0:3,1:5"), decay_shift=7)
+    layer.weight_grad = torch.zeros(1, 8, dtype=torch.int64)
+    update.step(0, step=0)
+    assert layer.weight_master.tolist() == [[2560 - 160] * 8]  # 2560 / 2**4
+    layer.weight_grad = torch.zeros(1, 8, dtype=torch.int64)
+    update.step(1, step=1)
+    assert layer.weight_master.tolist() == [[2400 - 600] * 8]  # 2400 / 2**2
+
+
+def test_weight_decay_never_flips_a_sign_and_is_keyed_by_seed_and_step():
+    values = torch.tensor([-127, -64, -3, -2, -1, 0, 1, 2, 3, 64, 127], dtype=torch.int8).repeat(200)
+    results = {}
+    for seed, step in ((0, 0), (0, 0), (0, 1), (1, 0)):
+        layer = IntLinear(values.numel(), 1, get_backend("reference"))
+        layer.weight.copy_(values.reshape(1, -1))
+        layer.weight_grad = torch.zeros(1, values.numel(), dtype=torch.int64)
+        IntegerUpdate(IntSequential(layer), MuSchedule.parse("0:4"), decay_shift=5, seed=seed).step(0, step=step)
+        new = layer.weight.reshape(-1).to(torch.int64)
+        old = values.to(torch.int64)
+        assert bool(((new * old) >= 0).all()) and bool((new.abs() <= old.abs()).all())
+        assert bool((new.abs() < old.abs())[old.abs() >= 2].all())  # shift 1: at least half of |w| >= 2 goes
+        results.setdefault((seed, step), []).append(new)
+    assert torch.equal(*results[0, 0])  # replayable: a function of (seed, step, layer) only
+    assert not torch.equal(results[0, 0][0], results[0, 1][0]) and not torch.equal(results[0, 0][0], results[1, 0][0])
+
+
+def test_weight_decay_comes_from_the_weight_before_the_update_and_clips():
+    """w = +-120, gradient steps of -+16 and decays of +-120 / 2 = +-60 (exact, so not random):
+    clip(120 + 16) - 60 = 67 (a decay of the clipped weight, 127 / 2, would leave 63 or 64)."""
+    layer = IntLinear(2, 1, get_backend("reference"))
+    layer.weight.copy_(torch.tensor([[120, -120]], dtype=torch.int8))
+    layer.weight_grad = torch.tensor([[-1000, 1000]], dtype=torch.int64)  # 10 bits, mu 4: steps of 16
+    IntegerUpdate(IntSequential(layer), MuSchedule.parse("0:4"), decay_shift=5).step(0, step=0)
+    assert layer.weight.tolist() == [[67, -67]]
+
+
+def test_weight_decay_shift_must_exceed_every_mu():
+    layer, model = _decaying_layer(1, n=2)
+    with pytest.raises(ValueError, match="must exceed every mu"):
+        IntegerUpdate(model, MuSchedule.parse("0:3,5:6"), decay_shift=6)
+    with pytest.raises(ValueError, match="must exceed every mu"):
+        IntegerUpdate(model, MuSchedule.parse("0:3"), core_schedule=MuSchedule.parse("0:7"), decay_shift=6)
+
+
+@pytest.mark.parametrize("fmt", [None, NITI_INT8_MASTER16], ids=["int8", "master16"])
+def test_weight_decay_is_the_same_bits_with_and_without_the_c_kernels(fmt, monkeypatch):
+    """The decay's one-pass C rounding against the PyTorch operators, on weights at the extremes
+    (+-127, the int16 master's +-32767) and shifts 1 to 20 (every mu, with K = mu + 1 and K = 20)."""
+    from intrain.numeric import native
+
+    if not native.available():
+        pytest.skip("no C compiler here: only the PyTorch path exists")
+    gen = torch.Generator().manual_seed(3)
+    limit = 32767 if fmt is not None else 127
+    values = torch.randint(-limit, limit + 1, (3, 1000), generator=gen)
+    values[0, :4] = torch.tensor([limit, -limit, 1, -1])
+    results = []
+    for kernels in (True, False):
+        if not kernels:
+            monkeypatch.setattr(native, "library", lambda: None)
+        runs = []
+        for mu in range(16):
+            for shift in (mu + 1, 20):
+                layer = IntLinear(1000, 3, get_backend("reference"), **({} if fmt is None else {"fmt": fmt}))
+                (layer.weight_master if fmt is not None else layer.weight).copy_(values)
+                update = IntegerUpdate(IntSequential(layer), MuSchedule.parse(f"0:{mu}"), decay_shift=shift, seed=9)
+                runs.append(update._decay(layer.update_target, layer, step=mu, mu=mu))
+        results.append(runs)
+    for with_kernels, without in zip(*results):
+        assert torch.equal(with_kernels.to(torch.int32), without.to(torch.int32))
+    assert any(bool(r.ne(0).any()) for r in results[0])

@@ -15,7 +15,8 @@ from intrain.numeric.qtensor import QTensor
 
 @pytest.mark.parametrize("name, shape, width", [("lenet5", (1, 28, 28), 0.5), ("resnet18", (3, 16, 16), 0.125)])
 def test_layers_are_updated_one_at_a_time_with_the_same_result(name, shape, width, monkeypatch):
-    options = NitiOptions(mu_schedule="0:2", weight_average="none", error_rounding="stochastic")
+    options = NitiOptions(mu_schedule="0:2", weight_average="none", error_rounding="stochastic",
+                          weight_decay_shift=6)
     gen = torch.Generator().manual_seed(1)
     x = QTensor(torch.randint(0, 128, (6, *shape), dtype=torch.int8, generator=gen), torch.tensor(-7))
     y = torch.randint(0, 10, (6,), generator=gen)
@@ -35,9 +36,9 @@ def test_layers_are_updated_one_at_a_time_with_the_same_result(name, shape, widt
     holding = []
     original = IntegerUpdate.step
 
-    def spy(self, epoch, within=None):
+    def spy(self, epoch, within=None, step=0):
         holding.append(sum(layer.weight_grad is not None for layer in weighted_layers(self.model)))
-        return original(self, epoch, within)
+        return original(self, epoch, within, step)
 
     monkeypatch.setattr(IntegerUpdate, "step", spy)
     method.train_step(x, y, 0, 0)

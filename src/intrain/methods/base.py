@@ -58,6 +58,17 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """Parser of a finite number option that may be 0 (``--weight-decay``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option field: ``mu_schedule`` -> ``--mu-schedule``."""
     return "--" + name.replace("_", "-")

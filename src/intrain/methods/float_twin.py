@@ -6,8 +6,8 @@ recipe rather than a copy of the integer method's constraints:
 - SGD with Nesterov momentum 0.9, or (``optimizer="adamw"``, the recipe of the recurrent models
   on moving-mnist-actions, where SGD trained the tensor-ring LSTM not at all) AdamW with its
   default betas and the same decoupled weight decay and schedule;
-- weight decay 5e-4 on weights only (matrices and kernels); biases and other 1-d parameters
-  are not decayed, as is common practice, since decaying them only hurts;
+- weight decay 5e-4 (``weight_decay``) on weights only (matrices and kernels); biases and other
+  1-d parameters are not decayed, as is common practice, since decaying them only hurts;
 - a per-step learning-rate schedule: linear warm-up over the first 2 % of all steps (at least
   one step), then cosine decay to 0 at the last step;
 - cross-entropy loss on the logits;
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from intrain.methods.base import Method, MethodOptionError, option, positive_float
+from intrain.methods.base import Method, MethodOptionError, nonnegative_float, option, positive_float
 from intrain.models import build_float_model
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
@@ -78,6 +78,8 @@ class FloatOptions:
     weight_init: str = option("torch", help="PyTorch's default initialisation, or Kaiming-uniform for ReLU networks "
                               "(weights uniform in +-sqrt(6 / fan_in), biases 0) (default: from the recipe, "
                               "kaiming for vgg-small models)", choices=WEIGHT_INITS)
+    weight_decay: float = option(WEIGHT_DECAY, help="weight decay of the weight matrices and kernels (not of biases)",
+                                 parse=nonnegative_float, metavar="WD")
     clip_grad_norm: float | None = option(help="rescale the gradient to at most this L2 norm before each step "
                                           "(default: from the recipe, off)", parse=positive_float, metavar="NORM")
 
@@ -95,6 +97,8 @@ class FloatTwin(Method):
         super().check_options(options)
         if options.lr is None or not options.lr > 0 or options.lr == float("inf"):
             raise MethodOptionError(f"--lr must be a positive number, got {options.lr}")
+        if not 0 <= options.weight_decay < float("inf"):
+            raise MethodOptionError(f"--weight-decay must be a number >= 0, got {options.weight_decay}")
         norm = options.clip_grad_norm
         if norm is not None and (not norm > 0 or norm == float("inf")):
             raise MethodOptionError(f"--clip-grad-norm must be a positive number, got {norm}")
@@ -127,7 +131,7 @@ class FloatTwin(Method):
         self.warmup_steps = warmup_length(self.total_steps)
         decay = [p for p in model.parameters() if p.requires_grad and p.dim() > 1]
         no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": WEIGHT_DECAY}]
+        groups = [{"params": decay, "weight_decay": options.weight_decay}]
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         if options.optimizer == "adamw":

@@ -77,6 +77,10 @@ class NitiOptions:
     core_mu_schedule: str | None = option(
         help="mu by epoch for the cores of tt-lstm / tr-lstm, written like --mu-schedule (default: from the "
              "recipe, else --mu-schedule's)", parse=parse_mu_schedule, metavar="SPEC")
+    weight_decay_shift: int | None = option(
+        help="integer weight decay: every step each weight shrinks towards 0 by 2**(mu - K) of itself, "
+             "stochastically rounded (SGD's learning rate x weight decay, with mu as the rate); K must exceed every "
+             "mu (default: from the recipe, off)", parse=int, metavar="K")
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
@@ -111,6 +115,12 @@ class Niti(Method):
         if options.int8_gemm != "auto" and options.backend not in ("auto", "cpu"):
             raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend: leave it out "
                                     f"with --backend {options.backend}")
+        if options.weight_decay_shift is not None:
+            highest = max(mu for schedule in schedules.values() for _, mu in schedule.points)
+            if options.weight_decay_shift <= highest:
+                raise MethodOptionError(f"--weight-decay-shift {options.weight_decay_shift} must exceed every mu of the "
+                                        f"schedule (up to {highest}): the decay would be a whole weight or more "
+                                        f"per step")
         fmt = options.fmt
         lowest = -fmt.master_extra_bits if fmt.master_bits is not None else 0
         for name, schedule in schedules.items():
@@ -145,7 +155,8 @@ class Niti(Method):
         self.core_schedule = (self.mu_schedule if options.core_mu_schedule is None
                               else MuSchedule.parse(options.core_mu_schedule))
         self.update = IntegerUpdate(model, self.mu_schedule, collective, core_rule=options.core_update,
-                                    core_schedule=self.core_schedule)
+                                    core_schedule=self.core_schedule, decay_shift=options.weight_decay_shift,
+                                    seed=seed)
         self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()
@@ -158,12 +169,12 @@ class Niti(Method):
         # frees the gradients one by one: ResNet-18's would otherwise all be alive at once, 42.6 MiB
         # of int32 at width 1 (``python benchmarks/speed.py --model resnet18``, peak memory).
         ctx = StepContext(self.seed, step, sample_offset, self.collective,
-                          gradient_ready=lambda layer: self.update.step(epoch, within=layer))
+                          gradient_ready=lambda layer: self.update.step(epoch, within=layer, step=step))
         logits = self.model(x, ctx)
         error = cross_entropy_grad(logits, y, self.seed, step, self.fmt, sample_offset=sample_offset,
                                    collective=self.collective)
         self.model.backward(error, ctx)
-        self.update.step(epoch)  # layers no container reported
+        self.update.step(epoch, step=step)  # layers no container reported
         if self.average is not None:
             self.average.accumulate()
         return logits

@@ -30,6 +30,8 @@ STREAM_DROPOUT = 3
 STREAM_LOSS_ROUNDING = 4
 STREAM_ROUNDING = 5
 STREAM_AUGMENT = 6
+# 7: moving-MNIST clips (``data.moving_mnist``)
+STREAM_WEIGHT_DECAY = 8
 
 
 def _mix_int(x: int) -> int:
