@@ -151,11 +151,12 @@ def test_fashion_mnist_int8_recipe_uses_batch_128():
     assert default_recipe("fashion-mnist", "lenet5", "float").batch_size == 64
 
 
-def test_fashion_lenet5_int8_recipe_rounds_errors_stochastically():
+def test_fashion_lenet5_int8_recipe_rounds_errors_stochastically_with_decaying_int16_masters():
     from intrain.run.recipes import default_recipe
-    assert default_recipe("fashion-mnist", "lenet5", "int8").options["error_rounding"] == "stochastic"
-    assert "error_rounding" not in default_recipe("mnist", "lenet5", "int8").options
-    assert "error_rounding" not in default_recipe("fashion-mnist", "vgg-small-7", "int8").options
+    options = default_recipe("fashion-mnist", "lenet5", "int8").options
+    assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 16, 18)
+    for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-7")):
+        assert not {"error_rounding", "weight_bits", "weight_decay_shift"} & set(default_recipe(*other, "int8").options)
 
 
 def test_a_log_file_gets_a_progress_line_during_long_epochs(tmp_path, capsys, monkeypatch):
