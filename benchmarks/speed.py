@@ -125,21 +125,22 @@ def _saved_bytes_float(model, x, y) -> int:
 
 
 def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed: int, backend: Backend,
-                     device: torch.device):
+                     device: torch.device, niti_options: dict | None = None):
     """(method, model) of the integer side: NITI int8 as the earlier figures measured it (mu 4, no
-    weight averaging: its int64 sums are 8x the weights), or DFP16 with the float twin's learning
-    rate."""
+    weight averaging: its int64 sums are 8x the weights; ``niti_options`` adds to those, e.g. a
+    recipe's int16 masters and weight decay), or DFP16 with the float twin's learning rate."""
     if arith == "dfp16":
         options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master)
         model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
         return Dfp16(model, options, seed=seed, total_steps=10**6), model
-    model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device)
-    return Niti(model, NitiOptions(mu_schedule="0:4", weight_average="none"), seed=seed), model
+    options = NitiOptions(**{"mu_schedule": "0:4", "weight_average": "none", **(niti_options or {})})
+    model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
+    return Niti(model, options, seed=seed), model
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
           bf16: bool, seed: int = 0, image_size: int | None = None, arith: str = "int8",
-          dfp16_master: str = "int32") -> None:
+          dfp16_master: str = "int32", niti_options: dict | None = None) -> None:
     shape = SHAPES.get(model_name, (3, 32, 32))
     if image_size is not None:  # e.g. 224: ResNet-18 and AlexNet take the ImageNet layout
         shape = (shape[0], image_size, image_size)
@@ -148,7 +149,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
     x_float = (pixels.to(torch.float32) / 128).to(device)
 
-    int_trainer, int_model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device)
+    int_trainer, int_model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device,
+                                              niti_options)
     x_int = type(int_trainer).network_input(QTensor.of(pixels.to(device), -7))
     torch.manual_seed(seed)
     float_model = build_float_model(model_name, shape, 10).to(device)
@@ -175,6 +177,10 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     t_int, t_float = min(times[arith]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     master = f" ({dfp16_master} masters)" if arith == "dfp16" else ""
+    chosen = {k: v for k, v in (niti_options or {}).items() if (k, v) not in
+              (("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None))}
+    if arith == "int8" and chosen:
+        master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
           f"{weighted_layers(int_model)[0].backend.name}")
     print(f"  training step  {arith:>5s} {t_int * 1e3:8.2f} ms   float32 {t_float * 1e3:8.2f} ms   ratio {t_int / t_float:5.2f}x")
@@ -264,10 +270,22 @@ def main() -> None:
     parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",
                         help="with --arith dfp16: int32 master weights and momentum (integer-only, the "
                              "default) or float32 (Das et al.)")
+    parser.add_argument("--weight-bits", type=int, choices=(8, 16), default=8,
+                        help="int8: 16 adds int16 master weights (default: 8)")
+    parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
+                        help="int8: rounding of the errors sent down (default: nearest)")
+    parser.add_argument("--weight-decay-shift", type=int, default=None, metavar="K",
+                        help="int8: integer weight decay of 2**(mu - K) per step (mu is 4 here; default: off)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
+    niti_options = {"weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
+                    "weight_decay_shift": args.weight_decay_shift}
+    if args.arith != "int8" and niti_options != {"weight_bits": 8, "error_rounding": "nearest", "weight_decay_shift": None}:
+        parser.error("--weight-bits, --error-rounding and --weight-decay-shift apply to --arith int8 only")
+    if args.weight_decay_shift is not None and args.weight_decay_shift <= 4:
+        parser.error(f"--weight-decay-shift {args.weight_decay_shift} must exceed the benchmark's mu of 4")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible to PyTorch here")
     settings = None
@@ -285,7 +303,8 @@ def main() -> None:
     for name in args.model or ["lenet5"]:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16,
-              image_size=args.image_size, arith=args.arith, dfp16_master=args.dfp16_master)
+              image_size=args.image_size, arith=args.arith, dfp16_master=args.dfp16_master,
+              niti_options=niti_options)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,13 @@ def test_speed_script_runs_for_each_method(arith):
     assert f"training step  {arith:>5s}" in out and "peak memory" in out and "ratio" in out
 
 
+def test_speed_script_times_the_int8_options_of_a_recipe():
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--weight-bits", "16",
+                     "--error-rounding", "stochastic", "--weight-decay-shift", "18")
+    assert "int8 (weight-bits 16, error-rounding stochastic, weight-decay-shift 18)" in out
+    assert "training step   int8" in out
+
+
 def test_native_threads_script_checks_the_same_bits():
     from intrain.numeric import native
     if not native.available():
