@@ -26,8 +26,8 @@ no rounding, so it is the same integers on every device.
 
 Weight decay (``decay_shift = K``, off by default): every weight shrinks towards zero by
 ``2**(mu - K)`` of itself each step: ``d = sround(w / 2**(K - mu))`` from the weight before the
-step, then ``w <- clip(clip(w - g) - d)``, with ``sround``
-stochastic rounding keyed by ``(seed, step, layer)`` (``numeric.rng``). Coupling it to mu is SGD's
+step, then ``w <- clip(clip(w - g) - d)``, with ``sround`` stochastic rounding keyed by
+``(seed, step, layer)`` (``numeric.rng``). Coupling it to mu is SGD's
 coupling of the decay to the learning rate (``lr x wd``): a fixed fraction ``2**-K`` of the largest
 step's size per unit of weight, whatever mu is. Stochastic rounding because the decay of an int8
 weight is far below one unit (``2**-15`` of it at mu 5, K = 20): nearest or NITI's pseudo-stochastic
@@ -190,7 +190,8 @@ class IntegerUpdate:
             layer.weight_grad_exp = None
 
     def _decay(self, target: torch.Tensor, layer, step: int, mu: int) -> torch.Tensor:
-        """``sround(target / 2**(decay_shift - mu))`` in int32 (see the module docstring)."""
+        """``sround(target / 2**(decay_shift - mu))`` (see the module docstring), in the target's
+        dtype (the C pass) or int32."""
         key = rng.derive_key(self.seed, step, layer.layer_id, rng.STREAM_WEIGHT_DECAY)
         shift = self.decay_shift - mu
         # One C pass where it applies (same bits as shift_round, tests/test_native.py): the
