@@ -32,7 +32,7 @@ from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, flag, option
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
-from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule
+from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
 from intrain.numeric.collective import LOCAL, Collective
@@ -115,12 +115,10 @@ class Niti(Method):
         if options.int8_gemm != "auto" and options.backend not in ("auto", "cpu"):
             raise MethodOptionError(f"--int8-gemm {options.int8_gemm} chooses a path of the cpu backend: leave it out "
                                     f"with --backend {options.backend}")
-        if options.weight_decay_shift is not None:
-            highest = max(mu for schedule in schedules.values() for _, mu in schedule.points)
-            if options.weight_decay_shift <= highest:
-                raise MethodOptionError(f"--weight-decay-shift {options.weight_decay_shift} must exceed every mu of the "
-                                        f"schedule (up to {highest}): the decay would be a whole weight or more "
-                                        f"per step")
+        try:
+            check_decay_shift(options.weight_decay_shift, schedules.values())
+        except ValueError as err:
+            raise MethodOptionError(f"--weight-decay-shift {err}") from None
         fmt = options.fmt
         lowest = -fmt.master_extra_bits if fmt.master_bits is not None else 0
         for name, schedule in schedules.items():

@@ -141,6 +141,17 @@ def apply_sign_update(weight: torch.Tensor, grad: torch.Tensor, bits: int) -> to
     return (weight.to(torch.int32) - step).clamp_(-limit, limit).to(weight.dtype)
 
 
+def check_decay_shift(decay_shift: int | None, schedules) -> None:
+    """``ValueError`` unless the weight decay's ``K`` (``None``: no decay) exceeds every mu of
+    ``schedules``: at ``K <= mu`` the decay would be a whole weight or more per step."""
+    if decay_shift is None:
+        return
+    highest = max(mu for schedule in schedules for _, mu in schedule.points)
+    if decay_shift <= highest:
+        raise ValueError(f"{decay_shift} must exceed every mu of the schedule (up to {highest}): the decay "
+                         f"would be a whole weight or more per step")
+
+
 class IntegerUpdate:
     """Applies the integer update to every weighted layer (anywhere in the model's tree) that has
     a gradient, summed over the processes of ``collective`` first; tensor-ring cores take
@@ -158,11 +169,7 @@ class IntegerUpdate:
         self.core_schedule = core_schedule or mu_schedule
         self.decay_shift = decay_shift
         self.seed = seed
-        if decay_shift is not None:
-            highest = max(mu for schedule in (self.mu_schedule, self.core_schedule) for _, mu in schedule.points)
-            if decay_shift <= highest:
-                raise ValueError(f"a weight decay shift of {decay_shift} must exceed every mu (up to {highest}): "
-                                 f"the decay would be a whole weight or more per step")
+        check_decay_shift(decay_shift, (self.mu_schedule, self.core_schedule))
         self.layers = weighted_layers(model)  # the model's structure is fixed once built
 
     def step(self, epoch: int, within: torch.nn.Module | None = None, step: int = 0) -> None:
