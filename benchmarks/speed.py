@@ -133,9 +133,14 @@ def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed
         options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master)
         model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
         return Dfp16(model, options, seed=seed, total_steps=10**6), model
-    options = NitiOptions(**{"mu_schedule": "0:4", "weight_average": "none", **(niti_options or {})})
+    niti_options = dict(niti_options or {})
+    if niti_options.get("update") == "sgd":  # the float twin's recipe on int32 masters: a rate, no mu
+        niti_options["lr"] = 0.01
+    else:
+        niti_options["mu_schedule"] = "0:4"
+    options = NitiOptions(**{"weight_average": "none", **niti_options})
     model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
-    return Niti(model, options, seed=seed), model
+    return Niti(model, options, seed=seed, total_steps=10**6), model
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
@@ -178,7 +183,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     master = f" ({dfp16_master} masters)" if arith == "dfp16" else ""
     chosen = {k: v for k, v in (niti_options or {}).items() if (k, v) not in
-              (("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None))}
+              (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None))}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -270,6 +275,8 @@ def main() -> None:
     parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",
                         help="with --arith dfp16: int32 master weights and momentum (integer-only, the "
                              "default) or float32 (Das et al.)")
+    parser.add_argument("--update", choices=("niti", "sgd"), default="niti",
+                        help="int8: NITI's update (mu 4) or the float twin's SGD recipe on int32 masters")
     parser.add_argument("--weight-bits", type=int, choices=(8, 16), default=8,
                         help="int8: 16 adds int16 master weights (default: 8)")
     parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
@@ -280,10 +287,14 @@ def main() -> None:
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
-    niti_options = {"weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
+    niti_options = {"update": args.update, "weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
                     "weight_decay_shift": args.weight_decay_shift}
-    if args.arith != "int8" and niti_options != {"weight_bits": 8, "error_rounding": "nearest", "weight_decay_shift": None}:
-        parser.error("--weight-bits, --error-rounding and --weight-decay-shift apply to --arith int8 only")
+    if args.arith != "int8" and niti_options != {"update": "niti", "weight_bits": 8, "error_rounding": "nearest",
+                                                 "weight_decay_shift": None}:
+        parser.error("--update, --weight-bits, --error-rounding and --weight-decay-shift apply to --arith int8 only")
+    if args.update == "sgd" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
+        parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
+                     "--update sgd")
     if args.weight_decay_shift is not None and args.weight_decay_shift <= 4:
         parser.error(f"--weight-decay-shift {args.weight_decay_shift} must exceed the benchmark's mu of 4")
     if args.device == "cuda" and not torch.cuda.is_available():

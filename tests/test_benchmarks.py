@@ -31,6 +31,9 @@ def test_speed_script_times_the_int8_options_of_a_recipe():
                      "--error-rounding", "stochastic", "--weight-decay-shift", "18")
     assert "int8 (weight-bits 16, error-rounding stochastic, weight-decay-shift 18)" in out
     assert "training step   int8" in out
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--update", "sgd",
+                     "--error-rounding", "stochastic")
+    assert "int8 (update sgd, error-rounding stochastic)" in out and "training step   int8" in out
 
 
 def test_native_threads_script_checks_the_same_bits():

@@ -5,7 +5,8 @@ would) train with the same seed and global batch as one process, and the final w
 (``model.pt``), the checkpoint (weights, int16 masters, weight-average sums), ``metrics.csv``
 (without the seconds) and the printed accuracy are compared with the one-process run's: equal,
 for LeNet-5 and a narrow ResNet-18, with stochastic error rounding (its random numbers are keyed
-by element position in the global batch) and, for LeNet-5, integer weight decay (keyed by step).
+by element position in the global batch) and, for LeNet-5, integer weight decay (keyed by step),
+and for LeNet-5 with the SGD update (int32 masters and momentum, the mean over the whole batch).
 The batches are chosen so that the shards are uneven
 and the last batch of every epoch has one image: one process then has an empty shard. A
 two-process run killed with SIGKILL mid-epoch and resumed by one process ends identical too, and
@@ -40,6 +41,8 @@ TIMEOUT = 180
 LENET = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit", "149",
          "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3", "--checkpoint-every", "2",
          "--weight-decay-shift", "9")
+LENET_SGD = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit",
+             "149", "--seed", "5", "--error-rounding", "stochastic", "--update", "sgd", "--lr", "0.1")
 RESNET = ("--dataset", "mnist", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "37",
           "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--weight-bits", "16",
           "--mu-schedule", "0:2")
@@ -74,6 +77,10 @@ def _tensors(run_dir) -> dict[str, torch.Tensor]:
     average = payload.get("weight_average") or {}
     found.update({f"checkpoint/sums/{i}": s for i, s in enumerate(average.get("sums") or [])})
     found["checkpoint/count"] = torch.tensor(average.get("count", -1))
+    sgd = payload.get("sgd_update") or {}
+    for part in ("master", "momentum"):
+        for i, (v, e) in enumerate(sgd.get(part) or []):
+            found[f"checkpoint/{part}/{i}"], found[f"checkpoint/{part}/{i}/exponent"] = v, e
     return found
 
 
@@ -114,6 +121,13 @@ def _check_two_against_one(one_dir, one, two_dir, two) -> None:
 def test_lenet5_two_processes_end_bit_identical_to_one(lenet_one, mnist_dir, tmp_path):
     two = _run(_train_command(LENET, tmp_path / "two", mnist_dir, 2), tmp_path)
     _check_two_against_one(*lenet_one, tmp_path / "two", two)
+
+
+def test_lenet5_with_the_sgd_update_two_processes_end_bit_identical_to_one(mnist_dir, tmp_path):
+    one = _run(_train_command(LENET_SGD, tmp_path / "one", mnist_dir, 1), tmp_path)
+    two = _run(_train_command(LENET_SGD, tmp_path / "two", mnist_dir, 2), tmp_path)
+    _check_two_against_one(tmp_path / "one", one, tmp_path / "two", two)
+    assert any(k.startswith("checkpoint/momentum/") for k in _tensors(tmp_path / "one"))
 
 
 def test_resnet18_two_processes_end_bit_identical_to_one(mnist_dir, tmp_path):

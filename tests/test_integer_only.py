@@ -116,6 +116,21 @@ def test_audit_catches_a_float_operation():
     assert audit.float_ops
 
 
+def test_training_step_with_the_sgd_update_uses_only_integer_tensors():
+    options = NitiOptions(update="sgd", lr=0.05, weight_average="none", error_rounding="stochastic")
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt)
+    trainer = Niti(model, options, seed=0, total_steps=10)
+    x, y = _batch()
+    before = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(model)]
+    with FloatAudit() as audit:
+        trainer.train_step(x, y, step=0, epoch=0)
+        trainer.train_step(x, y, step=1, epoch=0)
+    assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
+    assert any(name.startswith("aten.mul") for name in audit.ops)  # the fixed-point factors
+    assert all(not (torch.equal(w, layer.weight) and torch.equal(e, layer.weight_exp))
+               for (w, e), layer in zip(before, weighted_layers(model)))
+
+
 def test_data_parallel_training_step_uses_only_integer_tensors():
     """A ResNet-18 step split over 3 shards (threads standing for processes, test_shards.ThreadGroup),
     each audited in its own thread (dispatch modes are per thread): the reductions over the

@@ -68,6 +68,10 @@ def test_old_checkpoint_resumes_bit_identical(tmp_path, arith):
 def test_old_checkpoint_refuses_another_methods_option(tmp_path, capsys):
     resumed = tmp_path / "resumed"
     shutil.copytree(FIXTURES / "v0.1-int8", resumed)
+    assert main(["train", "--resume", str(resumed), "--weight-decay", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--weight-decay does not apply to the --arith int8 run" in err
+    # the update's learning rate: that run (NITI's update) had none
     assert main(["train", "--resume", str(resumed), "--lr", "0.1"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--lr does not apply to the --arith int8 run" in err
+    assert err.count("\n") == 1 and "--lr 0.1 conflicts with none recorded" in err

@@ -139,7 +139,7 @@ def test_recipes_give_int8_and_float_their_own_batch_sizes():
 
     int8, flt = default_recipe("mnist", "lenet5", "int8"), default_recipe("mnist", "lenet5", "float")
     assert (int8.batch_size, flt.batch_size) == (256, 64)
-    assert int8.options == {"mu_schedule": "0:5,8:4,14:3"} and int8.epochs == flt.epochs == 20
+    assert int8.options == {"mu_schedule": "0:5,8:4,14:3", "lr": 0.2} and int8.epochs == flt.epochs == 20
     assert flt.options_for(64) == {"lr": 0.05}
     assert default_recipe("digits", "mlp", "int8").batch_size == 32
 
@@ -151,12 +151,22 @@ def test_fashion_mnist_int8_recipe_uses_batch_128():
     assert default_recipe("fashion-mnist", "lenet5", "float").batch_size == 64
 
 
-def test_fashion_lenet5_int8_recipe_rounds_errors_stochastically_with_decaying_int16_masters():
+def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options_for_niti():
+    from intrain.run.config import TrainConfig
     from intrain.run.recipes import default_recipe
-    options = default_recipe("fashion-mnist", "lenet5", "int8").options
+
+    resolved = TrainConfig(dataset="fashion-mnist", model="lenet5").resolved()
+    options = resolved.options
+    assert (options["update"], options["lr"], resolved.batch_size) == ("sgd", 0.1, 128)
+    assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 8, None)
+    assert (options["mu_schedule"], options["weight_average"]) == (None, "none")
+    # NITI's update given on the command line gets the options chosen for it
+    options = TrainConfig(dataset="fashion-mnist", model="lenet5", options={"update": "niti"}).resolved().options
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 16, 18)
+    assert (options["mu_schedule"], options["weight_average"], options["lr"]) == ("0:5,8:4,14:3", "phase", None)
     for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-7")):
-        assert not {"error_rounding", "weight_bits", "weight_decay_shift"} & set(default_recipe(*other, "int8").options)
+        assert not {"update", "error_rounding", "weight_bits", "weight_decay_shift"} & \
+            set(default_recipe(*other, "int8").options)
 
 
 def test_a_log_file_gets_a_progress_line_during_long_epochs(tmp_path, capsys, monkeypatch):

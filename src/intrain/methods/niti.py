@@ -17,6 +17,16 @@ one process training on the whole batch.
 The number format (``numeric.formats``) follows from the options: ``NITI_INT8``, or with
 ``weight_bits=16`` ``NITI_INT8_MASTER16`` (int16 master weights behind the int8 ones, NITI's
 ImageNet setting), with the chosen error rounding.
+
+Two updates (``--update``): NITI's (``niti``, ``methods.update``: no learning rate, each layer's
+largest step ``2**mu`` int8 units, the weight exponent fixed) and the float twin's SGD recipe on
+integers (``sgd``, ``methods.sgd_fixed``: int32 master weights and momentum with exponents,
+Nesterov momentum, weight decay, warm-up and cosine decay of ``--lr``; after each step the int8
+weight is the master rounded to nearest with its own exponent). The forward and backward products
+are the same int8 ones under both. Why ``sgd`` exists: NITI's step is normalised to the layer's
+largest gradient, and the float twin trained with that normalised step scores as the int8 model
+does, below the float recipe (BENCHMARKS.md, issue 17). Options of the other update are refused,
+and the recipe gives only the chosen update's.
 """
 
 from __future__ import annotations
@@ -29,9 +39,10 @@ import torch
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
-from intrain.methods.base import Method, MethodOptionError, flag, option
+from intrain.methods.base import Method, MethodOptionError, flag, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
+from intrain.methods.sgd_fixed import FixedPointSgd
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
@@ -40,6 +51,14 @@ from intrain.numeric.qtensor import QTensor
 
 #: Formats by ``--weight-bits``.
 WEIGHT_BITS = {8: NITI_INT8, 16: NITI_INT8_MASTER16}
+
+#: ``--update``: NITI's integer update, or the float twin's SGD recipe on integers (module docstring).
+UPDATES = ("niti", "sgd")
+#: Options that only NITI's update reads (with their values that mean "not used"), and the SGD
+#: update's; ``Niti.make_options`` drops the recipe's values of the other update's options.
+NITI_UPDATE_OPTIONS = {"mu_schedule": None, "weight_bits": 8, "weight_decay_shift": None, "core_update": "niti",
+                       "core_mu_schedule": None}
+SGD_UPDATE_OPTIONS = {"lr": None}
 
 
 def parse_mu_schedule(text: str) -> str:
@@ -52,6 +71,13 @@ def parse_mu_schedule(text: str) -> str:
 
 @dataclass(frozen=True)
 class NitiOptions:
+    update: str = option(
+        "niti", help="weight update: NITI's ('niti': no learning rate, each layer's largest step 2**mu int8 units) or "
+                     "'sgd' (the float twin's SGD recipe on int32 master weights and momentum, integer-only) "
+                     "(default: from the recipe)", choices=UPDATES)
+    lr: float | None = option(
+        help="--update sgd: peak learning rate (default: from the recipe, the float twin's)", parse=positive_float,
+        metavar="LR")
     mu_schedule: str | None = option(
         help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "
              "its int8 weight by 2**mu steps, with or without int16 masters (with them a negative mu makes "
@@ -84,7 +110,7 @@ class NitiOptions:
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
-                      "ones; 'none' uses the latest weights", choices=WEIGHT_AVERAGES)
+                      "ones; 'none' uses the latest weights (--update sgd: none only)", choices=WEIGHT_AVERAGES)
 
     @property
     def fmt(self) -> NumberFormat:
@@ -99,8 +125,25 @@ class Niti(Method):
     data_parallel = True
 
     @classmethod
+    def make_options(cls, given: dict, recipe_defaults: dict):
+        """As ``Method.make_options``, with the recipe's values of the options the chosen update
+        does not read left out (an update given on the command line overrides the recipe's)."""
+        update = given.get("update") or recipe_defaults.get("update", "niti")
+        unused = NITI_UPDATE_OPTIONS if update == "sgd" else SGD_UPDATE_OPTIONS
+        defaults = {name: value for name, value in recipe_defaults.items() if name not in unused}
+        if update == "sgd":
+            defaults["weight_average"] = "none"
+        return super().make_options(given, defaults)
+
+    @classmethod
     def check_options(cls, options: NitiOptions) -> None:
         super().check_options(options)
+        if options.update == "sgd":
+            cls._check_sgd_options(options)
+            return
+        if options.lr is not None:
+            raise MethodOptionError("--lr sets the learning rate of --update sgd: NITI's update has none (its step "
+                                    "size is --mu-schedule); leave it out or add --update sgd")
         if options.mu_schedule is None:
             raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
         schedules = {}
@@ -127,6 +170,22 @@ class Niti(Method):
                                         + ("more master bits" if lowest else "--weight-bits 16 (sub-step updates)"))
 
     @classmethod
+    def _check_sgd_options(cls, options: NitiOptions) -> None:
+        for name, unused in NITI_UPDATE_OPTIONS.items():
+            if getattr(options, name) != unused:
+                raise MethodOptionError(f"{flag(name)} applies to NITI's update: leave it out with --update sgd "
+                                        f"(int32 master weights, the step size is --lr)")
+        if options.weight_average != "none":
+            raise MethodOptionError(f"--weight-average {options.weight_average} sums int8 weights of one exponent, "
+                                    f"and --update sgd changes the exponent every step: use --weight-average none")
+        try:  # the update reads the learning rate as the exact rational of its binary64 value
+            positive = options.lr is not None and options.lr.as_integer_ratio()[0] > 0
+        except (OverflowError, ValueError):  # infinite or not a number
+            positive = False
+        if not positive:
+            raise MethodOptionError(f"--update sgd needs a positive --lr, got {options.lr}")
+
+    @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
                     width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
         backend = options.backend
@@ -149,13 +208,17 @@ class Niti(Method):
                  collective: Collective = LOCAL) -> None:
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
+        self.average = WeightAverage(model) if options.weight_average != "none" else None
+        if options.update == "sgd":
+            self.sgd = FixedPointSgd(model, self.fmt, options.lr, total_steps, collective)
+            return
+        self.sgd = None
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
         self.core_schedule = (self.mu_schedule if options.core_mu_schedule is None
                               else MuSchedule.parse(options.core_mu_schedule))
         self.update = IntegerUpdate(model, self.mu_schedule, collective, core_rule=options.core_update,
                                     core_schedule=self.core_schedule, decay_shift=options.weight_decay_shift,
                                     seed=seed)
-        self.average = WeightAverage(model) if options.weight_average != "none" else None
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int, sample_offset: int = 0) -> QTensor:
@@ -166,13 +229,19 @@ class Niti(Method):
         # reads nothing but its own gradient and weight, so the order changes no bit), which
         # frees the gradients one by one: ResNet-18's would otherwise all be alive at once, 42.6 MiB
         # of int32 at width 1 (``python benchmarks/speed.py --model resnet18``, peak memory).
-        ctx = StepContext(self.seed, step, sample_offset, self.collective,
-                          gradient_ready=lambda layer: self.update.step(epoch, within=layer, step=step))
+        if self.sgd is not None:
+            batch = y.shape[0]
+            if self.collective.world > 1:  # the gradient is the whole batch's: the mean divides by its size
+                batch = int(self.collective.sum(torch.tensor(batch, dtype=torch.int64, device=y.device)))
+            update = lambda within=None: self.sgd.step(step, batch, within=within)
+        else:
+            update = lambda within=None: self.update.step(epoch, within=within, step=step)
+        ctx = StepContext(self.seed, step, sample_offset, self.collective, gradient_ready=update)
         logits = self.model(x, ctx)
         error = cross_entropy_grad(logits, y, self.seed, step, self.fmt, sample_offset=sample_offset,
                                    collective=self.collective)
         self.model.backward(error, ctx)
-        self.update.step(epoch, step=step)  # layers no container reported
+        update()  # layers no container reported
         if self.average is not None:
             self.average.accumulate()
         return logits
@@ -184,7 +253,7 @@ class Niti(Method):
 
     def begin_epoch(self, epoch: int) -> None:
         """Restarts the weight sums every epoch ("epoch") or when mu changes ("phase")."""
-        if self.average is None:
+        if self.average is None:  # always with --update sgd: no mu
             return
         changed = any(mu(epoch) != mu(epoch - 1) for mu in (self.mu_schedule, self.core_schedule))
         if self.options.weight_average == "epoch" or epoch == 0 or changed:
@@ -192,10 +261,16 @@ class Niti(Method):
 
     def state_dict(self) -> dict:
         # The integer path draws its random numbers from the counter-based generator keyed by
-        # (seed, step, layer): no generator state to keep, only the weight sums.
-        return {"weight_average": None if self.average is None else self.average.state_dict()}
+        # (seed, step, layer): no generator state to keep, only the weight sums (or the SGD
+        # update's masters and momentum).
+        return {"weight_average": None if self.average is None else self.average.state_dict(),
+                "sgd_update": None if self.sgd is None else self.sgd.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.sgd is not None:
+            if state.get("sgd_update") is None:
+                raise ValueError("no master weights and momentum of --update sgd")
+            self.sgd.load_state_dict(state["sgd_update"])
         if self.average is not None:
             if state.get("weight_average") is None:
                 raise ValueError("no weight average state")

@@ -1,4 +1,5 @@
-"""The float twin's SGD recipe on integers: int32 master weights and momentum with exponents.
+"""The float twin's SGD recipe on integers: int32 master weights and momentum with exponents
+(DFP16's update, and NITI's ``--update sgd``).
 
 The float twin (``methods.float_twin``) trains with SGD, Nesterov momentum ``MOMENTUM``, weight
 decay ``WEIGHT_DECAY``, linear warm-up over ``warmup_length(total)`` steps and cosine decay to 0
@@ -14,8 +15,13 @@ from max ``|v|`` after every operation, ``numeric.wide``). Every factor (``1/N``
 ``lr_t``) is a fixed-point scalar ``(f, e)`` with ``2**30 <= f < 2**31`` (``fixed``), so every
 product ``v * f`` is exact in int64 (``< 2**62``) and rounded once (nearest) to 31 bits, and
 every sum is aligned and rounded once (``numeric.wide.add``): each operation's relative error is
-at most ``2**-30``. After the update the layer's int16 weight is ``W`` rounded (nearest) to
-DFP16, with its new exponent.
+at most ``2**-30``. After the update the layer's weight is ``W`` rounded (nearest) to the
+format's width (int16 for DFP16, int8 for NITI), with its new exponent.
+
+Data parallel (``collective`` of several processes, NITI's): every exponent of a step is the same
+in every process (``layers.base``), so the processes' exact shard gradients share one exponent
+and their int64 sum (``Collective.sum``: exact, order-free) is the whole batch's gradient, bit for
+bit; the update then runs on it identically in every process.
 
 Where the factors come from: the hyper-parameters are the float twin's numbers (``--lr``,
 ``MOMENTUM``, ``WEIGHT_DECAY``), read once when the update is built as the exact rationals their
@@ -30,6 +36,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.float_twin import MOMENTUM, WEIGHT_DECAY, warmup_length
 from intrain.numeric.formats import NumberFormat
 from intrain.numeric.qtensor import QTensor
@@ -93,8 +100,10 @@ class FixedPointSgd:
     """The integer-only SGD update of every weighted layer of ``model`` (see the module
     docstring), with peak learning rate ``lr`` (a positive float, read as its exact rational)."""
 
-    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int,
+                 collective: Collective = LOCAL) -> None:
         self.layers = weighted_layers(model)
+        self.collective = collective
         self.fmt = fmt
         self.lr = lr.as_integer_ratio()
         self.total_steps = total_steps
@@ -111,16 +120,20 @@ class FixedPointSgd:
 
     @torch.no_grad()
     def step(self, step: int, batch: int, within=None) -> None:
-        """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples, or only
-        the layer ``within`` (called as backward finishes each layer: a layer's update reads only
-        its own gradient, master and momentum, so the order changes no bit); each gradient is
-        freed once used."""
+        """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples (over all
+        processes), or only the layers in ``within`` (called as backward finishes each layer: a
+        layer's update reads only its own gradient, master and momentum, so the order changes no
+        bit); each gradient is freed once used."""
         per_sample = fixed(1, batch)
         lr_f, lr_e = self.lr_factor(step)
+        chosen = None if within is None else {id(layer) for layer in weighted_layers(within)}
         for i, layer in enumerate(self.layers):
-            if layer.weight_grad is None or (within is not None and layer is not within):
+            if layer.weight_grad is None or (chosen is not None and id(layer) not in chosen):
                 continue
-            grad = wide.scale(wide.requantize(layer.weight_grad, layer.weight_grad_exp), per_sample)
+            grad = layer.weight_grad
+            if self.collective.world > 1:
+                grad = self.collective.sum(grad.to(torch.int64))
+            grad = wide.scale(wide.requantize(grad, layer.weight_grad_exp), per_sample)
             g = wide.add(grad, wide.scale(self.master[i], self.decay))
             self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
             u = wide.add(g, wide.scale(self.velocity[i], self.momentum))

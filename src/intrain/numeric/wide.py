@@ -1,5 +1,6 @@
 """Wide dynamic fixed point: int32 values with one power-of-two exponent per tensor, the master
-weights and momentum of DFP16's integer-only update (``methods.sgd_fixed``).
+weights and momentum of the integer-only SGD update (``methods.sgd_fixed``: DFP16's, NITI's
+``--update sgd``).
 
 A wide tensor is a ``QTensor`` whose values are int32 with ``|v| <= 2**31 - 1``. Each operation
 computes its exact result in int64 and rounds it once, to nearest (ties away from zero), to 31

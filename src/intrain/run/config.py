@@ -127,6 +127,8 @@ class TrainConfig:
                 # Saved before --core-update existed: those runs updated every core with NITI's rule
                 # and the one mu schedule (the tr-lstm recipe now says otherwise).
                 options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
+            if config.arith == "int8":
+                options.setdefault("update", "niti")  # saved before --update existed: NITI's was the only one
             return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
@@ -135,6 +137,9 @@ class TrainConfig:
             from intrain.methods.update import MuSchedule
 
             options["mu_schedule"] = str(MuSchedule.parse(options["mu_schedule"]).shifted(-8))
+        if config.arith == "int8":  # the flat dict's lr is the float twin's: 0.1 had NITI's update only
+            options.pop("lr", None)
+            options["update"] = "niti"
         return replace(config, options=options)
 
 

@@ -56,8 +56,9 @@ def resume_config(payload: dict, run_dir: Path, given: dict | None = None) -> Tr
                                   "in its own directory; leave --out out")
         elif name in saved.options or name in method.option_names():
             if value != saved.options.get(name):
-                raise ConfigError(f"{flag(name)} {value} conflicts with {saved.options.get(name)} recorded in "
-                                  f"{path}: leave it out when resuming (a resumed run keeps its options)")
+                recorded = "none" if saved.options.get(name) is None else saved.options.get(name)
+                raise ConfigError(f"{flag(name)} {value} conflicts with {recorded} recorded in {path}: "
+                                  "leave it out when resuming (a resumed run keeps its options)")
         elif name == "options" or not hasattr(saved, name):
             raise ConfigError(f"{flag(name)} does not apply to the --arith {saved.arith} run in {run_dir}: "
                               "leave it out when resuming")
