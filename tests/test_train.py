@@ -157,7 +157,7 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
 
     resolved = TrainConfig(dataset="fashion-mnist", model="lenet5").resolved()
     options = resolved.options
-    assert (options["update"], options["lr"], resolved.batch_size) == ("sgd", 0.1, 128)
+    assert (options["update"], options["lr"], resolved.batch_size) == ("sgd", 0.14, 128)
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 8, None)
     assert (options["mu_schedule"], options["weight_average"]) == (None, "none")
     # NITI's update given on the command line gets the options chosen for it
