@@ -11,6 +11,9 @@ int8 runs evaluate and save the mean weights of the current mu phase (``--weight
 published schedule (mu 5, then 4 from epoch 100, then 3 from epoch 150, 200 epochs, batch 256).
 The float learning rate is 0.05 at batch 64 and scales linearly with the batch size (the usual
 linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps a sound recipe.
+Some int8 recipes replace NITI's update by that SGD recipe on integer masters (``--update sgd``,
+``_INT8_OPTIONS_BY_MODEL``): they train at the int8 batch size with the float rate scaled to it,
+or with their own rate, and without weight averaging.
 """
 
 from __future__ import annotations
