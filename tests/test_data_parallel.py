@@ -44,8 +44,8 @@ LENET = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-si
 LENET_SGD = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit",
              "149", "--seed", "5", "--error-rounding", "stochastic", "--update", "sgd", "--lr", "0.1")
 RESNET = ("--dataset", "mnist", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "37",
-          "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--weight-bits", "16",
-          "--mu-schedule", "0:2")
+          "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--update", "niti",
+          "--weight-bits", "16", "--mu-schedule", "0:2")
 
 
 @pytest.fixture(scope="module")

@@ -227,7 +227,8 @@ def test_resnet18_recipe():
 
     int8, flt = default_recipe("mnist", "resnet18", "int8"), default_recipe("mnist", "resnet18", "float")
     assert (int8.epochs, int8.batch_size, flt.epochs, flt.batch_size) == (10, 64, 10, 64)
-    assert int8.options == {"mu_schedule": "0:1,4:0", "weight_average": "none", "lr": 0.05}
+    assert int8.options == {"mu_schedule": "0:1,4:0", "weight_average": "none", "lr": 0.05, "update": "sgd"}
+    assert default_recipe("fashion-mnist", "resnet18", "int8").options.get("update") is None  # not measured there
     assert default_recipe("fashion-mnist", "resnet18", "int8").epochs == 15
     # the other models keep their dataset's numbers
     assert default_recipe("mnist", "lenet5", "int8").batch_size == 256

@@ -124,11 +124,16 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # update with stochastic error rounding 90.14 / 89.94 / 90.24 (mean 90.11, gap to float 0.38)
 # against NITI's 89.64 / 89.64 / 89.56 (mean 89.61) and NITI's with the LeNet-5 options above
 # 89.44 / 89.48 / 89.60.
+# ResNet-18 (width 0.25) on MNIST, one epoch of 6,000 images, evaluated on 5,000 carved from the
+# training images (``--val-split 5000 --train-limit 6000``, batch 64, the test split unseen): the
+# SGD update at the float twin's rate 0.05 reached 96.02 / 96.52 % (seeds 0-1) against 90.36 /
+# 92.92 % with NITI's update at mu 1 (the recipe's) and 97.30 % for the float twin (seed 0).
 # Other models keep NITI's until they are measured the same way.
 _INT8_OPTIONS_BY_MODEL = {
     ("fashion-mnist", "lenet5"): {"update": "sgd", "lr": 0.14, "error_rounding": "stochastic", "weight_bits": 16,
                                   "weight_decay_shift": 18},
     ("fashion-mnist", "mlp"): {"update": "sgd", "error_rounding": "stochastic"},
+    ("mnist", "resnet18"): {"update": "sgd"},
 }
 
 
