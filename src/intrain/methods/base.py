@@ -201,7 +201,8 @@ def add_option_arguments(parser: argparse.ArgumentParser, methods: dict[str, typ
     for name, f in specs.items():
         meta = f.metadata
         which = " and ".join(f"--arith {m}" for m in owners[name])
-        default = "" if f.default in (None, MISSING) else f" (default: {f.default})"
+        # a help that states its default itself (e.g. "from the recipe, else ...") is not repeated
+        default = "" if f.default in (None, MISSING) or "(default:" in meta["help"] else f" (default: {f.default})"
         kwargs = dict(help=f"{which} only: {meta['help']}{default}", default=None)
         if meta.get("choices") is not None:
             kwargs["choices"] = meta["choices"]

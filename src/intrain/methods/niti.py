@@ -74,7 +74,7 @@ class NitiOptions:
     update: str = option(
         "niti", help="weight update: NITI's ('niti': no learning rate, each layer's largest step 2**mu int8 units) or "
                      "'sgd' (the float twin's SGD recipe on int32 master weights and momentum, integer-only) "
-                     "(default: from the recipe)", choices=UPDATES)
+                     "(default: from the recipe, else niti)", choices=UPDATES)
     lr: float | None = option(
         help="--update sgd: peak learning rate (default: from the recipe, the float twin's)", parse=positive_float,
         metavar="LR")
