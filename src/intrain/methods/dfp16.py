@@ -39,7 +39,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
 from intrain.methods.float_master import FloatMasterSgd
 from intrain.methods.loss import cross_entropy_grad
-from intrain.methods.sgd_fixed import FixedPointSgd
+from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
 from intrain.models import build_int_model
 from intrain.numeric.formats import ACCUMULATORS, DFP16, ERROR_ROUNDINGS, NumberFormat
 from intrain.numeric.qtensor import QTensor
@@ -97,11 +97,7 @@ class Dfp16(Method):
     @classmethod
     def check_options(cls, options: Dfp16Options) -> None:
         super().check_options(options)
-        try:  # the update reads the learning rate as the exact rational of its binary64 value
-            positive = options.lr is not None and options.lr.as_integer_ratio()[0] > 0
-        except (OverflowError, ValueError):  # infinite or not a number
-            positive = False
-        if not positive:
+        if not usable_rate(options.lr):
             raise MethodOptionError(f"--lr must be a positive number, got {options.lr}")
         if options.dfp16_chunk < 1:
             raise MethodOptionError(f"--dfp16-chunk must be 1 or more, got {options.dfp16_chunk}")

@@ -42,7 +42,7 @@ from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, flag, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
-from intrain.methods.sgd_fixed import FixedPointSgd
+from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
@@ -178,11 +178,7 @@ class Niti(Method):
         if options.weight_average != "none":
             raise MethodOptionError(f"--weight-average {options.weight_average} sums int8 weights of one exponent, "
                                     f"and --update sgd changes the exponent every step: use --weight-average none")
-        try:  # the update reads the learning rate as the exact rational of its binary64 value
-            positive = options.lr is not None and options.lr.as_integer_ratio()[0] > 0
-        except (OverflowError, ValueError):  # infinite or not a number
-            positive = False
-        if not positive:
+        if not usable_rate(options.lr):
             raise MethodOptionError(f"--update sgd needs a positive --lr, got {options.lr}")
 
     @classmethod

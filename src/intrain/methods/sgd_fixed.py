@@ -84,6 +84,15 @@ def cos_pi(a: int, b: int) -> int:
     return total
 
 
+def usable_rate(lr: float | None) -> bool:
+    """Whether ``lr`` can be the update's peak learning rate: a positive, finite number (the update
+    reads it as the exact rational of its binary64 value)."""
+    try:
+        return lr is not None and lr.as_integer_ratio()[0] > 0
+    except (OverflowError, ValueError):  # infinite or not a number
+        return False
+
+
 def schedule_fraction(step: int, total_steps: int, warmup: int) -> tuple[int, int]:
     """The float twin's schedule ``lr_at(step) / base_lr`` as an exact rational (num, den): linear
     warm-up ``(step + 1) / warmup``, then ``(1 + cos(pi * p)) / 2`` with ``p = (step - warmup) /

@@ -110,7 +110,7 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 #   rate 0.14: tuning accuracy 91.46 / 91.60 / 91.40 / 91.38 / 91.62 on seeds 0-4 (mean 91.49, the
 #   float twin's) against NITI's update with the options below 91.32 / 91.14 / 90.90 / 90.50 /
 #   91.26 (mean 91.02); means of other rates at batch 128: 0.07 91.21, 0.1 (the float twin's 0.05
-#   scaled linearly) 91.46, 0.2 LR20M; at batch 64 and 0.05 91.22, at 256 and 0.2 90.97; nearest
+#   scaled linearly) 91.46, 0.2 91.03; at batch 64 and 0.05 91.22, at 256 and 0.2 90.97; nearest
 #   error rounding (batch 64, seeds 0-1) no better than stochastic;
 # - stochastic error rounding ended 0.20, 0.10 and 0.40 points above nearest on seeds 0-2 (an
 #   earlier session; gap to float 0.42 / 1.10 / 0.76 against 0.62 / 1.20 / 1.16);
