@@ -44,3 +44,17 @@ def test_native_threads_script_checks_the_same_bits():
     for kernel in ("max |a|, int64", "nearest int64 -> int16", "NITI update int32 -> int8", "2x2 max pool int8",
                    "int16 product from halves"):
         assert kernel in out
+
+
+def test_bn_statistics_script_rebuilds_running_statistics(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "intrain", "train", "--dataset", "digits", "--model", "resnet18",
+                           "--width", "0.125", "--epochs", "1", "--out", str(run)], capture_output=True, text=True,
+                          timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = run_script("bn_statistics.py", "--run", str(run), "--shifts", "1,2", "--repeats", "2")
+    saved = float(out.split("saved running statistics")[1].split("%")[0])
+    assert saved == float(done.stdout.strip().splitlines()[-1].split("=")[1])  # the run's own eval figure
+    for shift in (1, 2):
+        assert f"shift {shift} (window ~" in out and "spread" in out

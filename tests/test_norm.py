@@ -131,6 +131,13 @@ def test_running_statistics_for_evaluation_and_checkpoints():
     assert torch.equal(IntBatchNorm(6).eval()(x).v, train_out.v)
 
 
+def test_running_statistics_momentum_is_a_setting():
+    bn = IntBatchNorm(1, momentum_shift=1).train()
+    bn(QTensor.of(torch.tensor([[0], [16]], dtype=torch.int8), 0))    # mean 8 sets them
+    bn(QTensor.of(torch.tensor([[80], [96]], dtype=torch.int8), 0))   # mean 88: half of the way
+    assert int(bn.running_mean[0]) == 48 << 16
+
+
 def test_running_statistics_move_by_an_eighth():
     bn = IntBatchNorm(1).train()
     first = QTensor.of(torch.tensor([[0], [16]], dtype=torch.int8), 0)    # mean 8
@@ -228,8 +235,8 @@ def test_resnet18_recipe():
     int8, flt = default_recipe("mnist", "resnet18", "int8"), default_recipe("mnist", "resnet18", "float")
     assert (int8.epochs, int8.batch_size, flt.epochs, flt.batch_size) == (10, 64, 10, 64)
     assert int8.options == {"mu_schedule": "0:1,4:0", "weight_average": "none", "lr": 0.05, "update": "sgd"}
-    assert default_recipe("fashion-mnist", "resnet18", "int8").options.get("update") is None  # not measured there
-    assert default_recipe("fashion-mnist", "resnet18", "int8").epochs == 15
+    fashion = default_recipe("fashion-mnist", "resnet18", "int8")
+    assert (fashion.epochs, fashion.options["update"], fashion.options["lr"]) == (15, "sgd", 0.05)
     # the other models keep their dataset's numbers
     assert default_recipe("mnist", "lenet5", "int8").batch_size == 256
     assert default_recipe("mnist", "lenet5", "int8").options == {"mu_schedule": "0:5,8:4,14:3", "lr": 0.2}

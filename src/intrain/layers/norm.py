@@ -69,7 +69,9 @@ averages are shifted into the new frame first (exact left shift, or nearest righ
 are buffers, so checkpoints and ``model.pt`` keep them. They follow the latest weights, so mean
 weights over many steps (``methods.averaging``) do not match them: ResNet-18's recipe turns
 weight averaging off (``run.recipes``). Batch statistics at evaluation would make each
-prediction depend on the other images of its batch and on the batch size (BENCHMARKS.md). At
+prediction depend on the other images of its batch and on the batch size (BENCHMARKS.md). Longer
+averages (momentum 1/32 to 1/128) measured no better than 1/8: the same mean accuracy and the same
+spread between random batch orders (``python benchmarks/bn_statistics.py``). At
 evaluation the averages are shifted into the frame of the batch's input and used as
 above, with ``std_G`` floored at one unit of the input. The counts must satisfy
 ``M <= MAX_COUNT = 2**22`` (all int64 bounds above assume it; ImageNet's stem at batch 256 has
@@ -94,7 +96,8 @@ GUARD_BITS = 16
 SCALE_BITS = 18
 #: The output covers +-2**RANGE_BITS standard deviations.
 RANGE_BITS = 3
-#: Running averages move by 2**-MOMENTUM_SHIFT of the difference each training batch.
+#: Running averages move by 2**-MOMENTUM_SHIFT of the difference each training batch; longer
+#: averages measured no better: ``python benchmarks/bn_statistics.py --run DIR`` (BENCHMARKS.md).
 MOMENTUM_SHIFT = 3
 #: Largest count of positions per channel (batch x height x width, all processes) for which the
 #: int64 bounds hold.
@@ -170,10 +173,11 @@ def _channel_sums_and_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor
 class IntBatchNorm(IntModule):
     """Per-channel integer normalisation of ``[N, C, ...]`` inputs (see the module docstring)."""
 
-    def __init__(self, channels: int, fmt: NumberFormat = NITI_INT8) -> None:
+    def __init__(self, channels: int, fmt: NumberFormat = NITI_INT8, momentum_shift: int = MOMENTUM_SHIFT) -> None:
         super().__init__()
         self.channels = channels
         self.fmt = fmt
+        self.momentum_shift = momentum_shift
         self.fraction_bits = fmt.bits - 1 - RANGE_BITS
         self.register_buffer("running_mean", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("running_std", torch.zeros(channels, dtype=torch.int64))
@@ -243,7 +247,7 @@ class IntBatchNorm(IntModule):
         first = self.batches_tracked == 0
         for running, batch in ((self.running_mean, mean_g), (self.running_std, std_g)):
             old = _to_frame(running, self.stats_exp - frame)
-            moved = old + shift_round(batch - old, MOMENTUM_SHIFT, "nearest")
+            moved = old + shift_round(batch - old, self.momentum_shift, "nearest")
             running.copy_(torch.where(first, batch, moved))
         self.stats_exp.copy_(frame)
         self.batches_tracked += 1

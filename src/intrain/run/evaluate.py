@@ -15,6 +15,7 @@ run's ``--workers``; the result is the same for any number).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -86,7 +87,23 @@ def _check_config(run_dir: Path, cfg: dict, saved: dict) -> None:
                       f"{run_dir / 'model.pt'}")
 
 
-def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) -> dict:
+@dataclass
+class LoadedRun:
+    """A saved run's trained model with what evaluating it takes (see ``load_run``)."""
+
+    config: dict
+    method: type
+    model: torch.nn.Module
+    splits: object  # data.Splits: the training split and the eval split chosen
+    mean: tuple | None  # the run's integer channel mean
+    batch_size: int
+    device: str
+    workers: int
+
+
+def load_run(run_dir: Path, dataset=None, data_dir=None, val_split=None, batch_size=None, workers=None) -> LoadedRun:
+    """The run's model (in eval mode) loaded from ``model.pt``, its data splits and evaluation
+    settings: the run's unless overridden (see the module docstring)."""
     cfg = read_config(run_dir)
     saved = read_model(run_dir)
     _check_config(run_dir, cfg, saved)
@@ -128,7 +145,14 @@ def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) 
         raise ConfigError(f"{run_dir / 'model.pt'} does not fit the model in {run_dir / 'config.json'} ({first})") from None
     model.eval()
     workers = int(cfg.get("workers") or 0) if workers is None else workers
-    preds = predictions(model, method, splits.eval, mean, bs, device, workers)
+    return LoadedRun(cfg, method, model, splits, mean, bs, device, workers)
+
+
+def _evaluate(run_dir: Path, dataset, data_dir, val_split, batch_size, workers) -> dict:
+    run = load_run(run_dir, dataset, data_dir, val_split, batch_size, workers)
+    cfg, splits, classes, bs = run.config, run.splits, int(run.config["num_classes"]), run.batch_size
+    name = cfg["dataset"] if dataset is None else dataset
+    preds = predictions(run.model, run.method, splits.eval, run.mean, bs, run.device, run.workers)
     matrix = confusion_matrix(splits.eval.labels, preds, classes)
     correct = sum(matrix[i][i] for i in range(classes))
     result = dict(run=str(run_dir), dataset=name, model=cfg["model"], arith=cfg["arith"],

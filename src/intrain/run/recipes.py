@@ -128,6 +128,9 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # training images (``--val-split 5000 --train-limit 6000``, batch 64, the test split unseen): the
 # SGD update at the float twin's rate 0.05 reached 96.02 / 96.52 % (seeds 0-1) against 90.36 /
 # 92.92 % with NITI's update at mu 1 (the recipe's) and 97.30 % for the float twin (seed 0).
+# ResNet-18 (width 0.25) on Fashion-MNIST, 3 epochs of 20,000 images, evaluated on the tuning split
+# (``--val-split 10000 --tune-split 5000 --train-limit 20000 --epochs 3``, batch 64): the SGD
+# update at rate 0.05 90.80 / 90.50 % (seeds 0-1) against NITI's update (mu 1) 86.16 / 85.28 %.
 # VGG-small-7 width 0.25 on Fashion-MNIST (tuning split, 20 epochs, seed 0): the SGD update at
 # batch 128 and rate 0.1 93.20 % against NITI's 93.30 % and float 93.40 %: it keeps NITI's.
 # Other models keep NITI's until they are measured the same way.
@@ -136,6 +139,7 @@ _INT8_OPTIONS_BY_MODEL = {
                                   "weight_decay_shift": 18},
     ("fashion-mnist", "mlp"): {"update": "sgd", "error_rounding": "stochastic"},
     ("mnist", "resnet18"): {"update": "sgd"},
+    ("fashion-mnist", "resnet18"): {"update": "sgd"},
 }
 
 
