@@ -7,6 +7,14 @@ position (int8, one per output value). Backward places the error at that arg-max
 elsewhere (and in the dropped rows and columns). Values, dtypes and exponents pass through unchanged.
 On contiguous CPU tensors both directions run as one C pass each (``numeric.native``; the code
 below stays the reference and the path elsewhere, ``tests/test_native.py`` compares the two).
+
+After a ReLU (``masks_relu``, set by ``layers.sequential``) the pooling also applies the ReLU's
+derivative, so that the ReLU need not keep its full-size output: the error routed to a window's
+arg-max is kept where the pooled value is positive and zeroed where it is 0. Exact: the window
+holds ReLU outputs (``>= 0``); a positive maximum sits where the ReLU's input was positive
+(derivative 1); a zero maximum means every input of the window was ``<= 0`` (derivative 0 at
+the first position, where the error goes). The pooled output it keeps for this is the tensor the
+next layer (a convolution or linear layer) keeps as its input, so it costs nothing there.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ class IntMaxPool2d(IntModule):
         self.kernel_size = int(kernel_size)
         self._argmax: torch.Tensor | None = None
         self._input_hw: tuple[int, int] | None = None
+        #: Set when the layer before is a ReLU whose mask this layer applies (module docstring).
+        self.masks_relu = False
+        self._output: torch.Tensor | None = None
 
     def _positions(self, v: torch.Tensor):
         """The k*k strided views of ``v``, one per position in the window, in row-major order."""
@@ -37,6 +48,7 @@ class IntMaxPool2d(IntModule):
             maxima, argmax = pooled
             if self.training:
                 self._argmax, self._input_hw = argmax, tuple(x.v.shape[2:])
+                self._output = maxima if self.masks_relu else None
             return QTensor(maxima, x.e)
         # Elementwise maxima of strided views: much faster than a reduction over the window axes.
         views = self._positions(x.v)
@@ -52,12 +64,18 @@ class IntMaxPool2d(IntModule):
                 argmax.add_(1).mul_(views[position] != maxima)
             self._argmax = argmax
             self._input_hw = tuple(x.v.shape[2:])
-        return QTensor(maxima.contiguous(), x.e)
+        maxima = maxima.contiguous()
+        if self.training:
+            self._output = maxima if self.masks_relu else None
+        return QTensor(maxima, x.e)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         argmax, self._argmax = self._argmax, None
         if argmax is None:
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
+        output, self._output = self._output, None
+        if self.masks_relu:  # the ReLU's derivative at each arg-max: 1 where the maximum is positive
+            d = QTensor(d.v * output.clamp(max=1).to(d.v.dtype), d.e)
         routed = native.max_pool_backward(d.v, argmax, self._input_hw, self.kernel_size)
         if routed is not None:
             return QTensor(routed, d.e)
@@ -68,7 +86,7 @@ class IntMaxPool2d(IntModule):
         return QTensor(routed, d.e)
 
     def clear_saved(self) -> None:
-        self._argmax = None
+        self._argmax = self._output = None
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}"

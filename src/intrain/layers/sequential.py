@@ -2,14 +2,17 @@
 
 Backward runs from the last layer down to the first layer that has a weight; that layer computes
 its weight gradient only (no error below it is needed), so the first layer skips error
-back-propagation, and the layers before it (input-side reshapes) are not visited.
+back-propagation, and the layers before it (input-side reshapes) are not visited. A ReLU followed
+by a max pooling hands its mask to the pooling (``layers.pooling``), so it keeps nothing.
 """
 
 from __future__ import annotations
 
 import torch
 
+from intrain.layers.activation import IntReLU
 from intrain.layers.base import IntModule, StepContext, number_layers, weighted_layers
+from intrain.layers.pooling import IntMaxPool2d
 from intrain.numeric.qtensor import QTensor
 
 
@@ -18,6 +21,11 @@ class IntSequential(IntModule):
         super().__init__()
         self.layers = torch.nn.ModuleList(layers)
         number_layers(self)
+        for before, after in zip(layers, layers[1:]):
+            if isinstance(before, IntReLU) and isinstance(after, IntMaxPool2d):
+                # the pooling masks the error for the ReLU, which then keeps nothing (same bits,
+                # ``layers.pooling``); valid because backward here visits them one after the other
+                before.mask_applied_by_next = after.masks_relu = True
 
     @property
     def has_weight(self) -> bool:
