@@ -5,7 +5,8 @@ Prints, per model, the median time of a whole training step (integer, float32, a
 under bf16 autocast) and the ratios, per-layer forward+backward times, and for int8 and float32
 the bytes a step keeps alive between forward and update (weights, optimizer state, weight
 gradients, tensors saved for backward: "held") and the peak of all tensor memory alive during
-one step, temporaries included ("peak"; on CPU from the PyTorch profiler's memory timeline).
+one step, weights, optimizer state and temporaries included ("peak"; on CPU from the PyTorch
+profiler's memory timeline, which is made from the building of the model on).
 Machines here are noisy, so all sides are measured alternately in the same process and only
 ratios are meant to be compared. On a GPU (``--device cuda``) every timed call ends with a device synchronisation.
 
@@ -88,15 +89,19 @@ def _weight_grad_bytes_int(model, x, y, seed, fmt) -> int:
     return total
 
 
-def _peak_live_bytes(step) -> int:
-    """Peak of the tensor memory alive during one call of ``step`` on CPU (everything PyTorch's
-    CPU allocator holds for tensors the step can reach or makes: weights, optimizer state, saved
-    activations and every temporary), from the PyTorch profiler's memory timeline."""
-    step()
+def _peak_live_bytes(make_step) -> int:
+    """Peak of the tensor memory alive during a training step on CPU: everything PyTorch's CPU
+    allocator holds for the model, the method's state, saved activations and every temporary,
+    from the PyTorch profiler's memory timeline. The profile starts before ``make_step()`` builds
+    the model and trainer and covers two steps after it: the timeline knows only the memory
+    allocated inside it, so starting later would leave out the weights and optimizer state and
+    count a tensor the step replaces (an update written to a new tensor) without its release."""
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                     profile_memory=True, record_shapes=True, with_stack=True) as prof:
+            step = make_step()
+            step()
             step()
         path = os.path.join(folder, "timeline.json")
         prof.export_memory_timeline(path, device="cpu")
@@ -154,25 +159,25 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     labels = torch.randint(0, 10, (batch,), generator=gen).to(device)
     x_float = (pixels.to(torch.float32) / 128).to(device)
 
-    int_trainer, int_model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device,
-                                              niti_options)
-    x_int = type(int_trainer).network_input(QTensor.of(pixels.to(device), -7))
-    torch.manual_seed(seed)
-    float_model = build_float_model(model_name, shape, 10).to(device)
-    float_trainer = FloatTwin(float_model, FloatOptions(lr=0.01), total_steps=(1) * (10**6))
+    def make_int_step():
+        trainer, model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device, niti_options)
+        x = type(trainer).network_input(QTensor.of(pixels.to(device), -7))
+        steps = iter(range(10**9))
+        return trainer, model, x, lambda: trainer.train_step(x, labels, next(steps), 0)
 
-    step = [0]
+    def make_float_step():
+        torch.manual_seed(seed)
+        model = build_float_model(model_name, shape, 10).to(device)
+        trainer = FloatTwin(model, FloatOptions(lr=0.01), total_steps=10**6)
+        steps = iter(range(10**9))
+        return trainer, model, lambda: trainer.train_step(x_float, labels, next(steps), 0)
 
-    def int_step():
-        int_trainer.train_step(x_int, labels, step[0], 0)
-        step[0] += 1
-
-    def float_step():
-        float_trainer.train_step(x_float, labels, step[0], 0)
+    int_trainer, int_model, x_int, int_step = make_int_step()
+    float_trainer, float_model, float_step = make_float_step()
 
     def bf16_step():
         with torch.autocast(device.type, dtype=torch.bfloat16):
-            float_trainer.train_step(x_float, labels, step[0], 0)
+            float_trainer.train_step(x_float, labels, 0, 0)
 
     sides = [(arith, int_step), ("float32", float_step)] + ([("bf16", bf16_step)] if bf16 else [])
     times = {key: [] for key, _ in sides}
@@ -201,8 +206,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     mem_float = _saved_bytes_float(float_model, x_float, labels)
     print(f"  held memory    {arith:>5s} {mem_int / 2**20:8.2f} MiB  float32 {mem_float / 2**20:8.2f} MiB  ratio {mem_int / mem_float:5.2f}x")
     if device.type == "cpu":
-        peak_int = _peak_live_bytes(int_step)
-        peak_float = _peak_live_bytes(float_step)
+        peak_int = _peak_live_bytes(lambda: make_int_step()[-1])
+        peak_float = _peak_live_bytes(lambda: make_float_step()[-1])
         print(f"  peak memory    {arith:>5s} {peak_int / 2**20:8.2f} MiB  float32 {peak_float / 2**20:8.2f} MiB  ratio {peak_int / peak_float:5.2f}x")
     else:
         peaks = []
