@@ -6,7 +6,8 @@ of the saved model are rebuilt from nothing by training-mode forward passes (the
 update) over ``4 * 2**s`` batches of the run's training images in a random order (the draw's),
 and the model is evaluated on the eval split with them. The spread of the draws' accuracies is
 how much a run's figure depends on which batches happened to come last before it was evaluated.
-Also printed: the run's own (saved) statistics, and each batch's own statistics (what training
+(The training loop rebuilds them the same way before every evaluation, at momentum 1/8 from 32
+batches of the epoch's order: ``run.loop.latest_statistics``.) Also printed: the run's saved statistics, and each batch's own statistics (what training
 saw; a prediction then depends on the rest of its batch). Nothing is written.
 
     OMP_NUM_THREADS=2 python benchmarks/bn_statistics.py --run RUN_DIR
@@ -26,13 +27,10 @@ from pathlib import Path
 import torch
 
 from intrain.data.dataset import ImageDataset
-from intrain.layers.norm import IntBatchNorm
+from intrain.layers import StepContext
+from intrain.layers.norm import norm_layers, rebuild_running_statistics
 from intrain.run.evaluate import load_run
 from intrain.run.loop import network_input, predictions
-
-
-def norm_layers(model) -> list[IntBatchNorm]:
-    return [m for m in model.modules() if isinstance(m, IntBatchNorm)]
 
 
 def accuracy(run, model) -> float:
@@ -42,18 +40,15 @@ def accuracy(run, model) -> float:
 
 
 def rebuild_statistics(run, model, shift: int, draw: int) -> None:
-    """Running statistics from ``4 * 2**shift`` training batches of one random order."""
+    """Running statistics from ``4 * 2**shift`` training batches of one random order, as the
+    training loop rebuilds them before evaluating (``layers.norm.rebuild_running_statistics``)."""
     for layer in norm_layers(model):
         layer.momentum_shift = shift
-        layer.batches_tracked.zero_()
     train = run.splits.train
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(draw))
-    model.train()
-    with torch.no_grad():
-        for i in range(4 << shift):
-            rows = order[(i * run.batch_size) % len(train):][:run.batch_size]
-            model(network_input(run.method, train.images[rows].to(run.device), run.mean))
-            model.clear_saved()
+    batches = (order[(i * run.batch_size) % len(train):][:run.batch_size] for i in range(4 << shift))
+    inputs = (network_input(run.method, train.images[rows].to(run.device), run.mean) for rows in batches)
+    rebuild_running_statistics(model, inputs, StepContext(0, 0))
 
 
 def main() -> None:

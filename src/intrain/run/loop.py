@@ -51,12 +51,15 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from intrain.data import PIXEL_EXPONENT, DatasetSplits, load_dataset, pixels_to_int8
+from intrain.layers import StepContext
+from intrain.layers.norm import REBUILD_BATCHES, norm_layers, rebuild_running_statistics
 from intrain.methods import Method
 from intrain.models.zoo import input_to_hidden_parameters, model_spec
 from intrain.numeric import rng
@@ -170,6 +173,33 @@ def predictions(predict, method: type[Method] | Method, dataset, mean, batch_siz
     if not preds:
         return torch.zeros(0, dtype=torch.int64, device=device)
     return torch.cat(preds)
+
+
+@contextmanager
+def latest_statistics(method: Method, dataset, mean, batch_size: int, seed: int, epoch: int, augment: bool,
+                      device="cpu", workers: int = 0, collective: Collective = LOCAL):
+    """Within the block, the model's integer batch normalisation holds running statistics rebuilt
+    from its current weights (``layers.norm``): over the first ``REBUILD_BATCHES`` batches of
+    epoch ``epoch``'s training order, as training read them (augmentation, this process's shard);
+    afterwards the statistics gathered in training are back, bit for bit. A model without
+    batch normalisation is left as it is."""
+    from intrain.data.augment import AugmentedLoader
+
+    layers = norm_layers(method.model)
+    if not layers:
+        yield
+        return
+    gathered = [{name: t.clone() for name, t in layer.state_dict().items()} for layer in layers]
+    order = rng.permutation(len(dataset), seed, epoch)[:REBUILD_BATCHES * batch_size]
+    loader = AugmentedLoader(dataset, order, batch_size, seed, epoch, augment, num_workers=workers,
+                             shard=(collective.rank, collective.world))
+    inputs = (network_input(method, images.to(device), mean) for images, _, _ in _batches(loader))
+    try:
+        rebuild_running_statistics(method.model, inputs, StepContext(seed, 0, collective=collective))
+        yield
+    finally:
+        for layer, state in zip(layers, gathered):
+            layer.load_state_dict(state)
 
 
 def evaluate(method: Method, dataset, mean, batch_size: int, device="cpu", workers: int = 0,
@@ -397,7 +427,10 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
-            with method.averaged():  # int8: the mean weights (intrain.methods.averaging)
+            # int8: the mean weights (intrain.methods.averaging); batch normalisation's statistics
+            # of the weights evaluated
+            with method.averaged(), latest_statistics(method, splits.train, mean, bs, c.seed, epoch, c.augment, dev,
+                                                      c.workers, collective):
                 eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers, collective)
             row = dict(epoch=epoch + 1, train_loss=running.loss, train_acc=running.acc, eval_acc=eval_acc,
                        seconds=seconds)
@@ -417,7 +450,12 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
             board.close()
     if eval_acc is None:  # zero epochs: report the untrained model
         eval_acc = evaluate(method, splits.eval, mean, bs, dev, c.workers, collective)
-    if writes:
+    if c.epochs > 0:  # every process takes part in the rebuilding; rank 0 writes
+        with method.averaged(), latest_statistics(method, splits.train, mean, bs, c.seed, c.epochs - 1, c.augment,
+                                                  dev, c.workers, collective):
+            if writes:
+                save_model(out_dir / "model.pt", cfg, p.model)
+    elif writes:
         with method.averaged():
             save_model(out_dir / "model.pt", cfg, p.model)
     return RunResult(out_dir=out_dir, eval_acc=eval_acc, eval_name=splits.eval_name, rows=rows, config=cfg)
