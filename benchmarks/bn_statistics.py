@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -30,7 +31,7 @@ from intrain.data.dataset import ImageDataset
 from intrain.layers import StepContext
 from intrain.layers.norm import norm_layers, rebuild_running_statistics
 from intrain.run.evaluate import load_run
-from intrain.run.loop import network_input, predictions
+from intrain.run.loop import latest_statistics, network_input, predictions
 
 
 def accuracy(run, model) -> float:
@@ -67,6 +68,12 @@ def main() -> None:
     print(f"{args.run}: {run.config['model']} on {run.config['dataset']}, evaluated on {run.splits.eval_name} "
           f"({len(run.splits.eval)} images), batch {run.batch_size}, {torch.get_num_threads()} threads")
     print(f"  saved running statistics             {accuracy(run, run.model):6.2f} %")
+    cfg, method_shim = run.config, SimpleNamespace(model=run.model, network_input=run.method.network_input)
+    last_epoch = max(int(cfg["epochs"]) - 1, 0)
+    with latest_statistics(method_shim, run.splits.train, run.mean, run.batch_size, int(cfg["seed"]), last_epoch,
+                           bool(cfg.get("augment")), run.device, run.workers):
+        print(f"  rebuilt as the training loop does    {accuracy(run, run.model):6.2f} %   (the run's seed, epoch "
+              f"{last_epoch + 1}'s order; what a run evaluates and saves since the twelfth session)")
     for layer in norm_layers(run.model):
         layer.batches_tracked.zero_()  # a layer that never trained normalises by the batch's own statistics
     print(f"  each batch's own statistics          {accuracy(run, run.model):6.2f} %")

@@ -56,5 +56,7 @@ def test_bn_statistics_script_rebuilds_running_statistics(tmp_path):
     out = run_script("bn_statistics.py", "--run", str(run), "--shifts", "1,2", "--repeats", "2")
     saved = float(out.split("saved running statistics")[1].split("%")[0])
     assert saved == float(done.stdout.strip().splitlines()[-1].split("=")[1])  # the run's own eval figure
+    # model.pt holds the statistics the loop rebuilt; rebuilding them again gives the same figure
+    assert float(out.split("rebuilt as the training loop does")[1].split("%")[0]) == saved
     for shift in (1, 2):
         assert f"shift {shift} (window ~" in out and "spread" in out
