@@ -7,8 +7,9 @@ update) over ``4 * 2**s`` batches of the run's training images in a random order
 and the model is evaluated on the eval split with them. The spread of the draws' accuracies is
 how much a run's figure depends on which batches happened to come last before it was evaluated.
 (The training loop rebuilds them the same way before every evaluation, at momentum 1/8 from 32
-batches of the epoch's order: ``run.loop.latest_statistics``.) Also printed: the run's saved statistics, and each batch's own statistics (what training
-saw; a prediction then depends on the rest of its batch). Nothing is written.
+batches of the epoch's order: ``run.loop.latest_statistics``.) Also printed: the statistics saved
+in ``model.pt``, those the training loop's rebuilding gives, and each batch's own statistics
+(what training saw; a prediction then depends on the rest of its batch). Nothing is written.
 
     OMP_NUM_THREADS=2 python benchmarks/bn_statistics.py --run RUN_DIR
     OMP_NUM_THREADS=2 python benchmarks/bn_statistics.py --run RUN_DIR --val-split 10000 --shifts 3,6
@@ -32,12 +33,13 @@ from intrain.layers import StepContext
 from intrain.layers.norm import norm_layers, rebuild_running_statistics
 from intrain.run.evaluate import load_run
 from intrain.run.loop import latest_statistics, network_input, predictions
+from intrain.run.metrics import accuracy as percent
 
 
 def accuracy(run, model) -> float:
     model.eval()
     preds = predictions(model, run.method, run.splits.eval, run.mean, run.batch_size, run.device)
-    return 100.0 * int((preds.cpu() == run.splits.eval.labels.cpu()).sum()) / len(run.splits.eval)
+    return percent(int((preds.cpu() == run.splits.eval.labels.cpu()).sum()), len(run.splits.eval))
 
 
 def rebuild_statistics(run, model, shift: int, draw: int) -> None:

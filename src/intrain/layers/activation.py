@@ -15,6 +15,12 @@ from intrain.layers.base import IntModule, StepContext
 from intrain.numeric.qtensor import QTensor
 
 
+def through_relu(d: QTensor, output: torch.Tensor) -> QTensor:
+    """The error ``d`` at a ReLU's output passed to its input: kept where the output is positive
+    (where the input was), zero elsewhere."""
+    return QTensor(d.v * output.clamp(max=1).to(d.v.dtype), d.e)
+
+
 class IntReLU(IntModule):
     def __init__(self) -> None:
         super().__init__()
@@ -37,7 +43,7 @@ class IntReLU(IntModule):
         output, self._output = self._output, None
         if output is None:
             raise RuntimeError("IntReLU.backward called without a training-mode forward")
-        return QTensor(d.v * output.clamp(max=1).to(d.v.dtype), d.e)  # 1 where x > 0, else 0
+        return through_relu(d, output)
 
     def clear_saved(self) -> None:
         self._output = None

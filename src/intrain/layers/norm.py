@@ -66,9 +66,10 @@ own): integer exponential moving averages of ``mean_G`` and ``std_G``,
 ``run <- run + round((batch - run) / 2**MOMENTUM_SHIFT)`` (momentum 1/8, BatchNorm's default
 is 0.1), kept in the frame (exponent ``stats_exp``) of the latest training batch: the old
 averages are shifted into the new frame first (exact left shift, or nearest right shift). They
-are buffers, so checkpoints and ``model.pt`` keep them. They follow the latest weights, so mean
-weights over many steps (``methods.averaging``) do not match them: ResNet-18's recipe turns
-weight averaging off (``run.recipes``). Batch statistics at evaluation would make each
+are buffers, so checkpoints and ``model.pt`` keep them. Gathered in training they follow the
+latest weights, not mean weights over many steps (``methods.averaging``), which is why ResNet-18's
+recipe turned weight averaging off (``run.recipes``) before evaluation rebuilt them (below) from
+the weights it evaluates; averaging has not been measured since. Batch statistics at evaluation would make each
 prediction depend on the other images of its batch and on the batch size (BENCHMARKS.md). Longer
 averages (momentum 1/32 to 1/128) measured no better than 1/8: the same mean accuracy and the same
 spread between random batch orders (``python benchmarks/bn_statistics.py``).

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from intrain.layers.activation import through_relu
 from intrain.layers.base import IntModule, StepContext
 from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
@@ -46,26 +47,22 @@ class IntMaxPool2d(IntModule):
         pooled = native.max_pool(x.v, self.kernel_size, self.training)  # one pass in C, same bits
         if pooled is not None:
             maxima, argmax = pooled
+        else:
+            # Elementwise maxima of strided views: much faster than a reduction over the window axes.
+            views = self._positions(x.v)
+            maxima = views[0]
+            for view in views[1:]:
+                maxima = torch.maximum(maxima, view)
+            maxima, argmax = maxima.contiguous(), None
             if self.training:
-                self._argmax, self._input_hw = argmax, tuple(x.v.shape[2:])
-                self._output = maxima if self.masks_relu else None
-            return QTensor(maxima, x.e)
-        # Elementwise maxima of strided views: much faster than a reduction over the window axes.
-        views = self._positions(x.v)
-        maxima = views[0]
-        for view in views[1:]:
-            maxima = torch.maximum(maxima, view)
+                # The window position (0 .. k*k-1, int8) of the first maximum, by the recursion
+                # P_i = (v_i != max) * (1 + P_{i+1}), P_last = 0: in-place int8 arithmetic on one
+                # tensor, about twice as fast as a chain of torch.where (measured, LeNet-5 sizes).
+                argmax = torch.zeros(maxima.shape, dtype=torch.int8, device=x.v.device)
+                for position in range(len(views) - 2, -1, -1):
+                    argmax.add_(1).mul_(views[position] != maxima)
         if self.training:
-            # The window position (0 .. k*k-1, int8) of the first maximum, by the recursion
-            # P_i = (v_i != max) * (1 + P_{i+1}), P_last = 0: in-place int8 arithmetic on one
-            # tensor, about twice as fast as a chain of torch.where (measured, LeNet-5 sizes).
-            argmax = torch.zeros(maxima.shape, dtype=torch.int8, device=x.v.device)
-            for position in range(len(views) - 2, -1, -1):
-                argmax.add_(1).mul_(views[position] != maxima)
-            self._argmax = argmax
-            self._input_hw = tuple(x.v.shape[2:])
-        maxima = maxima.contiguous()
-        if self.training:
+            self._argmax, self._input_hw = argmax, tuple(x.v.shape[2:])
             self._output = maxima if self.masks_relu else None
         return QTensor(maxima, x.e)
 
@@ -75,7 +72,7 @@ class IntMaxPool2d(IntModule):
             raise RuntimeError("IntMaxPool2d.backward called without a training-mode forward")
         output, self._output = self._output, None
         if self.masks_relu:  # the ReLU's derivative at each arg-max: 1 where the maximum is positive
-            d = QTensor(d.v * output.clamp(max=1).to(d.v.dtype), d.e)
+            d = through_relu(d, output)
         routed = native.max_pool_backward(d.v, argmax, self._input_hw, self.kernel_size)
         if routed is not None:
             return QTensor(routed, d.e)

@@ -179,9 +179,11 @@ _BY_DATASET_AND_MODEL = {
 
 
 # Models with batch normalisation evaluate the latest int8 weights: the running statistics
-# (layers.norm) follow the latest weights, and the mean weights of a phase do not match them
-# (MNIST tuning split, ResNet-18, mu 1, 6,000 images: 30.16 % with phase averaging against
-# 69.80 % training accuracy in the same epoch; BENCHMARKS.md).
+# gathered in training (layers.norm) followed the latest weights, and the mean weights of a phase
+# did not match them (MNIST tuning split, ResNet-18, mu 1, 6,000 images: 30.16 % with phase
+# averaging against 69.80 % training accuracy in the same epoch; BENCHMARKS.md). Evaluation now
+# rebuilds the statistics from the weights it evaluates (run.loop.latest_statistics); averaging
+# with NITI's update has not been measured again (the recipes take the SGD update, which refuses it).
 _NORMALISED_MODELS = ("resnet18",)
 
 
