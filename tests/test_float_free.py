@@ -85,7 +85,7 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
      "the float method"),
     ("intrain.numeric.native", "torch.float32: \"f32\"",
      "the table of tensor types the C kernels take: the cpu backend's float path hands them the "
-     "exact integers it holds in floats (kernels.cpu.exact_to_int8); an integer step never passes "
+     "exact integers it holds in floats (kernels.cpu.exact_to_narrow); an integer step never passes "
      "a float tensor (tests/test_native.py: test_an_integer_step_gives_the_kernels_integer_tensors_only)"),
 )
 

@@ -27,7 +27,7 @@ from intrain.kernels import (Backend, CpuBackend, CpuSettings, CudaBackend, Cuda
                              ReferenceBackend)
 from intrain.kernels import reference as REF
 from intrain.kernels.cpu import bounds as B
-from intrain.kernels.cpu import exact_to_int8, weight_grad
+from intrain.kernels.cpu import exact_to_narrow, weight_grad
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels import int16_gemm
 from intrain.numeric import native
@@ -512,13 +512,30 @@ def test_cpu_int16_halves_worst_cases_at_the_longest_reduction(halves_calls):
     assert halves_calls == ["mm"] * 6 + ["conv", "conv", "conv_weight_grad"] * 2
 
 
+@pytest.mark.parametrize("block", [1, 2, 3, 7])
+def test_int16_weight_grad_in_blocks_of_output_channels(block):
+    """The halves' weight gradient made a block of output channels at a time (7 channels in
+    blocks of 1, 2, 3 and all 7: a last block narrower than the others, and one block) and a chunk
+    of samples at a time equals the reference, with values at the halves' ends."""
+    gen = torch.Generator().manual_seed(block)
+    n, c, o, h, w = 5, 3, 7, 6, 5
+    k = c * 3 * 3
+    x = halves_int(gen, (n, c, h, w), "ends")
+    d = halves_int(gen, (n, o, h, w), "ends")
+    chunk_bytes = 4 * k * (2 * block + 1)  # what makes blocks of ``block`` channels
+    for chunk in (chunk_bytes, 2**22):
+        got = int16_gemm.conv_weight_grad(d, x, (3, 3), (1, 1), (1, 1), chunk)
+        assert_same(got, REF.conv2d_backward_weight(d, x, 3, 1, 1))
+
+
 # ------------------------------------------- cpu products requantised straight from floats
 
+@pytest.mark.parametrize("bits", [8, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
+def test_exact_to_narrow_matches_requantize_at_every_bit_length(dtype, bits):
     """Every integer of bit length <= 18 (each bit length alone, so each shift), then for the
     longer ones up to the float's exact range: the extremes, every tie (k + 1/2) * 2**s near
-    them and random values."""
+    them and random values; for int8 and int16 results."""
     gen = torch.Generator().manual_seed(3)
     top = 24 if dtype == torch.float32 else 53
     for b in range(0, top + 1):
@@ -526,13 +543,13 @@ def test_exact_to_int8_matches_requantize_at_every_bit_length(dtype):
         if b <= 18:
             v = torch.arange(-m, m + 1, dtype=torch.int64)
         else:
-            s = b - 7
-            ties = torch.arange(2**7 - 9, 2**7, dtype=torch.int64) * 2**s + 2**(s - 1)
+            s = max(b - (bits - 1), 1)
+            ties = torch.arange(2**(bits - 1) - 9, 2**(bits - 1), dtype=torch.int64) * 2**s + 2**(s - 1)
             near = torch.tensor([m, m - 1, 2**(b - 1), 2**(b - 1) + 1, 2**s - 1, 2**s, 1, 0])
             rand = torch.randint(-m, m + 1, (4000,), generator=gen, dtype=torch.int64)
-            v = torch.cat([ties, -ties, near, -near, rand])
-        expected = requantize(v, torch.zeros((), dtype=torch.int64))
-        values, shift = exact_to_int8(v.to(dtype))
+            v = torch.cat([ties[ties <= m], -ties[ties <= m], near, -near, rand])
+        expected = requantize(v, torch.zeros((), dtype=torch.int64), bits=bits)
+        values, shift = exact_to_narrow(v.to(dtype), bits=bits)
         assert_same(values, expected.v)
         assert_same(shift, expected.e)
 
@@ -582,6 +599,66 @@ def test_requantize_chunks_matches_requantize_with_ties(dtype):
     values, shift = requantize_chunks(full.shape[0], parts)
     assert int(shift) == int(expected.e) == s
     assert_same(values, expected.v)
+
+
+def test_requantize_chunks_to_16_bits_matches_requantize_with_ties():
+    """The same for 16-bit results of int64 chunks (DFP16's products on the int8 halves): chunks
+    from 62 bits (the callers' bound) down to 4, each kept in int32 with its own shift k, the
+    ties of the final shift s and their neighbours in each; and a batch small enough that s = 0
+    (every value kept as it is, negative ones included)."""
+    gen = torch.Generator().manual_seed(22)
+    top = 62
+    s = top - 15
+    chunks = []
+    for b in [top, top - 5, 40, 32, 31, 30, 16, 4]:
+        m = 2**b - 1
+        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64), torch.tensor([m, -m])]
+        for j in range(4):
+            tie = (2 * j + 1) * 2**(s - 1)
+            step = 2**max(b - 31, 0)
+            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
+            near = near[(near > 0) & (near <= m)]
+            values += [near, -near]
+        chunks.append(torch.cat(values))
+    width = max(len(c) for c in chunks)
+    full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])
+    small = torch.randint(-32767, 32768, full.shape, generator=gen, dtype=torch.int64)
+    small[0, :2] = torch.tensor([32767, -32767])
+    for batch in (full, small):
+        expected = requantize(batch, torch.zeros((), dtype=torch.int64), bits=16)
+        buffer = torch.empty((1, batch.shape[1]), dtype=torch.int64)  # reused, as conv_chunks does
+
+        def parts(batch=batch, buffer=buffer):
+            for i in range(batch.shape[0]):
+                yield i, buffer.copy_(batch[i:i + 1])
+
+        values, shift = requantize_chunks(batch.shape[0], parts(), bits=16)
+        assert int(shift) == int(expected.e) == (s if batch is full else 0)
+        assert_same(values, expected.v)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(shape=conv_shapes(max_c=6), modes=st.tuples(*[st.sampled_from(["uniform", "ends"])] * 3),
+       seed=st.integers(0, 2**31 - 1), n=st.integers(1, 9), i=st.integers(1, 200))
+def test_cpu_product_to_int16_matches_requantized_reference(shape, modes, seed, n, i):
+    """DFP16's products rounded to int16 by the cpu backend (a chunk at a time on the halves
+    path, in chunks of one sample too; from the exact result on the float path) are the
+    reference's accumulator requantised, values and shift."""
+    nc, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
+    x, wt = halves_int(gen, (nc, c, h, w), modes[0]), halves_int(gen, (o, c, kh, kw), modes[1])
+    d = halves_int(gen, (nc, o, ho, wo), modes[2])
+    xl, wl = halves_int(gen, (n, i), modes[0]), halves_int(gen, (o, i), modes[1])
+    cases = [("conv2d_forward", (x, wt, s, p)), ("conv2d_backward_input", (d, wt, (h, w), s, p)),
+             ("linear_forward", (xl, wl))]
+    for name, args in cases:
+        expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64), bits=16)
+        for cpu in HALVES_PATHS + (CPU,):
+            values, shift = cpu.product_to_int16(name, *args)
+            assert_same(values, expected.v)
+            assert_same(shift, expected.e)
 
 
 def test_cpu_product_to_int8_rejects_other_products():

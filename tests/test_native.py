@@ -1,7 +1,7 @@
 """The C rounding kernels (``numeric.native``) give the PyTorch code's bits: for every input and
 output type they take, every shift, random values and each type's extremes (its maximum and
 minus it, ties, zero), through the public functions that use them (``requantize``,
-``max_bit_length``, ``apply_update``, ``exact_to_int8``) against the same functions with the
+``max_bit_length``, ``apply_update``, ``exact_to_narrow``) against the same functions with the
 kernels switched off. A machine without a C compiler has no kernels to check: the build test
 says so instead of passing."""
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from intrain.kernels.cpu import exact_to_int8
+from intrain.kernels.cpu import exact_to_narrow
 from intrain.methods.update import apply_update
 from intrain.numeric import native, rng, wide
 from intrain.numeric.accumulate import shift_operand
@@ -187,15 +187,18 @@ def test_stochastic_matches_the_counter_stream(values, offset, seed):
 
 
 @needs_native
+@pytest.mark.parametrize("bits", (8, 16))
 @pytest.mark.parametrize("dtype", (torch.float32, torch.float64, torch.int32, torch.int64))
-def test_exact_to_int8(dtype):
+def test_exact_to_narrow(dtype, bits):
     exact_bits = 24 if dtype == torch.float32 else _input_bits(dtype) if not dtype.is_floating_point else 53
+    result = {8: torch.int8, 16: torch.int16}[bits]
     for length in range(0, exact_bits + 1):
-        for a in (_random(torch.int64, length, 2000, length), _extremes(torch.int64, max(length - 7, 0))):
+        for a in (_random(torch.int64, length, 2000, length), _extremes(torch.int64, max(length - (bits - 1), 0))):
             a = a.clamp(-(2**length - 1), 2**length - 1).to(dtype)
-            assert native.round_shift(a, 0, "nearest", 127, torch.int8) is not None
-            fast = exact_to_int8(a.clone())
-            slow = torch_only(exact_to_int8, a.clone())
+            assert native.round_shift(a, 0, "nearest", 2 ** (bits - 1) - 1, result) is not None
+            fast = exact_to_narrow(a.clone(), bits=bits)
+            slow = torch_only(exact_to_narrow, a.clone(), bits=bits)
+            assert fast[0].dtype == slow[0].dtype == result
             assert torch.equal(fast[0], slow[0]) and int(fast[1]) == int(slow[1]), (dtype, length)
 
 

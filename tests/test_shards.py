@@ -163,7 +163,7 @@ def test_residual_add_of_shards_is_the_whole_batch(mode):
 ])
 def test_cpu_fused_requantisation_of_shards_is_the_whole_batch(product, args, monkeypatch):
     """The cpu backend's ``product_to_int8`` in small chunks (``requantize_chunks``, the
-    convolutions here) and whole (``exact_to_int8``, the linear product) takes the whole batch's
+    convolutions here) and whole (``exact_to_narrow``, the linear product) takes the whole batch's
     shift."""
     import intrain.kernels.cpu.backend as cpu_backend
 

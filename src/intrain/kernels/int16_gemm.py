@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from intrain.kernels.int8_gemm import ColumnBuffer, channels_last_patches, samples_per_chunk
+from intrain.kernels.int8_gemm import channels_last_patches, samples_per_chunk
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.numeric import native
 
@@ -72,6 +72,13 @@ def _offset_terms(sum_a_hi: torch.Tensor, sum_a_lo: torch.Tensor, sum_b: torch.T
     return rows, cols
 
 
+def _row_sums(m: torch.Tensor, rows_per_block: int = 64) -> torch.Tensor:
+    """Exact int64 sums of the rows of an int16 matrix, a block of rows at a time: ``sum(dtype=
+    torch.int64)`` widens its whole operand first (an 18 MiB temporary for a 512 x 4608 weight)."""
+    return torch.cat([m[r:r + rows_per_block].sum(1, dtype=torch.int64)
+                      for r in range(0, m.shape[0], rows_per_block)])
+
+
 def mm(a: torch.Tensor, b: torch.Tensor, pad: bool = False) -> torch.Tensor:
     """Exact ``a @ b`` for int16 a [M, K], b [K, N] (any strides) on any device, as int64 [M, N];
     reductions longer than ``INT32_REDUCTION`` in pieces. ``pad``: the int8 products padded to
@@ -94,68 +101,103 @@ def mm(a: torch.Tensor, b: torch.Tensor, pad: bool = False) -> torch.Tensor:
     return out
 
 
-def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
-         chunk_bytes: int) -> torch.Tensor:
+def _columns(half: torch.Tensor, buffer: torch.Tensor, kh: int, kw: int, s: tuple[int, int],
+             p: tuple[int, int], fill: int) -> torch.Tensor:
+    """The channels-last im2col columns [rows, kh*kw*C] of the int8 ``half`` of a chunk of
+    samples, padded with ``fill``, copied into the front of ``buffer``."""
+    columns = buffer[:half.shape[0]]
+    columns.copy_(channels_last_patches(half, kh, kw, s, p, fill))
+    return columns.view(-1, kh * kw * half.shape[1])
+
+
+def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
+                chunk_bytes: int, out: torch.Tensor | None = None):
     """conv2d of int16 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] with C*kh*kw at most
-    ``INT32_REDUCTION``, as exact int64 [N, O, Ho, Wo]: the halves' channels-last im2col columns
-    (``int8_gemm``), a chunk of samples at a time, times both halves of the weight and a column
-    of ones side by side, combined straight into the NCHW result (one C pass) or through a
-    channels-last chunk."""
+    ``INT32_REDUCTION``, a chunk of samples at a time: yields (first sample, exact int64
+    [n, O, Ho, Wo] of the chunk). The halves' channels-last im2col columns (``int8_gemm``) times
+    both halves of the weight and a column of ones side by side, combined straight into NCHW (one
+    C pass) or through a channels-last copy. Each chunk is written into ``out`` [N, O, Ho, Wo]
+    when given, else into one buffer that the next chunk reuses (take what a chunk holds before
+    asking for the next). x's halves and their padded copies are made a chunk at a time too: for
+    the whole of VGG-small-7's 128-channel 32 x 32 layers at batch 64 they were 34 MiB."""
     o, c, kh, kw = w.shape
     k = c * kh * kw
-    x_hi, x_lo = split_halves(x)
+    n = x.shape[0]
+    ho = (x.shape[2] + 2 * p[0] - kh) // s[0] + 1
+    wo = (x.shape[3] + 2 * p[1] - kw) // s[1] + 1
     w_rows = w.permute(0, 2, 3, 1).reshape(o, k)  # the columns' (kh, kw, C) order
+    sum_w = _row_sums(w_rows).view(1, o)
     w_hi, w_lo = split_halves(w_rows)
+    del w_rows
     both = torch.cat([w_hi, w_lo, torch.ones((1, k), dtype=torch.int8)]).t()  # [K, 2O + 1]
-    sum_w = w_rows.sum(1, dtype=torch.int64).view(1, o)
-    patches_hi = channels_last_patches(x_hi, kh, kw, s, p, ZERO_HI)
-    patches_lo = channels_last_patches(x_lo, kh, kw, s, p, ZERO_LO)
-    n, ho, wo = patches_hi.shape[:3]
-    out = torch.empty((n, o, ho, wo), dtype=torch.int64)
+    del w_hi, w_lo  # copies of the weight (2.25 MiB each for 512 x 512 x 3 x 3): ``both`` has them
     step = samples_per_chunk(2 * ho * wo * k, chunk_bytes)
-    columns_hi, columns_lo = ColumnBuffer(patches_hi, step), ColumnBuffer(patches_lo, step)
+    buffer = None if out is not None else torch.empty((min(step, n), o, ho, wo), dtype=torch.int64)
+    # One column buffer per half, reused by every chunk (see int8_gemm.ColumnBuffer).
+    buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
     for n0 in range(0, n, step):
-        high = mm_int32(columns_hi.of(n0), both, pad=False)
-        low = mm_int32(columns_lo.of(n0), both, pad=False)
+        x_hi, x_lo = split_halves(x[n0:n0 + step])
+        high = mm_int32(_columns(x_hi, buffers[0], kh, kw, s, p, ZERO_HI), both, pad=False)
+        low = mm_int32(_columns(x_lo, buffers[1], kh, kw, s, p, ZERO_LO), both, pad=False)
         rows, cols = _offset_terms(high[:, 2 * o:], low[:, 2 * o:], sum_w, k)
         parts = (high[:, :o], high[:, o:2 * o], low[:, :o], low[:, o:2 * o])
-        target = out[n0:n0 + step]
+        target = out[n0:n0 + step] if out is not None else buffer[:min(step, n - n0)]
         if not native.combine_halves(parts, rows, cols, target, hw=ho * wo):
             chunk = torch.empty((high.shape[0], o), dtype=torch.int64)
             _combine(chunk, *parts, rows, cols)
             target.copy_(chunk.view(-1, ho, wo, o).permute(0, 3, 1, 2))
+        yield n0, target
+
+
+def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
+         chunk_bytes: int) -> torch.Tensor:
+    """The whole exact int64 result [N, O, Ho, Wo] of ``conv_chunks``."""
+    o = w.shape[0]
+    ho = (x.shape[2] + 2 * p[0] - w.shape[2]) // s[0] + 1
+    wo = (x.shape[3] + 2 * p[1] - w.shape[3]) // s[1] + 1
+    out = torch.empty((x.shape[0], o, ho, wo), dtype=torch.int64)
+    for _ in conv_chunks(x, w, s, p, chunk_bytes, out):
+        pass
     return out
 
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: tuple[int, int],
                      p: tuple[int, int], chunk_bytes: int) -> torch.Tensor:
     """Weight gradient of a convolution of int16 operands (N >= 1) as exact int64 [O, C, kh, kw]:
-    both halves of d and a row of ones as [2O + 1, rows] times each half of x's channels-last
-    columns [rows, kh*kw*C], at most ``INT32_REDUCTION`` rows per product, the pieces added in
-    int64."""
+    both halves of a block of d's output channels and a row of ones, [2B + 1, rows], times each
+    half of x's channels-last columns [rows, kh*kw*C], at most ``INT32_REDUCTION`` rows per
+    product, the pieces added in int64. The blocks of B output channels keep each int32 product
+    near ``chunk_bytes`` (the products of a whole 512 x 4608 layer were 18 MiB each, made anew
+    for every chunk of samples); a block's sum is reordered into the result once its last chunk
+    is in, so no whole-layer copy in the columns' order is made."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
     kh, kw = khw
     k = c * kh * kw
-    by_position = torch.empty((o, k), dtype=torch.int64)  # [O, kh*kw*C]: the columns' order
-    d_hi, d_lo = split_halves(d)
-    x_hi, x_lo = split_halves(x)
-    patches_hi = channels_last_patches(x_hi, kh, kw, s, p, ZERO_HI)
-    patches_lo = channels_last_patches(x_lo, kh, kw, s, p, ZERO_LO)
+    grad = torch.empty((o, c, kh, kw), dtype=torch.int64)
+    block = max(1, min(o, (chunk_bytes // (4 * k) - 1) // 2))  # 2B + 1 rows of k int32 each
     step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
-    columns_hi, columns_lo = ColumnBuffer(patches_hi, step), ColumnBuffer(patches_lo, step)
-    for n0 in range(0, n, step):
-        errors = d[n0:n0 + step]
-        rows_here = errors.shape[0] * ho * wo
-        halves = torch.cat([d_hi[n0:n0 + step].transpose(0, 1).reshape(o, -1),
-                            d_lo[n0:n0 + step].transpose(0, 1).reshape(o, -1),
-                            torch.ones((1, rows_here), dtype=torch.int8)])  # [2O + 1, rows]
-        by_hi = mm_int32(halves, columns_hi.of(n0), pad=False)  # [d_hi x_hi ; d_lo x_hi ; sum x_hi]
-        by_lo = mm_int32(halves, columns_lo.of(n0), pad=False)  # [d_hi x_lo ; d_lo x_lo ; sum x_lo]
-        # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
-        # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
-        rows = errors.sum((0, 2, 3), dtype=torch.int64).view(o, 1).mul_(128)
-        cols = by_hi[2 * o:].to(torch.int64).mul_(256).add_(by_lo[2 * o:]).mul_(128)
-        _combine(by_position, by_hi[:o], by_lo[:o], by_hi[o:2 * o], by_lo[o:2 * o], rows, cols,
-                 accumulate=n0 > 0)
-    return by_position.view(o, kh, kw, c).permute(0, 3, 1, 2).contiguous()
+    by_position = torch.empty((min(block, o), k), dtype=torch.int64)  # [B, kh*kw*C]: the columns' order
+    buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    for o0 in range(0, o, block):
+        width = min(block, o - o0)
+        sums = by_position[:width]
+        for n0 in range(0, n, step):
+            errors = d[n0:n0 + step, o0:o0 + width]
+            rows_here = errors.shape[0] * ho * wo
+            d_hi, d_lo = split_halves(errors)
+            halves = torch.cat([d_hi.transpose(0, 1).reshape(width, -1), d_lo.transpose(0, 1).reshape(width, -1),
+                                torch.ones((1, rows_here), dtype=torch.int8)])  # [2B + 1, rows]
+            x_hi, x_lo = split_halves(x[n0:n0 + step])
+            # [d_hi x_hi ; d_lo x_hi ; sum x_hi] and [d_hi x_lo ; d_lo x_lo ; sum x_lo]
+            by_hi = mm_int32(halves, _columns(x_hi, buffers[0], kh, kw, s, p, ZERO_HI), pad=False)
+            by_lo = mm_int32(halves, _columns(x_lo, buffers[1], kh, kw, s, p, ZERO_LO), pad=False)
+            # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
+            # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
+            rows = errors.sum((0, 2, 3), dtype=torch.int64).view(width, 1).mul_(128)
+            cols = by_hi[2 * width:].to(torch.int64).mul_(256).add_(by_lo[2 * width:]).mul_(128)
+            _combine(sums, by_hi[:width], by_lo[:width], by_hi[width:2 * width], by_lo[width:2 * width],
+                     rows, cols, accumulate=n0 > 0)
+            del by_hi, by_lo  # before the next chunk's products are made
+        grad[o0:o0 + width] = sums.view(width, kh, kw, c).permute(0, 3, 1, 2)
+    return grad

@@ -156,6 +156,12 @@ class WeightedIntModule(IntModule):
         ``ctx``."""
         if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
             return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
+        if self.fmt.accumulator == "int32-chunked":  # no wrap count to take: the product may stay in chunks
+            if terms is None:
+                raise ValueError("the int32-chunked accumulator needs the reduction length")
+            a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
+            return requantize_product(self.backend, product, (a, b, *args[2:]), e + shift, self.fmt.bits,
+                                      reduce_max=reduce_max(ctx))
         return requantize(*self.accumulate(product, args, e, terms), bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,

@@ -193,10 +193,10 @@ def cpu_slices(t: torch.Tensor) -> list:
 def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8, *,
                        reduce_max=None) -> QTensor:
     """``requantize(getattr(backend, name)(*args), e, bits, reduce_max=reduce_max)`` with nearest
-    rounding. Backends that compute products in floats offer ``product_to_int8``, which gives the
-    same bits for 8-bit results without making the integer accumulator; other widths and
-    backends are requantised here."""
-    fused = getattr(backend, "product_to_int8", None) if bits == 8 else None
+    rounding. The cpu backend offers ``product_to_int8`` and ``product_to_int16``, which give the
+    same bits without making the whole integer accumulator; other backends are requantised
+    here."""
+    fused = getattr(backend, {8: "product_to_int8", 16: "product_to_int16"}.get(bits, ""), None)
     if fused is None:
         return requantize(getattr(backend, name)(*args), e, bits=bits, reduce_max=reduce_max)
     values, shift = fused(name, *args, reduce_max=reduce_max)

@@ -43,9 +43,9 @@ path of convolution weight gradients), ``calibrate`` (whether the int8 GEMM pays
 ``settings`` (:class:`CpuSettings`).
 """
 
-from intrain.kernels.cpu.backend import CpuBackend, exact_to_int8, has_amx
+from intrain.kernels.cpu.backend import CpuBackend, exact_to_narrow, has_amx
 from intrain.kernels.cpu.bounds import F32_EXACT, F64_EXACT, FloatLimits
 from intrain.kernels.cpu.settings import CpuSettings
 
-__all__ = ["F32_EXACT", "F64_EXACT", "CpuBackend", "CpuSettings", "FloatLimits", "exact_to_int8",
+__all__ = ["F32_EXACT", "F64_EXACT", "CpuBackend", "CpuSettings", "FloatLimits", "exact_to_narrow",
            "has_amx"]

@@ -215,7 +215,7 @@ class CpuBackend(Backend):
                        for n0, part in int8_gemm.conv_chunks(*conv))
         step = self._float_samples_per_chunk(o * ho * wo)
         if step >= n:
-            return None  # one float call; its result is requantised directly (exact_to_int8)
+            return None  # one float call; its result is requantised directly (exact_to_narrow)
         plan = self._forward_float_plan(x, w)
         if plan[0] is None:
             return None
@@ -265,6 +265,15 @@ class CpuBackend(Backend):
             return self._input_gradient_as_convolution(d, w, hw, s, p)
         return None
 
+    def _forward_as_halves(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
+                           padding: IntPair = 0) -> tuple | None:
+        """Arguments of int16_gemm.conv that compute conv2d_forward of int16 operands, or None
+        off that path."""
+        s, p, (n, c, _, _), (o, _, kh, kw), _, _ = _ref.conv_forward_geometry(x, w, stride, padding)
+        if n and self._int16_halves(x, w, min(c, o), c * kh * kw):
+            return x, w, s, p, self.settings.int8_gemm_chunk_bytes
+        return None
+
     def _backward_input_as_halves(self, d: torch.Tensor, w: torch.Tensor, input_hw: IntPair,
                                   stride: IntPair = 1, padding: IntPair = 0) -> tuple | None:
         """Arguments of int16_gemm.conv that compute conv2d_backward_input of int16 operands (the
@@ -302,8 +311,9 @@ class CpuBackend(Backend):
         conv = self._forward_as_int8_gemm(x, w, stride, padding)
         if conv is not None:
             return int8_gemm.conv(*conv).permute(0, 3, 1, 2), out_dtype
-        if n and self._int16_halves(x, w, min(c, o), c * kh * kw):
-            return int16_gemm.conv(x, w, s, p, self.settings.int8_gemm_chunk_bytes), out_dtype
+        conv = self._forward_as_halves(x, w, stride, padding)
+        if conv is not None:
+            return int16_gemm.conv(*conv), out_dtype
         plan = self._forward_float_plan(x, w)
         if plan[0] is None or n == 0:
             return _ref.conv2d_forward(x, w, s, p), out_dtype
@@ -460,6 +470,23 @@ class CpuBackend(Backend):
         "conv2d_backward_input": _backward_input_in_chunks,
     }
 
+    def product_to_int16(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``requantize(<name>(*args))`` with nearest rounding to int16, as (int16 values, shift as
+        a 0-d int64 tensor), bit-identical to requantising the int64 accumulator: convolutions of
+        int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
+        the shift is known (``requantize_chunks``: half the memory of the int64 result), every
+        other product from its exact result. ``reduce_max``: as in ``product_to_int8``."""
+        if name not in self._EXACT_PRODUCTS:
+            raise ValueError(f"product_to_int16 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
+                             f"not {name!r}")
+        as_halves = {"conv2d_forward": self._forward_as_halves,
+                     "conv2d_backward_input": self._backward_input_as_halves}.get(name)
+        conv = as_halves(*args) if as_halves is not None else None
+        if conv is not None:
+            return requantize_chunks(args[0].shape[0], int16_gemm.conv_chunks(*conv), reduce_max=reduce_max, bits=16)
+        exact, _ = self._EXACT_PRODUCTS[name](self, *args)  # floats stay floats: no int64 copy
+        return exact_to_narrow(exact, reduce_max, bits=16)
+
     def product_to_int8(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
         as a 0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but
@@ -476,34 +503,37 @@ class CpuBackend(Backend):
         if chunked is not None:
             return requantize_chunks(*chunked, reduce_max=reduce_max)
         exact, _ = self._EXACT_PRODUCTS[name](self, *args)
-        return exact_to_int8(exact, reduce_max)
+        return exact_to_narrow(exact, reduce_max)
 
 
-def exact_to_int8(exact: torch.Tensor, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest-rounding requantisation to int8 of a tensor holding exact integers: float32
-    (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype, a slice of samples at a time.
-    Consumes ``exact`` (it is scaled in place).
+def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-rounding requantisation to int8 (or, with ``bits=16``, to int16: DFP16) of a tensor
+    holding exact integers: float32 (|v| <= 2**24), float64 (|v| <= 2**53) or any integer dtype,
+    a slice of samples at a time. Consumes ``exact`` (it is scaled in place).
 
-    With ``b`` = bit length of max |y| and ``s = max(b - 7, 0)``: for s = 0 every |y| <= 127
-    and the values are cast as they are. Otherwise ``t = trunc(y * 2**(1 - s))`` (scaling by a
-    power of two is exact in floats, and the cast truncates) is |y| / 2**(s-1) rounded down in
-    magnitude, below 2**8 (int16), and nearest rounding of y / 2**s with ties away from zero is
-    ``sign(t) * floor((|t| + 1) / 2)``, because floor((z + 1) / 2) = floor((floor(z) + 1) / 2)
-    for z >= 0: one more nearest shift of t, by 1. The clip to [-127, 127] follows as in
-    ``requantize``. Integer tensors go to ``requantize`` itself. ``reduce_max``: for a shard of
-    a batch, b is the whole batch's (``numeric.requant``); an empty shard still takes part.
+    With ``b`` = bit length of max |y| and ``s = max(b - (bits - 1), 0)``: for s = 0 every |y|
+    fits the result and the values are cast as they are. Otherwise ``t = trunc(y * 2**(1 - s))``
+    (scaling by a power of two is exact in floats, and the cast truncates) is |y| / 2**(s-1)
+    rounded down in magnitude, below 2**bits (int16, or int32 for 16 bits), and nearest rounding
+    of y / 2**s with ties away from zero is ``sign(t) * floor((|t| + 1) / 2)``, because
+    floor((z + 1) / 2) = floor((floor(z) + 1) / 2) for z >= 0: one more nearest shift of t, by 1.
+    The clip to the symmetric range follows as in ``requantize``. Integer tensors go to
+    ``requantize`` itself. ``reduce_max``: for a shard of a batch, b is the whole batch's
+    (``numeric.requant``); an empty shard still takes part.
     """
     if not exact.is_floating_point():
-        q = requantize(exact, torch.zeros((), dtype=torch.int64), reduce_max=reduce_max)
+        q = requantize(exact, torch.zeros((), dtype=torch.int64), bits=bits, reduce_max=reduce_max)
         return q.v, q.e
-    shift = cpu_shift(exact, 8, reduce_max)
-    values = native.round_shift(exact, shift, "nearest", 127, torch.int8)  # one C pass, same bits
+    result, halved = {8: (torch.int8, torch.int16), 16: (torch.int16, torch.int32)}[bits]
+    limit = 2 ** (bits - 1) - 1
+    shift = cpu_shift(exact, bits, reduce_max)
+    values = native.round_shift(exact, shift, "nearest", limit, result)  # one C pass, same bits
     if values is not None:
         return values, torch.tensor(shift, dtype=torch.int64)
     if shift == 0:
-        return exact.to(torch.int8), torch.zeros((), dtype=torch.int64)
-    values = torch.empty(exact.shape, dtype=torch.int8)
+        return exact.to(result), torch.zeros((), dtype=torch.int64)
+    values = torch.empty(exact.shape, dtype=result)
     for rows in cpu_slices(exact):
-        halves = exact[rows].mul_(2.0 ** (1 - shift)).to(torch.int16)
-        values[rows] = shift_round(halves, 1, "nearest").clamp_(-127, 127)
+        halves = exact[rows].mul_(2.0 ** (1 - shift)).to(halved)
+        values[rows] = shift_round(halves, 1, "nearest").clamp_(-limit, limit)
     return values, torch.tensor(shift, dtype=torch.int64)

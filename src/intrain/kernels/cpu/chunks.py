@@ -1,20 +1,23 @@
-"""Requantising an int8 product delivered a chunk of samples at a time (the cpu backend's
-``product_to_int8``): the same int8 values and shift as ``numeric.requant.requantize`` with
-nearest rounding, without ever holding the whole accumulator. Specific to 8-bit results of int8
-operands (the cpu backend's fast path); other formats go through ``numeric.requant``.
+"""Requantising a product delivered a chunk of samples at a time (the cpu backend's
+``product_to_int8`` and ``product_to_int16``): the same values and shift as
+``numeric.requant.requantize`` with nearest rounding, without ever holding the whole accumulator.
+For 8-bit results of int8 operands (the int8 fast paths) and 16-bit results of int16 operands
+(DFP16 on the int8 GEMM units); other formats go through ``numeric.requant``.
 
-Each chunk is kept in int16 with a shift ``k`` of its own until the overall shift ``s`` is known
-(the largest magnitude of all chunks), then rounded by ``s - k`` more bits. Two exact ways of
-keeping a chunk of exact integers y, |y| < 2**31, both proven in ``requantize_chunks``:
+Each chunk is kept with a shift ``k`` of its own, in int16 for 8-bit results and in int32 for
+16-bit ones (``STORAGE``), until the overall shift ``s`` is known (the largest magnitude of all
+chunks), then rounded by ``s - k`` more bits. Two exact ways of keeping a chunk of exact integers
+y (|y| < 2**31 for 8-bit results, < 2**62 for 16-bit ones), both proven in ``requantize_chunks``:
 
-* float chunks (the float path): ``t = trunc(y / 2**k)`` (a power-of-two scaling, exact in
-  floats, and a truncating cast), rounded at the end by ``shift_round(t, s - k, "nearest")``;
-* int32 chunks (the int8 GEMM path): ``t = floor(b / 2**k)`` with ``b = y - 1`` for y < 0 and
-  ``b = y`` otherwise (three integer passes: sign, add, shift), rounded at the end by
-  ``floor((t + 2**(m-1)) / 2**m)`` with ``m = s - k``, computed as ``u - floor(u / 2)`` with
-  ``u = floor(t / 2**(m-1))`` (no intermediate leaves int16).
+* float chunks (the float path, 8-bit results): ``t = trunc(y / 2**k)`` (a power-of-two scaling,
+  exact in floats, and a truncating cast), rounded at the end by ``shift_round(t, s - k,
+  "nearest")``;
+* integer chunks (int32 from the int8 GEMM, int64 from the int16 halves): ``t = floor(b / 2**k)``
+  with ``b = y - 1`` for y < 0 and ``b = y`` otherwise (three integer passes: sign, add, shift),
+  rounded at the end by ``floor((t + 2**(m-1)) / 2**m)`` with ``m = s - k``, computed as ``u -
+  floor(u / 2)`` with ``u = floor(t / 2**(m-1))`` (no intermediate leaves the storage type).
 
-The int16 copy and the int8 result take the memory order of the chunks: a channels-last product
+The stored copy and the result take the memory order of the chunks: a channels-last product
 (the int8 GEMM's) stays channels-last, with no transposing copy.
 """
 
@@ -26,53 +29,61 @@ from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import max_bit_length, shift_round
 
 
-def requantize_chunks(n: int, chunks, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """A product of int8 operands requantised to int8 [N, ...] with nearest rounding, as
-    (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, as int32
-    or a float tensor of integers below 2**31 in magnitude, any memory layout) pairs, all of one
-    layout. The whole accumulator is never made: chunk c is kept in int16 with its own
-    ``k = max(bit_length(max |chunk c|) - 15, 0)``; the overall shift is
-    ``s = max(bit_length(max |y|) - 7, 0)``. When k > 0, s - k >= 1 (s >= bit_length(max |chunk|)
-    - 7 = k + 8). The identity behind both representations: floor((floor(z) + c) / m) =
-    floor((z + c) / m) for real z, integers c and m >= 1.
+#: Result bits -> (storage dtype of a chunk, its magnitude bits, result dtype).
+STORAGE = {8: (torch.int16, 15, torch.int8), 16: (torch.int32, 31, torch.int16)}
+
+
+def requantize_chunks(n: int, chunks, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """A product requantised to ``bits`` (8 or 16) bits [N, ...] with nearest rounding, as
+    (values, shift), from ``chunks``: (first sample, exact values of a chunk of samples, any memory
+    layout) pairs, all of one layout: int32 or a float tensor of integers below 2**31 in magnitude
+    for 8 bits, int64 below 2**62 for 16 bits. A chunk may be a buffer the next one reuses. The
+    whole accumulator is never made: chunk c is kept in the storage type of ``STORAGE`` (Q
+    magnitude bits: 15 or 31) with its own ``k = max(bit_length(max |chunk c|) - Q, 0)``; the
+    overall shift is ``s = max(bit_length(max |y|) - (bits - 1), 0)``. When k > 0, s - k >= 1 (s >=
+    bit_length(max |chunk|) - (bits - 1) = k + Q - bits + 1, and Q - bits + 1 is 8 or 16). The
+    identity behind both representations: floor((floor(z) + c) / m) = floor((z + c) / m) for real
+    z, integers c and m >= 1.
 
     Float chunks keep ``t = sign(y) * floor(|y| / 2**k)`` (|t| < 2**15): with z = |y| / 2**k,
     c = 2**(s-k-1), m = 2**(s-k), the nearest shift of t by s - k is floor((|y| + 2**(s-1)) /
     2**s) with y's sign, which is requantize's rounding (for k = 0, t = y).
 
-    Int32 chunks keep ``t = floor(b / 2**k)``, b as in the module docstring (b >= -2**31: no
-    wrap; -2**15 <= t < 2**15 since |y| < 2**(15+k)). Nearest rounding of y by s with ties away
+    Integer chunks keep ``t = floor(b / 2**k)``, b as in the module docstring (b >= -2**31, or
+    -2**62 for int64 chunks: no wrap; -2**Q <= t < 2**Q since |y| < 2**(Q+k)). Nearest rounding of y by s with ties away
     from zero is floor((b + 2**(s-1)) / 2**s) (``numeric.rounding._nearest``: for y >= 0 b = y,
     for y < 0 it is ceil((y - 2**(s-1)) / 2**s) = floor((y - 1 + 2**(s-1)) / 2**s)); by the
     identity with z = b / 2**k that is floor((t + 2**(m-1)) / 2**m), m = s - k >= 1; and with
     u = floor(t / 2**(m-1)), floor((t + 2**(m-1)) / 2**m) = floor((u + 1) / 2) = u - floor(u / 2)
-    (the identity again). When s = 0, every |y| <= 127, k = 0 and y = t + 1 where t < 0.
+    (the identity again). When s = 0, every |y| fits the result, k = 0 and y = t + 1 where t < 0.
 
     ``reduce_max`` (a ``Collective.max``), for a shard of a batch split over processes, turns the
     largest bit length of the shard's chunks into the whole batch's (``numeric.requant``), so s is
     the whole batch's shift; it is at least the shard's own, so the arguments above hold (they
     need only s >= bit_length(max |chunk|) - 7).
     """
+    storage, storage_bits, result = STORAGE[bits]
+    limit = 2 ** (bits - 1) - 1
     kept, dropped, largest_bits = None, [], 0
     for n0, part in chunks:
         chunk_bits = int(max_bit_length(part))  # reads a channels-last view in place
-        k = max(chunk_bits - 15, 0)
+        k = max(chunk_bits - storage_bits, 0)
         if kept is None:
-            kept = torch.empty_strided((n,) + part.shape[1:], _layout_strides(part, n),
-                                       dtype=torch.int16)
+            kept = torch.empty_strided((n,) + part.shape[1:], _layout_strides(part, n), dtype=storage)
         if part.is_floating_point():
             if k:
-                part = part.mul_(2.0 ** -k)  # exact; the cast to int16 below truncates toward zero
+                part = part.mul_(2.0 ** -k)  # exact; the cast to the storage type truncates toward zero
         else:
-            floored = (part >> 31).add_(part)  # b: y - 1 where y < 0
+            sign_bit = torch.iinfo(part.dtype).bits - 1
+            floored = (part >> sign_bit).add_(part)  # b: y - 1 where y < 0
             part = floored.bitwise_right_shift_(k) if k else floored
         kept[n0:n0 + part.shape[0]] = part
         dropped.append((n0, part.shape[0], k, part.is_floating_point()))
         largest_bits = max(largest_bits, chunk_bits)
     if reduce_max is not None:
         largest_bits = int(reduce_max(torch.tensor(largest_bits, dtype=torch.int64)))
-    shift = max(largest_bits - 7, 0)
-    values = torch.empty_like(kept, dtype=torch.int8)
+    shift = max(largest_bits - (bits - 1), 0)
+    values = torch.empty_like(kept, dtype=result)
     for n0, rows, k, truncated in dropped:
         chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
         for sl in cpu_slices(chunk_kept):
@@ -80,11 +91,11 @@ def requantize_chunks(n: int, chunks, reduce_max=None) -> tuple[torch.Tensor, to
             if truncated:
                 rounded = shift_round(t, shift - k, "nearest")
             elif shift == 0:
-                rounded = t - (t >> 15)  # y = b + 1 where b < 0
+                rounded = t - (t >> storage_bits)  # y = b + 1 where b < 0
             else:
                 rounded = t >> (shift - k - 1)
                 rounded -= rounded >> 1
-            chunk_values[sl] = rounded.clamp_(-127, 127)
+            chunk_values[sl] = rounded.clamp_(-limit, limit)
     return values, torch.tensor(shift, dtype=torch.int64)
 
 
