@@ -134,11 +134,11 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     step = samples_per_chunk(2 * ho * wo * k, chunk_bytes)
     buffer = None if out is not None else torch.empty((min(step, n), o, ho, wo), dtype=torch.int64)
     # One column buffer per half, reused by every chunk (see int8_gemm.ColumnBuffer).
-    buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
     for n0 in range(0, n, step):
         x_hi, x_lo = split_halves(x[n0:n0 + step])
-        high = mm_int32(_columns(x_hi, buffers[0], kh, kw, s, p, ZERO_HI), both, pad=False)
-        low = mm_int32(_columns(x_lo, buffers[1], kh, kw, s, p, ZERO_LO), both, pad=False)
+        high = mm_int32(_columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), both, pad=False)
+        low = mm_int32(_columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), both, pad=False)
         rows, cols = _offset_terms(high[:, 2 * o:], low[:, 2 * o:], sum_w, k)
         parts = (high[:, :o], high[:, o:2 * o], low[:, :o], low[:, o:2 * o])
         target = out[n0:n0 + step] if out is not None else buffer[:min(step, n - n0)]
@@ -178,7 +178,7 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
     block = max(1, min(o, (chunk_bytes // (4 * k) - 1) // 2))  # 2B + 1 rows of k int32 each
     step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
     by_position = torch.empty((min(block, o), k), dtype=torch.int64)  # [B, kh*kw*C]: the columns' order
-    buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
     for o0 in range(0, o, block):
         width = min(block, o - o0)
         sums = by_position[:width]
@@ -190,8 +190,8 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
                                 torch.ones((1, rows_here), dtype=torch.int8)])  # [2B + 1, rows]
             x_hi, x_lo = split_halves(x[n0:n0 + step])
             # [d_hi x_hi ; d_lo x_hi ; sum x_hi] and [d_hi x_lo ; d_lo x_lo ; sum x_lo]
-            by_hi = mm_int32(halves, _columns(x_hi, buffers[0], kh, kw, s, p, ZERO_HI), pad=False)
-            by_lo = mm_int32(halves, _columns(x_lo, buffers[1], kh, kw, s, p, ZERO_LO), pad=False)
+            by_hi = mm_int32(halves, _columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), pad=False)
+            by_lo = mm_int32(halves, _columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), pad=False)
             # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
             # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
             rows = errors.sum((0, 2, 3), dtype=torch.int64).view(width, 1).mul_(128)
