@@ -570,6 +570,26 @@ def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes,
     assert_requantized_same("linear_backward_input", dl, wl, paths=paths)
 
 
+def chunks_with_ties(gen: torch.Generator, bit_lengths, s: int, kept_bits: int) -> torch.Tensor:
+    """Rows of int64 values, one per bit length b (at most 2**b - 1 in magnitude): random values,
+    +-(2**b - 1), and the ties of a final shift s with their neighbours, one unit and one step of
+    a chunk kept in ``kept_bits`` magnitude bits either side (where truncating first could round
+    the wrong way); rows padded to one width by repeating their own values."""
+    chunks = []
+    for b in bit_lengths:
+        m = 2**b - 1
+        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64), torch.tensor([m, -m])]
+        for j in range(4):
+            tie = (2 * j + 1) * 2**(s - 1)
+            step = 2**max(b - kept_bits, 0)
+            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
+            near = near[(near > 0) & (near <= m)]
+            values += [near, -near]
+        chunks.append(torch.cat(values))
+    width = max(len(c) for c in chunks)
+    return torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.float32, torch.float64])
 def test_requantize_chunks_matches_requantize_with_ties(dtype):
     """requantize_chunks against requantising the whole accumulator: chunks of very different
@@ -578,22 +598,8 @@ def test_requantize_chunks_matches_requantize_with_ties(dtype):
     could round the wrong way if the proof were wrong)."""
     gen = torch.Generator().manual_seed(21)
     top = 31 if dtype == torch.int32 else 24
-    bits = [top, top - 3, 18, 16, 15, 12, 4]
     s = top - 7
-    chunks = []
-    for b in bits:
-        m = 2**b - 1
-        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64),
-                  torch.tensor([m, -m])]
-        for j in range(4):
-            tie = (2 * j + 1) * 2**(s - 1)
-            step = 2**max(b - 15, 0)
-            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
-            near = near[(near > 0) & (near <= m)]
-            values += [near, -near]
-        chunks.append(torch.cat(values))
-    width = max(len(c) for c in chunks)
-    full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])  # [7, width]
+    full = chunks_with_ties(gen, [top, top - 3, 18, 16, 15, 12, 4], s, kept_bits=15)  # [7, width]
     expected = requantize(full, torch.zeros((), dtype=torch.int64))
     parts = ((i, full[i:i + 1].to(dtype)) for i in range(full.shape[0]))
     values, shift = requantize_chunks(full.shape[0], parts)
@@ -609,19 +615,7 @@ def test_requantize_chunks_to_16_bits_matches_requantize_with_ties():
     gen = torch.Generator().manual_seed(22)
     top = 62
     s = top - 15
-    chunks = []
-    for b in [top, top - 5, 40, 32, 31, 30, 16, 4]:
-        m = 2**b - 1
-        values = [torch.randint(-m, m + 1, (1000,), generator=gen, dtype=torch.int64), torch.tensor([m, -m])]
-        for j in range(4):
-            tie = (2 * j + 1) * 2**(s - 1)
-            step = 2**max(b - 31, 0)
-            near = torch.tensor([tie - 1, tie, tie + 1, tie - step, tie + step - 1])
-            near = near[(near > 0) & (near <= m)]
-            values += [near, -near]
-        chunks.append(torch.cat(values))
-    width = max(len(c) for c in chunks)
-    full = torch.stack([torch.cat([c, c[:width - len(c)]]) for c in chunks])
+    full = chunks_with_ties(gen, [top, top - 5, 40, 32, 31, 30, 16, 4], s, kept_bits=31)
     small = torch.randint(-32767, 32768, full.shape, generator=gen, dtype=torch.int64)
     small[0, :2] = torch.tensor([32767, -32767])
     for batch in (full, small):
@@ -659,6 +653,28 @@ def test_cpu_product_to_int16_matches_requantized_reference(shape, modes, seed, 
             values, shift = cpu.product_to_int16(name, *args)
             assert_same(values, expected.v)
             assert_same(shift, expected.e)
+
+
+def test_cpu_product_to_int16_never_makes_the_whole_int64_result(monkeypatch):
+    """On the halves path DFP16's convolutions are rounded a chunk at a time
+    (``int16_gemm.conv_chunks``): the whole int64 accumulator (``int16_gemm.conv``, 64 MiB for
+    VGG-small-7's 128-channel layers at batch 64) is never made, and the values are requantize's."""
+    gen = torch.Generator().manual_seed(9)
+    x = halves_int(gen, (3, 40, 6, 6), "uniform")
+    wt = halves_int(gen, (40, 40, 3, 3), "uniform")
+    d = halves_int(gen, (3, 40, 6, 6), "uniform")
+    cases = [("conv2d_forward", (x, wt, 1, 1)), ("conv2d_backward_input", (d, wt, (6, 6), 1, 1))]
+    expected = [requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64), bits=16)
+                for name, args in cases]
+    chunked = []
+    real_chunks = int16_gemm.conv_chunks
+    monkeypatch.setattr(int16_gemm, "conv", lambda *a, **k: pytest.fail("the whole int64 result was made"))
+    monkeypatch.setattr(int16_gemm, "conv_chunks", lambda *a, **k: chunked.append(1) or real_chunks(*a, **k))
+    for (name, args), want in zip(cases, expected):
+        values, shift = CPU_INT8.product_to_int16(name, *args)
+        assert_same(values, want.v)
+        assert_same(shift, want.e)
+    assert len(chunked) == 2
 
 
 def test_cpu_product_to_int8_rejects_other_products():

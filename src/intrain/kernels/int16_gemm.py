@@ -101,6 +101,12 @@ def mm(a: torch.Tensor, b: torch.Tensor, pad: bool = False) -> torch.Tensor:
     return out
 
 
+def _output_hw(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int]) -> tuple[int, int]:
+    """(Ho, Wo) of the convolution of x [N, C, H, W] and w [O, C, kh, kw]."""
+    return ((x.shape[2] + 2 * p[0] - w.shape[2]) // s[0] + 1,
+            (x.shape[3] + 2 * p[1] - w.shape[3]) // s[1] + 1)
+
+
 def _columns(half: torch.Tensor, buffer: torch.Tensor, kh: int, kw: int, s: tuple[int, int],
              p: tuple[int, int], fill: int) -> torch.Tensor:
     """The channels-last im2col columns [rows, kh*kw*C] of the int8 ``half`` of a chunk of
@@ -123,8 +129,7 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     o, c, kh, kw = w.shape
     k = c * kh * kw
     n = x.shape[0]
-    ho = (x.shape[2] + 2 * p[0] - kh) // s[0] + 1
-    wo = (x.shape[3] + 2 * p[1] - kw) // s[1] + 1
+    ho, wo = _output_hw(x, w, s, p)
     w_rows = w.permute(0, 2, 3, 1).reshape(o, k)  # the columns' (kh, kw, C) order
     sum_w = _row_sums(w_rows).view(1, o)
     w_hi, w_lo = split_halves(w_rows)
@@ -152,10 +157,7 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
 def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
          chunk_bytes: int) -> torch.Tensor:
     """The whole exact int64 result [N, O, Ho, Wo] of ``conv_chunks``."""
-    o = w.shape[0]
-    ho = (x.shape[2] + 2 * p[0] - w.shape[2]) // s[0] + 1
-    wo = (x.shape[3] + 2 * p[1] - w.shape[3]) // s[1] + 1
-    out = torch.empty((x.shape[0], o, ho, wo), dtype=torch.int64)
+    out = torch.empty((x.shape[0], w.shape[0], *_output_hw(x, w, s, p)), dtype=torch.int64)
     for _ in conv_chunks(x, w, s, p, chunk_bytes, out):
         pass
     return out
@@ -169,7 +171,9 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
     product, the pieces added in int64. The blocks of B output channels keep each int32 product
     near ``chunk_bytes`` (the products of a whole 512 x 4608 layer were 18 MiB each, made anew
     for every chunk of samples); a block's sum is reordered into the result once its last chunk
-    is in, so no whole-layer copy in the columns' order is made."""
+    is in, so no whole-layer copy in the columns' order is made. x's halves and columns are made a
+    chunk of samples at a time, once per block: layers of several blocks (many output channels)
+    have small inputs, and one block covers 454 channels of 3 x 3 x 128 taps at 4 MiB."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
     kh, kw = khw

@@ -140,14 +140,20 @@ class WeightedIntModule(IntModule):
         through the format's accumulator, as (exact integer sum, exponent). ``terms``: the
         reduction length, which the ``int32-chunked`` accumulator's bound needs."""
         if self.fmt.accumulator == "int32-chunked":
-            if terms is None:
-                raise ValueError("the int32-chunked accumulator needs the reduction length")
-            a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
-            return getattr(self.backend, product)(a, b, *args[2:]), e + shift
+            args, shift = self._with_headroom(args, terms)
+            return getattr(self.backend, product)(*args), e + shift
         exact = getattr(self.backend, product)(*args)
         if self.fmt.bits > 8:
             self.int32_wraps += plain_int32_wraps(exact)
         return exact, e
+
+    def _with_headroom(self, args: tuple, terms: int | None) -> tuple[tuple, int]:
+        """``args`` with its two operands shifted by the ``int32-chunked`` accumulator's headroom
+        for a reduction of ``terms``, and the shift to add to the product's exponent."""
+        if terms is None:
+            raise ValueError("the int32-chunked accumulator needs the reduction length")
+        a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
+        return (a, b, *args[2:]), shift
 
     def requantize_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None = None,
                           terms: int | None = None) -> QTensor:
@@ -157,11 +163,8 @@ class WeightedIntModule(IntModule):
         if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
             return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
         if self.fmt.accumulator == "int32-chunked":  # no wrap count to take: the product may stay in chunks
-            if terms is None:
-                raise ValueError("the int32-chunked accumulator needs the reduction length")
-            a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
-            return requantize_product(self.backend, product, (a, b, *args[2:]), e + shift, self.fmt.bits,
-                                      reduce_max=reduce_max(ctx))
+            args, shift = self._with_headroom(args, terms)
+            return requantize_product(self.backend, product, args, e + shift, self.fmt.bits, reduce_max=reduce_max(ctx))
         return requantize(*self.accumulate(product, args, e, terms), bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,

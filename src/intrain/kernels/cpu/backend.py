@@ -62,6 +62,15 @@ def _spread(d: torch.Tensor, s: tuple[int, int], spread_hw: tuple[int, int]) -> 
     return spread
 
 
+def _on_halves_in_chunks(as_halves):
+    """A convolution's (N, chunks) on the int16 halves path (``int16_gemm.conv_chunks``) from the
+    backend method ``as_halves`` that gives its arguments there, or None off that path."""
+    def in_chunks(backend, *args):
+        conv = as_halves(backend, *args)
+        return None if conv is None else (args[0].shape[0], int16_gemm.conv_chunks(*conv))
+    return in_chunks
+
+
 class CpuBackend(Backend):
     """Exact integer products on CPU tensors, on the int8 GEMM or the float units (see
     :mod:`intrain.kernels.cpu`), with the tuned constants of ``settings`` and the exactness limits of
@@ -465,27 +474,13 @@ class CpuBackend(Backend):
         "conv2d_backward_input": _conv2d_backward_input_exact,
     }
 
+    #: Result bits -> the convolutions whose requantised result is made a chunk of samples at a
+    #: time, as (N, chunks) for requantize_chunks, or None off their path.
     _CONVS_IN_CHUNKS = {
-        "conv2d_forward": _forward_in_chunks,
-        "conv2d_backward_input": _backward_input_in_chunks,
+        8: {"conv2d_forward": _forward_in_chunks, "conv2d_backward_input": _backward_input_in_chunks},
+        16: {"conv2d_forward": _on_halves_in_chunks(_forward_as_halves),
+             "conv2d_backward_input": _on_halves_in_chunks(_backward_input_as_halves)},
     }
-
-    def product_to_int16(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``requantize(<name>(*args))`` with nearest rounding to int16, as (int16 values, shift as
-        a 0-d int64 tensor), bit-identical to requantising the int64 accumulator: convolutions of
-        int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
-        the shift is known (``requantize_chunks``: half the memory of the int64 result), every
-        other product from its exact result. ``reduce_max``: as in ``product_to_int8``."""
-        if name not in self._EXACT_PRODUCTS:
-            raise ValueError(f"product_to_int16 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
-                             f"not {name!r}")
-        as_halves = {"conv2d_forward": self._forward_as_halves,
-                     "conv2d_backward_input": self._backward_input_as_halves}.get(name)
-        conv = as_halves(*args) if as_halves is not None else None
-        if conv is not None:
-            return requantize_chunks(args[0].shape[0], int16_gemm.conv_chunks(*conv), reduce_max=reduce_max, bits=16)
-        exact, _ = self._EXACT_PRODUCTS[name](self, *args)  # floats stay floats: no int64 copy
-        return exact_to_narrow(exact, reduce_max, bits=16)
 
     def product_to_int8(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
@@ -495,15 +490,27 @@ class CpuBackend(Backend):
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
         memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
         for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
+        return self._product_to_narrow(name, args, 8, reduce_max)
+
+    def product_to_int16(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``requantize(<name>(*args))`` with nearest rounding to int16, as (int16 values, shift as
+        a 0-d int64 tensor), bit-identical to requantising the int64 accumulator: convolutions of
+        int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
+        the shift is known (``requantize_chunks``: half the memory of the int64 result), every
+        other product from its exact result (a float one without an int64 copy). ``reduce_max``:
+        as in ``product_to_int8``."""
+        return self._product_to_narrow(name, args, 16, reduce_max)
+
+    def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._EXACT_PRODUCTS:
-            raise ValueError(f"product_to_int8 takes one of {', '.join(self._EXACT_PRODUCTS)}, "
+            raise ValueError(f"product_to_int{bits} takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
-        in_chunks = self._CONVS_IN_CHUNKS.get(name)
+        in_chunks = self._CONVS_IN_CHUNKS[bits].get(name)
         chunked = in_chunks(self, *args) if in_chunks is not None else None
         if chunked is not None:
-            return requantize_chunks(*chunked, reduce_max=reduce_max)
+            return requantize_chunks(*chunked, reduce_max=reduce_max, bits=bits)
         exact, _ = self._EXACT_PRODUCTS[name](self, *args)
-        return exact_to_narrow(exact, reduce_max)
+        return exact_to_narrow(exact, reduce_max, bits=bits)
 
 
 def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
