@@ -33,6 +33,7 @@ import torch
 
 from intrain.kernels import PRODUCTS, Backend, CpuBackend, CpuSettings
 from intrain.kernels.cpu import has_amx
+from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_int_model
 from intrain.numeric.qtensor import QTensor
@@ -57,15 +58,16 @@ class Tuning:
     products: tuple[str, ...]  # the products it can change
     base: dict  # the settings it is measured under (besides the defaults)
     memory: bool = False  # also measure the peak memory
-    amx_only: bool = False  # without AMX-INT8 the automatic choice never reaches it
+    int8_units_only: bool = False  # where the int8 GEMM does not pay, the automatic choice never reaches it
     dense: bool = False  # also on the steps with dense errors (see with_dense_errors)
 
 
 TUNINGS = {
     "use_int8_gemm": Tuning((None, False, True), PRODUCTS, {}),
-    "int8_gemm_min_channels": Tuning((1, 16, 32, 64, NEVER), CONV, {}, amx_only=True),
+    "int8_gemm_min_channels": Tuning((1, 16, 32, 64, NEVER), CONV, {}, int8_units_only=True),
     "int8_gemm_chunk_bytes": Tuning((2**20, 2**22, 2**24, 2**26, 2**28), CONV, {}, memory=True,
-                                    amx_only=True),
+                                    int8_units_only=True),
+    "direct_conv_max_columns": Tuning((0, 9, 25, 32), CONV, {}, memory=True),
     "max_f32_blocks_mm": Tuning((1, 2, 3, 4, 8, 64), LINEAR, FLOAT_PATH),
     "max_f32_blocks_conv": Tuning((1, 4, 8, 16, 32, 64), CONV, FLOAT_PATH, dense=True),
     "min_samples_per_block": Tuning((1, 2, 3, 4, 8, NEVER), WEIGHT_GRAD, FLOAT_PATH, dense=True),
@@ -129,9 +131,9 @@ class Recorder(Backend):
             copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             self.calls.append(Call(_label(product, args), product, copies, requantised))
 
-    def product_to_int8(self, product: str, *args):
+    def product_to_int8(self, product: str, *args, reduce_max=None):
         self._record(product, args, True)
-        return self.inner.product_to_int8(product, *args)
+        return self.inner.product_to_int8(product, *args, reduce_max=reduce_max)
 
 
 def _recording(product: str):
@@ -232,9 +234,9 @@ def measure(name: str, steps: dict[str, list[Call]], repeats: int, min_seconds: 
     under = ", ".join(f"{k}={_show(v)}" for k, v in tuning.base.items()) or "the defaults"
     print(f"\n== {name} = {_show(chosen)} (measured under {under}; "
           f"python benchmarks/cpu_tuning.py --only {name})")
-    if tuning.amx_only and not has_amx():
-        print("   no AMX-INT8 here: the automatic choice never takes the int8 GEMM, so this "
-              "constant changes nothing on this CPU")
+    if tuning.int8_units_only and not int8_gemm_pays():
+        print("   the int8 GEMM measured below 2x float32 here: the automatic choice never takes it, "
+              "so this constant changes nothing on this CPU")
     header = "".join(f"{_show(v) + ('*' if i == at else ''):>9}"
                      for i, v in enumerate(tuning.values))
     print(f"   {'time / time at the chosen value (*)':56s}{header}   chosen")
@@ -256,7 +258,7 @@ def measure(name: str, steps: dict[str, list[Call]], repeats: int, min_seconds: 
             prefix = label if label.endswith("total") else f"{model_name} {label}"
             print(f"   {prefix:56s}{ratios}   {times[at] * 1e3:8.2f} ms")
         if tuning.memory:
-            peaks = [_peak_live_bytes(lambda be=be: [c.run(be) for c in calls])
+            peaks = [_peak_live_bytes(lambda be=be: lambda: [c.run(be) for c in calls])
                      for be in backends]
             ratios = "".join(f"{p / peaks[at]:9.2f}" for p in peaks)
             print(f"   {model_name + ' peak memory':56s}{ratios}   {peaks[at] / 2**20:8.2f} MiB")

@@ -274,7 +274,8 @@ def main() -> None:
     parser.add_argument("--int8-gemm", choices=("auto", "on", "off"), default="auto",
                         help="cpu backend: int8 products through torch._int_mm (auto: where it "
                              "measured at least 2x float32 on this machine, for wide enough layers), or "
-                             "always, or never (off: the float path, as on CPUs without such units)")
+                             "always, or never (off: the float path and the direct C kernels of first layers, as on CPUs "
+                             "without such units)")
     parser.add_argument("--arith", choices=("int8", "dfp16"), default="int8",
                         help="integer method to time against the float32 twin: NITI int8 (default) or DFP16")
     parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",

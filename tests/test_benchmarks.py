@@ -60,3 +60,12 @@ def test_bn_statistics_script_rebuilds_running_statistics(tmp_path):
     assert float(out.split("rebuilt as the training loop does")[1].split("%")[0]) == saved
     for shift in (1, 2):
         assert f"shift {shift} (window ~" in out and "spread" in out
+
+
+def test_cpu_tuning_script_measures_a_constant():
+    """The tuning script replays a recorded step's products under each value of a constant (it
+    once broke silently when product_to_int8 grew an argument)."""
+    out = run_script("cpu_tuning.py", "--only", "direct_conv_max_columns", "--model", "lenet5", "--repeats", "1",
+                     "--min-seconds", "0", "--steps-before", "0")
+    assert "== direct_conv_max_columns = 32" in out
+    assert "lenet5 conv 1->6 28x28 forward" in out and "lenet5 peak memory" in out

@@ -39,8 +39,9 @@ SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
 
-#: The cpu backend's float path (what a CPU without AMX runs), whatever this machine would pick.
-FLOAT_PATH = CpuSettings(use_int8_gemm=False)
+#: The cpu backend's float path, whatever this machine would pick: no int8 GEMM, and no direct
+#: convolutions of few input channels (``CPU_DIRECT`` has those).
+FLOAT_PATH = CpuSettings(use_int8_gemm=False, direct_conv_max_columns=0)
 
 
 def cpu_paths(tuned: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits()
@@ -52,9 +53,12 @@ def cpu_paths(tuned: CpuSettings = FLOAT_PATH, limits: FloatLimits = FloatLimits
 
 
 CPU, CPU_INT8 = cpu_paths()
+#: The float path with the direct convolutions of few input channels: what a CPU without int8
+#: GEMM units runs (float budgets do not concern those kernels).
+CPU_DIRECT = CpuBackend(replace(FLOAT_PATH, direct_conv_max_columns=32))
 INT_MM = CudaBackend()
 #: The reference functions and every backend path, for checks they must all pass.
-ALL = (REF, CPU, CPU_INT8, INT_MM)
+ALL = (REF, CPU, CPU_INT8, CPU_DIRECT, INT_MM)
 LIMITS = FloatLimits()
 
 
@@ -95,7 +99,7 @@ def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: boo
     return cpu_paths(tuned, FloatLimits(f32, f64))
 
 
-def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8)) -> None:
+def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8, CPU_DIRECT)) -> None:
     """cpu's product_to_int8 gives the bits of requantising the reference accumulator."""
     expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64))
     for cpu in paths:
@@ -104,8 +108,8 @@ def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8)) -> None:
         assert_same(shift, expected.e)
 
 
-def both(name: str, *args, paths=(CPU, CPU_INT8)):
-    """The cpu backend, on its float path and on its int8 GEMM path, equals the reference."""
+def both(name: str, *args, paths=(CPU, CPU_INT8, CPU_DIRECT)):
+    """The cpu backend, on each of its paths (``cpu_paths``), equals the reference."""
     r = getattr(REF, name)(*args)
     for cpu in paths:
         assert_same(getattr(cpu, name)(*args), r)
@@ -675,6 +679,37 @@ def test_cpu_product_to_int16_never_makes_the_whole_int64_result(monkeypatch):
         assert_same(values, want.v)
         assert_same(shift, want.e)
     assert len(chunked) == 2
+
+
+@pytest.mark.skipif(not native.available(), reason="numeric/native.c not built here")
+@pytest.mark.parametrize("chunk_bytes", [2**22, 2**12])
+def test_cpu_first_layers_take_the_direct_convolutions(chunk_bytes, monkeypatch):
+    """Stride-1 convolutions of int8 operands with at most 32 products per output (LeNet-5's first
+    layer, 1 -> 6 channels at 5x5; VGG's and ResNet's, 3 channels at 3x3) run forward and weight
+    gradient on the direct C kernels under the default settings, requantised whole or a chunk of
+    samples at a time, with the reference's bits; -128 everywhere in one sample. Strided ones,
+    wider ones and a backend with the kernels switched off take another path."""
+    taken = []
+    for name in ("conv_direct_forward", "conv_direct_weight_grad"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _real=real, _name=name: taken.append(_name) or _real(*a))
+    backend = CpuBackend(CpuSettings(float_chunk_bytes=chunk_bytes))
+    gen = torch.Generator().manual_seed(17)
+    for c, o, k, pad in ((1, 6, 5, 2), (3, 16, 3, 1)):
+        x = torch.randint(-128, 128, (5, c, 12, 12), generator=gen).to(torch.int8)
+        wt = torch.randint(-128, 128, (o, c, k, k), generator=gen).to(torch.int8)
+        d = torch.randint(-128, 128, (5, o, 12, 12), generator=gen).to(torch.int8)
+        x[1], wt[0], d[1] = -128, -128, -128
+        taken.clear()
+        assert_requantized_same("conv2d_forward", x, wt, 1, pad, paths=(backend,))
+        both("conv2d_forward", x, wt, 1, pad, paths=(backend,))
+        both("conv2d_backward_weight", d, x, k, 1, pad, paths=(backend,))
+        assert taken == ["conv_direct_forward"] * (2 if chunk_bytes == 2**22 else 5 + 1) + ["conv_direct_weight_grad"]
+        taken.clear()
+        both("conv2d_forward", x, wt, 2, pad, paths=(backend,))
+        both("conv2d_forward", x.repeat(1, 4, 1, 1), wt.repeat(1, 4, 1, 1), 1, pad, paths=(backend,))
+        both("conv2d_forward", x, wt, 1, pad, paths=(CPU,))
+        assert taken == []
 
 
 def test_cpu_product_to_int8_rejects_other_products():

@@ -332,3 +332,114 @@ def test_max_pool(dtype, kernel_size):
                 fast._argmax = argmax
     assert native.max_pool(torch.zeros(2, 3, 4, 4, dtype=torch.int32), 2, True) is None  # not int8/int16
     assert native.max_pool(torch.zeros(2, 3, 4, 4, dtype=torch.int8).transpose(2, 3), 2, True) is None
+
+
+@st.composite
+def direct_conv_shapes(draw):
+    """A stride-1 convolution the direct kernels take: at most 32 products per output."""
+    kh, kw = draw(st.integers(1, 5)), draw(st.integers(1, 5))
+    c = draw(st.integers(1, max(1, 32 // (kh * kw))))
+    ph, pw = draw(st.integers(0, 2)), draw(st.integers(0, 2))
+    h = max(1, kh - 2 * ph + draw(st.integers(0, 9)))
+    w = max(1, kw - 2 * pw + draw(st.integers(0, 9)))
+    return draw(st.integers(1, 5)), c, draw(st.integers(1, 7)), h, w, (kh, kw), (ph, pw)
+
+
+def _int8_operand(generator: torch.Generator, shape, mode: str) -> torch.Tensor:
+    """int8 values: uniform over [-128, 127], or only the ends -128 and 127."""
+    if mode == "uniform":
+        return torch.randint(-128, 128, shape, generator=generator).to(torch.int8)
+    return (torch.randint(0, 2, shape, generator=generator) * 255 - 128).to(torch.int8)
+
+
+@needs_native
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(shape=direct_conv_shapes(), mode=st.sampled_from(["uniform", "ends"]), seed=st.integers(0, 2**31 - 1),
+       layout=st.sampled_from(["contiguous", "channels last"]))
+def test_direct_convolutions_match_reference(shape, mode, seed, layout):
+    """The direct convolutions of few input channels (forward, weight gradient) are the
+    reference's integers, for any kernel, padding and size they take, -128 included, and for
+    operands in another memory layout."""
+    from intrain.kernels import reference
+
+    n, c, o, h, w, kernel_hw, padding = shape
+    generator = torch.Generator().manual_seed(seed)
+    x = _int8_operand(generator, (n, c, h, w), mode)
+    weight = _int8_operand(generator, (o, c, *kernel_hw), mode)
+    ho, wo = h + 2 * padding[0] - kernel_hw[0] + 1, w + 2 * padding[1] - kernel_hw[1] + 1
+    d = _int8_operand(generator, (n, o, ho, wo), mode)
+    if layout == "channels last":
+        x, d = (t.contiguous(memory_format=torch.channels_last) for t in (x, d))
+    assert native.direct_conv_applies(x, weight, kernel_hw, padding)
+    forward = native.conv_direct_forward(x, weight, padding)
+    assert forward.dtype == torch.int32
+    assert torch.equal(forward, reference.conv2d_forward(x, weight, 1, padding))
+    assert native.direct_conv_applies(x, d, kernel_hw, padding)
+    grad = native.conv_direct_weight_grad(d, x, kernel_hw, padding)
+    assert grad.dtype == torch.int64
+    assert torch.equal(grad, reference.conv2d_backward_weight(d, x, kernel_hw, 1, padding).to(torch.int64))
+
+
+@needs_native
+def test_direct_weight_grad_at_its_longest_plane():
+    """The worst case of the direct weight gradient's int32 sums: a plane of 131,071 output
+    positions (the most it takes) with every operand -128, so one sample's sum for the middle tap
+    is 131,071 * 2**14 = 2**31 - 2**14; the next size up and a 33rd product per output are
+    refused (the backend then takes another path)."""
+    from intrain.kernels import reference
+
+    x = torch.full((2, 1, 1, native.DIRECT_MAX_POSITIONS), -128, dtype=torch.int8)
+    d = torch.full((2, 1, 1, native.DIRECT_MAX_POSITIONS), -128, dtype=torch.int8)
+    grad = native.conv_direct_weight_grad(d, x, (1, 3), (0, 1))
+    assert grad[0, 0, 0, 1] == 2 * (2**31 - 2**14)
+    assert torch.equal(grad, reference.conv2d_backward_weight(d, x, (1, 3), 1, (0, 1)).to(torch.int64))
+    assert not native.direct_conv_applies(torch.zeros((1, 1, 1, native.DIRECT_MAX_POSITIONS + 1), dtype=torch.int8),
+                                          d, (1, 1), (0, 0))
+    assert not native.direct_conv_applies(torch.zeros((1, 33, 4, 4), dtype=torch.int8),
+                                          torch.zeros((2, 33, 1, 1), dtype=torch.int8), (1, 1), (0, 0))
+    assert not native.direct_conv_applies(x.to(torch.int16), d.to(torch.int16), (1, 3), (0, 1))
+
+
+def _chunk_of_magnitude(generator: torch.Generator, scale: int, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    """Random values of magnitude at most ``scale``, with +-scale, 0, -1, and the ties of the
+    shift that a product of this magnitude gets (and their neighbours)."""
+    v = torch.randint(-scale, scale + 1, (3, 4, 5, 6), generator=generator, dtype=torch.int64)
+    flat = v.view(-1)
+    s = max(scale.bit_length() - (bits - 1), 1)
+    half = 2 ** (s - 1)
+    special = torch.tensor([scale, -scale, 0, -1, half, -half, 3 * half, -3 * half, half - 1, 1 - half])
+    flat[:len(special)] = special.clamp(-scale, scale)
+    return v.to(dtype)
+
+
+@needs_native
+@pytest.mark.parametrize("bits", (8, 16))
+@pytest.mark.parametrize("layout", ("contiguous", "channels last"))
+def test_requantize_chunks_keeps_and_rounds_integer_chunks_in_c(bits, layout):
+    """``requantize_chunks`` keeps integer chunks (int32 for 8-bit results, int64 for 16-bit ones)
+    and rounds them with the C kernels (``native.floor_shift``, ``native.round_kept``), giving the
+    PyTorch code's values, memory layout and shift: chunks of very different magnitudes (each its
+    own kept shift; the largest at the promised maximum 2**31 - 1 or 2**62 - 1), ties of the final
+    shift and their neighbours, and products small enough for no shift at all."""
+    from intrain.kernels.cpu.chunks import requantize_chunks
+
+    dtype = torch.int32 if bits == 8 else torch.int64
+    top = 2**31 - 1 if bits == 8 else 2**62 - 1
+    generator = torch.Generator().manual_seed(bits)
+    applied = []
+    spies = {}
+    for kernel in ("floor_shift", "round_kept"):
+        real = getattr(native, kernel)
+        spies[kernel] = lambda *a, _real=real, _name=kernel: applied.append((_name, _real(*a))) or applied[-1][1]
+    for scales in ((top, 2**20, 5, 2**25), (100, 3), (2 ** (bits - 1) - 1, 1)):
+        chunks = [_chunk_of_magnitude(generator, scale, bits, dtype) for scale in scales]
+        if layout == "channels last":
+            chunks = [c.contiguous(memory_format=torch.channels_last) for c in chunks]
+        n = 3 * len(chunks)
+        applied.clear()
+        with mock.patch.multiple(native, **spies):
+            fast = requantize_chunks(n, [(3 * i, c.clone()) for i, c in enumerate(chunks)], bits=bits)
+        assert applied == [("floor_shift", True)] * len(chunks) + [("round_kept", True)] * len(chunks)
+        slow = torch_only(requantize_chunks, n, [(3 * i, c.clone()) for i, c in enumerate(chunks)], bits=bits)
+        assert torch.equal(fast[0], slow[0]) and fast[0].dtype == slow[0].dtype
+        assert fast[0].stride() == slow[0].stride() and int(fast[1]) == int(slow[1])

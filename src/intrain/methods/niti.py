@@ -88,7 +88,9 @@ class NitiOptions:
     int8_gemm: str = option(
         "auto", help="cpu backend: int8 products on this CPU's int8 GEMM units (torch._int_mm) 'on', exactly on its "
                      "float units 'off', or 'auto': on where the int8 GEMM measured at least 2x float32 here (once "
-                     "per machine, cached); the results are bit-identical either way", choices=("auto", "on", "off"))
+                     "per machine, cached), for layers of 32 channels or more; except with 'on', first layers of "
+                     "1-3 channels run on direct integer kernels in C; the results are bit-identical either way",
+        choices=("auto", "on", "off"))
     weight_bits: int = option(
         8, help="16 keeps an int16 master copy of every weight that takes the updates, while all products "
                 "use its upper 8 bits (NITI's 16-bit weight accumulation)", parse=int, choices=tuple(WEIGHT_BITS))

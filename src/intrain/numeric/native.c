@@ -10,10 +10,14 @@
  *     path), converted to int64 exactly;
  *   - shifts: 0 <= shift < the bit width of the type the arithmetic runs in (int64 here for
  *     everything but nearest rounding of int16/int32, which runs in the input's own type);
- *     stochastic shifts are at most 31 (the noise is the top bits of one 32-bit draw).
+ *     stochastic shifts are at most 31 (the noise is the top bits of one 32-bit draw);
+ *   - direct convolutions: int8 operands, at most 32 products per output (C * kh * kw) and at
+ *     most 131,071 output positions per plane (Ho * Wo), see that section.
  * Right shifts of negative values are arithmetic (gcc and clang, every target they support).
  */
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 /* Nearest rounding of a / 2**s, ties away from zero, without adding 2**(s-1) to |a| (which
  * could wrap): with b = a - 1 for a < 0 (else a) and t = b >> (s - 1), the result is
@@ -282,6 +286,46 @@ MAX_POOL_BACKWARD(i8, int8_t)
 MAX_POOL_BACKWARD(i16, int16_t)
 MAX_POOL_BACKWARD(i32, int32_t)
 
+/* ------------------------- products kept a chunk at a time until their shift is known (kernels/cpu/chunks.py) */
+
+/* Keeping an integer chunk: t = floor(b / 2**k), b = y - 1 for y < 0 (else y), narrowed to the
+ * storage type (int32 -> int16 for 8-bit results, int64 -> int32 for 16-bit ones). The caller
+ * promises y > the type's minimum (so b does not wrap) and |y| < 2**(Q + k), Q the storage
+ * type's magnitude bits, so t fits it (chunks.py's requantize_chunks has the proofs). */
+#define FLOOR_SHIFT(NAME, T, BITS, O)                                                 \
+    void intrain_floor_shift_##NAME(const T *a, O *out, int64_t n, int k) {           \
+        for (int64_t i = 0; i < n; i++) {                                             \
+            T b = (T)(a[i] + (a[i] >> ((BITS) - 1)));                                 \
+            out[i] = (O)(b >> k);                                                     \
+        }                                                                             \
+    }
+
+FLOOR_SHIFT(i32_i16, int32_t, 32, int16_t)
+FLOOR_SHIFT(i64_i32, int64_t, 64, int32_t)
+
+/* Rounding a kept chunk by m more bits: floor((t + 2**(m-1)) / 2**m) as u - floor(u / 2) with
+ * u = floor(t / 2**(m-1)) for m >= 1; for m = 0 (nothing was shifted, t = b) y itself, t + 1
+ * where t < 0. Clipped to +-limit and narrowed. m may exceed the type's width (a chunk far
+ * smaller than the largest): shifting by BITS - 1 gives the same u, 0 or -1. */
+#define ROUND_KEPT(NAME, T, BITS, O)                                                  \
+    void intrain_round_kept_##NAME(const T *t, O *out, int64_t n, int m, int64_t limit) { \
+        const T lim = (T)limit;                                                       \
+        const int sh = m - 1 < (BITS) - 1 ? m - 1 : (BITS) - 1;                       \
+        for (int64_t i = 0; i < n; i++) {                                             \
+            T r;                                                                      \
+            if (m == 0) {                                                             \
+                r = (T)(t[i] - (t[i] >> ((BITS) - 1)));                               \
+            } else {                                                                  \
+                T u = (T)(t[i] >> sh);                                                \
+                r = (T)(u - (u >> 1));                                                \
+            }                                                                         \
+            out[i] = (O)CLAMP(r, lim);                                                \
+        }                                                                             \
+    }
+
+ROUND_KEPT(i16_i8, int16_t, 16, int8_t)
+ROUND_KEPT(i32_i16, int32_t, 32, int16_t)
+
 /* ------------------------------- int16 products from their int8 halves (kernels/int16_gemm.py) */
 
 /* out (+)= 65536 hh + 256 (c1 + c2) + ll + rows[r] + cols[j] for row r < m and column j < n, the
@@ -361,4 +405,104 @@ void intrain_wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *o
         const int64_t r = NEAREST(int64_t, 64, t, shift);
         out[i] = (int32_t)CLAMP(r, lim);
     }
+}
+
+/* ---------------------------- direct convolutions of few input channels (kernels/cpu/backend.py) */
+
+/* A stride-1 convolution whose kernel covers few values (C * kh * kw <= 32: a first layer on
+ * 1 or 3 image channels) is a poor GEMM: im2col copies every input value kh * kw times to feed
+ * a reduction too short to pay for it, and oneDNN's float kernels run such layers at a few
+ * GMAC/s. Here each input plane is zero-padded once into an int16 buffer of rows wp = W + 2 pw
+ * wide, and every output plane is computed over the flat index t = y * wp + x of that buffer
+ * (x < wp, so wp - Wo columns per row are computed and thrown away): for each tap (i, j) the
+ * contribution is one long vector loop acc[t] += w[i, j] * pad[t + i * wp + j].
+ *
+ * Integer ranges: operands are int8, so a product has magnitude at most 2**14 (-128 * -128).
+ * Forward: an output is a sum of C * kh * kw <= 32 products (the discarded columns too), at
+ * most 2**19 in int32. Weight gradient: the errors are copied into the same flat layout with
+ * zeros in the discarded columns, so a sample's sum for one weight has at most Ho * Wo <=
+ * 131,071 nonzero products, below 2**31 in magnitude; samples are added in int64. The buffers
+ * have kw spare elements after the last row, as far as t + i * wp + j reaches. */
+
+static void pad_planes(const int8_t *x, int16_t *pad, int64_t planes, int64_t h, int64_t wd,
+                       int64_t ph, int64_t pw, int64_t wp, int64_t plane) {
+    for (int64_t q = 0; q < planes; q++)
+        for (int64_t y = 0; y < h; y++) {
+            int16_t *row = pad + q * plane + (y + ph) * wp + pw;
+            const int8_t *src = x + (q * h + y) * wd;
+            for (int64_t c = 0; c < wd; c++) row[c] = src[c];
+        }
+}
+
+/* out[s, o] for samples [0, n): x int8 [n, c, h, wd], w int8 [o, c, kh, kw], out int32
+ * [n, o, ho, wo]. Returns 0, or -1 when a buffer could not be allocated (nothing written). */
+int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, int64_t n, int64_t c,
+                                int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                                int64_t pw) {
+    const int64_t wp = wd + 2 * pw, ho = h + 2 * ph - kh + 1, wo = wp - kw + 1;
+    const int64_t plane = (h + 2 * ph) * wp + kw, span = ho * wp;
+    int16_t *pad = calloc(c * plane, sizeof(int16_t));
+    int32_t *acc = malloc(span * sizeof(int32_t));
+    if (pad == NULL || acc == NULL) {
+        free(pad);
+        free(acc);
+        return -1;
+    }
+    for (int64_t s = 0; s < n; s++) {
+        pad_planes(x + s * c * h * wd, pad, c, h, wd, ph, pw, wp, plane);
+        for (int64_t oc = 0; oc < o; oc++) {
+            memset(acc, 0, span * sizeof(int32_t));
+            for (int64_t ci = 0; ci < c; ci++)
+                for (int64_t i = 0; i < kh; i++)
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int32_t weight = w[((oc * c + ci) * kh + i) * kw + j];
+                        const int16_t *src = pad + ci * plane + i * wp + j;
+                        for (int64_t t = 0; t < span; t++) acc[t] += weight * src[t];
+                    }
+            int32_t *dst = out + (s * o + oc) * ho * wo;
+            for (int64_t y = 0; y < ho; y++) memcpy(dst + y * wo, acc + y * wp, wo * sizeof(int32_t));
+        }
+    }
+    free(pad);
+    free(acc);
+    return 0;
+}
+
+/* dw[o, c, i, j] = sum over samples [0, n) and positions of d[s, o, y, x] * xpad[s, c, y + i, x + j]
+ * (d int8 [n, o, ho, wo], x int8 [n, c, h, wd]), into int64 dw [o, c, kh, kw] (overwritten).
+ * Returns 0, or -1 when a buffer could not be allocated (dw untouched). */
+int intrain_conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *dw, int64_t n, int64_t c,
+                                    int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                                    int64_t pw) {
+    const int64_t wp = wd + 2 * pw, ho = h + 2 * ph - kh + 1, wo = wp - kw + 1;
+    const int64_t plane = (h + 2 * ph) * wp + kw, span = ho * wp;
+    int16_t *pad = calloc(c * plane, sizeof(int16_t));
+    int16_t *errors = calloc(o * span, sizeof(int16_t));
+    if (pad == NULL || errors == NULL) {
+        free(pad);
+        free(errors);
+        return -1;
+    }
+    memset(dw, 0, o * c * kh * kw * sizeof(int64_t));
+    for (int64_t s = 0; s < n; s++) {
+        pad_planes(x + s * c * h * wd, pad, c, h, wd, ph, pw, wp, plane);
+        for (int64_t oc = 0; oc < o; oc++)
+            for (int64_t y = 0; y < ho; y++) {
+                int16_t *row = errors + oc * span + y * wp;
+                const int8_t *src = d + ((s * o + oc) * ho + y) * wo;
+                for (int64_t col = 0; col < wo; col++) row[col] = src[col];
+            }
+        for (int64_t oc = 0; oc < o; oc++)
+            for (int64_t ci = 0; ci < c; ci++)
+                for (int64_t i = 0; i < kh; i++)
+                    for (int64_t j = 0; j < kw; j++) {
+                        const int16_t *src = pad + ci * plane + i * wp + j, *err = errors + oc * span;
+                        int32_t total = 0;
+                        for (int64_t t = 0; t < span; t++) total += err[t] * src[t];
+                        dw[((oc * c + ci) * kh + i) * kw + j] += total;
+                    }
+    }
+    free(pad);
+    free(errors);
+    return 0;
 }

@@ -1,7 +1,9 @@
 """One-pass C kernels for the elementwise integer work of a training step on CPU tensors
 (``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
 ``methods.update``, ``methods.averaging``, ``methods.loss``, ``layers.pooling``,
-``kernels.int16_gemm`` and ``numeric.wide``.
+``kernels.int16_gemm`` and ``numeric.wide``; and direct convolutions of int8 operands with few
+input channels (``conv_direct_forward``, ``conv_direct_weight_grad``), which the cpu backend
+takes instead of float or GEMM products for first layers.
 
 Why: on a small model a training step is mostly fixed cost per tensor operation. Nearest
 requantisation of an int32 accumulator is five PyTorch passes (sign mask, add, shift, halve,
@@ -141,6 +143,13 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n], n
     lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n]
     lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n]
+    for pair in ("i32_i16", "i64_i32"):
+        getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i]
+    for pair in ("i16_i8", "i32_i16"):
+        getattr(lib, f"intrain_round_kept_{pair}").argtypes = [p, p, n, i, n]
+    for name in ("intrain_conv_direct_forward", "intrain_conv_direct_weight_grad"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = [p, p, p] + [n] * 9, i
 
 
 @functools.cache
@@ -369,6 +378,44 @@ def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     return True
 
 
+def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Both CPU tensors of one shape and strides, dense in row-major or channels-last order."""
+    if not (a.is_cpu and b.is_cpu and a.shape == b.shape and a.stride() == b.stride()):
+        return False
+    return a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
+
+
+_FLOOR_SHIFT = {(torch.int32, torch.int16): "i32_i16", (torch.int64, torch.int32): "i64_i32"}
+_ROUND_KEPT = {(torch.int16, torch.int8): "i16_i8", (torch.int32, torch.int16): "i32_i16"}
+
+
+def floor_shift(part: torch.Tensor, k: int, out: torch.Tensor) -> bool:
+    """``kernels.cpu.chunks``' keeping of an integer chunk, ``out = floor(b / 2**k)`` (b: y - 1
+    where y < 0), int32 -> int16 or int64 -> int32, in one pass; False (nothing done) where the
+    kernel does not apply (it needs ``part`` and ``out`` in one dense memory layout)."""
+    lib = library()
+    pair = _FLOOR_SHIFT.get((part.dtype, out.dtype))
+    if lib is None or pair is None or not _same_dense_layout(part, out) or not 0 <= k < part.element_size() * 8:
+        return False
+    fn, src, dst, size = getattr(lib, f"intrain_floor_shift_{pair}"), part.data_ptr(), out.data_ptr(), part.element_size()
+    _split(lambda lo, hi: fn(src + size * lo, dst + out.element_size() * lo, hi - lo, k), part.numel())
+    return True
+
+
+def round_kept(kept: torch.Tensor, m: int, limit: int, out: torch.Tensor) -> bool:
+    """``kernels.cpu.chunks``' rounding of a kept chunk by ``m`` more bits, clipped to +-``limit``,
+    int16 -> int8 or int32 -> int16, in one pass; False (nothing done) where the kernel does not
+    apply (it needs ``kept`` and ``out`` in one dense memory layout)."""
+    lib = library()
+    pair = _ROUND_KEPT.get((kept.dtype, out.dtype))
+    if lib is None or pair is None or not _same_dense_layout(kept, out) or not 0 <= m < 64:
+        return False
+    fn, src, dst = getattr(lib, f"intrain_round_kept_{pair}"), kept.data_ptr(), out.data_ptr()
+    _split(lambda lo, hi: fn(src + kept.element_size() * lo, dst + out.element_size() * lo, hi - lo, m, limit),
+           kept.numel())
+    return True
+
+
 #: Magnitude bits of a wide value (``numeric.wide.VALUE_BITS``).
 _WIDE_BITS = 31
 
@@ -406,3 +453,81 @@ def wide_scale(v: torch.Tensor, factor: int) -> tuple[torch.Tensor, int] | None:
     src, dst = v.data_ptr(), values.data_ptr()
     _split(lambda lo, hi: lib.intrain_wide_scale_round(src + 4 * lo, factor, shift, dst + 4 * lo, hi - lo), v.numel())
     return values, shift
+
+
+#: Most products per output a direct convolution takes (C * kh * kw; ``native.c``'s ranges).
+DIRECT_MAX_COLUMNS = 32
+#: Most output positions per plane (Ho * Wo) of a direct convolution: a sample's sum for one
+#: weight gradient entry then stays below 2**31 (``native.c``).
+DIRECT_MAX_POSITIONS = 131071
+
+
+def direct_conv_applies(x: torch.Tensor, other: torch.Tensor, kernel_hw: tuple[int, int],
+                        padding: tuple[int, int]) -> bool:
+    """Whether the direct convolution kernels take a stride-1 convolution of ``x`` [N, C, H, W]
+    with ``other`` (its weight, or for a weight gradient its errors) and ``kernel_hw``: compiled
+    kernels, int8 CPU operands (in any layout: the kernels copy others to contiguous ones), at
+    most ``DIRECT_MAX_COLUMNS`` products per output and ``DIRECT_MAX_POSITIONS`` output positions
+    per plane."""
+    if (library() is None or x.dim() != 4 or other.dim() != 4 or x.dtype != torch.int8
+            or other.dtype != torch.int8 or not x.is_cpu or not other.is_cpu):
+        return False
+    (kh, kw), (ph, pw) = kernel_hw, padding
+    ho, wo = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
+    return (x.shape[1] * kh * kw <= DIRECT_MAX_COLUMNS and ph >= 0 and pw >= 0 and ho >= 1 and wo >= 1
+            and ho * wo <= DIRECT_MAX_POSITIONS)
+
+
+def _direct_call(function, first: int, *pointers_and_sizes) -> None:
+    if function(*pointers_and_sizes):
+        raise MemoryError(f"{function.__name__}: no memory for the buffers of samples from {first}")
+
+
+def conv_direct_forward(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int],
+                        out: torch.Tensor | None = None) -> torch.Tensor:
+    """``conv2d(x, w, stride 1, padding)`` for int8 x [N, C, H, W] and w [O, C, kh, kw] that
+    ``direct_conv_applies`` to, as int32 [N, O, Ho, Wo], computed directly (``native.c``), into
+    ``out`` when given (contiguous int32 of that shape: a buffer that chunks of samples reuse,
+    so that its pages are not faulted in anew for each). Threads take contiguous ranges of
+    samples."""
+    x, w = x.contiguous(), w.contiguous()
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    (ph, pw) = padding
+    ho, wo = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    if out is None:
+        out = torch.empty((n, o, ho, wo), dtype=torch.int32)
+    elif out.shape != (n, o, ho, wo) or out.dtype != torch.int32 or not out.is_contiguous():
+        raise ValueError(f"conv_direct_forward writes int32 {(n, o, ho, wo)} contiguous, not {out.dtype} "
+                         f"{tuple(out.shape)}")
+    lib, xp, wptr, op = library(), x.data_ptr(), w.data_ptr(), out.data_ptr()
+    _split(lambda lo, hi: _direct_call(lib.intrain_conv_direct_forward, lo, xp + lo * c * h * wd, wptr,
+                                       op + 4 * lo * o * ho * wo, hi - lo, c, h, wd, o, kh, kw, ph, pw),
+           n, o * ho * wo * c * kh * kw)
+    return out
+
+
+def conv_direct_weight_grad(d: torch.Tensor, x: torch.Tensor, kernel_hw: tuple[int, int],
+                            padding: tuple[int, int]) -> torch.Tensor:
+    """The stride-1 weight gradient ``sum_n,y,x d[n, o, y, x] * x_padded[n, c, y + i, x + j]`` for
+    int8 d [N, O, Ho, Wo] and x [N, C, H, W] that ``direct_conv_applies`` to, as int64 [O, C, kh,
+    kw], computed directly (``native.c``). Threads take contiguous ranges of samples and their
+    int64 sums are added: the same integers for any thread count."""
+    d, x = d.contiguous(), x.contiguous()
+    n, c, h, wd = x.shape
+    o = d.shape[1]
+    (kh, kw), (ph, pw) = kernel_hw, padding
+    ho, wo = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    lib, dp, xp = library(), d.data_ptr(), x.data_ptr()
+
+    def run(lo: int, hi: int) -> torch.Tensor:
+        part = torch.empty((o, c, kh, kw), dtype=torch.int64)
+        _direct_call(lib.intrain_conv_direct_weight_grad, lo, dp + lo * o * ho * wo, xp + lo * c * h * wd,
+                     part.data_ptr(), hi - lo, c, h, wd, o, kh, kw, ph, pw)
+        return part
+
+    parts = _split(run, n, o * ho * wo * c * kh * kw)
+    total = parts[0]
+    for part in parts[1:]:
+        total.add_(part)
+    return total

@@ -14,6 +14,13 @@ same error messages):
 * int16 operands (DFP16) on the same int8 GEMM units, where int8 products go there: each product
   as four int8 products of the operands' halves (``kernels.int16_gemm``), combined exactly in
   int64.
+* direct integer convolutions in C, where no int8 GEMM is taken: stride-1 convolutions of int8
+  operands with at most ``CpuSettings.direct_conv_max_columns`` (32) products per output, i.e.
+  first layers on 1 or 3 image channels (``numeric.native.conv_direct_forward`` and
+  ``conv_direct_weight_grad``: int16 vector loops over zero-padded planes, int32 sums that
+  provably cannot wrap, samples added in int64). Such layers are poor GEMMs (a reduction of 25 or
+  27 terms) and oneDNN runs them at a few GMAC/s in float32; the kernels are 2-3x faster there
+  (``benchmarks/cpu_tuning.py --only direct_conv_max_columns``).
 * float units, everywhere else: on CPUs without such units, float32 GEMM and oneDNN float32
   convolution run 10-50x faster than any integer path PyTorch offers (on an AMD Zen 3: int64
   matmul below 1 GOPS, ``torch._int_mm`` about 3 GOPS, per issue 3). This path feeds float copies

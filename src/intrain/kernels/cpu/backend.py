@@ -1,5 +1,6 @@
-"""The cpu backend's products (:class:`CpuBackend`): the int8 GEMM path, the float path's
-linear products and convolutions, and the products requantised straight to int8."""
+"""The cpu backend's products (:class:`CpuBackend`): the int8 GEMM path, the direct convolutions of
+first layers, the float path's linear products and convolutions, and the products requantised
+straight to int8."""
 
 from __future__ import annotations
 
@@ -224,7 +225,11 @@ class CpuBackend(Backend):
                        for n0, part in int8_gemm.conv_chunks(*conv))
         step = self._float_samples_per_chunk(o * ho * wo)
         if step >= n:
-            return None  # one float call; its result is requantised directly (exact_to_narrow)
+            return None  # one call; its result is requantised directly (exact_to_narrow)
+        if self._direct(x, w, s, p):
+            buffer = torch.empty((step, o, ho, wo), dtype=torch.int32)  # each chunk is kept before the next
+            return n, ((n0, native.conv_direct_forward(x[n0:n0 + step], w, p, buffer[:min(step, n - n0)]))
+                       for n0 in range(0, n, step))
         plan = self._forward_float_plan(x, w)
         if plan[0] is None:
             return None
@@ -251,6 +256,16 @@ class CpuBackend(Backend):
             return None
         return n, ((n0, self._backward_input_float_run(d[n0:n0 + step], w, hw, s, p, *plan))
                    for n0 in range(0, n, step))
+
+    def _direct(self, x: torch.Tensor, other: torch.Tensor, stride: IntPair, padding: IntPair,
+                kernel_hw: IntPair | None = None) -> bool:
+        """Whether a convolution of input ``x`` with ``other`` (its weight, or for a weight gradient
+        its errors, with ``kernel_hw``), where no int8 GEMM is taken, runs on the C kernels for few
+        input channels (``native.conv_direct_forward``): stride 1 and at most
+        ``direct_conv_max_columns`` products per output, besides what the kernels need."""
+        khw = tuple(other.shape[2:]) if kernel_hw is None else kernel_hw
+        return (stride == (1, 1) and x.shape[1] * khw[0] * khw[1] <= self.settings.direct_conv_max_columns
+                and native.direct_conv_applies(x, other, khw, padding))
 
     def _forward_as_int8_gemm(self, x: torch.Tensor, w: torch.Tensor, stride: IntPair = 1,
                               padding: IntPair = 0) -> tuple | None:
@@ -323,6 +338,8 @@ class CpuBackend(Backend):
         conv = self._forward_as_halves(x, w, stride, padding)
         if conv is not None:
             return int16_gemm.conv(*conv), out_dtype
+        if self._direct(x, w, s, p):
+            return native.conv_direct_forward(x, w, p), out_dtype
         plan = self._forward_float_plan(x, w)
         if plan[0] is None or n == 0:
             return _ref.conv2d_forward(x, w, s, p), out_dtype
@@ -463,6 +480,8 @@ class CpuBackend(Backend):
                                               self.settings.int8_gemm_chunk_bytes)
         if self._int16_halves(d, x, min(c, o)):
             return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes)
+        if self._direct(x, d, s, p, khw):
+            return native.conv_direct_weight_grad(d, x, khw, p).to(dtype)
         return float_weight_grad(d, x, khw, s, p, dtype, self.settings, self.limits)
 
     # ----------------------------------------------------------------- requantised products

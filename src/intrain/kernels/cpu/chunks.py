@@ -13,8 +13,9 @@ y (|y| < 2**31 for 8-bit results, < 2**62 for 16-bit ones), both proven in ``req
   exact in floats, and a truncating cast), rounded at the end by ``shift_round(t, s - k,
   "nearest")``;
 * integer chunks (int32 from the int8 GEMM, int64 from the int16 halves): ``t = floor(b / 2**k)``
-  with ``b = y - 1`` for y < 0 and ``b = y`` otherwise (three integer passes: sign, add, shift),
-  rounded at the end by ``floor((t + 2**(m-1)) / 2**m)`` with ``m = s - k``, computed as ``u -
+  with ``b = y - 1`` for y < 0 and ``b = y`` otherwise (three integer passes: sign, add, shift;
+  one in C, ``native.floor_shift``, where the chunk and its copy share a dense layout), rounded
+  at the end (``native.round_kept``, or PyTorch) by ``floor((t + 2**(m-1)) / 2**m)`` with ``m = s - k``, computed as ``u -
   floor(u / 2)`` with ``u = floor(t / 2**(m-1))`` (no intermediate leaves the storage type).
 
 The stored copy and the result take the memory order of the chunks: a channels-last product
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from intrain.numeric import native
 from intrain.numeric.requant import cpu_slices
 from intrain.numeric.rounding import max_bit_length, shift_round
 
@@ -70,14 +72,15 @@ def requantize_chunks(n: int, chunks, reduce_max=None, bits: int = 8) -> tuple[t
         k = max(chunk_bits - storage_bits, 0)
         if kept is None:
             kept = torch.empty_strided((n,) + part.shape[1:], _layout_strides(part, n), dtype=storage)
+        kept_chunk = kept[n0:n0 + part.shape[0]]
         if part.is_floating_point():
             if k:
                 part = part.mul_(2.0 ** -k)  # exact; the cast to the storage type truncates toward zero
-        else:
+            kept_chunk.copy_(part)
+        elif not native.floor_shift(part, k, kept_chunk):
             sign_bit = torch.iinfo(part.dtype).bits - 1
             floored = (part >> sign_bit).add_(part)  # b: y - 1 where y < 0
-            part = floored.bitwise_right_shift_(k) if k else floored
-        kept[n0:n0 + part.shape[0]] = part
+            kept_chunk.copy_(floored.bitwise_right_shift_(k) if k else floored)
         dropped.append((n0, part.shape[0], k, part.is_floating_point()))
         largest_bits = max(largest_bits, chunk_bits)
     if reduce_max is not None:
@@ -86,6 +89,8 @@ def requantize_chunks(n: int, chunks, reduce_max=None, bits: int = 8) -> tuple[t
     values = torch.empty_like(kept, dtype=result)
     for n0, rows, k, truncated in dropped:
         chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
+        if not truncated and native.round_kept(chunk_kept, shift - k, limit, chunk_values):
+            continue
         for sl in cpu_slices(chunk_kept):
             t = chunk_kept[sl]
             if truncated:

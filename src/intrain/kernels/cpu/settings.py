@@ -40,6 +40,15 @@ class CpuSettings:
     #: takes the float path): 1 MiB 1.77x [1.76x]; 16, 64, 256 MiB 0.96x, 0.89x, 0.99x [1.07x,
     #: 1.14x, 1.15x] at 1.35x, 2.01x, 2.17x the peak memory (127 MiB at 4 MiB).
     int8_gemm_chunk_bytes: int = 2**22
+    #: Stride-1 convolutions of int8 operands with at most this many products per output (C * kh
+    #: * kw; ``native.DIRECT_MAX_COLUMNS`` = 32 at most) and no int8 GEMM run forward and weight
+    #: gradient on the C kernels for few input channels (``native.conv_direct_forward``), else
+    #: on the float path. ``--only direct_conv_max_columns`` (one run of ``--repeats 6`` on an AMD
+    #: EPYC Zen 4 with AVX-512 VNNI, 2026-12-03, 1 thread; 0 = never): 0 and 9 make LeNet-5's
+    #: 1->6 layer 2.0-2.1x (forward) and 2.9-3.0x (weight gradient), its products 1.39-1.42x and
+    #: their peak memory 2.02x; VGG-small-7's 3->128 layer (27 products per output) 1.4-1.5x and
+    #: 1.6-2.0x with 0, 9 or 25, its products 1.01-1.02x.
+    direct_conv_max_columns: int = 32
     #: More float32 blocks than this and one float64 call is cheaper (float64 GEMM runs at about
     #: half the float32 rate). ``--only max_f32_blocks_mm``: no effect on these steps (every
     #: linear product fits one float32 block; 1 to 64 within 0.97-1.01x).
