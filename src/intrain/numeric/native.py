@@ -345,7 +345,6 @@ def max_pool_backward(d: torch.Tensor, argmax: torch.Tensor, input_hw: tuple[int
     return routed
 
 
-
 def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], rows: torch.Tensor,
                    cols: torch.Tensor, out: torch.Tensor, hw: int = 1, accumulate: bool = False) -> bool:
     """``kernels.int16_gemm``'s combination of an int16 product from the products of its halves
@@ -479,6 +478,8 @@ def direct_conv_applies(x: torch.Tensor, other: torch.Tensor, kernel_hw: tuple[i
 
 
 def _direct_call(function, first: int, *pointers_and_sizes) -> None:
+    """Run a direct convolution kernel on samples from ``first``; it returns nonzero only when its
+    buffers could not be allocated (nothing written)."""
     if function(*pointers_and_sizes):
         raise MemoryError(f"{function.__name__}: no memory for the buffers of samples from {first}")
 
