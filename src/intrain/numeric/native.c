@@ -434,20 +434,43 @@ static void pad_planes(const int8_t *x, int16_t *pad, int64_t planes, int64_t h,
         }
 }
 
+/* The padded-plane geometry both kernels share: rows wp wide, ho output rows, wo output columns,
+ * plane elements per padded input plane (with kw spare), span flat output positions per plane. */
+typedef struct {
+    int64_t wp, ho, wo, plane, span;
+} direct_shape;
+
+static direct_shape direct_shape_of(int64_t h, int64_t wd, int64_t kh, int64_t kw, int64_t ph, int64_t pw) {
+    direct_shape g;
+    g.wp = wd + 2 * pw;
+    g.ho = h + 2 * ph - kh + 1;
+    g.wo = g.wp - kw + 1;
+    g.plane = (h + 2 * ph) * g.wp + kw;
+    g.span = g.ho * g.wp;
+    return g;
+}
+
+/* Zeroed buffers of a and b bytes, or both NULL (nothing left allocated) when either fails. */
+static int zeroed_pair(void **first, size_t a, void **second, size_t b) {
+    *first = calloc(a, 1);
+    *second = calloc(b, 1);
+    if (*first != NULL && *second != NULL) return 0;
+    free(*first);
+    free(*second);
+    return -1;
+}
+
 /* out[s, o] for samples [0, n): x int8 [n, c, h, wd], w int8 [o, c, kh, kw], out int32
  * [n, o, ho, wo]. Returns 0, or -1 when a buffer could not be allocated (nothing written). */
 int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, int64_t n, int64_t c,
                                 int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
                                 int64_t pw) {
-    const int64_t wp = wd + 2 * pw, ho = h + 2 * ph - kh + 1, wo = wp - kw + 1;
-    const int64_t plane = (h + 2 * ph) * wp + kw, span = ho * wp;
-    int16_t *pad = calloc(c * plane, sizeof(int16_t));
-    int32_t *acc = malloc(span * sizeof(int32_t));
-    if (pad == NULL || acc == NULL) {
-        free(pad);
-        free(acc);
+    const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
+    const int64_t wp = g.wp, ho = g.ho, wo = g.wo, plane = g.plane, span = g.span;
+    int16_t *pad;
+    int32_t *acc;
+    if (zeroed_pair((void **)&pad, c * plane * sizeof(int16_t), (void **)&acc, span * sizeof(int32_t)))
         return -1;
-    }
     for (int64_t s = 0; s < n; s++) {
         pad_planes(x + s * c * h * wd, pad, c, h, wd, ph, pw, wp, plane);
         for (int64_t oc = 0; oc < o; oc++) {
@@ -474,15 +497,11 @@ int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, 
 int intrain_conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *dw, int64_t n, int64_t c,
                                     int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
                                     int64_t pw) {
-    const int64_t wp = wd + 2 * pw, ho = h + 2 * ph - kh + 1, wo = wp - kw + 1;
-    const int64_t plane = (h + 2 * ph) * wp + kw, span = ho * wp;
-    int16_t *pad = calloc(c * plane, sizeof(int16_t));
-    int16_t *errors = calloc(o * span, sizeof(int16_t));
-    if (pad == NULL || errors == NULL) {
-        free(pad);
-        free(errors);
+    const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
+    const int64_t wp = g.wp, ho = g.ho, wo = g.wo, plane = g.plane, span = g.span;
+    int16_t *pad, *errors;
+    if (zeroed_pair((void **)&pad, c * plane * sizeof(int16_t), (void **)&errors, o * span * sizeof(int16_t)))
         return -1;
-    }
     memset(dw, 0, o * c * kh * kw * sizeof(int64_t));
     for (int64_t s = 0; s < n; s++) {
         pad_planes(x + s * c * h * wd, pad, c, h, wd, ph, pw, wp, plane);

@@ -384,35 +384,36 @@ def _same_dense_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.is_contiguous() or (a.dim() == 4 and a.is_contiguous(memory_format=torch.channels_last))
 
 
-_FLOOR_SHIFT = {(torch.int32, torch.int16): "i32_i16", (torch.int64, torch.int32): "i64_i32"}
-_ROUND_KEPT = {(torch.int16, torch.int8): "i16_i8", (torch.int32, torch.int16): "i32_i16"}
+#: (input dtype, output dtype) -> suffix of the chunk kernels (``floor_shift``, ``round_kept``).
+_NARROWING = {(torch.int32, torch.int16): "i32_i16", (torch.int64, torch.int32): "i64_i32",
+              (torch.int16, torch.int8): "i16_i8"}
+
+
+def _narrowing_pass(kernel: str, src: torch.Tensor, out: torch.Tensor, *scalars) -> bool:
+    """Run ``intrain_<kernel>_<pair>(src, out, n, *scalars)`` over ``src`` into ``out`` (one
+    dense layout), cut into ranges on threads; False (nothing done) where there is no such kernel
+    for the dtypes or the layouts differ."""
+    lib = library()
+    name = f"intrain_{kernel}_{_NARROWING.get((src.dtype, out.dtype))}"
+    if lib is None or not hasattr(lib, name) or not _same_dense_layout(src, out):
+        return False
+    fn, sp, op, ss, os_ = getattr(lib, name), src.data_ptr(), out.data_ptr(), src.element_size(), out.element_size()
+    _split(lambda lo, hi: fn(sp + ss * lo, op + os_ * lo, hi - lo, *scalars), src.numel())
+    return True
 
 
 def floor_shift(part: torch.Tensor, k: int, out: torch.Tensor) -> bool:
     """``kernels.cpu.chunks``' keeping of an integer chunk, ``out = floor(b / 2**k)`` (b: y - 1
     where y < 0), int32 -> int16 or int64 -> int32, in one pass; False (nothing done) where the
     kernel does not apply (it needs ``part`` and ``out`` in one dense memory layout)."""
-    lib = library()
-    pair = _FLOOR_SHIFT.get((part.dtype, out.dtype))
-    if lib is None or pair is None or not _same_dense_layout(part, out) or not 0 <= k < part.element_size() * 8:
-        return False
-    fn, src, dst, size = getattr(lib, f"intrain_floor_shift_{pair}"), part.data_ptr(), out.data_ptr(), part.element_size()
-    _split(lambda lo, hi: fn(src + size * lo, dst + out.element_size() * lo, hi - lo, k), part.numel())
-    return True
+    return 0 <= k < part.element_size() * 8 and _narrowing_pass("floor_shift", part, out, k)
 
 
 def round_kept(kept: torch.Tensor, m: int, limit: int, out: torch.Tensor) -> bool:
     """``kernels.cpu.chunks``' rounding of a kept chunk by ``m`` more bits, clipped to +-``limit``,
     int16 -> int8 or int32 -> int16, in one pass; False (nothing done) where the kernel does not
     apply (it needs ``kept`` and ``out`` in one dense memory layout)."""
-    lib = library()
-    pair = _ROUND_KEPT.get((kept.dtype, out.dtype))
-    if lib is None or pair is None or not _same_dense_layout(kept, out) or not 0 <= m < 64:
-        return False
-    fn, src, dst = getattr(lib, f"intrain_round_kept_{pair}"), kept.data_ptr(), out.data_ptr()
-    _split(lambda lo, hi: fn(src + kept.element_size() * lo, dst + out.element_size() * lo, hi - lo, m, limit),
-           kept.numel())
-    return True
+    return 0 <= m < 64 and _narrowing_pass("round_kept", kept, out, m, limit)
 
 
 #: Magnitude bits of a wide value (``numeric.wide.VALUE_BITS``).
@@ -461,6 +462,11 @@ DIRECT_MAX_COLUMNS = 32
 DIRECT_MAX_POSITIONS = 131071
 
 
+def _direct_output_hw(x: torch.Tensor, kernel_hw: tuple[int, int], padding: tuple[int, int]) -> tuple[int, int]:
+    """(Ho, Wo) of a stride-1 convolution of x [N, C, H, W]."""
+    return (x.shape[2] + 2 * padding[0] - kernel_hw[0] + 1, x.shape[3] + 2 * padding[1] - kernel_hw[1] + 1)
+
+
 def direct_conv_applies(x: torch.Tensor, other: torch.Tensor, kernel_hw: tuple[int, int],
                         padding: tuple[int, int]) -> bool:
     """Whether the direct convolution kernels take a stride-1 convolution of ``x`` [N, C, H, W]
@@ -471,10 +477,9 @@ def direct_conv_applies(x: torch.Tensor, other: torch.Tensor, kernel_hw: tuple[i
     if (library() is None or x.dim() != 4 or other.dim() != 4 or x.dtype != torch.int8
             or other.dtype != torch.int8 or not x.is_cpu or not other.is_cpu):
         return False
-    (kh, kw), (ph, pw) = kernel_hw, padding
-    ho, wo = x.shape[2] + 2 * ph - kh + 1, x.shape[3] + 2 * pw - kw + 1
-    return (x.shape[1] * kh * kw <= DIRECT_MAX_COLUMNS and ph >= 0 and pw >= 0 and ho >= 1 and wo >= 1
-            and ho * wo <= DIRECT_MAX_POSITIONS)
+    ho, wo = _direct_output_hw(x, kernel_hw, padding)
+    return (x.shape[1] * kernel_hw[0] * kernel_hw[1] <= DIRECT_MAX_COLUMNS and min(padding) >= 0
+            and ho >= 1 and wo >= 1 and ho * wo <= DIRECT_MAX_POSITIONS)
 
 
 def _direct_call(function, first: int, *pointers_and_sizes) -> None:
@@ -494,8 +499,7 @@ def conv_direct_forward(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, in
     x, w = x.contiguous(), w.contiguous()
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    (ph, pw) = padding
-    ho, wo = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    (ph, pw), (ho, wo) = padding, _direct_output_hw(x, (kh, kw), padding)
     if out is None:
         out = torch.empty((n, o, ho, wo), dtype=torch.int32)
     elif out.shape != (n, o, ho, wo) or out.dtype != torch.int32 or not out.is_contiguous():
@@ -517,8 +521,7 @@ def conv_direct_weight_grad(d: torch.Tensor, x: torch.Tensor, kernel_hw: tuple[i
     d, x = d.contiguous(), x.contiguous()
     n, c, h, wd = x.shape
     o = d.shape[1]
-    (kh, kw), (ph, pw) = kernel_hw, padding
-    ho, wo = h + 2 * ph - kh + 1, wd + 2 * pw - kw + 1
+    (kh, kw), (ph, pw), (ho, wo) = kernel_hw, padding, _direct_output_hw(x, kernel_hw, padding)
     lib, dp, xp = library(), d.data_ptr(), x.data_ptr()
 
     def run(lo: int, hi: int) -> torch.Tensor:
