@@ -131,9 +131,9 @@ class Recorder(Backend):
             copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             self.calls.append(Call(_label(product, args), product, copies, requantised))
 
-    def product_to_int8(self, product: str, *args, reduce_max=None):
+    def product_to_int8(self, product: str, *args, reduce_max=None, shifts=(0, 0)):
         self._record(product, args, True)
-        return self.inner.product_to_int8(product, *args, reduce_max=reduce_max)
+        return self.inner.product_to_int8(product, *args, reduce_max=reduce_max, shifts=shifts)
 
 
 def _recording(product: str):

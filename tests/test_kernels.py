@@ -33,6 +33,7 @@ from intrain.kernels import int16_gemm
 from intrain.numeric import native
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.kernels.cpu.chunks import requantize_chunks
+from intrain.numeric.accumulate import shift_operand
 from intrain.numeric.requant import requantize, requantize_product
 
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
@@ -657,6 +658,34 @@ def test_cpu_product_to_int16_matches_requantized_reference(shape, modes, seed, 
             values, shift = cpu.product_to_int16(name, *args)
             assert_same(values, expected.v)
             assert_same(shift, expected.e)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(shape=conv_shapes(max_c=6), modes=st.tuples(*[st.sampled_from(["uniform", "ends"])] * 3),
+       seed=st.integers(0, 2**31 - 1), shifts=st.tuples(st.integers(0, 16), st.integers(0, 16)))
+def test_headroom_shifts_applied_inside_the_products_are_shifting_first(shape, modes, seed, shifts):
+    """DFP16's headroom shifts as the cpu backend applies them (on the halves path a chunk of
+    samples at a time, in chunks of one sample too, as it splits the operands; elsewhere the whole
+    operands first) give the reference's product of the shifted operands: requantised to int16
+    for the forward and input-error convolutions, exact for the weight gradient; shifts 0 to 16
+    (16 rounds every int16 to 0 or +-1), -32768 among the "ends"."""
+    nc, c, o, h, w, kh, kw, s, p = shape
+    gen = torch.Generator().manual_seed(seed)
+    ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
+    x, wt = halves_int(gen, (nc, c, h, w), modes[0]), halves_int(gen, (o, c, kh, kw), modes[1])
+    d = halves_int(gen, (nc, o, ho, wo), modes[2])
+    zero = torch.zeros((), dtype=torch.int64)
+    for name, args in (("conv2d_forward", (x, wt, s, p)), ("conv2d_backward_input", (d, wt, (h, w), s, p)),
+                       ("conv2d_backward_weight", (d, x, (kh, kw), s, p))):
+        shifted = (shift_operand(args[0], shifts[0]), shift_operand(args[1], shifts[1]), *args[2:])
+        exact = getattr(REF, name)(*shifted)
+        for cpu in HALVES_PATHS + (CPU,):
+            assert_same(cpu.shifted_product(name, args, shifts), exact)
+            if name != "conv2d_backward_weight":
+                expected = requantize(exact, zero, bits=16)
+                values, shift = cpu.product_to_int16(name, *args, shifts=shifts)
+                assert_same(values, expected.v)
+                assert_same(shift, expected.e)
 
 
 def test_cpu_product_to_int16_never_makes_the_whole_int64_result(monkeypatch):

@@ -13,6 +13,7 @@ import torch
 
 from intrain.kernels import reference
 from intrain.kernels.im2col import IntPair
+from intrain.numeric.accumulate import shift_operand
 
 #: The products every backend offers (methods of :class:`Backend`).
 PRODUCTS = (
@@ -29,9 +30,10 @@ class Backend:
     """A kernel backend: the integer products of intrain, each defaulting to the reference one.
 
     Subclasses set ``name`` and override what they compute faster, bit for bit the same. A
-    backend may also define ``product_to_int8(name, *args)``: ``requantize(<name>(*args))``
-    with nearest rounding to int8, as (values, shift), computed without the integer
-    accumulator; ``requant.requantize_product`` uses it when present.
+    backend may also define ``product_to_int8(name, *args, reduce_max, shifts)`` (and
+    ``product_to_int16``): ``requantize(shifted_product(name, args, shifts))`` with nearest
+    rounding to int8 (int16), as (values, shift), computed without the integer accumulator;
+    ``requant.requantize_product`` uses it when present.
     """
 
     name: str
@@ -65,6 +67,14 @@ class Backend:
                                stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
         """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo] -> [O, C, kh, kw]."""
         return reference.conv2d_backward_weight(d, x, kernel_hw, stride, padding)
+
+    def shifted_product(self, name: str, args: tuple, shifts: tuple[int, int]) -> torch.Tensor:
+        """The product ``name`` of ``args`` with its two operands first shifted right by
+        ``shifts`` with nearest rounding (``numeric.accumulate``'s headroom for DFP16's int32
+        accumulator). Here the whole operands are shifted first; a backend may shift them a piece
+        at a time as it uses them, with the same bits."""
+        a, b = (shift_operand(v, k) for v, k in zip(args[:2], shifts))
+        return getattr(self, name)(a, b, *args[2:])
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

@@ -35,6 +35,7 @@ import torch
 from intrain.kernels.int8_gemm import channels_last_patches, samples_per_chunk
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32
 from intrain.numeric import native
+from intrain.numeric.accumulate import shift_operand
 
 #: The halves of 0, what zero padding becomes.
 ZERO_HI, ZERO_LO = 0, -128
@@ -117,7 +118,7 @@ def _columns(half: torch.Tensor, buffer: torch.Tensor, kh: int, kw: int, s: tupl
 
 
 def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
-                chunk_bytes: int, out: torch.Tensor | None = None):
+                chunk_bytes: int, out: torch.Tensor | None = None, x_shift: int = 0):
     """conv2d of int16 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] with C*kh*kw at most
     ``INT32_REDUCTION``, a chunk of samples at a time: yields (first sample, exact int64
     [n, O, Ho, Wo] of the chunk). The halves' channels-last im2col columns (``int8_gemm``) times
@@ -125,7 +126,10 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     C pass) or through a channels-last copy. Each chunk is written into ``out`` [N, O, Ho, Wo]
     when given, else into one buffer that the next chunk reuses (take what a chunk holds before
     asking for the next). x's halves and their padded copies are made a chunk at a time too: for
-    the whole of VGG-small-7's 128-channel 32 x 32 layers at batch 64 they were 34 MiB."""
+    the whole of VGG-small-7's 128-channel 32 x 32 layers at batch 64 they were 34 MiB. With
+    ``x_shift``, x's values are shifted right with nearest rounding (DFP16's headroom,
+    ``numeric.accumulate.shift_operand``) a chunk at a time as they are split: the product is that
+    of the shifted x, with no shifted copy of the whole of x."""
     o, c, kh, kw = w.shape
     k = c * kh * kw
     n = x.shape[0]
@@ -141,7 +145,7 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     # One column buffer per half, reused by every chunk (see int8_gemm.ColumnBuffer).
     column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
     for n0 in range(0, n, step):
-        x_hi, x_lo = split_halves(x[n0:n0 + step])
+        x_hi, x_lo = split_halves(shift_operand(x[n0:n0 + step], x_shift))
         high = mm_int32(_columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), both, pad=False)
         low = mm_int32(_columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), both, pad=False)
         rows, cols = _offset_terms(high[:, 2 * o:], low[:, 2 * o:], sum_w, k)
@@ -164,7 +168,7 @@ def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int
 
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: tuple[int, int],
-                     p: tuple[int, int], chunk_bytes: int) -> torch.Tensor:
+                     p: tuple[int, int], chunk_bytes: int, shifts: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """Weight gradient of a convolution of int16 operands (N >= 1) as exact int64 [O, C, kh, kw]:
     both halves of a block of d's output channels and a row of ones, [2B + 1, rows], times each
     half of x's channels-last columns [rows, kh*kw*C], at most ``INT32_REDUCTION`` rows per
@@ -173,7 +177,9 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
     for every chunk of samples); a block's sum is reordered into the result once its last chunk
     is in, so no whole-layer copy in the columns' order is made. x's halves and columns are made a
     chunk of samples at a time, once per block: layers of several blocks (many output channels)
-    have small inputs, and one block covers 454 channels of 3 x 3 x 128 taps at 4 MiB."""
+    have small inputs, and one block covers 454 channels of 3 x 3 x 128 taps at 4 MiB. ``shifts``:
+    right shifts of d and x with nearest rounding (as in ``conv_chunks``), applied to each chunk
+    as it is split."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
     kh, kw = khw
@@ -187,12 +193,12 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
         width = min(block, o - o0)
         sums = by_position[:width]
         for n0 in range(0, n, step):
-            errors = d[n0:n0 + step, o0:o0 + width]
+            errors = shift_operand(d[n0:n0 + step, o0:o0 + width], shifts[0])
             rows_here = errors.shape[0] * ho * wo
             d_hi, d_lo = split_halves(errors)
             halves = torch.cat([d_hi.transpose(0, 1).reshape(width, -1), d_lo.transpose(0, 1).reshape(width, -1),
                                 torch.ones((1, rows_here), dtype=torch.int8)])  # [2B + 1, rows]
-            x_hi, x_lo = split_halves(x[n0:n0 + step])
+            x_hi, x_lo = split_halves(shift_operand(x[n0:n0 + step], shifts[1]))
             # [d_hi x_hi ; d_lo x_hi ; sum x_hi] and [d_hi x_lo ; d_lo x_lo ; sum x_lo]
             by_hi = mm_int32(halves, _columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), pad=False)
             by_lo = mm_int32(halves, _columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), pad=False)

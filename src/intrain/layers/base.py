@@ -33,7 +33,7 @@ import torch
 
 from intrain.numeric import rng
 from intrain.numeric.collective import LOCAL, Collective
-from intrain.numeric.accumulate import headroom_operands, plain_int32_wraps
+from intrain.numeric.accumulate import absmax, headroom_shifts, plain_int32_wraps
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize, requantize_product
@@ -140,20 +140,20 @@ class WeightedIntModule(IntModule):
         through the format's accumulator, as (exact integer sum, exponent). ``terms``: the
         reduction length, which the ``int32-chunked`` accumulator's bound needs."""
         if self.fmt.accumulator == "int32-chunked":
-            args, shift = self._with_headroom(args, terms)
-            return getattr(self.backend, product)(*args), e + shift
+            shifts = self._headroom(args, terms)
+            return self.backend.shifted_product(product, args, shifts), e + sum(shifts)
         exact = getattr(self.backend, product)(*args)
         if self.fmt.bits > 8:
             self.int32_wraps += plain_int32_wraps(exact)
         return exact, e
 
-    def _with_headroom(self, args: tuple, terms: int | None) -> tuple[tuple, int]:
-        """``args`` with its two operands shifted by the ``int32-chunked`` accumulator's headroom
-        for a reduction of ``terms``, and the shift to add to the product's exponent."""
+    def _headroom(self, args: tuple, terms: int | None) -> tuple[int, int]:
+        """The right shifts of the two operands of ``args`` that the ``int32-chunked``
+        accumulator needs for a reduction of ``terms`` (their sum goes into the product's
+        exponent); the backend applies them (``Backend.shifted_product``)."""
         if terms is None:
             raise ValueError("the int32-chunked accumulator needs the reduction length")
-        a, b, shift = headroom_operands(args[0], args[1], terms, self.fmt.chunk_length, self.fmt.headroom)
-        return (a, b, *args[2:]), shift
+        return headroom_shifts(absmax(args[0]), absmax(args[1]), terms, self.fmt.chunk_length, self.fmt.headroom)
 
     def requantize_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None = None,
                           terms: int | None = None) -> QTensor:
@@ -163,8 +163,9 @@ class WeightedIntModule(IntModule):
         if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
             return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
         if self.fmt.accumulator == "int32-chunked":  # no wrap count to take: the product may stay in chunks
-            args, shift = self._with_headroom(args, terms)
-            return requantize_product(self.backend, product, args, e + shift, self.fmt.bits, reduce_max=reduce_max(ctx))
+            shifts = self._headroom(args, terms)
+            return requantize_product(self.backend, product, args, e + sum(shifts), self.fmt.bits,
+                                      reduce_max=reduce_max(ctx), shifts=shifts)
         return requantize(*self.accumulate(product, args, e, terms), bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,

@@ -139,18 +139,26 @@ class FixedPointSgd:
         for i, layer in enumerate(self.layers):
             if layer.weight_grad is None or (chosen is not None and id(layer) not in chosen):
                 continue
-            grad = layer.weight_grad
+            # Each temporary is dropped as soon as it is used (the layer's int64 gradient first),
+            # so that at most three int32 tensors of the weight's size are alive beside the
+            # master and momentum: the update of a large last layer sets DFP16's peak memory.
+            grad, grad_exp = layer.weight_grad, layer.weight_grad_exp
+            layer.weight_grad = layer.weight_grad_exp = None
             if self.collective.world > 1:
                 grad = self.collective.sum(grad.to(torch.int64))
-            grad = wide.scale(wide.requantize(grad, layer.weight_grad_exp), per_sample)
+            grad = wide.requantize(grad, grad_exp)
+            grad = wide.scale(grad, per_sample)
             g = wide.add(grad, wide.scale(self.master[i], self.decay))
+            del grad
             self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
             u = wide.add(g, wide.scale(self.velocity[i], self.momentum))
-            self.master[i] = wide.add(self.master[i], wide.scale(u, (-lr_f, lr_e)))
+            del g
+            u = wide.scale(u, (-lr_f, lr_e))
+            self.master[i] = wide.add(self.master[i], u)
+            del u
             weight = requantize(self.master[i].v, self.master[i].e, bits=self.fmt.bits)
             layer.weight.copy_(weight.v)
             layer.weight_exp.copy_(weight.e)
-            layer.weight_grad = layer.weight_grad_exp = None
 
     def state_dict(self) -> dict:
         return {"master": [(m.v, m.e) for m in self.master], "momentum": [(b.v, b.e) for b in self.velocity]}

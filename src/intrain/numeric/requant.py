@@ -191,13 +191,14 @@ def cpu_slices(t: torch.Tensor) -> list:
 
 
 def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8, *,
-                       reduce_max=None) -> QTensor:
-    """``requantize(getattr(backend, name)(*args), e, bits, reduce_max=reduce_max)`` with nearest
-    rounding. The cpu backend offers ``product_to_int8`` and ``product_to_int16``, which give the
-    same bits without making the whole integer accumulator; other backends are requantised
-    here."""
+                       reduce_max=None, shifts: tuple[int, int] = (0, 0)) -> QTensor:
+    """``requantize(backend.shifted_product(name, args, shifts), e, bits, reduce_max=reduce_max)``
+    with nearest rounding (``shifts``: the right shifts of the two operands, DFP16's headroom).
+    The cpu backend offers ``product_to_int8`` and ``product_to_int16``, which give the same bits
+    without making the whole integer accumulator; other backends are requantised here."""
     fused = getattr(backend, {8: "product_to_int8", 16: "product_to_int16"}.get(bits, ""), None)
     if fused is None:
-        return requantize(getattr(backend, name)(*args), e, bits=bits, reduce_max=reduce_max)
-    values, shift = fused(name, *args, reduce_max=reduce_max)
+        exact = backend.shifted_product(name, args, shifts) if any(shifts) else getattr(backend, name)(*args)
+        return requantize(exact, e, bits=bits, reduce_max=reduce_max)
+    values, shift = fused(name, *args, reduce_max=reduce_max, shifts=shifts)
     return QTensor(values, e + shift)

@@ -22,6 +22,7 @@ from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dty
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric import native
+from intrain.numeric.accumulate import shift_operand
 from intrain.numeric.requant import cpu_shift, cpu_slices, requantize
 from intrain.numeric.rounding import shift_round
 
@@ -63,12 +64,25 @@ def _spread(d: torch.Tensor, s: tuple[int, int], spread_hw: tuple[int, int]) -> 
     return spread
 
 
+def _shifted(args: tuple, shifts: tuple[int, int]) -> tuple:
+    """``args`` with its two operands shifted right by ``shifts`` with nearest rounding."""
+    return (*(shift_operand(v, k) for v, k in zip(args[:2], shifts)), *args[2:])
+
+
+def _in_chunks(in_chunks):
+    """A convolution's (N, chunks) of int8 operands in chunks of samples from the backend method
+    ``in_chunks``, its operands shifted first (int8 products take no headroom shifts), or None
+    off that path."""
+    return lambda backend, args, shifts: in_chunks(backend, *_shifted(args, shifts))
+
+
 def _on_halves_in_chunks(as_halves):
     """A convolution's (N, chunks) on the int16 halves path (``int16_gemm.conv_chunks``) from the
-    backend method ``as_halves`` that gives its arguments there, or None off that path."""
-    def in_chunks(backend, *args):
-        conv = as_halves(backend, *args)
-        return None if conv is None else (args[0].shape[0], int16_gemm.conv_chunks(*conv))
+    backend method ``as_halves`` that gives its arguments there, or None off that path. The
+    second operand (a weight) is shifted whole, the first a chunk of samples at a time."""
+    def in_chunks(backend, args, shifts):
+        conv = as_halves(backend, args[0], shift_operand(args[1], shifts[1]), *args[2:])
+        return None if conv is None else (args[0].shape[0], int16_gemm.conv_chunks(*conv, x_shift=shifts[0]))
     return in_chunks
 
 
@@ -450,6 +464,14 @@ class CpuBackend(Backend):
         res = (_transposed(df[:, o0:o1], w[o0:o1].to(dt), hw, s, p) for o0, o1 in blocks)
         return accumulate(res, quick, self.limits)
 
+    def shifted_product(self, name: str, args: tuple, shifts: tuple[int, int]) -> torch.Tensor:
+        """``Backend.shifted_product``; a convolution's weight gradient on the int16 halves path
+        shifts d and x a chunk of samples at a time as it splits them (``int16_gemm``): shifted
+        copies of both whole operands were 16 MiB each at VGG-small-7's 128-channel layers."""
+        if name == "conv2d_backward_weight":
+            return self._conv2d_backward_weight(*args, shifts=shifts)
+        return super().shifted_product(name, args, shifts)
+
     def conv2d_backward_weight(self, d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
                                stride: IntPair = 1, padding: IntPair = 0) -> torch.Tensor:
         """Gradient of conv2d with respect to its weight: d [N, O, Ho, Wo], x [N, C, H, W] ->
@@ -469,17 +491,23 @@ class CpuBackend(Backend):
         All of it is integer-valued float arithmetic on exact values (division by 16 and trunc
         are exact).
         """
+        return self._conv2d_backward_weight(d, x, kernel_hw, stride, padding)
+
+    def _conv2d_backward_weight(self, d: torch.Tensor, x: torch.Tensor, kernel_hw: IntPair,
+                                stride: IntPair = 1, padding: IntPair = 0,
+                                shifts: tuple[int, int] = (0, 0)) -> torch.Tensor:
         s, p, (n, o, ho, wo), (_, c, h, wd), khw = _ref.conv_backward_weight_geometry(
             d, x, kernel_hw, stride, padding)
         _check_cpu(d, x)
+        if n and self._int16_halves(d, x, min(c, o)):
+            return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes, shifts)
+        d, x = _shifted((d, x), shifts)
         dtype = weight_grad_dtype(d, x, n * ho * wo)
         if n == 0:
             return _ref.conv2d_backward_weight(d, x, khw, s, p)
         if self._int8_gemm(d, x, min(c, o)):
             return int8_gemm.conv_weight_grad(d, x, khw, s, p,
                                               self.settings.int8_gemm_chunk_bytes)
-        if self._int16_halves(d, x, min(c, o)):
-            return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes)
         if self._direct(x, d, s, p, khw):
             return native.conv_direct_weight_grad(d, x, khw, p).to(dtype)
         return float_weight_grad(d, x, khw, s, p, dtype, self.settings, self.limits)
@@ -496,39 +524,44 @@ class CpuBackend(Backend):
     #: Result bits -> the convolutions whose requantised result is made a chunk of samples at a
     #: time, as (N, chunks) for requantize_chunks, or None off their path.
     _CONVS_IN_CHUNKS = {
-        8: {"conv2d_forward": _forward_in_chunks, "conv2d_backward_input": _backward_input_in_chunks},
+        8: {"conv2d_forward": _in_chunks(_forward_in_chunks),
+            "conv2d_backward_input": _in_chunks(_backward_input_in_chunks)},
         16: {"conv2d_forward": _on_halves_in_chunks(_forward_as_halves),
              "conv2d_backward_input": _on_halves_in_chunks(_backward_input_as_halves)},
     }
 
-    def product_to_int8(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``requantize(<name>(*args))`` with nearest rounding to int8, as (int8 values, shift
-        as a 0-d int64 tensor): bit-identical to requantising the int32/int64 accumulator, but
-        without making it: on the float path from the exact float product (a tensor-sized
+    def product_to_int8(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0)
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int8, as
+        (int8 values, shift as a 0-d int64 tensor): bit-identical to requantising the int32/int64
+        accumulator, but without making it: on the float path from the exact float product (a tensor-sized
         4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
         memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
         for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
-        return self._product_to_narrow(name, args, 8, reduce_max)
+        return self._product_to_narrow(name, args, 8, reduce_max, shifts)
 
-    def product_to_int16(self, name: str, *args, reduce_max=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``requantize(<name>(*args))`` with nearest rounding to int16, as (int16 values, shift as
-        a 0-d int64 tensor), bit-identical to requantising the int64 accumulator: convolutions of
-        int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
+    def product_to_int16(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0)
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int16, as
+        (int16 values, shift as a 0-d int64 tensor), bit-identical to requantising the int64
+        accumulator: convolutions of int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
         the shift is known (``requantize_chunks``: half the memory of the int64 result), every
-        other product from its exact result (a float one without an int64 copy). ``reduce_max``:
-        as in ``product_to_int8``."""
-        return self._product_to_narrow(name, args, 16, reduce_max)
+        other product from its exact result (a float one without an int64 copy); on the halves
+        path the first operand's headroom shift is applied a chunk at a time too (no shifted copy
+        of a whole activation or error). ``reduce_max``: as in ``product_to_int8``."""
+        return self._product_to_narrow(name, args, 16, reduce_max, shifts)
 
-    def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max) -> tuple[torch.Tensor, torch.Tensor]:
+    def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max, shifts: tuple[int, int]
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._EXACT_PRODUCTS:
             raise ValueError(f"product_to_int{bits} takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
         in_chunks = self._CONVS_IN_CHUNKS[bits].get(name)
-        chunked = in_chunks(self, *args) if in_chunks is not None else None
+        chunked = in_chunks(self, args, shifts) if in_chunks is not None else None
         if chunked is not None:
             return requantize_chunks(*chunked, reduce_max=reduce_max, bits=bits)
-        exact, _ = self._EXACT_PRODUCTS[name](self, *args)
+        exact, _ = self._EXACT_PRODUCTS[name](self, *_shifted(args, shifts))
         return exact_to_narrow(exact, reduce_max, bits=bits)
 
 

@@ -66,42 +66,64 @@ def requantize_chunks(n: int, chunks, reduce_max=None, bits: int = 8) -> tuple[t
     """
     storage, storage_bits, result = STORAGE[bits]
     limit = 2 ** (bits - 1) - 1
-    kept, dropped, largest_bits = None, [], 0
+    kept, largest_bits = [], 0  # (first sample, kept chunk, k, truncated) in the chunks' order
     for n0, part in chunks:
         chunk_bits = int(max_bit_length(part))  # reads a channels-last view in place
         k = max(chunk_bits - storage_bits, 0)
-        if kept is None:
-            kept = torch.empty_strided((n,) + part.shape[1:], _layout_strides(part, n), dtype=storage)
-        kept_chunk = kept[n0:n0 + part.shape[0]]
-        if part.is_floating_point():
-            if k:
-                part = part.mul_(2.0 ** -k)  # exact; the cast to the storage type truncates toward zero
-            kept_chunk.copy_(part)
-        elif not native.floor_shift(part, k, kept_chunk):
-            sign_bit = torch.iinfo(part.dtype).bits - 1
-            floored = (part >> sign_bit).add_(part)  # b: y - 1 where y < 0
-            kept_chunk.copy_(floored.bitwise_right_shift_(k) if k else floored)
-        dropped.append((n0, part.shape[0], k, part.is_floating_point()))
+        kept.append((n0, _keep(part, k, storage), k, part.is_floating_point()))
         largest_bits = max(largest_bits, chunk_bits)
     if reduce_max is not None:
         largest_bits = int(reduce_max(torch.tensor(largest_bits, dtype=torch.int64)))
     shift = max(largest_bits - (bits - 1), 0)
-    values = torch.empty_like(kept, dtype=result)
-    for n0, rows, k, truncated in dropped:
-        chunk_kept, chunk_values = kept[n0:n0 + rows], values[n0:n0 + rows]
-        if not truncated and native.round_kept(chunk_kept, shift - k, limit, chunk_values):
-            continue
-        for sl in cpu_slices(chunk_kept):
-            t = chunk_kept[sl]
-            if truncated:
-                rounded = shift_round(t, shift - k, "nearest")
-            elif shift == 0:
-                rounded = t - (t >> storage_bits)  # y = b + 1 where b < 0
-            else:
-                rounded = t >> (shift - k - 1)
-                rounded -= rounded >> 1
-            chunk_values[sl] = rounded.clamp_(-limit, limit)
+    # Each kept chunk is rounded into a result chunk of its own and dropped at once, and the
+    # result is joined from them after the last: the whole kept product (twice the result's size)
+    # is never alive beside the whole result (DFP16's peak memory lay there).
+    kept.sort(key=lambda entry: entry[0])
+    pieces = []
+    while kept:
+        _, chunk_kept, k, truncated = kept.pop(0)
+        pieces.append(_round_kept(chunk_kept, shift - k, truncated, limit, storage_bits, result))
+        del chunk_kept  # before the next chunk's result is made
+    if len(pieces) == 1:
+        return pieces[0], torch.tensor(shift, dtype=torch.int64)
+    values = torch.empty_strided((n,) + pieces[0].shape[1:], _layout_strides(pieces[0], n), dtype=result)
+    torch.cat(pieces, out=values)
     return values, torch.tensor(shift, dtype=torch.int64)
+
+
+def _keep(part: torch.Tensor, k: int, storage: torch.dtype) -> torch.Tensor:
+    """A chunk kept in ``storage`` with shift ``k`` (the two ways of ``requantize_chunks``), in
+    the chunk's memory layout; a float chunk is scaled in place."""
+    kept_chunk = torch.empty_strided(part.shape, _layout_strides(part, part.shape[0]), dtype=storage)
+    if part.is_floating_point():
+        if k:
+            part = part.mul_(2.0 ** -k)  # exact; the cast to the storage type truncates toward zero
+        kept_chunk.copy_(part)
+    elif not native.floor_shift(part, k, kept_chunk):
+        sign_bit = torch.iinfo(part.dtype).bits - 1
+        floored = (part >> sign_bit).add_(part)  # b: y - 1 where y < 0
+        kept_chunk.copy_(floored.bitwise_right_shift_(k) if k else floored)
+    return kept_chunk
+
+
+def _round_kept(chunk_kept: torch.Tensor, m: int, truncated: bool, limit: int, storage_bits: int,
+                result: torch.dtype) -> torch.Tensor:
+    """A kept chunk rounded by ``m`` more bits to the result dtype, clipped to +-``limit`` (the
+    proof is in ``requantize_chunks``), in the chunk's memory layout."""
+    chunk_values = torch.empty_like(chunk_kept, dtype=result)  # a dense tensor keeps its strides
+    if not truncated and native.round_kept(chunk_kept, m, limit, chunk_values):
+        return chunk_values
+    for sl in cpu_slices(chunk_kept):
+        t = chunk_kept[sl]
+        if truncated:
+            rounded = shift_round(t, m, "nearest")
+        elif m == 0:
+            rounded = t - (t >> storage_bits)  # y = b + 1 where b < 0
+        else:
+            rounded = t >> (m - 1)
+            rounded -= rounded >> 1
+        chunk_values[sl] = rounded.clamp_(-limit, limit)
+    return chunk_values
 
 
 def _layout_strides(part: torch.Tensor, n: int) -> tuple[int, ...]:
