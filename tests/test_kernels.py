@@ -533,6 +533,33 @@ def test_int16_weight_grad_in_blocks_of_output_channels(block):
         assert_same(got, REF.conv2d_backward_weight(d, x, 3, 1, 1))
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 2**16, 2**22])
+def test_int16_weight_grad_adds_int32_products_up_to_the_bound(chunk_bytes):
+    """The halves' int32 products of successive chunks are added in int32 up to INT32_REDUCTION
+    rows, then combined: at -32768 everywhere every half product is 2**14, and 40 samples of 4096
+    positions (163,840 rows) need two int32 runs whatever the chunk size (1, 8 or 31 samples); in
+    chunks of one sample the first run holds 31 (126,976 rows, sums of 2**14 * 126,976 < 2**31).
+    Adding one more sample to that run, or never combining, wraps."""
+    d = torch.full((40, 2, 64, 64), -32768, dtype=torch.int16)
+    x = torch.full((40, 1, 64, 64), -32768, dtype=torch.int16)
+    d[:, 1] = 32767  # the other end, in a second output channel
+    got = int16_gemm.conv_weight_grad(d, x, (1, 1), (1, 1), (0, 0), chunk_bytes)
+    assert_same(got, REF.conv2d_backward_weight(d, x, 1, 1, 0))
+    assert int(got[0].max()) == 40 * 4096 * 2**30
+
+
+def test_int16_weight_grad_refuses_more_positions_than_one_int32_product_takes():
+    """A sample of more than INT32_REDUCTION output positions cannot be one int32 product: the
+    halves' weight gradient refuses it, and the cpu backend takes another exact path."""
+    side = 363  # 131,769 positions
+    d = torch.full((1, 1, side, side), -32768, dtype=torch.int16)
+    x = torch.full((1, 1, side, side), 32767, dtype=torch.int16)
+    with pytest.raises(ValueError, match="output positions per sample"):
+        int16_gemm.conv_weight_grad(d, x, (1, 1), (1, 1), (0, 0), 2**22)
+    for cpu in HALVES_PATHS:
+        assert_same(cpu.conv2d_backward_weight(d, x, 1, 1, 0), REF.conv2d_backward_weight(d, x, 1, 1, 0))
+
+
 # ------------------------------------------- cpu products requantised straight from floats
 
 @pytest.mark.parametrize("bits", [8, 16])

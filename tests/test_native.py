@@ -443,3 +443,28 @@ def test_requantize_chunks_keeps_and_rounds_integer_chunks_in_c(bits, layout):
         slow = torch_only(requantize_chunks, n, [(3 * i, c.clone()) for i, c in enumerate(chunks)], bits=bits)
         assert torch.equal(fast[0], slow[0]) and fast[0].dtype == slow[0].dtype
         assert fast[0].stride() == slow[0].stride() and int(fast[1]) == int(slow[1])
+
+
+@needs_native
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("samples,hw,n", [(3, 37, 35), (2, 16, 16), (1, 5, 40), (4, 1, 3)])
+def test_combine_halves_into_nchw_through_tiles(samples, hw, n, accumulate):
+    """``native.combine_halves`` into NCHW (hw > 1; hw = 1 is the row-major case) against the sum
+    written out in PyTorch: positions and columns both more than one 16 x 16 tile and not a
+    multiple of it, exactly one tile, one narrow tile; the parts at the ends of int32 inside a
+    wider row stride (as the products [rows, 2O + 1] give them); written or added."""
+    gen = torch.Generator().manual_seed(hw * n)
+    m = samples * hw
+    wide_rows = torch.randint(-2**31, 2**31, (m, 2 * n + 3), generator=gen, dtype=torch.int64).to(torch.int32)
+    wide_rows[0], wide_rows[-1] = -2**31, 2**31 - 1
+    parts = tuple(wide_rows[:, i:i + n] for i in (0, n, 1, n + 3 - n % 2))
+    rows = torch.randint(-2**40, 2**40, (m, 1), generator=gen, dtype=torch.int64)
+    cols = torch.randint(-2**40, 2**40, (1, n), generator=gen, dtype=torch.int64)
+    hh, c1, c2, ll = (part.to(torch.int64) for part in parts)
+    total = hh * 65536 + (c1 + c2) * 256 + ll + rows + cols  # [m, n], row r = (sample, position)
+    expected = total.view(samples, hw, n).permute(0, 2, 1)
+    out = torch.randint(-2**40, 2**40, (samples, n, hw), generator=gen, dtype=torch.int64)
+    if accumulate:
+        expected = expected + out
+    assert native.combine_halves(parts, rows, cols, out, hw=hw, accumulate=accumulate)
+    assert torch.equal(out, expected)

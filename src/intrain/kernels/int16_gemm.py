@@ -169,29 +169,38 @@ def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: tuple[int, int],
                      p: tuple[int, int], chunk_bytes: int, shifts: tuple[int, int] = (0, 0)) -> torch.Tensor:
-    """Weight gradient of a convolution of int16 operands (N >= 1) as exact int64 [O, C, kh, kw]:
-    both halves of a block of d's output channels and a row of ones, [2B + 1, rows], times each
-    half of x's channels-last columns [rows, kh*kw*C], at most ``INT32_REDUCTION`` rows per
-    product, the pieces added in int64. The blocks of B output channels keep each int32 product
-    near ``chunk_bytes`` (the products of a whole 512 x 4608 layer were 18 MiB each, made anew
-    for every chunk of samples); a block's sum is reordered into the result once its last chunk
-    is in, so no whole-layer copy in the columns' order is made. x's halves and columns are made a
-    chunk of samples at a time, once per block: layers of several blocks (many output channels)
-    have small inputs, and one block covers 454 channels of 3 x 3 x 128 taps at 4 MiB. ``shifts``:
-    right shifts of d and x with nearest rounding (as in ``conv_chunks``), applied to each chunk
-    as it is split."""
+    """Weight gradient of a convolution of int16 operands (N >= 1, at most ``INT32_REDUCTION``
+    output positions per sample) as exact int64 [O, C, kh, kw]: both halves of a block of d's
+    output channels and a row of ones, [2B + 1, rows], times each half of x's channels-last
+    columns [rows, kh*kw*C]. The int32 products of successive chunks of samples are added in
+    int32 while the rows they cover stay within ``INT32_REDUCTION`` (each sum then has at most
+    that many terms of magnitude <= 2**14, so it cannot wrap) and combined into the int64 sums
+    once per such run: combining after every chunk of one sample (VGG-small-7's 32 x 32 layers)
+    cost as much as the products. The blocks of B output channels keep each int32 product near
+    ``chunk_bytes`` (the products of a whole 512 x 4608 layer were 18 MiB each); a block's sum is
+    reordered into the result once its last chunk is in, so no whole-layer copy in the columns'
+    order is made. x's halves and columns are made a chunk of samples at a time, once per block:
+    layers of several blocks (many output channels) have small inputs, and one block covers 454
+    channels of 3 x 3 x 128 taps at 4 MiB. ``shifts``: right shifts of d and x with nearest
+    rounding (as in ``conv_chunks``), applied to each chunk as it is split."""
     n, o, ho, wo = d.shape
     c = x.shape[1]
     kh, kw = khw
     k = c * kh * kw
+    if ho * wo > INT32_REDUCTION:
+        raise ValueError(f"{ho * wo} output positions per sample: at most {INT32_REDUCTION} fit one int32 product")
     grad = torch.empty((o, c, kh, kw), dtype=torch.int64)
     block = max(1, min(o, (chunk_bytes // (4 * k) - 1) // 2))  # 2B + 1 rows of k int32 each
-    step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), max(1, INT32_REDUCTION // (ho * wo)))
+    step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), INT32_REDUCTION // (ho * wo))
     by_position = torch.empty((min(block, o), k), dtype=torch.int64)  # [B, kh*kw*C]: the columns' order
     column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    # The int32 sums by each half of x, [2B + 1, K], and one product added into them.
+    summed = [torch.empty((2 * min(block, o) + 1, k), dtype=torch.int32) for _ in range(2)]
+    product = torch.empty_like(summed[0])
     for o0 in range(0, o, block):
         width = min(block, o - o0)
-        sums = by_position[:width]
+        sums, by_hi, by_lo = by_position[:width], summed[0][:2 * width + 1], summed[1][:2 * width + 1]
+        rows, pending, combined = torch.zeros((width, 1), dtype=torch.int64), 0, False
         for n0 in range(0, n, step):
             errors = shift_operand(d[n0:n0 + step, o0:o0 + width], shifts[0])
             rows_here = errors.shape[0] * ho * wo
@@ -200,14 +209,22 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
                                 torch.ones((1, rows_here), dtype=torch.int8)])  # [2B + 1, rows]
             x_hi, x_lo = split_halves(shift_operand(x[n0:n0 + step], shifts[1]))
             # [d_hi x_hi ; d_lo x_hi ; sum x_hi] and [d_hi x_lo ; d_lo x_lo ; sum x_lo]
-            by_hi = mm_int32(halves, _columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), pad=False)
-            by_lo = mm_int32(halves, _columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), pad=False)
+            for half, fill, buffer, total in ((x_hi, ZERO_HI, column_buffers[0], by_hi),
+                                              (x_lo, ZERO_LO, column_buffers[1], by_lo)):
+                columns = _columns(half, buffer, kh, kw, s, p, fill)
+                if pending == 0:
+                    mm_int32(halves, columns, pad=False, out=total)
+                else:
+                    total.add_(mm_int32(halves, columns, pad=False, out=product[:2 * width + 1]))
             # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
             # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
-            rows = errors.sum((0, 2, 3), dtype=torch.int64).view(width, 1).mul_(128)
-            cols = by_hi[2 * width:].to(torch.int64).mul_(256).add_(by_lo[2 * width:]).mul_(128)
-            _combine(sums, by_hi[:width], by_lo[:width], by_hi[width:2 * width], by_lo[width:2 * width],
-                     rows, cols, accumulate=n0 > 0)
-            del by_hi, by_lo  # before the next chunk's products are made
+            rows.add_(errors.sum((0, 2, 3), dtype=torch.int64).view(width, 1), alpha=128)
+            pending += rows_here
+            if n0 + step >= n or pending + min(step, n - n0 - step) * ho * wo > INT32_REDUCTION:
+                cols = by_hi[2 * width:].to(torch.int64).mul_(256).add_(by_lo[2 * width:]).mul_(128)
+                _combine(sums, by_hi[:width], by_lo[:width], by_hi[width:2 * width], by_lo[width:2 * width],
+                         rows, cols, accumulate=combined)
+                rows.zero_()
+                pending, combined = 0, True
         grad[o0:o0 + width] = sums.view(width, kh, kw, c).permute(0, 3, 1, 2)
     return grad

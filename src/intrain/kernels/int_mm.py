@@ -41,15 +41,18 @@ def _gemm_operand(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device).copy_(t)
 
 
-def mm_int32(a: torch.Tensor, b: torch.Tensor, pad: bool = True) -> torch.Tensor:
+def mm_int32(a: torch.Tensor, b: torch.Tensor, pad: bool = True, out: torch.Tensor | None = None) -> torch.Tensor:
     """Exact ``a @ b`` for int8 a [M, K], b [K, N] with K <= INT32_REDUCTION, as int32 [M, N]
-    (``pad``: to CUDA's shape rules, see above)."""
+    (``pad``: to CUDA's shape rules, see above), written into the contiguous int32 ``out`` when
+    given (without padding only)."""
     m, k = a.shape
     n = b.shape[1]
+    if out is not None and (pad or out.shape != (m, n) or out.dtype != torch.int32 or not out.is_contiguous()):
+        raise ValueError(f"mm_int32 writes an unpadded product into a contiguous int32 [{m}, {n}] tensor")
     if m == 0 or n == 0 or k == 0:
-        return torch.zeros((m, n), dtype=torch.int32, device=a.device)
+        return torch.zeros((m, n), dtype=torch.int32, device=a.device) if out is None else out.zero_()
     if not pad:
-        return torch._int_mm(_gemm_operand(a), _gemm_operand(b))
+        return torch._int_mm(_gemm_operand(a), _gemm_operand(b), out=out)
     mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
     a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a
     b = F.pad(b, (0, np_ - n, 0, kp - k)) if (kp, np_) != (k, n) else b

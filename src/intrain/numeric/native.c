@@ -331,9 +331,8 @@ ROUND_KEPT(i32_i16, int32_t, 32, int16_t)
 /* out (+)= 65536 hh + 256 (c1 + c2) + ll + rows[r] + cols[j] for row r < m and column j < n, the
  * four int32 parts at [r * ld + j] of their pointers. hw = 1: out is the row-major [m, n]
  * matrix. hw > 1: rows are (sample, position) pairs, r = sample * hw + position, and out is
- * [samples, n, hw] (NCHW), written a block of positions at a time so that the strided reads of
- * one column stay in cache. Products by 65536 and 256 rather than left shifts: the values are
- * signed. */
+ * [samples, n, hw] (NCHW), written through tiles (below). Products by 65536 and 256 rather than
+ * left shifts: the values are signed. */
 #define HALVES_TOTAL(r, j) \
     ((int64_t)hh[(r) * ld + (j)] * 65536 + ((int64_t)c1[(r) * ld + (j)] + c2[(r) * ld + (j)]) * 256 \
      + ll[(r) * ld + (j)] + rows[r] + cols[j])
@@ -351,16 +350,31 @@ void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t 
         }
         return;
     }
-    const int64_t block = 64;
+    /* Tiles of TILE positions x TILE columns: the totals are made along a row (contiguous reads
+     * of the parts, in vectors) into a small buffer, then written out along positions (contiguous
+     * writes); reading the parts down a column (stride ld) was a gather per element. 16 x 16 is
+     * not tuned: a row of a tile is one 64-byte line of each int32 part, and the int64 tile (2
+     * KiB) stays in L1. */
+    enum { TILE = 16 };
+    int64_t tile[TILE][TILE];
     for (int64_t sample = 0; sample < m / hw; sample++) {
         int64_t *o = out + sample * n * hw;
-        for (int64_t p0 = 0; p0 < hw; p0 += block) {
-            const int64_t p1 = p0 + block < hw ? p0 + block : hw;
-            for (int64_t j = 0; j < n; j++)
-                for (int64_t p = p0; p < p1; p++) {
-                    const int64_t r = sample * hw + p;
-                    o[j * hw + p] = accumulate ? o[j * hw + p] + HALVES_TOTAL(r, j) : HALVES_TOTAL(r, j);
+        for (int64_t p0 = 0; p0 < hw; p0 += TILE) {
+            const int64_t pn = p0 + TILE < hw ? TILE : hw - p0;
+            for (int64_t j0 = 0; j0 < n; j0 += TILE) {
+                const int64_t jn = j0 + TILE < n ? TILE : n - j0;
+                for (int64_t p = 0; p < pn; p++) {
+                    const int64_t r = sample * hw + p0 + p;
+                    for (int64_t j = 0; j < jn; j++) tile[p][j] = HALVES_TOTAL(r, j0 + j);
                 }
+                for (int64_t j = 0; j < jn; j++) {
+                    int64_t *oj = o + (j0 + j) * hw + p0;
+                    if (accumulate)
+                        for (int64_t p = 0; p < pn; p++) oj[p] += tile[p][j];
+                    else
+                        for (int64_t p = 0; p < pn; p++) oj[p] = tile[p][j];
+                }
+            }
         }
     }
 }

@@ -499,7 +499,7 @@ class CpuBackend(Backend):
         s, p, (n, o, ho, wo), (_, c, h, wd), khw = _ref.conv_backward_weight_geometry(
             d, x, kernel_hw, stride, padding)
         _check_cpu(d, x)
-        if n and self._int16_halves(d, x, min(c, o)):
+        if n and self._int16_halves(d, x, min(c, o), ho * wo):
             return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes, shifts)
         d, x = _shifted((d, x), shifts)
         dtype = weight_grad_dtype(d, x, n * ho * wo)
