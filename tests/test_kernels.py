@@ -715,6 +715,26 @@ def test_headroom_shifts_applied_inside_the_products_are_shifting_first(shape, m
                 assert_same(shift, expected.e)
 
 
+@pytest.mark.parametrize("shifts", [(1, 0), (0, 2), (3, 1)])
+def test_product_to_int8_applies_operand_shifts(shifts):
+    """``product_to_int8`` takes the same ``shifts`` (int8 products get none from the layers, but
+    the argument means the same): every cpu path, whole or a chunk of samples at a time, gives
+    the reference's product of the shifted operands, requantised; -128 in every operand."""
+    gen = torch.Generator().manual_seed(sum(shifts))
+    x = torch.randint(-128, 128, (5, 3, 7, 7), generator=gen).to(torch.int8)
+    wt = torch.randint(-128, 128, (4, 3, 3, 3), generator=gen).to(torch.int8)
+    d = torch.randint(-128, 128, (5, 4, 7, 7), generator=gen).to(torch.int8)
+    x[0, 0, 0, 0], wt[0, 0, 0, 0], d[0, 0, 0, 0] = -128, -128, -128
+    chunked = CpuBackend(CpuSettings(float_chunk_bytes=1))
+    for name, args in (("conv2d_forward", (x, wt, 1, 1)), ("conv2d_backward_input", (d, wt, (7, 7), 1, 1))):
+        shifted = (shift_operand(args[0], shifts[0]), shift_operand(args[1], shifts[1]), *args[2:])
+        expected = requantize(getattr(REF, name)(*shifted), torch.zeros((), dtype=torch.int64))
+        for cpu in (CPU, CPU_INT8, CPU_DIRECT, chunked):
+            values, shift = cpu.product_to_int8(name, *args, shifts=shifts)
+            assert_same(values, expected.v)
+            assert_same(shift, expected.e)
+
+
 def test_cpu_product_to_int16_never_makes_the_whole_int64_result(monkeypatch):
     """On the halves path DFP16's convolutions are rounded a chunk at a time
     (``int16_gemm.conv_chunks``): the whole int64 accumulator (``int16_gemm.conv``, 64 MiB for

@@ -13,7 +13,7 @@ import torch
 
 from intrain.kernels import reference
 from intrain.kernels.im2col import IntPair
-from intrain.numeric.accumulate import shift_operand
+from intrain.numeric.accumulate import shift_operands
 
 #: The products every backend offers (methods of :class:`Backend`).
 PRODUCTS = (
@@ -73,8 +73,7 @@ class Backend:
         ``shifts`` with nearest rounding (``numeric.accumulate``'s headroom for DFP16's int32
         accumulator). Here the whole operands are shifted first; a backend may shift them a piece
         at a time as it uses them, with the same bits."""
-        a, b = (shift_operand(v, k) for v, k in zip(args[:2], shifts))
-        return getattr(self, name)(a, b, *args[2:])
+        return getattr(self, name)(*shift_operands(args, shifts))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"

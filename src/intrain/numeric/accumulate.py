@@ -90,13 +90,19 @@ def shift_operand(v: torch.Tensor, shift: int) -> torch.Tensor:
     return shift_round(v.to(torch.int32), shift, "nearest").to(v.dtype)
 
 
+def shift_operands(args: tuple, shifts: tuple[int, int]) -> tuple:
+    """``args`` with its first two entries (a product's operands) shifted by ``shifts``
+    (``shift_operand``), the rest as they are."""
+    return (shift_operand(args[0], shifts[0]), shift_operand(args[1], shifts[1]), *args[2:])
+
+
 def headroom_operands(a: torch.Tensor, b: torch.Tensor, terms: int, chunk_length: int,
                       headroom: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(a', b', ha + hb)``: both operands of a product of ``terms`` terms shifted so that its
     int32 chunk sums cannot wrap (``headroom_shifts``); the product of ``a'`` and ``b'`` times
     ``2**(ha + hb)`` stands for the product of ``a`` and ``b``."""
     ha, hb = headroom_shifts(absmax(a), absmax(b), terms, chunk_length, headroom)
-    return shift_operand(a, ha), shift_operand(b, hb), ha + hb
+    return *shift_operands((a, b), (ha, hb)), ha + hb
 
 
 def plain_int32_wraps(exact: torch.Tensor) -> int:

@@ -22,7 +22,7 @@ from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dty
 from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric import native
-from intrain.numeric.accumulate import shift_operand
+from intrain.numeric.accumulate import shift_operand, shift_operands
 from intrain.numeric.requant import cpu_shift, cpu_slices, requantize
 from intrain.numeric.rounding import shift_round
 
@@ -64,25 +64,20 @@ def _spread(d: torch.Tensor, s: tuple[int, int], spread_hw: tuple[int, int]) -> 
     return spread
 
 
-def _shifted(args: tuple, shifts: tuple[int, int]) -> tuple:
-    """``args`` with its two operands shifted right by ``shifts`` with nearest rounding."""
-    return (*(shift_operand(v, k) for v, k in zip(args[:2], shifts)), *args[2:])
-
-
 def _in_chunks(in_chunks):
     """A convolution's (N, chunks) of int8 operands in chunks of samples from the backend method
-    ``in_chunks``, its operands shifted first (int8 products take no headroom shifts), or None
-    off that path."""
-    return lambda backend, args, shifts: in_chunks(backend, *_shifted(args, shifts))
+    ``in_chunks``, its first operand shifted by ``x_shift`` first (int8 products take no headroom
+    shifts), or None off that path."""
+    return lambda backend, args, x_shift: in_chunks(backend, shift_operand(args[0], x_shift), *args[1:])
 
 
 def _on_halves_in_chunks(as_halves):
     """A convolution's (N, chunks) on the int16 halves path (``int16_gemm.conv_chunks``) from the
-    backend method ``as_halves`` that gives its arguments there, or None off that path. The
-    second operand (a weight) is shifted whole, the first a chunk of samples at a time."""
-    def in_chunks(backend, args, shifts):
-        conv = as_halves(backend, args[0], shift_operand(args[1], shifts[1]), *args[2:])
-        return None if conv is None else (args[0].shape[0], int16_gemm.conv_chunks(*conv, x_shift=shifts[0]))
+    backend method ``as_halves`` that gives its arguments there, or None off that path; the first
+    operand is shifted by ``x_shift`` a chunk of samples at a time."""
+    def in_chunks(backend, args, x_shift):
+        conv = as_halves(backend, *args)
+        return None if conv is None else (args[0].shape[0], int16_gemm.conv_chunks(*conv, x_shift=x_shift))
     return in_chunks
 
 
@@ -501,7 +496,7 @@ class CpuBackend(Backend):
         _check_cpu(d, x)
         if n and self._int16_halves(d, x, min(c, o), ho * wo):
             return int16_gemm.conv_weight_grad(d, x, khw, s, p, self.settings.int8_gemm_chunk_bytes, shifts)
-        d, x = _shifted((d, x), shifts)
+        d, x = shift_operands((d, x), shifts)
         dtype = weight_grad_dtype(d, x, n * ho * wo)
         if n == 0:
             return _ref.conv2d_backward_weight(d, x, khw, s, p)
@@ -534,8 +529,8 @@ class CpuBackend(Backend):
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int8, as
         (int8 values, shift as a 0-d int64 tensor): bit-identical to requantising the int32/int64
-        accumulator, but without making it: on the float path from the exact float product (a tensor-sized
-        4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
+        accumulator, but without making it: on the float path from the exact float product (a
+        tensor-sized 4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
         memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
         for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
@@ -545,11 +540,12 @@ class CpuBackend(Backend):
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int16, as
         (int16 values, shift as a 0-d int64 tensor), bit-identical to requantising the int64
-        accumulator: convolutions of int16 operands on the halves path a chunk of samples at a time, each kept in int32 until
-        the shift is known (``requantize_chunks``: half the memory of the int64 result), every
-        other product from its exact result (a float one without an int64 copy); on the halves
-        path the first operand's headroom shift is applied a chunk at a time too (no shifted copy
-        of a whole activation or error). ``reduce_max``: as in ``product_to_int8``."""
+        accumulator: convolutions of int16 operands on the halves path a chunk of samples at a
+        time, each kept in int32 until the shift is known (``requantize_chunks``: half the memory
+        of the int64 result), every other product from its exact result (a float one without an
+        int64 copy); on the halves path the first operand's headroom shift is applied a chunk at a
+        time too (no shifted copy of a whole activation or error). ``reduce_max``: as in
+        ``product_to_int8``."""
         return self._product_to_narrow(name, args, 16, reduce_max, shifts)
 
     def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max, shifts: tuple[int, int]
@@ -557,11 +553,13 @@ class CpuBackend(Backend):
         if name not in self._EXACT_PRODUCTS:
             raise ValueError(f"product_to_int{bits} takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
+        # The second operand of these products is a weight, small: shifted whole, once.
+        args = shift_operands(args, (0, shifts[1]))
         in_chunks = self._CONVS_IN_CHUNKS[bits].get(name)
-        chunked = in_chunks(self, args, shifts) if in_chunks is not None else None
+        chunked = in_chunks(self, args, shifts[0]) if in_chunks is not None else None
         if chunked is not None:
             return requantize_chunks(*chunked, reduce_max=reduce_max, bits=bits)
-        exact, _ = self._EXACT_PRODUCTS[name](self, *_shifted(args, shifts))
+        exact, _ = self._EXACT_PRODUCTS[name](self, *shift_operands(args, (shifts[0], 0)))
         return exact_to_narrow(exact, reduce_max, bits=bits)
 
 
