@@ -46,6 +46,14 @@ def test_native_threads_script_checks_the_same_bits():
         assert kernel in out
 
 
+def test_halves_speed_script_compares_the_same_bits():
+    from intrain.numeric import native
+    if not native.available():
+        pytest.skip("no C compiler here: the script refuses, as it says")
+    out = run_script("halves_speed.py", "--samples", "1", "--rounds", "1")
+    assert "512 x  8 x  8" in out and out.count("x |") == 6
+
+
 def test_bn_statistics_script_rebuilds_running_statistics(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     run = tmp_path / "run"

@@ -468,3 +468,90 @@ def test_combine_halves_into_nchw_through_tiles(samples, hw, n, accumulate):
         expected = expected + out
     assert native.combine_halves(parts, rows, cols, out, hw=hw, accumulate=accumulate)
     assert torch.equal(out, expected)
+
+
+def _int16_worst(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """int16 values over the whole range, both ends (-32768 and 32767) and the values whose high
+    half would be 128 without int16_gemm's offset (32640..32767) among them."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.randint(-32768, 32768, shape, generator=gen, dtype=torch.int32).to(torch.int16)
+    flat = v.view(-1)
+    flat[0], flat[-1], flat[flat.numel() // 2] = -32768, 32767, 32640
+    return v
+
+
+@needs_native
+@pytest.mark.parametrize("layout", ["contiguous", "channels-last view", "chunk of a larger batch"])
+@pytest.mark.parametrize("shift", [0, 1, 7, 15, 16])
+@pytest.mark.parametrize("padding", [(0, 0), (1, 1), (2, 1)])
+def test_split_halves_padded_is_shift_split_and_pad(layout, shift, padding):
+    """``native.split_halves_padded`` against int16_gemm's PyTorch steps (shift_operand,
+    split_halves, channels-last padding with the halves of 0), for NCHW and channels-last
+    inputs (the cpu backend's spread errors are a channels-last view) and a slice of samples; 19
+    channels and 18 columns: whole 8 x 8 blocks and what they leave, both ways."""
+    from intrain.kernels.int16_gemm import ZERO_HI, ZERO_LO, split_halves
+    n, c, h, w = 3, 19, 4, 18
+    x = _int16_worst((n + 2, h, w, c) if layout == "channels-last view" else (n + 2, c, h, w), shift + sum(padding))
+    x = x.permute(0, 3, 1, 2) if layout == "channels-last view" else x
+    x = x[1:1 + n] if layout == "chunk of a larger batch" else x[:n]
+    hi, lo = (torch.full((n, h + 2 * padding[0], w + 2 * padding[1], c), 99, dtype=torch.int8) for _ in range(2))
+    assert native.split_halves_padded(x, shift, padding, hi, lo)
+    want_hi, want_lo = split_halves(shift_operand(x.contiguous(), shift))
+    for got, want, fill in ((hi, want_hi, ZERO_HI), (lo, want_lo, ZERO_LO)):
+        padded = torch.nn.functional.pad(want.permute(0, 2, 3, 1), (0, 0, padding[1], padding[1], padding[0],
+                                                                    padding[0]), value=fill)
+        assert torch.equal(got, padded)
+
+
+@needs_native
+@pytest.mark.parametrize("kernel_hw,stride", [((3, 3), (1, 1)), ((3, 3), (2, 2)), ((1, 1), (1, 1)),
+                                              ((3, 2), (2, 1)), ((5, 5), (1, 1))])
+def test_channels_last_columns_are_the_patches(kernel_hw, stride):
+    """``native.channels_last_columns`` against the copy of ``int8_gemm.channels_last_patches``'
+    strided view, with sizes that leave rows and columns no window reaches."""
+    from intrain.kernels.int8_gemm import channels_last_patches
+    gen = torch.Generator().manual_seed(sum(kernel_hw) + sum(stride))
+    x = torch.randint(-128, 128, (3, 6, 10, 9), generator=gen, dtype=torch.int8)  # [N, C, H, W]
+    padded = x.permute(0, 2, 3, 1).contiguous()  # padding 0: the patches of x itself
+    want = channels_last_patches(x, *kernel_hw, stride, (0, 0))
+    out = torch.full(want.shape, 99, dtype=torch.int8)
+    assert native.channels_last_columns(padded, kernel_hw, stride, out)
+    assert torch.equal(out, want)
+
+
+@needs_native
+@pytest.mark.parametrize("shift", [0, 1, 9, 16])
+@pytest.mark.parametrize("block", ["all channels", "a block of channels"])
+def test_error_halves_in_c_are_the_pytorch_ones(shift, block):
+    """``int16_gemm._error_halves`` (a weight gradient's error rows) through
+    ``native.split_error_rows`` against its PyTorch path: a slice of samples and of output
+    channels of int16 errors over the whole range, -32768 included; the per-channel sums too."""
+    from intrain.kernels import int16_gemm
+    d = _int16_worst((5, 7, 3, 4), shift)[1:4]
+    d = d[:, 2:6] if block == "a block of channels" else d
+    width, rows = d.shape[1], d.shape[0] * 12
+    buffers = [torch.full(((2 * width + 1) * rows + 5,), 99, dtype=torch.int8) for _ in range(2)]
+    got, got_sums = int16_gemm._error_halves(d, shift, buffers[0])
+    want, want_sums = torch_only(int16_gemm._error_halves, d, shift, buffers[1])
+    assert torch.equal(got, want) and torch.equal(got_sums, want_sums)
+    assert torch.equal(want[2 * width], torch.ones(rows, dtype=torch.int8))
+    shifted = shift_operand(d.contiguous(), shift)
+    assert torch.equal(want_sums, shifted.sum((0, 2, 3), dtype=torch.int64))
+    assert torch.equal(want[:width].view(width, -1, 12)[:, 1],
+                       int16_gemm.split_halves(shifted)[0][1].reshape(width, 12))
+
+
+@needs_native
+@pytest.mark.parametrize("shift", [0, 3, 16])
+def test_halves_columns_in_c_are_the_pytorch_ones(shift):
+    """``int16_gemm.HalvesColumns`` through the two C passes against its PyTorch path, chunk by
+    chunk (the last one shorter), for a stride-2 padded convolution of int16 values over the
+    whole range."""
+    from intrain.kernels import int16_gemm
+    x = _int16_worst((7, 3, 9, 8), shift)
+    made = [int16_gemm.HalvesColumns(x, (3, 3), (2, 2), (1, 1), 3, shift) for _ in range(2)]
+    for n0 in range(0, 7, 3):
+        got = made[0].of(n0)
+        want = torch_only(made[1].of, n0)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        assert got[0].shape == (min(3, 7 - n0) * 5 * 4, 27)

@@ -117,6 +117,40 @@ def _columns(half: torch.Tensor, buffer: torch.Tensor, kh: int, kw: int, s: tupl
     return columns.view(-1, kh * kw * half.shape[1])
 
 
+class HalvesColumns:
+    """The channels-last im2col columns [rows, kh*kw*C] of both int8 halves of chunks of an int16
+    operand x [N, C, H, W] (any strides), each chunk shifted right first by ``shift`` with nearest
+    rounding (``numeric.accumulate.shift_operand``): two C passes (``native.split_halves_padded``
+    into padded channels-last halves, ``native.channels_last_columns``), or the PyTorch ones. The
+    buffers are made for the first (largest) chunk and reused; a chunk's columns live until the
+    next chunk's are made."""
+
+    def __init__(self, x: torch.Tensor, kernel_hw: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
+                 step: int, shift: int) -> None:
+        n, c, h, w = x.shape
+        (kh, kw), self.s, self.p, self.step, self.shift, self.x = kernel_hw, s, p, step, shift, x
+        self.kh, self.kw = kh, kw
+        ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
+        rows = min(step, n)
+        self.columns = [torch.empty((rows, ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+        self.padded = [torch.empty((rows, h + 2 * p[0], w + 2 * p[1], c), dtype=torch.int8) for _ in range(2)]
+
+    def of(self, n0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns of the high and the low halves of samples ``n0 .. n0 + step``."""
+        chunk = self.x[n0:n0 + self.step]
+        rows = chunk.shape[0]
+        padded = [half[:rows] for half in self.padded]
+        columns = [half[:rows] for half in self.columns]
+        k = self.kh * self.kw * chunk.shape[1]
+        if (native.split_halves_padded(chunk, self.shift, self.p, *padded)
+                and native.channels_last_columns(padded[0], (self.kh, self.kw), self.s, columns[0])
+                and native.channels_last_columns(padded[1], (self.kh, self.kw), self.s, columns[1])):
+            return columns[0].view(-1, k), columns[1].view(-1, k)
+        x_hi, x_lo = split_halves(shift_operand(chunk, self.shift))
+        return (_columns(x_hi, self.columns[0], self.kh, self.kw, self.s, self.p, ZERO_HI),
+                _columns(x_lo, self.columns[1], self.kh, self.kw, self.s, self.p, ZERO_LO))
+
+
 def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],
                 chunk_bytes: int, out: torch.Tensor | None = None, x_shift: int = 0):
     """conv2d of int16 x [N, C, H, W] (N >= 1) and w [O, C, kh, kw] with C*kh*kw at most
@@ -142,12 +176,11 @@ def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[i
     del w_hi, w_lo  # copies of the weight (2.25 MiB each for 512 x 512 x 3 x 3): ``both`` has them
     step = samples_per_chunk(2 * ho * wo * k, chunk_bytes)
     buffer = None if out is not None else torch.empty((min(step, n), o, ho, wo), dtype=torch.int64)
-    # One column buffer per half, reused by every chunk (see int8_gemm.ColumnBuffer).
-    column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    columns = HalvesColumns(x, (kh, kw), s, p, step, x_shift)
     for n0 in range(0, n, step):
-        x_hi, x_lo = split_halves(shift_operand(x[n0:n0 + step], x_shift))
-        high = mm_int32(_columns(x_hi, column_buffers[0], kh, kw, s, p, ZERO_HI), both, pad=False)
-        low = mm_int32(_columns(x_lo, column_buffers[1], kh, kw, s, p, ZERO_LO), both, pad=False)
+        x_hi, x_lo = columns.of(n0)
+        high = mm_int32(x_hi, both, pad=False)
+        low = mm_int32(x_lo, both, pad=False)
         rows, cols = _offset_terms(high[:, 2 * o:], low[:, 2 * o:], sum_w, k)
         parts = (high[:, :o], high[:, o:2 * o], low[:, :o], low[:, o:2 * o])
         target = out[n0:n0 + step] if out is not None else buffer[:min(step, n - n0)]
@@ -165,6 +198,25 @@ def conv(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int
     for _ in conv_chunks(x, w, s, p, chunk_bytes, out):
         pass
     return out
+
+
+def _error_halves(errors: torch.Tensor, shift: int, buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([d_hi ; d_lo ; ones], sums)`` for the int16 errors [n, B, Ho, Wo] of a block of output
+    channels shifted right by ``shift`` (nearest rounding): the int8 matrix [2B + 1, n Ho Wo] of
+    their halves by channel in (sample, position) order and a row of ones, made in the front of
+    the flat int8 ``buffer``, and the int64 sums [B] of the shifted errors by channel. One C pass
+    (``native.split_error_rows``), or the PyTorch ones."""
+    n, width, ho, wo = errors.shape
+    rows = n * ho * wo
+    halves = buffer[:(2 * width + 1) * rows].view(2 * width + 1, rows)
+    halves[2 * width].fill_(1)
+    sums = torch.zeros(width, dtype=torch.int64)
+    if native.split_error_rows(errors, shift, halves[:2 * width], sums):
+        return halves, sums
+    errors = shift_operand(errors, shift)
+    for target, half in zip((halves[:width], halves[width:2 * width]), split_halves(errors)):
+        target.view(width, n, ho * wo).copy_(half.reshape(n, width, ho * wo).transpose(0, 1))
+    return halves, errors.sum((0, 2, 3), dtype=torch.int64)
 
 
 def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: tuple[int, int],
@@ -193,33 +245,27 @@ def conv_weight_grad(d: torch.Tensor, x: torch.Tensor, khw: tuple[int, int], s: 
     block = max(1, min(o, (chunk_bytes // (4 * k) - 1) // 2))  # 2B + 1 rows of k int32 each
     step = min(samples_per_chunk(2 * ho * wo * k, chunk_bytes), INT32_REDUCTION // (ho * wo))
     by_position = torch.empty((min(block, o), k), dtype=torch.int64)  # [B, kh*kw*C]: the columns' order
-    column_buffers = [torch.empty((min(step, n), ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
+    columns = HalvesColumns(x, khw, s, p, step, shifts[1])
     # The int32 sums by each half of x, [2B + 1, K], and one product added into them.
     summed = [torch.empty((2 * min(block, o) + 1, k), dtype=torch.int32) for _ in range(2)]
     product = torch.empty_like(summed[0])
+    halves_buffer = torch.empty((2 * min(block, o) + 1) * min(step, n) * ho * wo, dtype=torch.int8)
     for o0 in range(0, o, block):
         width = min(block, o - o0)
         sums, by_hi, by_lo = by_position[:width], summed[0][:2 * width + 1], summed[1][:2 * width + 1]
         rows, pending, combined = torch.zeros((width, 1), dtype=torch.int64), 0, False
         for n0 in range(0, n, step):
-            errors = shift_operand(d[n0:n0 + step, o0:o0 + width], shifts[0])
-            rows_here = errors.shape[0] * ho * wo
-            d_hi, d_lo = split_halves(errors)
-            halves = torch.cat([d_hi.transpose(0, 1).reshape(width, -1), d_lo.transpose(0, 1).reshape(width, -1),
-                                torch.ones((1, rows_here), dtype=torch.int8)])  # [2B + 1, rows]
-            x_hi, x_lo = split_halves(shift_operand(x[n0:n0 + step], shifts[1]))
+            halves, error_sums = _error_halves(d[n0:n0 + step, o0:o0 + width], shifts[0], halves_buffer)
             # [d_hi x_hi ; d_lo x_hi ; sum x_hi] and [d_hi x_lo ; d_lo x_lo ; sum x_lo]
-            for half, fill, buffer, total in ((x_hi, ZERO_HI, column_buffers[0], by_hi),
-                                              (x_lo, ZERO_LO, column_buffers[1], by_lo)):
-                columns = _columns(half, buffer, kh, kw, s, p, fill)
+            for half, total in zip(columns.of(n0), (by_hi, by_lo)):
                 if pending == 0:
-                    mm_int32(halves, columns, pad=False, out=total)
+                    mm_int32(halves, half, pad=False, out=total)
                 else:
-                    total.add_(mm_int32(halves, columns, pad=False, out=product[:2 * width + 1]))
+                    total.add_(mm_int32(halves, half, pad=False, out=product[:2 * width + 1]))
             # Here a = d (rows o) and b = the columns, b*'s sums from the row of ones. The row term
-            # 128 sum a* + 16384 K is 128 sum a, and a = d is at hand.
-            rows.add_(errors.sum((0, 2, 3), dtype=torch.int64).view(width, 1), alpha=128)
-            pending += rows_here
+            # 128 sum a* + 16384 K is 128 sum a.
+            rows.add_(error_sums.view(width, 1), alpha=128)
+            pending += halves.shape[1]
             if n0 + step >= n or pending + min(step, n - n0 - step) * ho * wo > INT32_REDUCTION:
                 cols = by_hi[2 * width:].to(torch.int64).mul_(256).add_(by_lo[2 * width:]).mul_(128)
                 _combine(sums, by_hi[:width], by_lo[:width], by_hi[width:2 * width], by_lo[width:2 * width],

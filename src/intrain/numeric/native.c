@@ -13,6 +13,8 @@
  *     stochastic shifts are at most 31 (the noise is the top bits of one 32-bit draw);
  *   - direct convolutions: int8 operands, at most 32 products per output (C * kh * kw) and at
  *     most 131,071 output positions per plane (Ho * Wo), see that section.
+ *   - DFP16's error rows: at most 65,535 positions per sample (an int32 sum of that many values of
+ *     magnitude <= 2**15 stays below 2**31).
  * Right shifts of negative values are arithmetic (gcc and clang, every target they support).
  */
 #include <stdint.h>
@@ -376,6 +378,142 @@ void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t 
                 }
             }
         }
+    }
+}
+
+/* The transpose of the 8 x 8 bytes at src (rows of 8) into 8 rows of 8 bytes, ds apart, at dst:
+ * three rounds of swaps between 64-bit rows (bytes, then pairs, then quadruples). Splitting an
+ * NCHW chunk value by value into channels-last halves stored each byte c apart, and so ran 1.6-2x
+ * slower than splitting 8 x 8 blocks and transposing them (a throwaway timing loop, one thread of
+ * the Zen 4 of BENCHMARKS.md, VGG-small-7's shapes at 8 samples). */
+static inline void transpose_8x8(const uint8_t *src, uint8_t *dst, int64_t ds) {
+    uint64_t r[8];
+    memcpy(r, src, sizeof r);
+    for (int i = 0; i < 8; i += 2) {
+        const uint64_t t = ((r[i] >> 8) ^ r[i + 1]) & 0x00FF00FF00FF00FFULL;
+        r[i] ^= t << 8;
+        r[i + 1] ^= t;
+    }
+    for (int i = 0; i < 8; i += 4)
+        for (int j = i; j < i + 2; j++) {
+            const uint64_t t = ((r[j] >> 16) ^ r[j + 2]) & 0x0000FFFF0000FFFFULL;
+            r[j] ^= t << 16;
+            r[j + 2] ^= t;
+        }
+    for (int j = 0; j < 4; j++) {
+        const uint64_t t = ((r[j] >> 32) ^ r[j + 4]) & 0x00000000FFFFFFFFULL;
+        r[j] ^= t << 32;
+        r[j + 4] ^= t;
+    }
+    for (int i = 0; i < 8; i++) memcpy(dst + i * ds, &r[i], 8);
+}
+
+/* One pass from an int16 chunk x [n, C, H, W] (element strides sn, sc, sh, sw) to both int8 halves
+ * of its values shifted right by s with nearest rounding, written channels last into hi and lo
+ * [n, H + 2ph, W + 2pw, C] with the padding holding the halves of 0 (0 and -128): the shift, the
+ * split, the transpose and the padding that were six PyTorch passes. The halves of r are
+ * hi = r >> 8 and lo = (r & 255) - 128, so that r = 256 hi + lo + 128 (int16_gemm.split_halves).
+ * The shift runs in int32, where -32768 rounds without wrapping; its result stays within
+ * [-32768, 32767] (|x| <= 2**15 and s >= 1, or s = 0), so hi lies in [-128, 127]. */
+void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t n,
+                                 int64_t c, int64_t h, int64_t wd, int64_t ph, int64_t pw, int s, int8_t *hi,
+                                 int8_t *lo) {
+    const int64_t hp = h + 2 * ph, row = (wd + 2 * pw) * c;
+#define HALVES_OF(dst_hi, dst_lo, r)                  \
+    do {                                              \
+        const int32_t r_ = (r);                       \
+        (dst_hi) = (int8_t)(r_ >> 8);                 \
+        (dst_lo) = (int8_t)((uint8_t)r_ ^ 0x80);      \
+    } while (0)
+#define NEAREST_SHIFT(v, s) ({ const int32_t b_ = (v) + ((v) >> 31), t_ = b_ >> ((s) - 1); t_ - (t_ >> 1); })
+#define SPLIT_INTO(dst_hi, dst_lo, v) HALVES_OF(dst_hi, dst_lo, NEAREST(int32_t, 32, (int32_t)(v), s))
+    for (int64_t sample = 0; sample < n; sample++) {
+        int8_t *hs = hi + sample * hp * row, *ls = lo + sample * hp * row;
+        for (int64_t y = 0; y < hp; y++) {
+            if (y >= ph && y < ph + h) {  /* the left and right padding of an input row */
+                memset(hs + y * row, 0, pw * c);
+                memset(ls + y * row, 0x80, pw * c);
+                memset(hs + y * row + (pw + wd) * c, 0, pw * c);
+                memset(ls + y * row + (pw + wd) * c, 0x80, pw * c);
+            } else {
+                memset(hs + y * row, 0, row);
+                memset(ls + y * row, 0x80, row);
+            }
+        }
+        for (int64_t y = 0; y < h; y++) {
+            const int16_t *src = x + sample * sn + y * sh;
+            int8_t *hr = hs + (y + ph) * row + pw * c, *lr = ls + (y + ph) * row + pw * c;
+            if (sc < sw) {  /* channels last already: both sides contiguous along channels */
+                for (int64_t col = 0; col < wd; col++)
+                    for (int64_t ci = 0; ci < c; ci++)
+                        SPLIT_INTO(hr[col * c + ci], lr[col * c + ci], src[col * sw + ci * sc]);
+            } else {  /* NCHW: blocks of 8 channels x 8 columns, each split then transposed */
+                const int64_t c8 = c - c % 8, w8 = sw == 1 ? wd - wd % 8 : 0;  /* unit stride: loads in vectors */
+                for (int64_t c0 = 0; c0 < c8; c0 += 8)
+                    for (int64_t x0 = 0; x0 < w8; x0 += 8) {
+                        uint8_t bh[8][8], bl[8][8];
+                        /* s == 0 apart: NEAREST's test of s inside this unrolled block kept it out
+                         * of vectors (3-4x slower in the timing loop above) */
+                        if (s == 0)
+                            for (int ci = 0; ci < 8; ci++)
+                                for (int col = 0; col < 8; col++)
+                                    HALVES_OF(bh[ci][col], bl[ci][col], (int32_t)src[(c0 + ci) * sc + x0 + col]);
+                        else
+                            for (int ci = 0; ci < 8; ci++)
+                                for (int col = 0; col < 8; col++) {
+                                    const int32_t v = src[(c0 + ci) * sc + x0 + col];
+                                    HALVES_OF(bh[ci][col], bl[ci][col], NEAREST_SHIFT(v, s));
+                                }
+                        transpose_8x8(&bh[0][0], (uint8_t *)hr + x0 * c + c0, c);
+                        transpose_8x8(&bl[0][0], (uint8_t *)lr + x0 * c + c0, c);
+                    }
+                for (int64_t ci = 0; ci < c; ci++)  /* what the blocks left: the last columns and channels */
+                    for (int64_t col = ci < c8 ? w8 : 0; col < wd; col++)
+                        SPLIT_INTO(hr[col * c + ci], lr[col * c + ci], src[ci * sc + col * sw]);
+            }
+        }
+    }
+#undef SPLIT_INTO
+#undef NEAREST_SHIFT
+#undef HALVES_OF
+}
+
+/* im2col of a padded channels-last int8 tensor [n, hp, wp, C] into rows of (kh, kw, C) runs,
+ * out [n, ho, wo, kh, kw, C]: the kw taps of a kernel row are kw * C contiguous bytes of the
+ * input whatever the stride, so each is one copy. */
+void intrain_channels_last_columns(const int8_t *padded, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kh,
+                                   int64_t kw, int64_t sh, int64_t sw, int64_t ho, int64_t wo, int8_t *out) {
+    const int64_t run = kw * c;
+    for (int64_t sample = 0; sample < n; sample++)
+        for (int64_t a = 0; a < ho; a++)
+            for (int64_t b = 0; b < wo; b++)
+                for (int64_t i = 0; i < kh; i++, out += run)
+                    memcpy(out, padded + ((sample * hp + a * sh + i) * wp + b * sw) * c, run);
+}
+
+/* The errors of a block of output channels of a chunk of samples for a weight gradient,
+ * d [n, width, hw] (element strides sn, so; the hw positions contiguous), shifted right by s with
+ * nearest rounding and split into halves as above, written as rows of n hw values in (sample,
+ * position) order: channel o's high halves at hi + o n hw, its low halves at lo + o n hw; sums[o]
+ * (int64) gets the sum of channel o's shifted values added (|sum| <= n hw 2**15). */
+void intrain_split_error_rows(const int16_t *d, int64_t sn, int64_t so, int64_t n, int64_t width, int64_t hw,
+                              int s, int8_t *hi, int8_t *lo, int64_t *sums) {
+    const int64_t ld = n * hw;
+    for (int64_t o = 0; o < width; o++) {
+        int8_t *hr = hi + o * ld, *lr = lo + o * ld;
+        int64_t total = 0;
+        for (int64_t sample = 0; sample < n; sample++) {
+            const int16_t *src = d + sample * sn + o * so;
+            int32_t part = 0;  /* hw <= 65,535 values (the caller's bound) of magnitude <= 2**15 */
+            for (int64_t t = 0; t < hw; t++) {
+                const int32_t v = src[t], r = NEAREST(int32_t, 32, v, s);
+                hr[sample * hw + t] = (int8_t)(r >> 8);
+                lr[sample * hw + t] = (int8_t)((uint8_t)r ^ 0x80);
+                part += r;
+            }
+            total += part;
+        }
+        sums[o] += total;
     }
 }
 

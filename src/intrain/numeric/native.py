@@ -140,6 +140,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     for d in _POOLED_ERRORS:
         getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i]
     lib.intrain_combine_halves.argtypes = [p, p, p, p, n, p, p, p, n, n, n, i]
+    lib.intrain_split_halves_padded.argtypes = [p] + [n] * 10 + [i, p, p]
+    lib.intrain_channels_last_columns.argtypes = [p] + [n] * 10 + [p]
+    lib.intrain_split_error_rows.argtypes = [p, n, n, n, n, n, i, p, p, p]
     lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n], n
     lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n]
     lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n]
@@ -374,6 +377,71 @@ def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
                                    op + 8 * first * n, (hi - lo) * hw, n, hw, int(accumulate))
 
     _split(run, m // hw, hw * n)
+    return True
+
+
+def split_halves_padded(x: torch.Tensor, shift: int, padding: tuple[int, int], hi: torch.Tensor,
+                        lo: torch.Tensor) -> bool:
+    """``kernels.int16_gemm``'s int8 halves of an int16 chunk ``x`` [n, C, H, W] (any strides)
+    shifted right by ``shift`` with nearest rounding, written channels last into the contiguous
+    int8 ``hi`` and ``lo`` [n, H + 2ph, W + 2pw, C] with the padding filled by the halves of 0, in
+    one pass; False (nothing done) where the kernel does not apply."""
+    lib = library()
+    if lib is None or not (x.is_cpu and x.dtype == torch.int16 and x.dim() == 4 and 0 <= shift < 32):
+        return False
+    n, c, h, w = x.shape
+    shape = (n, h + 2 * padding[0], w + 2 * padding[1], c)
+    for half in (hi, lo):
+        if not (half.is_cpu and half.dtype == torch.int8 and half.is_contiguous() and half.shape == shape):
+            return False
+    strides, xp, hp, lp, per_sample = x.stride(), x.data_ptr(), hi.data_ptr(), lo.data_ptr(), shape[1] * shape[2] * c
+    _split(lambda a, b: lib.intrain_split_halves_padded(xp + 2 * a * strides[0], *strides, b - a, c, h, w,
+                                                        *padding, shift, hp + a * per_sample, lp + a * per_sample),
+           n, c * h * w)
+    return True
+
+
+def split_error_rows(d: torch.Tensor, shift: int, out: torch.Tensor, sums: torch.Tensor) -> bool:
+    """``kernels.int16_gemm``'s rows of the halves of a weight gradient's errors, d [n, B, Ho, Wo]
+    int16 (positions contiguous) shifted right by ``shift`` with nearest rounding: into the
+    contiguous int8 ``out`` [2B, n Ho Wo], row o the high halves of channel o and row B + o its low
+    halves in (sample, position) order, with each channel's sum of shifted values added into the
+    int64 ``sums`` [B], in one pass; False (nothing done) where the kernel does not apply."""
+    lib = library()
+    if lib is None or not (d.is_cpu and d.dtype == torch.int16 and d.dim() == 4 and 0 <= shift < 32):
+        return False
+    n, width, ho, wo = d.shape
+    hw = ho * wo
+    if not ((d.stride(3) == 1 or wo == 1) and (d.stride(2) == wo or ho == 1) and hw < 2**16):
+        return False  # positions not contiguous, or more of them than an int32 sum of 2**15s takes
+    if not (out.is_cpu and out.dtype == torch.int8 and out.is_contiguous() and out.shape == (2 * width, n * hw)
+            and sums.is_cpu and sums.dtype == torch.int64 and sums.is_contiguous() and sums.numel() == width):
+        return False
+    dp, hp, sp, (sn, so), row = d.data_ptr(), out.data_ptr(), sums.data_ptr(), d.stride()[:2], n * hw
+    _split(lambda a, b: lib.intrain_split_error_rows(dp + 2 * a * so, sn, so, n, b - a, hw, shift, hp + a * row,
+                                                     hp + (width + a) * row, sp + 8 * a), width, row)
+    return True
+
+
+def channels_last_columns(padded: torch.Tensor, kernel_hw: tuple[int, int], stride: tuple[int, int],
+                          out: torch.Tensor) -> bool:
+    """The im2col columns of a contiguous padded channels-last int8 tensor [n, H', W', C] into the
+    contiguous int8 ``out`` [n, Ho, Wo, kh, kw, C] (rows of (kh, kw, C) runs, as
+    ``kernels.int8_gemm.channels_last_patches`` orders them), in one pass; False (nothing done)
+    where the kernel does not apply."""
+    lib = library()
+    if lib is None or not (padded.is_cpu and padded.dtype == torch.int8 and padded.is_contiguous()
+                           and padded.dim() == 4):
+        return False
+    n, hp, wp, c = padded.shape
+    (kh, kw), (sh, sw) = kernel_hw, stride
+    ho, wo = (hp - kh) // sh + 1, (wp - kw) // sw + 1
+    if not (out.is_cpu and out.dtype == torch.int8 and out.is_contiguous() and out.shape == (n, ho, wo, kh, kw, c)
+            and ho > 0 and wo > 0):
+        return False
+    src, dst, per_input, per_output = padded.data_ptr(), out.data_ptr(), hp * wp * c, ho * wo * kh * kw * c
+    _split(lambda a, b: lib.intrain_channels_last_columns(src + a * per_input, b - a, hp, wp, c, kh, kw, sh, sw, ho,
+                                                          wo, dst + a * per_output), n, per_output)
     return True
 
 
