@@ -128,8 +128,8 @@ class HalvesColumns:
     def __init__(self, x: torch.Tensor, kernel_hw: tuple[int, int], s: tuple[int, int], p: tuple[int, int],
                  step: int, shift: int) -> None:
         n, c, h, w = x.shape
-        (kh, kw), self.s, self.p, self.step, self.shift, self.x = kernel_hw, s, p, step, shift, x
-        self.kh, self.kw = kh, kw
+        self.x, self.kernel_hw, self.s, self.p, self.step, self.shift = x, kernel_hw, s, p, step, shift
+        kh, kw = kernel_hw
         ho, wo = (h + 2 * p[0] - kh) // s[0] + 1, (w + 2 * p[1] - kw) // s[1] + 1
         rows = min(step, n)
         self.columns = [torch.empty((rows, ho, wo, kh, kw, c), dtype=torch.int8) for _ in range(2)]
@@ -141,14 +141,14 @@ class HalvesColumns:
         rows = chunk.shape[0]
         padded = [half[:rows] for half in self.padded]
         columns = [half[:rows] for half in self.columns]
-        k = self.kh * self.kw * chunk.shape[1]
+        (kh, kw), k = self.kernel_hw, self.kernel_hw[0] * self.kernel_hw[1] * chunk.shape[1]
         if (native.split_halves_padded(chunk, self.shift, self.p, *padded)
-                and native.channels_last_columns(padded[0], (self.kh, self.kw), self.s, columns[0])
-                and native.channels_last_columns(padded[1], (self.kh, self.kw), self.s, columns[1])):
+                and all(native.channels_last_columns(half, self.kernel_hw, self.s, cols)
+                        for half, cols in zip(padded, columns))):
             return columns[0].view(-1, k), columns[1].view(-1, k)
         x_hi, x_lo = split_halves(shift_operand(chunk, self.shift))
-        return (_columns(x_hi, self.columns[0], self.kh, self.kw, self.s, self.p, ZERO_HI),
-                _columns(x_lo, self.columns[1], self.kh, self.kw, self.s, self.p, ZERO_LO))
+        return (_columns(x_hi, self.columns[0], kh, kw, self.s, self.p, ZERO_HI),
+                _columns(x_lo, self.columns[1], kh, kw, self.s, self.p, ZERO_LO))
 
 
 def conv_chunks(x: torch.Tensor, w: torch.Tensor, s: tuple[int, int], p: tuple[int, int],

@@ -24,8 +24,10 @@
 /* Nearest rounding of a / 2**s, ties away from zero, without adding 2**(s-1) to |a| (which
  * could wrap): with b = a - 1 for a < 0 (else a) and t = b >> (s - 1), the result is
  * t - (t >> 1) (the proof is at numeric/rounding.py's _nearest). */
-#define NEAREST(T, BITS, a, s) \
-    ((s) == 0 ? (a) : ({ T b_ = (T)((a) + ((a) >> ((BITS) - 1))); T t_ = (T)(b_ >> ((s) - 1)); (T)(t_ - (t_ >> 1)); }))
+#define NEAREST(T, BITS, a, s) ((s) == 0 ? (a) : NEAREST_SHIFTED(T, BITS, a, s))
+/* The same for s >= 1 only: no test of s, for loops that keep s == 0 apart themselves. */
+#define NEAREST_SHIFTED(T, BITS, a, s) \
+    ({ T b_ = (T)((a) + ((a) >> ((BITS) - 1))); T t_ = (T)(b_ >> ((s) - 1)); (T)(t_ - (t_ >> 1)); })
 
 #define CLAMP(v, limit) ((v) > (limit) ? (limit) : ((v) < -(limit) ? -(limit) : (v)))
 
@@ -425,7 +427,6 @@ void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64
         (dst_hi) = (int8_t)(r_ >> 8);                 \
         (dst_lo) = (int8_t)((uint8_t)r_ ^ 0x80);      \
     } while (0)
-#define NEAREST_SHIFT(v, s) ({ const int32_t b_ = (v) + ((v) >> 31), t_ = b_ >> ((s) - 1); t_ - (t_ >> 1); })
 #define SPLIT_INTO(dst_hi, dst_lo, v) HALVES_OF(dst_hi, dst_lo, NEAREST(int32_t, 32, (int32_t)(v), s))
     for (int64_t sample = 0; sample < n; sample++) {
         int8_t *hs = hi + sample * hp * row, *ls = lo + sample * hp * row;
@@ -462,7 +463,7 @@ void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64
                             for (int ci = 0; ci < 8; ci++)
                                 for (int col = 0; col < 8; col++) {
                                     const int32_t v = src[(c0 + ci) * sc + x0 + col];
-                                    HALVES_OF(bh[ci][col], bl[ci][col], NEAREST_SHIFT(v, s));
+                                    HALVES_OF(bh[ci][col], bl[ci][col], NEAREST_SHIFTED(int32_t, 32, v, s));
                                 }
                         transpose_8x8(&bh[0][0], (uint8_t *)hr + x0 * c + c0, c);
                         transpose_8x8(&bl[0][0], (uint8_t *)lr + x0 * c + c0, c);
@@ -474,7 +475,6 @@ void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64
         }
     }
 #undef SPLIT_INTO
-#undef NEAREST_SHIFT
 #undef HALVES_OF
 }
 
