@@ -1,5 +1,5 @@
 """The C kernels on one thread against all of PyTorch's threads, by size: where cutting a call into
-ranges run on threads (``numeric.native._split``) starts to pay, the evidence for
+ranges run on threads (``numeric.native._threads``, native.c's ``IN_RANGES``) starts to pay, the evidence for
 ``native.PARALLEL_MIN``. Both ways run in one process, taking turns, and must give the same bits.
 
     OMP_NUM_THREADS=2 python benchmarks/native_threads.py

@@ -8,6 +8,8 @@ says so instead of passing."""
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -34,7 +36,8 @@ def torch_only(fn, *args, **kwargs):
 @pytest.fixture(autouse=True, params=["one range", "split"])
 def kernel_threads(request, monkeypatch):
     """Every test runs twice: each kernel in one call, and cut into three ranges run on threads
-    (``native._split``) whatever the size, so the cut is checked against the PyTorch code too."""
+    (``native._threads``, native.c's ``IN_RANGES``) whatever the size, so the cut is checked
+    against the PyTorch code too."""
     if request.param == "split":
         monkeypatch.setattr(native, "PARALLEL_MIN", 1)
         threads = torch.get_num_threads()
@@ -52,6 +55,25 @@ def test_library_builds_where_there_is_a_compiler():
 
 
 needs_native = pytest.mark.skipif(not native.available(), reason="numeric/native.c not built here")
+
+
+def _openmp_expected() -> bool:
+    """gcc (which emits calls to GNU OpenMP's entry points) and a PyTorch running on OpenMP: the
+    kernels must then cut their work on PyTorch's team."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False
+    return "gcc" in subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.lower()
+
+
+def test_kernels_cut_their_work_on_pytorchs_openmp_team():
+    if not _openmp_expected():
+        pytest.skip("no gcc, or a PyTorch not on OpenMP: the kernels run on the calling thread (same bits)")
+    assert native.openmp(), "native.c built without OpenMP, or its OpenMP build did not load"
+    assert [native.library().intrain_team_size(t) for t in (1, 2, 3)] == [1, 2, 3]
+    maps = open("/proc/self/maps").read() if sys.platform.startswith("linux") else ""
+    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line}
+    assert len(runtimes) <= 1, f"two OpenMP runtimes in one process: {runtimes}"
 
 
 def _extremes(dtype: torch.dtype, shift: int) -> torch.Tensor:

@@ -16,10 +16,52 @@
  *   - DFP16's error rows: at most 65,535 positions per sample (an int32 sum of that many values of
  *     magnitude <= 2**15 stays below 2**31).
  * Right shifts of negative values are arithmetic (gcc and clang, every target they support).
+ *
+ * Threads: each exported kernel that works through many elements takes `threads` (>= 1) last and
+ * cuts its elements, rows, planes, samples or channels into that many contiguous ranges, run at
+ * once by IN_RANGES on the OpenMP team of PyTorch's own operations: native.py compiles this file
+ * with -fopenmp but links no OpenMP library to it, so the team is the runtime PyTorch loaded, whose
+ * threads are still spinning from PyTorch's last operation (a second pool of threads beside them,
+ * Python's, had each kernel compete with a spinning thread for a core). Every element is computed
+ * by the same code whatever the cut, so the bits do not depend on the thread count; built without
+ * OpenMP, the ranges run one after another.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#define PRAGMA(text) _Pragma(#text)
+#else
+#define PRAGMA(text)
+#endif
+/* The statement after it once per nonempty range [lo, hi) of [0, units), range_index the range's
+ * place in order, `threads` ranges at once (threads >= 1); the rest of the arguments are OpenMP
+ * clauses (a reduction). */
+#define IN_RANGES(units, threads, lo, hi, ...)                                                         \
+    PRAGMA(omp parallel for if((threads) > 1) num_threads(threads) schedule(static, 1) __VA_ARGS__)  \
+    for (int range_index = 0; range_index < (threads); range_index++)                                 \
+        for (int64_t lo = (int64_t)(units) * range_index / (threads),                                 \
+                     hi = (int64_t)(units) * (range_index + 1) / (threads); lo < hi; lo = hi)
+
+/* 1 when built with OpenMP (ranges on threads), else 0. */
+int intrain_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* How many threads an IN_RANGES region of `threads` ranges ran on (for the tests). */
+int intrain_team_size(int threads) {
+    int team = 1;
+#ifdef _OPENMP
+    IN_RANGES(threads, threads, lo, hi, reduction(max: team)) team = omp_get_num_threads();
+#endif
+    return team;
+}
 
 /* Nearest rounding of a / 2**s, ties away from zero, without adding 2**(s-1) to |a| (which
  * could wrap): with b = a - 1 for a < 0 (else a) and t = b >> (s - 1), the result is
@@ -36,13 +78,21 @@
 /* The minimum and maximum are kept in the input's own type (so the loop runs as many lanes as
  * that type fits in a vector) and widened once at the end, where -low cannot wrap. */
 #define MAX_ABS(NAME, T)                                                   \
-    int64_t intrain_max_abs_##NAME(const T *a, int64_t n) {               \
+    static int64_t max_abs_##NAME(const T *a, int64_t n) {                \
         T low = 0, high = 0;                                               \
         for (int64_t i = 0; i < n; i++) {                                  \
             low = a[i] < low ? a[i] : low;                                 \
             high = a[i] > high ? a[i] : high;                              \
         }                                                                  \
         return (int64_t)high > -(int64_t)low ? (int64_t)high : -(int64_t)low; \
+    }                                                                      \
+    int64_t intrain_max_abs_##NAME(const T *a, int64_t n, int threads) {  \
+        int64_t best = 0;                                                  \
+        IN_RANGES(n, threads, lo, hi, reduction(max: best)) {              \
+            const int64_t m = max_abs_##NAME(a + lo, hi - lo);             \
+            best = m > best ? m : best;                                    \
+        }                                                                  \
+        return best;                                                       \
     }
 
 MAX_ABS(i8, int8_t)
@@ -57,14 +107,18 @@ MAX_ABS(f64, double)
 /* W: the type the rounding runs in (the input's for integers: no widening, so the loop
  * vectorises; int64 for floats, whose values are exact integers below 2**53). */
 #define ROUND_NEAREST(NAME, T, W, WBITS, OUT_NAME, O)                                          \
-    void intrain_round_nearest_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,        \
-                                                   int64_t limit) {                            \
+    static void round_nearest_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,          \
+                                                  int64_t limit) {                             \
         const W lim = (W)limit;                                                                \
         for (int64_t i = 0; i < n; i++) {                                                      \
             W v = (W)a[i];                                                                     \
             W r = NEAREST(W, WBITS, v, s);                                                     \
             out[i] = (O)CLAMP(r, lim);                                                         \
         }                                                                                      \
+    }                                                                                          \
+    void intrain_round_nearest_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,        \
+                                                   int64_t limit, int threads) {               \
+        IN_RANGES(n, threads, lo, hi) round_nearest_##NAME##_##OUT_NAME(a + lo, out + lo, hi - lo, s, limit); \
     }
 
 ROUND_NEAREST(i16, int16_t, int16_t, 16, i8, int8_t)
@@ -99,9 +153,9 @@ static inline uint32_t mix32(uint32_t x) {
 /* Element i takes the noise of stream position offset + i (< 2**32, checked by the caller):
  * the top s bits of mix32(mix32(position ^ k1) ^ k2), as rng.uniform_bits draws them. */
 #define ROUND_STOCHASTIC(NAME, T, OUT_NAME, O)                                                     \
-    void intrain_round_stochastic_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,         \
-                                                      int64_t limit, uint32_t k1, uint32_t k2,     \
-                                                      uint64_t offset) {                           \
+    static void round_stochastic_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,          \
+                                                     int64_t limit, uint32_t k1, uint32_t k2,      \
+                                                     uint64_t offset) {                            \
         const int64_t low_mask = ((int64_t)1 << s) - 1;                                            \
         for (int64_t i = 0; i < n; i++) {                                                          \
             int64_t v = (int64_t)a[i];                                                             \
@@ -113,6 +167,13 @@ static inline uint32_t mix32(uint32_t x) {
             int64_t r = (rounded ^ sign) - sign;                                                   \
             out[i] = (O)CLAMP(r, limit);                                                           \
         }                                                                                          \
+    }                                                                                              \
+    void intrain_round_stochastic_##NAME##_##OUT_NAME(const T *a, O *out, int64_t n, int s,         \
+                                                      int64_t limit, uint32_t k1, uint32_t k2,     \
+                                                      uint64_t offset, int threads) {              \
+        IN_RANGES(n, threads, lo, hi)                                                              \
+            round_stochastic_##NAME##_##OUT_NAME(a + lo, out + lo, hi - lo, s, limit, k1, k2,       \
+                                                 offset + (uint64_t)lo);                           \
     }
 
 ROUND_STOCHASTIC(i16, int16_t, i8, int8_t)
@@ -131,8 +192,8 @@ ROUND_STOCHASTIC(i64, int64_t, i16, int16_t)
  * vectorises: |w| <= 2**15 and the step is at most 2**m + 1 <= 2**24 + 1 for the update widths
  * methods/update.py allows, so w - step cannot wrap. */
 #define UPDATE_PSEUDO(GNAME, G, BITS, WNAME, W)                                                    \
-    void intrain_update_pseudo_##GNAME##_##WNAME(const W *w, const G *g, W *out, int64_t n, int s,  \
-                                                 int64_t limit) {                                  \
+    static void update_pseudo_##GNAME##_##WNAME(const W *w, const G *g, W *out, int64_t n, int s,   \
+                                                int64_t limit) {                                   \
         const int low_width = s >> 1, high_width = s - low_width;                                  \
         const G mask = (G)(((int64_t)1 << s) - 1), low_mask = (G)(((int64_t)1 << low_width) - 1);  \
         const G lim = (G)limit;                                                                    \
@@ -147,6 +208,11 @@ ROUND_STOCHASTIC(i64, int64_t, i16, int16_t)
             G updated = (G)((G)w[i] - ((rounded ^ sign) - sign));                                  \
             out[i] = (W)CLAMP(updated, lim);                                                       \
         }                                                                                          \
+    }                                                                                              \
+    void intrain_update_pseudo_##GNAME##_##WNAME(const W *w, const G *g, W *out, int64_t n, int s,  \
+                                                 int64_t limit, int threads) {                     \
+        IN_RANGES(n, threads, lo, hi)                                                              \
+            update_pseudo_##GNAME##_##WNAME(w + lo, g + lo, out + lo, hi - lo, s, limit);           \
     }
 
 UPDATE_PSEUDO(i32, int32_t, 32, i8, int8_t)
@@ -158,10 +224,13 @@ UPDATE_PSEUDO(i64, int64_t, 64, i16, int16_t)
 
 /* total[i] += w[i]; the sums of methods/averaging.py (at most 2**15 per step: no int64 wrap
  * in any run shorter than 2**48 steps). */
-#define ADD_INTO_I64(NAME, T)                                                   \
-    void intrain_add_into_i64_##NAME(int64_t *total, const T *w, int64_t n) {   \
-        for (int64_t i = 0; i < n; i++)                                         \
-            total[i] += (int64_t)w[i];                                          \
+#define ADD_INTO_I64(NAME, T)                                                               \
+    static void add_into_i64_##NAME(int64_t *total, const T *w, int64_t n) {                \
+        for (int64_t i = 0; i < n; i++)                                                     \
+            total[i] += (int64_t)w[i];                                                      \
+    }                                                                                       \
+    void intrain_add_into_i64_##NAME(int64_t *total, const T *w, int64_t n, int threads) {  \
+        IN_RANGES(n, threads, lo, hi) add_into_i64_##NAME(total + lo, w + lo, hi - lo);     \
     }
 
 ADD_INTO_I64(i8, int8_t)
@@ -220,8 +289,8 @@ SOFTMAX_GRAD(i16, int16_t)
  * row-major window position (0 .. k*k-1) of the first maximum, as the PyTorch code keeps it.
  * Rows and columns that do not fill a window are not read. k*k <= 127 (the caller's check). */
 #define MAX_POOL(NAME, T)                                                                          \
-    void intrain_max_pool_##NAME(const T *restrict x, T *restrict maxima, int8_t *restrict argmax,  \
-                                 int64_t planes, int64_t h, int64_t w, int k) {                    \
+    static void max_pool_##NAME(const T *restrict x, T *restrict maxima, int8_t *restrict argmax,   \
+                                int64_t planes, int64_t h, int64_t w, int k) {                     \
         const int64_t ho = h / k, wo = w / k;                                                      \
         for (int64_t p = 0; p < planes; p++) {                                                     \
             const T *plane = x + p * h * w;                                                        \
@@ -265,6 +334,13 @@ SOFTMAX_GRAD(i16, int16_t)
                 }                                                                                  \
             }                                                                                      \
         }                                                                                          \
+    }                                                                                              \
+    void intrain_max_pool_##NAME(const T *x, T *maxima, int8_t *argmax, int64_t planes, int64_t h,  \
+                                 int64_t w, int k, int threads) {                                  \
+        const int64_t pooled = (h / k) * (w / k);                                                  \
+        IN_RANGES(planes, threads, lo, hi)                                                         \
+            max_pool_##NAME(x + lo * h * w, maxima + lo * pooled, argmax ? argmax + lo * pooled : 0, \
+                            hi - lo, h, w, k);                                                     \
     }
 
 MAX_POOL(i8, int8_t)
@@ -273,8 +349,8 @@ MAX_POOL(i16, int16_t)
 /* The error d [P, H/k, W/k] placed at each window's arg-max of a routed [P, H, W] that this
  * writes whole (zero elsewhere, and in the rows and columns no window covered). */
 #define MAX_POOL_BACKWARD(NAME, T)                                                                  \
-    void intrain_max_pool_backward_##NAME(const T *d, const int8_t *argmax, T *routed,             \
-                                          int64_t planes, int64_t h, int64_t w, int k) {           \
+    static void max_pool_backward_##NAME(const T *d, const int8_t *argmax, T *routed,              \
+                                         int64_t planes, int64_t h, int64_t w, int k) {            \
         const int64_t ho = h / k, wo = w / k;                                                      \
         for (int64_t i = 0; i < planes * h * w; i++) routed[i] = 0;                                \
         for (int64_t p = 0; p < planes; p++)                                                       \
@@ -284,6 +360,13 @@ MAX_POOL(i16, int16_t)
                     int position = argmax[at];                                                     \
                     routed[p * h * w + (r * k + position / k) * w + c * k + position % k] = d[at]; \
                 }                                                                                  \
+    }                                                                                              \
+    void intrain_max_pool_backward_##NAME(const T *d, const int8_t *argmax, T *routed,             \
+                                          int64_t planes, int64_t h, int64_t w, int k, int threads) { \
+        const int64_t pooled = (h / k) * (w / k);                                                  \
+        IN_RANGES(planes, threads, lo, hi)                                                         \
+            max_pool_backward_##NAME(d + lo * pooled, argmax + lo * pooled, routed + lo * h * w,   \
+                                     hi - lo, h, w, k);                                            \
     }
 
 MAX_POOL_BACKWARD(i8, int8_t)
@@ -297,11 +380,14 @@ MAX_POOL_BACKWARD(i32, int32_t)
  * promises y > the type's minimum (so b does not wrap) and |y| < 2**(Q + k), Q the storage
  * type's magnitude bits, so t fits it (chunks.py's requantize_chunks has the proofs). */
 #define FLOOR_SHIFT(NAME, T, BITS, O)                                                 \
-    void intrain_floor_shift_##NAME(const T *a, O *out, int64_t n, int k) {           \
+    static void floor_shift_##NAME(const T *a, O *out, int64_t n, int k) {            \
         for (int64_t i = 0; i < n; i++) {                                             \
             T b = (T)(a[i] + (a[i] >> ((BITS) - 1)));                                 \
             out[i] = (O)(b >> k);                                                     \
         }                                                                             \
+    }                                                                                 \
+    void intrain_floor_shift_##NAME(const T *a, O *out, int64_t n, int k, int threads) { \
+        IN_RANGES(n, threads, lo, hi) floor_shift_##NAME(a + lo, out + lo, hi - lo, k); \
     }
 
 FLOOR_SHIFT(i32_i16, int32_t, 32, int16_t)
@@ -312,7 +398,7 @@ FLOOR_SHIFT(i64_i32, int64_t, 64, int32_t)
  * where t < 0. Clipped to +-limit and narrowed. m may exceed the type's width (a chunk far
  * smaller than the largest): shifting by BITS - 1 gives the same u, 0 or -1. */
 #define ROUND_KEPT(NAME, T, BITS, O)                                                  \
-    void intrain_round_kept_##NAME(const T *t, O *out, int64_t n, int m, int64_t limit) { \
+    static void round_kept_##NAME(const T *t, O *out, int64_t n, int m, int64_t limit) { \
         const T lim = (T)limit;                                                       \
         const int sh = m - 1 < (BITS) - 1 ? m - 1 : (BITS) - 1;                       \
         for (int64_t i = 0; i < n; i++) {                                             \
@@ -325,6 +411,10 @@ FLOOR_SHIFT(i64_i32, int64_t, 64, int32_t)
             }                                                                         \
             out[i] = (O)CLAMP(r, lim);                                                \
         }                                                                             \
+    }                                                                                 \
+    void intrain_round_kept_##NAME(const T *t, O *out, int64_t n, int m, int64_t limit, \
+                                   int threads) {                                     \
+        IN_RANGES(n, threads, lo, hi) round_kept_##NAME(t + lo, out + lo, hi - lo, m, limit); \
     }
 
 ROUND_KEPT(i16_i8, int16_t, 16, int8_t)
@@ -341,9 +431,9 @@ ROUND_KEPT(i32_i16, int32_t, 32, int16_t)
     ((int64_t)hh[(r) * ld + (j)] * 65536 + ((int64_t)c1[(r) * ld + (j)] + c2[(r) * ld + (j)]) * 256 \
      + ll[(r) * ld + (j)] + rows[r] + cols[j])
 
-void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t *c2, const int32_t *ll,
-                            int64_t ld, const int64_t *rows, const int64_t *cols, int64_t *out,
-                            int64_t m, int64_t n, int64_t hw, int accumulate) {
+static void combine_halves(const int32_t *hh, const int32_t *c1, const int32_t *c2, const int32_t *ll,
+                           int64_t ld, const int64_t *rows, const int64_t *cols, int64_t *out,
+                           int64_t m, int64_t n, int64_t hw, int accumulate) {
     if (hw == 1) {
         for (int64_t r = 0; r < m; r++) {
             int64_t *o = out + r * n;
@@ -383,6 +473,17 @@ void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t 
     }
 }
 
+/* Threads take ranges of samples (of rows for hw = 1). */
+void intrain_combine_halves(const int32_t *hh, const int32_t *c1, const int32_t *c2, const int32_t *ll,
+                            int64_t ld, const int64_t *rows, const int64_t *cols, int64_t *out,
+                            int64_t m, int64_t n, int64_t hw, int accumulate, int threads) {
+    IN_RANGES(m / hw, threads, lo, hi) {
+        const int64_t first = lo * hw;
+        combine_halves(hh + first * ld, c1 + first * ld, c2 + first * ld, ll + first * ld, ld, rows + first,
+                       cols, out + first * n, (hi - lo) * hw, n, hw, accumulate);
+    }
+}
+
 /* The transpose of the 8 x 8 bytes at src (rows of 8) into 8 rows of 8 bytes, ds apart, at dst:
  * three rounds of swaps between 64-bit rows (bytes, then pairs, then quadruples). Splitting an
  * NCHW chunk value by value into channels-last halves stores each byte c apart, which ran 1.3-1.9x
@@ -417,9 +518,9 @@ static inline void transpose_8x8(const uint8_t *src, uint8_t *dst, int64_t ds) {
  * hi = r >> 8 and lo = (r & 255) - 128, so that r = 256 hi + lo + 128 (int16_gemm.split_halves).
  * The shift runs in int32, where -32768 rounds without wrapping; its result stays within
  * [-32768, 32767] (|x| <= 2**15 and s >= 1, or s = 0), so hi lies in [-128, 127]. */
-void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t n,
-                                 int64_t c, int64_t h, int64_t wd, int64_t ph, int64_t pw, int s, int8_t *hi,
-                                 int8_t *lo) {
+static void split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t n,
+                                int64_t c, int64_t h, int64_t wd, int64_t ph, int64_t pw, int s, int8_t *hi,
+                                int8_t *lo) {
     const int64_t hp = h + 2 * ph, row = (wd + 2 * pw) * c;
 #define HALVES_OF(dst_hi, dst_lo, r)                  \
     do {                                              \
@@ -478,11 +579,21 @@ void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64
 #undef HALVES_OF
 }
 
+/* Threads take ranges of samples. */
+void intrain_split_halves_padded(const int16_t *x, int64_t sn, int64_t sc, int64_t sh, int64_t sw, int64_t n,
+                                 int64_t c, int64_t h, int64_t wd, int64_t ph, int64_t pw, int s, int8_t *hi,
+                                 int8_t *lo, int threads) {
+    const int64_t per_sample = (h + 2 * ph) * (wd + 2 * pw) * c;
+    IN_RANGES(n, threads, first, last)
+        split_halves_padded(x + first * sn, sn, sc, sh, sw, last - first, c, h, wd, ph, pw, s, hi + first * per_sample,
+                            lo + first * per_sample);
+}
+
 /* im2col of a padded channels-last int8 tensor [n, hp, wp, C] into rows of (kh, kw, C) runs,
  * out [n, ho, wo, kh, kw, C]: the kw taps of a kernel row are kw * C contiguous bytes of the
  * input whatever the stride, so each is one copy. */
-void intrain_channels_last_columns(const int8_t *padded, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kh,
-                                   int64_t kw, int64_t sh, int64_t sw, int64_t ho, int64_t wo, int8_t *out) {
+static void channels_last_columns(const int8_t *padded, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kh,
+                                  int64_t kw, int64_t sh, int64_t sw, int64_t ho, int64_t wo, int8_t *out) {
     const int64_t run = kw * c;
     for (int64_t sample = 0; sample < n; sample++)
         for (int64_t a = 0; a < ho; a++)
@@ -491,13 +602,22 @@ void intrain_channels_last_columns(const int8_t *padded, int64_t n, int64_t hp, 
                     memcpy(out, padded + ((sample * hp + a * sh + i) * wp + b * sw) * c, run);
 }
 
+/* Threads take ranges of samples. */
+void intrain_channels_last_columns(const int8_t *padded, int64_t n, int64_t hp, int64_t wp, int64_t c, int64_t kh,
+                                   int64_t kw, int64_t sh, int64_t sw, int64_t ho, int64_t wo, int8_t *out,
+                                   int threads) {
+    IN_RANGES(n, threads, lo, hi)
+        channels_last_columns(padded + lo * hp * wp * c, hi - lo, hp, wp, c, kh, kw, sh, sw, ho, wo,
+                              out + lo * ho * wo * kh * kw * c);
+}
+
 /* The errors of a block of output channels of a chunk of samples for a weight gradient,
  * d [n, width, hw] (element strides sn, so; the hw positions contiguous), shifted right by s with
  * nearest rounding and split into halves as above, written as rows of n hw values in (sample,
  * position) order: channel o's high halves at hi + o n hw, its low halves at lo + o n hw; sums[o]
  * (int64) gets the sum of channel o's shifted values added (|sum| <= n hw 2**15). */
-void intrain_split_error_rows(const int16_t *d, int64_t sn, int64_t so, int64_t n, int64_t width, int64_t hw,
-                              int s, int8_t *hi, int8_t *lo, int64_t *sums) {
+static void split_error_rows(const int16_t *d, int64_t sn, int64_t so, int64_t n, int64_t width, int64_t hw,
+                             int s, int8_t *hi, int8_t *lo, int64_t *sums) {
     const int64_t ld = n * hw;
     for (int64_t o = 0; o < width; o++) {
         int8_t *hr = hi + o * ld, *lr = lo + o * ld;
@@ -517,6 +637,15 @@ void intrain_split_error_rows(const int16_t *d, int64_t sn, int64_t so, int64_t 
     }
 }
 
+/* Threads take ranges of channels. */
+void intrain_split_error_rows(const int16_t *d, int64_t sn, int64_t so, int64_t n, int64_t width, int64_t hw,
+                              int s, int8_t *hi, int8_t *lo, int64_t *sums, int threads) {
+    const int64_t ld = n * hw;
+    IN_RANGES(width, threads, first, last)
+        split_error_rows(d + first * so, sn, so, n, last - first, hw, s, hi + first * ld, lo + first * ld,
+                         sums + first);
+}
+
 /* ------------------------------------- DFP16's wide (int32) masters and momentum (numeric/wide.py) */
 
 /* v * 2**s for s >= 0 (s <= 30: below 2**61), else v / 2**min(-s, 62) rounded to nearest. */
@@ -527,7 +656,7 @@ static inline int64_t wide_align(int32_t v, int s) {
 }
 
 /* max |align(a, sa) + align(b, sb)|: the first pass of wide.add (no int64 temporaries). */
-int64_t intrain_wide_add_max(const int32_t *a, int sa, const int32_t *b, int sb, int64_t n) {
+static int64_t wide_add_max(const int32_t *a, int sa, const int32_t *b, int sb, int64_t n) {
     int64_t best = 0;
     for (int64_t i = 0; i < n; i++) {
         int64_t t = wide_align(a[i], sa) + wide_align(b[i], sb);
@@ -538,8 +667,8 @@ int64_t intrain_wide_add_max(const int32_t *a, int sa, const int32_t *b, int sb,
 }
 
 /* The sums again, rounded to nearest by `shift` and clipped to +-(2**31 - 1). */
-void intrain_wide_add_round(const int32_t *a, int sa, const int32_t *b, int sb, int shift, int32_t *out,
-                            int64_t n) {
+static void wide_add_round(const int32_t *a, int sa, const int32_t *b, int sb, int shift, int32_t *out,
+                           int64_t n) {
     const int64_t lim = 2147483647;
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = wide_align(a[i], sa) + wide_align(b[i], sb);
@@ -550,13 +679,31 @@ void intrain_wide_add_round(const int32_t *a, int sa, const int32_t *b, int sb, 
 
 /* v * f rounded to nearest by `shift` and clipped: wide.scale (the caller takes the shift from
  * max |v| * |f|, which is max |v * f|). */
-void intrain_wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *out, int64_t n) {
+static void wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *out, int64_t n) {
     const int64_t lim = 2147483647;
     for (int64_t i = 0; i < n; i++) {
         const int64_t t = (int64_t)v[i] * f;
         const int64_t r = NEAREST(int64_t, 64, t, shift);
         out[i] = (int32_t)CLAMP(r, lim);
     }
+}
+
+int64_t intrain_wide_add_max(const int32_t *a, int sa, const int32_t *b, int sb, int64_t n, int threads) {
+    int64_t best = 0;
+    IN_RANGES(n, threads, lo, hi, reduction(max: best)) {
+        const int64_t m = wide_add_max(a + lo, sa, b + lo, sb, hi - lo);
+        best = m > best ? m : best;
+    }
+    return best;
+}
+
+void intrain_wide_add_round(const int32_t *a, int sa, const int32_t *b, int sb, int shift, int32_t *out,
+                            int64_t n, int threads) {
+    IN_RANGES(n, threads, lo, hi) wide_add_round(a + lo, sa, b + lo, sb, shift, out + lo, hi - lo);
+}
+
+void intrain_wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *out, int64_t n, int threads) {
+    IN_RANGES(n, threads, lo, hi) wide_scale_round(v + lo, f, shift, out + lo, hi - lo);
 }
 
 /* ---------------------------- direct convolutions of few input channels (kernels/cpu/backend.py) */
@@ -614,9 +761,9 @@ static int zeroed_pair(void **first, size_t a, void **second, size_t b) {
 
 /* out[s, o] for samples [0, n): x int8 [n, c, h, wd], w int8 [o, c, kh, kw], out int32
  * [n, o, ho, wo]. Returns 0, or -1 when a buffer could not be allocated (nothing written). */
-int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, int64_t n, int64_t c,
-                                int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
-                                int64_t pw) {
+static int conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, int64_t n, int64_t c,
+                               int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                               int64_t pw) {
     const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
     const int64_t wp = g.wp, ho = g.ho, wo = g.wo, plane = g.plane, span = g.span;
     int16_t *pad;
@@ -646,9 +793,9 @@ int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, 
 /* dw[o, c, i, j] = sum over samples [0, n) and positions of d[s, o, y, x] * xpad[s, c, y + i, x + j]
  * (d int8 [n, o, ho, wo], x int8 [n, c, h, wd]), into int64 dw [o, c, kh, kw] (overwritten).
  * Returns 0, or -1 when a buffer could not be allocated (dw untouched). */
-int intrain_conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *dw, int64_t n, int64_t c,
-                                    int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
-                                    int64_t pw) {
+static int conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *dw, int64_t n, int64_t c,
+                                   int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                                   int64_t pw) {
     const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
     const int64_t wp = g.wp, ho = g.ho, wo = g.wo, plane = g.plane, span = g.span;
     int16_t *pad, *errors;
@@ -676,4 +823,40 @@ int intrain_conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *d
     free(pad);
     free(errors);
     return 0;
+}
+
+/* Threads take ranges of samples; each range has its own buffers (nothing is written when one
+ * could not be allocated, -1 returned: the caller raises, so partial outputs are never used). */
+int intrain_conv_direct_forward(const int8_t *x, const int8_t *w, int32_t *out, int64_t n, int64_t c,
+                                int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                                int64_t pw, int threads) {
+    const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
+    int failed = 0;
+    IN_RANGES(n, threads, lo, hi, reduction(|: failed))
+        failed |= conv_direct_forward(x + lo * c * h * wd, w, out + lo * o * g.ho * g.wo, hi - lo, c, h, wd, o, kh,
+                                      kw, ph, pw);
+    return failed ? -1 : 0;
+}
+
+/* Threads take ranges of samples into int64 sums of their own, added into dw in range order
+ * (integer sums: the same for any cut). */
+int intrain_conv_direct_weight_grad(const int8_t *d, const int8_t *x, int64_t *dw, int64_t n, int64_t c,
+                                    int64_t h, int64_t wd, int64_t o, int64_t kh, int64_t kw, int64_t ph,
+                                    int64_t pw, int threads) {
+    const direct_shape g = direct_shape_of(h, wd, kh, kw, ph, pw);
+    const int64_t size = o * c * kh * kw;
+    if (threads == 1) return conv_direct_weight_grad(d, x, dw, n, c, h, wd, o, kh, kw, ph, pw);
+    int64_t *parts = calloc((size_t)threads * size, sizeof(int64_t));  /* ranges left empty add 0 */
+    if (parts == NULL) return -1;
+    int failed = 0;
+    IN_RANGES(n, threads, lo, hi, reduction(|: failed))
+        failed |= conv_direct_weight_grad(d + lo * o * g.ho * g.wo, x + lo * c * h * wd, parts + range_index * size, hi - lo,
+                                          c, h, wd, o, kh, kw, ph, pw);
+    if (!failed) {
+        memset(dw, 0, size * sizeof(int64_t));
+        for (int part = 0; part < threads; part++)
+            for (int64_t k = 0; k < size; k++) dw[k] += parts[part * size + k];
+    }
+    free(parts);
+    return failed ? -1 : 0;
 }

@@ -21,13 +21,19 @@ not on the CPU or not contiguous, a dtype or shift it does not take): the caller
 PyTorch code. Integer ranges are the callers' (listed at the top of ``native.c``).
 
 Threads: a call over at least ``PARALLEL_MIN`` elements is cut into ``torch.get_num_threads()``
-contiguous ranges (whole rows, planes or samples where the kernel works on those) run at once on
-Python threads (ctypes lets go of the interpreter lock during the call), so a kernel uses the
-cores PyTorch's own operations use. Every element is computed by the same code whatever the cut
-(stochastic rounding draws by element position), so the bits do not depend on the thread count.
+contiguous ranges (whole rows, planes or samples where the kernel works on those) run at once by
+the kernel itself on the OpenMP team of PyTorch's own operations: the library is compiled with
+``-fopenmp`` but linked to no OpenMP runtime, so its parallel regions resolve to the one PyTorch
+loaded (``openmp()`` says whether that worked; elsewhere the ranges run one after another). A
+pool of Python threads did this before; in a training step its threads competed for the cores with
+OpenMP's, which spin for a while after each PyTorch operation, and the cut made LeNet-5's direct
+convolutions slower instead of faster (BENCHMARKS.md). Every element is computed by the same code
+whatever the cut (stochastic rounding draws by element position), so the bits do not depend on the
+thread count.
 
 Building: the first call compiles ``native.c`` with the system's C compiler (``$CC``, else ``cc``
-or ``gcc``; about a second) at ``-O3 -march=native`` into ``$INTRAIN_CACHE_DIR`` (default
+or ``gcc``; about a second) at ``-O3 -march=native`` (and ``-fopenmp`` where the compiler takes it
+and the result loads) into ``$INTRAIN_CACHE_DIR`` (default
 ``~/.cache/intrain``), keyed by the source, the compiler's version and this CPU's identity, so a
 shared cache never hands one CPU another's instructions; the file is written beside its final
 name and renamed, so processes starting together (torchrun) never load half a file. Without a
@@ -44,7 +50,6 @@ import os
 import platform
 import shutil
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -80,17 +85,22 @@ def cpu_identity() -> str:
     return f"{model}|{flags}"
 
 
-BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC")
+BASE_FLAGS = ("-O3", "-march=native", "-std=gnu11", "-fPIC")
 #: Vectors as wide as the CPU has: gcc and clang otherwise keep to 256 bits on AVX-512 CPUs. The
 #: kernels then run 1.3-2x faster on the Xeon of BENCHMARKS.md (``python
 #: benchmarks/native_flags.py``); on CPUs without 512-bit vectors the flag changes nothing, and a
 #: compiler that does not know it builds with the base flags.
 WIDE_VECTORS = "-mprefer-vector-width=512"
+#: OpenMP's pragmas (``IN_RANGES`` in native.c); the object is linked without an OpenMP library.
+OPENMP = "-fopenmp"
+#: What ``library()`` tries, in order: the first that builds and loads is used.
+FLAG_SETS = ((*BASE_FLAGS, WIDE_VECTORS, OPENMP), (*BASE_FLAGS, OPENMP), (*BASE_FLAGS, WIDE_VECTORS), BASE_FLAGS)
 
 
-def build(compiler: str, flags: tuple[str, ...] = (*BASE_FLAGS, WIDE_VECTORS)) -> Path | None:
-    """Compile native.c with ``flags`` (cached by source, compiler, CPU and flags); ``None`` when
-    that fails."""
+def build(compiler: str, flags: tuple[str, ...] = FLAG_SETS[0]) -> Path | None:
+    """Compile native.c with ``flags`` into an object, then link it alone into a shared library
+    (no ``-fopenmp`` at that step: no OpenMP runtime of its own, see the module's text); cached by
+    source, compiler, CPU and flags; ``None`` when that fails."""
     source = SOURCE.read_bytes()
     try:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True,
@@ -103,56 +113,61 @@ def build(compiler: str, flags: tuple[str, ...] = (*BASE_FLAGS, WIDE_VECTORS)) -
     if path.exists():
         return path
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    obj = path.with_name(f"{path.name}.{os.getpid()}.o")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        done = subprocess.run([compiler, *flags, "-o", str(temporary), str(SOURCE)],
-                              capture_output=True, timeout=300)
-        if done.returncode != 0:
-            return None
+        for command in ([compiler, *flags, "-c", "-o", str(obj), str(SOURCE)],
+                        [compiler, "-shared", "-o", str(temporary), str(obj)]):
+            if subprocess.run(command, capture_output=True, timeout=300).returncode != 0:
+                return None
         os.replace(temporary, path)
     except (OSError, subprocess.SubprocessError):
         return None
     finally:
         temporary.unlink(missing_ok=True)
+        obj.unlink(missing_ok=True)
     return path
 
 
 def _declare(lib: ctypes.CDLL) -> None:
+    """Every kernel's signature; the last int of those that cut their work is the thread count."""
     p, n, i, u32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
+    lib.intrain_openmp.argtypes, lib.intrain_openmp.restype = [], i
+    lib.intrain_team_size.argtypes, lib.intrain_team_size.restype = [i], i
     for t in _TYPE_NAMES.values():
         fn = getattr(lib, f"intrain_max_abs_{t}")
-        fn.argtypes, fn.restype = [p, n], n
+        fn.argtypes, fn.restype = [p, n, i], n
     for out in _OUTPUTS:
         for t in _INTEGER_INPUTS + ("f32", "f64"):
-            getattr(lib, f"intrain_round_nearest_{t}_{out}").argtypes = [p, p, n, i, n]
+            getattr(lib, f"intrain_round_nearest_{t}_{out}").argtypes = [p, p, n, i, n, i]
         for t in _INTEGER_INPUTS:
-            getattr(lib, f"intrain_round_stochastic_{t}_{out}").argtypes = [p, p, n, i, n, u32, u32, u64]
-    lib.intrain_round_nearest_i64_i32.argtypes = [p, p, n, i, n]
-    lib.intrain_round_nearest_i16w_i16.argtypes = [p, p, n, i, n]
+            getattr(lib, f"intrain_round_stochastic_{t}_{out}").argtypes = [p, p, n, i, n, u32, u32, u64, i]
+    lib.intrain_round_nearest_i64_i32.argtypes = [p, p, n, i, n, i]
+    lib.intrain_round_nearest_i16w_i16.argtypes = [p, p, n, i, n, i]
     for g in ("i32", "i64"):
         for w in _OUTPUTS:
-            getattr(lib, f"intrain_update_pseudo_{g}_{w}").argtypes = [p, p, p, n, i, n]
+            getattr(lib, f"intrain_update_pseudo_{g}_{w}").argtypes = [p, p, p, n, i, n, i]
     for w in _OUTPUTS:
-        getattr(lib, f"intrain_add_into_i64_{w}").argtypes = [p, p, n]
+        getattr(lib, f"intrain_add_into_i64_{w}").argtypes = [p, p, n, i]
         fn = getattr(lib, f"intrain_softmax_grad_{w}")
         fn.argtypes, fn.restype = [p, p, p, p, n, n, n, n, i, i], i
-        getattr(lib, f"intrain_max_pool_{w}").argtypes = [p, p, p, n, n, n, i]
+        getattr(lib, f"intrain_max_pool_{w}").argtypes = [p, p, p, n, n, n, i, i]
     for d in _POOLED_ERRORS:
-        getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i]
-    lib.intrain_combine_halves.argtypes = [p, p, p, p, n, p, p, p, n, n, n, i]
-    lib.intrain_split_halves_padded.argtypes = [p] + [n] * 10 + [i, p, p]
-    lib.intrain_channels_last_columns.argtypes = [p] + [n] * 10 + [p]
-    lib.intrain_split_error_rows.argtypes = [p, n, n, n, n, n, i, p, p, p]
-    lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n], n
-    lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n]
-    lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n]
+        getattr(lib, f"intrain_max_pool_backward_{d}").argtypes = [p, p, p, n, n, n, i, i]
+    lib.intrain_combine_halves.argtypes = [p, p, p, p, n, p, p, p, n, n, n, i, i]
+    lib.intrain_split_halves_padded.argtypes = [p] + [n] * 10 + [i, p, p, i]
+    lib.intrain_channels_last_columns.argtypes = [p] + [n] * 10 + [p, i]
+    lib.intrain_split_error_rows.argtypes = [p, n, n, n, n, n, i, p, p, p, i]
+    lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n, i], n
+    lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n, i]
+    lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n, i]
     for pair in ("i32_i16", "i64_i32"):
-        getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i]
+        getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i, i]
     for pair in ("i16_i8", "i32_i16"):
-        getattr(lib, f"intrain_round_kept_{pair}").argtypes = [p, p, n, i, n]
+        getattr(lib, f"intrain_round_kept_{pair}").argtypes = [p, p, n, i, n, i]
     for name in ("intrain_conv_direct_forward", "intrain_conv_direct_weight_grad"):
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = [p, p, p] + [n] * 9, i
+        fn.argtypes, fn.restype = [p, p, p] + [n] * 9 + [i], i
 
 
 @functools.cache
@@ -161,8 +176,14 @@ def library() -> ctypes.CDLL | None:
     if os.environ.get("INTRAIN_NATIVE", "on").lower() == "off":
         return None
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    path = (build(compiler) or build(compiler, BASE_FLAGS)) if compiler else None
-    return load(path) if path is not None else None
+    if not compiler:
+        return None
+    for flags in FLAG_SETS:  # an OpenMP build that does not load (no runtime to bind to) falls through
+        path = build(compiler, flags)
+        lib = load(path) if path is not None else None
+        if lib is not None:
+            return lib
+    return None
 
 
 def load(path: Path) -> ctypes.CDLL | None:
@@ -180,29 +201,23 @@ def available() -> bool:
     return library() is not None
 
 
-#: Elements below which a kernel runs on the calling thread alone: handing ranges to workers
-#: costs 80-100 us a call. ``OMP_NUM_THREADS=2 python benchmarks/native_threads.py`` (the 2-core
-#: Xeon of BENCHMARKS.md): at 2**20 elements every kernel ran in 0.61-0.90x of its one-thread
-#: time, at 2**18 the lightest (max |a|, the NITI update) in 1.8-3.1x; at 2**22 0.35-0.62x.
-PARALLEL_MIN = 1 << 20
+def openmp() -> bool:
+    """Whether the C kernels cut their work on PyTorch's OpenMP team (else they run on the calling
+    thread alone)."""
+    lib = library()
+    return lib is not None and bool(lib.intrain_openmp())
 
 
-@functools.cache
-def _workers(count: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(count, thread_name_prefix="intrain-native")
+#: Elements below which a kernel runs on the calling thread alone. ``OMP_NUM_THREADS=2 python
+#: benchmarks/native_threads.py --sizes 8192,16384,32768 --calls 100`` (the Zen 4 of BENCHMARKS.md):
+#: cut in two, every kernel took 0.62-0.84x of its one-thread time at 2**15 elements, 0.78-1.05x at
+#: 2**14 and up to 1.49x at 2**13. (Python threads needed 2**20: handing them ranges cost 80-100 us.)
+PARALLEL_MIN = 1 << 15
 
 
-def _split(run, units: int, unit_elements: int = 1) -> list:
-    """``run(start, stop)`` over ``[0, units)``: in one call, or, for at least ``PARALLEL_MIN``
-    elements (``unit_elements`` each), in one contiguous range per PyTorch thread, the first on
-    the calling thread. Returns the ranges' results in order."""
-    threads = min(torch.get_num_threads(), units)
-    if threads <= 1 or units * unit_elements < PARALLEL_MIN:
-        return [run(0, units)]
-    edges = [units * i // threads for i in range(threads + 1)]
-    pool = _workers(threads - 1)
-    rest = [pool.submit(run, lo, hi) for lo, hi in zip(edges[1:-1], edges[2:])]
-    return [run(edges[0], edges[1])] + [future.result() for future in rest]
+def _threads(elements: int) -> int:
+    """The thread count for a call over ``elements``: PyTorch's from ``PARALLEL_MIN`` on, else 1."""
+    return max(1, torch.get_num_threads()) if elements >= PARALLEL_MIN else 1
 
 
 def _applies(*tensors: torch.Tensor) -> bool:
@@ -219,8 +234,8 @@ def max_abs(a: torch.Tensor) -> int | None:
     lib = library()
     if lib is None or not _applies(a):
         return None
-    kernel, base, size = getattr(lib, f"intrain_max_abs_{_TYPE_NAMES[a.dtype]}"), a.data_ptr(), a.element_size()
-    return max(_split(lambda lo, hi: kernel(base + lo * size, hi - lo), a.numel()))
+    kernel = getattr(lib, f"intrain_max_abs_{_TYPE_NAMES[a.dtype]}")
+    return kernel(a.data_ptr(), a.numel(), _threads(a.numel()))
 
 
 def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: torch.dtype,
@@ -232,10 +247,10 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
     if lib is None or not _applies(a) or (out not in _OUTPUTS and (name, out, mode) != ("i64", "i32", "nearest")):
         return None
     values = torch.empty(a.shape, dtype=out_dtype)
-    src, dst, src_size, dst_size = a.data_ptr(), values.data_ptr(), a.element_size(), values.element_size()
+    src, dst = a.data_ptr(), values.data_ptr()
     if mode == "nearest":
         kernel = getattr(lib, f"intrain_round_nearest_{name}_{out}")
-        _split(lambda lo, hi: kernel(src + lo * src_size, dst + lo * dst_size, hi - lo, shift, limit), a.numel())
+        kernel(src, dst, a.numel(), shift, limit, _threads(a.numel()))
         return values
     if mode != "stochastic" or name not in _INTEGER_INPUTS or shift > MAX_STOCHASTIC_SHIFT:
         return None
@@ -244,8 +259,7 @@ def round_shift(a: torch.Tensor, shift: int, mode: str, limit: int, out_dtype: t
     if offset < 0 or offset + a.numel() > 2**32:
         raise ValueError("uint32 supports element positions in [0, 2**32): a smaller tensor or offset")
     kernel = getattr(lib, f"intrain_round_stochastic_{name}_{out}")
-    _split(lambda lo, hi: kernel(src + lo * src_size, dst + lo * dst_size, hi - lo, shift, limit, key[0], key[1],
-                                 offset + lo), a.numel())
+    kernel(src, dst, a.numel(), shift, limit, key[0], key[1], offset, _threads(a.numel()))
     return values
 
 
@@ -257,8 +271,7 @@ def shift_int16(v: torch.Tensor, shift: int) -> torch.Tensor | None:
         return None
     values = torch.empty(v.shape, dtype=torch.int16)
     src, dst = v.data_ptr(), values.data_ptr()
-    _split(lambda lo, hi: lib.intrain_round_nearest_i16w_i16(src + 2 * lo, dst + 2 * lo, hi - lo, shift, 32767),
-           v.numel())
+    lib.intrain_round_nearest_i16w_i16(src, dst, v.numel(), shift, 32767, _threads(v.numel()))
     return values
 
 
@@ -271,9 +284,8 @@ def update_pseudo(weight: torch.Tensor, grad: torch.Tensor, shift: int, limit: i
             or weight.shape != grad.shape):
         return None
     updated = torch.empty_like(weight)
-    kernel, ws, gs = getattr(lib, f"intrain_update_pseudo_{g}_{w}"), weight.element_size(), grad.element_size()
-    wp, gp, up = weight.data_ptr(), grad.data_ptr(), updated.data_ptr()
-    _split(lambda lo, hi: kernel(wp + lo * ws, gp + lo * gs, up + lo * ws, hi - lo, shift, limit), grad.numel())
+    kernel = getattr(lib, f"intrain_update_pseudo_{g}_{w}")
+    kernel(weight.data_ptr(), grad.data_ptr(), updated.data_ptr(), grad.numel(), shift, limit, _threads(grad.numel()))
     return updated
 
 
@@ -285,8 +297,8 @@ def add_into_int64(total: torch.Tensor, values: torch.Tensor) -> bool:
     if (lib is None or total.dtype != torch.int64 or name not in _OUTPUTS or not _applies(total, values)
             or total.shape != values.shape):
         return False
-    kernel, tp, vp, vs = getattr(lib, f"intrain_add_into_i64_{name}"), total.data_ptr(), values.data_ptr(), values.element_size()
-    _split(lambda lo, hi: kernel(tp + 8 * lo, vp + lo * vs, hi - lo), values.numel())
+    kernel = getattr(lib, f"intrain_add_into_i64_{name}")
+    kernel(total.data_ptr(), values.data_ptr(), values.numel(), _threads(values.numel()))
     return True
 
 
@@ -322,10 +334,8 @@ def max_pool(x: torch.Tensor, k: int, training: bool) -> tuple[torch.Tensor, tor
     n, c, h, w = x.shape
     maxima = torch.empty((n, c, h // k, w // k), dtype=x.dtype)
     argmax = torch.empty(maxima.shape, dtype=torch.int8) if training else None
-    kernel, size, plane, pooled = getattr(lib, f"intrain_max_pool_{name}"), x.element_size(), h * w, (h // k) * (w // k)
-    xp, mp, ap = x.data_ptr(), maxima.data_ptr(), argmax.data_ptr() if training else None
-    _split(lambda lo, hi: kernel(xp + lo * plane * size, mp + lo * pooled * size,
-                                 None if ap is None else ap + lo * pooled, hi - lo, h, w, k), n * c, plane)
+    getattr(lib, f"intrain_max_pool_{name}")(x.data_ptr(), maxima.data_ptr(), argmax.data_ptr() if training else None,
+                                             n * c, h, w, k, _threads(x.numel()))
     return maxima, argmax
 
 
@@ -340,11 +350,8 @@ def max_pool_backward(d: torch.Tensor, argmax: torch.Tensor, input_hw: tuple[int
         return None
     n, c = d.shape[:2]
     routed = torch.empty((n, c, *input_hw), dtype=d.dtype)
-    kernel, size = getattr(lib, f"intrain_max_pool_backward_{name}"), d.element_size()
-    pooled, plane = d.shape[2] * d.shape[3], input_hw[0] * input_hw[1]
-    dp, ap, rp = d.data_ptr(), argmax.data_ptr(), routed.data_ptr()
-    _split(lambda lo, hi: kernel(dp + lo * pooled * size, ap + lo * pooled, rp + lo * plane * size, hi - lo,
-                                 input_hw[0], input_hw[1], k), n * c, plane)
+    getattr(lib, f"intrain_max_pool_backward_{name}")(d.data_ptr(), argmax.data_ptr(), routed.data_ptr(), n * c,
+                                                      *input_hw, k, _threads(routed.numel()))
     return routed
 
 
@@ -369,14 +376,8 @@ def combine_halves(parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.
     if (rows.dtype != torch.int64 or cols.dtype != torch.int64 or not _applies(rows, cols)
             or rows.numel() != m or cols.numel() != n or out.numel() != m * n or hw < 1 or m % hw):
         return False
-    pointers, rp, cp, op = [part.data_ptr() for part in parts], rows.data_ptr(), cols.data_ptr(), out.data_ptr()
-
-    def run(lo: int, hi: int) -> None:  # samples lo..hi (rows of hw = 1)
-        first = lo * hw
-        lib.intrain_combine_halves(*(pointer + 4 * first * ld for pointer in pointers), ld, rp + 8 * first, cp,
-                                   op + 8 * first * n, (hi - lo) * hw, n, hw, int(accumulate))
-
-    _split(run, m // hw, hw * n)
+    lib.intrain_combine_halves(*(part.data_ptr() for part in parts), ld, rows.data_ptr(), cols.data_ptr(),
+                               out.data_ptr(), m, n, hw, int(accumulate), _threads(m * n))
     return True
 
 
@@ -394,10 +395,8 @@ def split_halves_padded(x: torch.Tensor, shift: int, padding: tuple[int, int], h
     for half in (hi, lo):
         if not (half.is_cpu and half.dtype == torch.int8 and half.is_contiguous() and half.shape == shape):
             return False
-    strides, xp, hp, lp, per_sample = x.stride(), x.data_ptr(), hi.data_ptr(), lo.data_ptr(), shape[1] * shape[2] * c
-    _split(lambda a, b: lib.intrain_split_halves_padded(xp + 2 * a * strides[0], *strides, b - a, c, h, w,
-                                                        *padding, shift, hp + a * per_sample, lp + a * per_sample),
-           n, c * h * w)
+    lib.intrain_split_halves_padded(x.data_ptr(), *x.stride(), n, c, h, w, *padding, shift, hi.data_ptr(), lo.data_ptr(),
+                                    _threads(n * c * h * w))
     return True
 
 
@@ -417,9 +416,9 @@ def split_error_rows(d: torch.Tensor, shift: int, out: torch.Tensor, sums: torch
     if not (out.is_cpu and out.dtype == torch.int8 and out.is_contiguous() and out.shape == (2 * width, n * hw)
             and sums.is_cpu and sums.dtype == torch.int64 and sums.is_contiguous() and sums.numel() == width):
         return False
-    dp, hp, sp, (sn, so), row = d.data_ptr(), out.data_ptr(), sums.data_ptr(), d.stride()[:2], n * hw
-    _split(lambda a, b: lib.intrain_split_error_rows(dp + 2 * a * so, sn, so, n, b - a, hw, shift, hp + a * row,
-                                                     hp + (width + a) * row, sp + 8 * a), width, row)
+    hp = out.data_ptr()
+    lib.intrain_split_error_rows(d.data_ptr(), *d.stride()[:2], n, width, hw, shift, hp, hp + width * n * hw,
+                                 sums.data_ptr(), _threads(width * n * hw))
     return True
 
 
@@ -439,9 +438,8 @@ def channels_last_columns(padded: torch.Tensor, kernel_hw: tuple[int, int], stri
     if not (out.is_cpu and out.dtype == torch.int8 and out.is_contiguous() and out.shape == (n, ho, wo, kh, kw, c)
             and ho > 0 and wo > 0):
         return False
-    src, dst, per_input, per_output = padded.data_ptr(), out.data_ptr(), hp * wp * c, ho * wo * kh * kw * c
-    _split(lambda a, b: lib.intrain_channels_last_columns(src + a * per_input, b - a, hp, wp, c, kh, kw, sh, sw, ho,
-                                                          wo, dst + a * per_output), n, per_output)
+    lib.intrain_channels_last_columns(padded.data_ptr(), n, hp, wp, c, kh, kw, sh, sw, ho, wo, out.data_ptr(),
+                                      _threads(out.numel()))
     return True
 
 
@@ -465,8 +463,7 @@ def _narrowing_pass(kernel: str, src: torch.Tensor, out: torch.Tensor, *scalars)
     name = f"intrain_{kernel}_{_NARROWING.get((src.dtype, out.dtype))}"
     if lib is None or not hasattr(lib, name) or not _same_dense_layout(src, out):
         return False
-    fn, sp, op, ss, os_ = getattr(lib, name), src.data_ptr(), out.data_ptr(), src.element_size(), out.element_size()
-    _split(lambda lo, hi: fn(sp + ss * lo, op + os_ * lo, hi - lo, *scalars), src.numel())
+    getattr(lib, name)(src.data_ptr(), out.data_ptr(), src.numel(), *scalars, _threads(src.numel()))
     return True
 
 
@@ -498,13 +495,10 @@ def wide_add(a: torch.Tensor, a_shift: int, b: torch.Tensor, b_shift: int) -> tu
             or not _applies(a, b) or not (a_shift <= 30 and b_shift <= 30)):
         return None
     ap, bp = a.data_ptr(), b.data_ptr()
-    largest = max(_split(lambda lo, hi: lib.intrain_wide_add_max(ap + 4 * lo, a_shift, bp + 4 * lo, b_shift, hi - lo),
-                         a.numel()))
+    largest = lib.intrain_wide_add_max(ap, a_shift, bp, b_shift, a.numel(), _threads(a.numel()))
     shift = max(largest.bit_length() - _WIDE_BITS, 0)
     values = torch.empty(a.shape, dtype=torch.int32)
-    vp = values.data_ptr()
-    _split(lambda lo, hi: lib.intrain_wide_add_round(ap + 4 * lo, a_shift, bp + 4 * lo, b_shift, shift, vp + 4 * lo,
-                                                     hi - lo), a.numel())
+    lib.intrain_wide_add_round(ap, a_shift, bp, b_shift, shift, values.data_ptr(), a.numel(), _threads(a.numel()))
     return values, shift
 
 
@@ -519,7 +513,7 @@ def wide_scale(v: torch.Tensor, factor: int) -> tuple[torch.Tensor, int] | None:
     shift = max((largest * abs(factor)).bit_length() - _WIDE_BITS, 0)
     values = torch.empty(v.shape, dtype=torch.int32)
     src, dst = v.data_ptr(), values.data_ptr()
-    _split(lambda lo, hi: lib.intrain_wide_scale_round(src + 4 * lo, factor, shift, dst + 4 * lo, hi - lo), v.numel())
+    lib.intrain_wide_scale_round(src, factor, shift, dst, v.numel(), _threads(v.numel()))
     return values, shift
 
 
@@ -550,11 +544,11 @@ def direct_conv_applies(x: torch.Tensor, other: torch.Tensor, kernel_hw: tuple[i
             and ho >= 1 and wo >= 1 and ho * wo <= DIRECT_MAX_POSITIONS)
 
 
-def _direct_call(function, first: int, *pointers_and_sizes) -> None:
-    """Run a direct convolution kernel on samples from ``first``; it returns nonzero only when its
-    buffers could not be allocated (nothing written)."""
+def _direct_call(function, *pointers_and_sizes) -> None:
+    """Run a direct convolution kernel; it returns nonzero only when its buffers could not be
+    allocated (its output is then not to be used)."""
     if function(*pointers_and_sizes):
-        raise MemoryError(f"{function.__name__}: no memory for the buffers of samples from {first}")
+        raise MemoryError(f"{function.__name__}: no memory for its buffers")
 
 
 def conv_direct_forward(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, int],
@@ -573,10 +567,8 @@ def conv_direct_forward(x: torch.Tensor, w: torch.Tensor, padding: tuple[int, in
     elif out.shape != (n, o, ho, wo) or out.dtype != torch.int32 or not out.is_contiguous():
         raise ValueError(f"conv_direct_forward writes int32 {(n, o, ho, wo)} contiguous, not {out.dtype} "
                          f"{tuple(out.shape)}")
-    lib, xp, wptr, op = library(), x.data_ptr(), w.data_ptr(), out.data_ptr()
-    _split(lambda lo, hi: _direct_call(lib.intrain_conv_direct_forward, lo, xp + lo * c * h * wd, wptr,
-                                       op + 4 * lo * o * ho * wo, hi - lo, c, h, wd, o, kh, kw, ph, pw),
-           n, o * ho * wo * c * kh * kw)
+    _direct_call(library().intrain_conv_direct_forward, x.data_ptr(), w.data_ptr(), out.data_ptr(), n, c, h, wd, o,
+                 kh, kw, ph, pw, _threads(out.numel() * c * kh * kw))
     return out
 
 
@@ -590,16 +582,7 @@ def conv_direct_weight_grad(d: torch.Tensor, x: torch.Tensor, kernel_hw: tuple[i
     n, c, h, wd = x.shape
     o = d.shape[1]
     (kh, kw), (ph, pw), (ho, wo) = kernel_hw, padding, _direct_output_hw(x, kernel_hw, padding)
-    lib, dp, xp = library(), d.data_ptr(), x.data_ptr()
-
-    def run(lo: int, hi: int) -> torch.Tensor:
-        part = torch.empty((o, c, kh, kw), dtype=torch.int64)
-        _direct_call(lib.intrain_conv_direct_weight_grad, lo, dp + lo * o * ho * wo, xp + lo * c * h * wd,
-                     part.data_ptr(), hi - lo, c, h, wd, o, kh, kw, ph, pw)
-        return part
-
-    parts = _split(run, n, o * ho * wo * c * kh * kw)
-    total = parts[0]
-    for part in parts[1:]:
-        total.add_(part)
+    total = torch.empty((o, c, kh, kw), dtype=torch.int64)
+    _direct_call(library().intrain_conv_direct_weight_grad, d.data_ptr(), x.data_ptr(), total.data_ptr(), n, c, h,
+                 wd, o, kh, kw, ph, pw, _threads(n * o * ho * wo * c * kh * kw))
     return total
