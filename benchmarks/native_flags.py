@@ -56,8 +56,8 @@ def main() -> None:
     args = parser.parse_args()
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     builds = {}
-    for name, flags in (("256-bit (compiler default)", native.BASE_FLAGS),
-                        ("wide (-mprefer-vector-width=512)", (*native.BASE_FLAGS, native.WIDE_VECTORS))):
+    for name, flags in (("256-bit (compiler default)", (*native.BASE_FLAGS, native.OPENMP)),
+                        ("wide (-mprefer-vector-width=512)", native.FLAG_SETS[0])):
         path = native.build(compiler, flags) if compiler else None
         lib = native.load(path) if path is not None else None
         if lib is None:
