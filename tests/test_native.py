@@ -7,6 +7,7 @@ says so instead of passing."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -60,10 +61,11 @@ needs_native = pytest.mark.skipif(not native.available(), reason="numeric/native
 def _openmp_expected() -> bool:
     """gcc (which emits calls to GNU OpenMP's entry points) and a PyTorch running on OpenMP: the
     kernels must then cut their work on PyTorch's team."""
-    compiler = shutil.which("cc") or shutil.which("gcc")
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None or "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
         return False
-    return "gcc" in subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.lower()
+    # `cc --version` need not say gcc (Debian's: "cc (Debian 12.2.0-...)"); `-v` names the compiler
+    return "gcc version" in subprocess.run([compiler, "-v"], capture_output=True, text=True).stderr
 
 
 def test_kernels_cut_their_work_on_pytorchs_openmp_team():
