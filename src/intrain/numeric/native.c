@@ -54,6 +54,16 @@ int intrain_openmp(void) {
 #endif
 }
 
+/* The omp_get_num_threads this library calls (NULL without OpenMP): the tests check it is the one
+ * in the process's global scope, PyTorch's runtime, and not another library's copy of libgomp. */
+void *intrain_openmp_entry(void) {
+#ifdef _OPENMP
+    return (void *)&omp_get_num_threads;
+#else
+    return NULL;
+#endif
+}
+
 /* How many threads an IN_RANGES region of `threads` ranges ran on (for the tests). */
 int intrain_team_size(int threads) {
     int team = 1;

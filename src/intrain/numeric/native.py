@@ -134,6 +134,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     p, n, i, u32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
     lib.intrain_openmp.argtypes, lib.intrain_openmp.restype = [], i
     lib.intrain_team_size.argtypes, lib.intrain_team_size.restype = [i], i
+    lib.intrain_openmp_entry.argtypes, lib.intrain_openmp_entry.restype = [], p
     for t in _TYPE_NAMES.values():
         fn = getattr(lib, f"intrain_max_abs_{t}")
         fn.argtypes, fn.restype = [p, n, i], n
