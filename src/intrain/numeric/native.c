@@ -45,17 +45,9 @@
         for (int64_t lo = (int64_t)(units) * range_index / (threads),                                 \
                      hi = (int64_t)(units) * (range_index + 1) / (threads); lo < hi; lo = hi)
 
-/* 1 when built with OpenMP (ranges on threads), else 0. */
-int intrain_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
-
-/* The omp_get_num_threads this library calls (NULL without OpenMP): the tests check it is the one
- * in the process's global scope, PyTorch's runtime, and not another library's copy of libgomp. */
+/* The omp_get_num_threads this library calls, NULL when built without OpenMP (ranges one after
+ * another): the tests check it is the one in the process's global scope, PyTorch's runtime, and
+ * not another library's copy of libgomp. */
 void *intrain_openmp_entry(void) {
 #ifdef _OPENMP
     return (void *)&omp_get_num_threads;

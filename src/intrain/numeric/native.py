@@ -132,7 +132,6 @@ def build(compiler: str, flags: tuple[str, ...] = FLAG_SETS[0]) -> Path | None:
 def _declare(lib: ctypes.CDLL) -> None:
     """Every kernel's signature; the last int of those that cut their work is the thread count."""
     p, n, i, u32, u64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64
-    lib.intrain_openmp.argtypes, lib.intrain_openmp.restype = [], i
     lib.intrain_team_size.argtypes, lib.intrain_team_size.restype = [i], i
     lib.intrain_openmp_entry.argtypes, lib.intrain_openmp_entry.restype = [], p
     for t in _TYPE_NAMES.values():
@@ -206,7 +205,7 @@ def openmp() -> bool:
     """Whether the C kernels cut their work on PyTorch's OpenMP team (else they run on the calling
     thread alone)."""
     lib = library()
-    return lib is not None and bool(lib.intrain_openmp())
+    return lib is not None and lib.intrain_openmp_entry() is not None
 
 
 #: Elements below which a kernel runs on the calling thread alone. ``OMP_NUM_THREADS=2 python
