@@ -885,6 +885,20 @@ def test_int_mm_on_cuda_matches_reference_on_cpu(mode, dtype):
     assert_same(INT_MM.linear_forward(xl.cuda(), wl.cuda()).cpu(), REF.linear_forward(xl, wl))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows,terms,cols", [(88, 96, 120), (88, 64, 248), (784, 32, 64),
+                                             (116032, 64, 576), (200704, 8, 32), (65536, 32, 128),
+                                             (65536, 32, 264)])
+def test_int_mm_on_cuda_takes_the_layer_shapes_cublaslt_refused(rows, terms, cols):
+    """Products of LeNet-5, VGG-small-7 and ResNet-18 layers for which cuBLASLt answered
+    CUBLAS_STATUS_NOT_SUPPORTED while the second operand was row-major (H200)."""
+    gen = torch.Generator().manual_seed(rows + terms + cols)
+    a = rand_int(gen, (rows, terms), mode="extreme")
+    b = rand_int(gen, (terms, cols), mode="extreme")
+    exact = (a.double() @ b.double()).int()  # |sums| <= 2**14 * 96: exact in float64
+    assert_same(mm_int32(a.cuda(), b.cuda()).cpu(), exact)
+
+
 def test_cpu_handles_minus_128_and_noncontiguous():
     gen = torch.Generator().manual_seed(3)
     x = rand_int(gen, (2, 40, 6, 6), mode="extreme")
