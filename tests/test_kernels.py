@@ -885,6 +885,24 @@ def test_int_mm_on_cuda_matches_reference_on_cpu(mode, dtype):
     assert_same(INT_MM.linear_forward(xl.cuda(), wl.cuda()).cpu(), REF.linear_forward(xl, wl))
 
 
+def test_padded_products_hand_int_mm_the_layout_cublaslt_takes(monkeypatch):
+    """The padded path (the cuda backend's, on every device) gives ``torch._int_mm`` a row-major
+    first and a column-major second operand, whatever the operands' own layouts: cuBLASLt refused
+    two row-major int8 operands for most layer shapes (H200, BENCHMARKS.md)."""
+    int_mm, layouts = torch._int_mm, []
+
+    def recording(a, b, *args, **kwargs):
+        layouts.append((a.is_contiguous(), b.t().is_contiguous()))
+        return int_mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_int_mm", recording)
+    gen = torch.Generator().manual_seed(21)
+    a, b = rand_int(gen, (88, 96), mode="extreme"), rand_int(gen, (96, 120), mode="extreme")
+    for x, y in [(a, b), (a[:, :90], b[:90, :117]), (a.t().contiguous().t(), b.t().contiguous().t())]:
+        assert_same(mm_int32(x, y), (x.double() @ y.double()).int())
+    assert layouts == [(True, True)] * 3
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows,terms,cols", [(88, 96, 120), (88, 64, 248), (784, 32, 64),
                                              (116032, 64, 576), (200704, 8, 32), (65536, 32, 128),

@@ -2,8 +2,8 @@
 backend and the cpu backend's int8 GEMM path.
 
 ``_int_mm``'s shape rules on CUDA (more than 16 rows, a reduction length and a column count
-divisible by 8, a row-major first and a column-major second operand) are met by zero padding and a copy, which adds nothing to any sum. The
-cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
+divisible by 8, a row-major first and a column-major second operand) are met by zero padding,
+which adds nothing to any sum, written in those layouts. The cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
 column-major operands (``_gemm_operand``), and the padded, contiguous copies cost more than the
 product on small layers (an MLP layer 784 -> 100 at batch 64, 1 thread of the Xeon of
 BENCHMARKS.md with other jobs running: 79 us for the product of the transposed weight as it is,
@@ -54,17 +54,13 @@ def mm_int32(a: torch.Tensor, b: torch.Tensor, pad: bool = True, out: torch.Tens
     if not pad:
         return torch._int_mm(_gemm_operand(a), _gemm_operand(b), out=out)
     mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
-    a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a
-    b = F.pad(b, (0, np_ - n, 0, kp - k)) if (kp, np_) != (k, n) else b
-    return torch._int_mm(a.contiguous(), _column_major(b))[:m, :n]
-
-
-def _column_major(b: torch.Tensor) -> torch.Tensor:
-    """``b`` laid out column by column (``b.t()`` contiguous). cuBLASLt's int8 products take a
-    row-major ``a`` with a column-major ``b`` (its "TN" layout); with both row-major, as a
-    contiguous im2col gives them, cuBLASLt answered CUBLAS_STATUS_NOT_SUPPORTED for most layer
-    shapes (LeNet-5's, VGG-small-7's, ResNet-18's: H200, PyTorch 2.11.0+cu130, BENCHMARKS.md)."""
-    return b if b.stride() == (1, b.shape[0]) else b.t().contiguous().t()
+    a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a.contiguous()
+    # b is padded as b.t(), so the one copy is already column-major: cuBLASLt's int8 products take
+    # a row-major a with a column-major b (its "TN" layout); with both row-major, as a contiguous
+    # im2col gives them, it answered CUBLAS_STATUS_NOT_SUPPORTED for most layer shapes (LeNet-5's,
+    # VGG-small-7's, ResNet-18's: H200, PyTorch 2.11.0+cu130, BENCHMARKS.md).
+    bt = F.pad(b.t(), (0, kp - k, 0, np_ - n)) if (kp, np_) != (k, n) else b.t().contiguous()
+    return torch._int_mm(a, bt.t())[:m, :n]
 
 
 def mm_int64(a: torch.Tensor, b: torch.Tensor, piece: int = INT32_REDUCTION, pad: bool = True) -> torch.Tensor:
