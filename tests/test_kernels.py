@@ -887,12 +887,13 @@ def test_int_mm_on_cuda_matches_reference_on_cpu(mode, dtype):
 
 def test_padded_products_hand_int_mm_the_layout_cublaslt_takes(monkeypatch):
     """The padded path (the cuda backend's, on every device) gives ``torch._int_mm`` a row-major
-    first and a column-major second operand, whatever the operands' own layouts: cuBLASLt refused
-    two row-major int8 operands for most layer shapes (H200, BENCHMARKS.md)."""
+    first and a column-major second operand, whatever the operands' own layouts, with a column
+    count divisible by 16: cuBLASLt refused two row-major int8 operands for most layer shapes, and
+    odd multiples of 8 columns for some (H200, BENCHMARKS.md)."""
     int_mm, layouts = torch._int_mm, []
 
     def recording(a, b, *args, **kwargs):
-        layouts.append((a.is_contiguous(), b.t().is_contiguous()))
+        layouts.append((a.is_contiguous(), b.t().is_contiguous(), b.shape[1] % 16))
         return int_mm(a, b, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_int_mm", recording)
@@ -900,16 +901,17 @@ def test_padded_products_hand_int_mm_the_layout_cublaslt_takes(monkeypatch):
     a, b = rand_int(gen, (88, 96), mode="extreme"), rand_int(gen, (96, 120), mode="extreme")
     for x, y in [(a, b), (a[:, :90], b[:90, :117]), (a.t().contiguous().t(), b.t().contiguous().t())]:
         assert_same(mm_int32(x, y), (x.double() @ y.double()).int())
-    assert layouts == [(True, True)] * 3
+    assert layouts == [(True, True, 0)] * 3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("rows,terms,cols", [(88, 96, 120), (88, 64, 248), (784, 32, 64),
                                              (116032, 64, 576), (200704, 8, 32), (65536, 32, 128),
-                                             (65536, 32, 264)])
+                                             (65536, 32, 264), (50176, 64, 264), (16384, 32, 584)])
 def test_int_mm_on_cuda_takes_the_layer_shapes_cublaslt_refused(rows, terms, cols):
-    """Products of LeNet-5, VGG-small-7 and ResNet-18 layers for which cuBLASLt answered
-    CUBLAS_STATUS_NOT_SUPPORTED while the second operand was row-major (H200)."""
+    """Products of LeNet-5, VGG-small-7 and ResNet-18 layers (int8, and DFP16's halves beside a
+    column of ones) for which cuBLASLt answered CUBLAS_STATUS_NOT_SUPPORTED while the second
+    operand was row-major or its column count an odd multiple of 8 (H200)."""
     gen = torch.Generator().manual_seed(rows + terms + cols)
     a = rand_int(gen, (rows, terms), mode="extreme")
     b = rand_int(gen, (terms, cols), mode="extreme")

@@ -1,9 +1,9 @@
 """Exact int8 matrix products through ``torch._int_mm`` (int8 x int8 -> int32), shared by the cuda
 backend and the cpu backend's int8 GEMM path.
 
-``_int_mm``'s shape rules on CUDA (more than 16 rows, a reduction length and a column count
-divisible by 8, a row-major first and a column-major second operand) are met by zero padding,
-which adds nothing to any sum, written in those layouts. The cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
+``_int_mm``'s shape rules on CUDA (more than 16 rows, a reduction length divisible by 8, a column
+count divisible by 16, a row-major first and a column-major second operand) are met by zero
+padding, which adds nothing to any sum, written in those layouts. The cpu backend passes ``pad=False``: on CPU ``_int_mm`` (oneDNN) takes any shape and row- or
 column-major operands (``_gemm_operand``), and the padded, contiguous copies cost more than the
 product on small layers (an MLP layer 784 -> 100 at batch 64, 1 thread of the Xeon of
 BENCHMARKS.md with other jobs running: 79 us for the product of the transposed weight as it is,
@@ -23,6 +23,12 @@ import torch.nn.functional as F
 INT32_REDUCTION = 131064
 #: Rows below this are padded (CUDA ``_int_mm`` wants more than 16; a multiple of 8 is kept).
 MIN_ROWS = 32
+#: The padded path's column counts are multiples of this. PyTorch asks for multiples of 8, but on
+#: an H200 (PyTorch 2.11.0+cu130) cuBLASLt refused every odd multiple of 8 from 40 on, in the
+#: layout above, for 65,536 rows and reductions of 32 to 96 terms (DFP16's halves beside a column of
+#: ones: 2 * 128 + 1 columns, padded to 264); multiples of 16 were all taken:
+#: ``python benchmarks/int_mm_shapes.py --device cuda`` (BENCHMARKS.md, "cuBLASLt's int8 shapes").
+COLUMN_MULTIPLE = 16
 
 
 def _round_up(v: int, multiple: int) -> int:
@@ -53,7 +59,7 @@ def mm_int32(a: torch.Tensor, b: torch.Tensor, pad: bool = True, out: torch.Tens
         return torch.zeros((m, n), dtype=torch.int32, device=a.device) if out is None else out.zero_()
     if not pad:
         return torch._int_mm(_gemm_operand(a), _gemm_operand(b), out=out)
-    mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, 8)
+    mp, kp, np_ = max(MIN_ROWS, _round_up(m, 8)), _round_up(k, 8), _round_up(n, COLUMN_MULTIPLE)
     a = F.pad(a, (0, kp - k, 0, mp - m)) if (mp, kp) != (m, k) else a.contiguous()
     # b is padded as b.t(), so the one copy is already column-major: cuBLASLt's int8 products take
     # a row-major a with a column-major b (its "TN" layout); with both row-major, as a contiguous
