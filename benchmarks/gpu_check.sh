@@ -1,6 +1,7 @@
 #!/bin/bash
 # The checks a session lent a GPU runs, in one call (BENCHMARKS.md, "The first GPU run"):
-#   1. the CUDA tests (the cuda backend bit for bit against the CPU reference, cuBLASLt's layouts);
+#   1. the CUDA tests (the cuda backend bit for bit against the CPU reference, cuBLASLt's layouts),
+#      and benchmarks/int_mm_shapes.py (which int8 shapes cuBLASLt refuses; mm_int32 takes all);
 #   2. one MNIST epoch of LeNet-5 (int8 and DFP16) and of a narrow ResNet-18 on 2,048 images, on the
 #      CPU and on the GPU, compared tensor by tensor (benchmarks/same_weights.py);
 #   3. benchmarks/speed.py --device cuda on LeNet-5, VGG-small-7 and ResNet-18 at 224 px.
@@ -32,6 +33,9 @@ say "machine"
 
 say "CUDA tests"
 timeout 120 python3 -m pytest -q -o addopts="" -p no:cacheprovider "$root/tests/test_kernels.py" -k cuda 2>&1 | tail -3 | tee -a "$log"
+say "int8 shapes cuBLASLt refuses"
+timeout 90 python3 "$root/benchmarks/int_mm_shapes.py" --device "$device" --rows 16384 65536 200704 \
+  --terms 32 40 72 152 576 2>&1 | tee -a "$log"
 
 train_on() {  # device, run folder, then intrain train options
   local where=$1 dir=$2; shift 2
