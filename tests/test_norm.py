@@ -108,6 +108,28 @@ def test_count_limit():
         bn(QTensor.of(torch.zeros(MAX_COUNT + 1, 1, dtype=torch.int8), 0))
 
 
+def test_wider_formats_are_refused():
+    """16-bit inputs overflow the forward's int32 products (x * A) and the statistics' int64
+    bounds, so a DFP16 IntBatchNorm is refused rather than built; so is a DFP16 model with one."""
+    from intrain.numeric.formats import DFP16
+
+    with pytest.raises(ValueError, match="8-bit values"):
+        IntBatchNorm(4, DFP16)
+    with pytest.raises(ValueError, match="8-bit values"):
+        build_int_model("resnet18", (1, 28, 28), 10, seed=0, backend="reference", width=0.125, fmt=DFP16)
+
+
+def test_batch_norm_models_are_the_ones_with_bn_layers():
+    """``zoo.BATCH_NORM_MODELS``, which the CLI refuses with DFP16, names exactly the image models
+    whose specs hold batch normalisation."""
+    from intrain.models import MODELS, model_spec
+    from intrain.models.zoo import BATCH_NORM_MODELS
+
+    with_bn = {name for name in MODELS if not name.endswith("lstm")
+               and any(spec.kind == "bn" for spec in model_spec(name, (3, 64, 64), 10))}
+    assert with_bn == set(BATCH_NORM_MODELS)
+
+
 def test_running_statistics_for_evaluation_and_checkpoints():
     x = QTensor.of(_inputs(5), -6)
     bn = IntBatchNorm(6).train()

@@ -189,6 +189,10 @@ class IntBatchNorm(IntModule):
 
     def __init__(self, channels: int, fmt: NumberFormat = NITI_INT8, momentum_shift: int = MOMENTUM_SHIFT) -> None:
         super().__init__()
+        if fmt.bits != 8:
+            # 16-bit values (DFP16) overflow the int32 products of the forward (x * A reaches 2**45)
+            # and the per-sample int32 sums; the int64 bounds of the statistics fail too.
+            raise ValueError(f"IntBatchNorm's integer ranges are proven for 8-bit values, not {fmt.bits}-bit ones")
         self.channels = channels
         self.fmt = fmt
         self.momentum_shift = momentum_shift
