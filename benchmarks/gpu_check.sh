@@ -54,7 +54,8 @@ say "ResNet-18 w0.25, 2,048 images"; both resnet18 --model resnet18 --width 0.25
 
 for spec in "lenet5 --batch 256 --repeats 10" "vgg-small-7 --batch 64 --repeats 5" \
             "vgg-small-7 --batch 64 --repeats 3 --arith dfp16" \
-            "resnet18 --image-size 224 --batch 64 --repeats 5"; do
+            "resnet18 --image-size 224 --batch 64 --repeats 5" \
+            "resnet18 --image-size 224 --batch 64 --repeats 3 --arith dfp16"; do
   say "speed.py --device $device --model $spec"
   # shellcheck disable=SC2086  # spec is a list of options
   timeout 120 python3 "$root/benchmarks/speed.py" --device "$device" --model $spec > "$runs/speed.txt" 2>&1

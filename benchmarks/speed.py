@@ -39,7 +39,6 @@ from intrain.kernels.cpu.calibrate import INT8_GEMM_MIN_SPEEDUP, int8_gemm_speed
 from intrain.layers import StepContext
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import MODELS, build_float_model, build_int_model
-from intrain.models.zoo import check_value_bits
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 
@@ -299,12 +298,6 @@ def main() -> None:
     if args.arith != "int8" and niti_options != {"update": "niti", "weight_bits": 8, "error_rounding": "nearest",
                                                  "weight_decay_shift": None}:
         parser.error("--update, --weight-bits, --error-rounding and --weight-decay-shift apply to --arith int8 only")
-    if args.arith == "dfp16":
-        for name in args.model or []:
-            try:
-                check_value_bits(name, 16)
-            except ValueError as err:
-                parser.error(str(err))
     if args.update == "sgd" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
         parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
                      "--update sgd")

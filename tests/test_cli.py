@@ -68,7 +68,6 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--arith", "float", "--backend", "cpu"], "--backend does not apply to --arith float"),
     (["train", "--model", "lenet5"], "lenet5"),  # 8x8 digits are too small for LeNet-5
     (["train", "--val-split", "5000"], "--val-split"),
-    (["train", "--arith", "dfp16", "--model", "resnet18"], "batch normalisation"),
     (["train", "--no-such-option"], "unrecognized"),
     (["frobnicate"], "frobnicate"),
     ([], "required"),

@@ -108,26 +108,77 @@ def test_count_limit():
         bn(QTensor.of(torch.zeros(MAX_COUNT + 1, 1, dtype=torch.int8), 0))
 
 
-def test_wider_formats_are_refused():
-    """16-bit inputs overflow the forward's int32 products (x * A) and the statistics' int64
-    bounds, so a DFP16 IntBatchNorm is refused rather than built; so is a DFP16 model with one."""
+def _wide_inputs(seed: int, shape=(16, 6, 5, 5)) -> torch.Tensor:
+    """int16 inputs like ``_inputs`` (offset and narrow, constant, single-outlier, extreme-only and
+    rectified channels) at full 16-bit scale, a random low byte below each int8 value."""
+    gen = torch.Generator().manual_seed(seed + 50)
+    low = torch.randint(0, 256, shape, generator=gen)
+    x = (_inputs(seed, shape).to(torch.int32) * 256 + low).clamp(-32767, 32767)
+    x[:, 2] = 0
+    x[:, 3] = 0
+    x[0, 3, 0, 0] = 1
+    x[:, 4] = torch.where(x[:, 4] > 0, 32767, -32767)
+    return x.to(torch.int16)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("exponent", [-30, 0])
+@pytest.mark.parametrize("correlated_error", [False, True])
+def test_dfp16_forward_and_backward_against_float64(seed, exponent, correlated_error):
+    """16-bit values at a small count (no narrowing): the output within half a unit of 2**-12
+    standard deviations plus 2**-5 (the multiplier's rounding, |x| * 2**-20) and the relative error
+    of r = isqrt(M**2 (variance + 1)) (its floor: below 1 / r) times |y|; the input gradient within
+    1.5 units plus twice that relative error of the channel's largest gradient (the floor enters
+    1 / sigma and sum(dz * y) / r; it shows where sigma is below a few units, as in the channel
+    holding a single 1)."""
     from intrain.numeric.formats import DFP16
 
-    with pytest.raises(ValueError, match="8-bit values"):
-        IntBatchNorm(4, DFP16)
-    with pytest.raises(ValueError, match="8-bit values"):
-        build_int_model("resnet18", (1, 28, 28), 10, seed=0, backend="reference", width=0.125, fmt=DFP16)
+    x = QTensor.of(_wide_inputs(seed), exponent)
+    bn = IntBatchNorm(6, DFP16).train()
+    y = bn(x)
+    assert y.v.dtype == torch.int16 and int(y.e) == -12 and bn._saved[-1] == 0
+    xf, ref = _float_bn(x)
+    clipped = ref.clamp(-32767 / 4096, 32767 / 4096)
+    units = x.v.double()
+    r = (units.var((0, 2, 3), unbiased=False) + 1).sqrt() * (x.v.numel() // 6)
+    bound = 2.0**-12 * (0.5 + 2.0**-5 + 2.0**-10) + clipped.abs() / r.view(1, -1, 1, 1)
+    assert ((y.to_float().to(torch.float64) - clipped).abs() <= bound).all()
+    if correlated_error:
+        d = QTensor.of(_wide_inputs(seed + 100).flip(0), exponent - 3)
+    else:
+        gen = torch.Generator().manual_seed(seed + 100)
+        d = QTensor.of(torch.randint(-32767, 32768, x.v.shape, generator=gen).to(torch.int16), exponent - 3)
+    dx = bn.backward(d, None)
+    assert dx.v.dtype == torch.int16
+    ref.backward(d.to_float().to(torch.float64))
+    error = (dx.to_float().to(torch.float64) - xf.grad).abs().amax((0, 2, 3))
+    assert (error <= 1.5 * 2.0 ** int(dx.e) + 2 * xf.grad.abs().amax((0, 2, 3)) / r).all()
+    assert dx.v.abs().max() >= 1 << 14  # requantised to full range
 
 
-def test_batch_norm_models_are_the_ones_with_bn_layers():
-    """``zoo.BATCH_NORM_MODELS``, which the CLI refuses with DFP16, names exactly the image models
-    whose specs hold batch normalisation."""
-    from intrain.models import MODELS, model_spec
-    from intrain.models.zoo import BATCH_NORM_MODELS
+@pytest.mark.parametrize("samples, narrowing", [(64, 0), (1024, 2), (4096, 4)])
+def test_dfp16_statistics_narrow_with_the_count(samples, narrowing):
+    """At M positions per channel the statistics come from copies of min(16, 30 - ceil(log2 M))
+    bits (the int64 bounds): each copy within one unit of 2**k input units, so the mean and the
+    standard deviation within about 2**k units, the output within 2**k (1 + 1.5 |y|) / sigma; the
+    input gradient close to float64's."""
+    from intrain.numeric.formats import DFP16
 
-    with_bn = {name for name in MODELS if not name.endswith("lstm")
-               and any(spec.kind == "bn" for spec in model_spec(name, (3, 64, 64), 10))}
-    assert with_bn == set(BATCH_NORM_MODELS)
+    gen = torch.Generator().manual_seed(samples)
+    v = (torch.randn(samples, 2, 8, 8, generator=gen) * 4000 + 700).round()
+    v[:, 1] = v[:, 1].clamp(min=0)  # after a ReLU
+    x = QTensor.of(v.clamp(-32767, 32767).to(torch.int16), -9)
+    bn = IntBatchNorm(2, DFP16).train()
+    y = bn(x)
+    assert bn._saved[-1] == narrowing
+    xf, ref = _float_bn(x)
+    sigma = x.v.double().std((0, 2, 3), unbiased=False).view(1, -1, 1, 1)
+    bound = 2.0**narrowing * (1 + 1.5 * ref.abs()) / sigma + 2.0**-11
+    assert ((y.to_float().to(torch.float64) - ref).abs() <= bound).all()
+    d = QTensor.of(torch.randint(-32767, 32768, x.v.shape, generator=gen).to(torch.int16), -20)
+    dx = bn.backward(d, None)
+    ref.backward(d.to_float().to(torch.float64))
+    assert (dx.to_float().to(torch.float64) - xf.grad).abs().max() <= 2.0**(narrowing - 6) * xf.grad.abs().max()
 
 
 def test_running_statistics_for_evaluation_and_checkpoints():
@@ -222,6 +273,53 @@ def test_two_processes_give_the_bits_of_one(error_rounding):
     for rank in (0, 1):
         for key, value in whole.state_dict().items():
             assert torch.equal(results[rank][2][key], value)
+
+
+@pytest.mark.parametrize("samples, narrowing", [(8, 0), (2048, 1)])
+def test_dfp16_two_processes_give_the_bits_of_one(samples, narrowing):
+    """16-bit values: the narrowing comes from the global count (one more sum over the
+    processes), so two halves of a batch give the whole batch's bits, narrowed or not."""
+    from intrain.numeric.formats import DFP16
+
+    x = QTensor.of(_wide_inputs(8, (samples, 6, 4, 4)), -6)
+    d = QTensor.of(_wide_inputs(9, (samples, 6, 4, 4)).flip(0), -9)
+    whole = IntBatchNorm(6, DFP16).train()
+    y = whole(x, StepContext(0, 0))
+    assert whole._saved[-1] == narrowing
+    dx = whole.backward(d, StepContext(0, 0))
+    shared, barrier, results, half = {}, threading.Barrier(2), {}, samples // 2
+
+    def run(rank):
+        part = IntBatchNorm(6, DFP16).train()
+        ctx = StepContext(0, 0, sample_offset=half * rank, collective=ThreadCollective(rank, shared, barrier))
+        rows = slice(half * rank, half * rank + half)
+        results[rank] = (part(QTensor(x.v[rows], x.e), ctx), part.backward(QTensor(d.v[rows], d.e), ctx))
+
+    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert torch.equal(torch.cat([results[0][0].v, results[1][0].v]), y.v)
+    assert torch.equal(torch.cat([results[0][1].v, results[1][1].v]), dx.v)
+    assert int(results[0][1].e) == int(results[1][1].e) == int(dx.e)
+
+
+def test_dfp16_resnet18_step_and_evaluation_are_integer_only():
+    from intrain.methods.dfp16 import Dfp16, Dfp16Options
+
+    options = Dfp16Options(lr=0.05, backend="reference")
+    model = Dfp16.build_model(options, "resnet18", (1, 28, 28), 10, seed=0, width=0.125, device="cpu")
+    trainer = Dfp16(model, options, seed=0, total_steps=10)
+    gen = torch.Generator().manual_seed(0)
+    x = Dfp16.network_input(QTensor.of(torch.randint(0, 128, (8, 1, 28, 28), generator=gen).to(torch.int8), -7))
+    y = torch.arange(8) % 10
+    with FloatAudit() as audit:
+        trainer.train_step(x, y, step=0, epoch=0)
+        model.eval()
+        logits = model(x)
+    assert audit.float_ops == [], sorted(set(audit.float_ops))
+    assert logits.v.shape == (8, 10) and logits.v.dtype == torch.int16
 
 
 def test_resnet18_has_integer_batch_norm_where_the_twin_has_batch_norm():

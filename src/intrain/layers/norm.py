@@ -86,6 +86,37 @@ evaluation the averages are shifted into the frame of the batch's input and used
 above, with ``std_G`` floored at one unit of the input. The counts must satisfy
 ``M <= MAX_COUNT = 2**22`` (all int64 bounds above assume it; ImageNet's stem at batch 256 has
 ``256 * 112**2 < 2**22``).
+
+Wider formats (DFP16's 16 bits; any width from 9 to 16). The same layer, with three changes, and
+int8's arithmetic untouched (its tests and golden runs keep their bits):
+
+- The statistics come from copies narrowed to ``w = min(bits, 30 - ceil(log2 M))`` bits:
+  ``x' = round(x / 2**k)`` (nearest) clipped to ``+-(2**(w-1) - 1)``, ``k = bits - w``, and the
+  errors ``dz'`` likewise; ``M`` is the global count, known before the sums by one more sum over
+  the processes, so every process narrows alike. With ``M <= 2**(30 - w)`` every int64 bound
+  above holds for w-bit values: ``M*S2 < M**2 * 2**(2w-2) <= 2**58`` and
+  ``|M*P - S1*D1| * 2**Fs < M**2 * 2**(2w-1) * 2**4 <= 2**63`` (``Fs = 4``, the 8-bit output's
+  fraction bits, is the precision of ``D2`` here); per-sample sums are made in int64 (products of
+  up to 2**30). The copies' frame is k bits above x's: mean and standard deviation are shifted
+  left by k (exact) before use, and the running averages are kept in the copies' frame. At
+  ``M <= 2**14`` (a batch of 16 at 32 x 32) a 16-bit layer narrows nothing; at ImageNet's largest
+  counts it keeps 8 bits, as int8 does. Each copy is within one unit of ``2**k`` input units, so
+  mean and standard deviation are within about ``2**k`` units, and BatchNorm's epsilon is one
+  unit of the copy squared (``tests/test_norm.py`` bounds both).
+- Forward in int64, with ``S = 31 - F`` (19 for 16 bits: ``|mean_G| * 2**(S + F) < 2**31 *
+  2**31``): ``|x * A| <= 2**15 * 2**(S+F) = 2**46``, ``|B|`` clipped at ``2**(bits + S + F)``,
+  the sum below ``2**48``. ``A``'s rounding moves ``y`` by at most ``2**15 * 2**-20 = 2**-5``
+  output units (int8's ``127 * 2**-19``).
+- Backward: ``sum(dz)`` itself (exact in int64, ``|sum dz| < 2**37``) for ``c``;
+  ``T = (M*dz - D1) * 2**(F + Fs) - h * D2 * 2**k``; ``R' = round(2**q / r)`` with
+  ``q = RECIPROCAL_BITS + bit_length(M) + w - 8`` (``2**13 <= R' <= 2**(13 + w)``, as ``M <= r <=
+  M * 2**(w-1)``). Each coefficient is a product that fits int64 (``M*R' <= 2**44``,
+  ``|D2*R'| <= M * 2**19 * 2**(13 + w) <= 2**62``, ``|D1*R'| <= 2**58``) times a power of two
+  (``2**(F + Fs)``, ``2**k``, ``2**(F + Fs)``), applied together with the shift that leaves the
+  largest coefficient ``WIDE_ERROR_SUM_BITS - bits`` bits, so that the per-element sums
+  ``|dz*a| + |h*b| + |c| < 2**62`` are made in int64. The floor of ``r = isqrt(...)`` is a
+  relative error below ``1/r``: invisible at 8 bits, it shows at 16 bits in channels whose
+  standard deviation is a few units (up to ``2/r`` of the channel's largest gradient).
 """
 
 from __future__ import annotations
@@ -123,6 +154,14 @@ MAX_SAMPLE_POSITIONS = 1 << 17
 RECIPROCAL_BITS = 20
 #: Per-element sums of the backward stay below 2**ERROR_SUM_BITS (int32).
 ERROR_SUM_BITS = 30
+#: The same for values wider than 8 bits, whose per-element sums are made in int64.
+WIDE_ERROR_SUM_BITS = 62
+#: Values of this many bits keep the int32 arithmetic of the module docstring; wider ones (up to
+#: 16, DFP16's) take int64 and statistics from narrowed copies ("Wider formats" there).
+STAT_BITS = 8
+#: Wider formats: statistics from copies of at most 30 - ceil(log2 M) bits, for which every int64
+#: bound of the 8-bit case holds ("Wider formats" in the module docstring).
+WIDE_STAT_LIMIT = 30
 #: Largest shift applied to running statistics when the input's exponent moves (beyond it a
 #: left shift could overflow; a right shift by more leaves zero anyway).
 MAX_FRAME_SHIFT = 24
@@ -157,11 +196,12 @@ def _to_frame(values: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     return torch.where(shift >= 0, values << shift.clamp(min=0), shift_round(values, (-shift).clamp(min=0), "nearest"))
 
 
-def _channel_sums(t: torch.Tensor) -> torch.Tensor:
-    """Per-channel sums of an int32 ``[N, C, ...]`` tensor whose values have at most 14 bits, as
-    int64: over each sample's positions in int32 (``< 2**14 * MAX_SAMPLE_POSITIONS = 2**31``),
-    then over the samples in int64 (no int64 copy of the whole tensor)."""
-    per_sample = t.flatten(2).sum(2, dtype=torch.int32) if t.dim() > 2 else t
+def _channel_sums(t: torch.Tensor, wide: bool = False) -> torch.Tensor:
+    """Per-channel sums of an int32 ``[N, C, ...]`` tensor whose values have at most 14 bits (30
+    with ``wide``), as int64: over each sample's positions in int32 (``< 2**14 *
+    MAX_SAMPLE_POSITIONS = 2**31``; int64 with ``wide``), then over the samples in int64 (no int64
+    copy of the whole tensor)."""
+    per_sample = t.flatten(2).sum(2, dtype=torch.int64 if wide else torch.int32) if t.dim() > 2 else t
     return per_sample.sum(0, dtype=torch.int64)
 
 
@@ -173,14 +213,15 @@ def _slices(t: torch.Tensor) -> list:
 
 
 def _channel_sums_and_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``[_channel_sums(a), _channel_sums(a * b)]`` (int64, ``[2C]``) for int8 tensors of one shape,
-    in one pass made slice by slice (no int32 copy or product of the whole tensors)."""
+    """``[_channel_sums(a), _channel_sums(a * b)]`` (int64, ``[2C]``) for int8 or int16 tensors of
+    one shape, in one pass made slice by slice (no int32 copy or product of the whole tensors)."""
     channels = a.shape[1]
+    wide = a.dtype != torch.int8 or b.dtype != torch.int8
     total = torch.zeros(2 * channels, dtype=torch.int64, device=a.device)
     for rows in _slices(a):
         part = a[rows].to(torch.int32)
-        total[:channels] += _channel_sums(part)
-        total[channels:] += _channel_sums(part.mul_(b[rows]))
+        total[:channels] += _channel_sums(part, wide)
+        total[channels:] += _channel_sums(part.mul_(b[rows]), wide)
     return total
 
 
@@ -189,14 +230,20 @@ class IntBatchNorm(IntModule):
 
     def __init__(self, channels: int, fmt: NumberFormat = NITI_INT8, momentum_shift: int = MOMENTUM_SHIFT) -> None:
         super().__init__()
-        if fmt.bits != 8:
-            # 16-bit values (DFP16) overflow the int32 products of the forward (x * A reaches 2**45)
-            # and the per-sample int32 sums; the int64 bounds of the statistics fail too.
-            raise ValueError(f"IntBatchNorm's integer ranges are proven for 8-bit values, not {fmt.bits}-bit ones")
+        if not STAT_BITS <= fmt.bits <= 16:
+            raise ValueError(f"IntBatchNorm's integer ranges are proven for 8- to 16-bit values, not {fmt.bits}-bit ones")
         self.channels = channels
         self.fmt = fmt
         self.momentum_shift = momentum_shift
         self.fraction_bits = fmt.bits - 1 - RANGE_BITS
+        #: Fraction bits of the forward's multiplier and offset: SCALE_BITS for 8-bit values; for
+        #: wider ones as many as ``mean_G * 2**(S + F) < 2**31 * 2**(S + F)`` allows in int64 (19
+        #: for 16 bits: A's rounding then moves y by at most 2**15 / 2 * 2**-19 = 2**-5 units).
+        self.scale_bits = SCALE_BITS if fmt.bits == STAT_BITS else 31 - self.fraction_bits
+        #: Fraction bits of the backward's sum(dz * y) (that of an 8-bit output).
+        self.stat_fraction_bits = STAT_BITS - 1 - RANGE_BITS
+        #: The int32 arithmetic of 8-bit values, int64 for wider ones.
+        self._work_dtype = torch.int32 if fmt.bits == STAT_BITS else torch.int64
         self.register_buffer("running_mean", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("running_std", torch.zeros(channels, dtype=torch.int64))
         self.register_buffer("stats_exp", torch.zeros((), dtype=torch.int64))
@@ -216,21 +263,39 @@ class IntBatchNorm(IntModule):
         if positions > MAX_SAMPLE_POSITIONS:
             raise ValueError(f"IntBatchNorm: more than {MAX_SAMPLE_POSITIONS} positions per sample and channel")
 
+    def _narrowing(self, count: torch.Tensor) -> int:
+        """Bits the statistics' copies drop for ``count`` positions per channel: 0 for 8-bit values;
+        for wider ones enough to leave ``min(bits, WIDE_STAT_LIMIT - ceil(log2 count))`` bits."""
+        if self.fmt.bits == STAT_BITS:
+            return 0
+        ceil_log2 = (int(count) - 1).bit_length()
+        return self.fmt.bits - min(self.fmt.bits, WIDE_STAT_LIMIT - ceil_log2)
+
+    def _narrowed(self, v: torch.Tensor, k: int) -> torch.Tensor:
+        """``v`` itself for ``k = 0``; else ``v / 2**k`` rounded to nearest and clipped to the
+        ``bits - k``-bit range: the copy the statistics are made from."""
+        if not k:
+            return v
+        top = (1 << (self.fmt.bits - 1 - k)) - 1
+        return shift_round(v.to(torch.int32), k, "nearest").clamp_(-top, top).to(v.dtype)
+
     def _normalise(self, x: QTensor, mean_g: torch.Tensor, std_g: torch.Tensor) -> QTensor:
         """``(x - mean) / std`` at the fixed output exponent, as ``(x * A + B) >> SCALE_BITS`` in
-        int32 (see the module docstring)."""
-        scale = SCALE_BITS + self.fraction_bits
+        int32 (int64 for values wider than 8 bits; see the module docstring), the mean and
+        standard deviation in x's frame."""
+        scale = self.scale_bits + self.fraction_bits
         multiplier = divide_round(torch.full_like(std_g, 1 << (scale + GUARD_BITS)), std_g)
-        offset = divide_round(-(mean_g << scale), std_g).clamp(-(1 << 30), 1 << 30) + (1 << (SCALE_BITS - 1))
+        bound = 1 << (self.fmt.bits + scale)  # 2**30 for int8
+        offset = divide_round(-(mean_g << scale), std_g).clamp(-bound, bound) + (1 << (self.scale_bits - 1))
         dims = x.v.dim()
-        multiplier = self._per_channel(multiplier.to(torch.int32), dims)
-        offset = self._per_channel(offset.to(torch.int32), dims)
+        multiplier = self._per_channel(multiplier.to(self._work_dtype), dims)
+        offset = self._per_channel(offset.to(self._work_dtype), dims)
         limit = self.fmt.limit
         out = torch.empty(x.v.shape, dtype=self.fmt.dtype, device=x.v.device)
         for rows in _slices(x.v):
-            values = x.v[rows].to(torch.int32) * multiplier
+            values = x.v[rows].to(self._work_dtype) * multiplier
             values += offset
-            values >>= SCALE_BITS
+            values >>= self.scale_bits
             out[rows] = values.clamp_(-limit, limit)
         return QTensor(out, torch.full_like(x.e, -self.fraction_bits))
 
@@ -244,18 +309,20 @@ class IntBatchNorm(IntModule):
         collective = LOCAL if ctx is None or not self.training else ctx.collective
         if x.v.numel() // self.channels * collective.world > MAX_COUNT:
             raise ValueError(f"IntBatchNorm: more than {MAX_COUNT} positions per channel in one batch")
-        local = torch.cat([_channel_sums_and_products(x.v, x.v),
-                           torch.full((1,), x.v.numel() // self.channels, dtype=torch.int64, device=x.v.device)])
-        total = collective.sum(local)
+        local_count = torch.full((1,), x.v.numel() // self.channels, dtype=torch.int64, device=x.v.device)
+        # Wider values: the global count sets the narrowing (an extra sum over the processes).
+        k = self._narrowing(collective.sum(local_count)) if self.fmt.bits > STAT_BITS else 0
+        narrow = self._narrowed(x.v, k)
+        total = collective.sum(torch.cat([_channel_sums_and_products(narrow, narrow), local_count]))
         c = self.channels
         s1, s2, count = total[:c], total[c:2 * c], total[2 * c]
         root = isqrt(count * s2 - s1 * s1 + count * count)
-        mean_g = divide_round(s1 << GUARD_BITS, count)
+        mean_g = divide_round(s1 << GUARD_BITS, count)  # in the frame of the copy: k bits above x's
         std_g = divide_round(root << GUARD_BITS, count)
-        out = self._normalise(x, mean_g, std_g)
+        out = self._normalise(x, mean_g << k, std_g << k)
         if self.training:
-            self._track(mean_g, std_g, frame)
-            self._saved = (x.v, out.v, x.e, count, s1, root)
+            self._track(mean_g, std_g, frame + k)
+            self._saved = (narrow, out.v, x.e, count, s1, root, k)
         return out
 
     @torch.no_grad()
@@ -273,33 +340,44 @@ class IntBatchNorm(IntModule):
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         if self._saved is None:
             raise RuntimeError("IntBatchNorm.backward called without a training-mode forward")
-        (x, h, x_exp, count, s1, root), self._saved = self._saved, None
+        (x, h, x_exp, count, s1, root, k), self._saved = self._saved, None
         if not need_input_grad:
             return None
         collective = LOCAL if ctx is None else ctx.collective
         self._check_shape(d.v)
         limit = self.fmt.limit
         c = self.channels
-        sums = collective.sum(_channel_sums_and_products(d.v, x))
-        f2 = 2 * self.fraction_bits
-        # sum(dz * y) * 2**F from the exact input: (M * sum(dz * x) - S1 * sum(dz)) * 2**F / r
-        weighted = divide_round((count * sums[c:] - s1 * sums[:c]) << self.fraction_bits, root)
-        q = RECIPROCAL_BITS + bit_length(count)
+        bits, fs = self.fmt.bits, self.stat_fraction_bits
+        local = _channel_sums_and_products(self._narrowed(d.v, k), x)
+        if k:  # sum(dz) itself, exact in int64 (|dz| < 2**15, M <= 2**22)
+            local = torch.cat([local, d.v.sum([i for i in range(d.v.dim()) if i != 1], dtype=torch.int64)])
+        sums = collective.sum(local)
+        error_sum = sums[2 * c:] if k else sums[:c]
+        # sum(dz' * y) * 2**Fs from the statistics' copies: (M * sum(dz' * x') - S1 * sum(dz')) * 2**Fs / r
+        weighted = divide_round((count * sums[c:2 * c] - s1 * sums[:c]) << fs, root)
+        q = RECIPROCAL_BITS + bit_length(count) + (bits - k - STAT_BITS)  # 2**13 <= R' <= 2**(13 + w)
         reciprocal = divide_round(torch.ones_like(root) << q, root)
-        # dx = (dz * a + h * b + c) * 2**(e_d - 2F - e_x - q), per channel; the same on every process.
-        coefficients = torch.stack([(count << f2) * reciprocal, -weighted * reciprocal,
-                                    -(sums[:c] << f2) * reciprocal])
-        widest = bit_length(coefficients.abs().max()) + 8  # 127 |a| + 127 |b| + |c| < 2**8 max
-        first_shift = (widest - ERROR_SUM_BITS).clamp(min=0)
-        a, b, offset = (self._per_channel(k, d.v.dim()).to(torch.int32)
-                        for k in shift_round(coefficients, first_shift, "nearest"))
-        # The per-element sums in int32, made and then rounded slice by slice: one int32 tensor of
-        # the whole size (the sums, which the shift's maximum needs) and small temporaries.
-        total = torch.empty(d.v.shape, dtype=torch.int32, device=d.v.device)
+        # dx = (dz * a + h * b + c) * 2**(e_d - F - Fs - k - e_x - q), per channel, the same on every
+        # process: a = M R' 2**(F + Fs), b = -D2 R' 2**k, c = -D1 R' 2**(F + Fs), each a product
+        # that fits int64 times a power of two, so that the shift below is applied without forming
+        # the wider coefficients (for int8, k = 0 and Fs = F).
+        products = torch.stack([count * reciprocal, -weighted * reciprocal, -error_sum * reciprocal])
+        powers = torch.tensor([self.fraction_bits + fs, k, self.fraction_bits + fs],
+                              dtype=torch.int64, device=products.device).view(3, 1)
+        lengths = torch.where(products == 0, 0, bit_length(products.abs()) + powers)
+        widest = lengths.max() + bits  # (2**(bits-1) - 1) (|a| + |b|) + |c| < 2**bits max
+        first_shift = (widest - (ERROR_SUM_BITS if bits == STAT_BITS else WIDE_ERROR_SUM_BITS)).clamp(min=0)
+        coefficients = torch.where(powers >= first_shift, products << (powers - first_shift).clamp(min=0),
+                                   shift_round(products, (first_shift - powers).clamp(min=0), "nearest"))
+        a, b, offset = (self._per_channel(k_, d.v.dim()).to(self._work_dtype) for k_ in coefficients)
+        # The per-element sums in int32 (int64 for wider values), made and then rounded slice by
+        # slice: one tensor of the whole size (the sums, which the shift's maximum needs) and small
+        # temporaries.
+        total = torch.empty(d.v.shape, dtype=self._work_dtype, device=d.v.device)
         slices = _slices(total)
         for rows in slices:
             part = torch.mul(d.v[rows], a, out=total[rows])
-            part += h[rows].to(torch.int32) * b
+            part += h[rows].to(self._work_dtype) * b
             part += offset
         second_shift = _global_shift(total, self.fmt.bits, collective)
         stochastic = self.fmt.error_rounding != "nearest"
@@ -318,7 +396,7 @@ class IntBatchNorm(IntModule):
             else:
                 rounded = shift_round(part, second_shift, "nearest")
             values[rows] = rounded.clamp_(-limit, limit)
-        return QTensor(values, d.e - f2 - x_exp - q + first_shift + second_shift)
+        return QTensor(values, d.e - self.fraction_bits - fs - k - x_exp - q + first_shift + second_shift)
 
     def clear_saved(self) -> None:
         self._saved = None

@@ -282,20 +282,6 @@ _SPECS = {"mlp": mlp_spec, "lenet5": lenet5_spec,
 MODELS = tuple(_SPECS)
 
 
-#: Models with batch normalisation (``bn`` specs: ``layers.norm.IntBatchNorm`` in the integer
-#: model), whose integer ranges are proven for 8-bit values only.
-BATCH_NORM_MODELS = ("resnet18",)
-
-
-def check_value_bits(name: str, bits: int) -> None:
-    """Refuse (ValueError, one line) a model with batch normalisation in a format wider than
-    8 bits: ``IntBatchNorm``'s int32 products overflow on 16-bit values (DFP16)."""
-    if bits > 8 and name in BATCH_NORM_MODELS:
-        raise ValueError(f"{name} cannot train with {bits}-bit values (--arith dfp16) yet: its integer batch "
-                         f"normalisation is proven for 8-bit values only; use --arith int8 or float, or a "
-                         f"model without batch normalisation (lenet5, vgg-small-7)")
-
-
 def check_hidden(name: str, hidden) -> None:
     """Refuse (ValueError, one line) hidden sizes that are not one or more positive integers, or
     hidden sizes for a model other than the MLP (the others' layer sizes are fixed)."""

@@ -20,7 +20,7 @@ from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
-from intrain.models.zoo import RecurrentOptions, check_hidden, check_value_bits
+from intrain.models.zoo import RecurrentOptions, check_hidden
 from intrain.run.recipes import default_recipe
 
 DEVICES = ("cpu", "cuda")
@@ -149,12 +149,7 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"unknown dataset {c.dataset!r}: choose one of {', '.join(DATASETS)}")
     if c.model not in MODELS:
         raise ConfigError(f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
-    fmt = getattr(c.method_options(), "fmt", None)  # the method name and its options
-    if fmt is not None:
-        try:
-            check_value_bits(c.model, fmt.bits)
-        except ValueError as err:
-            raise ConfigError(str(err)) from None
+    c.method_options()  # the method name and its options
     if c.epochs < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {c.epochs}")
     if c.batch_size < 1:
