@@ -212,6 +212,15 @@ def _slices(t: torch.Tensor) -> list:
     return cpu_slices(t) if t.device.type == "cpu" else [...]
 
 
+def _wide_channel_sums(v: torch.Tensor) -> torch.Tensor:
+    """Per-channel int64 sums of an int16 ``[N, C, ...]`` tensor, slice by slice (a whole-tensor
+    ``sum(dtype=torch.int64)`` would make an int64 copy of it first)."""
+    total = torch.zeros(v.shape[1], dtype=torch.int64, device=v.device)
+    for rows in _slices(v):
+        total += _channel_sums(v[rows].to(torch.int32), wide=True)
+    return total
+
+
 def _channel_sums_and_products(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``[_channel_sums(a), _channel_sums(a * b)]`` (int64, ``[2C]``) for int8 or int16 tensors of
     one shape, in one pass made slice by slice (no int32 copy or product of the whole tensors)."""
@@ -350,7 +359,7 @@ class IntBatchNorm(IntModule):
         bits, fs = self.fmt.bits, self.stat_fraction_bits
         local = _channel_sums_and_products(self._narrowed(d.v, k), x)
         if k:  # sum(dz) itself, exact in int64 (|dz| < 2**15, M <= 2**22)
-            local = torch.cat([local, d.v.sum([i for i in range(d.v.dim()) if i != 1], dtype=torch.int64)])
+            local = torch.cat([local, _wide_channel_sums(d.v)])
         sums = collective.sum(local)
         error_sum = sums[2 * c:] if k else sums[:c]
         # sum(dz' * y) * 2**Fs from the statistics' copies: (M * sum(dz' * x') - S1 * sum(dz')) * 2**Fs / r
