@@ -102,7 +102,8 @@ int8's arithmetic untouched (its tests and golden runs keep their bits):
   ``M <= 2**14`` (a batch of 16 at 32 x 32) a 16-bit layer narrows nothing; at ImageNet's largest
   counts it keeps 8 bits, as int8 does. Each copy is within one unit of ``2**k`` input units, so
   mean and standard deviation are within about ``2**k`` units, and BatchNorm's epsilon is one
-  unit of the copy squared (``tests/test_norm.py`` bounds both).
+  unit of the copy squared (``tests/test_norm.py`` bounds both): a channel whose standard
+  deviation is below a unit of the copy is not normalised (BENCHMARKS.md), as with int8.
 - Forward in int64, with ``S = 31 - F`` (19 for 16 bits: ``|mean_G| * 2**(S + F) < 2**31 *
   2**31``): ``|x * A| <= 2**15 * 2**(S+F) = 2**46``, ``|B|`` clipped at ``2**(bits + S + F)``,
   the sum below ``2**48``. ``A``'s rounding moves ``y`` by at most ``2**15 * 2**-20 = 2**-5``
