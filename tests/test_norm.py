@@ -244,20 +244,15 @@ class ThreadCollective:
         return self._reduce(t, torch.maximum)
 
 
-@pytest.mark.parametrize("error_rounding", ["nearest"])
-def test_two_processes_give_the_bits_of_one(error_rounding):
-    fmt = NumberFormat(error_rounding=error_rounding)
-    x = QTensor.of(_inputs(6, (8, 6, 4, 4)), -6)
-    d = QTensor.of(_inputs(7, (8, 6, 4, 4)), -9)
-    whole = IntBatchNorm(6, fmt).train()
-    y = whole(x, StepContext(0, 0))
-    dx = whole.backward(d, StepContext(0, 0))
-    shared, barrier, results = {}, threading.Barrier(2), {}
+def _halves_give_the_whole(fmt, x, d, y, dx, whole):
+    """Two threads, each a process of a ThreadCollective holding half of the batch x (errors d),
+    give the outputs, input gradients and state of ``whole`` (which gave y and dx on all of it)."""
+    shared, barrier, results, half = {}, threading.Barrier(2), {}, x.v.shape[0] // 2
 
     def run(rank):
         part = IntBatchNorm(6, fmt).train()
-        ctx = StepContext(0, 0, sample_offset=4 * rank, collective=ThreadCollective(rank, shared, barrier))
-        rows = slice(4 * rank, 4 * rank + 4)
+        ctx = StepContext(0, 0, sample_offset=half * rank, collective=ThreadCollective(rank, shared, barrier))
+        rows = slice(half * rank, half * rank + half)
         out = part(QTensor(x.v[rows], x.e), ctx)
         grad = part.backward(QTensor(d.v[rows], d.e), ctx)
         results[rank] = (out, grad, part.state_dict())
@@ -275,6 +270,17 @@ def test_two_processes_give_the_bits_of_one(error_rounding):
             assert torch.equal(results[rank][2][key], value)
 
 
+@pytest.mark.parametrize("error_rounding", ["nearest"])
+def test_two_processes_give_the_bits_of_one(error_rounding):
+    fmt = NumberFormat(error_rounding=error_rounding)
+    x = QTensor.of(_inputs(6, (8, 6, 4, 4)), -6)
+    d = QTensor.of(_inputs(7, (8, 6, 4, 4)), -9)
+    whole = IntBatchNorm(6, fmt).train()
+    y = whole(x, StepContext(0, 0))
+    dx = whole.backward(d, StepContext(0, 0))
+    _halves_give_the_whole(fmt, x, d, y, dx, whole)
+
+
 @pytest.mark.parametrize("samples, narrowing", [(8, 0), (2048, 1)])
 def test_dfp16_two_processes_give_the_bits_of_one(samples, narrowing):
     """16-bit values: the narrowing comes from the global count (one more sum over the
@@ -287,22 +293,7 @@ def test_dfp16_two_processes_give_the_bits_of_one(samples, narrowing):
     y = whole(x, StepContext(0, 0))
     assert whole._saved[-1] == narrowing
     dx = whole.backward(d, StepContext(0, 0))
-    shared, barrier, results, half = {}, threading.Barrier(2), {}, samples // 2
-
-    def run(rank):
-        part = IntBatchNorm(6, DFP16).train()
-        ctx = StepContext(0, 0, sample_offset=half * rank, collective=ThreadCollective(rank, shared, barrier))
-        rows = slice(half * rank, half * rank + half)
-        results[rank] = (part(QTensor(x.v[rows], x.e), ctx), part.backward(QTensor(d.v[rows], d.e), ctx))
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
-    assert torch.equal(torch.cat([results[0][0].v, results[1][0].v]), y.v)
-    assert torch.equal(torch.cat([results[0][1].v, results[1][1].v]), dx.v)
-    assert int(results[0][1].e) == int(results[1][1].e) == int(dx.e)
+    _halves_give_the_whole(DFP16, x, d, y, dx, whole)
 
 
 def test_dfp16_resnet18_step_and_evaluation_are_integer_only():
