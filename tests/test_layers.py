@@ -130,6 +130,30 @@ def test_dropout_mask_depends_on_step_and_is_replayed_in_backward():
     assert torch.equal(drop.eval()(x).v, x.v)
 
 
+@pytest.mark.parametrize("p, scale", [(0.5, 2), (0.75, 4)])
+def test_dropout_scales_kept_values_as_the_float_twin(p, scale):
+    """Inverted dropout, as torch.nn.Dropout: kept values (and their errors) times 1 / (1 - p), so a
+    training step sees the scale evaluation gives; -128 and 127 pass unchanged in value."""
+    drop = IntDropout(p).train()
+    v = rand_int8(3, 500)
+    v[0, :4] = torch.tensor([-128, 127, -127, 1], dtype=torch.int8)
+    x = QTensor.of(v, -3)
+    out = drop(x, StepContext(0, 5))
+    kept = drop._keep.bool()
+    assert 0.9 / scale < kept.float().mean().item() < 1.1 / scale
+    assert torch.equal(out.to_float(), torch.where(kept, x.to_float() * scale, torch.zeros(())))
+    d = QTensor.of(rand_int8(3, 500), 2)
+    back = drop.backward(d, None)
+    assert torch.equal(back.to_float(), torch.where(kept, d.to_float() * scale, torch.zeros(())))
+    assert torch.equal(drop.eval()(x).to_float(), x.to_float())
+
+
+def test_dropout_refuses_a_keep_fraction_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="p = 0, 0.5, 0.75"):
+        IntDropout(0.3)
+    assert IntDropout(0.0).scale_bits == 0
+
+
 def test_sequential_skips_the_first_layer_error():
     calls = []
 
@@ -189,7 +213,7 @@ def test_layers_of_a_tree_are_found_and_numbered_like_the_flat_sequence():
     fmt = NumberFormat(error_rounding="stochastic")
 
     def layers():
-        return [IntFlatten(), IntLinear(12, 8, REF, fmt=fmt), IntReLU(), IntDropout(0.25),
+        return [IntFlatten(), IntLinear(12, 8, REF, fmt=fmt), IntReLU(), IntDropout(0.75),
                 IntLinear(8, 6, REF, fmt=fmt), IntReLU(), IntLinear(6, 3, REF, fmt=fmt)]
 
     flat = IntSequential(*layers())

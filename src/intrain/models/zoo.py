@@ -84,10 +84,9 @@ VGG_SMALL_STAGES = {
 }
 
 #: Dropout before the final linear layer of VGG-small. NITI drops activations before its
-#: classifier; we use the classic VGG classifier value 0.5 for both arithmetics. The integer
-#: dropout does not rescale the kept values (the next layer requantises by its own maximum, see
-#: ``intrain.layers.dropout``), the float twin's ``torch.nn.Dropout`` does (inverted dropout);
-#: either way eval-mode predictions see no dropout.
+#: classifier; we use the classic VGG classifier value 0.5 for both arithmetics. Both dropouts
+#: scale the kept values by 1 / (1 - p) in training (inverted dropout; the integer one through
+#: the exponent, ``intrain.layers.dropout``); eval-mode predictions see no dropout.
 VGG_DROPOUT = 0.5
 
 
