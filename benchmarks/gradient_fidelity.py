@@ -1,0 +1,134 @@
+"""How close int8 weight gradients are to those of a 16-bit network holding the same weights: the
+evidence for the error rounding of a recipe (``run.recipes``) where it is chosen this way.
+
+A trained run's weights (``model.pt``, int8 or DFP16) are rounded to int8 (nearest, one exponent
+per tensor) and put into four models of the same architecture: the reference, DFP16 values with
+exact sums (16-bit activations and errors, no headroom shifts), and three variants: int8 with
+nearest error rounding, int8 with stochastic error rounding, and DFP16 with its int32-chunked
+accumulator. Each takes the same training batches (the run's training split, never its evaluation
+split) with the same random keys (dropout masks, loss rounding), and its weight gradients are
+compared with the reference's, layer by layer (in the order of ``weighted_layers``):
+
+- ``cos``: cosine between a variant's gradient and the reference's;
+- ``proj``: the variant's gradient projected on the reference's, in units of the reference's
+  (1.0: the reference's step along its own direction; below 1: a shorter step).
+
+Both are printed for single batches (mean over the batches) and for the gradient summed over all
+batches: noise from rounding averages out of the sum, a bias does not. The last column is the
+cosine between the reference gradients of consecutive batches (how much one batch's gradient
+varies anyway). Nothing is written.
+
+    OMP_NUM_THREADS=2 python benchmarks/gradient_fidelity.py --run RUN_DIR [--batches 24]
+    OMP_NUM_THREADS=2 python benchmarks/gradient_fidelity.py --run RUN_DIR --checkpoint
+
+``--checkpoint`` takes the weights of the run's ``checkpoint.pt`` (the last finished epoch of a run
+still going or stopped) instead of its ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+from tqdm import tqdm
+
+from intrain.layers import StepContext, weighted_layers
+from intrain.methods.loss import cross_entropy_grad
+from intrain.models import build_int_model
+from intrain.numeric.formats import DFP16, NITI_INT8
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import requantize
+from intrain.run import checkpoint, evaluate
+from intrain.run.evaluate import load_run
+from intrain.run.loop import network_input
+from intrain.methods import get_method
+
+REFERENCE = "16-bit exact"
+VARIANTS = {
+    REFERENCE: replace(DFP16, accumulator="exact"),
+    "int8 nearest": NITI_INT8,
+    "int8 stochastic": replace(NITI_INT8, error_rounding="stochastic"),
+    "DFP16 int32-chunked": DFP16,
+}
+
+
+def int8_copy(run, fmt):
+    """The run's architecture in ``fmt`` holding the run's weights rounded to int8."""
+    cfg = run.config
+    model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]), 0, fmt=fmt,
+                            width=float(cfg.get("width") or 1.0), device=run.device)
+    for dst, src in zip(weighted_layers(model), weighted_layers(run.model)):
+        q = requantize(src.weight.to(torch.int32), src.weight_exp, 8)
+        dst.weight.copy_(q.v.to(dst.weight.dtype))
+        dst.weight_exp.fill_(int(q.e))
+    return model.train()
+
+
+def gradients(model, fmt, images, labels, run, step: int) -> list[torch.Tensor]:
+    """float64 weight gradients of the summed loss for one batch."""
+    method = get_method("dfp16" if fmt.bits == 16 else "int8")
+    x = network_input(method, images, run.mean)
+    ctx = StepContext(seed=0, step=step)
+    logits = model(x, ctx)
+    model.backward(cross_entropy_grad(logits, labels, 0, step, fmt), ctx)
+    return [layer.weight_grad.double() * 2.0 ** int(layer.weight_grad_exp) for layer in weighted_layers(model)]
+
+
+def cos_proj(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    dot = float((g * ref).sum())
+    return dot / max(float(g.norm() * ref.norm()), 1e-300), dot / max(float((ref * ref).sum()), 1e-300)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="run directory with model.pt (int8 or DFP16)")
+    parser.add_argument("--batches", type=int, default=24, help="training batches to compare on (24)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument("--seed", type=int, default=5, help="which training images are drawn (5)")
+    parser.add_argument("--checkpoint", action="store_true", help="the weights of checkpoint.pt, not model.pt")
+    args = parser.parse_args()
+    if args.batches < 2 or args.batch_size < 1:
+        parser.error("--batches must be 2 or more and --batch-size 1 or more")
+    if args.checkpoint:  # load_run reads the checkpoint's payload, which has the same two fields it uses
+        evaluate.read_model = lambda run_dir: checkpoint.load(checkpoint.checkpoint_path(run_dir))
+    run = load_run(args.run)
+    if not getattr(run.method, "integer", False):
+        parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
+    models = {name: int8_copy(run, fmt) for name, fmt in VARIANTS.items()}
+    train = run.splits.train
+    draw = torch.Generator().manual_seed(args.seed)
+    single = {name: [] for name in VARIANTS if name != REFERENCE}
+    summed, previous, between = {}, None, []
+    for b in tqdm(range(args.batches), desc="batches", unit="batch"):
+        rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
+        images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
+        grads = {name: gradients(m, VARIANTS[name], images, labels, run, step=b) for name, m in models.items()}
+        for name, g in grads.items():
+            summed[name] = g if name not in summed else [s + x for s, x in zip(summed[name], g)]
+        for name in single:
+            single[name].append([cos_proj(g, r) for g, r in zip(grads[name], grads[REFERENCE])])
+        if previous is not None:
+            between.append([cos_proj(g, r)[0] for g, r in zip(grads[REFERENCE], previous)])
+        previous = grads[REFERENCE]
+    layers = len(summed[REFERENCE])
+    source = f"checkpoint.pt (epoch {checkpoint.load(checkpoint.checkpoint_path(args.run))['epoch']})" if args.checkpoint else "model.pt"
+    print(f"{args.run}, {source}: {args.batches} batches of {args.batch_size} training images; cos / proj against {REFERENCE}")
+    for title, table in (("single batches (mean)", None), ("gradient summed over the batches", summed)):
+        print(f"\n{title}")
+        print("layer" + "".join(f"{name:>24}" for name in single) + ("   cos(batch, next batch)" if table is None else ""))
+        for i in range(layers):
+            cells = []
+            for name in single:
+                if table is None:
+                    cos = sum(r[i][0] for r in single[name]) / args.batches
+                    proj = sum(r[i][1] for r in single[name]) / args.batches
+                else:
+                    cos, proj = cos_proj(table[name][i], table[REFERENCE][i])
+                cells.append(f"{cos:.3f} / {proj:.3f}")
+            tail = f"   {sum(r[i] for r in between) / len(between):.3f}" if table is None else ""
+            print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells) + tail)
+
+
+if __name__ == "__main__":
+    main()
