@@ -16,7 +16,11 @@ compared with the reference's, layer by layer (in the order of ``weighted_layers
 Both are printed for single batches (mean over the batches) and for the gradient summed over all
 batches: noise from rounding averages out of the sum, a bias does not. The last column is the
 cosine between the reference gradients of consecutive batches (how much one batch's gradient
-varies anyway). Nothing is written.
+varies anyway). Last, for each ReLU in order: the fraction of the units the reference passes
+(positive) that are zero in int8 (they rounded to zero at the 8-bit scale, so no error flows back
+through them and they add nothing to the next weight gradient), and the largest int8 value there
+(of 127: a ReLU whose input's scale came from a larger negative side uses less). Nothing is
+written.
 
     OMP_NUM_THREADS=2 python benchmarks/gradient_fidelity.py --run RUN_DIR [--batches 24]
     OMP_NUM_THREADS=2 python benchmarks/gradient_fidelity.py --run RUN_DIR --checkpoint
@@ -33,7 +37,7 @@ from dataclasses import replace
 import torch
 from tqdm import tqdm
 
-from intrain.layers import StepContext, weighted_layers
+from intrain.layers import IntReLU, StepContext, weighted_layers
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import build_int_model
 from intrain.numeric.formats import DFP16, NITI_INT8
@@ -96,6 +100,12 @@ def main() -> None:
     if not getattr(run.method, "integer", False):
         parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
     models = {name: int8_copy(run, fmt) for name, fmt in VARIANTS.items()}
+    relu_outputs = {REFERENCE: [], "int8 nearest": []}
+    for name, outputs in relu_outputs.items():
+        for module in models[name].modules():
+            if isinstance(module, IntReLU):
+                module.register_forward_hook(lambda module, args, out, outputs=outputs: outputs.append(out.v))
+    flushed, positive, largest = [], [], []
     train = run.splits.train
     draw = torch.Generator().manual_seed(args.seed)
     single = {name: [] for name in VARIANTS if name != REFERENCE}
@@ -104,6 +114,15 @@ def main() -> None:
         rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
         images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
         grads = {name: gradients(m, VARIANTS[name], images, labels, run, step=b) for name, m in models.items()}
+        for i, (ref, low) in enumerate(zip(relu_outputs[REFERENCE], relu_outputs["int8 nearest"])):
+            if i == len(positive):
+                flushed.append(0), positive.append(0), largest.append(0)
+            passed = ref > 0
+            positive[i] += int(passed.sum())
+            flushed[i] += int((passed & (low == 0)).sum())
+            largest[i] = max(largest[i], int(low.max()))
+        for outputs in relu_outputs.values():
+            outputs.clear()
         for name, g in grads.items():
             summed[name] = g if name not in summed else [s + x for s, x in zip(summed[name], g)]
         for name in single:
@@ -129,6 +148,11 @@ def main() -> None:
             tail = f"   {sum(r[i] for r in between) / len(between):.3f}" if table is None else ""
             print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells) + tail)
 
+    print("\nReLU  units the reference passes that are zero in int8  largest int8 value")
+    for i in range(len(positive)):
+        print(f"{i:4d}  {flushed[i] / max(positive[i], 1):>50.3f}  {largest[i]:>18d}")
+
 
 if __name__ == "__main__":
     main()
+
