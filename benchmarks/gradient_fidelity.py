@@ -155,4 +155,3 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-

@@ -140,10 +140,11 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # update at rate 0.05 90.80 / 90.50 % (seeds 0-1) against NITI's update (mu 1) 86.16 / 85.28 %.
 # Its errors are rounded stochastically, chosen on training images alone (no held-out accuracy):
 # on ResNet-18 weights from mid-training (epoch 5 of a DFP16 run), the int8 weight gradients of 24
-# batches of 64 training images, averaged, against those of a 16-bit exact-sum model holding the
-# same int8 weights, had cosines 0.50-0.73 in the first five layers with nearest rounding (a bias
-# that averaging does not remove) and 0.95-0.97 with stochastic (BENCHMARKS.md, "Nearest error
-# rounding biases ResNet-18's int8 gradients").
+# batches of 64 training images, summed, against those of a 16-bit exact-sum model holding the
+# same int8 weights, had cosines 0.53-0.74 in the first five layers with nearest rounding (a bias
+# that summing does not remove) and 0.94-0.97 with stochastic (``python
+# benchmarks/gradient_fidelity.py --run RUN --checkpoint``; BENCHMARKS.md, "Nearest error rounding
+# biases ResNet-18's int8 gradients").
 # VGG-small-7 width 0.25 on Fashion-MNIST (tuning split, 20 epochs, seed 0): the SGD update at
 # batch 128 and rate 0.1 93.20 % against NITI's 93.30 % and float 93.40 %: it keeps NITI's.
 # Other models keep NITI's until they are measured the same way.
