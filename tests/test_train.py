@@ -164,9 +164,13 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
     options = TrainConfig(dataset="fashion-mnist", model="lenet5", options={"update": "niti"}).resolved().options
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 16, 18)
     assert (options["mu_schedule"], options["weight_average"], options["lr"]) == ("0:5,8:4,14:3", "phase", None)
-    for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-7")):
+    for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-8"), ("cifar10", "vgg-small-7")):
         assert not {"update", "error_rounding", "weight_bits", "weight_decay_shift"} & \
             set(default_recipe(*other, "int8").options)
+    # VGG-small-7 on Fashion-MNIST: SGD at the int8 batch with the float rate scaled to it
+    resolved = TrainConfig(dataset="fashion-mnist", model="vgg-small-7").resolved()
+    assert (resolved.options["update"], resolved.options["lr"], resolved.batch_size) == ("sgd", 0.1, 128)
+    assert (resolved.options["error_rounding"], resolved.epochs) == ("stochastic", 20)
 
 
 def test_a_log_file_gets_a_progress_line_during_long_epochs(tmp_path, capsys, monkeypatch):

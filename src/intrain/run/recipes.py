@@ -145,8 +145,12 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # that summing does not remove) and 0.94-0.97 with stochastic (``python
 # benchmarks/gradient_fidelity.py --run RUN --checkpoint``; BENCHMARKS.md, "Nearest error rounding
 # biases ResNet-18's int8 gradients").
-# VGG-small-7 width 0.25 on Fashion-MNIST (tuning split, 20 epochs, seed 0): the SGD update at
-# batch 128 and rate 0.1 93.20 % against NITI's 93.30 % and float 93.40 %: it keeps NITI's.
+# VGG-small-7 width 0.25 on Fashion-MNIST (tuning split, 20 epochs, ``--val-split 10000
+# --tune-split 5000``): with the integer dropout scaling its kept values as the float twin's does
+# (since commit 25d1337) the SGD update at batch 128 and rate 0.1 (the float twin's 0.05 scaled)
+# with stochastic error rounding reached 93.50 / 93.28 % (seeds 0-1) against NITI's update 92.78 /
+# 92.98 % (training loss 0.06 against 0.11-0.12); float32 93.40 % (seed 0). Before that change the
+# two updates were level (SGD 93.20 / 93.44, NITI 93.30 / 93.18).
 # Other models keep NITI's until they are measured the same way.
 _INT8_OPTIONS_BY_MODEL = {
     ("fashion-mnist", "lenet5"): {"update": "sgd", "lr": 0.14, "error_rounding": "stochastic", "weight_bits": 16,
@@ -154,6 +158,7 @@ _INT8_OPTIONS_BY_MODEL = {
     ("fashion-mnist", "mlp"): {"update": "sgd", "error_rounding": "stochastic"},
     ("mnist", "resnet18"): {"update": "sgd"},
     ("fashion-mnist", "resnet18"): {"update": "sgd", "error_rounding": "stochastic"},
+    ("fashion-mnist", "vgg-small-7"): {"update": "sgd", "error_rounding": "stochastic"},
 }
 
 
