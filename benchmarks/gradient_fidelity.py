@@ -2,11 +2,12 @@
 evidence for the error rounding of a recipe (``run.recipes``) where it is chosen this way.
 
 A trained run's weights (``model.pt``, int8 or DFP16) are rounded to int8 (nearest, one exponent
-per tensor) and put into four models of the same architecture: the reference, DFP16 values with
-exact sums (16-bit activations and errors, no headroom shifts), and three variants: int8 with
-nearest error rounding, int8 with stochastic error rounding, and DFP16 with its int32-chunked
-accumulator. Each takes the same training batches (the run's training split, never its evaluation
-split) with the same random keys (dropout masks, loss rounding), and its weight gradients are
+per tensor) and put into five models of the same architecture: the reference, DFP16 values with
+exact sums (16-bit activations and errors, no headroom shifts), and four variants: int8 with
+nearest error rounding, int8 with stochastic error rounding, the same with the layers before a
+ReLU scaled from their positive side (``relu_scale="positive"``, "ReLU +"), and DFP16 with its
+int32-chunked accumulator. Each takes the same training batches (the run's training split, never
+its evaluation split) with the same random keys (dropout masks, loss rounding), and its weight gradients are
 compared with the reference's, layer by layer (in the order of ``weighted_layers``):
 
 - ``cos``: cosine between a variant's gradient and the reference's;
@@ -16,7 +17,8 @@ compared with the reference's, layer by layer (in the order of ``weighted_layers
 Both are printed for single batches (mean over the batches) and for the gradient summed over all
 batches: noise from rounding averages out of the sum, a bias does not. The last column is the
 cosine between the reference gradients of consecutive batches (how much one batch's gradient
-varies anyway). Last, for each ReLU in order: the fraction of the units the reference passes
+varies anyway). Last, for each ReLU in order and for the int8 variants with nearest rounding and
+with the positive scale: the fraction of the units the reference passes
 (positive) that are zero in int8 (they rounded to zero at the 8-bit scale, so no error flows back
 through them and they add nothing to the next weight gradient), and the largest int8 value there
 (of 127: a ReLU whose input's scale came from a larger negative side uses less). Nothing is
@@ -53,8 +55,11 @@ VARIANTS = {
     REFERENCE: replace(DFP16, accumulator="exact"),
     "int8 nearest": NITI_INT8,
     "int8 stochastic": replace(NITI_INT8, error_rounding="stochastic"),
+    "int8 stoch., ReLU +": replace(NITI_INT8, error_rounding="stochastic", relu_scale="positive"),
     "DFP16 int32-chunked": DFP16,
 }
+#: The int8 variants whose ReLU outputs are compared with the reference's (see the module docstring).
+RELU_COMPARED = ("int8 nearest", "int8 stoch., ReLU +")
 
 
 def int8_copy(run, fmt):
@@ -100,12 +105,13 @@ def main() -> None:
     if not getattr(run.method, "integer", False):
         parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
     models = {name: int8_copy(run, fmt) for name, fmt in VARIANTS.items()}
-    relu_outputs = {REFERENCE: [], "int8 nearest": []}
+    relu_outputs = {name: [] for name in (REFERENCE, *RELU_COMPARED)}
     for name, outputs in relu_outputs.items():
         for module in models[name].modules():
             if isinstance(module, IntReLU):
                 module.register_forward_hook(lambda module, args, out, outputs=outputs: outputs.append(out.v))
-    flushed, positive, largest = [], [], []
+    positive = []
+    flushed, largest = {name: [] for name in RELU_COMPARED}, {name: [] for name in RELU_COMPARED}
     train = run.splits.train
     draw = torch.Generator().manual_seed(args.seed)
     single = {name: [] for name in VARIANTS if name != REFERENCE}
@@ -114,13 +120,17 @@ def main() -> None:
         rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
         images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
         grads = {name: gradients(m, VARIANTS[name], images, labels, run, step=b) for name, m in models.items()}
-        for i, (ref, low) in enumerate(zip(relu_outputs[REFERENCE], relu_outputs["int8 nearest"])):
+        for i, ref in enumerate(relu_outputs[REFERENCE]):
             if i == len(positive):
-                flushed.append(0), positive.append(0), largest.append(0)
+                positive.append(0)
+                for name in RELU_COMPARED:
+                    flushed[name].append(0), largest[name].append(0)
             passed = ref > 0
             positive[i] += int(passed.sum())
-            flushed[i] += int((passed & (low == 0)).sum())
-            largest[i] = max(largest[i], int(low.max()))
+            for name in RELU_COMPARED:
+                low = relu_outputs[name][i]
+                flushed[name][i] += int((passed & (low == 0)).sum())
+                largest[name][i] = max(largest[name][i], int(low.max()))
         for outputs in relu_outputs.values():
             outputs.clear()
         for name, g in grads.items():
@@ -148,9 +158,10 @@ def main() -> None:
             tail = f"   {sum(r[i] for r in between) / len(between):.3f}" if table is None else ""
             print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells) + tail)
 
-    print("\nReLU  units the reference passes that are zero in int8  largest int8 value")
-    for i in range(len(positive)):
-        print(f"{i:4d}  {flushed[i] / max(positive[i], 1):>50.3f}  {largest[i]:>18d}")
+    for name in RELU_COMPARED:
+        print(f"\n{name}\nReLU  units the reference passes that are zero in int8  largest int8 value")
+        for i in range(len(positive)):
+            print(f"{i:4d}  {flushed[name][i] / max(positive[i], 1):>50.3f}  {largest[name][i]:>18d}")
 
 
 if __name__ == "__main__":

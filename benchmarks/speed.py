@@ -188,7 +188,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     master = f" ({dfp16_master} masters)" if arith == "dfp16" else ""
     chosen = {k: v for k, v in (niti_options or {}).items() if (k, v) not in
-              (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None))}
+              (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None),
+               ("relu_scale", "magnitude"))}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -287,6 +288,9 @@ def main() -> None:
                         help="int8: 16 adds int16 master weights (default: 8)")
     parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
                         help="int8: rounding of the errors sent down (default: nearest)")
+    parser.add_argument("--relu-scale", choices=("magnitude", "positive"), default="magnitude",
+                        help="int8: output exponent of the layers before a ReLU from their largest magnitude "
+                             "(NITI's, default) or largest positive value")
     parser.add_argument("--weight-decay-shift", type=int, default=None, metavar="K",
                         help="int8: integer weight decay of 2**(mu - K) per step (mu is 4 here; default: off)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
@@ -294,10 +298,11 @@ def main() -> None:
                              "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
     niti_options = {"update": args.update, "weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
-                    "weight_decay_shift": args.weight_decay_shift}
+                    "weight_decay_shift": args.weight_decay_shift, "relu_scale": args.relu_scale}
     if args.arith != "int8" and niti_options != {"update": "niti", "weight_bits": 8, "error_rounding": "nearest",
-                                                 "weight_decay_shift": None}:
-        parser.error("--update, --weight-bits, --error-rounding and --weight-decay-shift apply to --arith int8 only")
+                                                 "weight_decay_shift": None, "relu_scale": "magnitude"}:
+        parser.error("--update, --weight-bits, --error-rounding, --relu-scale and --weight-decay-shift apply to "
+                     "--arith int8 only")
     if args.update == "sgd" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
         parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
                      "--update sgd")

@@ -32,8 +32,8 @@ def test_speed_script_times_the_int8_options_of_a_recipe():
     assert "int8 (weight-bits 16, error-rounding stochastic, weight-decay-shift 18)" in out
     assert "training step   int8" in out
     out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--update", "sgd",
-                     "--error-rounding", "stochastic")
-    assert "int8 (update sgd, error-rounding stochastic)" in out and "training step   int8" in out
+                     "--error-rounding", "stochastic", "--relu-scale", "positive")
+    assert "int8 (update sgd, error-rounding stochastic, relu-scale positive)" in out and "training step   int8" in out
 
 
 def test_native_threads_script_checks_the_same_bits():
@@ -77,3 +77,13 @@ def test_cpu_tuning_script_measures_a_constant():
                      "--min-seconds", "0", "--steps-before", "0")
     assert "== direct_conv_max_columns = 32" in out
     assert "lenet5 conv 1->6 28x28 forward" in out and "lenet5 peak memory" in out
+
+
+def test_gradient_fidelity_script_compares_every_variant(tmp_path):
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--out", str(run)]) == 0  # int8 MLP on digits: two ReLUs
+    out = run_script("gradient_fidelity.py", "--run", str(run), "--batches", "2", "--batch-size", "8")
+    for variant in ("int8 nearest", "int8 stochastic", "int8 stoch., ReLU +", "DFP16 int32-chunked"):
+        assert variant in out
+    assert out.count("units the reference passes that are zero in int8") == 2

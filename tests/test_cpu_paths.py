@@ -32,14 +32,15 @@ def _random_mnist(folder, n):
     return folder
 
 
-def test_lenet5_epoch_is_bit_identical_on_every_path(tmp_path):
+@pytest.mark.parametrize("relu_scale", ["magnitude", "positive"])
+def test_lenet5_epoch_is_bit_identical_on_every_path(tmp_path, relu_scale):
     data = _random_mnist(tmp_path / "mnist", 384)
     runs = {"auto": ["--int8-gemm", "auto"], "on": ["--int8-gemm", "on"], "off": ["--int8-gemm", "off"],
             "reference": ["--backend", "reference"]}
     for name, extra in runs.items():
         assert main(["train", "--dataset", "mnist", "--data-dir", str(data), "--model", "lenet5", "--epochs", "1",
                      "--batch-size", "64", "--val-split", "128", "--seed", "3", "--out", str(tmp_path / name),
-                     *extra]) == 0
+                     "--relu-scale", relu_scale, *extra]) == 0
     weights = {name: torch.load(tmp_path / name / "model.pt", weights_only=True) for name in runs}
     metrics = {name: (tmp_path / name / "metrics.csv").read_text().splitlines() for name in runs}
     first = weights["auto"]["state_dict"]

@@ -100,11 +100,13 @@ def cpu_budget(f32: int | tuple[int, int], max_blocks: int = 10**6, grouped: boo
     return cpu_paths(tuned, FloatLimits(f32, f64))
 
 
-def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8, CPU_DIRECT)) -> None:
-    """cpu's product_to_int8 gives the bits of requantising the reference accumulator."""
-    expected = requantize(getattr(REF, name)(*args), torch.zeros((), dtype=torch.int64))
+def assert_requantized_same(name: str, *args, paths=(CPU, CPU_INT8, CPU_DIRECT), rectify: bool = False) -> None:
+    """cpu's product_to_int8 gives the bits of requantising the reference accumulator (with
+    ``rectify``, its positive part)."""
+    exact = getattr(REF, name)(*args)
+    expected = requantize(exact.clamp(min=0) if rectify else exact, torch.zeros((), dtype=torch.int64))
     for cpu in paths:
-        values, shift = cpu.product_to_int8(name, *args)
+        values, shift = cpu.product_to_int8(name, *args, rectify=rectify)
         assert_same(values, expected.v)
         assert_same(shift, expected.e)
 
@@ -596,9 +598,10 @@ def test_cpu_product_to_int8_matches_requantized_reference(shape, dtypes, modes,
     wl = rand_int(gen, (o, c * h * w), dtypes[1], modes[1])
     dl = rand_int(gen, (n, o), dtypes[0], modes[2])
     paths = cpu_budget(budget)
-    assert_requantized_same("conv2d_forward", x, wt, s, p, paths=paths)
+    for rectify in (False, True):  # a ReLU follows the forward products of most layers
+        assert_requantized_same("conv2d_forward", x, wt, s, p, paths=paths, rectify=rectify)
+        assert_requantized_same("linear_forward", x.flatten(1), wl, paths=paths, rectify=rectify)
     assert_requantized_same("conv2d_backward_input", d, wt, (h, w), s, p, paths=paths)
-    assert_requantized_same("linear_forward", x.flatten(1), wl, paths=paths)
     assert_requantized_same("linear_backward_input", dl, wl, paths=paths)
 
 
@@ -733,6 +736,46 @@ def test_product_to_int8_applies_operand_shifts(shifts):
             values, shift = cpu.product_to_int8(name, *args, shifts=shifts)
             assert_same(values, expected.v)
             assert_same(shift, expected.e)
+
+
+def _rectified_worst_cases():
+    """(name, args) of products whose rectified scale is not the plain one: the largest magnitude
+    negative by far, everything negative, and the extremes (-128 included) at long reductions."""
+    k = 4096  # 128 * 128 * 4096 = 2**26: far past the int16 a chunk is kept in
+    gen = torch.Generator().manual_seed(5)
+    x = torch.full((3, k), -128, dtype=torch.int8)
+    x[1] = torch.randint(-128, 128, (k,), generator=gen).to(torch.int8)
+    x[2] = 1
+    w = torch.randint(-3, 4, (4, k), generator=gen).to(torch.int8)
+    w[0], w[1] = 127, -63  # x[0] @ w[0] = -128 * 127 * k (26 bits), x[0] @ w[1] = +128 * 63 * k (25)
+    w_negative = torch.full((2, k), 127, dtype=torch.int8)  # with x[0] and x[2] = -1: all negative
+    xc = torch.full((2, 64, 9, 9), 127, dtype=torch.int8)
+    xc[0, :, 0, 0] = -128
+    wc = torch.full((3, 64, 3, 3), -127, dtype=torch.int8)  # 64 * 9 terms: mostly -127 * 127
+    wc[1, :, 1, 1] = 1
+    wc[2] = torch.randint(-128, 128, (64, 3, 3), generator=torch.Generator().manual_seed(6)).to(torch.int8)
+    return [("linear_forward", (x, w)), ("linear_forward", (torch.cat([x[:1], -x[2:]]), w_negative)),
+            ("conv2d_forward", (xc, wc, 1, 1)), ("conv2d_forward", (xc[:, :2], wc[:, :2], 2, 0))]
+
+
+@pytest.mark.parametrize("case", range(4))
+def test_rectified_products_round_the_positive_part_on_every_path(case):
+    """A ReLU's layer (``rectify``): every cpu path (whole, one sample per chunk, int8 GEMM, direct
+    first-layer convolutions), the reference and the cuda backend's generic rounding give the
+    bits of requantising ``max(y, 0)`` of the reference product, on products where that changes
+    the scale."""
+    name, args = _rectified_worst_cases()[case]
+    exact = getattr(REF, name)(*args)
+    expected = requantize(exact.clamp(min=0), torch.zeros((), dtype=torch.int64))
+    assert int(expected.e) < int(requantize(exact, torch.zeros((), dtype=torch.int64)).e) or case == 1
+    if case == 1:
+        assert int(exact.max()) < 0 and not expected.v.any() and int(expected.e) == 0
+    chunked = CpuBackend(CpuSettings(float_chunk_bytes=1))
+    assert_requantized_same(name, *args, paths=(CPU, CPU_INT8, CPU_DIRECT, chunked), rectify=True)
+    for backend in (REF, INT_MM):
+        got = requantize_product(backend, name, args, torch.zeros((), dtype=torch.int64), rectify=True)
+        assert_same(got.v, expected.v)
+        assert_same(got.e, expected.e)
 
 
 def test_cpu_product_to_int16_never_makes_the_whole_int64_result(monkeypatch):

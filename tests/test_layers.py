@@ -169,6 +169,50 @@ def test_sequential_skips_the_first_layer_error():
     assert calls == [True, False]
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_layer_before_a_relu_takes_the_scale_of_the_positive_side(backend):
+    """With ``relu_scale="positive"`` a convolution or linear layer that a ReLU directly follows
+    rounds ``max(y, 0)``: its exponent comes from the largest positive value, not from a larger
+    negative one; the ReLU after it and its error mask are unchanged; a layer no ReLU follows,
+    the error sent down and the ``magnitude`` format are NITI's."""
+    fmt = NumberFormat(relu_scale="positive")
+    kernels = get_backend(backend)
+    conv, head, last = IntConv2d(2, 3, 3, kernels, padding=1, fmt=fmt), IntLinear(12, 5, kernels, fmt=fmt), \
+        IntLinear(5, 4, kernels, fmt=fmt)
+    model = IntSequential(conv, IntReLU(), IntMaxPool2d(2), IntFlatten(), head, IntReLU(), last).train()
+    assert (conv.relu_follows, head.relu_follows, last.relu_follows) == (True, True, False)
+    conv.weight.copy_(rand_int8(3, 2, 3, 3))
+    conv.weight[0] = -127  # with x >= 0 below, a large negative output in every sample
+    head.weight.copy_(rand_int8(5, 12))
+    head.weight[0] = -127  # the pooled ReLU output is >= 0: the same for the linear layer
+    last.weight.copy_(rand_int8(4, 5))
+    x = QTensor.of(rand_int8(2, 2, 4, 4, low=0), 0)
+    x.v[0, 0, 0, 0] = 127
+    y = model(x)
+
+    acc = REF.conv2d_forward(x.v, conv.weight, (1, 1), (1, 1))
+    assert int(acc.min()) < -2 * int(acc.max())  # the plain scale would waste at least a bit
+    kept = requantize(acc.clamp(min=0), torch.tensor(0))
+    assert int(kept.e) < int(requantize(acc, torch.tensor(0)).e) and int(kept.v.max()) >= 64
+    pooled = torch.nn.functional.max_pool2d(kept.v.float(), 2).to(torch.int8).flatten(1)
+    hidden_acc = REF.linear_forward(pooled, head.weight)
+    hidden = requantize(hidden_acc.clamp(min=0), kept.e + head.weight_exp)
+    assert int(hidden.e) < int(requantize(hidden_acc, kept.e + head.weight_exp).e)
+    out = requantize(REF.linear_forward(hidden.v, last.weight), hidden.e + last.weight_exp)
+    assert torch.equal(y.v, out.v) and int(y.e) == int(out.e)
+
+    d = QTensor.of(rand_int8(*y.v.shape), 0)
+    model.backward(d)
+    error = requantize(REF.linear_backward_input(d.v, last.weight), d.e + last.weight_exp)
+    assert torch.equal(last.weight_grad, REF.linear_backward_weight(d.v, hidden.v))
+    masked = error.v * (hidden.v > 0)
+    assert torch.equal(head.weight_grad, REF.linear_backward_weight(masked, pooled))
+
+    plain = IntSequential(IntConv2d(2, 3, 3, kernels, padding=1), IntReLU())
+    plain.layers[0].weight.copy_(conv.weight)
+    assert torch.equal(plain(x).v, requantize(acc, torch.tensor(0)).v.clamp(min=0))
+
+
 def test_stochastic_error_rounding_is_unbiased_and_keyed_by_step():
     layer = IntLinear(64, 8, REF, fmt=NumberFormat(error_rounding="stochastic")).train()
     layer.weight.copy_(rand_int8(8, 64))

@@ -184,16 +184,19 @@ def test_cpu_fused_requantisation_of_shards_is_the_whole_batch(product, args, mo
         call = lambda part: args(part, w)  # noqa: E731
     x[0] = x[0] // 64  # the shards' maxima differ
     e = torch.tensor(0)
-    whole = requantize(getattr(backend, product)(*call(x)), e)
-    assert torch.equal(requantize_product(backend, product, call(x), e).v, whole.v)
+    # forward products also rounded from their positive part (a ReLU follows: ``rectify``)
+    for rectify in (False, True) if product.endswith("_forward") else (False,):
+        exact = getattr(backend, product)(*call(x))
+        whole = requantize(exact.clamp(min=0) if rectify else exact, e)
+        assert torch.equal(requantize_product(backend, product, call(x), e, rectify=rectify).v, whole.v)
 
-    def shard(rank, collective):
-        return requantize_product(backend, product, call(x[_shards(rows, world)[rank]]), e,
-                                  reduce_max=collective.max)
+        def shard(rank, collective):
+            return requantize_product(backend, product, call(x[_shards(rows, world)[rank]]), e,
+                                      reduce_max=collective.max, rectify=rectify)
 
-    parts = ThreadGroup(world).run(shard)
-    assert torch.equal(torch.cat([p.v for p in parts]), whole.v)
-    assert all(int(p.e) == int(whole.e) for p in parts)
+        parts = ThreadGroup(world).run(shard)
+        assert torch.equal(torch.cat([p.v for p in parts]), whole.v)
+        assert all(int(p.e) == int(whole.e) for p in parts)
     assert bool(chunked) == (args is not None)
 
 
@@ -201,16 +204,16 @@ def _model(name: str, shape, options: NitiOptions, width: float):
     return Niti.build_model(options, name, shape, 10, seed=3, width=width, device="cpu")
 
 
-@pytest.mark.parametrize("name, shape, width, weight_bits", [
-    ("lenet5", (1, 28, 28), 1.0, 8),
-    ("resnet18", (1, 16, 16), 0.125, 16),
-    ("vgg-small-7", (1, 16, 16), 0.0625, 8),  # dropout: its mask by element position
+@pytest.mark.parametrize("name, shape, width, weight_bits, relu_scale", [
+    ("lenet5", (1, 28, 28), 1.0, 8, "magnitude"),
+    ("resnet18", (1, 16, 16), 0.125, 16, "magnitude"),
+    ("vgg-small-7", (1, 16, 16), 0.0625, 8, "positive"),  # dropout: its mask by element position
 ])
-def test_training_steps_of_shards_are_the_whole_batch(name, shape, width, weight_bits):
+def test_training_steps_of_shards_are_the_whole_batch(name, shape, width, weight_bits, relu_scale):
     """Steps with global batches of 7 (shards 2, 2, 3) and 2 (one shard empty) on 3 shards:
     every shard's model ends with the one-process weights, and its logits are its rows."""
     options = NitiOptions(mu_schedule="0:3", backend="cpu", weight_bits=weight_bits,
-                          error_rounding="stochastic", weight_average="none")
+                          error_rounding="stochastic", weight_average="none", relu_scale=relu_scale)
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randint(-127, 128, (rows, *shape), dtype=torch.int8, generator=gen),
                 torch.randint(0, 10, (rows,), generator=gen)) for rows in (7, 2, 7)]

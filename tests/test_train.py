@@ -1,6 +1,7 @@
 """End-to-end training runs on digits (float twin and int8): files written, batch order,
 ``--train-limit``, and bit-for-bit reproducibility from the seed."""
 
+import dataclasses
 import csv
 import json
 import re
@@ -159,14 +160,20 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
     options = resolved.options
     assert (options["update"], options["lr"], resolved.batch_size) == ("sgd", 0.14, 128)
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 8, None)
-    assert (options["mu_schedule"], options["weight_average"]) == (None, "none")
+    assert (options["mu_schedule"], options["weight_average"], options["relu_scale"]) == (None, "none", "positive")
     # NITI's update given on the command line gets the options chosen for it
     options = TrainConfig(dataset="fashion-mnist", model="lenet5", options={"update": "niti"}).resolved().options
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 16, 18)
     assert (options["mu_schedule"], options["weight_average"], options["lr"]) == ("0:5,8:4,14:3", "phase", None)
     for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-8"), ("cifar10", "vgg-small-7")):
-        assert not {"update", "error_rounding", "weight_bits", "weight_decay_shift"} & \
+        assert not {"update", "error_rounding", "weight_bits", "weight_decay_shift", "relu_scale"} & \
             set(default_recipe(*other, "int8").options)
+    assert TrainConfig(dataset="mnist", model="lenet5").resolved().options["relu_scale"] == "magnitude"
+    # a run saved before --relu-scale existed resumes with the scale it was trained with
+    saved = TrainConfig(dataset="fashion-mnist", model="lenet5", options={"update": "sgd", "lr": 0.14})
+    saved = dataclasses.asdict(saved)
+    assert "relu_scale" not in saved["options"]
+    assert TrainConfig.from_dict(saved).resolved().options["relu_scale"] == "magnitude"
     # VGG-small-7 on Fashion-MNIST: SGD at the int8 batch with the float rate scaled to it
     resolved = TrainConfig(dataset="fashion-mnist", model="vgg-small-7").resolved()
     assert (resolved.options["update"], resolved.options["lr"], resolved.batch_size) == ("sgd", 0.1, 128)

@@ -30,8 +30,9 @@ accumulation through ``torch._int_mm``: the int8 tensor cores on a GPU; it runs 
 too, which is how it is tested without a GPU; :class:`CudaSettings`).
 
 A backend may also offer ``product_to_int8(name, *args)`` for the forward and input-gradient
-products: ``requantize(<name>(*args))`` with nearest rounding to int8, as (values, shift), bit for
-bit, computed without the integer accumulator; ``requant.requantize_product`` uses it when present.
+products: ``requantize(<name>(*args))`` with nearest rounding to int8 (of its positive part with
+``rectify=True``), as (values, shift), bit for bit, computed without the integer accumulator;
+``requant.requantize_product`` uses it when present.
 """
 
 from __future__ import annotations

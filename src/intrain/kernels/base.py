@@ -30,10 +30,11 @@ class Backend:
     """A kernel backend: the integer products of intrain, each defaulting to the reference one.
 
     Subclasses set ``name`` and override what they compute faster, bit for bit the same. A
-    backend may also define ``product_to_int8(name, *args, reduce_max, shifts)`` (and
+    backend may also define ``product_to_int8(name, *args, reduce_max, shifts, rectify)`` (and
     ``product_to_int16``): ``requantize(shifted_product(name, args, shifts))`` with nearest
-    rounding to int8 (int16), as (values, shift), computed without the integer accumulator;
-    ``requant.requantize_product`` uses it when present.
+    rounding to int8 (int16), of the product's positive part when ``rectify``, as (values,
+    shift), computed without the integer accumulator; ``requant.requantize_product`` uses it
+    when present.
     """
 
     name: str

@@ -133,6 +133,14 @@ class WeightedIntModule(IntModule):
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
         self.int32_wraps = 0
+        #: Set by a sequence (``layers.sequential``) when a ReLU directly follows this layer.
+        self.relu_follows = False
+
+    @property
+    def rectifies_output(self) -> bool:
+        """Whether forward rounds only its product's positive part, the ReLU after it taking its
+        exponent from the largest positive value (``fmt.relu_scale == "positive"``)."""
+        return self.relu_follows and self.fmt.relu_scale == "positive"
 
     def accumulate(self, product: str, args: tuple, e: torch.Tensor, terms: int | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,17 +164,19 @@ class WeightedIntModule(IntModule):
         return headroom_shifts(absmax(args[0]), absmax(args[1]), terms, self.fmt.chunk_length, self.fmt.headroom)
 
     def requantize_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None = None,
-                          terms: int | None = None) -> QTensor:
+                          terms: int | None = None, rectify: bool = False) -> QTensor:
         """The backend's ``product`` of ``args`` (exponent ``e``, reduction length ``terms``)
         rounded to the format, nearest, with the shift of the whole batch over all processes of
-        ``ctx``."""
+        ``ctx``; ``rectify``: its positive part (``numeric.formats``, ``relu_scale``)."""
         if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
-            return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx))
+            return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx),
+                                      rectify=rectify)
         if self.fmt.accumulator == "int32-chunked":  # no wrap count to take: the product may stay in chunks
             shifts = self._headroom(args, terms)
             return requantize_product(self.backend, product, args, e + sum(shifts), self.fmt.bits,
-                                      reduce_max=reduce_max(ctx), shifts=shifts)
-        return requantize(*self.accumulate(product, args, e, terms), bits=self.fmt.bits, reduce_max=reduce_max(ctx))
+                                      reduce_max=reduce_max(ctx), shifts=shifts, rectify=rectify)
+        exact, e = self.accumulate(product, args, e, terms)
+        return requantize(exact.clamp_(min=0) if rectify else exact, e, bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
                          ctx: StepContext | None, terms: int | None = None) -> QTensor:

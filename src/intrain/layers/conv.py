@@ -36,7 +36,7 @@ class IntConv2d(WeightedIntModule):
         if self.training:
             self._saved_input = x
         return self.requantize_output("conv2d_forward", (x.v, self.weight, self.stride, self.padding),
-                                      x.e + self.weight_exp, ctx, self.fan_in)
+                                      x.e + self.weight_exp, ctx, self.fan_in, rectify=self.rectifies_output)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input

@@ -26,7 +26,7 @@ class IntLinear(WeightedIntModule):
         if self.training:
             self._saved_input = x
         return self.requantize_output("linear_forward", (x.v, self.weight), x.e + self.weight_exp, ctx,
-                                      self.in_features)
+                                      self.in_features, rectify=self.rectifies_output)
 
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         x = self._saved_input

@@ -3,7 +3,11 @@
 Backward runs from the last layer down to the first layer that has a weight; that layer computes
 its weight gradient only (no error below it is needed), so the first layer skips error
 back-propagation, and the layers before it (input-side reshapes) are not visited. A ReLU followed
-by a max pooling hands its mask to the pooling (``layers.pooling``), so it keeps nothing.
+by a max pooling hands its mask to the pooling (``layers.pooling``), so it keeps nothing. A
+convolution or linear layer directly followed by a ReLU is told so (``relu_follows``): in a format
+with ``relu_scale="positive"`` it rounds its product's positive part, so the ReLU's output takes
+the whole 8-bit range (``numeric.formats``); the ReLU then changes nothing in forward and still
+masks the error in backward (where the rounded output is positive).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import torch
 
 from intrain.layers.activation import IntReLU
 from intrain.layers.base import IntModule, StepContext, number_layers, weighted_layers
+from intrain.layers.conv import IntConv2d
+from intrain.layers.linear import IntLinear
 from intrain.layers.pooling import IntMaxPool2d
 from intrain.numeric.qtensor import QTensor
 
@@ -22,6 +28,8 @@ class IntSequential(IntModule):
         self.layers = torch.nn.ModuleList(layers)
         number_layers(self)
         for before, after in zip(layers, layers[1:]):
+            if isinstance(before, (IntConv2d, IntLinear)) and isinstance(after, IntReLU):
+                before.relu_follows = True
             if isinstance(before, IntReLU) and isinstance(after, IntMaxPool2d):
                 # the pooling masks the error for the ReLU, which then keeps nothing (same bits,
                 # ``layers.pooling``); valid because backward here visits them one after the other

@@ -45,7 +45,7 @@ from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
-from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, NumberFormat
+from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, RELU_SCALES, NumberFormat
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
@@ -109,6 +109,11 @@ class NitiOptions:
         help="integer weight decay: every step each weight shrinks towards 0 by 2**(mu - K) of itself, "
              "stochastically rounded (SGD's learning rate x weight decay, with mu as the rate); K must exceed every "
              "mu (default: from the recipe, off)", parse=int, metavar="K")
+    relu_scale: str = option(
+        "magnitude", help="output exponent of a convolution or linear layer directly followed by a ReLU: from its "
+                          "largest magnitude ('magnitude', NITI's) or its largest positive value ('positive': the "
+                          "ReLU's output gets the whole int8 range) (default: from the recipe, else magnitude)",
+        choices=RELU_SCALES)
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
@@ -116,7 +121,7 @@ class NitiOptions:
 
     @property
     def fmt(self) -> NumberFormat:
-        return replace(WEIGHT_BITS[self.weight_bits], error_rounding=self.error_rounding)
+        return replace(WEIGHT_BITS[self.weight_bits], error_rounding=self.error_rounding, relu_scale=self.relu_scale)
 
 
 class Niti(Method):

@@ -27,6 +27,13 @@ copy of their code. Its fields are orthogonal:
   int32 partial sum) and minimum right shift of each operand (bits); unused by ``exact``.
 - ``exponent``: granularity of the power-of-two exponents: ``tensor``, one per tensor (the only
   one so far; per-channel exponents would be another value here).
+- ``relu_scale``: the output exponent of a convolution or linear layer that a ReLU directly
+  follows: from its largest magnitude (``magnitude``, NITI's rule for every product) or from its
+  largest positive value (``positive``): the ReLU zeroes every negative value whatever its scale,
+  and at a given exponent rounding and ReLU commute (round(max(y, 0)) = max(round(y), 0)), so
+  rounding ``max(y, 0)`` gives the ReLU's output the whole range where a large negative value
+  would have scaled the kept ones down (the layers: ``layers.sequential``; BENCHMARKS.md, "A
+  ReLU's range").
 
 Presets: ``NITI_INT8``, ``NITI_INT8_MASTER16`` (NITI) and ``DFP16`` (Das et al. 2018: int16
 values with a per-tensor exponent from max ``|x|``, products through the int32-chunked
@@ -46,6 +53,7 @@ from intrain.numeric.requant import add_aligned, requantize
 _STORAGE = {8: torch.int8, 16: torch.int16}
 ERROR_ROUNDINGS = ("nearest", "stochastic")
 ACCUMULATORS = ("exact", "int32-chunked")
+RELU_SCALES = ("magnitude", "positive")
 EXPONENT_GRANULARITIES = ("tensor",)
 
 
@@ -58,6 +66,7 @@ class NumberFormat:
     exponent: str = "tensor"
     chunk_length: int = 16
     headroom: int = 0
+    relu_scale: str = "magnitude"
 
     def __post_init__(self) -> None:
         if self.bits not in _STORAGE:
@@ -73,6 +82,8 @@ class NumberFormat:
             raise ValueError(f"chunk length must be an integer >= 1, got {self.chunk_length!r}")
         if isinstance(self.headroom, bool) or not isinstance(self.headroom, int) or not 0 <= self.headroom < self.bits:
             raise ValueError(f"headroom must be an integer in [0, {self.bits - 1}] bits, got {self.headroom!r}")
+        if self.relu_scale not in RELU_SCALES:
+            raise ValueError(f"relu scale must be one of {', '.join(RELU_SCALES)}, got {self.relu_scale!r}")
         if self.exponent not in EXPONENT_GRANULARITIES:
             raise ValueError(f"exponent granularity must be one of {', '.join(EXPONENT_GRANULARITIES)}, "
                              f"got {self.exponent!r}")

@@ -191,14 +191,16 @@ def cpu_slices(t: torch.Tensor) -> list:
 
 
 def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8, *,
-                       reduce_max=None, shifts: tuple[int, int] = (0, 0)) -> QTensor:
+                       reduce_max=None, shifts: tuple[int, int] = (0, 0), rectify: bool = False) -> QTensor:
     """``requantize(backend.shifted_product(name, args, shifts), e, bits, reduce_max=reduce_max)``
-    with nearest rounding (``shifts``: the right shifts of the two operands, DFP16's headroom).
-    The cpu backend offers ``product_to_int8`` and ``product_to_int16``, which give the same bits
-    without making the whole integer accumulator; other backends are requantised here."""
+    with nearest rounding (``shifts``: the right shifts of the two operands, DFP16's headroom);
+    ``rectify``: of the product's positive part ``max(y, 0)`` (a ReLU follows: the exponent then
+    comes from the largest positive value, ``numeric.formats``). The cpu backend offers
+    ``product_to_int8`` and ``product_to_int16``, which give the same bits without making the
+    whole integer accumulator; other backends are requantised here."""
     fused = getattr(backend, {8: "product_to_int8", 16: "product_to_int16"}.get(bits, ""), None)
     if fused is None:
         exact = backend.shifted_product(name, args, shifts) if any(shifts) else getattr(backend, name)(*args)
-        return requantize(exact, e, bits=bits, reduce_max=reduce_max)
-    values, shift = fused(name, *args, reduce_max=reduce_max, shifts=shifts)
+        return requantize(exact.clamp_(min=0) if rectify else exact, e, bits=bits, reduce_max=reduce_max)
+    values, shift = fused(name, *args, reduce_max=reduce_max, shifts=shifts, rectify=rectify)
     return QTensor(values, e + shift)

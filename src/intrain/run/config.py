@@ -129,6 +129,7 @@ class TrainConfig:
                 options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
             if config.arith == "int8":
                 options.setdefault("update", "niti")  # saved before --update existed: NITI's was the only one
+                options.setdefault("relu_scale", "magnitude")  # saved before --relu-scale existed: NITI's scale
             return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
@@ -139,7 +140,7 @@ class TrainConfig:
             options["mu_schedule"] = str(MuSchedule.parse(options["mu_schedule"]).shifted(-8))
         if config.arith == "int8":  # the flat dict's lr is the float twin's: 0.1 had NITI's update only
             options.pop("lr", None)
-            options["update"] = "niti"
+            options.update(update="niti", relu_scale="magnitude")
         return replace(config, options=options)
 
 

@@ -525,7 +525,8 @@ class CpuBackend(Backend):
              "conv2d_backward_input": _on_halves_in_chunks(_backward_input_as_halves)},
     }
 
-    def product_to_int8(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0)
+    def product_to_int8(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0),
+                        rectify: bool = False
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int8, as
         (int8 values, shift as a 0-d int64 tensor): bit-identical to requantising the int32/int64
@@ -534,9 +535,10 @@ class CpuBackend(Backend):
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
         memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
         for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
-        return self._product_to_narrow(name, args, 8, reduce_max, shifts)
+        return self._product_to_narrow(name, args, 8, reduce_max, shifts, rectify)
 
-    def product_to_int16(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0)
+    def product_to_int16(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0),
+                         rectify: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int16, as
         (int16 values, shift as a 0-d int64 tensor), bit-identical to requantising the int64
@@ -546,10 +548,10 @@ class CpuBackend(Backend):
         int64 copy); on the halves path the first operand's headroom shift is applied a chunk at a
         time too (no shifted copy of a whole activation or error). ``reduce_max``: as in
         ``product_to_int8``."""
-        return self._product_to_narrow(name, args, 16, reduce_max, shifts)
+        return self._product_to_narrow(name, args, 16, reduce_max, shifts, rectify)
 
-    def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max, shifts: tuple[int, int]
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max, shifts: tuple[int, int],
+                           rectify: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._EXACT_PRODUCTS:
             raise ValueError(f"product_to_int{bits} takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
@@ -558,9 +560,12 @@ class CpuBackend(Backend):
         in_chunks = self._CONVS_IN_CHUNKS[bits].get(name)
         chunked = in_chunks(self, args, shifts[0]) if in_chunks is not None else None
         if chunked is not None:
-            return requantize_chunks(*chunked, reduce_max=reduce_max, bits=bits)
+            n, chunks = chunked
+            if rectify:  # each chunk is the backend's own buffer, consumed by the rounding
+                chunks = ((n0, part.clamp_(min=0)) for n0, part in chunks)
+            return requantize_chunks(n, chunks, reduce_max=reduce_max, bits=bits)
         exact, _ = self._EXACT_PRODUCTS[name](self, *shift_operands(args, (shifts[0], 0)))
-        return exact_to_narrow(exact, reduce_max, bits=bits)
+        return exact_to_narrow(exact.clamp_(min=0) if rectify else exact, reduce_max, bits=bits)
 
 
 def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
