@@ -155,7 +155,10 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # (since commit 25d1337) the SGD update at batch 128 and rate 0.1 (the float twin's 0.05 scaled)
 # with stochastic error rounding reached 93.50 / 93.28 % (seeds 0-1) against NITI's update 92.78 /
 # 92.98 % (training loss 0.06 against 0.11-0.12); float32 93.40 % (seed 0). Before that change the
-# two updates were level (SGD 93.20 / 93.44, NITI 93.30 / 93.18).
+# two updates were level (SGD 93.20 / 93.44, NITI 93.30 / 93.18). The stochastic error rounding of
+# the entry also applies when ``--update niti`` is given; with NITI's update it was measured with
+# nearest rounding only (the figures above), and on VGG-small-7's gradients the two roundings were
+# alike (``benchmarks/gradient_fidelity.py``; BENCHMARKS.md).
 # Other models keep NITI's until they are measured the same way.
 _INT8_OPTIONS_BY_MODEL = {
     ("fashion-mnist", "lenet5"): {"update": "sgd", "lr": 0.14, "error_rounding": "stochastic", "weight_bits": 16,
