@@ -73,6 +73,10 @@ ALLOWED: tuple[tuple[str, str, str], ...] = (
      "into integer channel counts before any weight exists), not a number the network computes "
      "with"),
     ("intrain.models.build", "width: float = 1.0", "the same default, passed on to the zoo"),
+    ("intrain.layers.recurrent", "round(forget_bias * 2**-GATE_EXPONENT)",
+     "the forget-gate bias, a hyper-parameter given as a decimal, turned once at build time into the "
+     "integer Q11 offset round(b * 2**11) (exact in binary64 for |b| <= 8: a power-of-two scale); "
+     "the step adds only that integer"),
     ("intrain.models.zoo", "VGG_DROPOUT = 0.5",
      "VGG-small's dropout probability, a hyper-parameter converted to an integer threshold by "
      "IntDropout (see its entry)"),

@@ -10,7 +10,7 @@ import pytest
 from cli_checks import assert_refused, run_until_crash
 from intrain.cli import main
 from intrain.methods.niti import Niti
-from intrain.models.zoo import balanced_factors, input_to_hidden_parameters, model_spec
+from intrain.models.zoo import RecurrentOptions, balanced_factors, input_to_hidden_parameters, model_spec
 from test_data_idx import make_set
 from test_resume import _metrics, _same, _state
 
@@ -37,10 +37,75 @@ def data(tmp_path):
     (["--model", "lstm", "--core-mu-schedule", "0:2"], "--core-mu-schedule 0:2 applies to the cores of tt-lstm"),
     (["--model", "tr-lstm", "--core-mu-schedule", "0:-1"], "--core-mu-schedule 0:-1: mu below 0 needs --weight-bits 16"),
     (["--model", "tr-lstm", "--core-mu-schedule", "5"], "--core-mu-schedule: cannot read mu schedule"),
+    (["--model", "lstm", "--lstm-forget-bias", "9"], "expected a number between -8 and 8, got 9"),
+    (["--model", "tr-lstm", "--lstm-forget-bias", "one"], "expected a number between -8 and 8, got 'one'"),
 ])
 def test_bad_recurrent_options_are_refused(extra, words, data, tmp_path, capsys):
     line = assert_refused(["train", *TINY, *data, *extra, "--out", str(tmp_path / "run")], capsys, tmp_path)
     assert words in line, line
+
+
+def test_forget_bias_is_refused_for_other_models(tmp_path, capsys):
+    line = assert_refused(["train", "--model", "mlp", "--lstm-forget-bias", "1", "--epochs", "1",
+                           "--out", str(tmp_path / "run")], capsys, tmp_path)
+    assert "--lstm-forget-bias applies to lstm, tt-lstm and tr-lstm only" in line, line
+
+
+@pytest.mark.parametrize("model", ["lstm", "tr-lstm"])
+def test_forget_bias_reaches_both_twins_and_is_recorded(model, data, tmp_path, capsys):
+    """The float twin's forget-gate biases start at the bias given (also under --weight-init kaiming,
+    which zeroes the other biases), the integer LSTM adds it in Q11; config.json keeps the value
+    (the default 0 too), and eval rebuilds the integer model with it."""
+    from intrain.layers.recurrent import FloatLSTM, IntLSTM
+    from intrain.methods.float_twin import FloatOptions, FloatTwin
+
+    assert model_spec(model, (10, 32, 32), 8)[0].args[3] == 0.0
+    for init in ("torch", "kaiming"):
+        twin = FloatTwin.build_model(FloatOptions(lr=0.1, weight_init=init), model, (10, 32, 32), 8, seed=0,
+                                     width=0.125, device="cpu", recurrent=RecurrentOptions(forget_bias=1.0))
+        lstm = next(m for m in twin.modules() if isinstance(m, FloatLSTM))
+        bias = lstm.recurrent.bias.detach().reshape(4, -1)
+        assert (bias[1] == 1.0).all() and not (bias[0] == 1.0).any()
+    run = tmp_path / "run"
+    assert main(["train", *TINY, *data, "--model", model, "--epochs", "1", "--lstm-forget-bias", "0.5",
+                 "--out", str(run)]) == 0
+    assert json.loads((run / "config.json").read_text())["lstm_forget_bias"] == 0.5
+    from intrain.run.evaluate import load_run
+    loaded = load_run(run)
+    assert next(m for m in loaded.model.modules() if isinstance(m, IntLSTM)).forget_offset == 1024
+    default = tmp_path / "default"
+    assert main(["train", *TINY, *data, "--model", model, "--epochs", "1", "--out", str(default)]) == 0
+    assert json.loads((default / "config.json").read_text())["lstm_forget_bias"] == 0.0
+    capsys.readouterr()
+
+
+def test_run_saved_before_the_forget_bias_resumes_and_evaluates_without_one(data, tmp_path, monkeypatch, capsys):
+    """A run saved before --lstm-forget-bias existed had no forget offset: it resumes bit for bit as
+    an uninterrupted run with 0 given, and eval rebuilds it with 0."""
+    from intrain.run import checkpoint
+    from intrain.layers.recurrent import IntLSTM
+    from intrain.run.evaluate import load_run
+    from intrain.run.files import model_bytes, read_model
+
+    job = ["train", *TINY, *data, "--model", "tr-lstm", "--tr-rank", "3", "--epochs", "2", "--checkpoint-every", "2",
+           "--lstm-forget-bias", "0"]
+    assert main([*job, "--out", str(tmp_path / "ref")]) == 0
+    run_until_crash(monkeypatch, Niti, 4, [*job, "--out", str(tmp_path / "run")])
+    path = checkpoint.checkpoint_path(tmp_path / "run")
+    payload = checkpoint.load(path)
+    del payload["train_config"]["lstm_forget_bias"]
+    checkpoint.save(path, payload)
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
+    ref = tmp_path / "ref"
+    payload = read_model(ref)
+    del payload["config"]["lstm_forget_bias"]
+    (ref / "model.pt").write_bytes(model_bytes(payload["config"], payload["state_dict"]))
+    (ref / "config.json").write_text(json.dumps(payload["config"]))
+    (ref / checkpoint.checkpoint_path(ref).name).unlink()
+    loaded = load_run(ref)
+    assert next(m for m in loaded.model.modules() if isinstance(m, IntLSTM)).forget_offset == 0
+    capsys.readouterr()
 
 
 def test_default_factorisations():
@@ -92,6 +157,18 @@ def test_run_saved_before_core_update_resumes_with_nitis_rule(data, tmp_path, mo
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     assert _same(_state(tmp_path / "run"), _state(tmp_path / "ref"))
     capsys.readouterr()
+
+
+def test_recipe_runs_the_tr_lstm_for_40_epochs_and_the_other_lstms_for_20():
+    from intrain.run.recipes import default_recipe
+
+    for arith in ("int8", "float", "dfp16"):
+        assert default_recipe("moving-mnist-actions", "tr-lstm", arith).epochs == 40
+        assert default_recipe("moving-mnist-actions", "tt-lstm", arith).epochs == 20
+        assert default_recipe("moving-mnist-actions", "lstm", arith).epochs == 20
+    int8 = default_recipe("moving-mnist-actions", "tr-lstm", "int8")
+    assert int8.batch_size == 64 and int8.options["mu_schedule"] == "0:4"
+    assert int8.options["core_mu_schedule"] == "0:2,4:1"
 
 
 def test_recipe_updates_tr_lstm_cores_by_sign(data, tmp_path, capsys):

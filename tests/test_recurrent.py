@@ -7,7 +7,7 @@ import torch
 
 from intrain.kernels import get_backend
 from intrain.layers.linear import IntLinear
-from intrain.layers.recurrent import IntLSTM, gate_tables
+from intrain.layers.recurrent import GATE_EXPONENT, IntLSTM, gate_tables, to_fixed
 from intrain.layers.tensor_ring import IntTensorRing, TensorRingShape
 from intrain.numeric.qtensor import QTensor
 
@@ -21,7 +21,7 @@ def test_gate_tables_within_one_unit_of_the_float_functions():
     assert sigmoid[0] == 0 and sigmoid[-1] == 2**14 and tanh[-1] == 2**14 and tanh[0] == -2**14
 
 
-def float64_lstm(x, u_weight, w_weight, hidden):
+def float64_lstm(x, u_weight, w_weight, hidden, forget_bias=0.0):
     """The same LSTM in float64 with autograd (exact sigmoid and tanh)."""
     n, steps = x.shape[:2]
     u = (x.reshape(n * steps, -1) @ u_weight.T).reshape(n, steps, -1)
@@ -29,6 +29,7 @@ def float64_lstm(x, u_weight, w_weight, hidden):
     c = torch.zeros_like(h)
     for t in range(steps):
         zi, zf, zg, zo = (u[:, t] + h @ w_weight.T).chunk(4, dim=1)
+        zf = zf + forget_bias
         c = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
         h = torch.sigmoid(zo) * torch.tanh(c)
     return h
@@ -45,12 +46,12 @@ def cosine(a, b):
     return float((a * b).sum() / (a.norm() * b.norm()))
 
 
-@pytest.mark.parametrize("steps", [1, 3, 12])
-def test_forward_and_backward_through_time_against_float64(steps):
+@pytest.mark.parametrize("steps, forget_bias", [(1, 0.0), (3, 0.0), (12, 0.0), (12, 1.0), (12, -2.5)])
+def test_forward_and_backward_through_time_against_float64(steps, forget_bias):
     torch.manual_seed(0)
     n, frame, hidden = 6, 8, 5
     backend = get_backend("reference", "cpu")
-    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend)
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend, forget_bias=forget_bias)
     random_weights([lstm.input_map, lstm.recurrent], [-8, -8], 1)
     g = torch.Generator().manual_seed(2)
     x = QTensor.of(torch.randint(-127, 128, (n, steps, frame), generator=g).to(torch.int8), -7)
@@ -61,7 +62,7 @@ def test_forward_and_backward_through_time_against_float64(steps):
     xf = x.to_float().double().requires_grad_()
     u = lstm.input_map.weight_q.to_float().double().requires_grad_()
     w = lstm.recurrent.weight_q.to_float().double().requires_grad_()
-    hf = float64_lstm(xf, u, w, hidden)
+    hf = float64_lstm(xf, u, w, hidden, forget_bias)
     # forward: the int8 hidden state is the float one rounded to 2**-7, up to the tables' and
     # the Q11 roundings
     assert (h.to_float().double() - hf).abs().max() < 3 * 2**-7
@@ -74,6 +75,32 @@ def test_forward_and_backward_through_time_against_float64(steps):
             continue
         assert cosine(got, want) > 0.99, cosine(got, want)
         assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+def test_forget_bias_is_a_fixed_offset_of_the_forget_gate_alone():
+    """The offset moves the forget gate by exactly round(b 2**11) Q11 units, leaves the other gates
+    bit-identical, and saturates like any pre-activation (an offset of 8 on inputs already at +16)."""
+    n, frame, hidden, steps = 3, 6, 4, 5
+    backend = get_backend("reference", "cpu")
+    g = torch.Generator().manual_seed(5)
+    x = QTensor.of(torch.randint(-127, 128, (n, steps, frame), generator=g).to(torch.int8), -7)
+    gates = {}
+    for bias in (0.0, 1.0, 8.0):
+        lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend, forget_bias=bias)
+        random_weights([lstm.input_map, lstm.recurrent], [-6, -8], 3)
+        lstm.train()
+        lstm(x)
+        gates[bias] = lstm._saved[0]  # step 0: h = 0, c = 0, so only the input map reaches the gates
+    i0, f0, g0, o0 = gates[0.0][:4]
+    i1, f1, g1, o1 = gates[1.0][:4]
+    assert torch.equal(i0, i1) and torch.equal(g0, g1) and torch.equal(o0, o1)
+    sigmoid, _ = gate_tables()
+    u = lstm.input_map(QTensor(x.v.reshape(n * steps, frame), x.e))  # as the LSTM runs it: all frames at once
+    zf = to_fixed(u.v, u.e, GATE_EXPONENT).reshape(n, steps, 4 * hidden)[:, 0, hidden:2 * hidden]
+    for bias, saved in gates.items():
+        want = sigmoid[((zf + round(bias * 2048)).clamp(-32767, 32767) + 32767).long()]
+        assert torch.equal(saved[1].to(torch.int16), want)
+    assert (gates[1.0][1] >= gates[0.0][1]).all() and (gates[1.0][1] > gates[0.0][1]).any()
 
 
 def test_long_sequences_saturate_instead_of_overflowing():

@@ -1,9 +1,14 @@
 """Integer LSTM (and its float32 twin) over clips ``[N, T, ...]``; returns the last hidden state.
 
-Per step ``t`` (gates in the order i, f, g, o; no biases, as in NITI's layers):
+Per step ``t`` (gates in the order i, f, g, o; no learnt biases, as in NITI's layers):
 
-    z_t = U x_t + W h_{t-1}          i, f, o = sigmoid(z_i, z_f, z_o)   g = tanh(z_g)
+    z_t = U x_t + W h_{t-1} + b_f    i, f, o = sigmoid(z_i, z_f, z_o)   g = tanh(z_g)
     c_t = f c_{t-1} + i g            h_t = o tanh(c_t)
+
+``b_f`` (``forget_bias``) is added to the forget gate's pre-activation only: in the integer LSTM a
+fixed offset (Q11, ``round(b_f 2**11)``, exact for multiples of 2**-11), in the float twin the
+initial value of that gate's learnt bias (its other biases start at PyTorch's default). The
+backward pass takes the gate derivatives from stored outputs, so the offset needs nothing there.
 
 ``U x_t`` (the input-to-hidden map: dense ``IntLinear`` or ``IntTensorRing``, 4H outputs with the
 gates as one output factor) runs once for all ``N T`` frames; ``W h`` is an ``IntLinear`` weight
@@ -153,9 +158,12 @@ def _align(parts: list[QTensor], bits: int = 8) -> list[QTensor]:
 class IntLSTM(IntModule):
     """Integer LSTM layer over ``[N, T, ...]`` inputs, returning ``h_T`` (see the module docstring)."""
 
-    def __init__(self, input_map: IntModule, hidden_size: int, backend, fmt: NumberFormat = NITI_INT8) -> None:
+    def __init__(self, input_map: IntModule, hidden_size: int, backend, fmt: NumberFormat = NITI_INT8,
+                 forget_bias: float = 0) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.forget_bias = forget_bias
+        self.forget_offset = round(forget_bias * 2**-GATE_EXPONENT)  # Q11, once at build time
         self.input_map = input_map
         self.recurrent = IntLinear(hidden_size, 4 * hidden_size, backend, fmt)
         self.backend = backend
@@ -185,8 +193,9 @@ class IntLSTM(IntModule):
         for t in range(steps):
             recurrent = self.backend.linear_forward(h, w)
             z = u_fixed[:, t] + to_fixed(recurrent, HIDDEN_EXPONENT + self.recurrent.weight_exp, GATE_EXPONENT)
-            z = z.clamp(-INT16_LIMIT, INT16_LIMIT)
             zi, zf, zg, zo = z.split(hidden, dim=1)
+            zf = zf + self.forget_offset
+            zi, zf, zg, zo = (part.clamp(-INT16_LIMIT, INT16_LIMIT) for part in (zi, zf, zg, zo))
             i, f, o = (self._lookup(self.sigmoid_table, part) for part in (zi, zf, zo))
             g = self._lookup(self.tanh_table, zg)
             # f c: Q14 x Q11 = Q25; i g: Q28 -> Q25; the sum -> Q11
@@ -247,19 +256,27 @@ class IntLSTM(IntModule):
         self.recurrent.clear_saved()
 
     def extra_repr(self) -> str:
-        return f"hidden_size={self.hidden_size}"
+        return f"hidden_size={self.hidden_size}, forget_bias={self.forget_bias:g}"
 
 
 class FloatLSTM(torch.nn.Module):
     """The float32 twin: the same LSTM over ``[N, T, ...]`` returning ``h_T``, with the input map
     given (``torch.nn.Linear`` without bias or ``FloatTensorRing``), a recurrent ``Linear`` and
-    one bias per gate unit (float twins keep their biases, ``models.build``)."""
+    one bias per gate unit (float twins keep their biases, ``models.build``); the forget gate's
+    biases start at ``forget_bias``."""
 
-    def __init__(self, input_map: torch.nn.Module, hidden_size: int) -> None:
+    def __init__(self, input_map: torch.nn.Module, hidden_size: int, forget_bias: float = 0.0) -> None:
         super().__init__()
         self.hidden_size = hidden_size
+        self.forget_bias = float(forget_bias)
         self.input_map = input_map
         self.recurrent = torch.nn.Linear(hidden_size, 4 * hidden_size)
+        self.reset_forget_bias()
+
+    def reset_forget_bias(self) -> None:
+        """Set the forget gate's biases to ``forget_bias`` (after any re-initialisation of the biases)."""
+        with torch.no_grad():
+            self.recurrent.bias[self.hidden_size:2 * self.hidden_size].fill_(self.forget_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, steps = x.shape[:2]

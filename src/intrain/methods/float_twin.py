@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from intrain.layers.recurrent import FloatLSTM
 from intrain.methods.base import Method, MethodOptionError, nonnegative_float, option, positive_float
 from intrain.models import build_float_model
 from intrain.numeric.collective import LOCAL, Collective
@@ -117,6 +118,9 @@ class FloatTwin(Method):
                     torch.nn.init.kaiming_uniform_(module.weight, nonlinearity="relu")
                     if module.bias is not None:
                         torch.nn.init.zeros_(module.bias)
+            for module in model.modules():
+                if isinstance(module, FloatLSTM):  # its forget gate keeps the model's bias
+                    module.reset_forget_bias()
         return model.to(device)
 
     @classmethod

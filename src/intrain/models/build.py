@@ -37,10 +37,10 @@ def _int_layers(specs, backend, fmt: NumberFormat) -> list:
         elif spec.kind == "gap":
             layers.append(IntGlobalAvgPool2d(fmt))
         elif spec.kind == "lstm":
-            frame, hidden, shape = spec.args
+            frame, hidden, shape, forget_bias = spec.args
             input_map = (IntLinear(frame, 4 * hidden, backend, fmt=fmt) if shape is None
                          else IntTensorRing(shape, backend, fmt=fmt))
-            layers.append(IntLSTM(input_map, hidden, backend, fmt=fmt))
+            layers.append(IntLSTM(input_map, hidden, backend, fmt=fmt, forget_bias=forget_bias))
         elif spec.kind == "bn":
             layers.append(IntBatchNorm(*spec.args, fmt=fmt))
         else:
@@ -74,9 +74,9 @@ def _float_layers(specs) -> list[torch.nn.Module]:
         elif spec.kind == "gap":
             layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
         elif spec.kind == "lstm":
-            frame, hidden, shape = spec.args
+            frame, hidden, shape, forget_bias = spec.args
             input_map = torch.nn.Linear(frame, 4 * hidden, bias=False) if shape is None else FloatTensorRing(shape)
-            layers.append(FloatLSTM(input_map, hidden))
+            layers.append(FloatLSTM(input_map, hidden, forget_bias=forget_bias))
         else:
             layers.append({"linear": torch.nn.Linear, "relu": torch.nn.ReLU, "maxpool": torch.nn.MaxPool2d,
                            "flatten": torch.nn.Flatten, "dropout": torch.nn.Dropout,

@@ -20,7 +20,7 @@ from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
-from intrain.models.zoo import RecurrentOptions, check_hidden
+from intrain.models.zoo import DEFAULT_FORGET_BIAS, RECURRENT_MODELS, RecurrentOptions, check_hidden
 from intrain.run.recipes import default_recipe
 
 DEVICES = ("cpu", "cuda")
@@ -58,6 +58,7 @@ class TrainConfig:
     tr_rank: int | None = None  # tt-lstm / tr-lstm: tensor rank (models.zoo.RecurrentOptions)
     tr_input_factors: str | None = None  # tt-lstm / tr-lstm: factors of the frame size, "4x8x8x4"
     tr_hidden_factors: str | None = None  # tt-lstm / tr-lstm: factors of the hidden size, "4x8x4"
+    lstm_forget_bias: float | None = None  # every LSTM: the forget gate's bias (models.zoo.RecurrentOptions)
     options: dict = field(default_factory=dict)  # the method's own options; None = recipe default
 
     @property
@@ -71,7 +72,7 @@ class TrainConfig:
     @property
     def recurrent(self) -> RecurrentOptions:
         """The recurrent models' options (``models.zoo``)."""
-        return RecurrentOptions(self.tr_rank, self.tr_input_factors, self.tr_hidden_factors)
+        return RecurrentOptions(self.tr_rank, self.tr_input_factors, self.tr_hidden_factors, self.lstm_forget_bias)
 
     def method_options(self):
         """The method's options object (``ConfigError`` when one does not fit the method)."""
@@ -103,6 +104,8 @@ class TrainConfig:
             image_size=(self.image_size if self.image_size is not None
                         else DEFAULT_IMAGE_SIZE if self.dataset == "imagefolder"
                         else DEFAULT_FRAME_SIZE if self.dataset == "moving-mnist-actions" else None),
+            lstm_forget_bias=(DEFAULT_FORGET_BIAS if self.lstm_forget_bias is None and self.model in RECURRENT_MODELS
+                              else self.lstm_forget_bias),
             options=method.options_dict(options),
         )
 
@@ -121,6 +124,8 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"unknown config fields {', '.join(sorted(unknown))}")
         config = cls(**{k: v for k, v in saved.items() if k in common})
+        if config.model in RECURRENT_MODELS and "lstm_forget_bias" not in saved:
+            config = replace(config, lstm_forget_bias=0.0)  # saved before the forget bias existed: none
         if "options" in saved:
             options = dict(saved["options"])
             if config.arith == "int8" and "mu_schedule" in options and "core_update" not in options:

@@ -48,7 +48,7 @@ def model_counts(model: str, image_shape, num_classes: int, width: float,
             weights += fan_in * fan_out
             size = fan_out
         elif spec.kind == "lstm":  # c: the frames; kept per frame: the input, four gates, cell and state
-            frame, hidden, shape = spec.args
+            frame, hidden, shape, _ = spec.args
             weights += (frame * 4 * hidden if shape is None else shape.parameters) + 4 * hidden * hidden
             size = hidden
             acts += c * (frame + 7 * hidden)
