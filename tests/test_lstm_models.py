@@ -81,7 +81,8 @@ def test_forget_bias_reaches_both_twins_and_is_recorded(model, data, tmp_path, c
 
 def test_run_saved_before_the_forget_bias_resumes_and_evaluates_without_one(data, tmp_path, monkeypatch, capsys):
     """A run saved before --lstm-forget-bias existed had no forget offset: it resumes bit for bit as
-    an uninterrupted run with 0 given, and eval rebuilds it with 0."""
+    an uninterrupted run with 0 given, and eval rebuilds it with 0 (the default: a new default
+    needs these runs to keep 0, as run.config does for --relu-scale)."""
     from intrain.run import checkpoint
     from intrain.layers.recurrent import IntLSTM
     from intrain.run.evaluate import load_run

@@ -124,8 +124,6 @@ class TrainConfig:
         if unknown:
             raise TypeError(f"unknown config fields {', '.join(sorted(unknown))}")
         config = cls(**{k: v for k, v in saved.items() if k in common})
-        if config.model in RECURRENT_MODELS and "lstm_forget_bias" not in saved:
-            config = replace(config, lstm_forget_bias=0.0)  # saved before the forget bias existed: none
         if "options" in saved:
             options = dict(saved["options"])
             if config.arith == "int8" and "mu_schedule" in options and "core_update" not in options:

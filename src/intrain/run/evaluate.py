@@ -22,7 +22,7 @@ import torch
 
 from intrain.data import load_dataset
 from intrain.methods import get_method
-from intrain.models.zoo import RECURRENT_MODELS, RecurrentOptions
+from intrain.models.zoo import RecurrentOptions
 from intrain.run.config import ConfigError
 from intrain.run import checkpoint
 from intrain.run.files import (EVAL_FILE, check_creatable, lock_run_dir, read_config, read_model, record_files,
@@ -136,9 +136,8 @@ def load_run(run_dir: Path, dataset=None, data_dir=None, val_split=None, batch_s
         if "backend" in given:  # every backend gives the same bits; the run's may not suit this device
             given["backend"] = "auto"
         options = method.make_options(given, {})
-        forget_bias = cfg.get("lstm_forget_bias", 0.0 if cfg["model"] in RECURRENT_MODELS else None)  # 0: saved before it
         recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
-                                     forget_bias)
+                                     cfg.get("lstm_forget_bias"))
         model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
                                    device=device, hidden=cfg.get("hidden"), recurrent=recurrent)
         model.load_state_dict(saved["state_dict"])
