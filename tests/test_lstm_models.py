@@ -37,8 +37,9 @@ def data(tmp_path):
     (["--model", "lstm", "--core-mu-schedule", "0:2"], "--core-mu-schedule 0:2 applies to the cores of tt-lstm"),
     (["--model", "tr-lstm", "--core-mu-schedule", "0:-1"], "--core-mu-schedule 0:-1: mu below 0 needs --weight-bits 16"),
     (["--model", "tr-lstm", "--core-mu-schedule", "5"], "--core-mu-schedule: cannot read mu schedule"),
-    (["--model", "lstm", "--lstm-forget-bias", "9"], "expected a number between -8 and 8, got 9"),
-    (["--model", "tr-lstm", "--lstm-forget-bias", "one"], "expected a number between -8 and 8, got 'one'"),
+    (["--model", "lstm", "--lstm-forget-bias", "9"], "--lstm-forget-bias must be between -8 and 8, got 9"),
+    (["--model", "tr-lstm", "--lstm-forget-bias", "nan"], "--lstm-forget-bias must be between -8 and 8, got nan"),
+    (["--model", "tr-lstm", "--lstm-forget-bias", "one"], "--lstm-forget-bias: invalid float value: 'one'"),
 ])
 def test_bad_recurrent_options_are_refused(extra, words, data, tmp_path, capsys):
     line = assert_refused(["train", *TINY, *data, *extra, "--out", str(tmp_path / "run")], capsys, tmp_path)

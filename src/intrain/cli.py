@@ -44,19 +44,6 @@ def _int_at_least(low: int, what: str):
     return parse
 
 
-def _forget_bias(text: str) -> float:
-    """``--lstm-forget-bias B``: a number in [-8, 8] (the integer LSTM's gates are Q11, range +-16)."""
-    from intrain.models.zoo import FORGET_BIAS_LIMIT
-
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number between -8 and 8, got {text!r}") from None
-    if not -FORGET_BIAS_LIMIT <= value <= FORGET_BIAS_LIMIT:
-        raise argparse.ArgumentTypeError(f"expected a number between -8 and 8, got {text}")
-    return value
-
-
 def _hidden_sizes(text: str) -> list[int]:
     """``--hidden 100,50``: one or more positive integers separated by commas."""
     parts = text.split(",")
@@ -141,7 +128,7 @@ def add_train(sub) -> None:
     p.add_argument("--tr-hidden-factors", metavar="AxBx..",
                    help="tt-lstm and tr-lstm only: factors of the hidden size (128 x --width), e.g. 4x8x4; the "
                         "four gates are one more output factor (default: three factors as equal as possible)")
-    p.add_argument("--lstm-forget-bias", type=_forget_bias, metavar="B",
+    p.add_argument("--lstm-forget-bias", type=float, metavar="B",
                    help="lstm, tt-lstm and tr-lstm only: the forget gate's bias, between -8 and 8: the float twin's "
                         "initial value, a fixed offset in the integer LSTM (default: 0)")
     p.add_argument("--device", choices=DEVICES, help="where to train (default: cpu)")

@@ -193,9 +193,10 @@ class IntLSTM(IntModule):
         for t in range(steps):
             recurrent = self.backend.linear_forward(h, w)
             z = u_fixed[:, t] + to_fixed(recurrent, HIDDEN_EXPONENT + self.recurrent.weight_exp, GATE_EXPONENT)
+            if self.forget_offset:
+                z[:, hidden:2 * hidden] += self.forget_offset  # z is this step's own sum: in place is safe
+            z = z.clamp(-INT16_LIMIT, INT16_LIMIT)
             zi, zf, zg, zo = z.split(hidden, dim=1)
-            zf = zf + self.forget_offset
-            zi, zf, zg, zo = (part.clamp(-INT16_LIMIT, INT16_LIMIT) for part in (zi, zf, zg, zo))
             i, f, o = (self._lookup(self.sigmoid_table, part) for part in (zi, zf, zo))
             g = self._lookup(self.tanh_table, zg)
             # f c: Q14 x Q11 = Q25; i g: Q28 -> Q25; the sum -> Q11
