@@ -139,7 +139,7 @@ def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed
         model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
         return Dfp16(model, options, seed=seed, total_steps=10**6), model
     niti_options = dict(niti_options or {})
-    if niti_options.get("update") == "sgd":  # the float twin's recipe on int32 masters: a rate, no mu
+    if niti_options.get("update") in ("sgd", "adamw"):  # the float twin's recipe on int32 masters: a rate, no mu
         niti_options["lr"] = 0.01
     else:
         niti_options["mu_schedule"] = "0:4"
@@ -168,7 +168,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     def make_float_step():
         torch.manual_seed(seed)
         model = build_float_model(model_name, shape, 10).to(device)
-        trainer = FloatTwin(model, FloatOptions(lr=0.01), total_steps=10**6)
+        optimizer = "adamw" if (niti_options or {}).get("update") == "adamw" else "sgd"
+        trainer = FloatTwin(model, FloatOptions(lr=0.01, optimizer=optimizer), total_steps=10**6)
         steps = iter(range(10**9))
         return trainer, model, lambda: trainer.train_step(x_float, labels, next(steps), 0)
 
@@ -282,8 +283,9 @@ def main() -> None:
     parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",
                         help="with --arith dfp16: int32 master weights and momentum (integer-only, the "
                              "default) or float32 (Das et al.)")
-    parser.add_argument("--update", choices=("niti", "sgd"), default="niti",
-                        help="int8: NITI's update (mu 4) or the float twin's SGD recipe on int32 masters")
+    parser.add_argument("--update", choices=("niti", "sgd", "adamw"), default="niti",
+                        help="int8: NITI's update (mu 4), or the float twin's SGD or AdamW recipe on int32 masters "
+                             "(with adamw the float side takes AdamW too)")
     parser.add_argument("--weight-bits", type=int, choices=(8, 16), default=8,
                         help="int8: 16 adds int16 master weights (default: 8)")
     parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
@@ -303,9 +305,9 @@ def main() -> None:
                                                  "weight_decay_shift": None, "relu_scale": "magnitude"}:
         parser.error("--update, --weight-bits, --error-rounding, --relu-scale and --weight-decay-shift apply to "
                      "--arith int8 only")
-    if args.update == "sgd" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
+    if args.update != "niti" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
         parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
-                     "--update sgd")
+                     f"--update {args.update}")
     if args.weight_decay_shift is not None and args.weight_decay_shift <= 4:
         parser.error(f"--weight-decay-shift {args.weight_decay_shift} must exceed the benchmark's mu of 4")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -41,8 +41,8 @@ TIMEOUT = 180
 LENET = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit", "149",
          "--seed", "5", "--error-rounding", "stochastic", "--mu-schedule", "0:4,1:3", "--checkpoint-every", "2",
          "--weight-decay-shift", "9")
-LENET_SGD = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit",
-             "149", "--seed", "5", "--error-rounding", "stochastic", "--update", "sgd", "--lr", "0.1")
+LENET_TWIN = ("--dataset", "mnist", "--model", "lenet5", "--epochs", "2", "--batch-size", "37", "--train-limit",
+              "149", "--seed", "5", "--error-rounding", "stochastic")
 RESNET = ("--dataset", "mnist", "--model", "resnet18", "--width", "0.125", "--epochs", "1", "--batch-size", "37",
           "--train-limit", "75", "--seed", "6", "--error-rounding", "stochastic", "--update", "niti",
           "--weight-bits", "16", "--mu-schedule", "0:2")
@@ -77,9 +77,9 @@ def _tensors(run_dir) -> dict[str, torch.Tensor]:
     average = payload.get("weight_average") or {}
     found.update({f"checkpoint/sums/{i}": s for i, s in enumerate(average.get("sums") or [])})
     found["checkpoint/count"] = torch.tensor(average.get("count", -1))
-    sgd = payload.get("sgd_update") or {}
-    for part in ("master", "momentum"):
-        for i, (v, e) in enumerate(sgd.get(part) or []):
+    twin = payload.get("sgd_update") or payload.get("adamw_update") or {}
+    for part in ("master", "momentum", "first_moment", "second_moment"):
+        for i, (v, e) in enumerate(twin.get(part) or []):
             found[f"checkpoint/{part}/{i}"], found[f"checkpoint/{part}/{i}/exponent"] = v, e
     return found
 
@@ -123,11 +123,13 @@ def test_lenet5_two_processes_end_bit_identical_to_one(lenet_one, mnist_dir, tmp
     _check_two_against_one(*lenet_one, tmp_path / "two", two)
 
 
-def test_lenet5_with_the_sgd_update_two_processes_end_bit_identical_to_one(mnist_dir, tmp_path):
-    one = _run(_train_command(LENET_SGD, tmp_path / "one", mnist_dir, 1), tmp_path)
-    two = _run(_train_command(LENET_SGD, tmp_path / "two", mnist_dir, 2), tmp_path)
+@pytest.mark.parametrize("update, lr, state", [("sgd", "0.1", "momentum"), ("adamw", "0.003", "second_moment")])
+def test_lenet5_with_a_twin_update_two_processes_end_bit_identical_to_one(update, lr, state, mnist_dir, tmp_path):
+    job = (*LENET_TWIN, "--update", update, "--lr", lr)
+    one = _run(_train_command(job, tmp_path / "one", mnist_dir, 1), tmp_path)
+    two = _run(_train_command(job, tmp_path / "two", mnist_dir, 2), tmp_path)
     _check_two_against_one(tmp_path / "one", one, tmp_path / "two", two)
-    assert any(k.startswith("checkpoint/momentum/") for k in _tensors(tmp_path / "one"))
+    assert any(k.startswith(f"checkpoint/{state}/") for k in _tensors(tmp_path / "one"))
 
 
 def test_resnet18_two_processes_end_bit_identical_to_one(mnist_dir, tmp_path):

@@ -55,6 +55,7 @@ STEP_MODULES = (
     "methods/dfp16.py",       # the DFP16 training step (its fp32-master mode, methods/float_master.py,
                               # is float by design and not part of the integer-only mode)
     "methods/sgd_fixed.py",   # DFP16's integer-only SGD: int32 masters, fixed-point factors
+    "methods/adamw_fixed.py", # NITI's --update adamw: int32 masters and moments, int64 second moments
 )
 
 # Legitimate float uses in STEP_MODULES: (module, where, reason). ``where`` is "def Qual.name"

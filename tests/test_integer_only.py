@@ -92,11 +92,14 @@ def test_dfp16_training_step_uses_only_integer_tensors(accumulator):
     assert all(not torch.equal(w, layer.weight) for (w, _), layer in zip(before, weighted_layers(model)))
 
 
-@pytest.mark.parametrize("core_update", ["niti", "sign"])
+@pytest.mark.parametrize("core_update", ["niti", "sign", "adamw"])
 def test_tr_lstm_training_step_uses_only_integer_tensors(core_update):
-    options = NitiOptions(mu_schedule="0:4", weight_average="phase", core_update=core_update)
+    if core_update == "adamw":  # the float twin's AdamW recipe for every layer, cores included
+        options = NitiOptions(update="adamw", lr=0.003, weight_average="none")
+    else:
+        options = NitiOptions(mu_schedule="0:4", weight_average="phase", core_update=core_update)
     model = build_int_model("tr-lstm", (10, 16, 16), 8, seed=0, backend="reference", width=0.25, fmt=options.fmt)
-    trainer = Niti(model, options, seed=0)
+    trainer = Niti(model, options, seed=0, total_steps=10)
     gen = torch.Generator().manual_seed(0)
     x = QTensor.of(torch.randint(0, 128, (4, 10, 16, 16), generator=gen).to(torch.int8), -7)
     y = torch.randint(0, 8, (4,), generator=gen)

@@ -37,7 +37,7 @@ def test_an_sgd_step_rounds_each_int32_master_to_the_int8_weight_with_its_own_ex
     for step in range(3):
         trainer.train_step(x, y, step=step, epoch=0)
     moved_exponent = False
-    for layer, master, (w0, e0) in zip(weighted_layers(model), trainer.sgd.master, first):
+    for layer, master, (w0, e0) in zip(weighted_layers(model), trainer.twin.master, first):
         assert master.v.dtype == torch.int32 and layer.weight.dtype == torch.int8
         expected = requantize(master.v, master.e, bits=8)  # nearest, symmetric [-127, 127]
         assert torch.equal(layer.weight, expected.v) and int(layer.weight_exp) == int(expected.e)
@@ -57,9 +57,9 @@ def test_the_sgd_update_is_the_float_recipe_of_the_exact_mean_gradient():
     model, trainer = _sgd_trainer(total_steps=100, lr=0.25)
     x, y = _batch(n=10)
     layers = weighted_layers(model)
-    masters = [torch.ldexp(m.v.double(), m.e.double()) for m in trainer.sgd.master]
+    masters = [torch.ldexp(m.v.double(), m.e.double()) for m in trainer.twin.master]
     velocity = [torch.zeros_like(m) for m in masters]
-    original = trainer.sgd.step
+    original = trainer.twin.step
     for step in range(2):
         grads = {}
 
@@ -70,15 +70,15 @@ def test_the_sgd_update_is_the_float_recipe_of_the_exact_mean_gradient():
                     grads[i] = torch.ldexp(layer.weight_grad.double(), layer.weight_grad_exp.double())
             return original(step, batch, within)
 
-        trainer.sgd.step = recording
+        trainer.twin.step = recording
         trainer.train_step(x, y, step=step, epoch=0)
         assert sorted(grads) == list(range(len(layers)))
-        lr = 0.25 * (step + 1) / trainer.sgd.warmup  # in the warm-up
+        lr = 0.25 * (step + 1) / trainer.twin.warmup  # in the warm-up
         for i, g in grads.items():
             g = g / 10 + WEIGHT_DECAY * masters[i]
             velocity[i] = MOMENTUM * velocity[i] + g
             masters[i] = masters[i] - lr * (g + MOMENTUM * velocity[i])
-    for expected, master in zip(masters, trainer.sgd.master):
+    for expected, master in zip(masters, trainer.twin.master):
         got = torch.ldexp(master.v.double(), master.e.double())
         assert torch.allclose(got, expected, rtol=0, atol=float(expected.abs().max()) * 2**-26)
 

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intrain.layers import IntBatchNorm, StepContext
-from intrain.layers.norm import MAX_COUNT, isqrt
+from intrain.layers.norm import MAX_COUNT
+from intrain.numeric.rounding import isqrt
 from intrain.methods.niti import Niti, NitiOptions
 from intrain.models import build_float_model, build_int_model
 from intrain.numeric.formats import NumberFormat

@@ -14,7 +14,8 @@ def t(values, dtype=torch.int32):
 
 
 def test_bit_length_matches_python():
-    values = [0, 1, 2, 3, 4, 127, 128, 255, 256, 2**30, 2**31 - 1, 2**40 + 5, 2**62]
+    values = [0, 1, 2, 3, 4, 127, 128, 255, 256, 2**30, 2**31 - 1, 2**32, 2**40 + 5, 2**62, 2**63 - 1]
+    values += [2**k + d for k in range(1, 63) for d in (-1, 0)]
     got = bit_length(torch.tensor(values, dtype=torch.int64)).tolist()
     assert got == [v.bit_length() for v in values]
     assert max_bit_length(t([-300, 5, 200])).item() == 9

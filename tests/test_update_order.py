@@ -1,6 +1,6 @@
 """NITI updates each layer as soon as backward has made its gradient (``StepContext.gradient_ready``):
 no two layers hold a gradient at once, and the result is the update after the whole backward;
-with either update (NITI's, or the SGD recipe's)."""
+with any update (NITI's, or the SGD or AdamW recipe's)."""
 
 import copy
 
@@ -10,19 +10,20 @@ import torch
 from intrain.layers import StepContext, weighted_layers
 from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.niti import Niti, NitiOptions
+from intrain.methods.adamw_fixed import AdamWUpdate
 from intrain.methods.sgd_fixed import FixedPointSgd
 from intrain.methods.update import IntegerUpdate
 from intrain.numeric.qtensor import QTensor
 
 
-@pytest.mark.parametrize("update", ["niti", "sgd"])
+@pytest.mark.parametrize("update", ["niti", "sgd", "adamw"])
 @pytest.mark.parametrize("name, shape, width", [("lenet5", (1, 28, 28), 0.5), ("resnet18", (3, 16, 16), 0.125)])
 def test_layers_are_updated_one_at_a_time_with_the_same_result(name, shape, width, update, monkeypatch):
     if update == "niti":
         options = NitiOptions(mu_schedule="0:2", weight_average="none", error_rounding="stochastic",
                               weight_decay_shift=6)
     else:
-        options = NitiOptions(update="sgd", lr=0.5, weight_average="none", error_rounding="stochastic")
+        options = NitiOptions(update=update, lr=0.5, weight_average="none", error_rounding="stochastic")
     gen = torch.Generator().manual_seed(1)
     x = QTensor(torch.randint(0, 128, (6, *shape), dtype=torch.int8, generator=gen), torch.tensor(-7))
     y = torch.randint(0, 10, (6,), generator=gen)
@@ -37,13 +38,13 @@ def test_layers_are_updated_one_at_a_time_with_the_same_result(name, shape, widt
     if update == "niti":
         method.update.step(0)
     else:
-        method.sgd.step(0, 6)
+        method.twin.step(0, 6)
     expected = copy.deepcopy(model.state_dict())
 
     model.load_state_dict(start)
     method = Niti(model, options, seed=5, total_steps=10)
     holding = []
-    updater = IntegerUpdate if update == "niti" else FixedPointSgd
+    updater = {"niti": IntegerUpdate, "sgd": FixedPointSgd, "adamw": AdamWUpdate}[update]
     original = updater.step
 
     def spy(self, *args, **kwargs):

@@ -130,7 +130,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import cpu_slices
-from intrain.numeric.rounding import bit_length, divide_round, shift_round
+from intrain.numeric.rounding import bit_length, divide_round, isqrt, shift_round
 
 #: Bits below the input's unit kept by the means and standard deviations.
 GUARD_BITS = 16
@@ -166,18 +166,6 @@ WIDE_STAT_LIMIT = 30
 #: Largest shift applied to running statistics when the input's exponent moves (beyond it a
 #: left shift could overflow; a right shift by more leaves zero anyway).
 MAX_FRAME_SHIFT = 24
-
-
-def isqrt(n: torch.Tensor) -> torch.Tensor:
-    """``floor(sqrt(n))`` of non-negative int64 integers, elementwise, by Newton's iteration from
-    above: starting at ``2**ceil(b/2) >= sqrt(n)`` (``b`` its bit length), ``x <- (x + n // x) // 2``
-    decreases strictly until it reaches ``floor(sqrt(n))``, where the next value is not smaller."""
-    x = torch.ones_like(n) << ((bit_length(n) + 1) >> 1)
-    while True:
-        y = (x + n // x.clamp(min=1)) >> 1
-        if not bool((y < x).any()):
-            return x
-        x = torch.minimum(x, y)
 
 
 def _global_shift(a: torch.Tensor, bits: int, collective: Collective) -> torch.Tensor:

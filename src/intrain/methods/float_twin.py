@@ -45,6 +45,10 @@ WEIGHT_INITS = ("torch", "kaiming")
 WARMUP_FRACTION = 0.02
 MOMENTUM = 0.9
 WEIGHT_DECAY = 5e-4
+#: AdamW's betas and epsilon: PyTorch's defaults, named so that the integer AdamW
+#: (``methods.adamw_fixed``) reads the same numbers.
+ADAMW_BETAS = (0.9, 0.999)
+ADAMW_EPS = 1e-8
 
 
 def warmup_length(total_steps: int) -> int:
@@ -139,7 +143,7 @@ class FloatTwin(Method):
         if no_decay:
             groups.append({"params": no_decay, "weight_decay": 0.0})
         if options.optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(groups, lr=self.lr_at(0))
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True)
 

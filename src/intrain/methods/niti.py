@@ -18,15 +18,18 @@ The number format (``numeric.formats``) follows from the options: ``NITI_INT8``,
 ``weight_bits=16`` ``NITI_INT8_MASTER16`` (int16 master weights behind the int8 ones, NITI's
 ImageNet setting), with the chosen error rounding.
 
-Two updates (``--update``): NITI's (``niti``, ``methods.update``: no learning rate, each layer's
-largest step ``2**mu`` int8 units, the weight exponent fixed) and the float twin's SGD recipe on
-integers (``sgd``, ``methods.sgd_fixed``: int32 master weights and momentum with exponents,
-Nesterov momentum, weight decay, warm-up and cosine decay of ``--lr``; after each step the int8
-weight is the master rounded to nearest with its own exponent). The forward and backward products
-are the same int8 ones under both. Why ``sgd`` exists: NITI's step is normalised to the layer's
-largest gradient, and the float twin trained with that normalised step scores as the int8 model
-does, below the float recipe (BENCHMARKS.md, issue 17). Options of the other update are refused,
-and the recipe gives only the chosen update's.
+Three updates (``--update``): NITI's (``niti``, ``methods.update``: no learning rate, each layer's
+largest step ``2**mu`` int8 units, the weight exponent fixed) and the float twin's two recipes on
+integers: SGD (``sgd``, ``methods.sgd_fixed``: int32 master weights and momentum with exponents,
+Nesterov momentum, weight decay, warm-up and cosine decay of ``--lr``) and AdamW (``adamw``,
+``methods.adamw_fixed``: int32 masters and first moments, int64 second moments, the same
+schedule); after each step the int8 weight is the master rounded to nearest with its own
+exponent. The forward and backward products are the same int8 ones under all three. Why the
+twin's updates exist: NITI's step is normalised to the layer's largest gradient, and the float
+twin trained with that normalised step scores as the int8 model does, below the float recipe
+(BENCHMARKS.md, issue 17); AdamW's step is normalised per element instead, and the recurrent
+models' float twins train with it (BENCHMARKS.md, issue 14). Options of another update are
+refused, and the recipe gives only the chosen update's.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, flag, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
+from intrain.methods.adamw_fixed import AdamWUpdate
 from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
@@ -52,10 +56,12 @@ from intrain.numeric.qtensor import QTensor
 #: Formats by ``--weight-bits``.
 WEIGHT_BITS = {8: NITI_INT8, 16: NITI_INT8_MASTER16}
 
-#: ``--update``: NITI's integer update, or the float twin's SGD recipe on integers (module docstring).
-UPDATES = ("niti", "sgd")
-#: Options that only NITI's update reads (with their values that mean "not used"), and the SGD
-#: update's; ``Niti.make_options`` drops the recipe's values of the other update's options.
+#: ``--update``: NITI's integer update, or the float twin's SGD or AdamW recipe on integers (module
+#: docstring), by name.
+TWIN_UPDATES = {"sgd": FixedPointSgd, "adamw": AdamWUpdate}
+UPDATES = ("niti", *TWIN_UPDATES)
+#: Options that only NITI's update reads (with their values that mean "not used"), and the twin
+#: updates'; ``Niti.make_options`` drops the recipe's values of the other update's options.
 NITI_UPDATE_OPTIONS = {"mu_schedule": None, "weight_bits": 8, "weight_decay_shift": None, "core_update": "niti",
                        "core_mu_schedule": None}
 SGD_UPDATE_OPTIONS = {"lr": None}
@@ -72,12 +78,13 @@ def parse_mu_schedule(text: str) -> str:
 @dataclass(frozen=True)
 class NitiOptions:
     update: str = option(
-        "niti", help="weight update: NITI's ('niti': no learning rate, each layer's largest step 2**mu int8 units) or "
-                     "'sgd' (the float twin's SGD recipe on int32 master weights and momentum, integer-only) "
+        "niti", help="weight update: NITI's ('niti': no learning rate, each layer's largest step 2**mu int8 units), "
+                     "'sgd' (the float twin's SGD recipe on int32 master weights and momentum, integer-only) or "
+                     "'adamw' (the float twin's AdamW recipe on int32 masters and moments, integer-only) "
                      "(default: from the recipe, else niti)", choices=UPDATES)
     lr: float | None = option(
-        help="--update sgd: peak learning rate (default: from the recipe, the float twin's)", parse=positive_float,
-        metavar="LR")
+        help="--update sgd or adamw: peak learning rate (default: from the recipe, the float twin's; for adamw "
+             "only on data sets whose float recipe is AdamW)", parse=positive_float, metavar="LR")
     mu_schedule: str | None = option(
         help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "
              "its int8 weight by 2**mu steps, with or without int16 masters (with them a negative mu makes "
@@ -117,7 +124,7 @@ class NitiOptions:
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
-                      "ones; 'none' uses the latest weights (--update sgd: none only)", choices=WEIGHT_AVERAGES)
+                      "ones; 'none' uses the latest weights (--update sgd or adamw: none only)", choices=WEIGHT_AVERAGES)
 
     @property
     def fmt(self) -> NumberFormat:
@@ -136,21 +143,23 @@ class Niti(Method):
         """As ``Method.make_options``, with the recipe's values of the options the chosen update
         does not read left out (an update given on the command line overrides the recipe's)."""
         update = given.get("update") or recipe_defaults.get("update", "niti")
-        unused = NITI_UPDATE_OPTIONS if update == "sgd" else SGD_UPDATE_OPTIONS
+        unused = NITI_UPDATE_OPTIONS if update in TWIN_UPDATES else SGD_UPDATE_OPTIONS
         defaults = {name: value for name, value in recipe_defaults.items() if name not in unused}
-        if update == "sgd":
+        if update in TWIN_UPDATES:
             defaults["weight_average"] = "none"
+        if update == "adamw":  # the recipe's rate is SGD's; AdamW's where the float twin trains with it
+            defaults["lr"] = recipe_defaults.get("adamw_lr")
         return super().make_options(given, defaults)
 
     @classmethod
     def check_options(cls, options: NitiOptions) -> None:
         super().check_options(options)
-        if options.update == "sgd":
-            cls._check_sgd_options(options)
+        if options.update in TWIN_UPDATES:
+            cls._check_twin_options(options)
             return
         if options.lr is not None:
-            raise MethodOptionError("--lr sets the learning rate of --update sgd: NITI's update has none (its step "
-                                    "size is --mu-schedule); leave it out or add --update sgd")
+            raise MethodOptionError("--lr sets the learning rate of --update sgd or adamw: NITI's update has none "
+                                    "(its step size is --mu-schedule); leave it out or add --update sgd or adamw")
         if options.mu_schedule is None:
             raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
         schedules = {}
@@ -177,16 +186,20 @@ class Niti(Method):
                                         + ("more master bits" if lowest else "--weight-bits 16 (sub-step updates)"))
 
     @classmethod
-    def _check_sgd_options(cls, options: NitiOptions) -> None:
+    def _check_twin_options(cls, options: NitiOptions) -> None:
+        update = f"--update {options.update}"
         for name, unused in NITI_UPDATE_OPTIONS.items():
             if getattr(options, name) != unused:
-                raise MethodOptionError(f"{flag(name)} applies to NITI's update: leave it out with --update sgd "
+                raise MethodOptionError(f"{flag(name)} applies to NITI's update: leave it out with {update} "
                                         f"(int32 master weights, the step size is --lr)")
         if options.weight_average != "none":
             raise MethodOptionError(f"--weight-average {options.weight_average} sums int8 weights of one exponent, "
-                                    f"and --update sgd changes the exponent every step: use --weight-average none")
+                                    f"and {update} changes the exponent every step: use --weight-average none")
+        if options.lr is None and options.update == "adamw":
+            raise MethodOptionError("--update adamw needs --lr here: this data set's float recipe is not AdamW, so "
+                                    "the recipe has no AdamW rate (PyTorch's default is 1e-3)")
         if not usable_rate(options.lr):
-            raise MethodOptionError(f"--update sgd needs a positive --lr, got {options.lr}")
+            raise MethodOptionError(f"{update} needs a positive --lr, got {options.lr}")
 
     @classmethod
     def build_model(cls, options: NitiOptions, model_name: str, in_shape, num_classes: int, *, seed: int,
@@ -212,10 +225,10 @@ class Niti(Method):
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
         self.average = WeightAverage(model) if options.weight_average != "none" else None
-        if options.update == "sgd":
-            self.sgd = FixedPointSgd(model, self.fmt, options.lr, total_steps, collective)
+        if options.update in TWIN_UPDATES:
+            self.twin = TWIN_UPDATES[options.update](model, self.fmt, options.lr, total_steps, collective)
             return
-        self.sgd = None
+        self.twin = None
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
         self.core_schedule = (self.mu_schedule if options.core_mu_schedule is None
                               else MuSchedule.parse(options.core_mu_schedule))
@@ -232,11 +245,11 @@ class Niti(Method):
         # reads nothing but its own gradient and weight, so the order changes no bit), which
         # frees the gradients one by one: ResNet-18's would otherwise all be alive at once, 42.6 MiB
         # of int32 at width 1 (``python benchmarks/speed.py --model resnet18``, peak memory).
-        if self.sgd is not None:
+        if self.twin is not None:
             batch = y.shape[0]
             if self.collective.world > 1:  # the gradient is the whole batch's: the mean divides by its size
                 batch = int(self.collective.sum(torch.tensor(batch, dtype=torch.int64, device=y.device)))
-            update = lambda within=None: self.sgd.step(step, batch, within=within)
+            update = lambda within=None: self.twin.step(step, batch, within=within)
         else:
             update = lambda within=None: self.update.step(epoch, within=within, step=step)
         ctx = StepContext(self.seed, step, sample_offset, self.collective, gradient_ready=update)
@@ -256,7 +269,7 @@ class Niti(Method):
 
     def begin_epoch(self, epoch: int) -> None:
         """Restarts the weight sums every epoch ("epoch") or when mu changes ("phase")."""
-        if self.average is None:  # always with --update sgd: no mu
+        if self.average is None:  # always with --update sgd or adamw: no mu
             return
         changed = any(mu(epoch) != mu(epoch - 1) for mu in (self.mu_schedule, self.core_schedule))
         if self.options.weight_average == "epoch" or epoch == 0 or changed:
@@ -264,16 +277,19 @@ class Niti(Method):
 
     def state_dict(self) -> dict:
         # The integer path draws its random numbers from the counter-based generator keyed by
-        # (seed, step, layer): no generator state to keep, only the weight sums (or the SGD
-        # update's masters and momentum).
-        return {"weight_average": None if self.average is None else self.average.state_dict(),
-                "sgd_update": None if self.sgd is None else self.sgd.state_dict()}
+        # (seed, step, layer): no generator state to keep, only the weight sums (or the twin
+        # update's masters and moments, under "sgd_update" or "adamw_update").
+        state = {"weight_average": None if self.average is None else self.average.state_dict()}
+        for name in TWIN_UPDATES:
+            state[f"{name}_update"] = self.twin.state_dict() if self.options.update == name else None
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if self.sgd is not None:
-            if state.get("sgd_update") is None:
-                raise ValueError("no master weights and momentum of --update sgd")
-            self.sgd.load_state_dict(state["sgd_update"])
+        if self.twin is not None:
+            key = f"{self.options.update}_update"
+            if state.get(key) is None:
+                raise ValueError(f"no master weights and moments of --update {self.options.update}")
+            self.twin.load_state_dict(state[key])
         if self.average is not None:
             if state.get("weight_average") is None:
                 raise ValueError("no weight average state")

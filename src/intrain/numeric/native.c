@@ -708,6 +708,80 @@ void intrain_wide_scale_round(const int32_t *v, int64_t f, int shift, int32_t *o
     IN_RANGES(n, threads, lo, hi) wide_scale_round(v + lo, f, shift, out + lo, hi - lo);
 }
 
+/* ---------------------------- the integer AdamW's quotient (methods/adamw_fixed.py) */
+
+/* v * f / 2**31 rounded to nearest for 0 <= v <= 2**62, 0 <= f < 2**31, in two exact halves
+ * (methods/adamw_fixed.py's _scale64): below 2**62. */
+static inline int64_t scale64(int64_t v, int64_t f) {
+    return (v >> 31) * f + (((v & 0x7fffffff) * f + ((int64_t)1 << 30)) >> 31);
+}
+
+static inline int64_t round_right(int64_t v, int s) {  /* v >= 0, 0 <= s < 63 */
+    return s > 0 ? (v + ((int64_t)1 << (s - 1))) >> s : v;
+}
+
+/* Per element: b2 V + (1 - b2) g**2 before normalisation: each term scaled (scale64), the finer
+ * one shifted right by its s (at most one of the shifts is nonzero; a shift of 63 or more leaves
+ * 0), summed (below 2**63). Returns the largest sum. */
+static int64_t adamw_second_moment(const int64_t *second, const int32_t *grad, int64_t keep, int64_t take,
+                                   int s_kept, int s_taken, int64_t *out, int64_t n) {
+    int64_t largest = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t g = grad[k];
+        int64_t kept = s_kept < 63 ? round_right(scale64(second[k], keep), s_kept) : 0;
+        int64_t taken = s_taken < 63 ? round_right(scale64(g * g, take), s_taken) : 0;
+        int64_t v = kept + taken;
+        out[k] = v;
+        if (v > largest) largest = v;
+    }
+    return largest;
+}
+
+int64_t intrain_adamw_second_moment(const int64_t *second, const int32_t *grad, int64_t keep, int64_t take,
+                                    int s_kept, int s_taken, int64_t *out, int64_t n, int threads) {
+    int64_t largest = 0;
+    IN_RANGES(n, threads, lo, hi, reduction(max : largest)) {
+        int64_t part = adamw_second_moment(second + lo, grad + lo, keep, take, s_kept, s_taken, out + lo, hi - lo);
+        if (part > largest) largest = part;
+    }
+    return largest;
+}
+
+/* floor(sqrt(n)) for 0 <= n < 2**63: Newton's iteration from 2**ceil(b/2) (b the bit length),
+ * as numeric/rounding.py's isqrt; every start above the root ends at the same floor. */
+static inline int64_t isqrt_floor(int64_t n) {
+    if (n < 2) return n;
+    int b = 64 - __builtin_clzll((uint64_t)n);
+    int64_t x = (int64_t)1 << ((b + 1) >> 1);
+    for (;;) {
+        int64_t y = (x + n / x) >> 1;
+        if (y >= x) return x;
+        x = y;
+    }
+}
+
+/* Per element: R = round(sqrt(V)) (V <= 2**62, so R <= 2**31), D = max(round(R * root / 2**s) +
+ * eps, 1) (R * root < 2**62, 0 <= s < 63, D <= 2**31 + eps, eps < 2**32), Q = round(M * 2**30 / D),
+ * ties away from zero (|M| < 2**31: 2 |M| 2**30 + D < 2**63). */
+static void adamw_quotient(const int64_t *second, const int32_t *first, int64_t root, int s, int64_t eps,
+                           int64_t *out, int64_t n) {
+    for (int64_t k = 0; k < n; k++) {
+        int64_t v = second[k], r = isqrt_floor(v);
+        r += (v - r * r > r);
+        int64_t scaled = r * root;
+        int64_t d = (s > 0 ? (scaled + ((int64_t)1 << (s - 1))) >> s : scaled) + eps;
+        if (d < 1) d = 1;
+        int64_t m = (int64_t)first[k] << 30, a = m < 0 ? -m : m;
+        int64_t q = (2 * a + d) / (2 * d);
+        out[k] = m < 0 ? -q : q;
+    }
+}
+
+void intrain_adamw_quotient(const int64_t *second, const int32_t *first, int64_t root, int s, int64_t eps,
+                            int64_t *out, int64_t n, int threads) {
+    IN_RANGES(n, threads, lo, hi) adamw_quotient(second + lo, first + lo, root, s, eps, out + lo, hi - lo);
+}
+
 /* ---------------------------- direct convolutions of few input channels (kernels/cpu/backend.py) */
 
 /* A stride-1 convolution whose kernel covers few values (C * kh * kw <= 32: a first layer on

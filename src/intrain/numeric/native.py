@@ -161,6 +161,9 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.intrain_wide_add_max.argtypes, lib.intrain_wide_add_max.restype = [p, i, p, i, n, i], n
     lib.intrain_wide_add_round.argtypes = [p, i, p, i, i, p, n, i]
     lib.intrain_wide_scale_round.argtypes = [p, n, i, p, n, i]
+    lib.intrain_adamw_quotient.argtypes = [p, p, n, i, n, p, n, i]
+    lib.intrain_adamw_second_moment.argtypes = [p, p, n, n, i, i, p, n, i]
+    lib.intrain_adamw_second_moment.restype = n
     for pair in ("i32_i16", "i64_i32"):
         getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i, i]
     for pair in ("i16_i8", "i32_i16"):
@@ -515,6 +518,37 @@ def wide_scale(v: torch.Tensor, factor: int) -> tuple[torch.Tensor, int] | None:
     src, dst = v.data_ptr(), values.data_ptr()
     lib.intrain_wide_scale_round(src, factor, shift, dst, v.numel(), _threads(v.numel()))
     return values, shift
+
+
+def adamw_second_moment(second: torch.Tensor, grad: torch.Tensor, keep: int, take: int, shift_kept: int,
+                        shift_taken: int) -> tuple[torch.Tensor, int] | None:
+    """``methods.adamw_fixed.second_moment_sum`` in one pass, with its largest value (int64 second
+    moments ``<= 2**62``, int32 gradients of one shape, factors in ``[0, 2**31)``, shifts ``>= 0``);
+    ``None`` where the kernels do not apply."""
+    lib = library()
+    if (lib is None or second.dtype != torch.int64 or grad.dtype != torch.int32 or second.shape != grad.shape
+            or not _applies(second, grad)):
+        return None
+    out = torch.empty(second.shape, dtype=torch.int64)
+    largest = lib.intrain_adamw_second_moment(second.data_ptr(), grad.data_ptr(), keep, take, min(shift_kept, 63),
+                                              min(shift_taken, 63), out.data_ptr(), second.numel(),
+                                              _threads(second.numel()))
+    return out, largest
+
+
+def adamw_quotient(second: torch.Tensor, first: torch.Tensor, root: int, shift: int, eps: int
+                   ) -> torch.Tensor | None:
+    """``methods.adamw_fixed.quotient`` in one pass (int64 second moments, int32 first moments of
+    one shape, ``0 <= shift < 63``, ``0 < root < 2**31``, ``0 <= eps < 2**32``); ``None`` where the
+    kernels do not apply."""
+    lib = library()
+    if (lib is None or second.dtype != torch.int64 or first.dtype != torch.int32 or second.shape != first.shape
+            or not _applies(second, first) or not 0 <= shift < 63):
+        return None
+    out = torch.empty(second.shape, dtype=torch.int64)
+    lib.intrain_adamw_quotient(second.data_ptr(), first.data_ptr(), root, shift, eps, out.data_ptr(), second.numel(),
+                               _threads(second.numel()))
+    return out
 
 
 #: Most products per output a direct convolution takes (C * kh * kw; ``native.c``'s ranges).

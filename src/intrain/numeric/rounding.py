@@ -32,9 +32,28 @@ ROUNDING_MODES = ("nearest", "stochastic", "pseudo")
 
 
 def bit_length(m: torch.Tensor) -> torch.Tensor:
-    """Number of bits of non-negative integers ``m`` (0 for 0), as int64, elementwise."""
-    powers = torch.ones(63, dtype=torch.int64, device=m.device) << torch.arange(63, device=m.device)
-    return (m.to(torch.int64).unsqueeze(-1) >= powers).sum(-1)
+    """Number of bits of non-negative integers ``m`` (0 for 0), as int64, elementwise: a binary
+    search for the largest ``b`` with ``m >> b > 0`` (six shifts of at most 63 bits, no temporary
+    larger than ``m``), plus one for every non-zero ``m``."""
+    m = m.to(torch.int64)
+    below = torch.zeros_like(m)
+    for step in (32, 16, 8, 4, 2, 1):
+        below += ((m >> (below + step)) > 0).to(torch.int64) * step
+    return below + (m > 0).to(torch.int64)
+
+
+def isqrt(n: torch.Tensor) -> torch.Tensor:
+    """``floor(sqrt(n))`` of non-negative int64 integers, elementwise, by Newton's iteration from
+    above: starting at ``2**ceil(b/2) >= sqrt(n)`` (``b`` its bit length), ``x <- (x + n // x) // 2``
+    decreases strictly until it reaches ``floor(sqrt(n))``, where the next value is not smaller.
+    The start is within a factor 2 of the root, so the iteration converges quadratically (at most
+    seven turns for 62-bit ``n``)."""
+    x = torch.ones_like(n) << ((bit_length(n) + 1) >> 1)
+    while True:
+        y = (x + n // x.clamp(min=1)) >> 1
+        if not bool((y < x).any()):
+            return x
+        x = torch.minimum(x, y)
 
 
 def max_bit_length(a: torch.Tensor) -> torch.Tensor:

@@ -67,7 +67,7 @@ def bytes_per_weight(config) -> int:
         return 10
     options = config.options or {}
     extra = 2 if options.get("weight_bits") == 16 else 0
-    extra += 8 if options.get("update") == "sgd" else 0  # int32 master and momentum
+    extra += {"sgd": 8, "adamw": 16}.get(options.get("update"), 0)  # int32 master and moment(s), int64 second moment
     extra += 0 if options.get("weight_average") == "none" else 8
     return 5 + extra
 

@@ -37,10 +37,14 @@ class Recipe:
     options: dict = field(default_factory=dict)
 
     def options_for(self, batch_size: int) -> dict:
-        """The method options for training at ``batch_size`` (linear learning-rate scaling)."""
-        if "lr" not in self.options:
-            return dict(self.options)
-        return dict(self.options, lr=self.options["lr"] * batch_size / self.batch_size)
+        """The method options for training at ``batch_size`` (linear learning-rate scaling, of the
+        AdamW rate an int8 recipe names for ``--update adamw`` too)."""
+        return {name: value * batch_size / self.batch_size if name in _RATES else value
+                for name, value in self.options.items()}
+
+
+#: Recipe options that are learning rates (scaled linearly with the batch size).
+_RATES = ("lr", "adamw_lr")
 
 
 def scaled_lr(batch_size: int) -> float:
@@ -243,6 +247,8 @@ def default_recipe(dataset: str, model: str, method: str) -> Recipe:
             batch_size = _INT8_BATCH.get(dataset, batch_size)
     if method == "int8":
         options = {"mu_schedule": _INT8_MU.get((dataset, model), mu), "lr": scaled_lr(batch_size)}
+        if _FLOAT_OPTIMIZER.get(dataset, ("sgd",))[0] == "adamw":  # --update adamw's rate: the float twin's
+            options["adamw_lr"] = _FLOAT_OPTIMIZER[dataset][1] * batch_size / LR_REFERENCE_BATCH
         options.update(_INT8_OPTIONS_BY_MODEL.get((dataset, model), {}))
         if (dataset, model) in _INT8_CORE_UPDATE:
             rule, core_mu = _INT8_CORE_UPDATE[dataset, model]
