@@ -42,7 +42,9 @@ from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.numeric.qtensor import QTensor
 from intrain.layers import weighted_layers
 
-SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
+SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28),
+          # the recurrent models read the channels as frames: moving-mnist-actions' 10 frames of 32x32
+          "lstm": (10, 32, 32), "tt-lstm": (10, 32, 32), "tr-lstm": (10, 32, 32)}
 
 
 def _median_seconds(fn, repeats: int, device: torch.device) -> float:

@@ -35,7 +35,10 @@ def data(tmp_path):
     (["--model", "lstm", "--core-update", "sign"], "applies to the cores of tt-lstm and tr-lstm: lstm has none"),
     (["--model", "tr-lstm", "--arith", "float", "--core-update", "sign"], "--core-update does not apply to --arith float"),
     (["--model", "lstm", "--core-mu-schedule", "0:2"], "--core-mu-schedule 0:2 applies to the cores of tt-lstm"),
-    (["--model", "tr-lstm", "--core-mu-schedule", "0:-1"], "--core-mu-schedule 0:-1: mu below 0 needs --weight-bits 16"),
+    (["--model", "tr-lstm", "--update", "niti", "--core-mu-schedule", "0:-1"],
+     "--core-mu-schedule 0:-1: mu below 0 needs --weight-bits 16"),
+    (["--model", "tr-lstm", "--core-mu-schedule", "0:1"],  # the recipe's update is AdamW
+     "--core-mu-schedule applies to NITI's update: leave it out with --update adamw"),
     (["--model", "tr-lstm", "--core-mu-schedule", "5"], "--core-mu-schedule: cannot read mu schedule"),
     (["--model", "lstm", "--lstm-forget-bias", "9"], "--lstm-forget-bias must be between -8 and 8, got 9"),
     (["--model", "tr-lstm", "--lstm-forget-bias", "nan"], "--lstm-forget-bias must be between -8 and 8, got nan"),
@@ -149,7 +152,7 @@ def test_run_saved_before_core_update_resumes_with_nitis_rule(data, tmp_path, mo
     from intrain.run import checkpoint
 
     job = ["train", *TINY, *data, "--model", "tr-lstm", "--tr-rank", "3", "--epochs", "2", "--checkpoint-every", "2",
-           "--core-update", "niti", "--mu-schedule", "0:3", "--core-mu-schedule", "0:3"]
+           "--update", "niti", "--core-update", "niti", "--mu-schedule", "0:3", "--core-mu-schedule", "0:3"]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
     run_until_crash(monkeypatch, Niti, 4, [*job, "--out", str(tmp_path / "run")])
     path = checkpoint.checkpoint_path(tmp_path / "run")
@@ -173,9 +176,16 @@ def test_recipe_runs_the_tr_lstm_for_40_epochs_and_the_other_lstms_for_20():
     assert int8.options["core_mu_schedule"] == "0:2,4:1"
 
 
-def test_recipe_updates_tr_lstm_cores_by_sign(data, tmp_path, capsys):
+def test_recipe_trains_the_int8_tr_lstm_with_adamw_and_its_cores_by_sign_given_nitis_update(data, tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", *TINY, *data, "--model", "tr-lstm", "--epochs", "1", "--out", str(run)]) == 0
+    options = json.loads((run / "config.json").read_text())
+    assert (options["update"], options["weight_average"]) == ("adamw", "none")
+    assert options["lr"] == pytest.approx(0.003 * 8 / 64)  # the float twin's AdamW rate, scaled to batch 8
+    assert options["mu_schedule"] is None and options["core_update"] == "niti"  # NITI's options unused
+    run = tmp_path / "niti"
+    assert main(["train", *TINY, *data, "--model", "tr-lstm", "--epochs", "1", "--update", "niti",
+                 "--out", str(run)]) == 0
     options = json.loads((run / "config.json").read_text())
     assert options["core_update"] == "sign" and options["mu_schedule"] == "0:4"
     assert options["core_mu_schedule"] == "0:2,4:1" and options["weight_average"] == "epoch"

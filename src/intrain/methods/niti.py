@@ -124,7 +124,8 @@ class NitiOptions:
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
-                      "ones; 'none' uses the latest weights (--update sgd or adamw: none only)", choices=WEIGHT_AVERAGES)
+                      "ones; 'none' uses the latest weights (--update sgd or adamw: none only)",
+        choices=WEIGHT_AVERAGES)
 
     @property
     def fmt(self) -> NumberFormat:
