@@ -64,7 +64,7 @@ UPDATES = ("niti", *TWIN_UPDATES)
 #: updates'; ``Niti.make_options`` drops the recipe's values of the other update's options.
 NITI_UPDATE_OPTIONS = {"mu_schedule": None, "weight_bits": 8, "weight_decay_shift": None, "core_update": "niti",
                        "core_mu_schedule": None}
-SGD_UPDATE_OPTIONS = {"lr": None}
+TWIN_UPDATE_OPTIONS = {"lr": None}
 
 
 def parse_mu_schedule(text: str) -> str:
@@ -144,7 +144,7 @@ class Niti(Method):
         """As ``Method.make_options``, with the recipe's values of the options the chosen update
         does not read left out (an update given on the command line overrides the recipe's)."""
         update = given.get("update") or recipe_defaults.get("update", "niti")
-        unused = NITI_UPDATE_OPTIONS if update in TWIN_UPDATES else SGD_UPDATE_OPTIONS
+        unused = NITI_UPDATE_OPTIONS if update in TWIN_UPDATES else TWIN_UPDATE_OPTIONS
         defaults = {name: value for name, value in recipe_defaults.items() if name not in unused}
         if update in TWIN_UPDATES:
             defaults["weight_average"] = "none"
