@@ -54,12 +54,14 @@ def test_scale64_worst_cases():
 
 
 def _second_moment_both_ways(second, e, grad, keep, take):
-    """``second_moment_sum`` by the C kernel and by PyTorch, which must agree bit for bit."""
-    fused = second_moment_sum(second, e, grad, keep, take)
-    assert native.adamw_second_moment(second, grad.v, keep[0], take[0], 0, 0) is not None  # the kernel ran
+    """``second_moment_sum`` by PyTorch, and by the C kernel where it is built (tests/test_native.py
+    checks that it is wherever there is a compiler), which must agree bit for bit."""
     with mock.patch.object(native, "adamw_second_moment", lambda *args: None):
         reference = second_moment_sum(second, e, grad, keep, take)
-    assert torch.equal(fused[0], reference[0]) and fused[1:] == reference[1:]
+    if native.available():
+        assert native.adamw_second_moment(second, grad.v, keep[0], take[0], 0, 0) is not None  # the kernel runs
+        fused = second_moment_sum(second, e, grad, keep, take)
+        assert torch.equal(fused[0], reference[0]) and fused[1:] == reference[1:]
     return reference
 
 
@@ -116,10 +118,11 @@ def test_nearest_sqrt_at_the_extremes():
 
 
 def _quotient_both_ways(second, first, root, shift, eps):
-    fused = native.adamw_quotient(second, first, root, shift, eps)
-    assert fused is not None
+    """``quotient`` by PyTorch, and by the C kernel where it is built, bit for bit the same."""
     reference = quotient(second, first, root, shift, eps)
-    assert torch.equal(fused, reference)
+    if native.available():
+        fused = native.adamw_quotient(second, first, root, shift, eps)
+        assert fused is not None and torch.equal(fused, reference)
     return reference
 
 
