@@ -55,12 +55,11 @@ import torch
 
 from intrain.layers import weighted_layers
 from intrain.methods.float_twin import ADAMW_BETAS, ADAMW_EPS, WEIGHT_DECAY, warmup_length
-from intrain.methods.sgd_fixed import fixed, schedule_fraction
+from intrain.methods.sgd_fixed import fixed, mean_gradient, schedule_fraction, store_rounded
 from intrain.numeric import native, wide
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.formats import NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize
 from intrain.numeric.rounding import divide_round, isqrt, shift_round
 
 #: Fraction bits of the fixed-point powers ``b**t``.
@@ -235,12 +234,7 @@ class AdamWUpdate:
         for i, layer in enumerate(self.layers):
             if layer.weight_grad is None or (chosen is not None and id(layer) not in chosen):
                 continue
-            grad, grad_exp = layer.weight_grad, layer.weight_grad_exp
-            layer.weight_grad = layer.weight_grad_exp = None
-            if self.collective.world > 1:
-                grad = self.collective.sum(grad.to(torch.int64))
-            g = wide.scale(wide.requantize(grad, grad_exp), per_sample)
-            del grad
+            g = mean_gradient(layer, self.collective, per_sample)
             self.master[i] = wide.add(self.master[i], wide.scale(self.master[i], (-decay_f, decay_e)))
             self.first[i] = wide.add(wide.scale(self.first[i], self.first_keep), wide.scale(g, self.first_take))
             second, second_e = _normalised(*second_moment_sum(*self.second[i], g, self.second_keep,
@@ -256,9 +250,7 @@ class AdamWUpdate:
             move = wide.requantize(q, first.e - QUOTIENT_SHIFT - denominator_e)
             del q
             self.master[i] = wide.add(self.master[i], wide.scale(move, (-step_f, step_e)))
-            weight = requantize(self.master[i].v, self.master[i].e, bits=self.fmt.bits)
-            layer.weight.copy_(weight.v)
-            layer.weight_exp.copy_(weight.e)
+            store_rounded(layer, self.master[i], self.fmt.bits)
 
     def state_dict(self) -> dict:
         return {"master": [(m.v, m.e) for m in self.master], "first_moment": [(m.v, m.e) for m in self.first],

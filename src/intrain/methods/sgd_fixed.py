@@ -105,6 +105,24 @@ def schedule_fraction(step: int, total_steps: int, warmup: int) -> tuple[int, in
     return (1 << COS_BITS) + cos_pi(step - warmup, decay), 1 << (COS_BITS + 1)
 
 
+def mean_gradient(layer, collective: Collective, per_sample: tuple[int, int]) -> QTensor:
+    """The layer's exact weight gradient (summed over the processes), rounded to a wide tensor and
+    scaled by ``per_sample`` (``1 / N``); the layer's gradient is freed (the twin updates' shared
+    first step, ``methods.adamw_fixed`` too)."""
+    grad, grad_exp = layer.weight_grad, layer.weight_grad_exp
+    layer.weight_grad = layer.weight_grad_exp = None
+    if collective.world > 1:
+        grad = collective.sum(grad.to(torch.int64))
+    return wide.scale(wide.requantize(grad, grad_exp), per_sample)
+
+
+def store_rounded(layer, master: QTensor, bits: int) -> None:
+    """The layer's weight and exponent set to ``master`` rounded (nearest) to ``bits`` bits."""
+    weight = requantize(master.v, master.e, bits=bits)
+    layer.weight.copy_(weight.v)
+    layer.weight_exp.copy_(weight.e)
+
+
 class FixedPointSgd:
     """The integer-only SGD update of every weighted layer of ``model`` (see the module
     docstring), with peak learning rate ``lr`` (a positive float, read as its exact rational)."""
@@ -142,12 +160,7 @@ class FixedPointSgd:
             # Each temporary is dropped as soon as it is used (the layer's int64 gradient first),
             # so that at most three int32 tensors of the weight's size are alive beside the
             # master and momentum: the update of a large last layer sets DFP16's peak memory.
-            grad, grad_exp = layer.weight_grad, layer.weight_grad_exp
-            layer.weight_grad = layer.weight_grad_exp = None
-            if self.collective.world > 1:
-                grad = self.collective.sum(grad.to(torch.int64))
-            grad = wide.requantize(grad, grad_exp)
-            grad = wide.scale(grad, per_sample)
+            grad = mean_gradient(layer, self.collective, per_sample)
             g = wide.add(grad, wide.scale(self.master[i], self.decay))
             del grad
             self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
@@ -156,9 +169,7 @@ class FixedPointSgd:
             u = wide.scale(u, (-lr_f, lr_e))
             self.master[i] = wide.add(self.master[i], u)
             del u
-            weight = requantize(self.master[i].v, self.master[i].e, bits=self.fmt.bits)
-            layer.weight.copy_(weight.v)
-            layer.weight_exp.copy_(weight.e)
+            store_rounded(layer, self.master[i], self.fmt.bits)
 
     def state_dict(self) -> dict:
         return {"master": [(m.v, m.e) for m in self.master], "momentum": [(b.v, b.e) for b in self.velocity]}
