@@ -1,5 +1,6 @@
-"""DFP16 (issue 12): the int32-chunked accumulator and its bound, the integer-only SGD against the
-float one, and the method through the command line (training, resume, eval, foreign options)."""
+"""DFP16 (issue 12): the int32-chunked accumulator and its bound, the integer-only SGD and AdamW
+against the float ones, the float twin's optimiser as the recipe's, and the method through the
+command line (training, resume, eval, foreign options)."""
 
 import math
 from fractions import Fraction
@@ -25,6 +26,7 @@ from intrain.numeric.accumulate import (INT32_MAX, MAX_SHIFT, chunk_bound, headr
 from intrain.numeric.formats import DFP16, NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.run import checkpoint
+from intrain.run.config import TrainConfig
 
 PROPERTY = settings(max_examples=60, deadline=None, derandomize=True)
 REF = get_backend("reference")
@@ -216,8 +218,11 @@ def test_float_masters_become_dfp16_weights_with_the_largest_at_full_scale():
     assert to_format(torch.zeros(3), DFP16) is None
 
 
-def _model_and_method(master: str, accumulator: str = "int32-chunked", backend: str = "reference"):
-    options = Dfp16Options(lr=0.05, dfp16_master=master, dfp16_accumulator=accumulator, backend=backend)
+def _model_and_method(master: str, accumulator: str = "int32-chunked", backend: str = "reference",
+                      optimizer: str = "sgd"):
+    lr = 0.003 if optimizer == "adamw" else 0.05
+    options = Dfp16Options(lr=lr, dfp16_master=master, dfp16_accumulator=accumulator, backend=backend,
+                           optimizer=optimizer)
     model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
     return model, Dfp16(model, options, seed=0, total_steps=50)
 
@@ -229,7 +234,7 @@ def _batch(n=16):
 
 
 def test_int32_masters_follow_the_float32_masters():
-    """One step from the same weights: the integer-only update lands where float32 SGD does
+    """Three steps from the same weights: the integer-only update lands where float32 SGD does
     (relative to the layer's largest weight, within a few units of float32's rounding)."""
     x, y = _batch()
     steps = {}
@@ -243,16 +248,53 @@ def test_int32_masters_follow_the_float32_masters():
         assert (as_float - f.to(torch.float64)).abs().max() <= 1e-4 * f.abs().max()
 
 
+def test_int32_adamw_masters_follow_the_float32_ones_element_by_element():
+    """One AdamW step from the same weights and gradients: each int32 master element within
+    ``lr * (2**-20 + 8 * 2**-31 * max|g| / |g|)`` (and float32's rounding) of float32 AdamW's (``methods.adamw_fixed``: the
+    first moment and the denominator hold 31 bits of the layer's largest, so an element's step
+    is as precise as its gradient is large against the layer's largest; AdamW moves every
+    element by about the rate, however small its gradient)."""
+    x, y = _batch()
+    lr = 0.003
+    masters, grads = {}, {}
+    for master in ("int32", "fp32"):
+        _, method = _model_and_method(master, backend="cpu", optimizer="adamw")
+        layers, original, seen = method.update.layers, method.update.step, {}
+
+        def recording(step, batch, within=None):
+            for i, layer in enumerate(layers):
+                if layer.weight_grad is not None and i not in seen:
+                    seen[i] = torch.ldexp(layer.weight_grad.double(), layer.weight_grad_exp.double()) / batch
+            return original(step, batch, within)
+
+        method.update.step = recording
+        start = method.update.state_dict()["master"]
+        start = [s.double() if master == "fp32" else torch.ldexp(s[0].double(), s[1].double()) for s in start]
+        method.train_step(x, y, 0, 0)
+        after = method.update.state_dict()["master"]
+        masters[master] = [(a.double() if master == "fp32" else torch.ldexp(a[0].double(), a[1].double())) - s
+                           for a, s in zip(after, start)]
+        grads[master] = [seen[i] for i in range(len(layers))]
+    for g_int, g_float, step_int, step_float, weight in zip(grads["int32"], grads["fp32"], masters["int32"],
+                                                            masters["fp32"], start):
+        assert torch.equal(g_int, g_float)  # the same weights: the same exact gradient
+        # plus the float32 master's own rounding (its unit at the weight is at most 2**-23 |W|)
+        bound = lr * (2**-20 + 8 * 2**-31 * g_float.abs().max() / g_float.abs()) + 2**-23 * weight.abs()
+        assert bool(((step_int - step_float).abs() <= bound).all())
+        assert step_float.abs().max() >= 0.9 * lr  # AdamW's first step: about the rate everywhere
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 @pytest.mark.parametrize("master", ["int32", "fp32"])
-def test_updating_each_layer_as_backward_reaches_it_changes_no_bit(master):
+def test_updating_each_layer_as_backward_reaches_it_changes_no_bit(master, optimizer):
     """A step that updates each layer as soon as its gradient is made (``train_step``) ends with
-    the weights, masters and momentum of one that updates every layer after backward."""
+    the weights, masters and optimiser state of one that updates every layer after backward."""
     from intrain.layers import StepContext
     from intrain.methods.loss import cross_entropy_grad
 
     x, y = _batch()
-    _, at_once = _model_and_method(master, backend="cpu")
-    model, per_layer = _model_and_method(master, backend="cpu")
+    _, at_once = _model_and_method(master, backend="cpu", optimizer=optimizer)
+    model, per_layer = _model_and_method(master, backend="cpu", optimizer=optimizer)
     for step in range(3):
         ctx = StepContext(at_once.seed, step)
         logits = at_once.model(x, ctx)
@@ -263,14 +305,16 @@ def test_updating_each_layer_as_backward_reaches_it_changes_no_bit(master):
         assert torch.equal(a, b), name
     state_a, state_b = at_once.update.state_dict(), per_layer.update.state_dict()
     if master == "int32":
-        pairs = [(a, b) for key in ("master", "momentum") for pa, pb in zip(state_a[key], state_b[key])
-                 for a, b in zip(pa, pb)]
+        keys = ("master", "momentum") if optimizer == "sgd" else ("master", "first_moment", "second_moment")
+        pairs = [(a, b) for key in keys for pa, pb in zip(state_a[key], state_b[key]) for a, b in zip(pa, pb)]
+        assert len(pairs) == 2 * 5 * len(keys)
     else:  # the optimizer's state is keyed by parameter, filled in another order
-        momentum_a, momentum_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
-        assert sorted(momentum_a) == sorted(momentum_b) == list(range(5))
+        moments_a, moments_b = state_a["optimizer"]["state"], state_b["optimizer"]["state"]
+        assert sorted(moments_a) == sorted(moments_b) == list(range(5))
+        keys = ("momentum_buffer",) if optimizer == "sgd" else ("exp_avg", "exp_avg_sq", "step")
         pairs = list(zip(state_a["master"], state_b["master"]))
-        pairs += [(momentum_a[i]["momentum_buffer"], momentum_b[i]["momentum_buffer"]) for i in range(5)]
-    assert len(pairs) == 10 or len(pairs) == 20
+        pairs += [(moments_a[i][key], moments_b[i][key]) for i in range(5) for key in keys]
+        assert len(pairs) == 5 * (1 + len(keys))
     for a, b in pairs:
         assert torch.equal(a, b)
 
@@ -295,13 +339,20 @@ def _state(run_dir):
     return torch.load(run_dir / "model.pt", weights_only=True)["state_dict"]
 
 
-@pytest.mark.parametrize("master", ["int32", "fp32"])
-def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master):
-    job = [*JOB, "--dfp16-master", master]
+@pytest.mark.parametrize("master, optimizer", [("int32", "sgd"), ("fp32", "sgd"), ("int32", "adamw"),
+                                               ("fp32", "adamw")])
+def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master, optimizer):
+    job = [*JOB, "--dfp16-master", master, "--optimizer", optimizer]
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
     run_until_crash(monkeypatch, Dfp16, 9, [*job, "--out", str(tmp_path / "run")])
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run"))
     assert saved["global_step"] == 8 and saved["dfp16_update"]["master"]
+    if master == "int32":
+        assert ("second_moment" in saved["dfp16_update"]) == (optimizer == "adamw")
+    else:
+        assert type(saved["dfp16_update"]["optimizer"]["state"][0].get("exp_avg")) is (
+            torch.Tensor if optimizer == "adamw" else type(None))
+    assert saved["train_config"]["options"]["optimizer"] == optimizer
     assert main(["train", "--resume", str(tmp_path / "run")]) == 0
     ref, run = _state(tmp_path / "ref"), _state(tmp_path / "run")
     assert ref.keys() == run.keys() and all(torch.equal(ref[k], run[k]) for k in ref)
@@ -319,6 +370,8 @@ def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master):
     (["train", "--arith", "dfp16", "--dfp16-master", "fp64"], "--dfp16-master"),
     (["train", "--arith", "dfp16", "--dfp16-chunk", "0"], "--dfp16-chunk"),
     (["train", "--arith", "dfp16", "--dfp16-headroom", "16"], "--dfp16-headroom"),
+    (["train", "--arith", "dfp16", "--optimizer", "adam"], "--optimizer"),
+    (["train", "--optimizer", "adamw"], "--optimizer does not apply to --arith int8"),
 ])
 def test_foreign_and_bad_dfp16_options_are_refused(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -327,3 +380,20 @@ def test_foreign_and_bad_dfp16_options_are_refused(argv, words, capsys, tmp_path
 
 def test_dfp16_is_registered():
     assert METHODS["dfp16"] is Dfp16 and Dfp16.integer
+
+
+def test_dfp16_takes_the_float_twins_optimiser_and_rate_from_the_recipe():
+    """The float recipe unchanged: AdamW at the float twin's rate where the twin trains with it
+    (the recurrent models), SGD elsewhere; a config saved before DFP16 had ``optimizer`` keeps
+    SGD, the update it trained with."""
+    for model in ("tr-lstm", "lstm"):
+        resolved = TrainConfig(dataset="moving-mnist-actions", model=model, arith="dfp16").resolved()
+        twin = TrainConfig(dataset="moving-mnist-actions", model=model, arith="float").resolved()
+        assert (resolved.options["optimizer"], resolved.options["lr"]) == ("adamw", 0.003)
+        assert (twin.options["optimizer"], twin.options["lr"], twin.batch_size, twin.epochs) == \
+            ("adamw", 0.003, resolved.batch_size, resolved.epochs)
+    resolved = TrainConfig(dataset="mnist", model="lenet5", arith="dfp16").resolved()
+    assert (resolved.options["optimizer"], resolved.options["lr"]) == ("sgd", 0.05)
+    saved = TrainConfig(dataset="moving-mnist-actions", model="tr-lstm", arith="dfp16").resolved().__dict__
+    saved = {**saved, "options": {k: v for k, v in saved["options"].items() if k != "optimizer"}}
+    assert TrainConfig.from_dict(saved).options["optimizer"] == "sgd"

@@ -1,6 +1,8 @@
 """The integer-only audit: whole LeNet-5 and ResNet-18 training steps under a dispatch mode that records every
 aten operator, failing if any operator receives or returns a floating-point tensor."""
 
+from unittest import mock
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -70,18 +72,22 @@ def test_training_step_uses_only_integer_tensors(model_name, width, weight_bits)
     assert all(not torch.equal(b, getattr(layer, trained)) for b, layer in zip(before, weighted_layers(model)))
 
 
-@pytest.mark.parametrize("accumulator", ["int32-chunked", "exact"])
-def test_dfp16_training_step_uses_only_integer_tensors(accumulator):
-    """DFP16's integer-only mode (int32 masters and momentum, fixed-point learning rate and decay
-    factors): two steps, products through either accumulator, no float tensor anywhere."""
+@pytest.mark.parametrize("accumulator, optimizer", [("int32-chunked", "sgd"), ("exact", "sgd"),
+                                                    ("int32-chunked", "adamw")])
+def test_dfp16_training_step_uses_only_integer_tensors(accumulator, optimizer):
+    """DFP16's integer-only mode (int32 masters and momentum or AdamW's moments, fixed-point
+    learning rate and decay factors): two steps, products through either accumulator, no float
+    tensor anywhere (AdamW's C kernels replaced by the PyTorch code whose bits they give,
+    tests/test_niti_adamw.py)."""
     from intrain.methods.dfp16 import Dfp16, Dfp16Options
 
-    options = Dfp16Options(lr=0.05, backend="reference", dfp16_accumulator=accumulator)
+    options = Dfp16Options(lr=0.05, backend="reference", dfp16_accumulator=accumulator, optimizer=optimizer)
     model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
     trainer = Dfp16(model, options, seed=0, total_steps=10)
     x, y = _batch()
     before = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(model)]
-    with FloatAudit() as audit:
+    with FloatAudit() as audit, mock.patch.object(native, "adamw_second_moment", lambda *args: None), \
+            mock.patch.object(native, "adamw_quotient", lambda *args: None):
         x = Dfp16.network_input(x)
         trainer.train_step(x, y, step=0, epoch=0)
         trainer.train_step(x, y, step=1, epoch=0)

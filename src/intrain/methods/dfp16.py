@@ -10,14 +10,16 @@ accumulator: by default the int32-chunked one, whose int32 partial sums provably
 stochastic, ``--error-rounding``); the loss gradient ``softmax(z) - onehot(y)`` is computed in
 integers (``methods.loss``) and rounded stochastically to DFP16.
 
-The recipe is the float twin's, unchanged (SGD with Nesterov momentum, weight decay, warm-up and
-cosine decay, the same learning rate and batch size from ``run.recipes``), in two modes
+The recipe is the float twin's, unchanged: its optimiser (``--optimizer``: SGD with Nesterov
+momentum, or AdamW where the float twin trains with it, the recurrent models), weight decay,
+warm-up and cosine decay, the same learning rate and batch size from ``run.recipes``; in two modes
 (``--dfp16-master``):
 
-- ``int32`` (default, integer-only): master weights and momentum are int32 tensors with
-  exponents and every factor is an exact fixed-point product (``methods.sgd_fixed``); the whole
-  step is integer, which the integer-only audits check;
-- ``fp32`` (the paper's): float32 master weights and momentum updated by the float twin's
+- ``int32`` (default, integer-only): master weights and the optimiser's state are int32 tensors
+  with exponents (AdamW's second moments int64) and every factor is an exact fixed-point product
+  (``methods.sgd_fixed``, ``methods.adamw_fixed``); the whole step is integer, which the
+  integer-only audits check;
+- ``fp32`` (the paper's): float32 master weights and optimiser state updated by the float twin's
   optimiser (``methods.float_master``); products stay integer.
 
 After each update the layer's int16 weight and its exponent are the master rounded to DFP16; the
@@ -37,15 +39,19 @@ from intrain.kernels import BACKENDS
 from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
-from intrain.methods.float_master import FloatMasterSgd
+from intrain.methods.adamw_fixed import AdamWUpdate
+from intrain.methods.float_master import FloatMaster
+from intrain.methods.float_twin import OPTIMIZERS
 from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
 from intrain.models import build_int_model
 from intrain.numeric.formats import ACCUMULATORS, DFP16, ERROR_ROUNDINGS, NumberFormat
 from intrain.numeric.qtensor import QTensor
 
-#: ``--dfp16-master``: the update of each mode.
-MASTERS = {"int32": FixedPointSgd, "fp32": FloatMasterSgd}
+#: ``--dfp16-master``: integer-only masters, or float32 ones as in the paper.
+MASTERS = ("int32", "fp32")
+#: The integer-only update of each ``--optimizer``.
+INTEGER_UPDATES = {"sgd": FixedPointSgd, "adamw": AdamWUpdate}
 
 
 def whole_number(text: str) -> int:
@@ -68,9 +74,11 @@ class Dfp16Options:
     error_rounding: str = option(
         "nearest", help="rounding of the errors sent down to earlier layers: NITI's nearest, or stochastic",
         choices=ERROR_ROUNDINGS)
+    optimizer: str = option("sgd", help="the float twin's optimiser: SGD with Nesterov momentum, or AdamW "
+                                        "(default: from the recipe, the float twin's)", choices=OPTIMIZERS)
     dfp16_master: str = option(
-        "int32", help="master weights and momentum: int32 with exponents and fixed-point factors (integer-only), "
-                      "or float32 as in Das et al.", choices=tuple(MASTERS))
+        "int32", help="master weights and optimiser state: int32 with exponents and fixed-point factors "
+                      "(integer-only), or float32 as in Das et al.", choices=MASTERS)
     dfp16_accumulator: str = option(
         DFP16.accumulator, help="int32-chunked: int32 partial sums that cannot wrap (chunks, headroom shifts), "
                                 "added in int64; exact: the exact sums (what int64 accumulators give)",
@@ -119,7 +127,10 @@ class Dfp16(Method):
         # data_parallel stays off: the int32-chunked headroom comes from each process's own maxima
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
-        self.update = MASTERS[options.dfp16_master](model, self.fmt, options.lr, total_steps)
+        if options.dfp16_master == "fp32":
+            self.update = FloatMaster(model, self.fmt, options.lr, total_steps, optimizer=options.optimizer)
+        else:
+            self.update = INTEGER_UPDATES[options.optimizer](model, self.fmt, options.lr, total_steps)
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:
@@ -145,5 +156,5 @@ class Dfp16(Method):
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("dfp16_update") is None:
-            raise ValueError("no DFP16 master weights and momentum")
+            raise ValueError("no DFP16 master weights and optimiser state")
         self.update.load_state_dict(state["dfp16_update"])

@@ -1,7 +1,8 @@
-"""DFP16's ``--dfp16-master fp32`` update, as in Das et al.: float32 master weights and momentum.
+"""DFP16's ``--dfp16-master fp32`` update, as in Das et al.: float32 master weights and optimiser state.
 
 Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
-optimiser itself (``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``, weight decay
+optimiser itself (``optimizer="sgd"``: ``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``;
+``"adamw"``: ``torch.optim.AdamW`` with ``ADAMW_BETAS`` and ``ADAMW_EPS``; weight decay
 ``WEIGHT_DECAY``, learning rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
 gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
 and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers import weighted_layers
-from intrain.methods.float_twin import MOMENTUM, WEIGHT_DECAY, lr_at, warmup_length
+from intrain.methods.float_twin import ADAMW_BETAS, ADAMW_EPS, MOMENTUM, OPTIMIZERS, WEIGHT_DECAY, lr_at, warmup_length
 from intrain.numeric.formats import NumberFormat
 
 
@@ -31,10 +32,14 @@ def to_format(master: torch.Tensor, fmt: NumberFormat) -> tuple[torch.Tensor, to
     return values.to(fmt.dtype), exponent
 
 
-class FloatMasterSgd:
-    """The fp32-master update of every weighted layer of ``model`` (see the module docstring)."""
+class FloatMaster:
+    """The fp32-master update of every weighted layer of ``model`` with the float twin's
+    ``optimizer`` (see the module docstring)."""
 
-    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int) -> None:
+    def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int,
+                 optimizer: str = "sgd") -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         self.layers = weighted_layers(model)
         self.fmt = fmt
         self.base_lr = lr
@@ -42,8 +47,12 @@ class FloatMasterSgd:
         self.warmup = warmup_length(total_steps)
         self.master = [torch.ldexp(layer.weight.to(torch.float32), layer.weight_exp.to(torch.float32))
                        for layer in self.layers]  # exact: 16-bit integers times a power of two
-        self.optimizer = torch.optim.SGD(self.master, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
-                                         weight_decay=WEIGHT_DECAY)
+        if optimizer == "adamw":
+            self.optimizer = torch.optim.AdamW(self.master, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                                               weight_decay=WEIGHT_DECAY)
+        else:
+            self.optimizer = torch.optim.SGD(self.master, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
+                                             weight_decay=WEIGHT_DECAY)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup)
@@ -51,9 +60,9 @@ class FloatMasterSgd:
     @torch.no_grad()
     def step(self, step: int, batch: int, within=None) -> None:
         """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples, or only
-        the layer ``within`` (called as backward finishes each layer; ``torch.optim.SGD`` updates
-        the masters that have a gradient, each with its own arithmetic, so the order changes no
-        bit); each gradient is freed once used."""
+        the layer ``within`` (called as backward finishes each layer; the optimiser updates the
+        masters that have a gradient, each with its own arithmetic and state, so the order changes
+        no bit); each gradient is freed once used."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         chosen = [(master, layer) for master, layer in zip(self.master, self.layers)

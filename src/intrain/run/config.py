@@ -130,6 +130,8 @@ class TrainConfig:
                 # Saved before --core-update existed: those runs updated every core with NITI's rule
                 # and the one mu schedule (the tr-lstm recipe now says otherwise).
                 options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
+            if config.arith == "dfp16":
+                options.setdefault("optimizer", "sgd")  # saved before DFP16 took the float twin's optimiser
             if config.arith == "int8":
                 options.setdefault("update", "niti")  # saved before --update existed: NITI's was the only one
                 options.setdefault("relu_scale", "magnitude")  # saved before --relu-scale existed: NITI's scale
