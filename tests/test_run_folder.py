@@ -464,3 +464,30 @@ def test_allocation_failure_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(Niti, "build_model", oom)
     line = assert_refused(["train", "--out", str(tmp_path / "run")], capsys, tmp_path)
     assert "out of memory" in line and "--width" in line
+
+
+@pytest.mark.parametrize("master", ["int32", "fp32"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_dfp16_memory_estimate_counts_the_optimisers_state(master, optimizer):
+    """DFP16's bytes per weight in the estimate are its int16 weight and the update's state per
+    weight as a trained step holds them (masters, momentum or AdamW's moments)."""
+    from intrain.layers import weighted_layers
+    from intrain.methods.dfp16 import Dfp16
+    from torch.utils._pytree import tree_leaves
+
+    from intrain.numeric.qtensor import QTensor
+    from intrain.run.memory import bytes_per_weight
+
+    c = TrainConfig(arith="dfp16", model="lenet5", options={"dfp16_master": master, "optimizer": optimizer,
+                                                            "lr": 0.01}).resolved()
+    options = Dfp16.make_options(c.options, {})
+    model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=0.5, device="cpu")
+    trainer = Dfp16(model, options, seed=0, total_steps=4)
+    x = QTensor(torch.randint(0, 128, (8, 1, 28, 28), dtype=torch.int8), torch.tensor(-7))
+    trainer.train_step(Dfp16.network_input(x), torch.randint(0, 10, (8,)), 0, 0)
+    weights = sum(layer.weight.numel() for layer in weighted_layers(model))
+    held = [t for t in tree_leaves(trainer.state_dict())
+            if isinstance(t, torch.Tensor) and t.numel() > 1]
+    state_bytes = sum(t.numel() * t.element_size() for t in held)
+    assert state_bytes % weights == 0
+    assert bytes_per_weight(c) == 2 + state_bytes // weights

@@ -6,8 +6,11 @@ keeps for the backward pass. From these it makes a lower bound of the memory tra
 
 * per weight: the weight itself and its gradient, for int8 1 + 4 bytes (an int32 gradient, the
   narrowest the update uses), + 2 with int16 master weights, + 8 for the int64 sums of weight
-  averaging; for the float twin 4 + 4 + 4 (weight, gradient, momentum); for DFP16 2 + 4 + 4
-  (int16 weight, int32 or float32 master and momentum; its gradient comes on top);
+  averaging, + 8 or 16 with the float twin's SGD or AdamW update (int32 master and moments, int64
+  second moments); for the float twin 4 + 4 + 4 (weight, gradient, momentum), + 4 with AdamW (two
+  moments); for DFP16 2 + 4 + 4 (int16 weight, int32 or float32 master and momentum; its gradient
+  comes on top), with AdamW 2 + 4 + 4 + 8 (int64 second moments) or, on float32 masters, 2 + 4 +
+  4 + 4;
 * per activation element and image of a batch: 1 byte for int8, 2 for DFP16, 4 for float (the
   stored output alone; temporaries come on top).
 
@@ -61,11 +64,14 @@ def model_counts(model: str, image_shape, num_classes: int, width: float,
 
 
 def bytes_per_weight(config) -> int:
-    if config.arith == "float":
-        return 12
-    if config.arith == "dfp16":
-        return 10
     options = config.options or {}
+    adamw = options.get("optimizer") == "adamw"
+    if config.arith == "float":
+        return 16 if adamw else 12
+    if config.arith == "dfp16":
+        if not adamw:
+            return 10
+        return 14 if options.get("dfp16_master") == "fp32" else 18
     extra = 2 if options.get("weight_bits") == 16 else 0
     extra += {"sgd": 8, "adamw": 16}.get(options.get("update"), 0)  # int32 master and moment(s), int64 second moment
     extra += 0 if options.get("weight_average") == "none" else 8
