@@ -224,3 +224,48 @@ def test_backward_through_time_same_bits_on_every_cpu_path(ring):
                        + [t for m in maps for t in (m.weight_grad, m.weight_grad_exp)])
     for other in results[1:]:
         assert all(torch.equal(a.to(torch.int64), b.to(torch.int64)) for a, b in zip(results[0], other))
+
+
+def _step_both_ways(lstm, u, recurrent, c):
+    from unittest import mock
+
+    from intrain.numeric import native
+
+    fused = lstm._step(u, recurrent, c)
+    with mock.patch.object(native, "lstm_step_forward", lambda *args: None):
+        reference = lstm._step(u, recurrent, c)
+    return fused, reference
+
+
+@pytest.mark.parametrize("rec_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("forget_offset", [0, 2048, -5120, 40000])
+def test_the_lstm_step_kernel_has_the_reference_bits(rec_dtype, forget_offset):
+    """``native.lstm_step_forward`` against the PyTorch step, bit for bit: input-map values and cell
+    states at +-32767, recurrent products at their type's extremes (int32 +-(2**31 - 1), int64
+    +-(2**62 - 1)), and the recurrent product's shift to Q11 from far right (-45) to far left (64),
+    on a step whose rows are strided (one time step of [N, T, 4H])."""
+    from intrain.numeric import native
+
+    if not native.available():
+        pytest.skip("numeric/native.c not built here")
+    hidden, rows = 8, 37
+    g = torch.Generator().manual_seed(forget_offset & 0xFFFF)
+    lstm = IntLSTM(IntLinear(16, 4 * hidden, get_backend("reference", "cpu")), hidden, get_backend("reference", "cpu"))
+    lstm.forget_offset = forget_offset
+    top = 2**31 - 1 if rec_dtype == torch.int32 else 2**62 - 1
+    clip = torch.tensor([-32767, 32767, 0, 1, -1], dtype=torch.int64)
+    for shift in (-45, -40, -33, -31, -20, -8, -3, -1, 0, 1, 3, 15, 16, 17, 40, 41, 64):
+        lstm.recurrent.weight_exp.fill_(shift - 4)  # HIDDEN_EXPONENT + weight_exp - GATE_EXPONENT = shift
+        frames = torch.randint(-32767, 32768, (rows, 3, 4 * hidden), generator=g, dtype=torch.int64)
+        frames.view(-1)[:5] = clip
+        scale = torch.randint(0, 63, (rows, 4 * hidden), generator=g)  # magnitudes of every size up to top
+        recurrent = (torch.randint(-2**62, 2**62, (rows, 4 * hidden), generator=g, dtype=torch.int64) >> scale)
+        recurrent = recurrent.clamp(-top, top).to(rec_dtype)
+        recurrent.view(-1)[:4] = torch.tensor([top, -top, 1, -1], dtype=rec_dtype)
+        c = torch.randint(-32767, 32768, (rows, hidden), generator=g, dtype=torch.int64)
+        c.view(-1)[:2] = torch.tensor([32767, -32767])
+        fused, reference = _step_both_ways(lstm, frames[:, 1], recurrent, c)
+        assert fused[0].dtype == torch.int16 and fused[-1].dtype == reference[-1].dtype == torch.int8
+        for got, expected in zip(fused, reference):
+            assert torch.equal(got.to(torch.int64), expected.to(torch.int64)), shift
+        assert int(fused[-1].abs().max()) == 127 or shift < 0  # saturated gates reach the clip

@@ -56,6 +56,7 @@ import torch
 
 from intrain.layers.base import IntModule, StepContext
 from intrain.layers.linear import IntLinear
+from intrain.numeric import native
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import add_aligned, requantize
@@ -106,11 +107,12 @@ def gate_tables() -> tuple[torch.Tensor, torch.Tensor]:
 def to_fixed(v: torch.Tensor, e: torch.Tensor, target: int) -> torch.Tensor:
     """``v * 2**e`` in units of ``2**target`` (int64), nearest rounding, saturated to int16's
     symmetric range (a left shift is applied to values already clipped to 2**16, which it can
-    only push further out: the saturation is exact)."""
+    only push further out: the saturation is exact; a shift past 40 is 40, which already pushes
+    every non-zero value past the range, where 2**16 shifted by 47 or more would leave int64)."""
     shift = e - target
     wide = v.to(torch.int64)
     if int(shift) >= 0:
-        out = wide.clamp(-(1 << 16), 1 << 16) << shift
+        out = wide.clamp(-(1 << 16), 1 << 16) << shift.clamp(max=40)
     else:
         out = shift_round(wide, -shift, "nearest")
     return out.clamp(-INT16_LIMIT, INT16_LIMIT)
@@ -181,6 +183,33 @@ class IntLSTM(IntModule):
     def _lookup(self, table: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return table[(v + INT16_LIMIT).to(torch.int64)].to(torch.int64)
 
+    def _step(self, u: torch.Tensor, recurrent: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One step after the recurrent product: the gate values i, f, g, o and tanh(c') (Q14), the
+        cell state c' (Q11, int64) and h' (int8), from the step's input-map pre-activations ``u``
+        (Q11), the recurrent product and the cell state ``c``. One C pass where
+        ``native.lstm_step_forward`` applies (the same bits, ``tests/test_recurrent.py``), else the
+        PyTorch code below."""
+        rec_exp = HIDDEN_EXPONENT + self.recurrent.weight_exp
+        fused = native.lstm_step_forward(u, recurrent, int(rec_exp) - GATE_EXPONENT, self.forget_offset, c,
+                                         self.sigmoid_table, self.tanh_table)
+        if fused is not None:
+            gates, tanh_c, c_next, h_next = fused
+            return (*gates.split(self.hidden_size, dim=1), tanh_c, c_next, h_next)
+        hidden = self.hidden_size
+        z = u + to_fixed(recurrent, rec_exp, GATE_EXPONENT)
+        if self.forget_offset:
+            z[:, hidden:2 * hidden] += self.forget_offset  # z is this step's own sum: in place is safe
+        z = z.clamp(-INT16_LIMIT, INT16_LIMIT)
+        zi, zf, zg, zo = z.split(hidden, dim=1)
+        i, f, o = (self._lookup(self.sigmoid_table, part) for part in (zi, zf, zo))
+        g = self._lookup(self.tanh_table, zg)
+        # f c: Q14 x Q11 = Q25; i g: Q28 -> Q25; the sum -> Q11
+        c_next = shift_round(f * c + shift_round(i * g, 3, "nearest"), ONE_BITS, "nearest")
+        c_next = c_next.clamp(-INT16_LIMIT, INT16_LIMIT)
+        tanh_c = self._lookup(self.tanh_table, c_next)
+        h_next = shift_round(o * tanh_c, 2 * ONE_BITS + HIDDEN_EXPONENT, "nearest").clamp(-127, 127)
+        return i, f, g, o, tanh_c, c_next, h_next.to(torch.int8)
+
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         n, steps = x.v.shape[:2]
         hidden = self.hidden_size
@@ -192,21 +221,10 @@ class IntLSTM(IntModule):
         saved = []
         for t in range(steps):
             recurrent = self.backend.linear_forward(h, w)
-            z = u_fixed[:, t] + to_fixed(recurrent, HIDDEN_EXPONENT + self.recurrent.weight_exp, GATE_EXPONENT)
-            if self.forget_offset:
-                z[:, hidden:2 * hidden] += self.forget_offset  # z is this step's own sum: in place is safe
-            z = z.clamp(-INT16_LIMIT, INT16_LIMIT)
-            zi, zf, zg, zo = z.split(hidden, dim=1)
-            i, f, o = (self._lookup(self.sigmoid_table, part) for part in (zi, zf, zo))
-            g = self._lookup(self.tanh_table, zg)
-            # f c: Q14 x Q11 = Q25; i g: Q28 -> Q25; the sum -> Q11
-            c_next = shift_round(f * c + shift_round(i * g, 3, "nearest"), ONE_BITS, "nearest")
-            c_next = c_next.clamp(-INT16_LIMIT, INT16_LIMIT)
-            tanh_c = self._lookup(self.tanh_table, c_next)
-            h_next = shift_round(o * tanh_c, 2 * ONE_BITS + HIDDEN_EXPONENT, "nearest").clamp(-127, 127)
+            i, f, g, o, tanh_c, c_next, h_next = self._step(u_fixed[:, t], recurrent, c)
             if self.training:
                 saved.append(tuple(s.to(torch.int16) for s in (i, f, g, o, tanh_c, c)) + (h,))
-            h, c = h_next.to(torch.int8), c_next
+            h, c = h_next, c_next
         if self.training:
             self._saved = saved
             self._input_shape = tuple(x.v.shape[2:])

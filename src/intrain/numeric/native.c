@@ -782,6 +782,73 @@ void intrain_adamw_quotient(const int64_t *second, const int32_t *first, int64_t
     IN_RANGES(n, threads, lo, hi) adamw_quotient(second + lo, first + lo, root, s, eps, out + lo, hi - lo);
 }
 
+/* ------------------------------------------------ one step of the integer LSTM (layers/recurrent.py) */
+
+/* IntLSTM.forward's elementwise work of one step, for n rows of `hidden` units (gates i, f, g, o
+ * side by side in rows of 4 * hidden): z = u + q11(rec) (+ the forget offset on f), clipped to
+ * +-32767; the gate values from the Q14 tables (sigmoid for i, f, o; tanh for g) into `gates`;
+ * c' = nearest(f c + nearest(i g, 3), 14) clipped to +-32767; tanh(c') from the table; h' =
+ * nearest(o tanh(c'), 21) clipped to +-127. q11(v) is to_fixed: for shift >= 0 v clipped to +-2**16
+ * and multiplied by 2**shift (a shift past 40 pushes every non-zero value past the clip as 40
+ * does), else nearest(v, -shift) (past 63 every |v| < 2**62 rounds to 0, as it does at 63),
+ * clipped to +-32767.
+ * Ranges: |u| <= 32767 (to_fixed's output); |rec| < 2**62; the table entries |.| <= 2**14, so
+ * f c < 2**29, i g < 2**28, o tanh(c') < 2**28, all in int64. */
+static inline int64_t lstm_q11(int64_t v, int shift) {
+    int64_t out;
+    if (shift >= 0) {
+        v = CLAMP(v, (int64_t)65536);
+        out = v * ((int64_t)1 << (shift > 40 ? 40 : shift));
+    } else {
+        int s = -shift > 63 ? 63 : -shift;
+        out = NEAREST_SHIFTED(int64_t, 64, v, s);
+    }
+    return CLAMP(out, (int64_t)32767);
+}
+
+#define LSTM_STEP_FORWARD(RN, RT)                                                                           \
+    static void lstm_step_forward_##RN(const int64_t *u, int64_t u_row, const RT *rec, int rec_shift,          \
+                                       int64_t forget_offset, const int64_t *c, const int16_t *sigmoid,        \
+                                       const int16_t *tanh_table, int16_t *gates, int16_t *tanh_c,             \
+                                       int64_t *c_next, int8_t *h_next, int64_t rows, int64_t hidden) {        \
+        const int16_t *sig = sigmoid + 32767, *th = tanh_table + 32767; /* indexed by the Q11 value */        \
+        for (int64_t r = 0; r < rows; r++) {                                                                \
+            const int64_t *ur = u + r * u_row;                                                              \
+            const RT *rr = rec + r * 4 * hidden;                                                            \
+            int16_t *gr = gates + r * 4 * hidden;                                                           \
+            for (int64_t k = 0; k < 4 * hidden; k++) {                                                      \
+                int64_t z = ur[k] + lstm_q11((int64_t)rr[k], rec_shift);                                    \
+                if (k >= hidden && k < 2 * hidden) z += forget_offset;                                      \
+                z = CLAMP(z, (int64_t)32767);                                                               \
+                gr[k] = (k >= 2 * hidden && k < 3 * hidden) ? th[z] : sig[z];                               \
+            }                                                                                               \
+            for (int64_t j = 0; j < hidden; j++) {                                                          \
+                int64_t i = gr[j], f = gr[hidden + j], g = gr[2 * hidden + j], o = gr[3 * hidden + j];      \
+                int64_t ig = NEAREST_SHIFTED(int64_t, 64, i * g, 3);                                        \
+                int64_t cell = NEAREST_SHIFTED(int64_t, 64, f * c[r * hidden + j] + ig, 14);                \
+                cell = CLAMP(cell, (int64_t)32767);                                                         \
+                int64_t t = th[cell];                                                                       \
+                int64_t h = NEAREST_SHIFTED(int64_t, 64, o * t, 21);                                        \
+                c_next[r * hidden + j] = cell;                                                              \
+                tanh_c[r * hidden + j] = (int16_t)t;                                                        \
+                h_next[r * hidden + j] = (int8_t)CLAMP(h, (int64_t)127);                                    \
+            }                                                                                               \
+        }                                                                                                   \
+    }                                                                                                       \
+    void intrain_lstm_step_forward_##RN(const int64_t *u, int64_t u_row, const RT *rec, int rec_shift,         \
+                                        int64_t forget_offset, const int64_t *c, const int16_t *sigmoid,       \
+                                        const int16_t *tanh_table, int16_t *gates, int16_t *tanh_c,            \
+                                        int64_t *c_next, int8_t *h_next, int64_t rows, int64_t hidden,         \
+                                        int threads) {                                                         \
+        IN_RANGES(rows, threads, lo, hi)                                                                    \
+            lstm_step_forward_##RN(u + lo * u_row, u_row, rec + lo * 4 * hidden, rec_shift, forget_offset,   \
+                                   c + lo * hidden, sigmoid, tanh_table, gates + lo * 4 * hidden,            \
+                                   tanh_c + lo * hidden, c_next + lo * hidden, h_next + lo * hidden, hi - lo,  \
+                                   hidden);                                                                 \
+    }
+LSTM_STEP_FORWARD(i32, int32_t)
+LSTM_STEP_FORWARD(i64, int64_t)
+
 /* ---------------------------- direct convolutions of few input channels (kernels/cpu/backend.py) */
 
 /* A stride-1 convolution whose kernel covers few values (C * kh * kw <= 32: a first layer on

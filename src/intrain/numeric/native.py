@@ -164,6 +164,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.intrain_adamw_quotient.argtypes = [p, p, n, i, n, p, n, i]
     lib.intrain_adamw_second_moment.argtypes = [p, p, n, n, i, i, p, n, i]
     lib.intrain_adamw_second_moment.restype = n
+    for rec in ("i32", "i64"):
+        getattr(lib, f"intrain_lstm_step_forward_{rec}").argtypes = [p, n, p, i, n, p, p, p, p, p, p, p, n, n, i]
     for pair in ("i32_i16", "i64_i32"):
         getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i, i]
     for pair in ("i16_i8", "i32_i16"):
@@ -549,6 +551,36 @@ def adamw_quotient(second: torch.Tensor, first: torch.Tensor, root: int, shift: 
     lib.intrain_adamw_quotient(second.data_ptr(), first.data_ptr(), root, shift, eps, out.data_ptr(), second.numel(),
                                _threads(second.numel()))
     return out
+
+
+def lstm_step_forward(u: torch.Tensor, rec: torch.Tensor, rec_shift: int, forget_offset: int, c: torch.Tensor,
+                      sigmoid: torch.Tensor, tanh: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One step of ``layers.recurrent.IntLSTM.forward`` after the recurrent product, in one pass:
+    ``u`` the step's input-map pre-activations in Q11 (int64 ``[N, 4H]``, rows of any stride),
+    ``rec`` the recurrent product (int32 or int64 ``[N, 4H]``) to be brought to Q11 by ``to_fixed``
+    with ``rec_shift`` (its exponent minus Q11's), ``forget_offset`` the forget gate's Q11 offset,
+    ``c`` the cell state (int64 ``[N, H]``), the int16 sigmoid and tanh tables. Returns the gate
+    values (int16 ``[N, 4H]``: i, f, g, o), ``tanh(c')`` (int16), ``c'`` (int64) and ``h'`` (int8),
+    or ``None`` where the kernel does not apply."""
+    lib = library()
+    if (lib is None or u.dtype != torch.int64 or rec.dtype not in (torch.int32, torch.int64)
+            or c.dtype != torch.int64 or u.dim() != 2 or u.stride(1) != 1 or not u.is_cpu
+            or not _applies(rec, c, sigmoid, tanh) or rec.shape != u.shape
+            or c.shape != (u.shape[0], u.shape[1] // 4) or u.shape[1] % 4
+            or sigmoid.dtype != torch.int16 or tanh.dtype != torch.int16
+            or sigmoid.numel() != 65535 or tanh.numel() != 65535):
+        return None
+    rows, hidden = c.shape
+    gates = torch.empty(u.shape, dtype=torch.int16)
+    tanh_c = torch.empty(c.shape, dtype=torch.int16)
+    c_next = torch.empty(c.shape, dtype=torch.int64)
+    h_next = torch.empty(c.shape, dtype=torch.int8)
+    kernel = getattr(lib, f"intrain_lstm_step_forward_{_TYPE_NAMES[rec.dtype]}")
+    kernel(u.data_ptr(), u.stride(0), rec.data_ptr(), max(-64, min(64, rec_shift)), forget_offset, c.data_ptr(),
+           sigmoid.data_ptr(), tanh.data_ptr(), gates.data_ptr(), tanh_c.data_ptr(), c_next.data_ptr(),
+           h_next.data_ptr(), rows, hidden, _threads(rows * hidden * 4))
+    return gates, tanh_c, c_next, h_next
 
 
 #: Most products per output a direct convolution takes (C * kh * kw; ``native.c``'s ranges).
