@@ -9,6 +9,7 @@ only ratios are meant to be compared.
     python benchmarks/native_speed.py                                   # MLP 784-100-50-10, batch 64
     python benchmarks/native_speed.py --model lenet5 --batch 256
     python benchmarks/native_speed.py --model resnet18 --width 0.25 --batch 64 --steps 3
+    python benchmarks/native_speed.py --model tr-lstm --batch 64 --steps 10  # the LSTM's step kernels
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from intrain.models import MODELS, build_float_model, build_int_model
 from intrain.numeric import native
 from intrain.numeric.qtensor import QTensor
 
-SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28)}
+SHAPES = {"mlp": (1, 28, 28), "lenet5": (1, 28, 28),
+          # the recurrent models read the channels as frames: moving-mnist-actions' 10 frames of 32x32
+          "lstm": (10, 32, 32), "tt-lstm": (10, 32, 32), "tr-lstm": (10, 32, 32)}
 
 
 def main() -> None:

@@ -269,3 +269,104 @@ def test_the_lstm_step_kernel_has_the_reference_bits(rec_dtype, forget_offset):
         for got, expected in zip(fused, reference):
             assert torch.equal(got.to(torch.int64), expected.to(torch.int64)), shift
         assert int(fused[-1].abs().max()) == 127 or shift < 0  # saturated gates reach the clip
+
+
+def _step_back_both_ways(dh, dc, step):
+    from unittest import mock
+
+    from intrain.numeric import native
+
+    fused = IntLSTM._step_back(dh, dc, step)
+    with mock.patch.object(native, "lstm_step_backward", lambda *args: None):
+        reference = IntLSTM._step_back(dh, dc, step)
+    return fused, reference
+
+
+@pytest.mark.parametrize("case", ["random", "full-scale", "zero dc", "zero dh", "zero dc above", "zero dh above",
+                                  "far apart", "strided gates"])
+def test_the_lstm_step_back_kernel_has_the_reference_bits(case):
+    """``native.lstm_step_backward`` against the PyTorch step back, bit for bit: errors at +-32767,
+    gate values at 0 and 2**14, tanh(c) at +-2**14, cell states at +-32767, an all-zero dc or dh
+    (add_aligned's zero operand, whose exponent is ignored even far above the other's), exponents more than 45 bits apart (ADD_MAX_GAP) and gate values
+    read as views of one [N, 4H] tensor, as the forward kernel stores them."""
+    from intrain.numeric import native
+
+    if not native.available():
+        pytest.skip("numeric/native.c not built here")
+    rows, hidden = 33, 8
+    g = torch.Generator().manual_seed(len(case))
+    for trial in range(20):
+        def draw(low, high, shape=(rows, hidden)):
+            return torch.randint(low, high + 1, shape, generator=g, dtype=torch.int16)
+
+        gates = draw(0, 2**14, (rows, 4 * hidden))
+        gates[:, 2 * hidden:3 * hidden] = draw(-2**14, 2**14)  # g = tanh
+        tanh_c, c_prev = draw(-2**14, 2**14), draw(-32767, 32767)
+        dh, dc = draw(-32767, 32767), draw(-32767, 32767)
+        dh_e, dc_e = int(torch.randint(-40, 10, (), generator=g)), int(torch.randint(-40, 10, (), generator=g))
+        if case == "full-scale":
+            dh.fill_(32767 if trial % 2 else -32767)
+            dc.fill_(-32767)
+            gates.view(-1)[::3] = 2**14
+            gates.view(-1)[1::3] = 0
+            tanh_c.fill_(0)
+        elif case == "zero dc":
+            dc.zero_()
+        elif case == "zero dh":
+            dh.zero_()
+        elif case == "zero dc above":  # a zero operand's exponent, far above the other's, means nothing
+            dc.zero_()
+            dc_e = dh_e + 100
+        elif case == "zero dh above":
+            dh.zero_()
+            dh_e = dc_e + 100
+        elif case == "far apart":
+            dc_e = dh_e - 60 + trial * 6
+        elif case == "random":  # magnitudes of every size
+            dh >>= int(torch.randint(0, 15, (), generator=g))
+            dc >>= int(torch.randint(0, 15, (), generator=g))
+        if case == "strided gates":
+            step = (*gates.split(hidden, dim=1), tanh_c, c_prev, None)
+        else:
+            step = (*(part.contiguous() for part in gates.split(hidden, dim=1)), tanh_c, c_prev, None)
+        fused, reference = _step_back_both_ways(QTensor.of(dh, dh_e), QTensor.of(dc, dc_e), step)
+        for got, expected in zip(fused, reference):
+            assert got.v.dtype == expected.v.dtype and torch.equal(got.v, expected.v), (case, trial)
+            assert int(got.e) == int(expected.e), (case, trial)
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_lstm_training_step_same_bits_with_and_without_the_c_kernels(ring):
+    """A whole forward and backward through 12 steps (forget offset on): gradients, input errors
+    and outputs the same with the step kernels as with the PyTorch code."""
+    from unittest import mock
+
+    from intrain.numeric import native
+
+    if not native.available():
+        pytest.skip("numeric/native.c not built here")
+    results = []
+    for kernels in (True, False):
+        backend = get_backend("cpu", "cpu")
+        torch.manual_seed(0)
+        if ring:
+            input_map = IntTensorRing(TensorRingShape((4, 4), (4, 4, 2), 3), backend)
+            maps = list(input_map.cores)
+        else:
+            input_map = IntLinear(16, 32, backend)
+            maps = [input_map]
+        lstm = IntLSTM(input_map, 8, backend, forget_bias=1.0)
+        random_weights(maps + [lstm.recurrent], [-4] * len(maps) + [-6], 3)
+        gen = torch.Generator().manual_seed(4)
+        x = QTensor.of(torch.randint(-128, 128, (40, 12, 16), generator=gen).to(torch.int8), -5)
+        d = QTensor.of(torch.randint(-128, 128, (40, 8), generator=gen).to(torch.int8), -6)
+        off = lambda *args: None  # noqa: E731
+        with mock.patch.object(native, "lstm_step_forward", native.lstm_step_forward if kernels else off), \
+                mock.patch.object(native, "lstm_step_backward", native.lstm_step_backward if kernels else off):
+            h = lstm(x)
+            dx = lstm.backward(d, None)
+        results.append([h.v, h.e, dx.v, dx.e, lstm.recurrent.weight_grad, lstm.recurrent.weight_grad_exp]
+                       + [t for m in maps for t in (m.weight_grad, m.weight_grad_exp)])
+    assert int(results[0][0].abs().max()) > 0 and int(results[0][2].abs().max()) > 0
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)

@@ -48,6 +48,12 @@ all steps, as before) every step more than 2**8 below the last was lost: the int
 never learnt the direction of rotations and zooms, which needs the earlier frames (BENCHMARKS.md,
 2026-12-03). The products take int16 errors with int8 (``h``) or int8-core operands; their
 int32/int64 results are exact on every backend.
+
+Speed: a step of the LSTM is some forty small elementwise operations on ``[N, H]`` tensors forward
+and about a hundred back; on CPU tensors each step's elementwise work (after the recurrent
+product) is one C call instead (``numeric.native.lstm_step_forward`` and ``lstm_step_backward``,
+the same bits as the PyTorch code here, which stays the reference and the path on other devices;
+``python benchmarks/native_speed.py --model tr-lstm``).
 """
 
 from __future__ import annotations
@@ -230,31 +236,44 @@ class IntLSTM(IntModule):
             self._input_shape = tuple(x.v.shape[2:])
         return QTensor.of(h, HIDDEN_EXPONENT)
 
+    @staticmethod
+    def _step_back(dh: QTensor, dc: QTensor, step: tuple) -> tuple[QTensor, QTensor]:
+        """One step back before the recurrent product: the gate errors ``dz`` (int8, i, f, g, o side
+        by side) and ``dc_prev`` (int16) from the errors ``dh`` and ``dc`` and the step's stored
+        values (module docstring). One C call where ``native.lstm_step_backward`` applies (the same
+        bits, ``tests/test_recurrent.py``), else the PyTorch code below."""
+        i, f, g, o, tanh_c, c_prev, _ = step
+        fused = native.lstm_step_backward(dh.v, int(dh.e), dc.v, int(dc.e), (i, f, g, o), tanh_c, c_prev)
+        if fused is not None:
+            dz, dz_e, dc_prev, dc_prev_e = fused
+            return QTensor.of(dz, dz_e), QTensor.of(dc_prev, dc_prev_e)
+        one = 1 << ONE_BITS
+        i, f, g, o, tanh_c, c_prev = (t.to(torch.int64) for t in (i, f, g, o, tanh_c, c_prev))
+        dh_v = dh.v.to(torch.int64)
+        # dc = dh o (1 - tanh^2 c) + dc_next: exponent dh.e - 14 - 28; |.| < 2**15 2**14 2**28
+        from_h = requantize(dh_v * o * ((one * one) - tanh_c * tanh_c), dh.e - 3 * ONE_BITS, bits=16)
+        dc = add_aligned(from_h, dc, bits=16)
+        dc_v = dc.v.to(torch.int64)
+        sig_slope = [s * (one - s) for s in (i, f, o)]  # s (1 - s) in Q28
+        dz_i = QTensor(dc_v * g * sig_slope[0], dc.e - 3 * ONE_BITS)
+        dz_f = QTensor(dc_v * c_prev * sig_slope[1], dc.e + CELL_EXPONENT - 2 * ONE_BITS)
+        dz_g = QTensor(dc_v * i * (one * one - g * g), dc.e - 3 * ONE_BITS)
+        dz_o = QTensor(dh_v * tanh_c * sig_slope[2], dh.e - 3 * ONE_BITS)
+        parts = _align([requantize(p.v, p.e, bits=16) for p in (dz_i, dz_f, dz_g, dz_o)])
+        dz = QTensor(torch.cat([p.v for p in parts], dim=1), parts[0].e)
+        return dz, requantize(dc_v * f, dc.e - ONE_BITS, bits=16)
+
     def backward(self, d: QTensor, ctx: StepContext | None, need_input_grad: bool = True) -> QTensor | None:
         saved, self._saved = self._saved, None
         if saved is None:
             raise RuntimeError("IntLSTM.backward called without a training-mode forward")
-        one = 1 << ONE_BITS
         dh = QTensor(d.v.to(torch.int16), d.e)
         dc = QTensor(torch.zeros_like(dh.v), d.e)
         gate_errors = []
         w = self.recurrent.weight
-        for i, f, g, o, tanh_c, c_prev, _ in reversed(saved):
-            i, f, g, o, tanh_c, c_prev = (t.to(torch.int64) for t in (i, f, g, o, tanh_c, c_prev))
-            dh_v = dh.v.to(torch.int64)
-            # dc = dh o (1 - tanh^2 c) + dc_next: exponent dh.e - 14 - 28; |.| < 2**15 2**14 2**28
-            from_h = requantize(dh_v * o * ((one * one) - tanh_c * tanh_c), dh.e - 3 * ONE_BITS, bits=16)
-            dc = add_aligned(from_h, dc, bits=16)
-            dc_v = dc.v.to(torch.int64)
-            sig_slope = [s * (one - s) for s in (i, f, o)]  # s (1 - s) in Q28
-            dz_i = QTensor(dc_v * g * sig_slope[0], dc.e - 3 * ONE_BITS)
-            dz_f = QTensor(dc_v * c_prev * sig_slope[1], dc.e + CELL_EXPONENT - 2 * ONE_BITS)
-            dz_g = QTensor(dc_v * i * (one * one - g * g), dc.e - 3 * ONE_BITS)
-            dz_o = QTensor(dh_v * tanh_c * sig_slope[2], dh.e - 3 * ONE_BITS)
-            parts = _align([requantize(p.v, p.e, bits=16) for p in (dz_i, dz_f, dz_g, dz_o)])
-            dz = QTensor(torch.cat([p.v for p in parts], dim=1), parts[0].e)
+        for step in reversed(saved):
+            dz, dc = self._step_back(dh, dc, step)
             gate_errors.append(dz)
-            dc = requantize(dc_v * f, dc.e - ONE_BITS, bits=16)
             dh = requantize(self.backend.linear_backward_input(dz.v, w), dz.e + self.recurrent.weight_exp, bits=16)
         gate_errors.reverse()
         aligned = align_steps(gate_errors)

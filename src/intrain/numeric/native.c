@@ -26,6 +26,7 @@
  * by the same code whatever the cut, so the bits do not depend on the thread count; built without
  * OpenMP, the ranges run one after another.
  */
+#include <limits.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -848,6 +849,130 @@ static inline int64_t lstm_q11(int64_t v, int shift) {
     }
 LSTM_STEP_FORWARD(i32, int32_t)
 LSTM_STEP_FORWARD(i64, int64_t)
+
+/* IntLSTM.backward's elementwise work of one step back (layers/recurrent.py), for n = rows * hidden
+ * units: every requantisation is requantize's (numeric/requant.py: the shift is the bit length of
+ * the largest magnitude above bits - 1, nearest rounding, the clip), every sum add_aligned's.
+ *   1. from_h = requant16(dh o (2**28 - tanh(c)**2)),  exponent e_dh - 42
+ *   2. dc = add_aligned16(from_h, dc_next)
+ *   3. the gate errors dz_i = dc g i(2**14 - i), dz_f = dc c_prev f(2**14 - f) (exponent e_dc - 39),
+ *      dz_g = dc i (2**28 - g**2), dz_o = dh tanh(c) o(2**14 - o), each requant16, then _align:
+ *      each brought to the largest of the four exponents (nearest, a gap capped at 40) and the four
+ *      requant8 together into dz [rows, 4 hidden] (i, f, g, o side by side)
+ *   4. dc_prev = requant16(dc f), exponent e_dc - 14.
+ * exps[0], exps[1] get the exponents of dz and dc_prev. Ranges: |dh|, |dc| <= 2**15, gate values
+ * and tanh(c) |.| <= 2**14, |c_prev| <= 2**15: the products are below 2**57, an aligned sum
+ * (a gap of at most 45 bits, ADD_MAX_GAP) below 2**61. The gate values are read with row stride
+ * gate_row (views of the forward kernel's [rows, 4 hidden] gates, or [rows, hidden] tensors).
+ * Returns 0, or 1 when the scratch memory could not be had. */
+static inline int bit_length64(int64_t largest) { return largest ? 64 - __builtin_clzll((uint64_t)largest) : 0; }
+
+static inline int requant_shift(int64_t largest, int bits) {
+    int b = bit_length64(largest);
+    return b > bits - 1 ? b - (bits - 1) : 0;
+}
+
+static inline int64_t round_clip(int64_t v, int s, int64_t limit) {
+    int64_t r = NEAREST(int64_t, 64, v, s);
+    return CLAMP(r, limit);
+}
+
+static inline int64_t abs64(int64_t v) { return v < 0 ? -v : v; }
+
+int intrain_lstm_step_backward(const int16_t *dh, int64_t dh_e, const int16_t *dc_next, int64_t dc_next_e,
+                               const int16_t *gi, const int16_t *gf, const int16_t *gg, const int16_t *go,
+                               int64_t gate_row, const int16_t *tanh_c, const int16_t *c_prev, int64_t rows,
+                               int64_t hidden, int8_t *dz, int16_t *dc_prev, int64_t *exps) {
+    const int64_t n = rows * hidden, one = (int64_t)1 << 14, one2 = (int64_t)1 << 28;
+    int64_t *scratch = malloc(sizeof(int64_t) * 5 * (size_t)(n ? n : 1));
+    if (!scratch) return 1;
+    int64_t *wide = scratch, *parts = scratch + n; /* parts: the four gate errors, n each */
+    int16_t *dc = (int16_t *)dc_prev;                   /* step 2's dc, overwritten by step 4 in place */
+#define AT(p, k) ((p)[((k) / hidden) * gate_row + (k) % hidden])
+    /* 1. from_h */
+    int64_t largest = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t t = tanh_c[k];
+        wide[k] = (int64_t)dh[k] * AT(go, k) * (one2 - t * t);
+        int64_t a = abs64(wide[k]);
+        largest = a > largest ? a : largest;
+    }
+    int s = requant_shift(largest, 16);
+    int64_t fh_e = dh_e - 42 + s, fh_nonzero = 0, dc_nonzero = 0;
+    for (int64_t k = 0; k < n; k++) {
+        wide[k] = round_clip(wide[k], s, 32767);
+        fh_nonzero |= wide[k];
+        dc_nonzero |= dc_next[k];
+    }
+    /* 2. dc = from_h + dc_next, aligned exactly and rounded once */
+    int64_t ea = fh_nonzero ? fh_e : dc_next_e;
+    int64_t eb = dc_nonzero ? dc_next_e : ea;
+    int64_t low = ea < eb ? ea : eb, high = ea < eb ? eb : ea;
+    int64_t base = low > high - 45 ? low : high - 45;
+    int64_t sa = ea - base, sb = eb - base;
+    largest = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t a = wide[k], b = dc_next[k];
+        a = sa < 0 ? (a > 0) - (a < 0) : a * ((int64_t)1 << sa);
+        b = sb < 0 ? (b > 0) - (b < 0) : b * ((int64_t)1 << sb);
+        wide[k] = a + b;
+        int64_t m = abs64(wide[k]);
+        largest = m > largest ? m : largest;
+    }
+    s = requant_shift(largest, 16);
+    int64_t dc_e = base + s;
+    for (int64_t k = 0; k < n; k++) dc[k] = (int16_t)round_clip(wide[k], s, 32767);
+    /* 3. the gate errors, each rounded to 16 bits, then the four to 8 bits at one exponent */
+    int64_t part_e[4] = {dc_e - 42, dc_e - 11 - 28, dc_e - 42, dh_e - 42};
+    int64_t part_largest[4] = {0, 0, 0, 0};
+    for (int64_t k = 0; k < n; k++) {
+        int64_t d = dc[k], i = AT(gi, k), f = AT(gf, k), g = AT(gg, k), o = AT(go, k);
+        int64_t v[4] = {d * g * (i * (one - i)), d * c_prev[k] * (f * (one - f)), d * i * (one2 - g * g),
+                        (int64_t)dh[k] * tanh_c[k] * (o * (one - o))};
+        for (int q = 0; q < 4; q++) {
+            parts[q * n + k] = v[q];
+            int64_t m = abs64(v[q]);
+            part_largest[q] = m > part_largest[q] ? m : part_largest[q];
+        }
+    }
+    int part_shift[4];
+    int64_t top = INT64_MIN;
+    for (int q = 0; q < 4; q++) {
+        part_shift[q] = requant_shift(part_largest[q], 16);
+        part_e[q] += part_shift[q];
+        top = part_e[q] > top ? part_e[q] : top;
+    }
+    largest = 0;
+    for (int q = 0; q < 4; q++) {
+        int64_t gap = top - part_e[q];
+        int to_top = gap > 40 ? 40 : (int)gap;
+        for (int64_t k = 0; k < n; k++) {
+            int64_t v = round_clip(parts[q * n + k], part_shift[q], 32767);
+            v = NEAREST(int64_t, 64, v, to_top);
+            parts[q * n + k] = v;
+            int64_t m = abs64(v);
+            largest = m > largest ? m : largest;
+        }
+    }
+    s = requant_shift(largest, 8);
+    exps[0] = top + s;
+    for (int q = 0; q < 4; q++)
+        for (int64_t k = 0; k < n; k++)
+            dz[(k / hidden) * 4 * hidden + q * hidden + k % hidden] = (int8_t)round_clip(parts[q * n + k], s, 127);
+    /* 4. dc_prev = dc f */
+    largest = 0;
+    for (int64_t k = 0; k < n; k++) {
+        wide[k] = (int64_t)dc[k] * AT(gf, k);
+        int64_t m = abs64(wide[k]);
+        largest = m > largest ? m : largest;
+    }
+    s = requant_shift(largest, 16);
+    exps[1] = dc_e - 14 + s;
+    for (int64_t k = 0; k < n; k++) dc_prev[k] = (int16_t)round_clip(wide[k], s, 32767);
+#undef AT
+    free(scratch);
+    return 0;
+}
 
 /* ---------------------------- direct convolutions of few input channels (kernels/cpu/backend.py) */
 

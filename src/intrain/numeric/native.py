@@ -1,7 +1,8 @@
 """One-pass C kernels for the elementwise integer work of a training step on CPU tensors
 (``native.c``), with the bits of the PyTorch code in ``numeric.rounding``, ``numeric.requant``,
 ``methods.update``, ``methods.averaging``, ``methods.loss``, ``layers.pooling``,
-``kernels.int16_gemm`` and ``numeric.wide``; and direct convolutions of int8 operands with few
+``layers.recurrent`` (one step of the integer LSTM, forward and back), ``kernels.int16_gemm``,
+``numeric.wide`` and ``methods.adamw_fixed``; and direct convolutions of int8 operands with few
 input channels (``conv_direct_forward``, ``conv_direct_weight_grad``), which the cpu backend
 takes instead of float or GEMM products for first layers.
 
@@ -166,6 +167,8 @@ def _declare(lib: ctypes.CDLL) -> None:
     lib.intrain_adamw_second_moment.restype = n
     for rec in ("i32", "i64"):
         getattr(lib, f"intrain_lstm_step_forward_{rec}").argtypes = [p, n, p, i, n, p, p, p, p, p, p, p, n, n, i]
+    lib.intrain_lstm_step_backward.argtypes = [p, n, p, n, p, p, p, p, n, p, p, n, n, p, p, p]
+    lib.intrain_lstm_step_backward.restype = i
     for pair in ("i32_i16", "i64_i32"):
         getattr(lib, f"intrain_floor_shift_{pair}").argtypes = [p, p, n, i, i]
     for pair in ("i16_i8", "i32_i16"):
@@ -581,6 +584,39 @@ def lstm_step_forward(u: torch.Tensor, rec: torch.Tensor, rec_shift: int, forget
            sigmoid.data_ptr(), tanh.data_ptr(), gates.data_ptr(), tanh_c.data_ptr(), c_next.data_ptr(),
            h_next.data_ptr(), rows, hidden, _threads(rows * hidden * 4))
     return gates, tanh_c, c_next, h_next
+
+
+def lstm_step_backward(dh: torch.Tensor, dh_e: int, dc: torch.Tensor, dc_e: int, gates: tuple[torch.Tensor, ...],
+                       tanh_c: torch.Tensor, c_prev: torch.Tensor
+                       ) -> tuple[torch.Tensor, int, torch.Tensor, int] | None:
+    """One step back through ``layers.recurrent.IntLSTM.backward`` before the recurrent product, in
+    one call: from the errors ``dh`` and ``dc`` (int16 ``[N, H]``, exponents ``dh_e``, ``dc_e``) and
+    the step's stored int16 gate values ``(i, f, g, o)`` (``[N, H]`` each, rows of one stride:
+    views of ``[N, 4H]`` gates or tensors of their own), ``tanh(c)`` and ``c_prev``, the gate
+    errors (int8 ``[N, 4H]``) with their exponent and ``dc_prev`` (int16) with its; ``None`` where
+    the kernel does not apply."""
+    lib = library()
+    if lib is None or len(gates) != 4:
+        return None
+    shape = dh.shape
+    if (dh.dim() != 2 or dc.shape != shape or tanh_c.shape != shape or c_prev.shape != shape
+            or any(t.dtype != torch.int16 for t in (dh, dc, tanh_c, c_prev, *gates))
+            or not _applies(dh, dc, tanh_c, c_prev)):
+        return None
+    row = gates[0].stride(0)
+    if any(gate.shape != shape or not gate.is_cpu or gate.stride(1) != 1 or gate.stride(0) != row for gate in gates):
+        return None
+    rows, hidden = shape
+    dz = torch.empty((rows, 4 * hidden), dtype=torch.int8)
+    dc_prev = torch.empty(shape, dtype=torch.int16)
+    exps = torch.empty(2, dtype=torch.int64)
+    failed = lib.intrain_lstm_step_backward(dh.data_ptr(), dh_e, dc.data_ptr(), dc_e,
+                                            *(gate.data_ptr() for gate in gates), row, tanh_c.data_ptr(),
+                                            c_prev.data_ptr(), rows, hidden, dz.data_ptr(), dc_prev.data_ptr(),
+                                            exps.data_ptr())
+    if failed:
+        raise MemoryError("out of memory in the LSTM's backward step")
+    return dz, int(exps[0]), dc_prev, int(exps[1])
 
 
 #: Most products per output a direct convolution takes (C * kh * kw; ``native.c``'s ranges).
