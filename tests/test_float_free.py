@@ -56,6 +56,7 @@ STEP_MODULES = (
                               # is float by design and not part of the integer-only mode)
     "methods/sgd_fixed.py",   # DFP16's integer-only SGD: int32 masters, fixed-point factors
     "methods/adamw_fixed.py", # NITI's --update adamw: int32 masters and moments, int64 second moments
+    "methods/twin_updates.py",  # the two above by name, for NITI's --update and DFP16's --optimizer
 )
 
 # Legitimate float uses in STEP_MODULES: (module, where, reason). ``where`` is "def Qual.name"

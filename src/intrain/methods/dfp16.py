@@ -39,19 +39,18 @@ from intrain.kernels import BACKENDS
 from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
-from intrain.methods.adamw_fixed import AdamWUpdate
 from intrain.methods.float_master import FloatMaster
 from intrain.methods.float_twin import OPTIMIZERS
 from intrain.methods.loss import cross_entropy_grad
-from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
+from intrain.methods.sgd_fixed import usable_rate
+from intrain.methods.twin_updates import TWIN_UPDATES
 from intrain.models import build_int_model
 from intrain.numeric.formats import ACCUMULATORS, DFP16, ERROR_ROUNDINGS, NumberFormat
 from intrain.numeric.qtensor import QTensor
 
-#: ``--dfp16-master``: integer-only masters, or float32 ones as in the paper.
+#: ``--dfp16-master``: integer-only masters (the update of each ``--optimizer`` from
+#: ``methods.twin_updates``), or float32 ones as in the paper.
 MASTERS = ("int32", "fp32")
-#: The integer-only update of each ``--optimizer``.
-INTEGER_UPDATES = {"sgd": FixedPointSgd, "adamw": AdamWUpdate}
 
 
 def whole_number(text: str) -> int:
@@ -130,7 +129,7 @@ class Dfp16(Method):
         if options.dfp16_master == "fp32":
             self.update = FloatMaster(model, self.fmt, options.lr, total_steps, optimizer=options.optimizer)
         else:
-            self.update = INTEGER_UPDATES[options.optimizer](model, self.fmt, options.lr, total_steps)
+            self.update = TWIN_UPDATES[options.optimizer](model, self.fmt, options.lr, total_steps)
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:

@@ -45,8 +45,8 @@ from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
 from intrain.methods.base import Method, MethodOptionError, flag, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
-from intrain.methods.adamw_fixed import AdamWUpdate
-from intrain.methods.sgd_fixed import FixedPointSgd, usable_rate
+from intrain.methods.sgd_fixed import usable_rate
+from intrain.methods.twin_updates import TWIN_UPDATES
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, RELU_SCALES, NumberFormat
@@ -57,8 +57,7 @@ from intrain.numeric.qtensor import QTensor
 WEIGHT_BITS = {8: NITI_INT8, 16: NITI_INT8_MASTER16}
 
 #: ``--update``: NITI's integer update, or the float twin's SGD or AdamW recipe on integers (module
-#: docstring), by name.
-TWIN_UPDATES = {"sgd": FixedPointSgd, "adamw": AdamWUpdate}
+#: docstring, ``methods.twin_updates``), by name.
 UPDATES = ("niti", *TWIN_UPDATES)
 #: Options that only NITI's update reads (with their values that mean "not used"), and the twin
 #: updates'; ``Niti.make_options`` drops the recipe's values of the other update's options.
