@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from cli_checks import assert_refused, run_until_crash
+from gradients import record_mean_gradients
 from intrain.cli import main
 from intrain.kernels import get_backend
 from intrain.kernels.cpu import CpuBackend, CpuSettings
@@ -259,22 +260,15 @@ def test_int32_adamw_masters_follow_the_float32_ones_element_by_element():
     masters, grads = {}, {}
     for master in ("int32", "fp32"):
         _, method = _model_and_method(master, backend="cpu", optimizer="adamw")
-        layers, original, seen = method.update.layers, method.update.step, {}
-
-        def recording(step, batch, within=None):
-            for i, layer in enumerate(layers):
-                if layer.weight_grad is not None and i not in seen:
-                    seen[i] = torch.ldexp(layer.weight_grad.double(), layer.weight_grad_exp.double()) / batch
-            return original(step, batch, within)
-
-        method.update.step = recording
+        seen = {}
+        record_mean_gradients(method.update, method.update.layers, seen)
         start = method.update.state_dict()["master"]
         start = [s.double() if master == "fp32" else torch.ldexp(s[0].double(), s[1].double()) for s in start]
         method.train_step(x, y, 0, 0)
         after = method.update.state_dict()["master"]
         masters[master] = [(a.double() if master == "fp32" else torch.ldexp(a[0].double(), a[1].double())) - s
                            for a, s in zip(after, start)]
-        grads[master] = [seen[i] for i in range(len(layers))]
+        grads[master] = [seen[i] for i in range(len(method.update.layers))]
     for g_int, g_float, step_int, step_float, weight in zip(grads["int32"], grads["fp32"], masters["int32"],
                                                             masters["fp32"], start):
         assert torch.equal(g_int, g_float)  # the same weights: the same exact gradient

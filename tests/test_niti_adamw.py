@@ -26,6 +26,7 @@ from intrain.numeric.requant import requantize
 from intrain.run import checkpoint
 from intrain.run.config import TrainConfig
 
+from gradients import record_mean_gradients
 from test_integer_only import FloatAudit
 
 TOP = 2**62
@@ -177,17 +178,10 @@ def test_the_adamw_update_is_pytorchs_adamw_on_the_exact_mean_gradients():
     start = [torch.ldexp(m.v.double(), m.e.double()) for m in trainer.twin.master]
     reference = [w.clone().requires_grad_() for w in start]
     optimizer = torch.optim.AdamW(reference, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=WEIGHT_DECAY)
-    original = trainer.twin.step
+    grads = {}
+    record_mean_gradients(trainer.twin, layers, grads)
     for step in range(steps):
-        grads = {}
-
-        def recording(step, batch, within=None):
-            for i, layer in enumerate(layers):
-                if layer.weight_grad is not None and i not in grads:
-                    grads[i] = torch.ldexp(layer.weight_grad.double(), layer.weight_grad_exp.double()) / batch
-            return original(step, batch, within)
-
-        trainer.twin.step = recording
+        grads.clear()
         trainer.train_step(*_batch(seed=step), step=step, epoch=0)
         assert sorted(grads) == list(range(len(layers)))
         for i, w in enumerate(reference):

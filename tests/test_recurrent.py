@@ -199,6 +199,19 @@ def test_small_errors_of_early_steps_reach_the_input_weights():
     assert (got[:, 1] - early).abs().max() <= 0.05 * early.abs().max()
 
 
+def _lstm_over(ring: bool, backend, forget_bias: float = 0) -> tuple[IntLSTM, list]:
+    """An LSTM of 8 units over 16 inputs, its input map a tensor ring (4x4 in, 4x4x2 out, rank 3)
+    or dense, built with torch seeded 0; and the input map's weighted layers."""
+    torch.manual_seed(0)
+    if ring:
+        input_map = IntTensorRing(TensorRingShape((4, 4), (4, 4, 2), 3), backend)
+        maps = list(input_map.cores)
+    else:
+        input_map = IntLinear(16, 32, backend)
+        maps = [input_map]
+    return IntLSTM(input_map, 8, backend, forget_bias=forget_bias), maps
+
+
 @pytest.mark.parametrize("ring", [False, True])
 def test_backward_through_time_same_bits_on_every_cpu_path(ring):
     """The weight gradients take int16 gate errors: every backend and CPU path gives the same bits."""
@@ -207,14 +220,7 @@ def test_backward_through_time_same_bits_on_every_cpu_path(ring):
     results = []
     for backend in (get_backend("reference", "cpu"), get_backend("cpu", "cpu", CpuSettings(use_int8_gemm=True)),
                     get_backend("cpu", "cpu", CpuSettings(use_int8_gemm=False))):
-        torch.manual_seed(0)
-        if ring:
-            input_map = IntTensorRing(TensorRingShape((4, 4), (4, 4, 2), 3), backend)
-            maps = list(input_map.cores)
-        else:
-            input_map = IntLinear(16, 32, backend)
-            maps = [input_map]
-        lstm = IntLSTM(input_map, 8, backend)
+        lstm, maps = _lstm_over(ring, backend)
         random_weights(maps + [lstm.recurrent], [-6] * len(maps) + [-8], 3)
         g = torch.Generator().manual_seed(4)
         x = QTensor.of(torch.randint(-128, 128, (40, 12, 16), generator=g).to(torch.int8), -7)
@@ -348,14 +354,7 @@ def test_lstm_training_step_same_bits_with_and_without_the_c_kernels(ring):
     results = []
     for kernels in (True, False):
         backend = get_backend("cpu", "cpu")
-        torch.manual_seed(0)
-        if ring:
-            input_map = IntTensorRing(TensorRingShape((4, 4), (4, 4, 2), 3), backend)
-            maps = list(input_map.cores)
-        else:
-            input_map = IntLinear(16, 32, backend)
-            maps = [input_map]
-        lstm = IntLSTM(input_map, 8, backend, forget_bias=1.0)
+        lstm, maps = _lstm_over(ring, backend, forget_bias=1.0)
         random_weights(maps + [lstm.recurrent], [-4] * len(maps) + [-6], 3)
         gen = torch.Generator().manual_seed(4)
         x = QTensor.of(torch.randint(-128, 128, (40, 12, 16), generator=gen).to(torch.int8), -5)
