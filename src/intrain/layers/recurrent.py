@@ -49,8 +49,8 @@ never learnt the direction of rotations and zooms, which needs the earlier frame
 2026-12-03). The products take int16 errors with int8 (``h``) or int8-core operands; their
 int32/int64 results are exact on every backend.
 
-Speed: a step of the LSTM is some forty small elementwise operations on ``[N, H]`` tensors forward
-and about a hundred back; on CPU tensors each step's elementwise work (after the recurrent
+Speed: a step of the LSTM is many small elementwise operations on ``[N, H]`` tensors, forward and
+more back, each costing more in fixed overhead than in arithmetic; on CPU tensors each step's elementwise work (after the recurrent
 product) is one C call instead (``numeric.native.lstm_step_forward`` and ``lstm_step_backward``,
 the same bits as the PyTorch code here, which stays the reference and the path on other devices;
 ``python benchmarks/native_speed.py --model tr-lstm``).
