@@ -336,7 +336,7 @@ def _state(run_dir):
 @pytest.mark.parametrize("master, optimizer", [("int32", "sgd"), ("fp32", "sgd"), ("int32", "adamw"),
                                                ("fp32", "adamw")])
 def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master, optimizer):
-    job = [*JOB, "--dfp16-master", master, "--optimizer", optimizer]
+    job = [*JOB, "--dfp16-master", master, "--optimizer", optimizer] + (["--lr", "0.003"] if optimizer == "adamw" else [])
     assert main([*job, "--out", str(tmp_path / "ref")]) == 0
     run_until_crash(monkeypatch, Dfp16, 9, [*job, "--out", str(tmp_path / "run")])
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "run"))
@@ -366,6 +366,13 @@ def test_train_resume_and_eval(tmp_path, monkeypatch, capsys, master, optimizer)
     (["train", "--arith", "dfp16", "--dfp16-headroom", "16"], "--dfp16-headroom"),
     (["train", "--arith", "dfp16", "--optimizer", "adam"], "--optimizer"),
     (["train", "--optimizer", "adamw"], "--optimizer does not apply to --arith int8"),
+    # a recipe's rate is its own optimiser's: another optimiser needs its own --lr
+    (["train", "--arith", "dfp16", "--optimizer", "adamw"], "--optimizer adamw needs --lr here: the recipe's rate 0.025 is for its sgd"),
+    (["train", "--arith", "float", "--optimizer", "adamw"], "--optimizer adamw needs --lr here: the recipe's rate 0.025 is for its sgd"),
+    (["train", "--arith", "dfp16", "--dataset", "moving-mnist-actions", "--model", "tr-lstm", "--optimizer", "sgd"],
+     "--optimizer sgd needs --lr here: the recipe's rate 0.003 is for its adamw"),
+    (["train", "--arith", "float", "--dataset", "moving-mnist-actions", "--model", "lstm", "--optimizer", "sgd"],
+     "--optimizer sgd needs --lr here: the recipe's rate 0.003 is for its adamw"),
 ])
 def test_foreign_and_bad_dfp16_options_are_refused(argv, words, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
