@@ -14,7 +14,8 @@ ratios are meant to be compared. On a GPU (``--device cuda``) every timed call e
     python benchmarks/speed.py --model mlp --batch 256 --repeats 20
     python benchmarks/speed.py --model vgg-small-7 --batch 256 --device cuda
     python benchmarks/speed.py --model vgg-small-7 --batch 64 --int8-gemm off   # float path only
-    python benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16      # DFP16, int32 masters
+    python benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16      # DFP16, int32 masters, SGD
+    python benchmarks/speed.py --model tr-lstm --batch 64 --arith dfp16 --optimizer adamw
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from intrain.methods.dfp16 import MASTERS, Dfp16, Dfp16Options
 from intrain.methods.niti import Niti, NitiOptions
-from intrain.methods.float_twin import FloatOptions, FloatTwin
+from intrain.methods.float_twin import OPTIMIZERS, FloatOptions, FloatTwin
 from intrain.kernels import BACKENDS, Backend, CpuSettings, get_backend
 from intrain.kernels.cpu import has_amx
 from intrain.kernels.cpu.calibrate import INT8_GEMM_MIN_SPEEDUP, int8_gemm_speedup, isa_limit_label
@@ -132,12 +133,13 @@ def _saved_bytes_float(model, x, y) -> int:
 
 
 def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed: int, backend: Backend,
-                     device: torch.device, niti_options: dict | None = None):
+                     device: torch.device, niti_options: dict | None = None, optimizer: str = "sgd"):
     """(method, model) of the integer side: NITI int8 as the earlier figures measured it (mu 4, no
     weight averaging: its int64 sums are 8x the weights; ``niti_options`` adds to those, e.g. a
-    recipe's int16 masters and weight decay), or DFP16 with the float twin's learning rate."""
+    recipe's int16 masters and weight decay), or DFP16 with the float twin's learning rate and
+    ``optimizer``."""
     if arith == "dfp16":
-        options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master)
+        options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master, optimizer=optimizer)
         model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
         return Dfp16(model, options, seed=seed, total_steps=10**6), model
     niti_options = dict(niti_options or {})
@@ -152,7 +154,9 @@ def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
           bf16: bool, seed: int = 0, image_size: int | None = None, arith: str = "int8",
-          dfp16_master: str = "int32", niti_options: dict | None = None) -> None:
+          dfp16_master: str = "int32", niti_options: dict | None = None, optimizer: str = "sgd") -> None:
+    """Time one training step of ``arith`` against the float32 twin's. The float side takes AdamW
+    where the integer side does (``--update adamw`` for int8, ``optimizer`` for DFP16)."""
     shape = SHAPES.get(model_name, (3, 32, 32))
     if image_size is not None:  # e.g. 224: ResNet-18 and AlexNet take the ImageNet layout
         shape = (shape[0], image_size, image_size)
@@ -162,7 +166,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     x_float = (pixels.to(torch.float32) / 128).to(device)
 
     def make_int_step():
-        trainer, model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device, niti_options)
+        trainer, model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device, niti_options,
+                                          optimizer)
         x = type(trainer).network_input(QTensor.of(pixels.to(device), -7))
         steps = iter(range(10**9))
         return trainer, model, x, lambda: trainer.train_step(x, labels, next(steps), 0)
@@ -170,8 +175,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     def make_float_step():
         torch.manual_seed(seed)
         model = build_float_model(model_name, shape, 10).to(device)
-        optimizer = "adamw" if (niti_options or {}).get("update") == "adamw" else "sgd"
-        trainer = FloatTwin(model, FloatOptions(lr=0.01, optimizer=optimizer), total_steps=10**6)
+        adamw = (niti_options or {}).get("update") == "adamw" if arith == "int8" else optimizer == "adamw"
+        trainer = FloatTwin(model, FloatOptions(lr=0.01, optimizer="adamw" if adamw else "sgd"), total_steps=10**6)
         steps = iter(range(10**9))
         return trainer, model, lambda: trainer.train_step(x_float, labels, next(steps), 0)
 
@@ -189,7 +194,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             times[key].append(_median_seconds(fn, repeats, device))
     t_int, t_float = min(times[arith]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    master = f" ({dfp16_master} masters)" if arith == "dfp16" else ""
+    master = f" ({dfp16_master} masters, {optimizer})" if arith == "dfp16" else ""
     chosen = {k: v for k, v in (niti_options or {}).items() if (k, v) not in
               (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None),
                ("relu_scale", "magnitude"))}
@@ -285,6 +290,8 @@ def main() -> None:
     parser.add_argument("--dfp16-master", choices=tuple(MASTERS), default="int32",
                         help="with --arith dfp16: int32 master weights and momentum (integer-only, the "
                              "default) or float32 (Das et al.)")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
+                        help="with --arith dfp16: the float twin's optimiser, on both sides (default: sgd)")
     parser.add_argument("--update", choices=("niti", "sgd", "adamw"), default="niti",
                         help="int8: NITI's update (mu 4), or the float twin's SGD or AdamW recipe on int32 masters "
                              "(with adamw the float side takes AdamW too)")
@@ -307,6 +314,8 @@ def main() -> None:
                                                  "weight_decay_shift": None, "relu_scale": "magnitude"}:
         parser.error("--update, --weight-bits, --error-rounding, --relu-scale and --weight-decay-shift apply to "
                      "--arith int8 only")
+    if args.arith != "dfp16" and args.optimizer != "sgd":
+        parser.error("--optimizer applies to --arith dfp16 only (int8 takes --update sgd or adamw)")
     if args.update != "niti" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
         parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
                      f"--update {args.update}")
@@ -330,7 +339,7 @@ def main() -> None:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16,
               image_size=args.image_size, arith=args.arith, dfp16_master=args.dfp16_master,
-              niti_options=niti_options)
+              niti_options=niti_options, optimizer=args.optimizer)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,16 @@ def test_speed_script_times_the_int8_options_of_a_recipe():
     assert "int8 (update sgd, error-rounding stochastic, relu-scale positive)" in out and "training step   int8" in out
 
 
+def test_speed_script_times_dfp16_with_either_optimiser():
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--arith", "dfp16",
+                     "--optimizer", "adamw")
+    assert "dfp16 (int32 masters, adamw)" in out and "training step  dfp16" in out
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--optimizer", "adamw"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert done.returncode == 2 and "--optimizer applies to --arith dfp16 only" in done.stderr
+
+
 def test_native_threads_script_checks_the_same_bits():
     from intrain.numeric import native
     if not native.available():
