@@ -42,6 +42,7 @@ from tqdm import tqdm
 from intrain.layers import IntReLU, StepContext, weighted_layers
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import build_int_model
+from intrain.models.zoo import RecurrentOptions
 from intrain.numeric.formats import DFP16, NITI_INT8
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize
@@ -65,8 +66,11 @@ RELU_COMPARED = ("int8 nearest", "int8 stoch., ReLU +")
 def int8_copy(run, fmt):
     """The run's architecture in ``fmt`` holding the run's weights rounded to int8."""
     cfg = run.config
+    recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
+                                 cfg.get("lstm_forget_bias"))
     model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]), 0, fmt=fmt,
-                            width=float(cfg.get("width") or 1.0), device=run.device)
+                            width=float(cfg.get("width") or 1.0), device=run.device, hidden=cfg.get("hidden"),
+                            recurrent=recurrent)
     for dst, src in zip(weighted_layers(model), weighted_layers(run.model)):
         q = requantize(src.weight.to(torch.int32), src.weight_exp, 8)
         dst.weight.copy_(q.v.to(dst.weight.dtype))
