@@ -229,6 +229,22 @@ def test_the_recipe_gives_adamw_the_float_twins_rate_where_the_twin_trains_with_
     assert resolved.options["lr"] == 0.05
 
 
+def test_the_int8_tr_lstm_rate_falls_with_the_rank_above_8():
+    """AdamW's step is about the rate whatever a core's scale, and the cores' scale falls with the rank
+    (``run.recipes``): rank 16 takes half the twin's rate, ranks up to 8 the twin's; the float twin
+    and DFP16 keep theirs, and --lr overrides the recipe."""
+    def lr(rank, arith="int8", **given):
+        return TrainConfig(dataset="moving-mnist-actions", model="tr-lstm", arith=arith, tr_rank=rank,
+                           options=given).resolved().options["lr"]
+    assert [lr(rank) for rank in (None, 2, 4, 8)] == [0.003] * 4
+    assert (lr(16), lr(32)) == (0.0015, 0.00075)
+    assert lr(16, arith="float") == lr(16, arith="dfp16") == 0.003
+    assert lr(16, lr=0.002) == 0.002
+    resolved = TrainConfig(dataset="moving-mnist-actions", model="tt-lstm", tr_rank=16, options={"update": "adamw"},
+                           batch_size=64).resolved()
+    assert resolved.options["lr"] == 0.003  # not measured on the TT-LSTM: the twin's rate
+
+
 @pytest.mark.parametrize("argv, words", [
     (["train", "--update", "adamw"], "--update adamw needs --lr here"),
     (["train", "--update", "adamw", "--lr", "0.001", "--mu-schedule", "0:5"], "--mu-schedule applies to NITI's"),

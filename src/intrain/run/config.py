@@ -84,7 +84,7 @@ class TrainConfig:
     def resolved(self) -> "TrainConfig":
         """A copy with every recipe default filled in and the method's options checked."""
         method = self.method
-        recipe = default_recipe(self.dataset, self.model, self.arith)
+        recipe = default_recipe(self.dataset, self.model, self.arith, self.tr_rank)
         batch = recipe.batch_size if self.batch_size is None else self.batch_size
         try:
             options = method.make_options(self.options, recipe.options_for(batch))
