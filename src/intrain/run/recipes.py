@@ -201,8 +201,9 @@ ADAMW_REFERENCE_RANK = 8
 
 
 def int8_adamw_rank_factor(model: str, rank: int | None) -> float:
-    """The factor on the int8 TR-LSTM's AdamW rate at tensor-ring ``rank`` (None: the default 8)."""
-    if model != "tr-lstm" or rank is None:
+    """The factor on the int8 TR-LSTM's AdamW rate at tensor-ring ``rank`` (None: the default 8; a
+    rank below 1 is refused where the model is built)."""
+    if model != "tr-lstm" or rank is None or rank < 1:
         return 1.0
     return min(1.0, ADAMW_REFERENCE_RANK / rank)
 
