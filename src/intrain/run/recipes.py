@@ -186,13 +186,14 @@ _INT8_OPTIONS_BY_MODEL = {
 # The int8 TR-LSTM's AdamW rate falls with the ring's rank above 8: ``x min(1, 8 / rank)``
 # (``int8_adamw_rank_factor``). At rank 16 and the twin's 3e-3 the int8 TR-LSTM sat near 87 % and
 # then collapsed (validation split, seed 0: 86.99 % after epoch 10, 61.56 % after 11; the test
-# clips, seeds 0 and 1, the same in epochs 10-11); the collapse is in the weights, not the int8
-# arithmetic at them: on the checkpoints of steps 7,800-8,600 the int8 forward and a 16-bit forward
-# of the same weights lost accuracy together (1,024 training clips, 16-bit / int8: 89.3 / 88.2 % at
+# clips, seeds 0 and 1, the same in epochs 10-11); on the checkpoints of steps 7,800-8,600 the
+# int8 forward and a 16-bit forward of the same weights lost accuracy together (1,024 training clips, 16-bit / int8: 89.3 / 88.2 % at
 # step 7,800, 38.6 / 48.2 % at 8,300), while the cores' exponents rose from -8 to -6. At 1.5e-3 the same seed did not collapse (87.77 / 88.78 %
 # after epochs 10 / 11) and ended at 98.84 % after 40 epochs, against 73.95 % at 3e-3; the gradient of
 # the merged ring sides sent to the cores at 16 bits, or rounded stochastically, collapsed as well
-# (epochs 7 and 8; throwaway patches; BENCHMARKS.md, 2026-12-05).
+# (epochs 7 and 8; throwaway patches; BENCHMARKS.md, 2026-12-05). Not a cure: on the test clips
+# seed 0 reached 99.13 % at 1.5e-3 and seed 1 still collapsed (73.77 %), and from the last good
+# checkpoint the float twin's step holds the state the int8 step loses (BENCHMARKS.md).
 # A core's entries start at a scale that falls with the rank (``layers.tensor_ring``: fan-in ``2 r D``
 # or ``2 r``), and AdamW moves each entry by about the rate whatever its scale, so the same rate is
 # a larger relative step at a larger rank. Ranks 4 and 8 keep the rate they were measured at.
