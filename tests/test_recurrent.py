@@ -7,7 +7,7 @@ import torch
 
 from intrain.kernels import get_backend
 from intrain.layers.linear import IntLinear
-from intrain.layers.recurrent import GATE_EXPONENT, IntLSTM, gate_tables, to_fixed
+from intrain.layers.recurrent import GATE_EXPONENT, WIDE_LIMIT, IntLSTM, gate_tables, to_fixed
 from intrain.layers.tensor_ring import IntTensorRing, TensorRingShape
 from intrain.numeric.qtensor import QTensor
 
@@ -96,11 +96,46 @@ def test_forget_bias_is_a_fixed_offset_of_the_forget_gate_alone():
     assert torch.equal(i0, i1) and torch.equal(g0, g1) and torch.equal(o0, o1)
     sigmoid, _ = gate_tables()
     u = lstm.input_map(QTensor(x.v.reshape(n * steps, frame), x.e))  # as the LSTM runs it: all frames at once
-    zf = to_fixed(u.v, u.e, GATE_EXPONENT).reshape(n, steps, 4 * hidden)[:, 0, hidden:2 * hidden]
+    zf = to_fixed(u.v, u.e, GATE_EXPONENT, WIDE_LIMIT).reshape(n, steps, 4 * hidden)[:, 0, hidden:2 * hidden]
     for bias, saved in gates.items():
         want = sigmoid[((zf + round(bias * 2048)).clamp(-32767, 32767) + 32767).long()]
         assert torch.equal(saved[1].to(torch.int16), want)
     assert (gates[1.0][1] >= gates[0.0][1]).all() and (gates[1.0][1] > gates[0.0][1]).any()
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_the_input_maps_term_saturates_only_in_the_sum(kernel, monkeypatch):
+    """``U x`` past +-16 is added to ``W h`` unsaturated, and only the sum saturates (module
+    docstring). Every ``U x`` is about +19.75 and, at step 1, every ``W h`` about -15.06, so with a
+    forget offset of -8 the forget gate reads sigmoid(-3.3); saturating ``U x`` at 16 first would
+    give sigmoid(-7.1). The C kernel and the PyTorch code alike."""
+    from intrain.numeric import native
+    if not kernel:
+        monkeypatch.setattr(native, "lstm_step_forward", lambda *args: None)
+    elif native.library() is None:
+        pytest.skip("no C compiler here: the PyTorch case covers the same step")
+    n, frame, hidden, steps = 2, 1, 3, 2
+    backend = get_backend("reference", "cpu")
+    lstm = IntLSTM(IntLinear(frame, 4 * hidden, backend), hidden, backend, forget_bias=-8.0)
+    lstm.input_map.weight.fill_(127)
+    lstm.input_map.weight_exp.fill_(0)
+    lstm.recurrent.weight.fill_(-106)
+    lstm.recurrent.weight_exp.fill_(-4)
+    x = QTensor.of(torch.full((n, steps, frame), 80, dtype=torch.int8), -9)
+    lstm.train()
+    lstm(x)
+    sigmoid, _ = gate_tables()
+    u = lstm.input_map(QTensor(x.v.reshape(n * steps, frame), x.e))
+    u_q11 = int(to_fixed(u.v, u.e, GATE_EXPONENT, WIDE_LIMIT).max())
+    assert u_q11 > 32767  # past +-16
+    h1 = lstm._saved[1][-1]  # the hidden state step 1 starts from
+    w_h = int(h1[0].to(torch.int64).sum()) * -106  # Q11 exactly: exponents -7 and -4
+    assert -32767 < w_h < -15 * 2048
+    z_f = u_q11 + w_h - 8 * 2048
+    assert -8 * 2048 < z_f < -2 * 2048
+    f = lstm._saved[1][1]
+    assert torch.equal(f.to(torch.int64), sigmoid[z_f + 32767].to(torch.int64).expand_as(f))
+    assert sigmoid[z_f + 32767] != sigmoid[32767 + w_h - 8 * 2048 + 32767]  # what saturating U x first gives
 
 
 def test_long_sequences_saturate_instead_of_overflowing():

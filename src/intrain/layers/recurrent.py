@@ -19,8 +19,15 @@ Formats and ranges (the integer version):
 - ``x_t``: int8 with any exponent; ``h_t``: int8 with the fixed exponent ``-7`` (``|h| < 1``, so
   the fixed exponent loses no range), ``h = round(o tanh(c) / 2**21)`` clipped to [-127, 127].
 - gate pre-activations ``z``: int16 fixed point ``Q11`` (exponent ``-11``, range +-16). ``U x`` and
-  ``W h`` are each rounded to Q11 (nearest) and added; values past +-16 saturate at +-32767:
-  there sigmoid and tanh are within 2**-14 of their limits, which is what the tables give anyway.
+  ``W h`` are each rounded to Q11 (nearest) and added in int64; the sum's values past +-16 saturate
+  at +-32767: there sigmoid and tanh are within 2**-14 of their limits, which is what the tables
+  give anyway. ``U x`` is not saturated before the sum (only at +-2**40, ``WIDE_LIMIT``): clipped
+  there to +-16 while ``W h`` pulled the sum back into the gates' range, the forward used 16 but
+  the backward sent the gate's error on to ``U x`` as if unclipped, a gradient for a value that no
+  longer moved the output; the input map's outputs then ran away, and the int8 rank-16 TR-LSTM
+  collapsed (BENCHMARKS.md, 2026-12-05: the collapse came and went with that clip in the float
+  twin). ``W h`` (``|h| < 1``) is still saturated at +-16 before the sum (``native.lstm_step_forward``
+  does the same), a bound its weights have not reached in the runs measured.
 - gate values: sigmoid and tanh in Q14 (int16, ``[0, 2**14]`` and ``[-2**14, 2**14]``), read from
   65,535-entry integer tables indexed by the Q11 value (``gate_tables``: built with Python
   integers only, exp by a Taylor series in 2**-62 fixed point; every entry is within one unit of
@@ -110,18 +117,25 @@ def gate_tables() -> tuple[torch.Tensor, torch.Tensor]:
     return sigmoid, tanh_t
 
 
-def to_fixed(v: torch.Tensor, e: torch.Tensor, target: int) -> torch.Tensor:
-    """``v * 2**e`` in units of ``2**target`` (int64), nearest rounding, saturated to int16's
-    symmetric range (a left shift is applied to values already clipped to 2**16, which it can
-    only push further out: the saturation is exact; a shift past 40 is 40, which already pushes
-    every non-zero value past the range, where 2**16 shifted by 47 or more would leave int64)."""
+#: Saturation of the input map's pre-activations before the recurrent term is added (far past
+#: the tables' +-16, so the sum saturates there: module docstring).
+WIDE_LIMIT = 1 << 40
+
+
+def to_fixed(v: torch.Tensor, e: torch.Tensor, target: int, limit: int = INT16_LIMIT) -> torch.Tensor:
+    """``v * 2**e`` in units of ``2**target`` (int64), nearest rounding, saturated to ``+-limit``
+    (int16's symmetric range unless told otherwise; at most ``WIDE_LIMIT``). A left shift is
+    applied to values already clipped to 2**16, which it can only push further out: the
+    saturation is exact for values of 16 bits (int8 and int16 operands); a shift past 40 is 40,
+    which already pushes every non-zero value past any limit, where 2**16 shifted by 47 or more
+    would leave int64."""
     shift = e - target
     wide = v.to(torch.int64)
     if int(shift) >= 0:
         out = wide.clamp(-(1 << 16), 1 << 16) << shift.clamp(max=40)
     else:
         out = shift_round(wide, -shift, "nearest")
-    return out.clamp(-INT16_LIMIT, INT16_LIMIT)
+    return out.clamp(-limit, limit)
 
 
 #: Bits of the gate errors of all steps at one exponent, for the weight gradients.
@@ -220,7 +234,7 @@ class IntLSTM(IntModule):
         n, steps = x.v.shape[:2]
         hidden = self.hidden_size
         u = self.input_map(QTensor(x.v.reshape(n * steps, -1), x.e), ctx)
-        u_fixed = to_fixed(u.v, u.e, GATE_EXPONENT).reshape(n, steps, 4 * hidden)
+        u_fixed = to_fixed(u.v, u.e, GATE_EXPONENT, WIDE_LIMIT).reshape(n, steps, 4 * hidden)
         w = self.recurrent.weight
         h = torch.zeros((n, hidden), dtype=torch.int8, device=x.v.device)
         c = torch.zeros((n, hidden), dtype=torch.int64, device=x.v.device)
