@@ -281,8 +281,8 @@ def _step_both_ways(lstm, u, recurrent, c):
 @pytest.mark.parametrize("rec_dtype", [torch.int32, torch.int64])
 @pytest.mark.parametrize("forget_offset", [0, 2048, -5120, 40000])
 def test_the_lstm_step_kernel_has_the_reference_bits(rec_dtype, forget_offset):
-    """``native.lstm_step_forward`` against the PyTorch step, bit for bit: input-map values and cell
-    states at +-32767, recurrent products at their type's extremes (int32 +-(2**31 - 1), int64
+    """``native.lstm_step_forward`` against the PyTorch step, bit for bit: input-map values of every
+    size up to +-WIDE_LIMIT (unsaturated before the sum), cell states at +-32767, recurrent products at their type's extremes (int32 +-(2**31 - 1), int64
     +-(2**62 - 1)), and the recurrent product's shift to Q11 from far right (-45) to far left (64),
     on a step whose rows are strided (one time step of [N, T, 4H])."""
     from intrain.numeric import native
@@ -294,11 +294,12 @@ def test_the_lstm_step_kernel_has_the_reference_bits(rec_dtype, forget_offset):
     lstm = IntLSTM(IntLinear(16, 4 * hidden, get_backend("reference", "cpu")), hidden, get_backend("reference", "cpu"))
     lstm.forget_offset = forget_offset
     top = 2**31 - 1 if rec_dtype == torch.int32 else 2**62 - 1
-    clip = torch.tensor([-32767, 32767, 0, 1, -1], dtype=torch.int64)
+    clip = torch.tensor([-WIDE_LIMIT, WIDE_LIMIT, -32767, 32767, 0, 1, -1], dtype=torch.int64)
     for shift in (-45, -40, -33, -31, -20, -8, -3, -1, 0, 1, 3, 15, 16, 17, 40, 41, 64):
         lstm.recurrent.weight_exp.fill_(shift - 4)  # HIDDEN_EXPONENT + weight_exp - GATE_EXPONENT = shift
         frames = torch.randint(-32767, 32768, (rows, 3, 4 * hidden), generator=g, dtype=torch.int64)
-        frames.view(-1)[:5] = clip
+        frames = (frames << torch.randint(0, 26, frames.shape, generator=g)).clamp(-WIDE_LIMIT, WIDE_LIMIT)
+        frames[0, 1, :7] = clip  # the step taken below is frames[:, 1]
         scale = torch.randint(0, 63, (rows, 4 * hidden), generator=g)  # magnitudes of every size up to top
         recurrent = (torch.randint(-2**62, 2**62, (rows, 4 * hidden), generator=g, dtype=torch.int64) >> scale)
         recurrent = recurrent.clamp(-top, top).to(rec_dtype)
