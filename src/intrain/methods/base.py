@@ -69,6 +69,19 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def _check_recipe_rate(given: dict, recipe_defaults: dict) -> None:
+    """Refuse a recipe's learning rate for an optimiser it was not chosen for: an ``--optimizer``
+    other than the recipe's, without ``--lr``, would otherwise train at the other optimiser's rate
+    (SGD's 0.05 for AdamW, or AdamW's 3e-3 for SGD). For every method with an ``optimizer`` option
+    (the float twin, DFP16)."""
+    chosen = given.get("optimizer")
+    recipe = recipe_defaults.get("optimizer", "sgd")
+    if chosen is None or chosen == recipe or given.get("lr") is not None or "lr" not in recipe_defaults:
+        return
+    raise MethodOptionError(f"--optimizer {chosen} needs --lr here: the recipe's rate {recipe_defaults['lr']:g} is "
+                            f"for its {recipe} (the recipes train sgd at 0.05 and adamw at 3e-3, at batch 64)")
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option field: ``mu_schedule`` -> ``--mu-schedule``."""
     return "--" + name.replace("_", "-")
@@ -103,6 +116,8 @@ class Method:
             name = foreign[0]
             raise MethodOptionError(f"{flag(name)} does not apply to --arith {cls.name}: leave it out "
                                     f"({cls.name} takes {', '.join(map(flag, cls.option_names())) or 'no options'})")
+        if "optimizer" in cls.option_names():
+            _check_recipe_rate(given, recipe_defaults)
         values = {}
         for f in fields(cls.Options):
             value = given.get(f.name)

@@ -40,7 +40,7 @@ from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.base import Method, MethodOptionError, option, positive_float
 from intrain.methods.float_master import FloatMaster
-from intrain.methods.float_twin import OPTIMIZERS, recipe_rate_check
+from intrain.methods.float_twin import OPTIMIZERS
 from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.sgd_fixed import usable_rate
 from intrain.methods.twin_updates import TWIN_UPDATES
@@ -74,7 +74,8 @@ class Dfp16Options:
         "nearest", help="rounding of the errors sent down to earlier layers: NITI's nearest, or stochastic",
         choices=ERROR_ROUNDINGS)
     optimizer: str = option("sgd", help="the float twin's optimiser: SGD with Nesterov momentum, or AdamW "
-                                        "(default: from the recipe, the float twin's; the other one needs --lr)", choices=OPTIMIZERS)
+                                        "(default: from the recipe, the float twin's; the other one needs --lr)",
+                            choices=OPTIMIZERS)
     dfp16_master: str = option(
         "int32", help="master weights and optimiser state: int32 with exponents and fixed-point factors "
                       "(integer-only), or float32 as in Das et al.", choices=MASTERS)
@@ -100,11 +101,6 @@ class Dfp16(Method):
     summary = "16-bit dynamic fixed point with the float recipe (Das et al.)"
     Options = Dfp16Options
     integer = True
-
-    @classmethod
-    def make_options(cls, given: dict, recipe_defaults: dict):
-        recipe_rate_check(given, recipe_defaults)
-        return super().make_options(given, recipe_defaults)
 
     @classmethod
     def check_options(cls, options: Dfp16Options) -> None:

@@ -40,19 +40,6 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
 
 OPTIMIZERS = ("sgd", "adamw")
-
-
-def recipe_rate_check(given: dict, recipe_defaults: dict) -> None:
-    """Refuse a recipe's learning rate for an optimiser it was not chosen for: an ``--optimizer``
-    other than the recipe's, without ``--lr``, would otherwise train at the other optimiser's rate
-    (SGD's 0.05 for AdamW, or AdamW's 3e-3 for SGD). Used by the float twin and DFP16, which take
-    the same optimisers."""
-    chosen = given.get("optimizer")
-    recipe = recipe_defaults.get("optimizer", "sgd")
-    if chosen is None or chosen == recipe or given.get("lr") is not None or "lr" not in recipe_defaults:
-        return
-    raise MethodOptionError(f"--optimizer {chosen} needs --lr here: the recipe's rate {recipe_defaults['lr']:g} is "
-                            f"for its {recipe} (the recipes train sgd at 0.05 and adamw at 3e-3, at batch 64)")
 WEIGHT_INITS = ("torch", "kaiming")
 #: Fraction of all steps spent in linear warm-up.
 WARMUP_FRACTION = 0.02
@@ -91,9 +78,8 @@ def lr_at(step: int, *, base_lr: float, total_steps: int, warmup_steps: int) -> 
 class FloatOptions:
     lr: float | None = option(help="peak learning rate (default: 0.05 x batch size / 64)", parse=positive_float,
                               metavar="LR")
-    optimizer: str = option("sgd", help="SGD with Nesterov momentum, or AdamW (default: from the recipe, sgd; the other one "
-                            "needs --lr)",
-                            choices=OPTIMIZERS)
+    optimizer: str = option("sgd", help="SGD with Nesterov momentum, or AdamW (default: from the recipe, sgd; "
+                            "the other one needs --lr)", choices=OPTIMIZERS)
     weight_init: str = option("torch", help="PyTorch's default initialisation, or Kaiming-uniform for ReLU networks "
                               "(weights uniform in +-sqrt(6 / fan_in), biases 0) (default: from the recipe, "
                               "kaiming for vgg-small models)", choices=WEIGHT_INITS)
@@ -110,11 +96,6 @@ class FloatTwin(Method):
     summary = "the float32 twin with SGD"
     Options = FloatOptions
     integer = False
-
-    @classmethod
-    def make_options(cls, given: dict, recipe_defaults: dict):
-        recipe_rate_check(given, recipe_defaults)
-        return super().make_options(given, recipe_defaults)
 
     @classmethod
     def check_options(cls, options: FloatOptions) -> None:
