@@ -184,23 +184,17 @@ _INT8_OPTIONS_BY_MODEL = {
 }
 
 # The int8 TR-LSTM's AdamW rate falls with the ring's rank above 8: ``x min(1, 8 / rank)``
-# (``int8_adamw_rank_factor``). At rank 16 and the twin's 3e-3 the int8 TR-LSTM sat near 87 % and
-# then collapsed (validation split, seed 0: 86.99 % after epoch 10, 61.56 % after 11; the test
-# clips, seeds 0 and 1, the same in epochs 10-11); on the checkpoints of steps 7,800-8,600 the
-# int8 forward and a 16-bit forward of the same weights lost accuracy together (1,024 training clips, 16-bit / int8: 89.3 / 88.2 % at
-# step 7,800, 38.6 / 48.2 % at 8,300), while the cores' exponents rose from -8 to -6. At 1.5e-3 the same seed did not collapse (87.77 / 88.78 %
-# after epochs 10 / 11) and ended at 98.84 % after 40 epochs, against 73.95 % at 3e-3; the gradient of
-# the merged ring sides sent to the cores at 16 bits, or rounded stochastically, collapsed as well
-# (epochs 7 and 8; throwaway patches; BENCHMARKS.md, 2026-12-05). Not a cure: on the test clips
-# seed 0 reached 99.13 % at 1.5e-3 and seed 1 still collapsed (73.77 %), and from the last good
-# checkpoint the float twin's step holds the state the int8 step loses (BENCHMARKS.md). The cause,
-# found after: the LSTM clipped the input map's term before adding the recurrent one
-# (``layers.recurrent``, fixed the same day); all of the above was measured before the fix, and
-# whether the factor is still needed with it is not measured yet.
-# A core's entries start at a scale that falls with the rank (``layers.tensor_ring``: fan-in ``2 r D``
-# or ``2 r``), and AdamW moves each entry by about the rate whatever its scale, so the same rate is
-# a larger relative step at a larger rank. Ranks 4 and 8 keep the rate they were measured at.
-# The TT-LSTM's int8 recipe is NITI's update (not measured with AdamW).
+# (``int8_adamw_rank_factor``). Chosen on the validation split at rank 16, 40 epochs, with the
+# integer LSTM as it is now (``layers.recurrent`` adds the input map's term unclipped since
+# 2026-12-05): seed 0 99.20 % at the twin's 3e-3 and 98.86 % at 1.5e-3; seed 1 88.17 % at 3e-3
+# (one pair of actions never learnt: 87.0-87.8 % from epoch 8 to 29) and 97.43 % at 1.5e-3; mean
+# 93.69 against 98.15 % (BENCHMARKS.md, "The int8 TR-LSTM rows with the LSTM fix"). Before that fix
+# the factor had been chosen against a collapse at 3e-3 that the fix removed (seed 0: 61.56 % after
+# epoch 11, 73.95 % at the end). A core's entries start at a scale that falls with the rank
+# (``layers.tensor_ring``: fan-in ``2 r D`` or ``2 r``), and AdamW moves each entry by about the
+# rate whatever its scale, so the same rate is a larger relative step at a larger rank. Ranks 4
+# and 8 keep the rate they were measured at; the factor's form (8 / rank rather than its square
+# root) was not measured. The TT-LSTM's int8 recipe is NITI's update (not measured with AdamW).
 ADAMW_REFERENCE_RANK = 8
 
 
