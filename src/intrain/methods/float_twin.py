@@ -90,10 +90,11 @@ class FloatOptions:
 
 
 class FloatTwin(Method):
-    """Trains a ``torch.nn.Module`` classifier with SGD + warm-up/cosine; one call per batch."""
+    """Trains a ``torch.nn.Module`` classifier with SGD or AdamW (``--optimizer``) and warm-up/cosine;
+    one call per batch."""
 
     name = "float"
-    summary = "the float32 twin with SGD"
+    summary = "the float32 twin (SGD, or AdamW where the recipe says)"
     Options = FloatOptions
     integer = False
 
