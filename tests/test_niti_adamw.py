@@ -229,6 +229,15 @@ def test_the_recipe_gives_adamw_the_float_twins_rate_where_the_twin_trains_with_
     assert resolved.options["lr"] == 0.05
 
 
+def test_the_tensor_lstms_int8_recipe_is_adamw_and_the_dense_lstms_is_nitis():
+    def options(model):
+        return TrainConfig(dataset="moving-mnist-actions", model=model).resolved().options
+    for model in ("tr-lstm", "tt-lstm"):
+        assert (options(model)["update"], options(model)["lr"], options(model)["weight_average"]) == \
+            ("adamw", 0.003, "none")
+    assert (options("lstm")["update"], options("lstm")["weight_average"]) == ("niti", "epoch")
+
+
 def test_the_int8_tr_lstm_rate_falls_with_the_rank_above_8():
     """AdamW's step is about the rate whatever a core's scale, and the cores' scale falls with the rank
     (``run.recipes``): rank 16 takes half the twin's rate, ranks up to 8 the twin's; the float twin
