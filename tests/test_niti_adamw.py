@@ -230,12 +230,12 @@ def test_the_recipe_gives_adamw_the_float_twins_rate_where_the_twin_trains_with_
 
 
 def test_the_tensor_lstms_int8_recipe_is_adamw_and_the_dense_lstms_is_nitis():
-    def options(model):
-        return TrainConfig(dataset="moving-mnist-actions", model=model).resolved().options
+    def recipe(model, *names):
+        options = TrainConfig(dataset="moving-mnist-actions", model=model).resolved().options
+        return tuple(options[name] for name in names)
     for model in ("tr-lstm", "tt-lstm"):
-        assert (options(model)["update"], options(model)["lr"], options(model)["weight_average"]) == \
-            ("adamw", 0.003, "none")
-    assert (options("lstm")["update"], options("lstm")["weight_average"]) == ("niti", "epoch")
+        assert recipe(model, "update", "lr", "weight_average") == ("adamw", 0.003, "none")
+    assert recipe("lstm", "update", "weight_average") == ("niti", "epoch")
 
 
 def test_the_int8_tr_lstm_rate_falls_with_the_rank_above_8():

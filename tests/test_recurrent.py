@@ -282,9 +282,10 @@ def _step_both_ways(lstm, u, recurrent, c):
 @pytest.mark.parametrize("forget_offset", [0, 2048, -5120, 40000])
 def test_the_lstm_step_kernel_has_the_reference_bits(rec_dtype, forget_offset):
     """``native.lstm_step_forward`` against the PyTorch step, bit for bit: input-map values of every
-    size up to +-WIDE_LIMIT (unsaturated before the sum), cell states at +-32767, recurrent products at their type's extremes (int32 +-(2**31 - 1), int64
-    +-(2**62 - 1)), and the recurrent product's shift to Q11 from far right (-45) to far left (64),
-    on a step whose rows are strided (one time step of [N, T, 4H])."""
+    size up to +-WIDE_LIMIT (unsaturated before the sum), cell states at +-32767, recurrent products
+    at their type's extremes (int32 +-(2**31 - 1), int64 +-(2**62 - 1)), and the recurrent product's
+    shift to Q11 from far right (-45) to far left (64), on a step whose rows are strided (one time
+    step of [N, T, 4H])."""
     from intrain.numeric import native
 
     if not native.available():
