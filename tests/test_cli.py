@@ -66,6 +66,11 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--arith", "float", "--mu-schedule", "0:5"], "--mu-schedule does not apply to --arith float"),
     (["train", "--arith", "float", "--weight-bits", "16"], "--weight-bits does not apply to --arith float"),
     (["train", "--arith", "float", "--backend", "cpu"], "--backend does not apply to --arith float"),
+    (["train", "--arith", "float", "--float-params", "none"], "--float-params"),
+    (["train", "--float-params", "integer"], "--float-params does not apply to --arith int8"),
+    (["train", "--arith", "dfp16", "--float-params", "integer"], "--float-params does not apply to --arith dfp16"),
+    (["train", "--dataset", "moving-mnist-actions", "--model", "tr-lstm", "--arith", "float", "--float-params",
+      "integer"], "keeps its gate biases"),
     (["train", "--model", "lenet5"], "lenet5"),  # 8x8 digits are too small for LeNet-5
     (["train", "--val-split", "5000"], "--val-split"),
     (["train", "--no-such-option"], "unrecognized"),

@@ -17,6 +17,10 @@ recipe rather than a copy of the integer method's constraints:
   variance, so a plain ReLU stack without normalisation starts with its signal shrinking by
   about sqrt(6) per layer: the recipe (``run.recipes``) takes ``kaiming`` for the VGG-small
   models, where the default left a 7-layer network at chance;
+- parameters (``float_params``): torch.nn's (``torch``: biases, and BatchNorm's scale and shift),
+  or only the integer model's (``integer``: no biases, BatchNorm without affine; not for the
+  recurrent models, whose gates keep their biases), a diagnostic that separates what the integer
+  arithmetic costs from what the extra parameters add; no recipe takes it;
 - gradient clipping (``clip_grad_norm``): off, or the whole gradient rescaled to at most that
   L2 norm before each step, the usual guard for recurrent networks. No recipe takes it: on the
   float TR-LSTM at AdamW 1e-2 it stopped a collapse but ended below plain 3e-3 (``run.recipes``).
@@ -41,6 +45,8 @@ from intrain.numeric.qtensor import QTensor
 
 OPTIMIZERS = ("sgd", "adamw")
 WEIGHT_INITS = ("torch", "kaiming")
+#: ``--float-params``: torch.nn's parameters, or only those of the integer model (module docstring).
+FLOAT_PARAMS = ("torch", "integer")
 #: Fraction of all steps spent in linear warm-up.
 WARMUP_FRACTION = 0.02
 MOMENTUM = 0.9
@@ -87,6 +93,9 @@ class FloatOptions:
                                  parse=nonnegative_float, metavar="WD")
     clip_grad_norm: float | None = option(help="rescale the gradient to at most this L2 norm before each step "
                                           "(default: from the recipe, off)", parse=positive_float, metavar="NORM")
+    float_params: str = option("torch", help="torch.nn's parameters (biases, BatchNorm's scale and shift), or only "
+                               "the integer model's (no biases, BatchNorm without affine), to compare the "
+                               "arithmetic alone", choices=FLOAT_PARAMS)
 
 
 class FloatTwin(Method):
@@ -116,7 +125,7 @@ class FloatTwin(Method):
         seeded with ``seed`` (which also keys dropout)."""
         torch.manual_seed(seed)
         model = build_float_model(model_name, in_shape, num_classes, width=width, hidden=hidden,
-                                  recurrent=recurrent)
+                                  recurrent=recurrent, biases=options.float_params == "torch")
         if options.weight_init == "kaiming":
             for module in model.modules():
                 if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):

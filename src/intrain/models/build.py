@@ -4,7 +4,11 @@
 (weights from integer initialisation; ``bn`` becomes the integer batch normalisation of
 ``layers.norm``), ``build_float_model`` into torch.nn layers of the same
 shapes (with biases, batch normalisation where the spec has ``bn``, and PyTorch's default
-initialisation: the float twin gets the standard recipe, not a handicapped one).
+initialisation: the float twin gets the standard recipe, not a handicapped one). With
+``biases=False`` the float twin has only the parameters the integer model has: no biases in its
+convolutions and linear layers, batch normalisation without its scale and shift (the integer
+models have neither, ``layers.conv``, ``layers.norm``), which separates what the arithmetic costs
+from what these parameters add.
 """
 
 from __future__ import annotations
@@ -61,26 +65,33 @@ class FloatResidual(torch.nn.Module):
         return self.main(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
-def _float_layers(specs) -> list[torch.nn.Module]:
+def _float_layers(specs, biases: bool) -> list[torch.nn.Module]:
     layers = []
     for spec in specs:
         if spec.kind == "conv":
             cin, cout, k, stride, pad = spec.args
-            layers.append(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad))
+            layers.append(torch.nn.Conv2d(cin, cout, k, stride=stride, padding=pad, bias=biases))
+        elif spec.kind == "linear":
+            layers.append(torch.nn.Linear(*spec.args, bias=biases))
+        elif spec.kind == "bn":
+            layers.append(torch.nn.BatchNorm2d(*spec.args, affine=biases))
         elif spec.kind == "residual":
             main, shortcut = spec.args
-            layers.append(FloatResidual(torch.nn.Sequential(*_float_layers(main)),
-                                        None if shortcut is None else torch.nn.Sequential(*_float_layers(shortcut))))
+            layers.append(FloatResidual(torch.nn.Sequential(*_float_layers(main, biases)),
+                                        None if shortcut is None
+                                        else torch.nn.Sequential(*_float_layers(shortcut, biases))))
         elif spec.kind == "gap":
             layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
         elif spec.kind == "lstm":
+            if not biases:
+                raise ValueError("an LSTM's float twin keeps its gate biases (the integer LSTM has a fixed "
+                                 "forget-gate offset in their place): build it with biases")
             frame, hidden, shape, forget_bias = spec.args
             input_map = torch.nn.Linear(frame, 4 * hidden, bias=False) if shape is None else FloatTensorRing(shape)
             layers.append(FloatLSTM(input_map, hidden, forget_bias=forget_bias))
         else:
-            layers.append({"linear": torch.nn.Linear, "relu": torch.nn.ReLU, "maxpool": torch.nn.MaxPool2d,
-                           "flatten": torch.nn.Flatten, "dropout": torch.nn.Dropout,
-                           "bn": torch.nn.BatchNorm2d}[spec.kind](*spec.args))
+            layers.append({"relu": torch.nn.ReLU, "maxpool": torch.nn.MaxPool2d, "flatten": torch.nn.Flatten,
+                           "dropout": torch.nn.Dropout}[spec.kind](*spec.args))
     return layers
 
 
@@ -101,6 +112,8 @@ def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: s
 
 def build_float_model(name: str, in_shape, num_classes: int, width: float = 1.0,
                       hidden: list[int] | None = None,
-                      recurrent: RecurrentOptions | None = None) -> torch.nn.Sequential:
-    """The float32 twin (torch.nn, default initialisation from torch's global generator)."""
-    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width, hidden, recurrent)))
+                      recurrent: RecurrentOptions | None = None, biases: bool = True) -> torch.nn.Sequential:
+    """The float32 twin (torch.nn, default initialisation from torch's global generator); without
+    ``biases``, only the integer model's parameters (module docstring)."""
+    return torch.nn.Sequential(*_float_layers(model_spec(name, in_shape, num_classes, width, hidden, recurrent),
+                                              biases))

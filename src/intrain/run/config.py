@@ -156,6 +156,9 @@ def check_args(c: TrainConfig) -> None:
     if c.model not in MODELS:
         raise ConfigError(f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
     c.method_options()  # the method name and its options
+    if c.options.get("float_params") == "integer" and c.model in RECURRENT_MODELS:
+        raise ConfigError(f"--float-params integer is for the feed-forward models: the {c.model}'s float twin keeps "
+                          "its gate biases (the integer LSTM has a fixed forget-gate offset in their place)")
     if c.epochs < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {c.epochs}")
     if c.batch_size < 1:
