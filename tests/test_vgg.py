@@ -122,7 +122,8 @@ def test_cli_refuses_a_bad_width(capsys):
     assert "--width" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("name, shape", [("vgg-small-7", (1, 28, 28)), ("resnet18", (3, 32, 32)), ("lenet5", (1, 28, 28))])
+@pytest.mark.parametrize("name, shape",
+                         [("vgg-small-7", (1, 28, 28)), ("resnet18", (3, 32, 32)), ("lenet5", (1, 28, 28))])
 def test_the_float_twin_with_the_integer_models_parameters_holds_exactly_their_weights(name, shape):
     """``--float-params integer``: the float twin's parameters are the integer model's weights,
     shape for shape (no biases, no BatchNorm scale or shift); the default twin has more."""
@@ -132,5 +133,5 @@ def test_the_float_twin_with_the_integer_models_parameters_holds_exactly_their_w
     full = build_float_model(name, shape, 10, width=0.25)
     assert sum(p.numel() for p in full.parameters()) > sum(p.numel() for p in bare.parameters())
     assert any(isinstance(m, torch.nn.BatchNorm2d) and not m.affine for m in bare.modules()) == (name == "resnet18")
-    bare.train()(torch.zeros(2, *shape)).sum().backward()  # trains: every parameter gets a gradient
+    bare.train()(torch.randn(2, *shape)).sum().backward()  # trains: every parameter gets a gradient
     assert all(p.grad is not None for p in bare.parameters())

@@ -65,6 +65,11 @@ class FloatResidual(torch.nn.Module):
         return self.main(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
+#: Why an LSTM's float twin cannot drop its biases (``build_float_model``, ``--float-params``).
+LSTM_KEEPS_BIASES = ("an LSTM's float twin keeps its gate biases (the integer LSTM has a fixed forget-gate "
+                     "offset in their place)")
+
+
 def _float_layers(specs, biases: bool) -> list[torch.nn.Module]:
     layers = []
     for spec in specs:
@@ -84,8 +89,7 @@ def _float_layers(specs, biases: bool) -> list[torch.nn.Module]:
             layers += [torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()]
         elif spec.kind == "lstm":
             if not biases:
-                raise ValueError("an LSTM's float twin keeps its gate biases (the integer LSTM has a fixed "
-                                 "forget-gate offset in their place): build it with biases")
+                raise ValueError(LSTM_KEEPS_BIASES)
             frame, hidden, shape, forget_bias = spec.args
             input_map = torch.nn.Linear(frame, 4 * hidden, bias=False) if shape is None else FloatTensorRing(shape)
             layers.append(FloatLSTM(input_map, hidden, forget_bias=forget_bias))

@@ -20,6 +20,7 @@ from intrain.data.imagefolder import DEFAULT_IMAGE_SIZE
 from intrain.data.moving_mnist import DEFAULT_FRAME_SIZE, FRAME_SIZES
 from intrain.methods import METHODS, MethodOptionError, get_method
 from intrain.models import MODELS
+from intrain.models.build import LSTM_KEEPS_BIASES
 from intrain.models.zoo import DEFAULT_FORGET_BIAS, RECURRENT_MODELS, RecurrentOptions, check_hidden
 from intrain.run.recipes import default_recipe
 
@@ -157,8 +158,7 @@ def check_args(c: TrainConfig) -> None:
         raise ConfigError(f"unknown model {c.model!r}: choose one of {', '.join(MODELS)}")
     c.method_options()  # the method name and its options
     if c.options.get("float_params") == "integer" and c.model in RECURRENT_MODELS:
-        raise ConfigError(f"--float-params integer is for the feed-forward models: the {c.model}'s float twin keeps "
-                          "its gate biases (the integer LSTM has a fixed forget-gate offset in their place)")
+        raise ConfigError(f"--float-params integer is for the feed-forward models ({c.model}): {LSTM_KEEPS_BIASES}")
     if c.epochs < 0:
         raise ConfigError(f"--epochs must be 0 or more, got {c.epochs}")
     if c.batch_size < 1:
