@@ -97,3 +97,24 @@ def test_gradient_fidelity_script_compares_every_variant(tmp_path):
     for variant in ("int8 nearest", "int8 stochastic", "int8 stoch., ReLU +", "DFP16 int32-chunked"):
         assert variant in out
     assert out.count("units the reference passes that are zero in int8") == 2
+
+
+def test_forward_precision_script_scores_the_run_and_its_16_bit_copies(tmp_path):
+    from intrain.cli import main
+    from intrain.run.evaluate import evaluate_run
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--update", "sgd", "--out", str(run)]) == 0  # int32 masters
+    out = run_script("forward_precision.py", "--run", str(run))
+    rows = {line[:52].strip(): line[52:].strip() for line in out.splitlines()[1:]}
+    assert rows["int8 weights, 8-bit activations (the run's model)"] == f"{evaluate_run(run, write=False)['accuracy']:.2f} %"
+    for name in ("int8 weights, 16-bit activations", "int32 masters at 16 bits, 16-bit activations"):
+        assert rows[name].endswith(" %")
+
+
+def test_forward_precision_script_refuses_a_float_run(tmp_path):
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--arith", "float", "--out", str(run)]) == 0
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_precision.py"), "--run", str(run)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 2 and "is a float run; give an int8 run" in done.stderr
