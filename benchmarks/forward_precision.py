@@ -19,12 +19,11 @@ import argparse
 from dataclasses import replace
 
 import torch
+from gradient_fidelity import copy_holding  # the benchmarks folder is the script's own
 
 from intrain.layers import weighted_layers
 from intrain.layers.norm import IntBatchNorm
 from intrain.methods import get_method
-from intrain.models import build_int_model
-from intrain.models.zoo import RecurrentOptions
 from intrain.numeric.formats import DFP16
 from intrain.numeric.requant import requantize
 from intrain.run import checkpoint
@@ -37,17 +36,8 @@ SIXTEEN_BIT = replace(DFP16, accumulator="exact")
 
 def sixteen_bit_copy(run, weights) -> torch.nn.Module:
     """The run's architecture with 16-bit activations and exact sums, holding ``weights`` (one
-    ``(values, exponent)`` pair per weighted layer, in ``weighted_layers`` order), in eval mode."""
-    cfg = run.config
-    recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
-                                 cfg.get("lstm_forget_bias"))
-    model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]), 0, fmt=SIXTEEN_BIT,
-                            width=float(cfg.get("width") or 1.0), device=run.device, hidden=cfg.get("hidden"),
-                            recurrent=recurrent)
-    for layer, (values, exponent) in zip(weighted_layers(model), weights, strict=True):
-        layer.weight.copy_(values.to(layer.weight.dtype))
-        layer.weight_exp.fill_(int(exponent))
-    return model.eval()
+    ``(values, exponent)`` pair per weighted layer), in eval mode."""
+    return copy_holding(run, SIXTEEN_BIT, weights).eval()
 
 
 def main() -> None:

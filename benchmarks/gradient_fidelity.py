@@ -63,19 +63,25 @@ VARIANTS = {
 RELU_COMPARED = ("int8 nearest", "int8 stoch., ReLU +")
 
 
-def int8_copy(run, fmt):
-    """The run's architecture in ``fmt`` holding the run's weights rounded to int8."""
+def copy_holding(run, fmt, weights) -> torch.nn.Module:
+    """The run's architecture in ``fmt`` holding ``weights``: one ``(values, exponent)`` pair per
+    weighted layer, in ``weighted_layers`` order (also ``forward_precision.py``'s)."""
     cfg = run.config
     recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
                                  cfg.get("lstm_forget_bias"))
     model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]), 0, fmt=fmt,
                             width=float(cfg.get("width") or 1.0), device=run.device, hidden=cfg.get("hidden"),
                             recurrent=recurrent)
-    for dst, src in zip(weighted_layers(model), weighted_layers(run.model)):
-        q = requantize(src.weight.to(torch.int32), src.weight_exp, 8)
-        dst.weight.copy_(q.v.to(dst.weight.dtype))
-        dst.weight_exp.fill_(int(q.e))
-    return model.train()
+    for layer, (values, exponent) in zip(weighted_layers(model), weights, strict=True):
+        layer.weight.copy_(values.to(layer.weight.dtype))
+        layer.weight_exp.fill_(int(exponent))
+    return model
+
+
+def int8_copy(run, fmt):
+    """The run's architecture in ``fmt`` holding the run's weights rounded to int8."""
+    rounded = (requantize(src.weight.to(torch.int32), src.weight_exp, 8) for src in weighted_layers(run.model))
+    return copy_holding(run, fmt, [(q.v, q.e) for q in rounded]).train()
 
 
 def gradients(model, fmt, images, labels, run, step: int) -> list[torch.Tensor]:
