@@ -111,6 +111,31 @@ def test_forward_precision_script_scores_the_run_and_its_16_bit_copies(tmp_path)
         assert rows[name].endswith(" %")
 
 
+@pytest.mark.parametrize("arith", ["int8", "dfp16"])
+def test_float_gradients_script_matches_float64_at_16_bits(tmp_path, arith):
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--arith", arith, "--out", str(run)]) == 0  # MLP on digits
+    out = run_script("float_gradients.py", "--run", str(run), "--batches", "3", "--batch-size", "16")
+    lines = out.splitlines()
+    header = lines.index("single batches (mean)")
+    assert f"the run's ({8 if arith == 'int8' else 16}-bit)" in lines[header + 1]
+    rows = [line.split() for line in lines[header + 2:lines.index("gradient summed over the batches") - 1]]
+    assert len(rows) == 3  # the MLP's three weighted layers
+    for row in rows:  # layer, own cos / proj, 16-bit exact cos / proj
+        own_cos, exact_cos, exact_proj = float(row[1]), float(row[4]), float(row[6])
+        assert 0.9 < own_cos <= 1.0 and exact_cos > 0.999 and abs(exact_proj - 1) < 0.01
+
+
+def test_float_gradients_script_refuses_a_float_run(tmp_path):
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--arith", "float", "--out", str(run)]) == 0
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "float_gradients.py"), "--run", str(run)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 2 and "is a float run; give an int8 or DFP16 run" in done.stderr
+
+
 def test_forward_precision_script_refuses_a_float_run(tmp_path):
     from intrain.cli import main
     run = tmp_path / "run"

@@ -1,0 +1,125 @@
+"""How close an integer run's weight gradients are to float64's at the same weights: what the
+arithmetic of one training step costs, apart from the network and the recipe.
+
+A trained int8 or DFP16 run's weights (``model.pt`` as saved) are put into three networks of the
+same architecture: the run's own (its number format, accumulator and rounding), the same with
+16-bit activations and errors and exact sums (``16-bit exact``), and the float twin's network
+with only the integer model's parameters (``--float-params integer``: no biases) in float64.
+Each takes the same training batches (the run's training split, never its evaluation split) and
+its weight gradients of the summed cross-entropy are compared with float64's, layer by layer (in
+the order of ``weighted_layers``):
+
+- ``cos``: cosine between the integer gradient and float64's;
+- ``proj``: the integer gradient projected on float64's, in units of float64's (1.0: the same
+  step along float's direction; below 1: a shorter one).
+
+Both for single batches (mean over the batches) and for the gradient summed over all batches:
+noise from rounding averages out of the sum, a bias does not. If both rows stay at 1.000 the
+step's arithmetic matches float's, and a gap to the float twin comes from elsewhere (the twin's
+biases, its initialisation, the recipe). Nothing is written.
+
+    OMP_NUM_THREADS=1 python benchmarks/float_gradients.py --run RUN_DIR [--batches 20] [--batch-size 128]
+
+Networks of convolutions, linear layers, ReLUs and max pooling only (LeNet-5, the MLP): dropout
+would draw different masks in float, and batch normalisation, residual and recurrent layers have
+no one-to-one float copy here; such runs are refused.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+
+import torch
+import torch.nn.functional as F
+from gradient_fidelity import copy_holding, cos_proj, gradients  # the benchmarks folder is the script's own
+from tqdm import tqdm
+
+from intrain.layers import weighted_layers
+from intrain.methods import get_method
+from intrain.models import build_float_model
+from intrain.numeric.formats import DFP16
+from intrain.run.evaluate import load_run
+from intrain.run.loop import network_input
+
+SIXTEEN_BIT_EXACT = replace(DFP16, accumulator="exact")
+#: The float modules a network may have to be copied one to one.
+COPYABLE = (torch.nn.Sequential, torch.nn.Conv2d, torch.nn.Linear, torch.nn.ReLU, torch.nn.MaxPool2d,
+            torch.nn.Flatten)
+
+
+def float64_copy(run, weights) -> tuple[torch.nn.Module, list[torch.nn.Module]] | None:
+    """The run's architecture in float64 without biases holding ``weights`` (``(values, exponent)``
+    per weighted layer), and its weighted modules in order; None where it has other layers."""
+    cfg = run.config
+    model = build_float_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]),
+                              width=float(cfg.get("width") or 1.0), hidden=cfg.get("hidden"), biases=False)
+    if not all(isinstance(m, COPYABLE) for m in model.modules()):
+        return None
+    weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    if len(weighted) != len(weights) or any(m.weight.shape != v.shape for m, (v, _) in zip(weighted, weights)):
+        return None
+    model = model.double().train()
+    with torch.no_grad():
+        for module, (values, exponent) in zip(weighted, weights):
+            module.weight.copy_(torch.ldexp(values.double(), torch.tensor(float(int(exponent)), dtype=torch.float64)))
+    return model.to(run.device), weighted
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", required=True, help="int8 or DFP16 run directory (model.pt, config.json)")
+    parser.add_argument("--batches", type=int, default=20, help="training batches to compare on (20)")
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
+    parser.add_argument("--seed", type=int, default=5, help="which training images are drawn (5)")
+    args = parser.parse_args()
+    if args.batches < 2 or args.batch_size < 1:
+        parser.error("--batches must be 2 or more and --batch-size 1 or more")
+    run = load_run(args.run)
+    if not getattr(run.method, "integer", False):
+        parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
+    weights = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(run.model)]
+    copied = float64_copy(run, weights)
+    if copied is None:
+        parser.error(f"{args.run}: {run.config['model']} has layers other than convolutions, linear layers, "
+                     "ReLUs and max pooling; give a LeNet-5 or MLP run")
+    reference, float_layers = copied
+    own = weighted_layers(run.model)[0].fmt
+    variants = {f"the run's ({own.bits}-bit)": own, "16-bit exact": SIXTEEN_BIT_EXACT}
+    models = {name: copy_holding(run, fmt, weights).train() for name, fmt in variants.items()}
+    method = get_method(run.config["arith"])
+    train = run.splits.train
+    draw = torch.Generator().manual_seed(args.seed)
+    single = {name: [] for name in variants}
+    summed = {}
+    for b in tqdm(range(args.batches), desc="batches", unit="batch"):
+        rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
+        images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
+        x = network_input(method, images, run.mean).to_float().double()
+        reference.zero_grad(set_to_none=True)
+        F.cross_entropy(reference(x), labels, reduction="sum").backward()
+        grads = {"float64": [m.weight.grad.detach().clone() for m in float_layers]}
+        grads.update({name: gradients(model, variants[name], images, labels, run, step=b)
+                      for name, model in models.items()})
+        for name, g in grads.items():
+            summed[name] = g if name not in summed else [s + t for s, t in zip(summed[name], g)]
+        for name in variants:
+            single[name].append([cos_proj(g, r) for g, r in zip(grads[name], grads["float64"])])
+    print(f"{args.run}: {args.batches} batches of {args.batch_size} training images; cos / proj against float64")
+    for title, table in (("single batches (mean)", None), ("gradient summed over the batches", summed)):
+        print(f"\n{title}")
+        print("layer" + "".join(f"{name:>24}" for name in variants))
+        for i in range(len(float_layers)):
+            cells = []
+            for name in variants:
+                if table is None:
+                    cos = sum(r[i][0] for r in single[name]) / args.batches
+                    proj = sum(r[i][1] for r in single[name]) / args.batches
+                else:
+                    cos, proj = cos_proj(table[name][i], table["float64"][i])
+                cells.append(f"{cos:.5f} / {proj:.4f}")
+            print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells))
+
+
+if __name__ == "__main__":
+    main()
