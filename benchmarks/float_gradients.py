@@ -38,6 +38,7 @@ from tqdm import tqdm
 from intrain.layers import weighted_layers
 from intrain.methods import get_method
 from intrain.models import build_float_model
+from intrain.models.zoo import RecurrentOptions
 from intrain.numeric.formats import DFP16
 from intrain.run.evaluate import load_run
 from intrain.run.loop import network_input
@@ -52,8 +53,14 @@ def float64_copy(run, weights) -> tuple[torch.nn.Module, list[torch.nn.Module]] 
     """The run's architecture in float64 without biases holding ``weights`` (``(values, exponent)``
     per weighted layer), and its weighted modules in order; None where it has other layers."""
     cfg = run.config
-    model = build_float_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]),
-                              width=float(cfg.get("width") or 1.0), hidden=cfg.get("hidden"), biases=False)
+    recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
+                                 cfg.get("lstm_forget_bias"))
+    try:
+        model = build_float_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]),
+                                  width=float(cfg.get("width") or 1.0), hidden=cfg.get("hidden"),
+                                  recurrent=recurrent, biases=False)
+    except ValueError:  # an LSTM's float twin cannot drop its gate biases
+        return None
     if not all(isinstance(m, COPYABLE) for m in model.modules()):
         return None
     weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]

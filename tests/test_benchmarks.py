@@ -136,6 +136,15 @@ def test_float_gradients_script_refuses_a_float_run(tmp_path):
     assert done.returncode == 2 and "is a float run; give an int8 or DFP16 run" in done.stderr
 
 
+def test_float_gradients_script_refuses_a_network_without_a_float_copy(tmp_path):
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--model", "vgg-small-7", "--width", "0.0625", "--out", str(run)]) == 0
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "float_gradients.py"), "--run", str(run)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 2 and "vgg-small-7 has layers other than convolutions" in done.stderr  # dropout
+
+
 def test_forward_precision_script_refuses_a_float_run(tmp_path):
     from intrain.cli import main
     run = tmp_path / "run"
