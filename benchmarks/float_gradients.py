@@ -20,9 +20,13 @@ biases, its initialisation, the recipe). Nothing is written.
 
     OMP_NUM_THREADS=1 python benchmarks/float_gradients.py --run RUN_DIR [--batches 20] [--batch-size 128]
 
-Networks of convolutions, linear layers, ReLUs and max pooling only (LeNet-5, the MLP): dropout
-would draw different masks in float, and batch normalisation, residual and recurrent layers have
-no one-to-one float copy here; such runs are refused.
+Networks of convolutions, linear layers, ReLUs, max pooling and, with ``--no-dropout``, dropout
+(LeNet-5, the MLP, VGG-small): float dropout would draw other masks than the integer one, so
+``--no-dropout`` turns dropout off in every copy (the gradients of the network as evaluated, not
+of the one trained); batch normalisation, residual and recurrent layers have no one-to-one float
+copy here, and such runs are refused.
+
+    OMP_NUM_THREADS=1 python benchmarks/float_gradients.py --run VGG_RUN_DIR --no-dropout
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from gradient_fidelity import copy_holding, cos_proj, gradients  # the benchmark
 from tqdm import tqdm
 
 from intrain.layers import weighted_layers
+from intrain.layers.dropout import IntDropout
 from intrain.methods import get_method
 from intrain.models import build_float_model
 from intrain.models.zoo import RecurrentOptions
@@ -47,11 +52,14 @@ SIXTEEN_BIT_EXACT = replace(DFP16, accumulator="exact")
 #: The float modules a network may have to be copied one to one.
 COPYABLE = (torch.nn.Sequential, torch.nn.Conv2d, torch.nn.Linear, torch.nn.ReLU, torch.nn.MaxPool2d,
             torch.nn.Flatten)
+#: The float modules ``--no-dropout`` also accepts (turned off in every copy).
+DROPOUT = (torch.nn.Dropout,)
 
 
-def float64_copy(run, weights) -> tuple[torch.nn.Module, list[torch.nn.Module]] | None:
+def float64_copy(run, weights, no_dropout: bool = False) -> tuple[torch.nn.Module, list[torch.nn.Module]] | None:
     """The run's architecture in float64 without biases holding ``weights`` (``(values, exponent)``
-    per weighted layer), and its weighted modules in order; None where it has other layers."""
+    per weighted layer), and its weighted modules in order (dropout off where ``no_dropout``);
+    None where it has other layers."""
     cfg = run.config
     recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
                                  cfg.get("lstm_forget_bias"))
@@ -61,8 +69,12 @@ def float64_copy(run, weights) -> tuple[torch.nn.Module, list[torch.nn.Module]] 
                                   recurrent=recurrent, biases=False)
     except ValueError:  # an LSTM's float twin cannot drop its gate biases
         return None
-    if not all(isinstance(m, COPYABLE) for m in model.modules()):
+    copyable = COPYABLE + DROPOUT if no_dropout else COPYABLE
+    if not all(isinstance(m, copyable) for m in model.modules()):
         return None
+    for module in model.modules():
+        if isinstance(module, DROPOUT):
+            module.p = 0.0
     weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     if len(weighted) != len(weights) or any(m.weight.shape != v.shape for m, (v, _) in zip(weighted, weights)):
         return None
@@ -79,6 +91,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20, help="training batches to compare on (20)")
     parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
     parser.add_argument("--seed", type=int, default=5, help="which training images are drawn (5)")
+    parser.add_argument("--no-dropout", action="store_true", help="turn dropout off in every copy (VGG-small)")
     args = parser.parse_args()
     if args.batches < 2 or args.batch_size < 1:
         parser.error("--batches must be 2 or more and --batch-size 1 or more")
@@ -86,14 +99,20 @@ def main() -> None:
     if not getattr(run.method, "integer", False):
         parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
     weights = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(run.model)]
-    copied = float64_copy(run, weights)
+    copied = float64_copy(run, weights, args.no_dropout)
     if copied is None:
+        hint = "" if args.no_dropout else " (add --no-dropout for a network with dropout)"
         parser.error(f"{args.run}: {run.config['model']} has layers other than convolutions, linear layers, "
-                     "ReLUs and max pooling; give a LeNet-5 or MLP run")
+                     f"ReLUs, max pooling and dropout; give a LeNet-5, MLP or VGG-small run{hint}")
     reference, float_layers = copied
     own = weighted_layers(run.model)[0].fmt
     variants = {f"the run's ({own.bits}-bit)": own, "16-bit exact": SIXTEEN_BIT_EXACT}
     models = {name: copy_holding(run, fmt, weights).train() for name, fmt in variants.items()}
+    if args.no_dropout:
+        for model in models.values():
+            for module in model.modules():
+                if isinstance(module, IntDropout):
+                    module.drop_threshold, module.scale_bits = 0, 0  # its forward passes x through
     method = get_method(run.config["arith"])
     train = run.splits.train
     draw = torch.Generator().manual_seed(args.seed)

@@ -136,13 +136,20 @@ def test_float_gradients_script_refuses_a_float_run(tmp_path):
     assert done.returncode == 2 and "is a float run; give an int8 or DFP16 run" in done.stderr
 
 
-def test_float_gradients_script_refuses_a_network_without_a_float_copy(tmp_path):
+def test_float_gradients_script_takes_dropout_only_when_told_to_turn_it_off(tmp_path):
     from intrain.cli import main
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--model", "vgg-small-7", "--width", "0.0625", "--out", str(run)]) == 0
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "float_gradients.py"), "--run", str(run)],
                           capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 2 and "vgg-small-7 has layers other than convolutions" in done.stderr  # dropout
+    assert done.returncode == 2 and "add --no-dropout" in done.stderr
+    out = run_script("float_gradients.py", "--run", str(run), "--batches", "2", "--batch-size", "8", "--no-dropout")
+    lines = out.splitlines()
+    header = lines.index("single batches (mean)")
+    rows = [line.split() for line in lines[header + 2:lines.index("gradient summed over the batches") - 1]]
+    assert len(rows) == 7  # six convolutions and the classifier
+    for row in rows:  # with dropout off in every copy, the 16-bit exact gradients are float64's
+        assert float(row[4]) > 0.999 and abs(float(row[6]) - 1) < 0.01
 
 
 def test_forward_precision_script_refuses_a_float_run(tmp_path):
