@@ -31,21 +31,19 @@ copy here, and such runs are refused.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
-from gradient_fidelity import copy_holding, cos_proj, gradients  # the benchmarks folder is the script's own
-from tqdm import tqdm
+from gradient_fidelity import (  # the benchmarks folder is the script's own
+    comparison_parser, copy_holding, cos_proj, gradients, load_integer_run, print_cos_proj, training_batches)
 
 from intrain.layers import weighted_layers
 from intrain.layers.dropout import IntDropout
 from intrain.methods import get_method
 from intrain.models import build_float_model
-from intrain.models.zoo import RecurrentOptions
 from intrain.numeric.formats import DFP16
-from intrain.run.evaluate import load_run
+from intrain.run.evaluate import recurrent_options
 from intrain.run.loop import network_input
 
 SIXTEEN_BIT_EXACT = replace(DFP16, accumulator="exact")
@@ -61,49 +59,41 @@ def float64_copy(run, weights, no_dropout: bool = False) -> tuple[torch.nn.Modul
     per weighted layer), and its weighted modules in order (dropout off where ``no_dropout``);
     None where it has other layers."""
     cfg = run.config
-    recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
-                                 cfg.get("lstm_forget_bias"))
     try:
         model = build_float_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]),
                                   width=float(cfg.get("width") or 1.0), hidden=cfg.get("hidden"),
-                                  recurrent=recurrent, biases=False)
+                                  recurrent=recurrent_options(cfg), biases=False)
     except ValueError:  # an LSTM's float twin cannot drop its gate biases
         return None
     copyable = COPYABLE + DROPOUT if no_dropout else COPYABLE
     if not all(isinstance(m, copyable) for m in model.modules()):
         return None
-    for module in model.modules():
-        if isinstance(module, DROPOUT):
-            module.p = 0.0
     weighted = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     if len(weighted) != len(weights) or any(m.weight.shape != v.shape for m, (v, _) in zip(weighted, weights)):
         return None
     model = model.double().train()
+    for module in model.modules():
+        if isinstance(module, DROPOUT):
+            module.eval()  # passes its input through; the rest stays in training mode
     with torch.no_grad():
         for module, (values, exponent) in zip(weighted, weights):
-            module.weight.copy_(torch.ldexp(values.double(), torch.tensor(float(int(exponent)), dtype=torch.float64)))
+            module.weight.copy_(values.double() * 2.0 ** int(exponent))  # exact: a power of two
     return model.to(run.device), weighted
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--run", required=True, help="int8 or DFP16 run directory (model.pt, config.json)")
-    parser.add_argument("--batches", type=int, default=20, help="training batches to compare on (20)")
-    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (128)")
-    parser.add_argument("--seed", type=int, default=5, help="which training images are drawn (5)")
+    parser = comparison_parser(__doc__, batches=20, batch_size=128)
     parser.add_argument("--no-dropout", action="store_true", help="turn dropout off in every copy (VGG-small)")
     args = parser.parse_args()
-    if args.batches < 2 or args.batch_size < 1:
-        parser.error("--batches must be 2 or more and --batch-size 1 or more")
-    run = load_run(args.run)
-    if not getattr(run.method, "integer", False):
-        parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
+    run = load_integer_run(parser, args)
     weights = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(run.model)]
     copied = float64_copy(run, weights, args.no_dropout)
     if copied is None:
-        hint = "" if args.no_dropout else " (add --no-dropout for a network with dropout)"
+        if not args.no_dropout and float64_copy(run, weights, no_dropout=True) is not None:
+            parser.error(f"{args.run}: {run.config['model']} has dropout, whose float masks would differ from the "
+                         "integer ones: add --no-dropout to turn it off in every copy")
         parser.error(f"{args.run}: {run.config['model']} has layers other than convolutions, linear layers, "
-                     f"ReLUs, max pooling and dropout; give a LeNet-5, MLP or VGG-small run{hint}")
+                     "ReLUs, max pooling and dropout; give a LeNet-5, MLP or VGG-small run")
     reference, float_layers = copied
     own = weighted_layers(run.model)[0].fmt
     variants = {f"the run's ({own.bits}-bit)": own, "16-bit exact": SIXTEEN_BIT_EXACT}
@@ -112,15 +102,11 @@ def main() -> None:
         for model in models.values():
             for module in model.modules():
                 if isinstance(module, IntDropout):
-                    module.drop_threshold, module.scale_bits = 0, 0  # its forward passes x through
+                    module.eval()  # passes its input through, as the float copies' dropout does
     method = get_method(run.config["arith"])
-    train = run.splits.train
-    draw = torch.Generator().manual_seed(args.seed)
     single = {name: [] for name in variants}
     summed = {}
-    for b in tqdm(range(args.batches), desc="batches", unit="batch"):
-        rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
-        images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
+    for b, images, labels in training_batches(run, args):
         x = network_input(method, images, run.mean).to_float().double()
         reference.zero_grad(set_to_none=True)
         F.cross_entropy(reference(x), labels, reduction="sum").backward()
@@ -132,19 +118,7 @@ def main() -> None:
         for name in variants:
             single[name].append([cos_proj(g, r) for g, r in zip(grads[name], grads["float64"])])
     print(f"{args.run}: {args.batches} batches of {args.batch_size} training images; cos / proj against float64")
-    for title, table in (("single batches (mean)", None), ("gradient summed over the batches", summed)):
-        print(f"\n{title}")
-        print("layer" + "".join(f"{name:>24}" for name in variants))
-        for i in range(len(float_layers)):
-            cells = []
-            for name in variants:
-                if table is None:
-                    cos = sum(r[i][0] for r in single[name]) / args.batches
-                    proj = sum(r[i][1] for r in single[name]) / args.batches
-                else:
-                    cos, proj = cos_proj(table[name][i], table["float64"][i])
-                cells.append(f"{cos:.5f} / {proj:.4f}")
-            print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells))
+    print_cos_proj(variants, single, summed, "float64", len(float_layers), (5, 4))
 
 
 if __name__ == "__main__":

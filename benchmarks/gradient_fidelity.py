@@ -42,12 +42,11 @@ from tqdm import tqdm
 from intrain.layers import IntReLU, StepContext, weighted_layers
 from intrain.methods.loss import cross_entropy_grad
 from intrain.models import build_int_model
-from intrain.models.zoo import RecurrentOptions
 from intrain.numeric.formats import DFP16, NITI_INT8
 from intrain.numeric.qtensor import QTensor
 from intrain.numeric.requant import requantize
 from intrain.run import checkpoint, evaluate
-from intrain.run.evaluate import load_run
+from intrain.run.evaluate import load_run, recurrent_options
 from intrain.run.loop import network_input
 from intrain.methods import get_method
 
@@ -67,11 +66,9 @@ def copy_holding(run, fmt, weights) -> torch.nn.Module:
     """The run's architecture in ``fmt`` holding ``weights``: one ``(values, exponent)`` pair per
     weighted layer, in ``weighted_layers`` order (also ``forward_precision.py``'s)."""
     cfg = run.config
-    recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
-                                 cfg.get("lstm_forget_bias"))
     model = build_int_model(cfg["model"], tuple(cfg["image_shape"]), int(cfg["num_classes"]), 0, fmt=fmt,
                             width=float(cfg.get("width") or 1.0), device=run.device, hidden=cfg.get("hidden"),
-                            recurrent=recurrent)
+                            recurrent=recurrent_options(cfg))
     for layer, (values, exponent) in zip(weighted_layers(model), weights, strict=True):
         layer.weight.copy_(values.to(layer.weight.dtype))
         layer.weight_exp.fill_(int(exponent))
@@ -99,21 +96,66 @@ def cos_proj(g: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return dot / max(float(g.norm() * ref.norm()), 1e-300), dot / max(float((ref * ref).sum()), 1e-300)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def comparison_parser(doc: str, batches: int, batch_size: int) -> argparse.ArgumentParser:
+    """The options every gradient comparison takes (this script's and ``float_gradients.py``'s)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", required=True, help="run directory with model.pt (int8 or DFP16)")
-    parser.add_argument("--batches", type=int, default=24, help="training batches to compare on (24)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per batch (64)")
+    parser.add_argument("--batches", type=int, default=batches, help=f"training batches to compare on ({batches})")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"images per batch ({batch_size})")
     parser.add_argument("--seed", type=int, default=5, help="which training images are drawn (5)")
-    parser.add_argument("--checkpoint", action="store_true", help="the weights of checkpoint.pt, not model.pt")
-    args = parser.parse_args()
+    return parser
+
+
+def load_integer_run(parser: argparse.ArgumentParser, args: argparse.Namespace):
+    """The run of ``args.run`` after checking the batch options; a float run is refused."""
     if args.batches < 2 or args.batch_size < 1:
         parser.error("--batches must be 2 or more and --batch-size 1 or more")
-    if args.checkpoint:  # load_run reads the checkpoint's payload, which has the same two fields it uses
-        evaluate.read_model = lambda run_dir: checkpoint.load(checkpoint.checkpoint_path(run_dir))
     run = load_run(args.run)
     if not getattr(run.method, "integer", False):
         parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
+    return run
+
+
+def training_batches(run, args: argparse.Namespace):
+    """``(index, images, labels)`` of ``args.batches`` batches drawn from the run's training split
+    (never its evaluation split), the same for the same ``args.seed``, with a progress bar."""
+    train = run.splits.train
+    draw = torch.Generator().manual_seed(args.seed)
+    for b in tqdm(range(args.batches), desc="batches", unit="batch"):
+        rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
+        yield b, train.images[rows].to(run.device), train.labels[rows].to(run.device)
+
+
+def print_cos_proj(names, single: dict, summed: dict, reference: str, layers: int, digits: tuple[int, int],
+                   between: list | None = None) -> None:
+    """The two tables: per layer, each name's mean ``cos_proj`` over single batches (``single``:
+    one list of per-layer pairs per batch) and that of its gradient summed over the batches
+    (``summed``) against ``reference``'s; ``between``: a last column of the single table."""
+    cos_digits, proj_digits = digits
+    for title, table in (("single batches (mean)", None), ("gradient summed over the batches", summed)):
+        print(f"\n{title}")
+        print("layer" + "".join(f"{name:>24}" for name in names)
+              + ("   cos(batch, next batch)" if table is None and between is not None else ""))
+        for i in range(layers):
+            cells = []
+            for name in names:
+                if table is None:
+                    cos = sum(r[i][0] for r in single[name]) / len(single[name])
+                    proj = sum(r[i][1] for r in single[name]) / len(single[name])
+                else:
+                    cos, proj = cos_proj(table[name][i], table[reference][i])
+                cells.append(f"{cos:.{cos_digits}f} / {proj:.{proj_digits}f}")
+            tail = f"   {sum(r[i] for r in between) / len(between):.3f}" if table is None and between is not None else ""
+            print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells) + tail)
+
+
+def main() -> None:
+    parser = comparison_parser(__doc__, batches=24, batch_size=64)
+    parser.add_argument("--checkpoint", action="store_true", help="the weights of checkpoint.pt, not model.pt")
+    args = parser.parse_args()
+    if args.checkpoint:  # load_run reads the checkpoint's payload, which has the same two fields it uses
+        evaluate.read_model = lambda run_dir: checkpoint.load(checkpoint.checkpoint_path(run_dir))
+    run = load_integer_run(parser, args)
     models = {name: int8_copy(run, fmt) for name, fmt in VARIANTS.items()}
     relu_outputs = {name: [] for name in (REFERENCE, *RELU_COMPARED)}
     for name, outputs in relu_outputs.items():
@@ -122,13 +164,9 @@ def main() -> None:
                 module.register_forward_hook(lambda module, args, out, outputs=outputs: outputs.append(out.v))
     positive = []
     flushed, largest = {name: [] for name in RELU_COMPARED}, {name: [] for name in RELU_COMPARED}
-    train = run.splits.train
-    draw = torch.Generator().manual_seed(args.seed)
     single = {name: [] for name in VARIANTS if name != REFERENCE}
     summed, previous, between = {}, None, []
-    for b in tqdm(range(args.batches), desc="batches", unit="batch"):
-        rows = torch.randint(0, len(train), (args.batch_size,), generator=draw)
-        images, labels = train.images[rows].to(run.device), train.labels[rows].to(run.device)
+    for b, images, labels in training_batches(run, args):
         grads = {name: gradients(m, VARIANTS[name], images, labels, run, step=b) for name, m in models.items()}
         for i, ref in enumerate(relu_outputs[REFERENCE]):
             if i == len(positive):
@@ -150,23 +188,9 @@ def main() -> None:
         if previous is not None:
             between.append([cos_proj(g, r)[0] for g, r in zip(grads[REFERENCE], previous)])
         previous = grads[REFERENCE]
-    layers = len(summed[REFERENCE])
     source = f"checkpoint.pt (epoch {checkpoint.load(checkpoint.checkpoint_path(args.run))['epoch']})" if args.checkpoint else "model.pt"
     print(f"{args.run}, {source}: {args.batches} batches of {args.batch_size} training images; cos / proj against {REFERENCE}")
-    for title, table in (("single batches (mean)", None), ("gradient summed over the batches", summed)):
-        print(f"\n{title}")
-        print("layer" + "".join(f"{name:>24}" for name in single) + ("   cos(batch, next batch)" if table is None else ""))
-        for i in range(layers):
-            cells = []
-            for name in single:
-                if table is None:
-                    cos = sum(r[i][0] for r in single[name]) / args.batches
-                    proj = sum(r[i][1] for r in single[name]) / args.batches
-                else:
-                    cos, proj = cos_proj(table[name][i], table[REFERENCE][i])
-                cells.append(f"{cos:.3f} / {proj:.3f}")
-            tail = f"   {sum(r[i] for r in between) / len(between):.3f}" if table is None else ""
-            print(f"{i:5d}" + "".join(f"{c:>24}" for c in cells) + tail)
+    print_cos_proj(single, single, summed, REFERENCE, len(summed[REFERENCE]), (3, 3), between)
 
     for name in RELU_COMPARED:
         print(f"\n{name}\nReLU  units the reference passes that are zero in int8  largest int8 value")

@@ -12,12 +12,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_script(*argv: str) -> str:
+def script(*argv: str) -> subprocess.CompletedProcess:
+    """``benchmarks/argv[0]`` run with the rest of ``argv``, one thread."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], capture_output=True,
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks" / argv[0]), *argv[1:]], capture_output=True,
                           text=True, timeout=600, env=env, cwd=ROOT)
+
+
+def run_script(*argv: str) -> str:
+    done = script(*argv)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def refusal(*argv: str) -> str:
+    """The one-line error of a benchmark script that must refuse its input (exit 2)."""
+    done = script(*argv)
+    assert done.returncode == 2, done.stderr[-2000:]
+    return done.stderr
+
+
+def single_batch_rows(out: str) -> tuple[str, list[list[str]]]:
+    """The column header and the split rows of the "single batches (mean)" table of a gradient
+    comparison's output."""
+    lines = out.splitlines()
+    header = lines.index("single batches (mean)")
+    return lines[header + 1], [line.split() for line in lines[header + 2:lines.index("gradient summed over the batches") - 1]]
 
 
 @pytest.mark.parametrize("arith", ["int8", "dfp16"])
@@ -40,10 +60,7 @@ def test_speed_script_times_dfp16_with_either_optimiser():
     out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--arith", "dfp16",
                      "--optimizer", "adamw")
     assert "dfp16 (int32 masters, adamw)" in out and "training step  dfp16" in out
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--optimizer", "adamw"],
-                          capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
-    assert done.returncode == 2 and "--optimizer applies to --arith dfp16 only" in done.stderr
+    assert "--optimizer applies to --arith dfp16 only" in refusal("speed.py", "--optimizer", "adamw")
 
 
 def test_native_threads_script_checks_the_same_bits():
@@ -116,46 +133,30 @@ def test_float_gradients_script_matches_float64_at_16_bits(tmp_path, arith):
     from intrain.cli import main
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--arith", arith, "--out", str(run)]) == 0  # MLP on digits
-    out = run_script("float_gradients.py", "--run", str(run), "--batches", "3", "--batch-size", "16")
-    lines = out.splitlines()
-    header = lines.index("single batches (mean)")
-    assert f"the run's ({8 if arith == 'int8' else 16}-bit)" in lines[header + 1]
-    rows = [line.split() for line in lines[header + 2:lines.index("gradient summed over the batches") - 1]]
+    columns, rows = single_batch_rows(run_script("float_gradients.py", "--run", str(run), "--batches", "3",
+                                                 "--batch-size", "16"))
+    assert f"the run's ({8 if arith == 'int8' else 16}-bit)" in columns
     assert len(rows) == 3  # the MLP's three weighted layers
     for row in rows:  # layer, own cos / proj, 16-bit exact cos / proj
         own_cos, exact_cos, exact_proj = float(row[1]), float(row[4]), float(row[6])
         assert 0.9 < own_cos <= 1.0 and exact_cos > 0.999 and abs(exact_proj - 1) < 0.01
 
 
-def test_float_gradients_script_refuses_a_float_run(tmp_path):
-    from intrain.cli import main
-    run = tmp_path / "run"
-    assert main(["train", "--epochs", "1", "--arith", "float", "--out", str(run)]) == 0
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "float_gradients.py"), "--run", str(run)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 2 and "is a float run; give an int8 or DFP16 run" in done.stderr
-
-
 def test_float_gradients_script_takes_dropout_only_when_told_to_turn_it_off(tmp_path):
     from intrain.cli import main
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--model", "vgg-small-7", "--width", "0.0625", "--out", str(run)]) == 0
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "float_gradients.py"), "--run", str(run)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 2 and "add --no-dropout" in done.stderr
-    out = run_script("float_gradients.py", "--run", str(run), "--batches", "2", "--batch-size", "8", "--no-dropout")
-    lines = out.splitlines()
-    header = lines.index("single batches (mean)")
-    rows = [line.split() for line in lines[header + 2:lines.index("gradient summed over the batches") - 1]]
+    assert "add --no-dropout" in refusal("float_gradients.py", "--run", str(run))
+    _, rows = single_batch_rows(run_script("float_gradients.py", "--run", str(run), "--batches", "2",
+                                           "--batch-size", "8", "--no-dropout"))
     assert len(rows) == 7  # six convolutions and the classifier
     for row in rows:  # with dropout off in every copy, the 16-bit exact gradients are float64's
         assert float(row[4]) > 0.999 and abs(float(row[6]) - 1) < 0.01
 
 
-def test_forward_precision_script_refuses_a_float_run(tmp_path):
+def test_forward_precision_and_float_gradients_scripts_refuse_a_float_run(tmp_path):
     from intrain.cli import main
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--arith", "float", "--out", str(run)]) == 0
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "forward_precision.py"), "--run", str(run)],
-                          capture_output=True, text=True, timeout=600, cwd=ROOT)
-    assert done.returncode == 2 and "is a float run; give an int8 run" in done.stderr
+    assert "is a float run; give an int8 run" in refusal("forward_precision.py", "--run", str(run))
+    assert "is a float run; give an int8 or DFP16 run" in refusal("float_gradients.py", "--run", str(run))

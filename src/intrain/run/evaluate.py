@@ -101,6 +101,12 @@ class LoadedRun:
     workers: int
 
 
+def recurrent_options(cfg: dict) -> RecurrentOptions:
+    """The recurrent models' options of a run's ``config.json`` (all None for other models)."""
+    return RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
+                            cfg.get("lstm_forget_bias"))
+
+
 def load_run(run_dir: Path, dataset=None, data_dir=None, val_split=None, batch_size=None, workers=None) -> LoadedRun:
     """The run's model (in eval mode) loaded from ``model.pt``, its data splits and evaluation
     settings: the run's unless overridden (see the module docstring)."""
@@ -136,10 +142,8 @@ def load_run(run_dir: Path, dataset=None, data_dir=None, val_split=None, batch_s
         if "backend" in given:  # every backend gives the same bits; the run's may not suit this device
             given["backend"] = "auto"
         options = method.make_options(given, {})
-        recurrent = RecurrentOptions(cfg.get("tr_rank"), cfg.get("tr_input_factors"), cfg.get("tr_hidden_factors"),
-                                     cfg.get("lstm_forget_bias"))
         model = method.build_model(options, cfg["model"], shape, classes, seed=int(cfg["seed"]), width=width,
-                                   device=device, hidden=cfg.get("hidden"), recurrent=recurrent)
+                                   device=device, hidden=cfg.get("hidden"), recurrent=recurrent_options(cfg))
         model.load_state_dict(saved["state_dict"])
     except (ValueError, RuntimeError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
