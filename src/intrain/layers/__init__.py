@@ -1,7 +1,7 @@
 """Integer layers with explicit forward and backward on QTensors."""
 
 from intrain.layers.activation import IntReLU
-from intrain.layers.base import IntModule, StepContext, WeightedIntModule, number_layers, weighted_layers
+from intrain.layers.base import IntBias, IntModule, StepContext, WeightedIntModule, number_layers, weighted_layers
 from intrain.layers.conv import IntConv2d
 from intrain.layers.dropout import IntDropout
 from intrain.layers.flatten import IntFlatten
@@ -12,6 +12,6 @@ from intrain.layers.residual import IntGlobalAvgPool2d, IntResidual
 from intrain.layers.sequential import IntSequential
 
 __all__ = [
-    "IntBatchNorm", "IntConv2d", "IntDropout", "IntFlatten", "IntGlobalAvgPool2d", "IntLinear", "IntMaxPool2d", "IntModule",
+    "IntBatchNorm", "IntBias", "IntConv2d", "IntDropout", "IntFlatten", "IntGlobalAvgPool2d", "IntLinear", "IntMaxPool2d", "IntModule",
     "IntReLU", "IntResidual", "IntSequential", "StepContext", "WeightedIntModule", "number_layers", "weighted_layers",
 ]

@@ -21,6 +21,12 @@ Layers of formats wider than 8 bits count in ``int32_wraps`` the results of thei
 that a plain int32 accumulator would have got wrong (0 under ``int32-chunked``, whose chunk sums
 cannot wrap). The headroom comes from the local operands' maxima, so ``int32-chunked`` formats
 do not train data-parallel (DFP16 refuses torchrun).
+
+Biases (``--biases on``): a convolution or linear layer may hold an ``IntBias`` child, a
+per-channel bias in the layer's format that is added to the layer's exact accumulator before its
+one rounding (``numeric.requant.add_bias``), so the output is the sum rounded once, as without a
+bias. Its gradient is the exact int64 sum of the layer's output error over the batch and the
+output positions (|d| < 2**15, fewer than 2**40 terms), with the error's exponent.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.accumulate import absmax, headroom_shifts, plain_int32_wraps
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize, requantize_product
+from intrain.numeric.requant import add_bias, requantize, requantize_product
 from intrain.numeric.rounding import shift_round
 
 
@@ -77,6 +83,10 @@ class IntModule(torch.nn.Module):
     assign it (``number_layers``)."""
 
     has_weight = False
+    #: Whether ``number_layers`` gives the module a layer id (keys of its random numbers); an
+    #: ``IntBias`` has none of its own, so that its layer keeps the id (and the draws) it has
+    #: without one.
+    numbered = True
 
     #: What forward and backward set on every call (tensors kept for backward, gradients, the
     #: mode flag): plain attributes, never parameters, buffers or modules, so they skip
@@ -133,6 +143,8 @@ class WeightedIntModule(IntModule):
         self.weight_grad_exp: torch.Tensor | None = None
         self._saved_input: QTensor | None = None
         self.int32_wraps = 0
+        #: The layer's ``IntBias`` (``--biases on``), or None.
+        self.bias: IntBias | None = None
         #: Set by a sequence (``layers.sequential``) when a ReLU directly follows this layer.
         self.relu_follows = False
 
@@ -165,9 +177,20 @@ class WeightedIntModule(IntModule):
 
     def requantize_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None = None,
                           terms: int | None = None, rectify: bool = False) -> QTensor:
-        """The backend's ``product`` of ``args`` (exponent ``e``, reduction length ``terms``)
-        rounded to the format, nearest, with the shift of the whole batch over all processes of
-        ``ctx``; ``rectify``: its positive part (``numeric.formats``, ``relu_scale``)."""
+        """The backend's ``product`` of ``args`` (exponent ``e``, reduction length ``terms``) plus
+        the layer's bias, rounded to the format, nearest, with the shift of the whole batch over
+        all processes of ``ctx``; ``rectify``: its positive part (``numeric.formats``,
+        ``relu_scale``)."""
+        return self._rounded(product, args, e, ctx, terms, rectify, self.bias)
+
+    def _rounded(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None,
+                 terms: int | None, rectify: bool, bias: "IntBias | None") -> QTensor:
+        """``requantize_output`` with the bias ``bias`` (None: none, as for an error)."""
+        if bias is not None:  # the bias goes in before the shift is chosen: no fused path
+            exact, e = self.accumulate(product, args, e, terms)
+            total, e = add_bias(exact, e, bias.weight, bias.weight_exp)
+            return requantize(total.clamp_(min=0) if rectify else total, e, bits=self.fmt.bits,
+                              reduce_max=reduce_max(ctx))
         if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
             return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx),
                                       rectify=rectify)
@@ -184,13 +207,18 @@ class WeightedIntModule(IntModule):
         rounding (NITI), or stochastic rounding keyed by (seed, step, layer), which keeps the
         small errors of most samples alive on average."""
         if self.fmt.error_rounding == "nearest":
-            return self.requantize_output(product, args, e, ctx, terms)
+            return self._rounded(product, args, e, ctx, terms, rectify=False, bias=None)
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
         acc, e = self.accumulate(product, args, e, terms)
         return self.fmt.requantize(acc, e, mode="stochastic", key=key, offset=ctx.element_offset(acc),
                                    reduce_max=ctx.collective.max)
+
+    def store_bias_gradient(self, d: QTensor) -> None:
+        """The bias's exact gradient from the layer's output error ``d`` (none without a bias)."""
+        if self.bias is not None:
+            self.bias.store_gradient(d)
 
     @property
     def has_master_weight(self) -> bool:
@@ -222,6 +250,25 @@ class WeightedIntModule(IntModule):
         self._saved_input = None
 
 
+class IntBias(WeightedIntModule):
+    """The per-channel bias of a convolution or linear layer: ``weight`` [C] in the layer's format
+    with exponent ``weight_exp``, all zero at the start. The layer adds it (``requantize_output``)
+    and stores its gradient (``store_bias_gradient``); it is a weighted module so that every update
+    trains it as it trains weights, except that, like the float twin, none decays it (a 1-d
+    tensor). It computes nothing by itself, draws no random numbers and takes no layer id."""
+
+    numbered = False
+
+    def __init__(self, channels: int, fmt: NumberFormat = NITI_INT8) -> None:
+        super().__init__((channels,), 1, None, fmt)
+
+    def store_gradient(self, d: QTensor) -> None:
+        """``weight_grad``: the sum of ``d`` over every dimension but the channels' (1), in int64."""
+        dims = [0] + list(range(2, d.v.dim()))
+        self.weight_grad = d.v.sum(dim=dims, dtype=torch.int64)
+        self.weight_grad_exp = torch.as_tensor(d.e, dtype=torch.int64).clone()
+
+
 def weighted_layers(module: torch.nn.Module) -> list[WeightedIntModule]:
     """Every weighted integer layer in the module tree under ``module``, depth first in the order
     the children were registered (for a sequence: its order)."""
@@ -234,8 +281,8 @@ def number_layers(root: torch.nn.Module) -> None:
     same order. For a plain sequence a layer's id is its index + 1; in a tree every layer gets a
     distinct, stable id. Containers call this on themselves when built, so the outermost
     container, built last, numbers the whole tree."""
-    modules = [m for m in root.modules() if isinstance(m, IntModule)]
-    containers = [m for m in modules if any(isinstance(inner, IntModule) for inner in list(m.modules())[1:])]
+    modules = [m for m in root.modules() if isinstance(m, IntModule) and m.numbered]
+    containers = [m for m in modules if any(inner in modules for inner in list(m.modules())[1:])]
     leaves = [m for m in modules if m not in containers]
     for index, layer in enumerate(leaves + containers):
         layer.layer_id = index + 1

@@ -1,6 +1,6 @@
-"""Integer 2-d convolution (no bias, as in NITI), zero padding, any stride.
+"""Integer 2-d convolution, zero padding, any stride; no bias, as in NITI, unless ``bias``.
 
-Forward: ``y = requant(conv2d(x, w))`` with nearest rounding; int8 in, int8 out, exponent
+Forward: ``y = requant(conv2d(x, w) [+ b])`` with nearest rounding (a bias: ``layers.base``); int8 in, int8 out, exponent
 ``e_x + e_w + shift``. Backward: the weight gradient is kept exact (int32 or int64, see
 ``layers.base``; its reduction runs over batch and output positions); the input error is the transposed convolution requantised to int8
 with nearest rounding. Accumulators: ``|conv2d(x, w)| <= 127 * 127 * C * kh * kw`` (int32).
@@ -12,7 +12,7 @@ accumulator (``layers.base``): reduction lengths ``C * kh * kw`` (forward), at m
 from __future__ import annotations
 
 from intrain.kernels.im2col import weight_grad_dtype
-from intrain.layers.base import StepContext, WeightedIntModule
+from intrain.layers.base import IntBias, StepContext, WeightedIntModule
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
 
@@ -23,7 +23,7 @@ def _pair(value: int | tuple[int, int]) -> tuple[int, int]:
 
 class IntConv2d(WeightedIntModule):
     def __init__(self, in_channels: int, out_channels: int, kernel_size, backend, stride=1, padding=0,
-                 fmt: NumberFormat = NITI_INT8) -> None:
+                 fmt: NumberFormat = NITI_INT8, bias: bool = False) -> None:
         kh, kw = _pair(kernel_size)
         super().__init__((out_channels, in_channels, kh, kw), in_channels * kh * kw, backend, fmt)
         self.in_channels = in_channels
@@ -31,6 +31,8 @@ class IntConv2d(WeightedIntModule):
         self.kernel_size = (kh, kw)
         self.stride = _pair(stride)
         self.padding = _pair(padding)
+        if bias:
+            self.bias = IntBias(out_channels, fmt)
 
     def forward(self, x: QTensor, ctx: StepContext | None = None) -> QTensor:
         if self.training:
@@ -54,6 +56,7 @@ class IntConv2d(WeightedIntModule):
         error = self._input_error(d, x, ctx) if error_first else None
         self.weight_grad, self.weight_grad_exp = self.accumulate(
             "conv2d_backward_weight", (d.v, x.v, self.kernel_size, self.stride, self.padding), d.e + x.e, wg_terms)
+        self.store_bias_gradient(d)
         if need_input_grad and not error_first:
             error = self._input_error(d, x, ctx)
         return error

@@ -19,13 +19,10 @@ keeps every edge within ``MAX_EDGE_GAP`` bits of the finest, so ``|sum| <= E * 2
 requantised to int8 with nearest rounding like every product (exponent ``e_x + min alpha_exp +
 shift``). Activations stay int8: an 8-2 model.
 
-Bias (only for models converted from a float run, whose layers have one): ``bias`` [O] int32
-(|b| < 2**15) with exponent ``bias_exp``. The accumulator's exponent depends on the input's, so
-the bias is aligned at run time to ``base = max(e_acc, bias_exp - BIAS_MAX_SHIFT)``: shifted
-left by ``bias_exp - base <= BIAS_MAX_SHIFT`` bits (< 2**55, exact) or rounded right when it is
-finer; only when the bias unit is more than ``BIAS_MAX_SHIFT`` bits above the accumulator's
-(products below 2**-10 of one bias unit, far below the values the bias is trained against) is
-the accumulator first rounded to ``base``.
+Bias (only for models converted from a run whose layers have one): ``bias`` [O] int32
+(|b| < 2**15) with exponent ``bias_exp``, added to the accumulator before its rounding and
+aligned at run time (the accumulator's exponent depends on the input's) by
+``numeric.requant.add_bias``.
 """
 
 from __future__ import annotations
@@ -35,13 +32,10 @@ import torch
 from intrain.kernels.ternary import TERNARY_PRODUCTS, ternary_conv2d, ternary_linear
 from intrain.layers.base import IntModule, StepContext
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import requantize
-from intrain.numeric.rounding import shift_round
+from intrain.numeric.requant import add_bias, requantize
 
 #: Largest exponent gap between a layer's coarsest and finest edge (enforced by the converter).
 MAX_EDGE_GAP = 24
-#: Largest left shift of the bias in the alignment above.
-BIAS_MAX_SHIFT = 40
 #: ``rank`` of a first edge (always on).
 FIRST_EDGE = -1
 
@@ -100,18 +94,8 @@ class TernaryLayer(IntModule):
             total = self._edge_product(x.v, 0, torch.zeros_like(self.alpha[0])).to(torch.int64)
         e = x.e + finest
         if self.bias is not None:
-            total, e = self._add_bias(total, e)
+            total, e = add_bias(total, e, self.bias, self.bias_exp)
         return requantize(total, e)
-
-    def _add_bias(self, total: torch.Tensor, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``total * 2**e + bias * 2**bias_exp`` as (int64 values, exponent); see the docstring."""
-        base = torch.maximum(e, self.bias_exp - BIAS_MAX_SHIFT)
-        total = shift_round(total, base - e, "nearest")
-        b = self.bias.to(torch.int64)
-        gap = self.bias_exp - base
-        aligned = torch.where(gap >= 0, b << gap.clamp(min=0), shift_round(b, (-gap).clamp(min=0), "nearest"))
-        shape = (1, -1) + (1,) * (total.dim() - 2)
-        return total + aligned.reshape(shape), base
 
     def extra_repr(self) -> str:
         return (f"{self.kind}, weight={self.weight_shape}, groups of {self.group_size}, "

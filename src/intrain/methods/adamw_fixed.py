@@ -2,7 +2,7 @@
 
 The float twin with ``optimizer="adamw"`` (the recurrent models' recipe, ``methods.float_twin``)
 runs PyTorch's AdamW: betas ``b1, b2 = ADAMW_BETAS`` (0.9, 0.999), ``eps = ADAMW_EPS`` (1e-8),
-decoupled weight decay ``WEIGHT_DECAY``, with the twin's warm-up and cosine schedule ``lr_t``. Per weighted layer,
+decoupled weight decay ``WEIGHT_DECAY`` (``wd``; 0 for biases, ``sgd_fixed.decays``), with the twin's warm-up and cosine schedule ``lr_t``. Per weighted layer,
 at global step ``s`` (``t = s + 1`` steps so far):
 
     W = W - lr_t * wd * W
@@ -55,7 +55,7 @@ import torch
 
 from intrain.layers import weighted_layers
 from intrain.methods.float_twin import ADAMW_BETAS, ADAMW_EPS, WEIGHT_DECAY, warmup_length
-from intrain.methods.sgd_fixed import fixed, mean_gradient, schedule_fraction, store_rounded
+from intrain.methods.sgd_fixed import decays, fixed, mean_gradient, schedule_fraction, store_rounded
 from intrain.numeric import native, wide
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.formats import NumberFormat
@@ -235,7 +235,8 @@ class AdamWUpdate:
             if layer.weight_grad is None or (chosen is not None and id(layer) not in chosen):
                 continue
             g = mean_gradient(layer, self.collective, per_sample)
-            self.master[i] = wide.add(self.master[i], wide.scale(self.master[i], (-decay_f, decay_e)))
+            if decays(layer):
+                self.master[i] = wide.add(self.master[i], wide.scale(self.master[i], (-decay_f, decay_e)))
             self.first[i] = wide.add(wide.scale(self.first[i], self.first_keep), wide.scale(g, self.first_take))
             second, second_e = _normalised(*second_moment_sum(*self.second[i], g, self.second_keep,
                                                                self.second_take))

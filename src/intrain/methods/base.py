@@ -82,6 +82,11 @@ def _check_recipe_rate(given: dict, recipe_defaults: dict) -> None:
                             f"for its {recipe} (the recipes train sgd at 0.05 and adamw at 3e-3, at batch 64)")
 
 
+#: ``--biases`` of the integer methods: the integer model's convolution and linear layers without
+#: biases (NITI's), or with them (``models.build.build_int_model``).
+BIAS_CHOICES = ("off", "on")
+
+
 def flag(name: str) -> str:
     """The command-line flag of an option field: ``mu_schedule`` -> ``--mu-schedule``."""
     return "--" + name.replace("_", "-")

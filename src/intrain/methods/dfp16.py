@@ -38,7 +38,7 @@ import torch
 from intrain.kernels import BACKENDS
 from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
-from intrain.methods.base import Method, MethodOptionError, option, positive_float
+from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, option, positive_float
 from intrain.methods.float_master import FloatMaster
 from intrain.methods.float_twin import OPTIMIZERS
 from intrain.methods.loss import cross_entropy_grad
@@ -76,6 +76,10 @@ class Dfp16Options:
     optimizer: str = option("sgd", help="the float twin's optimiser: SGD with Nesterov momentum, or AdamW "
                                         "(default: from the recipe, the float twin's; the other one needs --lr)",
                             choices=OPTIMIZERS)
+    biases: str = option(
+        "off", help="'on' gives every convolution and linear layer a 16-bit bias where the float twin has one "
+                    "(zero at the start, added before the layer's rounding, no weight decay); not for models with "
+                    "batch normalisation or LSTMs (default: from the recipe, else off)", choices=BIAS_CHOICES)
     dfp16_master: str = option(
         "int32", help="master weights and optimiser state: int32 with exponents and fixed-point factors "
                       "(integer-only), or float32 as in Das et al.", choices=MASTERS)
@@ -116,7 +120,8 @@ class Dfp16(Method):
     def build_model(cls, options: Dfp16Options, model_name: str, in_shape, num_classes: int, *, seed: int,
                     width: float, device: str, hidden: list[int] | None = None, recurrent=None) -> torch.nn.Module:
         return build_int_model(model_name, in_shape, num_classes, seed, backend=options.backend, device=device,
-                               width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
+                               width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent,
+                               biases=options.biases == "on")
 
     @classmethod
     def network_input(cls, pixels: QTensor) -> QTensor:

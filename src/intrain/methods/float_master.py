@@ -3,7 +3,7 @@
 Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
 optimiser itself (``optimizer="sgd"``: ``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``;
 ``"adamw"``: ``torch.optim.AdamW`` with ``ADAMW_BETAS`` and ``ADAMW_EPS``; weight decay
-``WEIGHT_DECAY``, learning rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
+``WEIGHT_DECAY`` on weight matrices and kernels, none on biases, as in the float twin, learning rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
 gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
 and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
 master converted back: exponent ``e = k - (bits - 1)`` where ``max |W| < 2**k`` (``frexp``), values
@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from intrain.layers import weighted_layers
+from intrain.methods.sgd_fixed import decays
 from intrain.methods.float_twin import ADAMW_BETAS, ADAMW_EPS, MOMENTUM, OPTIMIZERS, WEIGHT_DECAY, lr_at, warmup_length
 from intrain.numeric.formats import NumberFormat
 
@@ -47,11 +48,14 @@ class FloatMaster:
         self.warmup = warmup_length(total_steps)
         self.master = [torch.ldexp(layer.weight.to(torch.float32), layer.weight_exp.to(torch.float32))
                        for layer in self.layers]  # exact: 16-bit integers times a power of two
+        groups = [{"params": [m for m, layer in zip(self.master, self.layers) if decays(layer)]},
+                  {"params": [m for m, layer in zip(self.master, self.layers) if not decays(layer)], "weight_decay": 0.0}]
+        groups = [group for group in groups if group["params"]]
         if optimizer == "adamw":
-            self.optimizer = torch.optim.AdamW(self.master, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS,
+            self.optimizer = torch.optim.AdamW(groups, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS,
                                                weight_decay=WEIGHT_DECAY)
         else:
-            self.optimizer = torch.optim.SGD(self.master, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
+            self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
                                              weight_decay=WEIGHT_DECAY)
 
     def lr_at(self, step: int) -> float:
@@ -60,13 +64,14 @@ class FloatMaster:
     @torch.no_grad()
     def step(self, step: int, batch: int, within=None) -> None:
         """Update every layer that holds a ``weight_grad`` of a batch of ``batch`` samples, or only
-        the layer ``within`` (called as backward finishes each layer; the optimiser updates the
+        the layers in ``within`` (called as backward finishes each layer; the optimiser updates the
         masters that have a gradient, each with its own arithmetic and state, so the order changes
         no bit); each gradient is freed once used."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
+        inside = set() if within is None else {id(layer) for layer in weighted_layers(within)}
         chosen = [(master, layer) for master, layer in zip(self.master, self.layers)
-                  if layer.weight_grad is not None and (within is None or layer is within)]
+                  if layer.weight_grad is not None and (within is None or id(layer) in inside)]
         if not chosen:
             return
         for master, layer in chosen:

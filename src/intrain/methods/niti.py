@@ -42,7 +42,7 @@ import torch
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
-from intrain.methods.base import Method, MethodOptionError, flag, option, positive_float
+from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.sgd_fixed import usable_rate
@@ -120,6 +120,11 @@ class NitiOptions:
                           "largest magnitude ('magnitude', NITI's) or its largest positive value ('positive': the "
                           "ReLU's output gets the whole int8 range) (default: from the recipe, else magnitude)",
         choices=RELU_SCALES)
+    biases: str = option(
+        "off", help="'on' gives every convolution and linear layer an integer bias where the float twin has one "
+                    "(zero at the start, added before the layer's rounding, no weight decay); needs --update sgd or "
+                    "adamw; not for models with batch normalisation or LSTMs (default: from the recipe, else off)",
+        choices=BIAS_CHOICES)
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
                       "('phase') or since the epoch began ('epoch'), while training continues from the latest "
@@ -160,6 +165,9 @@ class Niti(Method):
         if options.lr is not None:
             raise MethodOptionError("--lr sets the learning rate of --update sgd or adamw: NITI's update has none "
                                     "(its step size is --mu-schedule); leave it out or add --update sgd or adamw")
+        if options.biases == "on":
+            raise MethodOptionError("--biases on needs --update sgd or adamw: NITI's update keeps each layer's "
+                                    "exponent where it started, and a bias starts at zero, with no scale to keep")
         if options.mu_schedule is None:
             raise MethodOptionError("--mu-schedule is needed (the recipe gives none)")
         schedules = {}
@@ -211,7 +219,8 @@ class Niti(Method):
                                         f"runs on CPU tensors only: leave it out with --device {device}")
             backend = CpuBackend(CpuSettings(use_int8_gemm=options.int8_gemm == "on"))
         model = build_int_model(model_name, in_shape, num_classes, seed, backend=backend, device=device,
-                                width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent)
+                                width=width, fmt=options.fmt, hidden=hidden, recurrent=recurrent,
+                                biases=options.biases == "on")
         core_options = [f"{flag(name)} {value}" for name, value in
                         (("core_update", options.core_update), ("core_mu_schedule", options.core_mu_schedule))
                         if value not in (None, "niti")]

@@ -9,7 +9,8 @@ integers only:
     g = G / N + wd * W;   B = m * B + g;   u = g + m * B;   W = W - lr_t * u
 
 per weighted layer, where ``G`` is the layer's exact integer weight gradient of the summed loss
-(``N`` samples; the float twin's loss is their mean). ``W`` (master weight) and ``B`` (momentum)
+(``N`` samples; the float twin's loss is their mean); ``wd`` is 0 for biases (``decays``: as the
+float twin, only weight matrices and kernels decay). ``W`` (master weight) and ``B`` (momentum)
 are int32 tensors with a power-of-two exponent each (``|v| <= 2**31 - 1``, the exponent chosen
 from max ``|v|`` after every operation, ``numeric.wide``). Every factor (``1/N``, ``wd``, ``m``,
 ``lr_t``) is a fixed-point scalar ``(f, e)`` with ``2**30 <= f < 2**31`` (``fixed``), so every
@@ -105,6 +106,12 @@ def schedule_fraction(step: int, total_steps: int, warmup: int) -> tuple[int, in
     return (1 << COS_BITS) + cos_pi(step - warmup, decay), 1 << (COS_BITS + 1)
 
 
+def decays(layer) -> bool:
+    """Whether weight decay applies to ``layer``'s weight: the float twin's rule (matrices and
+    kernels, not 1-d tensors such as biases, ``float_twin``)."""
+    return layer.weight.dim() > 1
+
+
 def mean_gradient(layer, collective: Collective, per_sample: tuple[int, int]) -> QTensor:
     """The layer's exact weight gradient (summed over the processes), rounded to a wide tensor and
     scaled by ``per_sample`` (``1 / N``); the layer's gradient is freed (the twin updates' shared
@@ -161,7 +168,7 @@ class FixedPointSgd:
             # so that at most three int32 tensors of the weight's size are alive beside the
             # master and momentum: the update of a large last layer sets DFP16's peak memory.
             grad = mean_gradient(layer, self.collective, per_sample)
-            g = wide.add(grad, wide.scale(self.master[i], self.decay))
+            g = wide.add(grad, wide.scale(self.master[i], self.decay)) if decays(layer) else grad
             del grad
             self.velocity[i] = wide.add(wide.scale(self.velocity[i], self.momentum), g)
             u = wide.add(g, wide.scale(self.velocity[i], self.momentum))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from intrain.kernels import get_backend
-from intrain.layers import (IntBatchNorm, IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear,
+from intrain.layers import (IntBatchNorm, IntBias, IntConv2d, IntDropout, IntFlatten, IntGlobalAvgPool2d, IntLinear,
                             IntMaxPool2d, IntReLU, IntResidual, IntSequential, weighted_layers)
 from intrain.layers.init import init_weight
 from intrain.layers.recurrent import FloatLSTM, IntLSTM
@@ -25,14 +25,14 @@ from intrain.models.zoo import RecurrentOptions, model_spec
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 
 
-def _int_layers(specs, backend, fmt: NumberFormat) -> list:
+def _int_layers(specs, backend, fmt: NumberFormat, biases: bool = False) -> list:
     layers = []
     for spec in specs:
         if spec.kind == "conv":
             cin, cout, k, stride, pad = spec.args
-            layers.append(IntConv2d(cin, cout, k, backend, stride=stride, padding=pad, fmt=fmt))
+            layers.append(IntConv2d(cin, cout, k, backend, stride=stride, padding=pad, fmt=fmt, bias=biases))
         elif spec.kind == "linear":
-            layers.append(IntLinear(*spec.args, backend, fmt=fmt))
+            layers.append(IntLinear(*spec.args, backend, fmt=fmt, bias=biases))
         elif spec.kind == "residual":
             main, shortcut = spec.args
             layers.append(IntResidual(IntSequential(*_int_layers(main, backend, fmt)),
@@ -99,18 +99,41 @@ def _float_layers(specs, biases: bool) -> list[torch.nn.Module]:
     return layers
 
 
+def biases_refused(name: str, specs) -> str | None:
+    """Why the integer model ``name`` (its spec tree ``specs``) cannot take ``biases``, or None."""
+    kinds = set()
+    pending = list(specs)
+    while pending:
+        spec = pending.pop()
+        kinds.add(spec.kind)
+        if spec.kind == "residual":
+            pending += [inner for part in spec.args if part is not None for inner in part]
+    if "lstm" in kinds:
+        return f"{name} is recurrent: its integer LSTM has a fixed forget-gate offset in place of gate biases"
+    if "bn" in kinds:
+        return (f"{name} has batch normalisation, which takes every channel's mean out of the layer before it: "
+                f"a bias there would learn nothing")
+    return None
+
+
 def build_int_model(name: str, in_shape, num_classes: int, seed: int, backend: str = "auto",
                     device: str | torch.device = "cpu", width: float = 1.0,
                     fmt: NumberFormat = NITI_INT8, hidden: list[int] | None = None,
-                    recurrent: RecurrentOptions | None = None) -> IntSequential:
+                    recurrent: RecurrentOptions | None = None, biases: bool = False) -> IntSequential:
     """The integer model in number format ``fmt``, weights initialised from ``seed`` with integer
-    arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight)."""
+    arithmetic only (a format with ``master_bits`` gives every weighted layer a master weight).
+    ``biases``: every convolution and linear layer gets a bias, zero at the start, where the float
+    twin has one (``biases_refused``: not for models with batch normalisation or LSTMs); the
+    weights and every random number are those of the model without biases."""
     kernels = get_backend(backend, device)
-    model = IntSequential(*_int_layers(model_spec(name, in_shape, num_classes, width, hidden, recurrent),
-                                       kernels, fmt))
+    specs = model_spec(name, in_shape, num_classes, width, hidden, recurrent)
+    if biases and biases_refused(name, specs):
+        raise ValueError(biases_refused(name, specs))
+    model = IntSequential(*_int_layers(specs, kernels, fmt, biases))
     model.to(device)
     for layer in weighted_layers(model):
-        init_weight(layer, seed)
+        if not isinstance(layer, IntBias):  # biases start at zero
+            init_weight(layer, seed)
     return model
 
 

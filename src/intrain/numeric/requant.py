@@ -174,6 +174,36 @@ def _exact_sum_narrow(a: QTensor, b: QTensor, reduce_max=None) -> tuple[torch.Te
     return total, torch.tensor(base, dtype=torch.int64)
 
 
+#: Largest left shift of a bias in ``add_bias``: a bias below 2**15 in magnitude shifted by it stays
+#: below 2**55, and an accumulator below 2**62 - 2**55 keeps the sum in int64.
+BIAS_MAX_SHIFT = 40
+
+
+def add_bias(total: torch.Tensor, e: torch.Tensor, bias: torch.Tensor, bias_exp: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``total * 2**e + bias * 2**bias_exp`` as (int64 values, exponent), the bias ([C], |b| < 2**15)
+    broadcast along dimension 1 of the accumulator ``total`` (|total| < 2**61).
+
+    The sum is held at ``base = max(e, bias_exp - BIAS_MAX_SHIFT)``: the bias enters shifted left
+    by ``bias_exp - base <= BIAS_MAX_SHIFT`` bits (exact) or, when it is finer than the
+    accumulator, rounded to nearest at the accumulator's unit (an error of at most half a unit of
+    the accumulator, which the output's requantisation, ``bits - 1`` bits of the largest value,
+    rounds at a unit 2**(L - bits + 1) times coarser for an accumulator of L bits); only when the
+    bias unit is more than ``BIAS_MAX_SHIFT`` bits above the accumulator's is the accumulator first
+    rounded to ``base`` (which moves the sum by at most 2**-41 of one bias unit). An all-zero
+    bias adds nothing and keeps ``(total, e)`` (its exponent means nothing, e.g. before the first
+    update). Exact otherwise: the result's requantisation is the layer's one rounding."""
+    if not bool(bias.any()):
+        return total, e
+    base = torch.maximum(e, bias_exp - BIAS_MAX_SHIFT)
+    total = shift_round(total.to(torch.int64), base - e, "nearest")
+    b = bias.to(torch.int64)
+    gap = bias_exp - base
+    aligned = torch.where(gap >= 0, b << gap.clamp(min=0), shift_round(b, (-gap).clamp(min=0), "nearest"))
+    shape = (1, -1) + (1,) * (total.dim() - 2)
+    return total.add_(aligned.reshape(shape)), base
+
+
 #: On CPU, element-wise passes over large tensors work on slices of about this many elements:
 #: their temporaries then stay small and are reused by the allocator instead of page-faulting
 #: fresh memory (measured: requantising a [64, 128, 32, 32] int32 accumulator 15.2 -> 5.0 ms).

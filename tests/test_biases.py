@@ -1,0 +1,316 @@
+"""Integer biases (``--biases on``): the bias added into the exact accumulator before the layer's
+one rounding (``numeric.requant.add_bias``, ``layers.base``), its exact gradient, every update
+training it without weight decay, shards, the integer-only audit, the options and the run files."""
+
+import copy
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+import torch
+
+from cli_checks import assert_refused, run_until_crash
+from intrain.cli import main
+from intrain.kernels import get_backend
+from intrain.layers import IntBias, IntConv2d, IntLinear, weighted_layers
+from intrain.methods.dfp16 import Dfp16, Dfp16Options
+from intrain.methods.float_master import FloatMaster
+from intrain.methods.adamw_fixed import AdamWUpdate
+from intrain.methods.niti import Niti, NitiOptions
+from intrain.methods.sgd_fixed import FixedPointSgd
+from intrain.models import build_int_model
+from intrain.numeric.formats import DFP16, NITI_INT8
+from intrain.numeric.qtensor import QTensor
+from intrain.numeric.requant import BIAS_MAX_SHIFT, add_bias, requantize
+from intrain.run import checkpoint
+from test_integer_only import FloatAudit
+from test_shards import ThreadGroup, _shards
+
+
+def _nearest(value: Fraction) -> int:
+    """``value`` rounded to the nearest integer, ties away from zero (``shift_round``'s nearest)."""
+    magnitude = abs(value)
+    rounded = int(magnitude + Fraction(1, 2))
+    return rounded if value >= 0 else -rounded
+
+
+def _exact_sums(total: torch.Tensor, e: int, bias: torch.Tensor, eb: int) -> list[list[Fraction]]:
+    return [[Fraction(int(t)) * Fraction(2) ** e + Fraction(int(b)) * Fraction(2) ** eb
+             for t, b in zip(row, bias.tolist())] for row in total.tolist()]
+
+
+@pytest.mark.parametrize("dtype, bits", [(torch.int32, 8), (torch.int64, 16)])
+@pytest.mark.parametrize("gap", [0, 1, 7, 23, BIAS_MAX_SHIFT])
+def test_a_bias_as_coarse_as_the_accumulator_or_coarser_is_added_exactly_and_rounded_once(dtype, bits, gap):
+    """Accumulators at the extremes of their type's range (int32 for int8 products, the DFP16
+    chunked sum's int64) and biases from -128 to 127, the bias's unit ``gap`` bits above the
+    accumulator's: the requantised sum is the exact sum's nearest value at the result's unit."""
+    top = 2**31 - 1 if dtype == torch.int32 else 2**46
+    gen = torch.Generator().manual_seed(gap)
+    total = torch.randint(-top, top, (6, 4), generator=gen, dtype=torch.int64)
+    total[0] = top
+    total[1] = -top
+    total[2] = 0
+    total = total.to(dtype)
+    bias = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
+    e = -20
+    summed, base = add_bias(total, torch.tensor(e), bias, torch.tensor(e + gap))
+    assert summed.dtype == torch.int64 and int(base) == e
+    out = requantize(summed, base, bits=bits)
+    unit = Fraction(2) ** int(out.e)
+    for got_row, exact_row in zip(out.v.tolist(), _exact_sums(total, e, bias, e + gap)):
+        for got, exact in zip(got_row, exact_row):
+            assert got == max(-(2 ** (bits - 1) - 1), min(2 ** (bits - 1) - 1, _nearest(exact / unit)))
+    assert int(out.v.abs().max()) >= 2 ** (bits - 2)  # the shift came from the sum's own maximum
+
+
+def test_a_bias_finer_than_the_accumulator_enters_rounded_to_its_unit():
+    total = torch.tensor([[5, -5, 0, 1 << 30]], dtype=torch.int32)
+    bias = torch.tensor([3, -3, 2, -2], dtype=torch.int8)  # at 2**-2 of the accumulator's unit
+    summed, base = add_bias(total, torch.tensor(0), bias, torch.tensor(-2))
+    assert int(base) == 0
+    assert summed.tolist() == [[6, -6, 1, (1 << 30) - 1]]  # 0.75 -> 1, -0.75 -> -1, 0.5 -> 1, -0.5 -> -1
+
+
+def test_an_accumulator_far_finer_than_the_bias_is_first_rounded_to_its_limit():
+    total = torch.tensor([[3, -3, (1 << 31) - 1]], dtype=torch.int32)
+    bias = torch.tensor([1, 1, -1], dtype=torch.int8)
+    summed, base = add_bias(total, torch.tensor(-10), bias, torch.tensor(BIAS_MAX_SHIFT - 8))
+    assert int(base) == -8  # the bias shifted by BIAS_MAX_SHIFT, the accumulator rounded by 2 bits
+    assert summed.tolist() == [[(1 << BIAS_MAX_SHIFT) + 1, (1 << BIAS_MAX_SHIFT) - 1,
+                                -(1 << BIAS_MAX_SHIFT) + (1 << 29)]]
+
+
+def test_a_zero_bias_adds_nothing_whatever_its_exponent():
+    total = torch.tensor([[7, -9]], dtype=torch.int32)
+    summed, base = add_bias(total, torch.tensor(-60), torch.zeros(2, dtype=torch.int8), torch.tensor(0))
+    assert summed is total and int(base) == -60
+
+
+def _layer(kind: str, fmt, backend: str, channels: int, gen):
+    kernels = get_backend(backend, "cpu")
+    if kind == "conv":
+        layer = IntConv2d(channels, 5, 3, kernels, padding=1, fmt=fmt, bias=True)
+    else:
+        layer = IntLinear(channels, 5, kernels, fmt=fmt, bias=True)
+    layer.weight.copy_(torch.randint(-fmt.limit, fmt.limit + 1, layer.weight.shape, generator=gen).to(fmt.dtype))
+    layer.weight_exp.fill_(-9)
+    return layer
+
+
+def _input(kind: str, fmt, channels: int, gen, worst: bool):
+    shape = (3, channels, 4, 4) if kind == "conv" else (3, channels)
+    if worst:  # every product at full scale with one sign: the longest reduction's largest sum
+        return QTensor(torch.full(shape, fmt.limit, dtype=fmt.dtype), torch.tensor(-7))
+    return QTensor(torch.randint(-fmt.limit, fmt.limit + 1, shape, generator=gen).to(fmt.dtype), torch.tensor(-7))
+
+
+@pytest.mark.parametrize("kind, channels", [("linear", 4608), ("conv", 512)])
+@pytest.mark.parametrize("fmt", [NITI_INT8, DFP16], ids=["int8", "dfp16"])
+@pytest.mark.parametrize("worst", [False, True])
+@pytest.mark.parametrize("relu_scale", ["magnitude", "positive"])
+def test_a_layers_output_is_its_product_plus_bias_rounded_once_on_every_backend(kind, channels, fmt, worst,
+                                                                                 relu_scale):
+    """The output is the layer's accumulator (the exact product, or DFP16's int32-chunked one)
+    plus the bias shifted to its unit, rounded once, with the shift taken from the sum (a
+    following ReLU with ``relu_scale="positive"``: from the sum's positive part); the longest
+    reductions of the models (4608 terms, 512 channels x 3 x 3), full-scale operands of one sign
+    included, identical on the reference and cpu backends."""
+    fmt = replace(fmt, relu_scale=relu_scale)
+    outputs = []
+    for backend in ("reference", "cpu"):
+        layer = _layer(kind, fmt, backend, channels, torch.Generator().manual_seed(1))
+        if worst:
+            layer.weight.fill_(fmt.limit)
+        layer.bias.weight.copy_(torch.tensor([-fmt.limit, fmt.limit, 3, 0, -1], dtype=fmt.dtype))
+        layer.bias.weight_exp.fill_(2)
+        layer.relu_follows = True
+        x = _input(kind, fmt, channels, torch.Generator().manual_seed(2), worst)
+        outputs.append(layer(x))
+        if backend == "reference":
+            product, args = (("conv2d_forward", (x.v, layer.weight, layer.stride, layer.padding)) if kind == "conv"
+                             else ("linear_forward", (x.v, layer.weight)))
+            acc, e = layer.accumulate(product, args, x.e + layer.weight_exp, layer.fan_in)
+            gap = 2 - int(e)
+            assert gap > 0
+            shape = (1, -1) + (1,) * (acc.dim() - 2)
+            sums = acc.to(torch.int64) + (layer.bias.weight.to(torch.int64) << gap).reshape(shape)
+            if relu_scale == "positive":
+                sums = sums.clamp(min=0)
+            expected = requantize(sums, e, bits=fmt.bits)
+    reference, cpu = outputs
+    assert torch.equal(reference.v, cpu.v) and int(reference.e) == int(cpu.e)
+    assert torch.equal(reference.v, expected.v) and int(reference.e) == int(expected.e)
+    if worst:  # equal products: the biases (-L, L, 3, 0, -1 at 2**2) order the channels, the range is used
+        column = reference.v.reshape(3, 5, -1)[0, :, 5 if kind == "conv" else 0].tolist()  # conv: no padding
+        assert column[1] > column[2] >= column[3] >= column[4] > column[0] > 0
+        assert column[1] >= 2 ** (fmt.bits - 2)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+@pytest.mark.parametrize("fmt", [NITI_INT8, DFP16], ids=["int8", "dfp16"])
+def test_a_zero_bias_gives_the_bias_free_layers_bits(kind, fmt):
+    gen = torch.Generator().manual_seed(5)
+    with_bias = _layer(kind, fmt, "cpu", 64, gen)
+    without = copy.deepcopy(with_bias)
+    without.bias = None
+    x = _input(kind, fmt, 64, gen, worst=False)
+    a, b = with_bias(x), without(x)
+    assert torch.equal(a.v, b.v) and int(a.e) == int(b.e)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_the_bias_gradient_is_the_exact_sum_of_the_error_and_the_error_below_is_unchanged(kind):
+    gen = torch.Generator().manual_seed(6)
+    layer = _layer(kind, DFP16, "cpu", 16, gen)
+    layer.bias.weight.copy_(torch.tensor([100, -200, 300, 0, 7], dtype=torch.int16))
+    without = copy.deepcopy(layer)
+    without.bias = None
+    x = _input(kind, DFP16, 16, gen, worst=False)
+    layer.train(), without.train()
+    out = layer(x)
+    without(x)
+    d = QTensor(torch.full(out.v.shape, -32767, dtype=torch.int16), torch.tensor(-30))  # worst case
+    d.v[0].random_(-32767, 32768, generator=gen)
+    below, below_free = layer.backward(d, None), without.backward(d, None)
+    assert torch.equal(below.v, below_free.v) and int(below.e) == int(below_free.e)
+    expected = [sum(int(v) for v in d.v.select(1, c).flatten()) for c in range(5)]
+    assert layer.bias.weight_grad.dtype == torch.int64 and layer.bias.weight_grad.tolist() == expected
+    assert int(layer.bias.weight_grad_exp) == -30
+    assert torch.equal(layer.weight_grad, without.weight_grad)
+
+
+def test_biases_keep_the_bias_free_models_weights_and_layer_ids():
+    plain = build_int_model("vgg-small-7", (1, 16, 16), 10, seed=4, width=0.0625)
+    biased = build_int_model("vgg-small-7", (1, 16, 16), 10, seed=4, width=0.0625, biases=True)
+    plain_layers = weighted_layers(plain)
+    biased_layers = [layer for layer in weighted_layers(biased) if not isinstance(layer, IntBias)]
+    assert len(weighted_layers(biased)) == 2 * len(plain_layers)
+    assert [layer.layer_id for layer in plain_layers] == [layer.layer_id for layer in biased_layers]
+    assert all(torch.equal(a.weight, b.weight) and int(a.weight_exp) == int(b.weight_exp)
+               for a, b in zip(plain_layers, biased_layers))
+    assert all(not bool(layer.bias.weight.any()) for layer in biased_layers)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "lstm"])
+def test_models_with_batch_normalisation_or_lstms_refuse_biases(model):
+    shape = (10, 16, 16) if model == "lstm" else (1, 16, 16)
+    with pytest.raises(ValueError, match="batch normalisation|recurrent"):
+        build_int_model(model, shape, 10, seed=0, width=0.125, biases=True)
+
+
+def _set_gradients(layers, value: int) -> None:
+    for layer in layers:
+        layer.weight_grad = torch.full(layer.weight.shape, value, dtype=torch.int64)
+        layer.weight_grad_exp = torch.tensor(-12)
+
+
+@pytest.mark.parametrize("update", ["sgd", "adamw", "fp32-sgd", "fp32-adamw"])
+def test_every_update_leaves_biases_undecayed_and_decays_weights(update):
+    """With zero gradients only weight decay moves anything: the weights shrink, the biases stay."""
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, fmt=DFP16, biases=True)
+    layers = weighted_layers(model)
+    for layer in layers:
+        if isinstance(layer, IntBias):
+            layer.weight.copy_(torch.arange(layer.weight.numel()).to(torch.int16) * 100 - 200)
+            layer.weight_exp.fill_(-14)
+    if update.startswith("fp32"):
+        trainer = FloatMaster(model, DFP16, lr=1.0, total_steps=4, optimizer=update.split("-")[1])
+    else:
+        trainer = (FixedPointSgd if update == "sgd" else AdamWUpdate)(model, DFP16, 1.0, 4)
+    before = [(layer.weight.clone(), int(layer.weight_exp)) for layer in layers]
+    _set_gradients(layers, 0)
+    trainer.step(2, 8)
+    for layer, (weight, exponent) in zip(layers, before):
+        value = lambda w, e: w.double() * 2.0**e
+        moved = not torch.equal(value(layer.weight, int(layer.weight_exp)), value(weight, exponent))
+        assert moved == (not isinstance(layer, IntBias)), type(layer).__name__
+
+
+def test_niti_sgd_training_moves_biases_and_shards_give_the_whole_batch():
+    """Steps of a LeNet-5 with biases, batches of 7 and 2 on 3 shards (threads for processes):
+    every shard ends with the one-process weights and biases, and the biases moved."""
+    options = NitiOptions(update="sgd", lr=0.5, error_rounding="stochastic", weight_average="none",
+                          relu_scale="positive", biases="on")
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randint(-127, 128, (rows, 1, 28, 28), dtype=torch.int8, generator=gen),
+                torch.randint(0, 10, (rows,), generator=gen)) for rows in (7, 2, 7)]
+
+    def build():
+        return Niti.build_model(options, "lenet5", (1, 28, 28), 10, seed=3, width=0.5, device="cpu")
+
+    whole_model = build()
+    start = copy.deepcopy(whole_model.state_dict())
+    whole = Niti(whole_model, options, seed=11, total_steps=6)
+    for step, (x, y) in enumerate(batches):
+        whole.train_step(QTensor(x, torch.tensor(-7)), y, step, 0)
+
+    def shard(rank, collective):
+        model = build()
+        model.load_state_dict(start)
+        method = Niti(model, options, seed=11, total_steps=6, collective=collective)
+        for step, (x, y) in enumerate(batches):
+            rows = _shards(x.shape[0], 3)[rank]
+            method.train_step(QTensor(x[rows], torch.tensor(-7)), y[rows], step, 0, sample_offset=rows.start)
+        return model.state_dict()
+
+    expected = whole_model.state_dict()
+    for state in ThreadGroup(3).run(shard):
+        assert state.keys() == expected.keys() and all(torch.equal(state[k], expected[k]) for k in expected)
+    bias_keys = [k for k in expected if ".bias." in k and k.endswith("weight")]
+    assert len(bias_keys) == 5 and all(bool(expected[k].any()) for k in bias_keys)
+
+
+@pytest.mark.parametrize("method", ["int8", "dfp16"])
+def test_a_training_step_with_biases_uses_only_integer_tensors(method):
+    from intrain.numeric import native
+    from test_integer_only import _batch
+
+    if method == "int8":
+        options = NitiOptions(update="sgd", lr=0.05, weight_average="none", biases="on", backend="reference")
+        model = Niti.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
+        trainer = Niti(model, options, seed=0, total_steps=10)
+    else:
+        options = Dfp16Options(lr=0.05, backend="reference", biases="on")
+        model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
+        trainer = Dfp16(model, options, seed=0, total_steps=10)
+    x, y = _batch()
+    x = type(trainer).network_input(x)
+    saved = native.library
+    native.library = lambda: None  # as the audit's fixture does: the C roundings run as aten operators
+    try:
+        with FloatAudit() as audit:
+            trainer.train_step(x, y, step=0, epoch=0)
+            trainer.train_step(x, y, step=1, epoch=0)
+    finally:
+        native.library = saved
+    assert audit.float_ops == [], f"float tensors seen in: {sorted(set(audit.float_ops))}"
+    biases = [layer for layer in weighted_layers(model) if isinstance(layer, IntBias)]
+    assert len(biases) == 5 and all(bool(layer.weight.any()) for layer in biases)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--biases", "on"], "--update sgd or adamw"),
+    (["--biases", "on", "--model", "resnet18", "--update", "sgd", "--width", "0.125"], "batch normalisation"),
+    (["--arith", "float", "--biases", "on"], "does not apply to --arith float"),
+    (["--biases", "yes", "--update", "sgd"], "invalid choice"),
+])
+def test_biases_where_they_cannot_apply_are_refused(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert words in assert_refused(["train", *argv, "--out", str(tmp_path / "run")], capsys, tmp_path)
+
+
+def test_a_run_with_biases_resumes_bit_for_bit_and_evaluates_as_trained(tmp_path, monkeypatch, capsys):
+    job = ["train", "--update", "sgd", "--biases", "on", "--epochs", "2", "--train-limit", "96", "--batch-size", "16",
+           "--seed", "3", "--checkpoint-every", "4"]
+    assert main([*job, "--out", str(tmp_path / "ref")]) == 0
+    run_until_crash(monkeypatch, Niti, 9, [*job, "--out", str(tmp_path / "run")])
+    assert main(["train", "--resume", str(tmp_path / "run")]) == 0
+    ref, run = (torch.load(tmp_path / name / "model.pt", weights_only=True)["state_dict"] for name in ("ref", "run"))
+    assert ref.keys() == run.keys() and all(torch.equal(ref[k], run[k]) for k in ref)
+    assert any(".bias." in k and bool(v.any()) for k, v in ref.items())
+    out = capsys.readouterr().out
+    assert main(["eval", "--run", str(tmp_path / "ref")]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == out.splitlines()[-1]
+    saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "ref"))
+    assert len(saved["sgd_update"]["master"]) == 2 * 3  # the MLP's three layers and their biases
