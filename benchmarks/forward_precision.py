@@ -52,6 +52,9 @@ def main() -> None:
         parser.error(f"{args.run} is a {run.config['arith']} run; give an int8 run")
     if any(isinstance(m, IntBatchNorm) for m in run.model.modules()):
         parser.error(f"{args.run} has batch normalisation, whose running statistics are not rebuilt here")
+    if run.config.get("biases") == "on":
+        parser.error(f"{args.run} was trained with --biases on, which this comparison does not pair yet; give a run "
+                     "without biases")
     labels = run.splits.eval.labels.to(run.device)
 
     def score(model, method) -> float:

@@ -113,6 +113,9 @@ def load_integer_run(parser: argparse.ArgumentParser, args: argparse.Namespace):
     run = load_run(args.run)
     if not getattr(run.method, "integer", False):
         parser.error(f"{args.run} is a float run; give an int8 or DFP16 run")
+    if run.config.get("biases") == "on":
+        parser.error(f"{args.run} was trained with --biases on, which this comparison does not pair yet; give a run "
+                     "without biases")
     return run
 
 

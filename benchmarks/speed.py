@@ -16,6 +16,7 @@ ratios are meant to be compared. On a GPU (``--device cuda``) every timed call e
     python benchmarks/speed.py --model vgg-small-7 --batch 64 --int8-gemm off   # float path only
     python benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16      # DFP16, int32 masters, SGD
     python benchmarks/speed.py --model tr-lstm --batch 64 --arith dfp16 --optimizer adamw
+    python benchmarks/speed.py --model lenet5 --batch 128 --update sgd --biases on   # integer biases
 """
 
 from __future__ import annotations
@@ -133,28 +134,33 @@ def _saved_bytes_float(model, x, y) -> int:
 
 
 def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed: int, backend: Backend,
-                     device: torch.device, niti_options: dict | None = None, optimizer: str = "sgd"):
+                     device: torch.device, niti_options: dict | None = None, optimizer: str = "sgd",
+                     biases: str = "off"):
     """(method, model) of the integer side: NITI int8 as the earlier figures measured it (mu 4, no
     weight averaging: its int64 sums are 8x the weights; ``niti_options`` adds to those, e.g. a
     recipe's int16 masters and weight decay), or DFP16 with the float twin's learning rate and
-    ``optimizer``."""
+    ``optimizer``; ``biases`` "on": with integer biases (their add costs the fused requantisation)."""
     if arith == "dfp16":
-        options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master, optimizer=optimizer)
-        model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
+        options = Dfp16Options(lr=0.01, backend=backend.name, dfp16_master=dfp16_master, optimizer=optimizer,
+                               biases=biases)
+        model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt,
+                                biases=biases == "on")
         return Dfp16(model, options, seed=seed, total_steps=10**6), model
     niti_options = dict(niti_options or {})
     if niti_options.get("update") in ("sgd", "adamw"):  # the float twin's recipe on int32 masters: a rate, no mu
         niti_options["lr"] = 0.01
     else:
         niti_options["mu_schedule"] = "0:4"
-    options = NitiOptions(**{"weight_average": "none", **niti_options})
-    model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt)
+    options = NitiOptions(**{"weight_average": "none", **niti_options, "biases": biases})
+    model = build_int_model(model_name, shape, 10, seed=seed, backend=backend, device=device, fmt=options.fmt,
+                            biases=biases == "on")
     return Niti(model, options, seed=seed, total_steps=10**6), model
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
           bf16: bool, seed: int = 0, image_size: int | None = None, arith: str = "int8",
-          dfp16_master: str = "int32", niti_options: dict | None = None, optimizer: str = "sgd") -> None:
+          dfp16_master: str = "int32", niti_options: dict | None = None, optimizer: str = "sgd",
+          biases: str = "off") -> None:
     """Time one training step of ``arith`` against the float32 twin's. The float side takes AdamW
     where the integer side does (``--update adamw`` for int8, ``optimizer`` for DFP16)."""
     shape = SHAPES.get(model_name, (3, 32, 32))
@@ -167,7 +173,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
 
     def make_int_step():
         trainer, model = _integer_trainer(arith, dfp16_master, model_name, shape, seed, backend, device, niti_options,
-                                          optimizer)
+                                          optimizer, biases)
         x = type(trainer).network_input(QTensor.of(pixels.to(device), -7))
         steps = iter(range(10**9))
         return trainer, model, x, lambda: trainer.train_step(x, labels, next(steps), 0)
@@ -194,10 +200,10 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
             times[key].append(_median_seconds(fn, repeats, device))
     t_int, t_float = min(times[arith]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
-    master = f" ({dfp16_master} masters, {optimizer})" if arith == "dfp16" else ""
-    chosen = {k: v for k, v in (niti_options or {}).items() if (k, v) not in
+    master = f" ({dfp16_master} masters, {optimizer}{', biases' if biases == 'on' else ''})" if arith == "dfp16" else ""
+    chosen = {k: v for k, v in {**(niti_options or {}), "biases": biases}.items() if (k, v) not in
               (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None),
-               ("relu_scale", "magnitude"))}
+               ("relu_scale", "magnitude"), ("biases", "off"))}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -304,6 +310,9 @@ def main() -> None:
                              "(NITI's, default) or largest positive value")
     parser.add_argument("--weight-decay-shift", type=int, default=None, metavar="K",
                         help="int8: integer weight decay of 2**(mu - K) per step (mu is 4 here; default: off)")
+    parser.add_argument("--biases", choices=("off", "on"), default="off",
+                        help="integer biases in the convolution and linear layers, as the float twin has (int8: "
+                             "with --update sgd or adamw; default: off)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the float step under bf16 autocast (default: on CUDA only; "
                              "CPUs without bf16 units make it very slow)")
@@ -319,6 +328,8 @@ def main() -> None:
     if args.update != "niti" and (args.weight_bits != 8 or args.weight_decay_shift is not None):
         parser.error("--weight-bits 16 and --weight-decay-shift belong to NITI's update: leave them out with "
                      f"--update {args.update}")
+    if args.biases == "on" and args.arith == "int8" and args.update == "niti":
+        parser.error("--biases on needs --update sgd or adamw with --arith int8 (NITI's update keeps exponents fixed)")
     if args.weight_decay_shift is not None and args.weight_decay_shift <= 4:
         parser.error(f"--weight-decay-shift {args.weight_decay_shift} must exceed the benchmark's mu of 4")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -339,7 +350,7 @@ def main() -> None:
         bf16 = args.device == "cuda" if args.bf16 is None else args.bf16
         bench(name, args.batch, args.repeats, torch.device(args.device), backend, bf16,
               image_size=args.image_size, arith=args.arith, dfp16_master=args.dfp16_master,
-              niti_options=niti_options, optimizer=args.optimizer)
+              niti_options=niti_options, optimizer=args.optimizer, biases=args.biases)
 
 
 if __name__ == "__main__":

@@ -160,3 +160,17 @@ def test_forward_precision_and_float_gradients_scripts_refuse_a_float_run(tmp_pa
     assert main(["train", "--epochs", "1", "--arith", "float", "--out", str(run)]) == 0
     assert "is a float run; give an int8 run" in refusal("forward_precision.py", "--run", str(run))
     assert "is a float run; give an int8 or DFP16 run" in refusal("float_gradients.py", "--run", str(run))
+
+
+def test_speed_script_times_integer_biases_and_the_gradient_scripts_refuse_them(tmp_path):
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--update", "sgd",
+                     "--biases", "on")
+    assert "int8 (update sgd, biases on)" in out and "training step   int8" in out
+    out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--arith", "dfp16", "--biases", "on")
+    assert "dfp16 (int32 masters, sgd, biases)" in out
+    assert "--biases on needs --update sgd or adamw" in refusal("speed.py", "--biases", "on")
+    from intrain.cli import main
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--update", "sgd", "--biases", "on", "--out", str(run)]) == 0
+    for name in ("forward_precision.py", "float_gradients.py", "gradient_fidelity.py"):
+        assert "trained with --biases on" in refusal(name, "--run", str(run))

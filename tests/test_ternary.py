@@ -169,10 +169,13 @@ def test_l2_error_falls_with_every_edge(rule, group_size):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A narrow int8 MLP on digits (32 and 16 hidden units: narrow enough that ternarising costs
-    accuracy, so that rankings differ) and a short float run of the same net."""
+    accuracy, so that rankings differ), a short float run of the same net and a short int8 run
+    with biases."""
     root = tmp_path_factory.mktemp("runs")
     assert main(["train", "--width", "0.0625", "--epochs", "10", "--out", str(root / "int8")]) == 0
     assert main(["train", "--arith", "float", "--width", "0.0625", "--epochs", "3", "--out", str(root / "float")]) == 0
+    assert main(["train", "--width", "0.0625", "--epochs", "3", "--update", "sgd", "--biases", "on",
+                 "--out", str(root / "int8-biases")]) == 0
     return root
 
 
@@ -241,6 +244,26 @@ def test_ternary_inference_is_integer_only(runs, product):
             y = model(x)
         assert audit.float_ops == [], sorted(set(audit.float_ops))
         assert y.v.dtype == torch.int8 and kept > 0
+
+
+def test_an_int8_run_with_biases_keeps_them_exactly(runs):
+    from intrain.layers import IntBias, weighted_layers
+
+    cfg, saved = read_source(runs / "int8-biases")
+    method = get_method("int8")
+    options = method.make_options({k: cfg[k] for k in method.option_names() if cfg.get(k) is not None}, {})
+    assert options.biases == "on"
+    source = method.build_model(options, cfg["model"], tuple(cfg["image_shape"]), 10, seed=0, width=0.0625,
+                                device="cpu")
+    source.load_state_dict(saved["state_dict"])
+    trained = [layer for layer in weighted_layers(source) if isinstance(layer, IntBias)]
+    model, _ = _convert(runs / "int8-biases", group_size=4, budget=1)
+    layers = ternary_layers(model)
+    assert len(layers) == len(trained) == 3 and all(bool(layer.weight.any()) for layer in trained)
+    for layer, bias in zip(layers, trained):
+        assert torch.equal(layer.bias.double() * 2.0 ** int(layer.bias_exp),
+                           bias.weight.double() * 2.0 ** int(bias.weight_exp))
+    assert _accuracy(model) > 0.5
 
 
 # ------------------------------------------------------------------------------------ command line

@@ -2,7 +2,7 @@
 
 ``ternarize_run(run_dir, out, settings)`` reads the run's ``config.json`` and ``model.pt`` (checked
 for damage like ``intrain eval`` does), takes each weighted layer's real weights (int8 run:
-``weight * 2**weight_exp``, exact; float run: the float32 weights and biases; a float model with
+``weight * 2**weight_exp``, exact, and its biases if it was trained with them; float run: the float32 weights and biases; a float model with
 batch normalisation is refused: the integer layers have nothing to fold it into), decomposes
 them into ``settings.max_edges`` residual ternary edges (``ternary.quantize``), ranks the residual
 edges (``ternary.rank``) and keeps the first ``round(budget * groups)`` of them, where ``groups``
@@ -13,9 +13,8 @@ ternary 0). The result is the run's integer model with every weighted layer repl
 ``"ternary"`` section) and ``model.pt`` (same format and checksums as a training run's).
 
 The perturbation ranking needs the network's sensitivity: it runs the float32 network with the
-source weights (for an int8 run: its dequantised weights, no biases; since its ReLU, max pooling
-and per-tensor requantisation are positively homogeneous, that network's logits are the int8
-network's up to a scale and rounding) on the first ``calibration_images`` training images.
+source weights (for an int8 run: its dequantised weights and biases, zero biases when it had
+none; that network computes on the real values the int8 network rounds) on the first ``calibration_images`` training images.
 
 Everything is computed and checked before the output folder is created: bad input writes nothing.
 """
@@ -30,7 +29,7 @@ import torch.nn.functional as F
 
 from intrain.data import load_dataset, pixels_to_int8, PIXEL_EXPONENT
 from intrain.kernels import get_backend
-from intrain.layers import IntConv2d, IntLinear, weighted_layers
+from intrain.layers import IntBias, IntConv2d, IntLinear, weighted_layers
 from intrain.layers.ternary import TernaryLayer
 from intrain.methods import get_method
 from intrain.models import build_int_model
@@ -87,6 +86,11 @@ class SourceLayer:
     float_module: torch.nn.Module
 
 
+def _real(layer) -> torch.Tensor:
+    """An integer layer's weight (or an ``IntBias``'s bias) as its real values, exact in float64."""
+    return layer.weight.to(torch.float64) * 2.0 ** int(layer.weight_exp)
+
+
 def _float_weighted(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
 
@@ -119,12 +123,12 @@ def load_source(cfg: dict, saved: dict, run_dir: Path) -> tuple[torch.nn.Module,
             source = method.build_model(method.make_options(given, {}), cfg["model"], shape, classes,
                                         seed=int(cfg["seed"]), width=width, device="cpu", hidden=hidden)
             source.load_state_dict(saved["state_dict"])
-            sources = [(layer.weight.to(torch.float64) * 2.0 ** int(layer.weight_exp), None)
-                       for layer in weighted_layers(source)]
+            sources = [(_real(layer), None if layer.bias is None else _real(layer.bias))
+                       for layer in weighted_layers(source) if not isinstance(layer, IntBias)]
             with torch.no_grad():
-                for m, (w, _) in zip(_float_weighted(float_net), sources):
+                for m, (w, b) in zip(_float_weighted(float_net), sources):
                     m.weight.copy_(w)
-                    m.bias.zero_()
+                    m.bias.copy_(b) if b is not None else m.bias.zero_()
         else:
             raise ConfigError(f"{run_dir} holds a {arith!r} run: only int8 and float runs can be ternarised")
     except (ValueError, RuntimeError, KeyError) as err:
