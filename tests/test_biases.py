@@ -314,3 +314,26 @@ def test_a_run_with_biases_resumes_bit_for_bit_and_evaluates_as_trained(tmp_path
     assert capsys.readouterr().out.splitlines()[-1] == out.splitlines()[-1]
     saved = checkpoint.load(checkpoint.checkpoint_path(tmp_path / "ref"))
     assert len(saved["sgd_update"]["master"]) == 2 * 3  # the MLP's three layers and their biases
+
+
+def test_recipes_give_dfp16_the_float_twins_biases_and_fashion_lenet5_int8_its_chosen_ones():
+    from intrain.run.recipes import default_recipe
+
+    assert default_recipe("fashion-mnist", "lenet5", "int8").options["biases"] == "on"
+    assert "biases" not in default_recipe("mnist", "lenet5", "int8").options  # NITI's update: none
+    for model in ("mlp", "lenet5", "vgg-small-7", "alexnet"):
+        assert default_recipe("fashion-mnist", model, "dfp16").options["biases"] == "on"
+    for model in ("resnet18", "lstm", "tr-lstm"):
+        assert "biases" not in default_recipe("moving-mnist-actions", model, "dfp16").options
+
+
+@pytest.mark.parametrize("arith", ["int8", "dfp16"])
+def test_a_run_saved_before_biases_existed_resumes_without_them(arith):
+    from intrain.run.config import TrainConfig
+
+    options = {"lr": 0.05, "update": "sgd"} if arith == "int8" else {"lr": 0.05}
+    saved = TrainConfig(dataset="fashion-mnist", model="lenet5", arith=arith, epochs=2, batch_size=64,
+                        options=options)
+    payload = {k: v for k, v in saved.__dict__.items()}
+    assert TrainConfig.from_dict(payload).resolved().options["biases"] == "off"
+    assert TrainConfig(dataset="fashion-mnist", model="lenet5", arith=arith).resolved().options["biases"] == "on"

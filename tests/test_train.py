@@ -161,10 +161,12 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
     assert (options["update"], options["lr"], resolved.batch_size) == ("sgd", 0.14, 128)
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 8, None)
     assert (options["mu_schedule"], options["weight_average"], options["relu_scale"]) == (None, "none", "positive")
+    assert options["biases"] == "on"
     # NITI's update given on the command line gets the options chosen for it
     options = TrainConfig(dataset="fashion-mnist", model="lenet5", options={"update": "niti"}).resolved().options
     assert (options["error_rounding"], options["weight_bits"], options["weight_decay_shift"]) == ("stochastic", 16, 18)
     assert (options["mu_schedule"], options["weight_average"], options["lr"]) == ("0:5,8:4,14:3", "phase", None)
+    assert options["biases"] == "off"  # the recipe's biases are its SGD update's (NITI's refuses them)
     for other in (("mnist", "lenet5"), ("fashion-mnist", "vgg-small-8"), ("cifar10", "vgg-small-7")):
         assert not {"update", "error_rounding", "weight_bits", "weight_decay_shift", "relu_scale"} & \
             set(default_recipe(*other, "int8").options)

@@ -63,7 +63,7 @@ UPDATES = ("niti", *TWIN_UPDATES)
 #: updates'; ``Niti.make_options`` drops the recipe's values of the other update's options.
 NITI_UPDATE_OPTIONS = {"mu_schedule": None, "weight_bits": 8, "weight_decay_shift": None, "core_update": "niti",
                        "core_mu_schedule": None}
-TWIN_UPDATE_OPTIONS = {"lr": None}
+TWIN_UPDATE_OPTIONS = {"lr": None, "biases": "off"}
 
 
 def parse_mu_schedule(text: str) -> str:

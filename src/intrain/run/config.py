@@ -131,6 +131,8 @@ class TrainConfig:
                 # Saved before --core-update existed: those runs updated every core with NITI's rule
                 # and the one mu schedule (the tr-lstm recipe now says otherwise).
                 options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
+            if config.arith in ("int8", "dfp16"):
+                options.setdefault("biases", "off")  # saved before --biases existed: no biases (recipes may say on)
             if config.arith == "dfp16":
                 options.setdefault("optimizer", "sgd")  # saved before DFP16 took the float twin's optimiser
             if config.arith == "int8":
@@ -146,7 +148,7 @@ class TrainConfig:
             options["mu_schedule"] = str(MuSchedule.parse(options["mu_schedule"]).shifted(-8))
         if config.arith == "int8":  # the flat dict's lr is the float twin's: 0.1 had NITI's update only
             options.pop("lr", None)
-            options.update(update="niti", relu_scale="magnitude")
+            options.update(update="niti", relu_scale="magnitude", biases="off")
         return replace(config, options=options)
 
 
