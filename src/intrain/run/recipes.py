@@ -277,7 +277,8 @@ _NORMALISED_MODELS = ("resnet18",)
 # and linear layer where the float twin has them (not before batch normalisation, not in the LSTMs,
 # ``models.build.biases_refused``). On Fashion-MNIST LeNet-5's tuning split (``--val-split 10000
 # --tune-split 10000``, 20 epochs, seeds 0-2) integer-only DFP16 with biases reached 91.82 / 91.10 /
-# 91.41 % (mean 91.44) against 91.34 / 90.61 / 91.22 % (mean 91.06) without them (BENCHMARKS.md, thirty-first session).
+# 91.41 % (mean 91.44) against 91.34 / 90.61 / 91.22 % (mean 91.06) without them (BENCHMARKS.md,
+# thirty-first session).
 _DFP16_WITHOUT_BIASES = _NORMALISED_MODELS + RECURRENT_MODELS
 
 
