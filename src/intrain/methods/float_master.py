@@ -3,7 +3,8 @@
 Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
 optimiser itself (``optimizer="sgd"``: ``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``;
 ``"adamw"``: ``torch.optim.AdamW`` with ``ADAMW_BETAS`` and ``ADAMW_EPS``; weight decay
-``WEIGHT_DECAY`` on weight matrices and kernels, none on biases, as in the float twin, learning rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
+``WEIGHT_DECAY`` on weight matrices and kernels, none on biases, as in the float twin, learning
+rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
 gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
 and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
 master converted back: exponent ``e = k - (bits - 1)`` where ``max |W| < 2**k`` (``frexp``), values
@@ -48,8 +49,9 @@ class FloatMaster:
         self.warmup = warmup_length(total_steps)
         self.master = [torch.ldexp(layer.weight.to(torch.float32), layer.weight_exp.to(torch.float32))
                        for layer in self.layers]  # exact: 16-bit integers times a power of two
-        groups = [{"params": [m for m, layer in zip(self.master, self.layers) if decays(layer)]},
-                  {"params": [m for m, layer in zip(self.master, self.layers) if not decays(layer)], "weight_decay": 0.0}]
+        pairs = list(zip(self.master, self.layers))
+        groups = [{"params": [m for m, layer in pairs if decays(layer)]},
+                  {"params": [m for m, layer in pairs if not decays(layer)], "weight_decay": 0.0}]
         groups = [group for group in groups if group["params"]]
         if optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS,
