@@ -54,7 +54,7 @@ def test_a_bias_as_coarse_as_the_accumulator_or_coarser_is_added_exactly_and_rou
     total = total.to(dtype)
     bias = torch.tensor([-128, 127, -1, 0], dtype=torch.int8)
     e = -20
-    summed, base = add_bias(total, torch.tensor(e), bias, torch.tensor(e + gap))
+    summed, base = add_bias(total.clone(), torch.tensor(e), bias, torch.tensor(e + gap))
     assert summed.dtype == torch.int64 and int(base) == e
     out = requantize(summed, base, bits=bits)
     unit = Fraction(2) ** int(out.e)
@@ -79,6 +79,27 @@ def test_an_accumulator_far_finer_than_the_bias_is_first_rounded_to_its_limit():
     assert int(base) == -8  # the bias shifted by BIAS_MAX_SHIFT, the accumulator rounded by 2 bits
     assert summed.tolist() == [[(1 << BIAS_MAX_SHIFT) + 1, (1 << BIAS_MAX_SHIFT) - 1,
                                 -(1 << BIAS_MAX_SHIFT) + (1 << 29)]]
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_the_cpu_in_place_sum_is_the_general_one(dtype):
+    """Every gap from far finer to far coarser than BIAS_MAX_SHIFT, accumulators at their type's
+    extremes (where the int32 sum must widen to int64), biases from -128 to 127."""
+    from intrain.numeric.requant import add_bias_by_tensors
+
+    top = torch.iinfo(dtype).max >> (0 if dtype == torch.int32 else 3)
+    gen = torch.Generator().manual_seed(7)
+    for gap in (-30, -9, -1, 0, 1, 8, 17, 33, BIAS_MAX_SHIFT, BIAS_MAX_SHIFT + 1, BIAS_MAX_SHIFT + 9):
+        for extreme in (False, True):
+            total = torch.randint(-1000, 1000, (3, 4, 2), generator=gen, dtype=torch.int64).to(dtype)
+            if extreme:
+                total[0] = top
+                total[1] = -top
+            bias = torch.tensor([-128, 127, 1, 0], dtype=torch.int8)
+            e, eb = torch.tensor(-5), torch.tensor(-5 + gap)
+            fast, fast_e = add_bias(total.clone(), e, bias, eb)
+            general, general_e = add_bias_by_tensors(total.clone(), e, bias, eb)
+            assert torch.equal(fast.to(torch.int64), general) and int(fast_e) == int(general_e), (gap, extreme)
 
 
 def test_a_zero_bias_adds_nothing_whatever_its_exponent():
@@ -178,6 +199,17 @@ def test_the_bias_gradient_is_the_exact_sum_of_the_error_and_the_error_below_is_
     assert layer.bias.weight_grad.dtype == torch.int64 and layer.bias.weight_grad.tolist() == expected
     assert int(layer.bias.weight_grad_exp) == -30
     assert torch.equal(layer.weight_grad, without.weight_grad)
+
+
+@pytest.mark.parametrize("side, extreme", [(16, 32767), (300, -32768), (300, 32767)])
+def test_the_bias_gradient_sums_without_wrapping_at_the_longest_maps(side, extreme):
+    """90,000 positions of full-scale int16 errors (-32768 included) sum past 2**31 in magnitude
+    per sample: past int32, so those are summed in int64 (16 x 16 positions in int32)."""
+    bias = IntBias(2, DFP16)
+    v = torch.full((3, 2, side, side), extreme, dtype=torch.int16)
+    v[:, 1] = 1
+    bias.store_gradient(QTensor(v, torch.tensor(-3)))
+    assert bias.weight_grad.tolist() == [3 * side * side * extreme, 3 * side * side]
 
 
 def test_biases_keep_the_bias_free_models_weights_and_layer_ids():
@@ -337,3 +369,56 @@ def test_a_run_saved_before_biases_existed_resumes_without_them(arith):
     payload = {k: v for k, v in saved.__dict__.items()}
     assert TrainConfig.from_dict(payload).resolved().options["biases"] == "off"
     assert TrainConfig(dataset="fashion-mnist", model="lenet5", arith=arith).resolved().options["biases"] == "on"
+
+
+@pytest.mark.parametrize("settings", [
+    dict(use_int8_gemm=True, int8_gemm_chunk_bytes=2**12),  # int8 GEMM in chunks of samples
+    dict(use_int8_gemm=False, float_chunk_bytes=2**12),  # float units in chunks (direct for 1 channel)
+    dict(use_int8_gemm=False),  # one call, requantised whole
+], ids=["int8-gemm-chunks", "float-chunks", "whole"])
+@pytest.mark.parametrize("bits, shapes", [
+    (8, ((6, 32, 12, 12), (32, 32, 3, 3))), (8, ((6, 1, 14, 14), (8, 1, 5, 5))),
+    (16, ((5, 16, 10, 10), (16, 16, 3, 3))),
+])
+@pytest.mark.parametrize("rectify", [False, True])
+@pytest.mark.parametrize("gap", [-3, 9])
+def test_the_fused_requantisations_add_the_bias_before_rounding_on_every_path(settings, bits, shapes, rectify,
+                                                                              gap):
+    """``requantize_product`` with a bias on the cpu backend's fused paths (chunks of samples on
+    the int8 GEMM, on the float units or the int16 halves, or one call) against the reference
+    backend's exact product plus the bias, requantised: the same bits, full-scale operands
+    (-128 and -32768 included in the inputs) and biases from -limit to limit."""
+    from intrain.kernels import CpuBackend, CpuSettings
+    from intrain.numeric.requant import aligned_bias, requantize_product
+
+    dtype = torch.int8 if bits == 8 else torch.int16
+    low, high = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    gen = torch.Generator().manual_seed(gap + bits)
+    x = torch.randint(low, high + 1, shapes[0], generator=gen).to(dtype)
+    x[0] = low
+    w = torch.randint(low + 1, high + 1, shapes[1], generator=gen).to(dtype)
+    channels = shapes[1][0]
+    bias = torch.randint(low + 1, high + 1, (channels,), generator=gen).to(dtype)
+    bias[0], bias[1] = low + 1, high
+    e = torch.tensor(-20)
+    aligned = aligned_bias(bias, torch.tensor(-20 + gap), e)
+    args = (x, w, (1, 1), (1, 1))
+    cpu = CpuBackend(CpuSettings(**settings))
+    got = requantize_product(cpu, "conv2d_forward", args, e, bits, rectify=rectify, bias=aligned)
+    exact = get_backend("reference").conv2d_forward(*args).to(torch.int64) + aligned.reshape(1, -1, 1, 1)
+    expected = requantize(exact.clamp(min=0) if rectify else exact, e, bits=bits)
+    assert torch.equal(got.v, expected.v) and int(got.e) == int(expected.e)
+
+
+@pytest.mark.parametrize("dtype, room", [(torch.float32, 2**24), (torch.float64, 2**53), (torch.int16, 2**15 - 1),
+                                         (torch.int32, 2**31 - 1)])
+def test_a_bias_is_added_in_the_products_own_type_only_where_that_is_exact(dtype, room):
+    from intrain.numeric.requant import with_bias
+
+    bias = torch.tensor([3 << 20, -(5 << 9), 1], dtype=torch.int64) if room > 2**15 else torch.tensor([300, -7, 1])
+    for top, widened in ((room - int(bias.abs().max()), False), (room - 1, True)):
+        exact = torch.tensor([[top, -top, 0], [1, 2, 3]], dtype=torch.int64)
+        expected = exact + bias
+        got = with_bias(exact.to(dtype), bias)
+        assert got.dtype == (torch.int64 if widened else dtype)
+        assert torch.equal(got.to(torch.int64), expected)

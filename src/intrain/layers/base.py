@@ -42,7 +42,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.accumulate import absmax, headroom_shifts, plain_int32_wraps
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import add_bias, requantize, requantize_product
+from intrain.numeric.requant import add_bias, aligned_bias, cpu_slices, requantize, requantize_product
 from intrain.numeric.rounding import shift_round
 
 
@@ -185,19 +185,25 @@ class WeightedIntModule(IntModule):
 
     def _rounded(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None,
                  terms: int | None, rectify: bool, bias: "IntBias | None") -> QTensor:
-        """``requantize_output`` with the bias ``bias`` (None: none, as for an error)."""
-        if bias is not None:  # the bias goes in before the shift is chosen: no fused path
+        """``requantize_output`` with the bias ``bias`` (None: none, as for an error). The bias
+        goes in before the shift is chosen: on the fused paths it is aligned to the product's
+        exponent first and added there (``requantize_product``), unless it is so coarse that the
+        accumulator must be rounded first (``add_bias``), which the plain path does."""
+        fused = (self.fmt.accumulator == "exact" and self.fmt.bits == 8) or self.fmt.accumulator == "int32-chunked"
+        shifts = self._headroom(args, terms) if self.fmt.accumulator == "int32-chunked" else (0, 0)
+        aligned = None
+        if bias is not None and fused and e.device.type == "cpu":
+            aligned = aligned_bias(bias.weight, bias.weight_exp, e + sum(shifts))
+            if aligned is not None and not bool(aligned.any()):
+                bias = aligned = None  # a zero bias (or one below half the accumulator's unit) adds nothing
+        if bias is not None and aligned is None:  # the plain path: the whole exact accumulator
             exact, e = self.accumulate(product, args, e, terms)
             total, e = add_bias(exact, e, bias.weight, bias.weight_exp)
             return requantize(total.clamp_(min=0) if rectify else total, e, bits=self.fmt.bits,
                               reduce_max=reduce_max(ctx))
-        if self.fmt.accumulator == "exact" and self.fmt.bits == 8:
-            return requantize_product(self.backend, product, args, e, self.fmt.bits, reduce_max=reduce_max(ctx),
-                                      rectify=rectify)
-        if self.fmt.accumulator == "int32-chunked":  # no wrap count to take: the product may stay in chunks
-            shifts = self._headroom(args, terms)
+        if fused:  # (int32-chunked: no wrap count to take, the product may stay in chunks)
             return requantize_product(self.backend, product, args, e + sum(shifts), self.fmt.bits,
-                                      reduce_max=reduce_max(ctx), shifts=shifts, rectify=rectify)
+                                      reduce_max=reduce_max(ctx), shifts=shifts, rectify=rectify, bias=aligned)
         exact, e = self.accumulate(product, args, e, terms)
         return requantize(exact.clamp_(min=0) if rectify else exact, e, bits=self.fmt.bits, reduce_max=reduce_max(ctx))
 
@@ -263,9 +269,23 @@ class IntBias(WeightedIntModule):
         super().__init__((channels,), 1, None, fmt)
 
     def store_gradient(self, d: QTensor) -> None:
-        """``weight_grad``: the sum of ``d`` over every dimension but the channels' (1), in int64."""
-        dims = [0] + list(range(2, d.v.dim()))
-        self.weight_grad = d.v.sum(dim=dims, dtype=torch.int64)
+        """``weight_grad``: the sum of ``d`` over every dimension but the channels' (1), in int64.
+        Over the positions of one sample it sums in int32 where ``positions * 2**(w-1) < 2**31``
+        for ``d`` of ``w`` bits (so that no sum can wrap), then over the samples in int64, a slice
+        of samples at a time (``cpu_slices``): the same values as one int64 sum, without an int64
+        (or int32) copy of the whole ``d`` (7x faster for LeNet-5's first error; a 32 MiB copy at
+        VGG-small-7's DFP16 errors; ``python benchmarks/speed.py --update sgd --biases on``)."""
+        v = d.v
+        if v.dim() <= 2:
+            self.weight_grad = v.sum(0, dtype=torch.int64)
+        else:
+            per_sample = v.flatten(2)
+            fits = per_sample.shape[2] * 2 ** (torch.iinfo(v.dtype).bits - 1) < 2**31
+            dtype = torch.int32 if fits else torch.int64
+            total = torch.zeros(v.shape[1], dtype=torch.int64, device=v.device)
+            for rows in cpu_slices(per_sample):
+                total += per_sample[rows].sum(2, dtype=dtype).sum(0, dtype=torch.int64)
+            self.weight_grad = total
         self.weight_grad_exp = torch.as_tensor(d.e, dtype=torch.int64).clone()
 
 

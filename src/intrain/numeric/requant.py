@@ -192,9 +192,45 @@ def add_bias(total: torch.Tensor, e: torch.Tensor, bias: torch.Tensor, bias_exp:
     bias unit is more than ``BIAS_MAX_SHIFT`` bits above the accumulator's is the accumulator first
     rounded to ``base`` (which moves the sum by at most 2**-41 of one bias unit). An all-zero
     bias adds nothing and keeps ``(total, e)`` (its exponent means nothing, e.g. before the first
-    update). Exact otherwise: the result's requantisation is the layer's one rounding."""
+    update). Exact otherwise: the result's requantisation is the layer's one rounding.
+
+    ``total`` is consumed (it may be changed in place). On CPU, whenever ``base = e`` (the bias at
+    most ``BIAS_MAX_SHIFT`` bits coarser), the exponents are read as Python integers and the
+    aligned bias (a [C] tensor) is added in place, in the accumulator's own integer type when the
+    sum provably fits it (``max|total| + max|aligned bias|``, one ``aminmax`` pass), else in
+    int64: the same values as the general path without its full-size int64 rounding pass, which
+    tripled a LeNet-5 int8 step while its biases were finer than the accumulator (``python
+    benchmarks/speed.py --update sgd --biases on``)."""
     if not bool(bias.any()):
         return total, e
+    if total.device.type == "cpu" and not total.is_floating_point():
+        aligned = aligned_bias(bias, bias_exp, e)
+        if aligned is not None:
+            if not bool(aligned.any()) or total.numel() == 0:  # nothing to add; an empty shard
+                return total, e
+            low, high = torch.aminmax(total)
+            largest = max(-int(low), int(high)) + int(aligned.abs().max())
+            shape = (1, -1) + (1,) * (total.dim() - 2)
+            if largest > torch.iinfo(total.dtype).max:
+                total = total.to(torch.int64)
+            return total.add_(aligned.to(total.dtype).reshape(shape)), e
+    return add_bias_by_tensors(total, e, bias, bias_exp)
+
+
+def aligned_bias(bias: torch.Tensor, bias_exp: torch.Tensor, e) -> torch.Tensor | None:
+    """The bias at the accumulator's exponent ``e`` as int64 (``add_bias``: shifted left, or
+    rounded to nearest when finer), or None when it is more than ``BIAS_MAX_SHIFT`` bits coarser
+    (``add_bias`` then rounds the accumulator first). Reads the exponents on the host."""
+    gap = int(bias_exp) - int(e)
+    if gap > BIAS_MAX_SHIFT:
+        return None
+    b = bias.to(torch.int64)
+    return b << gap if gap >= 0 else shift_round(b, -gap, "nearest")
+
+
+def add_bias_by_tensors(total: torch.Tensor, e: torch.Tensor, bias: torch.Tensor, bias_exp: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``add_bias`` on any device, the exponents kept as tensors (no copy to the host), in int64."""
     base = torch.maximum(e, bias_exp - BIAS_MAX_SHIFT)
     total = shift_round(total.to(torch.int64), base - e, "nearest")
     b = bias.to(torch.int64)
@@ -221,16 +257,43 @@ def cpu_slices(t: torch.Tensor) -> list:
 
 
 def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: int = 8, *,
-                       reduce_max=None, shifts: tuple[int, int] = (0, 0), rectify: bool = False) -> QTensor:
+                       reduce_max=None, shifts: tuple[int, int] = (0, 0), rectify: bool = False,
+                       bias: torch.Tensor | None = None) -> QTensor:
     """``requantize(backend.shifted_product(name, args, shifts), e, bits, reduce_max=reduce_max)``
     with nearest rounding (``shifts``: the right shifts of the two operands, DFP16's headroom);
-    ``rectify``: of the product's positive part ``max(y, 0)`` (a ReLU follows: the exponent then
-    comes from the largest positive value, ``numeric.formats``). The cpu backend offers
-    ``product_to_int8`` and ``product_to_int16``, which give the same bits without making the
-    whole integer accumulator; other backends are requantised here."""
+    ``bias``: an int64 [C] tensor at the product's exponent ``e`` (``aligned_bias``) added along
+    dimension 1 before the rounding; ``rectify``: of the (biased) product's positive part ``max(y,
+    0)`` (a ReLU follows: the exponent then comes from the largest positive value,
+    ``numeric.formats``). The cpu backend offers ``product_to_int8`` and ``product_to_int16``,
+    which give the same bits without making the whole integer accumulator; other backends are
+    requantised here."""
     fused = getattr(backend, {8: "product_to_int8", 16: "product_to_int16"}.get(bits, ""), None)
     if fused is None:
         exact = backend.shifted_product(name, args, shifts) if any(shifts) else getattr(backend, name)(*args)
+        if bias is not None:
+            exact = with_bias(exact, bias)
         return requantize(exact.clamp_(min=0) if rectify else exact, e, bits=bits, reduce_max=reduce_max)
-    values, shift = fused(name, *args, reduce_max=reduce_max, shifts=shifts, rectify=rectify)
+    values, shift = fused(name, *args, reduce_max=reduce_max, shifts=shifts, rectify=rectify, bias=bias)
     return QTensor(values, e + shift)
+
+
+#: Largest integer magnitude up to which every integer is exact, by float type.
+_EXACT_FLOAT = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``exact`` (integers in an integer or float tensor, any memory layout; consumed) plus the
+    int64 [C] ``bias`` along dimension 1 (``aligned_bias``: at most 16 significant bits, so exact
+    in float32 and float64 too), exactly: in place in ``exact``'s own type when
+    ``max|exact| + max|bias|`` (one ``aminmax`` pass) is within the integers it holds exactly,
+    else in int64 (|exact| < 2**61, |bias| < 2**55). In place, a 16-bit product requantised whole
+    makes no int64 copy (64 MiB at VGG-small-7's widest DFP16 layer, batch 64; ``python
+    benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16``)."""
+    shape = (1, -1) + (1,) * (exact.dim() - 2)
+    if exact.numel():
+        low, high = torch.aminmax(exact)
+        largest = max(-int(low), int(high)) + int(bias.abs().max())
+        room = _EXACT_FLOAT.get(exact.dtype) if exact.is_floating_point() else torch.iinfo(exact.dtype).max
+        if room is not None and largest <= room:
+            return exact.add_(bias.to(exact.dtype).reshape(shape))
+    return exact.to(torch.int64).add_(bias.reshape(shape))

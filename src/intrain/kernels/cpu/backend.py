@@ -23,7 +23,7 @@ from intrain.kernels.int_mm import INT32_REDUCTION, mm_int32, mm_int64
 from intrain.kernels.cpu.chunks import requantize_chunks
 from intrain.numeric import native
 from intrain.numeric.accumulate import shift_operand, shift_operands
-from intrain.numeric.requant import cpu_shift, cpu_slices, requantize
+from intrain.numeric.requant import cpu_shift, cpu_slices, requantize, with_bias
 from intrain.numeric.rounding import shift_round
 
 
@@ -526,7 +526,7 @@ class CpuBackend(Backend):
     }
 
     def product_to_int8(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0),
-                        rectify: bool = False
+                        rectify: bool = False, bias: torch.Tensor | None = None
                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int8, as
         (int8 values, shift as a 0-d int64 tensor): bit-identical to requantising the int32/int64
@@ -534,11 +534,13 @@ class CpuBackend(Backend):
         tensor-sized 4-byte temporary and two passes over it fewer); convolutions of int8 operands a chunk of
         samples at a time, kept in int16 until the shift is known (requantize_chunks: half the
         memory of the int32 result, and float temporaries of one chunk only). ``reduce_max``:
-        for a shard of a batch, the shift is the whole batch's (``numeric.requant``)."""
-        return self._product_to_narrow(name, args, 8, reduce_max, shifts, rectify)
+        for a shard of a batch, the shift is the whole batch's (``numeric.requant``). ``bias``
+        (``numeric.requant.requantize_product``) is added to each chunk, widened to int64 (a
+        chunk-sized copy), before anything is rounded."""
+        return self._product_to_narrow(name, args, 8, reduce_max, shifts, rectify, bias)
 
     def product_to_int16(self, name: str, *args, reduce_max=None, shifts: tuple[int, int] = (0, 0),
-                         rectify: bool = False
+                         rectify: bool = False, bias: torch.Tensor | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """``requantize(shifted_product(name, args, shifts))`` with nearest rounding to int16, as
         (int16 values, shift as a 0-d int64 tensor), bit-identical to requantising the int64
@@ -546,12 +548,12 @@ class CpuBackend(Backend):
         time, each kept in int32 until the shift is known (``requantize_chunks``: half the memory
         of the int64 result), every other product from its exact result (a float one without an
         int64 copy); on the halves path the first operand's headroom shift is applied a chunk at a
-        time too (no shifted copy of a whole activation or error). ``reduce_max``: as in
+        time too (no shifted copy of a whole activation or error). ``reduce_max``, ``bias``: as in
         ``product_to_int8``."""
-        return self._product_to_narrow(name, args, 16, reduce_max, shifts, rectify)
+        return self._product_to_narrow(name, args, 16, reduce_max, shifts, rectify, bias)
 
     def _product_to_narrow(self, name: str, args: tuple, bits: int, reduce_max, shifts: tuple[int, int],
-                           rectify: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                           rectify: bool, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         if name not in self._EXACT_PRODUCTS:
             raise ValueError(f"product_to_int{bits} takes one of {', '.join(self._EXACT_PRODUCTS)}, "
                              f"not {name!r}")
@@ -561,10 +563,14 @@ class CpuBackend(Backend):
         chunked = in_chunks(self, args, shifts[0]) if in_chunks is not None else None
         if chunked is not None:
             n, chunks = chunked
-            if rectify:  # each chunk is the backend's own buffer, consumed by the rounding
+            if bias is not None:
+                chunks = ((n0, with_bias(part, bias)) for n0, part in chunks)
+            if rectify:  # each chunk is the backend's own buffer (or its biased copy), consumed by the rounding
                 chunks = ((n0, part.clamp_(min=0)) for n0, part in chunks)
             return requantize_chunks(n, chunks, reduce_max=reduce_max, bits=bits)
         exact, _ = self._EXACT_PRODUCTS[name](self, *shift_operands(args, (shifts[0], 0)))
+        if bias is not None:
+            exact = with_bias(exact, bias)
         return exact_to_narrow(exact.clamp_(min=0) if rectify else exact, reduce_max, bits=bits)
 
 
