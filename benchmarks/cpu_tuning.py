@@ -131,10 +131,12 @@ class Recorder(Backend):
             copies = tuple(a.clone() if isinstance(a, torch.Tensor) else a for a in args)
             self.calls.append(Call(_label(product, args), product, copies, requantised))
 
-    def product_to_int8(self, product: str, *args, reduce_max=None, shifts=(0, 0), rectify=False):
-        # replayed without ``rectify``: its clamp is the same pass on every path the constants choose
+    def product_to_int8(self, product: str, *args, reduce_max=None, shifts=(0, 0), rectify=False, bias=None):
+        # replayed without ``rectify`` and ``bias``: their clamp and addition are the same passes on
+        # every path the constants choose
         self._record(product, args, True)
-        return self.inner.product_to_int8(product, *args, reduce_max=reduce_max, shifts=shifts, rectify=rectify)
+        return self.inner.product_to_int8(product, *args, reduce_max=reduce_max, shifts=shifts, rectify=rectify,
+                                          bias=bias)
 
 
 def _recording(product: str):

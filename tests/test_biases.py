@@ -413,7 +413,7 @@ def test_the_fused_requantisations_add_the_bias_before_rounding_on_every_path(se
 @pytest.mark.parametrize("dtype, room", [(torch.float32, 2**24), (torch.float64, 2**53), (torch.int16, 2**15 - 1),
                                          (torch.int32, 2**31 - 1)])
 def test_a_bias_is_added_in_the_products_own_type_only_where_that_is_exact(dtype, room):
-    from intrain.numeric.requant import with_bias
+    from intrain.kernels.cpu.backend import exact_with_bias as with_bias  # floats: the cpu backend's
 
     bias = torch.tensor([3 << 20, -(5 << 9), 1], dtype=torch.int64) if room > 2**15 else torch.tensor([300, -7, 1])
     for top, widened in ((room - int(bias.abs().max()), False), (room - 1, True)):

@@ -208,12 +208,7 @@ def add_bias(total: torch.Tensor, e: torch.Tensor, bias: torch.Tensor, bias_exp:
         if aligned is not None:
             if not bool(aligned.any()) or total.numel() == 0:  # nothing to add; an empty shard
                 return total, e
-            low, high = torch.aminmax(total)
-            largest = max(-int(low), int(high)) + int(aligned.abs().max())
-            shape = (1, -1) + (1,) * (total.dim() - 2)
-            if largest > torch.iinfo(total.dtype).max:
-                total = total.to(torch.int64)
-            return total.add_(aligned.to(total.dtype).reshape(shape)), e
+            return with_bias(total, aligned), e
     return add_bias_by_tensors(total, e, bias, bias_exp)
 
 
@@ -277,23 +272,14 @@ def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: i
     return QTensor(values, e + shift)
 
 
-#: Largest integer magnitude up to which every integer is exact, by float type.
-_EXACT_FLOAT = {torch.float32: 2**24, torch.float64: 2**53}
-
-
 def with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """``exact`` (integers in an integer or float tensor, any memory layout; consumed) plus the
-    int64 [C] ``bias`` along dimension 1 (``aligned_bias``: at most 16 significant bits, so exact
-    in float32 and float64 too), exactly: in place in ``exact``'s own type when
-    ``max|exact| + max|bias|`` (one ``aminmax`` pass) is within the integers it holds exactly,
-    else in int64 (|exact| < 2**61, |bias| < 2**55). In place, a 16-bit product requantised whole
-    makes no int64 copy (64 MiB at VGG-small-7's widest DFP16 layer, batch 64; ``python
-    benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16``)."""
+    """The integer tensor ``exact`` (any memory layout; consumed) plus the int64 [C] ``bias``
+    along dimension 1, exactly: in place in ``exact``'s own type when ``max|exact| + max|bias|``
+    (one ``aminmax`` pass) fits it, else in int64 (|exact| < 2**61, |bias| < 2**55). The cpu
+    backend's exact products held in floats take ``kernels.cpu.backend.exact_with_bias``."""
     shape = (1, -1) + (1,) * (exact.dim() - 2)
     if exact.numel():
         low, high = torch.aminmax(exact)
-        largest = max(-int(low), int(high)) + int(bias.abs().max())
-        room = _EXACT_FLOAT.get(exact.dtype) if exact.is_floating_point() else torch.iinfo(exact.dtype).max
-        if room is not None and largest <= room:
+        if max(-int(low), int(high)) + int(bias.abs().max()) <= torch.iinfo(exact.dtype).max:
             return exact.add_(bias.to(exact.dtype).reshape(shape))
     return exact.to(torch.int64).add_(bias.reshape(shape))

@@ -564,14 +564,35 @@ class CpuBackend(Backend):
         if chunked is not None:
             n, chunks = chunked
             if bias is not None:
-                chunks = ((n0, with_bias(part, bias)) for n0, part in chunks)
+                chunks = ((n0, exact_with_bias(part, bias)) for n0, part in chunks)
             if rectify:  # each chunk is the backend's own buffer (or its biased copy), consumed by the rounding
                 chunks = ((n0, part.clamp_(min=0)) for n0, part in chunks)
             return requantize_chunks(n, chunks, reduce_max=reduce_max, bits=bits)
         exact, _ = self._EXACT_PRODUCTS[name](self, *shift_operands(args, (shifts[0], 0)))
         if bias is not None:
-            exact = with_bias(exact, bias)
+            exact = exact_with_bias(exact, bias)
         return exact_to_narrow(exact.clamp_(min=0) if rectify else exact, reduce_max, bits=bits)
+
+
+#: Largest magnitude up to which a float type holds every integer exactly.
+_EXACT_FLOAT = {torch.float32: 2**24, torch.float64: 2**53}
+
+
+def exact_with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``numeric.requant.with_bias`` for this backend's exact products, which may be integers held
+    in float32 or float64: in place in the float type when ``max|exact| + max|bias|`` is within
+    the integers it holds exactly (an aligned bias has at most 16 significant bits, so it is exact
+    there too), else in int64. In place, a 16-bit product requantised whole makes no int64 copy
+    (64 MiB at VGG-small-7's widest DFP16 layer, batch 64: ``python benchmarks/speed.py --model
+    vgg-small-7 --batch 64 --arith dfp16``, peak memory)."""
+    if not exact.is_floating_point():
+        return with_bias(exact, bias)
+    shape = (1, -1) + (1,) * (exact.dim() - 2)
+    if exact.numel():
+        low, high = torch.aminmax(exact)
+        if max(-int(low), int(high)) + int(bias.abs().max()) <= _EXACT_FLOAT[exact.dtype]:
+            return exact.add_(bias.to(exact.dtype).reshape(shape))
+    return exact.to(torch.int64).add_(bias.reshape(shape))
 
 
 def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
