@@ -181,8 +181,9 @@ BIAS_MAX_SHIFT = 40
 
 def add_bias(total: torch.Tensor, e: torch.Tensor, bias: torch.Tensor, bias_exp: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``total * 2**e + bias * 2**bias_exp`` as (int64 values, exponent), the bias ([C], |b| < 2**15)
-    broadcast along dimension 1 of the accumulator ``total`` (|total| < 2**61).
+    """``total * 2**e + bias * 2**bias_exp`` as (integer values, exponent), the bias ([C], |b| <
+    2**15) broadcast along dimension 1 of the accumulator ``total`` (|total| < 2**61); the values
+    are int64, or on CPU the accumulator's own type where the sum fits it (below).
 
     The sum is held at ``base = max(e, bias_exp - BIAS_MAX_SHIFT)``: the bias enters shifted left
     by ``bias_exp - base <= BIAS_MAX_SHIFT`` bits (exact) or, when it is finer than the
