@@ -273,14 +273,18 @@ def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: i
     return QTensor(values, e + shift)
 
 
-def with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """The integer tensor ``exact`` (any memory layout; consumed) plus the int64 [C] ``bias``
+def with_bias(exact: torch.Tensor, bias: torch.Tensor, room: int | None = None) -> torch.Tensor:
+    """The tensor of integers ``exact`` (any memory layout; consumed) plus the int64 [C] ``bias``
     along dimension 1, exactly: in place in ``exact``'s own type when ``max|exact| + max|bias|``
-    (one ``aminmax`` pass) fits it, else in int64 (|exact| < 2**61, |bias| < 2**55). The cpu
-    backend's exact products held in floats take ``kernels.cpu.backend.exact_with_bias``."""
+    (one ``aminmax`` pass) is at most ``room``, the largest magnitude that type holds exactly
+    (default: an integer type's maximum), else in int64 (|exact| < 2**61, |bias| < 2**55). The
+    cpu backend's exact products held in floats pass their room
+    (``kernels.cpu.backend.exact_with_bias``)."""
     shape = (1, -1) + (1,) * (exact.dim() - 2)
+    if room is None:
+        room = torch.iinfo(exact.dtype).max
     if exact.numel():
         low, high = torch.aminmax(exact)
-        if max(-int(low), int(high)) + int(bias.abs().max()) <= torch.iinfo(exact.dtype).max:
+        if max(-int(low), int(high)) + int(bias.abs().max()) <= room:
             return exact.add_(bias.to(exact.dtype).reshape(shape))
     return exact.to(torch.int64).add_(bias.reshape(shape))

@@ -585,14 +585,7 @@ def exact_with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     there too), else in int64. In place, a 16-bit product requantised whole makes no int64 copy
     (64 MiB at VGG-small-7's widest DFP16 layer, batch 64: ``python benchmarks/speed.py --model
     vgg-small-7 --batch 64 --arith dfp16``, peak memory)."""
-    if not exact.is_floating_point():
-        return with_bias(exact, bias)
-    shape = (1, -1) + (1,) * (exact.dim() - 2)
-    if exact.numel():
-        low, high = torch.aminmax(exact)
-        if max(-int(low), int(high)) + int(bias.abs().max()) <= _EXACT_FLOAT[exact.dtype]:
-            return exact.add_(bias.to(exact.dtype).reshape(shape))
-    return exact.to(torch.int64).add_(bias.reshape(shape))
+    return with_bias(exact, bias, _EXACT_FLOAT[exact.dtype] if exact.is_floating_point() else None)
 
 
 def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
