@@ -422,3 +422,78 @@ def test_a_bias_is_added_in_the_products_own_type_only_where_that_is_exact(dtype
         got = with_bias(exact.to(dtype), bias)
         assert got.dtype == (torch.int64 if widened else dtype)
         assert torch.equal(got.to(torch.int64), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16])
+@pytest.mark.parametrize("name, args", [
+    ("linear_forward", ((3, 40), (24, 40))),
+    ("linear_backward_input", ((3, 24), (24, 40))),
+    ("conv2d_forward", ((2, 5, 6, 6), (7, 5, 3, 3), (1, 1), (1, 1))),
+    ("conv2d_backward_input", ((2, 7, 6, 6), (7, 5, 3, 3), (6, 6), (1, 1), (1, 1))),
+])
+def test_the_cpu_backends_product_bound_is_the_largest_entry_full_scale_operands_of_one_sign_reach(dtype, name,
+                                                                                                    args):
+    """``product_bound`` from the operands' types and shapes alone: never below an entry of the
+    product (so the bias may be added in place without measuring), and reached by the entry that
+    sums the most terms when every operand is the type's minimum (-128 x -128, -32768 x -32768),
+    so it is no looser than it must be; output and input channels differ, so a bound counted over
+    the wrong dimension fails."""
+    from intrain.kernels.cpu.backend import product_bound
+
+    low = torch.iinfo(dtype).min
+    operand, weight = (torch.full(shape, low, dtype=dtype) for shape in args[:2])
+    exact = getattr(get_backend("reference"), name)(operand, weight, *args[2:])
+    assert int(exact.abs().max()) == product_bound(name, operand, weight)
+
+
+def test_a_bias_is_added_without_measuring_the_product_where_its_bound_leaves_room(monkeypatch):
+    """``with_bias`` given a ``bound`` that leaves room adds in place without the ``aminmax``
+    pass; given one that does not, it measures, and still adds in place where the measured
+    maximum leaves room (and widens where it does not): the same sums every way."""
+    from intrain.numeric import requant
+
+    bias = torch.tensor([5, -7, 1], dtype=torch.int64)
+    exact = torch.tensor([[100, -90, 0], [1, 2, 3]], dtype=torch.int64)
+    room = 110
+    measured = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(requant.torch, "aminmax", lambda t: measured.append(1) or real_aminmax(t))
+    for bound, measures, widened, top in ((room - 7, False, False, 100), (room, True, False, 100),
+                                          (room, True, True, room - 3)):
+        measured.clear()
+        values = exact.clone()
+        values[0, 0] = top
+        got = requant.with_bias(values.to(torch.float32), bias, room, bound)
+        assert bool(measured) == measures
+        assert got.dtype == (torch.int64 if widened else torch.float32)
+        assert torch.equal(got.to(torch.int64), values + bias)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(use_int8_gemm=True, int8_gemm_chunk_bytes=2**12), dict(use_int8_gemm=False, float_chunk_bytes=2**12),
+    dict(use_int8_gemm=False)], ids=["int8-gemm-chunks", "float-chunks", "whole"])
+@pytest.mark.parametrize("bits, shapes", [(8, ((6, 32, 12, 12), (32, 32, 3, 3))),
+                                          (16, ((5, 16, 10, 10), (16, 16, 3, 3)))])
+def test_the_fused_paths_add_a_bias_without_another_pass_over_the_product(monkeypatch, settings, bits, shapes):
+    """On the cpu backend's fused requantisations a bias costs no ``aminmax`` pass of its own
+    where the product's type bound leaves room (``product_bound``; here 288 int8 or 144 int16
+    terms): the biased product is measured exactly as often as the bias-free one."""
+    from intrain.kernels import CpuBackend, CpuSettings
+    from intrain.numeric.requant import aligned_bias, requantize_product
+
+    dtype = torch.int8 if bits == 8 else torch.int16
+    low, high = torch.iinfo(dtype).min, torch.iinfo(dtype).max
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randint(low, high + 1, shapes[0], generator=gen).to(dtype)
+    w = torch.randint(low, high + 1, shapes[1], generator=gen).to(dtype)
+    bias = aligned_bias(torch.full((shapes[1][0],), high, dtype=dtype), torch.tensor(-17), torch.tensor(-20))
+    passes = []
+    real_aminmax = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda t: passes.append(t.numel()) or real_aminmax(t))
+    counts = []
+    for with_bias in (None, bias):
+        passes.clear()
+        requantize_product(CpuBackend(CpuSettings(**settings)), "conv2d_forward", (x, w, (1, 1), (1, 1)),
+                           torch.tensor(-20), bits, bias=with_bias)
+        counts.append(len(passes))
+    assert counts[0] == counts[1]

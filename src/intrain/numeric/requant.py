@@ -273,18 +273,24 @@ def requantize_product(backend, name: str, args: tuple, e: torch.Tensor, bits: i
     return QTensor(values, e + shift)
 
 
-def with_bias(exact: torch.Tensor, bias: torch.Tensor, room: int | None = None) -> torch.Tensor:
+def with_bias(exact: torch.Tensor, bias: torch.Tensor, room: int | None = None,
+              bound: int | None = None) -> torch.Tensor:
     """The tensor of integers ``exact`` (any memory layout; consumed) plus the int64 [C] ``bias``
     along dimension 1, exactly: in place in ``exact``'s own type when ``max|exact| + max|bias|``
-    (one ``aminmax`` pass) is at most ``room``, the largest magnitude that type holds exactly
-    (default: an integer type's maximum), else in int64 (|exact| < 2**61, |bias| < 2**55). The
-    cpu backend's exact products held in floats pass their room
-    (``kernels.cpu.backend.exact_with_bias``)."""
+    is at most ``room``, the largest magnitude that type holds exactly (default: an integer type's
+    maximum), else in int64 (|exact| < 2**61, |bias| < 2**55). ``bound``, where given, is an upper
+    bound on ``max|exact|`` known without reading it (the cpu backend's, from its operands' types
+    and the terms each entry sums: ``kernels.cpu.backend.exact_with_bias``); where it leaves the
+    room the sum is made without the ``aminmax`` pass that measures ``max|exact|`` otherwise. The
+    cpu backend's exact products held in floats pass their room too."""
     shape = (1, -1) + (1,) * (exact.dim() - 2)
     if room is None:
         room = torch.iinfo(exact.dtype).max
     if exact.numel():
-        low, high = torch.aminmax(exact)
-        if max(-int(low), int(high)) + int(bias.abs().max()) <= room:
+        bias_max = int(bias.abs().max())
+        if bound is None or bound + bias_max > room:
+            low, high = torch.aminmax(exact)
+            bound = max(-int(low), int(high))
+        if bound + bias_max <= room:
             return exact.add_(bias.to(exact.dtype).reshape(shape))
     return exact.to(torch.int64).add_(bias.reshape(shape))

@@ -14,7 +14,7 @@ from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
-                                        no_nnpack, plan_blocks, static_f32_plan, static_f64_plan,
+                                        magnitude_limit, no_nnpack, plan_blocks, static_f32_plan, static_f64_plan,
                                         weight_l1, window_l1)
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
@@ -564,13 +564,14 @@ class CpuBackend(Backend):
         if chunked is not None:
             n, chunks = chunked
             if bias is not None:
-                chunks = ((n0, exact_with_bias(part, bias)) for n0, part in chunks)
+                bound = product_bound(name, *args[:2])
+                chunks = ((n0, exact_with_bias(part, bias, bound)) for n0, part in chunks)
             if rectify:  # each chunk is the backend's own buffer (or its biased copy), consumed by the rounding
                 chunks = ((n0, part.clamp_(min=0)) for n0, part in chunks)
             return requantize_chunks(n, chunks, reduce_max=reduce_max, bits=bits)
         exact, _ = self._EXACT_PRODUCTS[name](self, *shift_operands(args, (shifts[0], 0)))
         if bias is not None:
-            exact = exact_with_bias(exact, bias)
+            exact = exact_with_bias(exact, bias, product_bound(name, *args[:2]))
         return exact_to_narrow(exact.clamp_(min=0) if rectify else exact, reduce_max, bits=bits)
 
 
@@ -578,14 +579,29 @@ class CpuBackend(Backend):
 _EXACT_FLOAT = {torch.float32: 2**24, torch.float64: 2**53}
 
 
-def exact_with_bias(exact: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def product_bound(name: str, operand: torch.Tensor, weight: torch.Tensor) -> int:
+    """An upper bound on the magnitude of every entry of the product ``name`` (one of
+    ``_EXACT_PRODUCTS``) of the integer tensors ``operand`` and ``weight`` ([O, I] or
+    [O, C, kh, kw]), from their types alone: each entry sums at most ``terms`` products, each of
+    magnitude at most one type's ``magnitude_limit`` times the other's (-128 * -128 is the
+    largest int8 product; ``bounds.static_f32_plan`` bounds the float sums the same way), where a forward entry sums over all of one output channel's
+    weights (I, or C*kh*kw) and an input error's entry over at most all of one input channel's
+    (O, or O*kh*kw: fewer where the stride skips some). A headroom shift of ``operand`` only
+    lowers the true maximum."""
+    terms = weight.numel() // weight.shape[0 if name.endswith("forward") else 1]
+    return terms * magnitude_limit(operand.dtype) * magnitude_limit(weight.dtype)
+
+
+def exact_with_bias(exact: torch.Tensor, bias: torch.Tensor, bound: int | None = None) -> torch.Tensor:
     """``numeric.requant.with_bias`` for this backend's exact products, which may be integers held
     in float32 or float64: in place in the float type when ``max|exact| + max|bias|`` is within
     the integers it holds exactly (an aligned bias has at most 16 significant bits, so it is exact
-    there too), else in int64. In place, a 16-bit product requantised whole makes no int64 copy
-    (64 MiB at VGG-small-7's widest DFP16 layer, batch 64: ``python benchmarks/speed.py --model
-    vgg-small-7 --batch 64 --arith dfp16``, peak memory)."""
-    return with_bias(exact, bias, _EXACT_FLOAT[exact.dtype] if exact.is_floating_point() else None)
+    there too), else in int64; ``bound``: ``product_bound`` of the product, which spares the pass
+    that measures ``max|exact|`` wherever it leaves the room (every int8 product held in int32 or
+    in float32 up to 1,024 terms, every 16-bit one held in float64). In place, a 16-bit product
+    requantised whole makes no int64 copy (64 MiB at VGG-small-7's widest DFP16 layer, batch 64:
+    ``python benchmarks/speed.py --model vgg-small-7 --batch 64 --arith dfp16``, peak memory)."""
+    return with_bias(exact, bias, _EXACT_FLOAT[exact.dtype] if exact.is_floating_point() else None, bound)
 
 
 def exact_to_narrow(exact: torch.Tensor, reduce_max=None, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
