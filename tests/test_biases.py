@@ -348,10 +348,15 @@ def test_a_run_with_biases_resumes_bit_for_bit_and_evaluates_as_trained(tmp_path
     assert len(saved["sgd_update"]["master"]) == 2 * 3  # the MLP's three layers and their biases
 
 
-def test_recipes_give_dfp16_the_float_twins_biases_and_fashion_lenet5_int8_its_chosen_ones():
+def test_recipes_give_dfp16_the_float_twins_biases_and_fashion_lenet5_and_vgg_int8_their_chosen_ones():
     from intrain.run.recipes import default_recipe
 
-    assert default_recipe("fashion-mnist", "lenet5", "int8").options["biases"] == "on"
+    for model in ("lenet5", "vgg-small-7"):
+        assert default_recipe("fashion-mnist", model, "int8").options["biases"] == "on"
+    # VGG-small-7's int8 recipe trains 30 epochs, what float32's 20 cost on the CPU it was chosen on
+    assert [default_recipe("fashion-mnist", "vgg-small-7", arith).epochs for arith in ("int8", "float", "dfp16")] \
+        == [30, 20, 20]
+    assert default_recipe("fashion-mnist", "lenet5", "int8").epochs == 20
     assert "biases" not in default_recipe("mnist", "lenet5", "int8").options  # NITI's update: none
     for model in ("mlp", "lenet5", "vgg-small-7", "alexnet"):
         assert default_recipe("fashion-mnist", model, "dfp16").options["biases"] == "on"

@@ -176,10 +176,11 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
     saved = dataclasses.asdict(saved)
     assert "relu_scale" not in saved["options"]
     assert TrainConfig.from_dict(saved).resolved().options["relu_scale"] == "magnitude"
-    # VGG-small-7 on Fashion-MNIST: SGD at the int8 batch with the float rate scaled to it
+    # VGG-small-7 on Fashion-MNIST: SGD at the int8 batch with the float rate scaled to it, biases,
+    # and 30 epochs (about the float twin's cost of 20: recipes._INT8_EPOCHS)
     resolved = TrainConfig(dataset="fashion-mnist", model="vgg-small-7").resolved()
     assert (resolved.options["update"], resolved.options["lr"], resolved.batch_size) == ("sgd", 0.1, 128)
-    assert (resolved.options["error_rounding"], resolved.epochs) == ("stochastic", 20)
+    assert (resolved.options["error_rounding"], resolved.options["biases"], resolved.epochs) == ("stochastic", "on", 30)
 
 
 def test_a_log_file_gets_a_progress_line_during_long_epochs(tmp_path, capsys, monkeypatch):
