@@ -14,8 +14,8 @@ from intrain.kernels import reference as _ref
 from intrain.kernels.base import Backend
 from intrain.kernels.cpu.calibrate import int8_gemm_pays
 from intrain.kernels.cpu.bounds import (Bounds, FloatLimits, L1Bound, absmax, accumulate,
-                                        magnitude_limit, no_nnpack, plan_blocks, static_f32_plan, static_f64_plan,
-                                        weight_l1, window_l1)
+                                        no_nnpack, plan_blocks, static_bound, static_f32_plan,
+                                        static_f64_plan, weight_l1, window_l1)
 from intrain.kernels.cpu.settings import CpuSettings
 from intrain.kernels.cpu.weight_grad import float_weight_grad
 from intrain.kernels.im2col import IntPair, stack_sample_chunks, weight_grad_dtype
@@ -582,14 +582,12 @@ _EXACT_FLOAT = {torch.float32: 2**24, torch.float64: 2**53}
 def product_bound(name: str, operand: torch.Tensor, weight: torch.Tensor) -> int:
     """An upper bound on the magnitude of every entry of the product ``name`` (one of
     ``_EXACT_PRODUCTS``) of the integer tensors ``operand`` and ``weight`` ([O, I] or
-    [O, C, kh, kw]), from their types alone: each entry sums at most ``terms`` products, each of
-    magnitude at most one type's ``magnitude_limit`` times the other's (-128 * -128 is the
-    largest int8 product; ``bounds.static_f32_plan`` bounds the float sums the same way), where a forward entry sums over all of one output channel's
-    weights (I, or C*kh*kw) and an input error's entry over at most all of one input channel's
-    (O, or O*kh*kw: fewer where the stride skips some). A headroom shift of ``operand`` only
-    lowers the true maximum."""
+    [O, C, kh, kw]), from their types alone (``bounds.static_bound``): a forward entry sums over
+    all of one output channel's weights (I, or C*kh*kw terms), an input error's entry over at
+    most all of one input channel's (O, or O*kh*kw: fewer where the stride skips some). A headroom
+    shift of ``operand`` only lowers the true maximum."""
     terms = weight.numel() // weight.shape[0 if name.endswith("forward") else 1]
-    return terms * magnitude_limit(operand.dtype) * magnitude_limit(weight.dtype)
+    return static_bound(operand.dtype, weight.dtype, terms)
 
 
 def exact_with_bias(exact: torch.Tensor, bias: torch.Tensor, bound: int | None = None) -> torch.Tensor:

@@ -108,13 +108,19 @@ def magnitude_limit(dtype: torch.dtype) -> int:
     return -torch.iinfo(dtype).min
 
 
+def static_bound(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int) -> int:
+    """``max|a| max|b| terms`` from the integer dtypes alone: the most any sum of ``terms``
+    products of such operands can reach in magnitude (int8 x int8: ``128 * 128 * terms``)."""
+    return magnitude_limit(a_dtype) * magnitude_limit(b_dtype) * terms
+
+
 def static_f32_plan(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int, limits: FloatLimits) -> int | None:
     """The bound ``S <= max|a| max|b| terms`` from the dtypes alone when it is small enough for one
     float32 product (and float32 products are strict), else None. It needs no pass over the
     operands: at int8 x int8, ``128 * 128 * terms <= 2**24`` for every reduction of up to 1,024
     terms, so an MLP's or LeNet-5's products skip the two maxima a data-dependent plan reads
     (``python benchmarks/native_speed.py``, BENCHMARKS.md)."""
-    bound = magnitude_limit(a_dtype) * magnitude_limit(b_dtype) * terms
+    bound = static_bound(a_dtype, b_dtype, terms)
     return bound if bound <= limits.float32 and fp32_is_strict() else None
 
 
@@ -127,7 +133,7 @@ def static_f64_plan(a_dtype: torch.dtype, b_dtype: torch.dtype, terms: int, limi
     lenet5 --batch 64 --arith dfp16``, BENCHMARKS.md)."""
     if torch.int16 not in (a_dtype, b_dtype):
         return None
-    bound = magnitude_limit(a_dtype) * magnitude_limit(b_dtype) * terms
+    bound = static_bound(a_dtype, b_dtype, terms)
     return bound if bound <= limits.float64 else None
 
 
