@@ -123,6 +123,33 @@ def test_a_lock_is_taken_even_when_the_probe_passed(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in run.iterdir()) == [".intrain.lock"]
 
 
+def test_a_run_that_starts_between_the_probes_is_named_as_busy(tmp_path, monkeypatch, capsys):
+    """The race CI once met in ``test_two_runs_into_one_folder_at_once``: the folder is free at the
+    first probe; another run locks it and writes its manifest before we look for a run's files.
+    That is a run in progress, to be named (pid), not "already holds a run: pass --overwrite"."""
+    run = tmp_path / "run"
+    run.mkdir()
+    from intrain.run import files
+
+    held = []
+    check_creatable = files.check_creatable
+
+    def another_run_starts(*args, **kwargs):
+        check_creatable(*args, **kwargs)
+        held.append(lock.acquire(run, "intrain train"))
+        files.record_files(run, "config.json")
+
+    monkeypatch.setattr(files, "check_creatable", another_run_starts)
+    try:
+        assert main([*SMALL, "--out", str(run)]) == 2
+    finally:
+        for h in held:
+            h.release()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"pid {os.getpid()}" in err and "in use by intrain train" in err
+    assert sorted(p.name for p in run.iterdir()) == sorted([".intrain.lock", MANIFEST_NAME])
+
+
 def test_stale_lock_of_a_killed_run_does_not_block_resume(tmp_path):
     """SIGKILL leaves the lock file (naming the dead process) but not the lock: --resume proceeds."""
     run = tmp_path / "run"
