@@ -150,6 +150,30 @@ def test_a_run_that_starts_between_the_probes_is_named_as_busy(tmp_path, monkeyp
     assert sorted(p.name for p in run.iterdir()) == sorted([".intrain.lock", MANIFEST_NAME])
 
 
+def test_a_holder_found_before_it_wrote_its_details_is_still_named(tmp_path, monkeypatch):
+    """A holder writes its pid just after it takes the lock; a probe that lands in between reads
+    the file again rather than reporting "details not recorded" (here the details appear while
+    the probe pauses)."""
+    import fcntl
+
+    run = tmp_path / "run"
+    run.mkdir()
+    fd = os.open(lock.lock_path(run), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # held, nothing written yet
+    pauses = []
+
+    def holder_writes_meanwhile(seconds):
+        pauses.append(seconds)
+        os.pwrite(fd, json.dumps({"pid": 4242, "host": "h", "started": 0, "command": "intrain train"}).encode(), 0)
+
+    monkeypatch.setattr(lock.time, "sleep", holder_writes_meanwhile)
+    try:
+        assert "intrain train (pid 4242 on h" in lock.holder(run)
+    finally:
+        os.close(fd)
+    assert len(pauses) == 1
+
+
 def test_stale_lock_of_a_killed_run_does_not_block_resume(tmp_path):
     """SIGKILL leaves the lock file (naming the dead process) but not the lock: --resume proceeds."""
     run = tmp_path / "run"

@@ -48,13 +48,18 @@ def lock_path(run_dir) -> Path:
 
 
 def _describe(path: Path) -> str:
-    """The holder recorded in the lock file, for messages."""
-    try:
-        info = json.loads(path.read_text())
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
-        return f"{info['command']} (pid {int(info['pid'])} on {info['host']}, since {when})"
-    except (OSError, ValueError, KeyError, TypeError):  # being written, or not ours
-        return "another intrain command (its details are not recorded yet)"
+    """The holder recorded in the lock file, for messages. A holder writes its details just after
+    it takes the lock, so a file found empty or half-written is read again a few times
+    (``_TRIES``, ``_PAUSE_S``) before it is reported as unrecorded."""
+    for attempt in range(_TRIES):
+        try:
+            info = json.loads(path.read_text())
+            when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(info["started"])))
+            return f"{info['command']} (pid {int(info['pid'])} on {info['host']}, since {when})"
+        except (OSError, ValueError, KeyError, TypeError):  # being written, or not ours
+            if attempt + 1 < _TRIES:
+                time.sleep(_PAUSE_S)
+    return "another intrain command (its details are not recorded yet)"
 
 
 def holder(run_dir) -> str | None:
