@@ -123,23 +123,24 @@ def test_a_lock_is_taken_even_when_the_probe_passed(tmp_path, monkeypatch, capsy
     assert sorted(p.name for p in run.iterdir()) == [".intrain.lock"]
 
 
-def test_a_run_that_starts_between_the_probes_is_named_as_busy(tmp_path, monkeypatch, capsys):
-    """The race CI once met in ``test_two_runs_into_one_folder_at_once``: the folder is free at the
-    first probe; another run locks it and writes its manifest before we look for a run's files.
+def test_a_run_that_starts_during_the_checks_is_named_as_busy(tmp_path, monkeypatch, capsys):
+    """The race CI once met in ``test_two_runs_into_one_folder_at_once``: the folder is free when
+    the checks begin; another run locks it and writes its manifest before we look for a run's files.
     That is a run in progress, to be named (pid), not "already holds a run: pass --overwrite"."""
     run = tmp_path / "run"
     run.mkdir()
     from intrain.run import files
 
     held = []
-    check_creatable = files.check_creatable
+    holds_run = files.holds_run
 
-    def another_run_starts(*args, **kwargs):
-        check_creatable(*args, **kwargs)
-        held.append(lock.acquire(run, "intrain train"))
-        files.record_files(run, "config.json")
+    def another_run_starts(path):  # just before we look: it locks, then writes its manifest
+        if not held:
+            held.append(lock.acquire(run, "intrain train"))
+            files.record_files(run, "config.json")
+        return holds_run(path)
 
-    monkeypatch.setattr(files, "check_creatable", another_run_starts)
+    monkeypatch.setattr(files, "holds_run", another_run_starts)
     try:
         assert main([*SMALL, "--out", str(run)]) == 2
     finally:

@@ -298,13 +298,6 @@ def _read_only_fs(path: Path) -> bool:
         return False
 
 
-def _refuse_if_busy(path: Path) -> None:
-    busy = run_lock.holder(path) if path.is_dir() else None
-    if busy is not None:
-        raise run_lock.RunFolderBusy(f"output directory {path} is in use by {busy}: wait for it to finish "
-                                     "or stop it, or choose another --out")
-
-
 def check_out(out: str | None, overwrite: bool) -> Path | None:
     """The explicit output directory, checked; ``None`` when the default is to be picked. Writes
     nothing."""
@@ -312,13 +305,16 @@ def check_out(out: str | None, overwrite: bool) -> Path | None:
         check_creatable(Path("runs"), "the default run folder", "pass --out DIR for a writable DIR")
         return None
     path = Path(out)
-    _refuse_if_busy(path)
     check_creatable(path, "output directory", "choose another --out")
-    if path.is_dir() and holds_run(path) and not overwrite:
-        # A command that began after the probe above may have locked the folder and written its
-        # manifest since (it locks before its first write): ask again, so that a run in progress
-        # is named as such and not offered to --overwrite.
-        _refuse_if_busy(path)
+    # The run's files are looked for before the lock is probed: a command locks a folder before
+    # its first write there, so files found from a run still in progress always meet its lock,
+    # and such a run is named as busy, never offered to --overwrite.
+    has_run = path.is_dir() and holds_run(path)
+    busy = run_lock.holder(path) if path.is_dir() else None
+    if busy is not None:
+        raise run_lock.RunFolderBusy(f"output directory {path} is in use by {busy}: wait for it to finish "
+                                     "or stop it, or choose another --out")
+    if has_run and not overwrite:
         raise ConfigError(f"output directory {path} already holds a run: pass --overwrite to replace it "
                           "or choose another --out")
     if path.is_dir() and overwrite:
