@@ -220,10 +220,10 @@ def test_float_masters_become_dfp16_weights_with_the_largest_at_full_scale():
 
 
 def _model_and_method(master: str, accumulator: str = "int32-chunked", backend: str = "reference",
-                      optimizer: str = "sgd"):
+                      optimizer: str = "sgd", weight_decay: float | None = None):
     lr = 0.003 if optimizer == "adamw" else 0.05
     options = Dfp16Options(lr=lr, dfp16_master=master, dfp16_accumulator=accumulator, backend=backend,
-                           optimizer=optimizer)
+                           optimizer=optimizer, weight_decay=weight_decay)
     model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
     return model, Dfp16(model, options, seed=0, total_steps=50)
 
@@ -234,19 +234,39 @@ def _batch(n=16):
     return Dfp16.network_input(x), torch.randint(0, 10, (n,), generator=gen)
 
 
-def test_int32_masters_follow_the_float32_masters():
+@pytest.mark.parametrize("weight_decay", [None, 0.05])
+def test_int32_masters_follow_the_float32_masters(weight_decay):
     """Three steps from the same weights: the integer-only update lands where float32 SGD does
-    (relative to the layer's largest weight, within a few units of float32's rounding)."""
+    (relative to the layer's largest weight, within a few units of float32's rounding), with the
+    float twin's weight decay or ``--weight-decay``'s."""
     x, y = _batch()
     steps = {}
     for master in ("int32", "fp32"):
-        model, method = _model_and_method(master, backend="cpu")
+        model, method = _model_and_method(master, backend="cpu", weight_decay=weight_decay)
         for step in range(3):  # same gradients at step 0; the later ones differ by rounding only
             method.train_step(x, y, step, 0)
         steps[master] = method.update
     for (v, e), f in zip(steps["int32"].state_dict()["master"], steps["fp32"].state_dict()["master"]):
         as_float = torch.ldexp(v.to(torch.float64), e.to(torch.float64))
         assert (as_float - f.to(torch.float64)).abs().max() <= 1e-4 * f.abs().max()
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+@pytest.mark.parametrize("master", ["int32", "fp32"])
+def test_weight_decay_is_the_float_twins_unless_given(master, optimizer):
+    """Both masters and both optimisers take ``--weight-decay`` where given, else the float twin's
+    5e-4 (the update's decay factor: a fixed-point scalar, a rational, or torch's group setting)."""
+    from intrain.methods.sgd_fixed import fixed
+
+    for given, decay in ((None, 5e-4), (0.0, 0.0), (0.003, 0.003)):
+        _, method = _model_and_method(master, optimizer=optimizer, weight_decay=given)
+        update = method.update
+        if master == "fp32":
+            assert update.optimizer.param_groups[0]["weight_decay"] == decay
+        elif optimizer == "sgd":
+            assert update.decay == fixed(*decay.as_integer_ratio())
+        else:
+            assert update.decay == decay.as_integer_ratio()
 
 
 def test_int32_adamw_masters_follow_the_float32_ones_element_by_element():

@@ -166,22 +166,26 @@ def _batch(n=12, seed=1):
     return x, torch.randint(0, 10, (n,), generator=gen)
 
 
-def _adamw_trainer(total_steps, lr, backend="auto"):
-    options = NitiOptions(update="adamw", lr=lr, weight_average="none", error_rounding="stochastic", backend=backend)
+def _adamw_trainer(total_steps, lr, backend="auto", weight_decay=None):
+    options = NitiOptions(update="adamw", lr=lr, weight_average="none", error_rounding="stochastic", backend=backend,
+                          weight_decay=weight_decay)
     model = Niti.build_model(options, "lenet5", (1, 28, 28), 10, seed=2, width=0.5, device="cpu")
     return model, Niti(model, options, seed=4, total_steps=total_steps)
 
 
-def test_the_adamw_update_is_pytorchs_adamw_on_the_exact_mean_gradients():
+@pytest.mark.parametrize("weight_decay", [None, 0.1])
+def test_the_adamw_update_is_pytorchs_adamw_on_the_exact_mean_gradients(weight_decay):
     """20 steps (warm-up, then cosine) of LeNet-5 against torch.optim.AdamW in float64 given the
-    integer gradients each step received: every master within 2**-11 of how far the layer moved,
-    and each int8 weight the master rounded to nearest with its own exponent."""
+    integer gradients each step received, with the float twin's weight decay or ``--weight-decay``'s:
+    every master within 2**-11 of how far the layer moved, and each int8 weight the master rounded
+    to nearest with its own exponent."""
     lr, total, steps = 0.01, 50, 20
-    model, trainer = _adamw_trainer(total, lr)
+    model, trainer = _adamw_trainer(total, lr, weight_decay=weight_decay)
     layers = weighted_layers(model)
     start = [torch.ldexp(m.v.double(), m.e.double()) for m in trainer.twin.master]
     reference = [w.clone().requires_grad_() for w in start]
-    optimizer = torch.optim.AdamW(reference, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(reference, lr=lr, betas=ADAMW_BETAS, eps=ADAMW_EPS,
+                                  weight_decay=WEIGHT_DECAY if weight_decay is None else weight_decay)
     grads = {}
     record_mean_gradients(trainer.twin, layers, grads)
     for step in range(steps):

@@ -24,8 +24,9 @@ def _batch(n=12, seed=1):
     return x, torch.randint(0, 10, (n,), generator=gen)
 
 
-def _sgd_trainer(total_steps=10, lr=0.5):
-    options = NitiOptions(update="sgd", lr=lr, weight_average="none", error_rounding="stochastic")
+def _sgd_trainer(total_steps=10, lr=0.5, weight_decay=None):
+    options = NitiOptions(update="sgd", lr=lr, weight_average="none", error_rounding="stochastic",
+                          weight_decay=weight_decay)
     model = Niti.build_model(options, "lenet5", (1, 28, 28), 10, seed=2, width=0.5, device="cpu")
     return model, Niti(model, options, seed=4, total_steps=total_steps)
 
@@ -48,13 +49,15 @@ def test_an_sgd_step_rounds_each_int32_master_to_the_int8_weight_with_its_own_ex
     assert moved_exponent
 
 
-def test_the_sgd_update_is_the_float_recipe_of_the_exact_mean_gradient():
+@pytest.mark.parametrize("weight_decay", [None, 0.0, 0.02])
+def test_the_sgd_update_is_the_float_recipe_of_the_exact_mean_gradient(weight_decay):
     """Against float64 arithmetic on the integer gradients the update received in ``train_step``:
-    SGD with Nesterov momentum and weight decay on the mean over the batch, within the update's
-    31-bit roundings."""
+    SGD with Nesterov momentum and weight decay (the float twin's unless ``--weight-decay`` gives
+    one; biases have none) on the mean over the batch, within the update's 31-bit roundings."""
     from intrain.methods.float_twin import MOMENTUM, WEIGHT_DECAY
 
-    model, trainer = _sgd_trainer(total_steps=100, lr=0.25)
+    decay = WEIGHT_DECAY if weight_decay is None else weight_decay
+    model, trainer = _sgd_trainer(total_steps=100, lr=0.25, weight_decay=weight_decay)
     x, y = _batch(n=10)
     layers = weighted_layers(model)
     masters = [torch.ldexp(m.v.double(), m.e.double()) for m in trainer.twin.master]
@@ -75,7 +78,7 @@ def test_the_sgd_update_is_the_float_recipe_of_the_exact_mean_gradient():
         assert sorted(grads) == list(range(len(layers)))
         lr = 0.25 * (step + 1) / trainer.twin.warmup  # in the warm-up
         for i, g in grads.items():
-            g = g / 10 + WEIGHT_DECAY * masters[i]
+            g = g / 10 + decay * masters[i]
             velocity[i] = MOMENTUM * velocity[i] + g
             masters[i] = masters[i] - lr * (g + MOMENTUM * velocity[i])
     for expected, master in zip(masters, trainer.twin.master):
@@ -115,6 +118,8 @@ def test_a_config_saved_before_the_sgd_update_existed_reads_as_nitis():
     (["train", "--update", "sgd", "--lr", "0"], "--lr"),
     (["train", "--update", "adam"], "--update"),
     (["train", "--update", "niti", "--lr", "0.1"], "--lr sets the learning rate of --update sgd"),
+    (["train", "--update", "niti", "--weight-decay", "0.001"], "--weight-decay sets the weight decay of --update sgd"),
+    (["train", "--update", "sgd", "--weight-decay", "-0.001"], "--weight-decay: expected a number >= 0"),
     (["train", "--arith", "float", "--update", "sgd"], "--update does not apply to --arith float"),
 ])
 def test_options_of_the_other_update_are_refused(argv, words, capsys, tmp_path, monkeypatch):

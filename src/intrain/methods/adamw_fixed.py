@@ -2,7 +2,7 @@
 
 The float twin with ``optimizer="adamw"`` (the recurrent models' recipe, ``methods.float_twin``)
 runs PyTorch's AdamW: betas ``b1, b2 = ADAMW_BETAS`` (0.9, 0.999), ``eps = ADAMW_EPS`` (1e-8),
-decoupled weight decay ``WEIGHT_DECAY`` (``wd``; 0 for biases, ``sgd_fixed.decays``), with the
+decoupled weight decay ``--weight-decay`` (``wd``, the float twin's ``WEIGHT_DECAY`` unless given; 0 for biases, ``sgd_fixed.decays``), with the
 twin's warm-up and cosine schedule ``lr_t``. Per weighted layer,
 at global step ``s`` (``t = s + 1`` steps so far):
 
@@ -171,10 +171,11 @@ def quotient(second: torch.Tensor, first: torch.Tensor, root: int, shift: int, e
 
 class AdamWUpdate:
     """The integer-only AdamW update of every weighted layer of ``model`` (module docstring), with
-    peak learning rate ``lr`` (a positive float, read as its exact rational)."""
+    peak learning rate ``lr`` and weight decay ``weight_decay`` (floats, read as their exact
+    rationals; the float twin's ``WEIGHT_DECAY`` unless given)."""
 
     def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int,
-                 collective: Collective = LOCAL) -> None:
+                 collective: Collective = LOCAL, weight_decay: float = WEIGHT_DECAY) -> None:
         self.layers = weighted_layers(model)
         self.collective = collective
         self.fmt = fmt
@@ -187,7 +188,7 @@ class AdamWUpdate:
         self.second_keep = fixed(*self.beta2)
         self.second_take = fixed(self.beta2[1] - self.beta2[0], self.beta2[1])
         self.eps = ADAMW_EPS.as_integer_ratio()
-        self.decay = WEIGHT_DECAY.as_integer_ratio()
+        self.decay = float(weight_decay).as_integer_ratio()
         self.master = [wide.from_values(layer.weight, layer.weight_exp) for layer in self.layers]
         self.first = [QTensor(torch.zeros_like(m.v), torch.zeros_like(m.e)) for m in self.master]
         self.second = [(torch.zeros_like(m.v, dtype=torch.int64), 0) for m in self.master]

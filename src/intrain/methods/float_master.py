@@ -3,7 +3,7 @@
 Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
 optimiser itself (``optimizer="sgd"``: ``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``;
 ``"adamw"``: ``torch.optim.AdamW`` with ``ADAMW_BETAS`` and ``ADAMW_EPS``; weight decay
-``WEIGHT_DECAY`` on weight matrices and kernels, none on biases, as in the float twin, learning
+``--weight-decay``, the float twin's ``WEIGHT_DECAY`` unless given, on weight matrices and kernels, none on biases, as in the float twin, learning
 rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
 gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
 and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
@@ -39,7 +39,7 @@ class FloatMaster:
     ``optimizer`` (see the module docstring)."""
 
     def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int,
-                 optimizer: str = "sgd") -> None:
+                 optimizer: str = "sgd", weight_decay: float = WEIGHT_DECAY) -> None:
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         self.layers = weighted_layers(model)
@@ -55,10 +55,10 @@ class FloatMaster:
         groups = [group for group in groups if group["params"]]
         if optimizer == "adamw":
             self.optimizer = torch.optim.AdamW(groups, lr=self.lr_at(0), betas=ADAMW_BETAS, eps=ADAMW_EPS,
-                                               weight_decay=WEIGHT_DECAY)
+                                               weight_decay=weight_decay)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=self.lr_at(0), momentum=MOMENTUM, nesterov=True,
-                                             weight_decay=WEIGHT_DECAY)
+                                             weight_decay=weight_decay)
 
     def lr_at(self, step: int) -> float:
         return lr_at(step, base_lr=self.base_lr, total_steps=self.total_steps, warmup_steps=self.warmup)

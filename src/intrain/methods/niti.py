@@ -42,11 +42,11 @@ import torch
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext
 from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
-from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, option, positive_float
+from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, nonnegative_float, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.sgd_fixed import usable_rate
-from intrain.methods.twin_updates import TWIN_UPDATES
+from intrain.methods.twin_updates import TWIN_UPDATES, WEIGHT_DECAY, twin_weight_decay
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, RELU_SCALES, NumberFormat
@@ -63,7 +63,7 @@ UPDATES = ("niti", *TWIN_UPDATES)
 #: updates'; ``Niti.make_options`` drops the recipe's values of the other update's options.
 NITI_UPDATE_OPTIONS = {"mu_schedule": None, "weight_bits": 8, "weight_decay_shift": None, "core_update": "niti",
                        "core_mu_schedule": None}
-TWIN_UPDATE_OPTIONS = {"lr": None, "biases": "off"}
+TWIN_UPDATE_OPTIONS = {"lr": None, "weight_decay": None, "biases": "off"}
 
 
 def parse_mu_schedule(text: str) -> str:
@@ -84,6 +84,10 @@ class NitiOptions:
     lr: float | None = option(
         help="--update sgd or adamw: peak learning rate (default: from the recipe, the float twin's; for adamw "
              "only on data sets whose float recipe is AdamW)", parse=positive_float, metavar="LR")
+    weight_decay: float | None = option(
+        help="weight decay of the weight matrices and kernels, not of biases (int8: --update sgd or adamw; NITI's "
+             f"update takes --weight-decay-shift) (default: from the recipe, else the float twin's {WEIGHT_DECAY})",
+        parse=nonnegative_float, metavar="WD")
     mu_schedule: str | None = option(
         help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "
              "its int8 weight by 2**mu steps, with or without int16 masters (with them a negative mu makes "
@@ -162,6 +166,9 @@ class Niti(Method):
         if options.update in TWIN_UPDATES:
             cls._check_twin_options(options)
             return
+        if options.weight_decay is not None:
+            raise MethodOptionError("--weight-decay sets the weight decay of --update sgd or adamw: NITI's update "
+                                    "takes --weight-decay-shift; leave it out or add --update sgd or adamw")
         if options.lr is not None:
             raise MethodOptionError("--lr sets the learning rate of --update sgd or adamw: NITI's update has none "
                                     "(its step size is --mu-schedule); leave it out or add --update sgd or adamw")
@@ -235,7 +242,8 @@ class Niti(Method):
         self.fmt = options.fmt
         self.average = WeightAverage(model) if options.weight_average != "none" else None
         if options.update in TWIN_UPDATES:
-            self.twin = TWIN_UPDATES[options.update](model, self.fmt, options.lr, total_steps, collective)
+            self.twin = TWIN_UPDATES[options.update](model, self.fmt, options.lr, total_steps, collective,
+                                                     weight_decay=twin_weight_decay(options.weight_decay))
             return
         self.twin = None
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)

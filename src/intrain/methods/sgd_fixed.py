@@ -25,7 +25,7 @@ and their int64 sum (``Collective.sum``: exact, order-free) is the whole batch's
 bit; the update then runs on it identically in every process.
 
 Where the factors come from: the hyper-parameters are the float twin's numbers (``--lr``,
-``MOMENTUM``, ``WEIGHT_DECAY``), read once when the update is built as the exact rationals their
+``MOMENTUM``, ``--weight-decay``: ``WEIGHT_DECAY`` unless given), read once when the update is built as the exact rationals their
 binary64 values are (``as_integer_ratio``); the learning rate of step ``s`` is an exact rational
 times the schedule, whose cosine is computed with Python integers (``cos_pi``: a Taylor series in
 fixed point with ``COS_BITS`` fraction bits, error below ``2**-55``), and the warm-up length is
@@ -132,10 +132,11 @@ def store_rounded(layer, master: QTensor, bits: int) -> None:
 
 class FixedPointSgd:
     """The integer-only SGD update of every weighted layer of ``model`` (see the module
-    docstring), with peak learning rate ``lr`` (a positive float, read as its exact rational)."""
+    docstring), with peak learning rate ``lr`` and weight decay ``weight_decay`` (floats, read as
+    their exact rationals; the float twin's ``WEIGHT_DECAY`` unless given)."""
 
     def __init__(self, model: torch.nn.Module, fmt: NumberFormat, lr: float, total_steps: int,
-                 collective: Collective = LOCAL) -> None:
+                 collective: Collective = LOCAL, weight_decay: float = WEIGHT_DECAY) -> None:
         self.layers = weighted_layers(model)
         self.collective = collective
         self.fmt = fmt
@@ -143,7 +144,7 @@ class FixedPointSgd:
         self.total_steps = total_steps
         self.warmup = warmup_length(total_steps)
         self.momentum = fixed(*MOMENTUM.as_integer_ratio())
-        self.decay = fixed(*WEIGHT_DECAY.as_integer_ratio())
+        self.decay = fixed(*float(weight_decay).as_integer_ratio())
         self.master = [wide.from_values(layer.weight, layer.weight_exp) for layer in self.layers]
         self.velocity = [QTensor(torch.zeros_like(m.v), torch.zeros_like(m.e)) for m in self.master]
 
