@@ -60,7 +60,7 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--weight-decay-shift", "x"], "--weight-decay-shift"),
     (["train", "--arith", "float", "--weight-decay", "-1"], "--weight-decay"),
     (["train", "--arith", "float", "--weight-decay-shift", "12"], "--weight-decay-shift does not apply to --arith float"),
-    (["train", "--weight-decay", "0"], "--weight-decay does not apply to --arith int8"),
+    (["train", "--weight-decay", "0"], "--weight-decay sets the weight decay of --update sgd or adamw"),
     # an option of one method given to another (issue 10): the flag and the method are named
     (["train", "--lr", "0.1"], "--lr sets the learning rate of --update sgd"),
     (["train", "--arith", "float", "--mu-schedule", "0:5"], "--mu-schedule does not apply to --arith float"),
