@@ -188,7 +188,7 @@ class AdamWUpdate:
         self.second_keep = fixed(*self.beta2)
         self.second_take = fixed(self.beta2[1] - self.beta2[0], self.beta2[1])
         self.eps = ADAMW_EPS.as_integer_ratio()
-        self.decay = float(weight_decay).as_integer_ratio()
+        self.decay = weight_decay.as_integer_ratio()
         self.master = [wide.from_values(layer.weight, layer.weight_exp) for layer in self.layers]
         self.first = [QTensor(torch.zeros_like(m.v), torch.zeros_like(m.e)) for m in self.master]
         self.second = [(torch.zeros_like(m.v, dtype=torch.int64), 0) for m in self.master]

@@ -144,7 +144,7 @@ class FixedPointSgd:
         self.total_steps = total_steps
         self.warmup = warmup_length(total_steps)
         self.momentum = fixed(*MOMENTUM.as_integer_ratio())
-        self.decay = fixed(*float(weight_decay).as_integer_ratio())
+        self.decay = fixed(*weight_decay.as_integer_ratio())
         self.master = [wide.from_values(layer.weight, layer.weight_exp) for layer in self.layers]
         self.velocity = [QTensor(torch.zeros_like(m.v), torch.zeros_like(m.e)) for m in self.master]
 
