@@ -222,8 +222,9 @@ def test_float_masters_become_dfp16_weights_with_the_largest_at_full_scale():
 def _model_and_method(master: str, accumulator: str = "int32-chunked", backend: str = "reference",
                       optimizer: str = "sgd", weight_decay: float | None = None):
     lr = 0.003 if optimizer == "adamw" else 0.05
+    decay = {} if weight_decay is None else {"weight_decay": weight_decay}
     options = Dfp16Options(lr=lr, dfp16_master=master, dfp16_accumulator=accumulator, backend=backend,
-                           optimizer=optimizer, weight_decay=weight_decay)
+                           optimizer=optimizer, **decay)
     model = Dfp16.build_model(options, "lenet5", (1, 28, 28), 10, seed=0, width=1.0, device="cpu")
     return model, Dfp16(model, options, seed=0, total_steps=50)
 

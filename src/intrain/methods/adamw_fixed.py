@@ -2,8 +2,8 @@
 
 The float twin with ``optimizer="adamw"`` (the recurrent models' recipe, ``methods.float_twin``)
 runs PyTorch's AdamW: betas ``b1, b2 = ADAMW_BETAS`` (0.9, 0.999), ``eps = ADAMW_EPS`` (1e-8),
-decoupled weight decay ``--weight-decay`` (``wd``, the float twin's ``WEIGHT_DECAY`` unless given; 0 for biases, ``sgd_fixed.decays``), with the
-twin's warm-up and cosine schedule ``lr_t``. Per weighted layer,
+decoupled weight decay ``--weight-decay`` (``wd``, the float twin's ``WEIGHT_DECAY`` unless
+given; 0 for biases, ``sgd_fixed.decays``), with the twin's warm-up and cosine schedule ``lr_t``. Per weighted layer,
 at global step ``s`` (``t = s + 1`` steps so far):
 
     W = W - lr_t * wd * W

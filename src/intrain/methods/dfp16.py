@@ -40,10 +40,10 @@ from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, nonnegative_float, option, positive_float
 from intrain.methods.float_master import FloatMaster
-from intrain.methods.float_twin import OPTIMIZERS
+from intrain.methods.float_twin import OPTIMIZERS, WEIGHT_DECAY
 from intrain.methods.loss import cross_entropy_grad
 from intrain.methods.sgd_fixed import usable_rate
-from intrain.methods.twin_updates import TWIN_UPDATES, WEIGHT_DECAY, twin_weight_decay
+from intrain.methods.twin_updates import TWIN_UPDATES
 from intrain.models import build_int_model
 from intrain.numeric.formats import ACCUMULATORS, DFP16, ERROR_ROUNDINGS, NumberFormat
 from intrain.numeric.qtensor import QTensor
@@ -76,9 +76,8 @@ class Dfp16Options:
     optimizer: str = option("sgd", help="the float twin's optimiser: SGD with Nesterov momentum, or AdamW "
                                         "(default: from the recipe, the float twin's; the other one needs --lr)",
                             choices=OPTIMIZERS)
-    weight_decay: float | None = option(
-        help="weight decay of the weight matrices and kernels, not of biases (default: from the recipe, "
-             f"else the float twin's {WEIGHT_DECAY})", parse=nonnegative_float, metavar="WD")
+    weight_decay: float = option(WEIGHT_DECAY, help="the float twin's weight decay of the weight matrices and "
+                                                   "kernels (not of biases)", parse=nonnegative_float, metavar="WD")
     biases: str = option(
         "off", help="'on' gives every convolution and linear layer a 16-bit bias where the float twin has one "
                     "(zero at the start, added before the layer's rounding, no weight decay); not for models with "
@@ -137,10 +136,10 @@ class Dfp16(Method):
         self.fmt = options.fmt
         if options.dfp16_master == "fp32":
             self.update = FloatMaster(model, self.fmt, options.lr, total_steps, optimizer=options.optimizer,
-                                      weight_decay=twin_weight_decay(options.weight_decay))
+                                      weight_decay=options.weight_decay)
         else:
             self.update = TWIN_UPDATES[options.optimizer](model, self.fmt, options.lr, total_steps,
-                                                          weight_decay=twin_weight_decay(options.weight_decay))
+                                                          weight_decay=options.weight_decay)
 
     @torch.no_grad()
     def train_step(self, x: QTensor, y: torch.Tensor, step: int, epoch: int) -> QTensor:

@@ -3,8 +3,9 @@
 Each weighted layer keeps a float32 master copy of its weight; the update is the float twin's
 optimiser itself (``optimizer="sgd"``: ``torch.optim.SGD``, Nesterov momentum ``MOMENTUM``;
 ``"adamw"``: ``torch.optim.AdamW`` with ``ADAMW_BETAS`` and ``ADAMW_EPS``; weight decay
-``--weight-decay``, the float twin's ``WEIGHT_DECAY`` unless given, on weight matrices and kernels, none on biases, as in the float twin, learning
-rate ``float_twin.lr_at`` with ``warmup_length``) fed with the mean
+``--weight-decay``, the float twin's ``WEIGHT_DECAY`` unless given, on weight matrices and
+kernels, none on biases, as in the float twin; learning rate ``float_twin.lr_at`` with
+``warmup_length``) fed with the mean
 gradient ``G * 2**eG / N`` of the layer's exact integer weight gradient ``G`` (converted to float64
 and then float32, so rounded once to float32). After the step the layer's DFP16 weight is the
 master converted back: exponent ``e = k - (bits - 1)`` where ``max |W| < 2**k`` (``frexp``), values

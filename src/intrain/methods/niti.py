@@ -46,7 +46,8 @@ from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, 
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.sgd_fixed import usable_rate
-from intrain.methods.twin_updates import TWIN_UPDATES, WEIGHT_DECAY, twin_weight_decay
+from intrain.methods.float_twin import WEIGHT_DECAY
+from intrain.methods.twin_updates import TWIN_UPDATES
 from intrain.methods.update import CORE_UPDATES, IntegerUpdate, MuSchedule, check_decay_shift
 from intrain.models import build_int_model
 from intrain.numeric.formats import ERROR_ROUNDINGS, NITI_INT8, NITI_INT8_MASTER16, RELU_SCALES, NumberFormat
@@ -242,8 +243,10 @@ class Niti(Method):
         self.fmt = options.fmt
         self.average = WeightAverage(model) if options.weight_average != "none" else None
         if options.update in TWIN_UPDATES:
+            # None: not given, so the float twin's (None also marks it unused by NITI's update)
+            decay = WEIGHT_DECAY if options.weight_decay is None else options.weight_decay
             self.twin = TWIN_UPDATES[options.update](model, self.fmt, options.lr, total_steps, collective,
-                                                     weight_decay=twin_weight_decay(options.weight_decay))
+                                                     weight_decay=decay)
             return
         self.twin = None
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)

@@ -25,8 +25,8 @@ and their int64 sum (``Collective.sum``: exact, order-free) is the whole batch's
 bit; the update then runs on it identically in every process.
 
 Where the factors come from: the hyper-parameters are the float twin's numbers (``--lr``,
-``MOMENTUM``, ``--weight-decay``: ``WEIGHT_DECAY`` unless given), read once when the update is built as the exact rationals their
-binary64 values are (``as_integer_ratio``); the learning rate of step ``s`` is an exact rational
+``MOMENTUM``, ``--weight-decay``: ``WEIGHT_DECAY`` unless given), read once when the update is
+built as the exact rationals their binary64 values are (``as_integer_ratio``); the learning rate of step ``s`` is an exact rational
 times the schedule, whose cosine is computed with Python integers (``cos_pi``: a Taylor series in
 fixed point with ``COS_BITS`` fraction bits, error below ``2**-55``), and the warm-up length is
 ``float_twin.warmup_length``, the same integer the float twin uses. No float is computed in a step.

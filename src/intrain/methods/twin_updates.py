@@ -5,12 +5,6 @@ sgd|adamw`` and DFP16's integer-only ``--optimizer`` both take their update from
 from __future__ import annotations
 
 from intrain.methods.adamw_fixed import AdamWUpdate
-from intrain.methods.float_twin import WEIGHT_DECAY
 from intrain.methods.sgd_fixed import FixedPointSgd
 
 TWIN_UPDATES = {"sgd": FixedPointSgd, "adamw": AdamWUpdate}
-
-
-def twin_weight_decay(given: float | None) -> float:
-    """The weight decay a twin update takes: ``given`` (``--weight-decay``), else the float twin's."""
-    return WEIGHT_DECAY if given is None else given
