@@ -1,11 +1,10 @@
-"""Would the int8 SGD update's runs validate higher from the mean of their last epochs' weights?
+"""The int8 SGD update's runs evaluated from the mean of their last epochs' weights, several
+windows from one training run.
 
-The int8 SGD update (``--update sgd``: the float twin's recipe on int32 master weights,
-``methods.sgd_fixed``) evaluates its latest weights: its masters change exponent at every step,
-so ``--weight-average`` (sums of int8 weights of one exponent) refuses it. This script measures
-the alternative before it is built into the product: the integer mean of the masters at the ends
-of the last epochs (as stochastic weight averaging takes one snapshot per epoch), rounded to the
-int8 weights the products use.
+``--weight-average last:N`` (``methods.averaging.EpochEndAverage``) evaluates and saves the integer
+mean of the int32 masters of ``--update sgd`` or ``adamw`` at the ends of the last N epochs (one
+snapshot per epoch, as stochastic weight averaging takes them); training is the same whatever N.
+This script measures several N from one training run, which is how a recipe's N is chosen.
 
 ``train`` runs ``intrain train`` with the arguments after ``--`` (the same command line, the same
 bits: the snapshots are taken outside the step) and writes each epoch's int32 masters with their
@@ -17,7 +16,7 @@ comparison); ``--from`` equal to the run's epochs is its latest weights
 (it must reproduce the run's own accuracy). Nothing in the run folder is changed.
 
 Integer only: every master ``v_k * 2**e_k`` (``|v_k| < 2**31``) is shifted to the smallest
-exponent of the window and summed in int64, exact while ``31 + gap + log2(n) < 63`` bits (checked;
+exponent of the window and summed in int64, exact while ``31 + gap + bit_length(n) < 62`` bits (checked;
 the gap is the spread of the window's exponents), then divided by the count with nearest rounding
 (``numeric.rounding.divide_round``) and rounded to the run's weight width as the update itself
 rounds a master (``requantize``, nearest).
@@ -48,6 +47,12 @@ from intrain.run.loop import predictions, prepare, train_prepared
 from intrain.run.metrics import accuracy
 
 
+def refuse(message: str) -> None:
+    """One line on stderr and exit 2, as intrain's own commands refuse their input."""
+    print(f"epoch_average.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def train(snapshots: Path, train_args: list[str]) -> None:
     args = build_parser().parse_args(["train", *train_args])
     option_names = {name for method in METHODS.values() for name in method.option_names()}
@@ -58,8 +63,10 @@ def train(snapshots: Path, train_args: list[str]) -> None:
     method = p.method
     integer = p.config.arith == "int8"
     if p.config.arith not in ("int8", "float") or (integer and getattr(method, "twin", None) is None):
-        sys.exit("epoch_average.py: needs an int8 run with --update sgd or adamw (integer masters), or a float run")
-    snapshots.mkdir(parents=True, exist_ok=False)
+        refuse("needs an int8 run with --update sgd or adamw (integer masters), or a float run")
+    if snapshots.exists():
+        refuse(f"{snapshots} exists: name a new folder for the snapshots")
+    snapshots.mkdir(parents=True)
     averaged, done = method.averaged, [0]
 
     def snapshot_then_averaged():  # the loop evaluates after every epoch, and once more to save
@@ -78,10 +85,12 @@ def train(snapshots: Path, train_args: list[str]) -> None:
 
 
 def mean_master(masters: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The nearest integer mean of ``v_k * 2**e_k`` at the smallest exponent (int64, exponent)."""
+    """The nearest integer mean of ``v_k * 2**e_k`` at the smallest exponent (int64, exponent),
+    written out here, apart from ``EpochEndAverage``, so that the test comparing the two checks one
+    against the other."""
     exponents = [int(e) for _, e in masters]
     base, gap = min(exponents), max(exponents) - min(exponents)
-    if 31 + gap + len(masters).bit_length() >= 63:
+    if 31 + gap + len(masters).bit_length() >= 62:
         raise ValueError(f"exponents {min(exponents)}..{max(exponents)} over {len(masters)} epochs overflow int64")
     total = torch.zeros(masters[0][0].shape, dtype=torch.int64)
     for (v, _), e in zip(masters, exponents):
@@ -97,14 +106,17 @@ def evaluate_windows(run_dir: Path, snapshots: Path, starts: list[int]) -> None:
           f"({len(run.splits.eval)} images)")
     for first in starts:
         if not 1 <= first <= epochs:
-            sys.exit(f"epoch_average.py: --from {first} is outside the run's epochs 1..{epochs}")
+            refuse(f"--from {first} is outside the run's epochs 1..{epochs}")
         window = [torch.load(snapshots / f"after-{k:02d}.pt") for k in range(first, epochs + 1)]
         if run.config["arith"] == "float":  # the float twin's mean, in float64
             run.model.load_state_dict({name: (sum(s[name].double() for s in window) / len(window)).to(value.dtype)
                                        if value.is_floating_point() else value
                                        for name, value in window[-1].items()})
         for i, layer in enumerate(layers if run.config["arith"] == "int8" else ()):
-            v, e = mean_master([masters[i] for masters in window])
+            try:
+                v, e = mean_master([masters[i] for masters in window])
+            except ValueError as err:
+                refuse(str(err))
             weight = requantize(v, e, bits=torch.iinfo(layer.weight.dtype).bits)
             layer.weight.copy_(weight.v)
             layer.weight_exp.copy_(weight.e)

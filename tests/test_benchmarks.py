@@ -175,3 +175,21 @@ def test_speed_script_times_integer_biases_and_the_gradient_scripts_refuse_them(
     assert main(["train", "--epochs", "1", "--update", "sgd", "--biases", "on", "--out", str(run)]) == 0
     for name in ("forward_precision.py", "float_gradients.py", "gradient_fidelity.py"):
         assert "trained with --biases on" in refusal(name, "--run", str(run))
+
+
+def test_epoch_average_script_gives_the_figures_of_the_last_epochs_option(tmp_path):
+    """The script's mean of the last epochs' masters is what ``--weight-average last:N`` evaluates."""
+    job = ["--update", "sgd", "--lr", "0.1", "--epochs", "3", "--train-limit", "96", "--batch-size", "32"]
+    snap, run = str(tmp_path / "snap"), str(tmp_path / "run")
+    trained = run_script("epoch_average.py", "train", "--snapshots", snap, "--", *job, "--out", run)
+    latest = trained.strip().splitlines()[-1].split(": ")[1]
+    out = run_script("epoch_average.py", "evaluate", "--run", run, "--snapshots", snap, "--from", "3", "2")
+    figures = [line.split(": ")[1] for line in out.splitlines() if line.startswith("mean of the weights")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    product = subprocess.run([sys.executable, "-m", "intrain", "train", *job, "--weight-average", "last:2", "--out",
+                              str(tmp_path / "last2")], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert product.returncode == 0, product.stderr[-2000:]
+    assert figures == [latest, product.stdout.strip().splitlines()[-1].split("=")[1] + "%"]
+    assert "exists: name a new folder" in refusal("epoch_average.py", "train", "--snapshots", snap, "--", *job)
+    assert "outside the run's epochs 1..3" in refusal("epoch_average.py", "evaluate", "--run", run, "--snapshots",
+                                                      snap, "--from", "4")

@@ -196,6 +196,9 @@ class Method:
     def begin_epoch(self, epoch: int) -> None:
         """Called before the first batch of ``epoch`` (not when resuming inside it)."""
 
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """Called after the last batch of ``epoch`` of ``epochs`` (0-based), before it is evaluated."""
+
     def averaged(self):
         """Context in which the model holds the weights to evaluate and save."""
         return nullcontext()

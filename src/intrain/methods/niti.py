@@ -4,7 +4,8 @@ One step (``train_step``): forward in the model's number format, the integer cro
 gradient (``methods.loss``), backward, the integer update without learning rate
 (``methods.update``), and, unless ``weight_average`` is "none", the updated weights added into
 integer running sums (``methods.averaging``) that restart in ``begin_epoch`` (every epoch, or when
-mu changes) and whose mean ``averaged()`` applies for evaluation and saving. Everything in it is
+mu changes) and whose mean ``averaged()`` applies for evaluation and saving (with the twin updates
+below: "last:N", the mean of the masters at the ends of the last N epochs, added in ``end_epoch``). Everything in it is
 an integer operation on integer tensors (the audit test records every aten operator to prove it).
 Its random numbers (loss rounding, error rounding, dropout) are keyed by ``(seed, step, layer)``
 and the element's position in the batch, so any step can be replayed bit for bit.
@@ -40,8 +41,8 @@ from dataclasses import dataclass, replace
 import torch
 
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
-from intrain.layers import StepContext
-from intrain.methods.averaging import WEIGHT_AVERAGES, WeightAverage
+from intrain.layers import StepContext, weighted_layers
+from intrain.methods.averaging import LAST_EPOCHS, EpochEndAverage, WeightAverage, last_epochs, parse_weight_average
 from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, nonnegative_float, option, positive_float
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
@@ -132,9 +133,11 @@ class NitiOptions:
         choices=BIAS_CHOICES)
     weight_average: str = option(
         "phase", help="evaluate and save the integer mean of the weights over the steps since mu last changed "
-                      "('phase') or since the epoch began ('epoch'), while training continues from the latest "
-                      "ones; 'none' uses the latest weights (--update sgd or adamw: none only)",
-        choices=WEIGHT_AVERAGES)
+                      "('phase') or since the epoch began ('epoch'), or, with --update sgd or adamw, of the masters "
+                      "at the ends of the last N epochs ('last:N'), while training continues from the latest ones; "
+                      "'none' uses the latest weights (default: from the recipe, else phase with NITI's update and "
+                      "none with the others)",
+        parse=parse_weight_average, metavar="{phase,epoch,none,last:N}")
 
     @property
     def fmt(self) -> NumberFormat:
@@ -155,8 +158,11 @@ class Niti(Method):
         update = given.get("update") or recipe_defaults.get("update", "niti")
         unused = NITI_UPDATE_OPTIONS if update in TWIN_UPDATES else TWIN_UPDATE_OPTIONS
         defaults = {name: value for name, value in recipe_defaults.items() if name not in unused}
-        if update in TWIN_UPDATES:
+        average = recipe_defaults.get("weight_average", "phase")
+        if update in TWIN_UPDATES and last_epochs(average) is None:
             defaults["weight_average"] = "none"
+        elif update not in TWIN_UPDATES and last_epochs(average) is not None:
+            defaults["weight_average"] = "phase"  # the recipe's is its twin update's
         if update == "adamw":  # the recipe's rate is SGD's; AdamW's where the float twin trains with it
             defaults["lr"] = recipe_defaults.get("adamw_lr")
         return super().make_options(given, defaults)
@@ -164,9 +170,16 @@ class Niti(Method):
     @classmethod
     def check_options(cls, options: NitiOptions) -> None:
         super().check_options(options)
+        try:
+            parse_weight_average(options.weight_average)
+        except argparse.ArgumentTypeError as err:
+            raise MethodOptionError(str(err)) from None
         if options.update in TWIN_UPDATES:
             cls._check_twin_options(options)
             return
+        if last_epochs(options.weight_average) is not None:
+            raise MethodOptionError(f"--weight-average {options.weight_average} averages the masters of --update sgd "
+                                    f"or adamw: NITI's update takes phase, epoch or none")
         if options.weight_decay is not None:
             raise MethodOptionError("--weight-decay sets the weight decay of --update sgd or adamw: NITI's update "
                                     "takes --weight-decay-shift; leave it out or add --update sgd or adamw")
@@ -208,9 +221,10 @@ class Niti(Method):
             if getattr(options, name) != unused:
                 raise MethodOptionError(f"{flag(name)} applies to NITI's update: leave it out with {update} "
                                         f"(int32 master weights, the step size is --lr)")
-        if options.weight_average != "none":
+        if options.weight_average in ("phase", "epoch"):
             raise MethodOptionError(f"--weight-average {options.weight_average} sums int8 weights of one exponent, "
-                                    f"and {update} changes the exponent every step: use --weight-average none")
+                                    f"and {update} changes the exponent every step: use --weight-average "
+                                    f"{LAST_EPOCHS}N (the masters at the ends of the last N epochs) or none")
         if options.lr is None and options.update == "adamw":
             raise MethodOptionError("--update adamw needs --lr here: this data set's float recipe is not AdamW, so "
                                     "the recipe has no AdamW rate (PyTorch's default is 1e-3)")
@@ -241,12 +255,16 @@ class Niti(Method):
                  collective: Collective = LOCAL) -> None:
         super().__init__(model, options, seed=seed, total_steps=total_steps, collective=collective)
         self.fmt = options.fmt
-        self.average = WeightAverage(model) if options.weight_average != "none" else None
+        self.average = WeightAverage(model) if options.weight_average in ("phase", "epoch") else None
         if options.update in TWIN_UPDATES:
             # None: not given, so the float twin's (None also marks it unused by NITI's update)
             decay = WEIGHT_DECAY if options.weight_decay is None else options.weight_decay
             self.twin = TWIN_UPDATES[options.update](model, self.fmt, options.lr, total_steps, collective,
                                                      weight_decay=decay)
+            last = last_epochs(options.weight_average)
+            if last is not None:
+                self.average = EpochEndAverage(weighted_layers(model), lambda: self.twin.master, last,
+                                               self.fmt.bits)
             return
         self.twin = None
         self.mu_schedule = MuSchedule.parse(options.mu_schedule)
@@ -278,7 +296,7 @@ class Niti(Method):
                                    collective=self.collective)
         self.model.backward(error, ctx)
         update()  # layers no container reported
-        if self.average is not None:
+        if isinstance(self.average, WeightAverage):
             self.average.accumulate()
         return logits
 
@@ -289,11 +307,16 @@ class Niti(Method):
 
     def begin_epoch(self, epoch: int) -> None:
         """Restarts the weight sums every epoch ("epoch") or when mu changes ("phase")."""
-        if self.average is None:  # always with --update sgd or adamw: no mu
+        if not isinstance(self.average, WeightAverage):  # always with --update sgd or adamw: no mu
             return
         changed = any(mu(epoch) != mu(epoch - 1) for mu in (self.mu_schedule, self.core_schedule))
         if self.options.weight_average == "epoch" or epoch == 0 or changed:
             self.average.reset()
+
+    def end_epoch(self, epoch: int, epochs: int) -> None:
+        """Adds the masters to the mean of the last epochs ("last:N") once its window has begun."""
+        if isinstance(self.average, EpochEndAverage):
+            self.average.end_epoch(epoch, epochs)
 
     def state_dict(self) -> dict:
         # The integer path draws its random numbers from the counter-based generator keyed by

@@ -424,6 +424,7 @@ def _train(p: Prepared, log, start: Start | None, cfg: dict | None, out_dir: Pat
                             epoch=epoch, batch=b + 1, global_step=step, rows=rows,
                             running=_running_state(running),
                             seconds=carried + time.perf_counter() - t0))
+            method.end_epoch(epoch, c.epochs)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             seconds = carried + time.perf_counter() - t0
