@@ -230,7 +230,8 @@ def test_last_epochs_saves_the_mean_of_the_last_epoch_ends_and_trains_the_same(t
         flat = [([x for x in torch.tensor(v).flatten().tolist()], e) for v, e in (end[i] for end in ends[1:])]
         expected, base = _exact_mean(flat)
         wanted = requantize(torch.tensor(expected, dtype=torch.int64), torch.tensor(base), bits=8)
-        assert torch.equal(saved[f"{name}.weight"].flatten(), wanted.v) and int(saved[f"{name}.weight_exp"]) == int(wanted.e)
+        assert torch.equal(saved[f"{name}.weight"].flatten(), wanted.v)
+        assert int(saved[f"{name}.weight_exp"]) == int(wanted.e)
     masters = [checkpoint.load(checkpoint.checkpoint_path(tmp_path / run))["sgd_update"]["master"]
                for run in ("last", "none")]
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(*masters))
@@ -283,11 +284,13 @@ def test_epoch_end_applied_holds_the_mean_and_restores_the_latest():
         for layer, mean in zip(layers, average.mean_weights()):
             assert torch.equal(layer.weight, mean.v) and torch.equal(layer.weight_exp, mean.e)
             assert int(mean.e) != int(latest[0][1])
-    assert all(torch.equal(layer.weight, w) and torch.equal(layer.weight_exp, e) for layer, (w, e) in zip(layers, latest))
+    assert all(torch.equal(layer.weight, w) and torch.equal(layer.weight_exp, e)
+               for layer, (w, e) in zip(layers, latest))
     state = average.state_dict()
     copy = EpochEndAverage(layers, lambda: None, 2, bits=8)
     copy.load_state_dict(state)
-    assert all(torch.equal(a.v, b.v) and torch.equal(a.e, b.e) for a, b in zip(copy.mean_weights(), average.mean_weights()))
+    assert all(torch.equal(a.v, b.v) and torch.equal(a.e, b.e)
+               for a, b in zip(copy.mean_weights(), average.mean_weights()))
     other = build_int_model("mlp", (1, 8, 8), 10, seed=0, backend="reference", width=0.5)
     with pytest.raises(ValueError, match="does not match"):
         EpochEndAverage(weighted_layers(other), lambda: None, 2, bits=8).load_state_dict(state)

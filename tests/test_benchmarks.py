@@ -187,7 +187,8 @@ def test_epoch_average_script_gives_the_figures_of_the_last_epochs_option(tmp_pa
     figures = [line.split(": ")[1] for line in out.splitlines() if line.startswith("mean of the weights")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     product = subprocess.run([sys.executable, "-m", "intrain", "train", *job, "--weight-average", "last:2", "--out",
-                              str(tmp_path / "last2")], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+                              str(tmp_path / "last2")], capture_output=True, text=True, timeout=600, env=env,
+                             cwd=tmp_path)
     assert product.returncode == 0, product.stderr[-2000:]
     assert figures == [latest, product.stdout.strip().splitlines()[-1].split("=")[1] + "%"]
     assert "exists: name a new folder" in refusal("epoch_average.py", "train", "--snapshots", snap, "--", *job)

@@ -5,8 +5,9 @@ gradient (``methods.loss``), backward, the integer update without learning rate
 (``methods.update``), and, unless ``weight_average`` is "none", the updated weights added into
 integer running sums (``methods.averaging``) that restart in ``begin_epoch`` (every epoch, or when
 mu changes) and whose mean ``averaged()`` applies for evaluation and saving (with the twin updates
-below: "last:N", the mean of the masters at the ends of the last N epochs, added in ``end_epoch``). Everything in it is
-an integer operation on integer tensors (the audit test records every aten operator to prove it).
+below, "last:N": the mean of the masters at the ends of the last N epochs, added in
+``end_epoch``). Everything in it is an integer operation on integer tensors (the audit test
+records every aten operator to prove it).
 Its random numbers (loss rounding, error rounding, dropout) are keyed by ``(seed, step, layer)``
 and the element's position in the batch, so any step can be replayed bit for bit.
 
