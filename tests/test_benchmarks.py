@@ -182,7 +182,7 @@ def test_epoch_average_script_gives_the_figures_of_the_last_epochs_option(tmp_pa
     job = ["--update", "sgd", "--lr", "0.1", "--epochs", "3", "--train-limit", "96", "--batch-size", "32"]
     snap, run = str(tmp_path / "snap"), str(tmp_path / "run")
     trained = run_script("epoch_average.py", "train", "--snapshots", snap, "--", *job, "--out", run)
-    latest = trained.strip().splitlines()[-1].split(": ")[1]
+    latest = trained.strip().splitlines()[-1].split("=")[1] + "%"  # intrain train's own last line
     out = run_script("epoch_average.py", "evaluate", "--run", run, "--snapshots", snap, "--from", "3", "2")
     figures = [line.split(": ")[1] for line in out.splitlines() if line.startswith("mean of the weights")]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -192,5 +192,9 @@ def test_epoch_average_script_gives_the_figures_of_the_last_epochs_option(tmp_pa
     assert product.returncode == 0, product.stderr[-2000:]
     assert figures == [latest, product.stdout.strip().splitlines()[-1].split("=")[1] + "%"]
     assert "exists: name a new folder" in refusal("epoch_average.py", "train", "--snapshots", snap, "--", *job)
+    assert "needs an int8 run with --update sgd or adamw" in refusal(
+        "epoch_average.py", "train", "--snapshots", str(tmp_path / "niti"), "--", "--epochs", "1", "--out",
+        str(tmp_path / "niti-run"))
+    assert not (tmp_path / "niti").exists() and not (tmp_path / "niti-run").exists()
     assert "outside the run's epochs 1..3" in refusal("epoch_average.py", "evaluate", "--run", run, "--snapshots",
                                                       snap, "--from", "4")
