@@ -22,6 +22,11 @@ that a plain int32 accumulator would have got wrong (0 under ``int32-chunked``, 
 cannot wrap). The headroom comes from the local operands' maxima, so ``int32-chunked`` formats
 do not train data-parallel (DFP16 refuses torchrun).
 
+Stochastic activation rounding (``fmt.activation_rounding``, ``--activation-rounding``): in a
+training step a convolution's or linear layer's output is the exact accumulator (plus bias)
+rounded once, stochastically, on the plain path; its expectation is the exact output, so the
+backward pass, which uses the rounded output as the next layer's input, is unchanged in form.
+
 Biases (``--biases on``): a convolution or linear layer may hold an ``IntBias`` child, a
 per-channel bias in the layer's format that is added to the layer's exact accumulator before its
 one rounding (``numeric.requant.add_bias``), so the output is the sum rounded once, as without a
@@ -180,8 +185,25 @@ class WeightedIntModule(IntModule):
         """The backend's ``product`` of ``args`` (exponent ``e``, reduction length ``terms``) plus
         the layer's bias, rounded to the format, nearest, with the shift of the whole batch over
         all processes of ``ctx``; ``rectify``: its positive part (``numeric.formats``,
-        ``relu_scale``)."""
+        ``relu_scale``). With ``fmt.activation_rounding == "stochastic"`` a training step
+        (``ctx`` given) rounds it stochastically instead, keyed by (seed, step, layer)."""
+        if self.fmt.activation_rounding == "stochastic" and ctx is not None:
+            return self._stochastic_output(product, args, e, ctx, terms, rectify)
         return self._rounded(product, args, e, ctx, terms, rectify, self.bias)
+
+    def _stochastic_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext,
+                           terms: int | None, rectify: bool) -> QTensor:
+        """``requantize_output`` rounded stochastically: the exact accumulator plus the bias, its
+        positive part if ``rectify``, then one stochastic rounding (its own stream, so the draws
+        never repeat an error rounding's)."""
+        exact, e = self.accumulate(product, args, e, terms)
+        if self.bias is not None:
+            exact, e = add_bias(exact, e, self.bias.weight, self.bias.weight_exp)
+        if rectify:
+            exact = exact.clamp(min=0)
+        key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ACTIVATION_ROUNDING)
+        return self.fmt.requantize(exact, e, mode="stochastic", key=key, offset=ctx.element_offset(exact),
+                                   reduce_max=ctx.collective.max)
 
     def _rounded(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None,
                  terms: int | None, rectify: bool, bias: "IntBias | None") -> QTensor:

@@ -15,6 +15,11 @@ copy of their code. Its fields are orthogonal:
   weight accumulate instead of being lost.
 - ``error_rounding``: rounding of the errors a weighted layer sends down: ``nearest`` (NITI) or
   ``stochastic`` (counter-based, unbiased).
+- ``activation_rounding``: rounding of the outputs of convolution and linear layers in a training
+  step: ``nearest`` (NITI) or ``stochastic`` (counter-based, unbiased: noise of at most one step
+  of the output's exponent that training learns to tolerate, a regulariser native to integer
+  arithmetic). Evaluation always rounds to nearest, so a trained model's outputs are
+  deterministic.
 - ``accumulator``: how products are accumulated. ``exact``: every backend returns the exact
   integer sum (int32 when ``limit**2 * K < 2**31`` is proved statically, else int64).
   ``int32-chunked`` (DFP16's overflow control, ``numeric.accumulate``): the reduction is cut into
@@ -52,6 +57,7 @@ from intrain.numeric.requant import add_aligned, requantize
 #: Storage dtype by value bits.
 _STORAGE = {8: torch.int8, 16: torch.int16}
 ERROR_ROUNDINGS = ("nearest", "stochastic")
+ACTIVATION_ROUNDINGS = ("nearest", "stochastic")
 ACCUMULATORS = ("exact", "int32-chunked")
 RELU_SCALES = ("magnitude", "positive")
 EXPONENT_GRANULARITIES = ("tensor",)
@@ -67,6 +73,7 @@ class NumberFormat:
     chunk_length: int = 16
     headroom: int = 0
     relu_scale: str = "magnitude"
+    activation_rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.bits not in _STORAGE:
@@ -76,6 +83,9 @@ class NumberFormat:
                              f"{', '.join(map(str, _STORAGE))}, got {self.master_bits}")
         if self.error_rounding not in ERROR_ROUNDINGS:
             raise ValueError(f"error rounding must be one of {', '.join(ERROR_ROUNDINGS)}, got {self.error_rounding!r}")
+        if self.activation_rounding not in ACTIVATION_ROUNDINGS:
+            raise ValueError(f"activation rounding must be one of {', '.join(ACTIVATION_ROUNDINGS)}, "
+                             f"got {self.activation_rounding!r}")
         if self.accumulator not in ACCUMULATORS:
             raise ValueError(f"accumulator must be one of {', '.join(ACCUMULATORS)}, got {self.accumulator!r}")
         if isinstance(self.chunk_length, bool) or not isinstance(self.chunk_length, int) or self.chunk_length < 1:

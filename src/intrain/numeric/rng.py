@@ -32,6 +32,7 @@ STREAM_ROUNDING = 5
 STREAM_AUGMENT = 6
 # 7: moving-MNIST clips (``data.moving_mnist``)
 STREAM_WEIGHT_DECAY = 8
+STREAM_ACTIVATION_ROUNDING = 9
 
 
 def _mix_int(x: int) -> int:
