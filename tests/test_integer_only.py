@@ -126,8 +126,9 @@ def test_audit_catches_a_float_operation():
 
 
 def test_training_step_with_the_sgd_update_uses_only_integer_tensors():
-    options = NitiOptions(update="sgd", lr=0.05, weight_average="none", error_rounding="stochastic")
-    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt)
+    options = NitiOptions(update="sgd", lr=0.05, weight_average="none", error_rounding="stochastic",
+                          activation_rounding="stochastic", biases="on", relu_scale="positive")
+    model = build_int_model("lenet5", (1, 28, 28), 10, seed=0, backend="reference", fmt=options.fmt, biases=True)
     trainer = Niti(model, options, seed=0, total_steps=10)
     x, y = _batch()
     before = [(layer.weight.clone(), layer.weight_exp.clone()) for layer in weighted_layers(model)]

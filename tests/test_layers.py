@@ -235,6 +235,56 @@ def test_stochastic_error_rounding_is_unbiased_and_keyed_by_step():
         layer.backward(d, None)
 
 
+@pytest.mark.parametrize("extreme", [False, True])
+def test_stochastic_activation_rounding_is_unbiased_keyed_by_step_and_nearest_in_evaluation(extreme):
+    """A convolution with a bias and a ReLU after it (positive scale) under ``activation_rounding
+    = "stochastic"``: in a training step every output is within one step of the exact rectified
+    sum, the rounding differs from step to step and averages out; evaluation rounds to nearest,
+    bit for bit the layer of NITI's format. ``extreme``: inputs and weights at +-127 over a
+    reduction of 8*5*5 terms, the largest sums this layer can make."""
+    fmt = NumberFormat(activation_rounding="stochastic", relu_scale="positive")
+    layers = {}
+    for name, f in (("stochastic", fmt), ("nearest", NumberFormat(relu_scale="positive"))):
+        layer = IntConv2d(8, 4, 5, REF, padding=2, fmt=f, bias=True)
+        layer.relu_follows = True
+        layer.layer_id = 3
+        layers[name] = layer
+    if extreme:
+        x = QTensor.of(torch.full((3, 8, 6, 6), -127, dtype=torch.int8), -3)
+        weight = torch.full((4, 8, 5, 5), -127, dtype=torch.int8)
+        weight[1] = 127  # channel 1's sums are all negative: rectified to 0
+    else:
+        x = QTensor.of(rand_int8(3, 8, 6, 6), -3)
+        weight = rand_int8(4, 8, 5, 5)
+    for layer in layers.values():
+        layer.weight.copy_(weight)
+        layer.weight_exp.fill_(-7)
+        layer.bias.weight.copy_(torch.tensor([100, -127, 5, 0], dtype=torch.int8))
+        layer.bias.weight_exp.fill_(-2)
+    product = torch.nn.functional.conv2d(exact(x.v) * 2.0**-3, exact(weight) * 2.0**-7, padding=2)
+    expected = (product + exact(layers["nearest"].bias.weight).view(1, 4, 1, 1) * 2.0**-2).clamp(min=0)
+    stochastic = layers["stochastic"].train()
+    total, results = 0, []
+    for step in range(200):
+        y = stochastic(x, StepContext(seed=0, step=step))
+        scale = 2.0 ** int(y.e)
+        assert (exact(y.v) * scale - expected).abs().max() < scale
+        assert int(y.v.min()) >= 0
+        total = total + exact(y.v) * scale
+        results.append(y.v)
+    assert not torch.equal(results[0], results[1])
+    assert (total / 200 - expected).abs().max().item() < 0.25 * scale  # nearest leaves up to 0.5 * scale
+    evaluated = stochastic.eval()(x)
+    nearest = layers["nearest"].eval()(x)
+    assert torch.equal(evaluated.v, nearest.v) and int(evaluated.e) == int(nearest.e)
+    assert torch.equal(layers["nearest"].train()(x, StepContext(seed=0, step=0)).v, nearest.v)
+
+
+def test_number_format_refuses_an_unknown_activation_rounding():
+    with pytest.raises(ValueError, match="activation rounding must be one of nearest, stochastic"):
+        NumberFormat(activation_rounding="floor")
+
+
 @pytest.mark.parametrize("batch, expected", [(8, torch.int32), (256, torch.int64)])
 def test_weight_gradient_kept_in_int32_only_when_the_bound_proves_it_fits(batch, expected):
     """LeNet-5's first convolution reduces over batch*28*28 terms: 8*784 < 2**17 fits int32,

@@ -204,16 +204,19 @@ def _model(name: str, shape, options: NitiOptions, width: float):
     return Niti.build_model(options, name, shape, 10, seed=3, width=width, device="cpu")
 
 
-@pytest.mark.parametrize("name, shape, width, weight_bits, relu_scale", [
-    ("lenet5", (1, 28, 28), 1.0, 8, "magnitude"),
-    ("resnet18", (1, 16, 16), 0.125, 16, "magnitude"),
-    ("vgg-small-7", (1, 16, 16), 0.0625, 8, "positive"),  # dropout: its mask by element position
+@pytest.mark.parametrize("name, shape, width, weight_bits, relu_scale, activation_rounding", [
+    ("lenet5", (1, 28, 28), 1.0, 8, "magnitude", "stochastic"),
+    ("resnet18", (1, 16, 16), 0.125, 16, "magnitude", "nearest"),
+    ("vgg-small-7", (1, 16, 16), 0.0625, 8, "positive", "stochastic"),  # dropout: its mask by element position
 ])
-def test_training_steps_of_shards_are_the_whole_batch(name, shape, width, weight_bits, relu_scale):
+def test_training_steps_of_shards_are_the_whole_batch(name, shape, width, weight_bits, relu_scale,
+                                                      activation_rounding):
     """Steps with global batches of 7 (shards 2, 2, 3) and 2 (one shard empty) on 3 shards:
-    every shard's model ends with the one-process weights, and its logits are its rows."""
+    every shard's model ends with the one-process weights, and its logits are its rows (the
+    stochastic roundings, of errors and of activations, keyed by global element position)."""
     options = NitiOptions(mu_schedule="0:3", backend="cpu", weight_bits=weight_bits,
-                          error_rounding="stochastic", weight_average="none", relu_scale=relu_scale)
+                          error_rounding="stochastic", weight_average="none", relu_scale=relu_scale,
+                          activation_rounding=activation_rounding)
     gen = torch.Generator().manual_seed(2)
     batches = [(torch.randint(-127, 128, (rows, *shape), dtype=torch.int8, generator=gen),
                 torch.randint(0, 10, (rows,), generator=gen)) for rows in (7, 2, 7)]

@@ -135,6 +135,27 @@ def test_int8_run_end_to_end_and_reproducible(tmp_path, capsys):
     assert not _same(state, _state(c)["state_dict"])
 
 
+def test_stochastic_activation_rounding_trains_reproducibly_and_evaluates_deterministically(tmp_path, capsys):
+    """``--activation-rounding stochastic``: the same bits from the same seed, other bits than
+    nearest rounding's, and the accuracy the run reports is its saved model's, evaluated with
+    nearest rounding (``intrain eval``: no step, no random numbers)."""
+    def train(name, *options):
+        out = tmp_path / name
+        assert main(["train", "--epochs", "2", "--train-limit", "256", "--update", "sgd", "--weight-average", "none",
+                     "--out", str(out), *options]) == 0
+        reported = capsys.readouterr().out.splitlines()[-1]
+        return out, reported
+
+    a, reported = train("a", "--activation-rounding", "stochastic")
+    b, _ = train("b", "--activation-rounding", "stochastic")
+    nearest, _ = train("nearest")
+    assert json.loads((a / "config.json").read_text())["activation_rounding"] == "stochastic"
+    assert _same(_state(a)["state_dict"], _state(b)["state_dict"])
+    assert not _same(_state(a)["state_dict"], _state(nearest)["state_dict"])
+    assert main(["eval", "--run", str(a)]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == reported
+
+
 def test_recipes_give_int8_and_float_their_own_batch_sizes():
     from intrain.run.recipes import default_recipe
 
@@ -176,6 +197,7 @@ def test_fashion_lenet5_int8_recipe_takes_the_sgd_update_and_keeps_nitis_options
     saved = dataclasses.asdict(saved)
     assert "relu_scale" not in saved["options"]
     assert TrainConfig.from_dict(saved).resolved().options["relu_scale"] == "magnitude"
+    assert TrainConfig.from_dict(saved).resolved().options["activation_rounding"] == "nearest"
     # VGG-small-7 on Fashion-MNIST: SGD at the int8 batch with the float rate scaled to it, biases,
     # and 30 epochs (about the float twin's cost of 20: recipes._INT8_EPOCHS)
     resolved = TrainConfig(dataset="fashion-mnist", model="vgg-small-7").resolved()

@@ -138,6 +138,7 @@ class TrainConfig:
             if config.arith == "int8":
                 options.setdefault("update", "niti")  # saved before --update existed: NITI's was the only one
                 options.setdefault("relu_scale", "magnitude")  # saved before --relu-scale existed: NITI's scale
+                options.setdefault("activation_rounding", "nearest")  # saved before --activation-rounding existed
             return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
@@ -148,7 +149,7 @@ class TrainConfig:
             options["mu_schedule"] = str(MuSchedule.parse(options["mu_schedule"]).shifted(-8))
         if config.arith == "int8":  # the flat dict's lr is the float twin's: 0.1 had NITI's update only
             options.pop("lr", None)
-            options.update(update="niti", relu_scale="magnitude", biases="off")
+            options.update(update="niti", relu_scale="magnitude", biases="off", activation_rounding="nearest")
         return replace(config, options=options)
 
 
