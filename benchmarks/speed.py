@@ -203,7 +203,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     master = f" ({dfp16_master} masters, {optimizer}{', biases' if biases == 'on' else ''})" if arith == "dfp16" else ""
     chosen = {k: v for k, v in {**(niti_options or {}), "biases": biases}.items() if (k, v) not in
               (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None),
-               ("relu_scale", "magnitude"), ("biases", "off"))}
+               ("relu_scale", "magnitude"), ("activation_rounding", "nearest"), ("biases", "off"))}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -305,6 +305,8 @@ def main() -> None:
                         help="int8: 16 adds int16 master weights (default: 8)")
     parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
                         help="int8: rounding of the errors sent down (default: nearest)")
+    parser.add_argument("--activation-rounding", choices=("nearest", "stochastic"), default="nearest",
+                        help="int8: rounding of convolution and linear outputs in the step (default: nearest)")
     parser.add_argument("--relu-scale", choices=("magnitude", "positive"), default="magnitude",
                         help="int8: output exponent of the layers before a ReLU from their largest magnitude "
                              "(NITI's, default) or largest positive value")
@@ -318,11 +320,13 @@ def main() -> None:
                              "CPUs without bf16 units make it very slow)")
     args = parser.parse_args()
     niti_options = {"update": args.update, "weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
-                    "weight_decay_shift": args.weight_decay_shift, "relu_scale": args.relu_scale}
+                    "weight_decay_shift": args.weight_decay_shift, "relu_scale": args.relu_scale,
+                    "activation_rounding": args.activation_rounding}
     if args.arith != "int8" and niti_options != {"update": "niti", "weight_bits": 8, "error_rounding": "nearest",
-                                                 "weight_decay_shift": None, "relu_scale": "magnitude"}:
-        parser.error("--update, --weight-bits, --error-rounding, --relu-scale and --weight-decay-shift apply to "
-                     "--arith int8 only")
+                                                 "weight_decay_shift": None, "relu_scale": "magnitude",
+                                                 "activation_rounding": "nearest"}:
+        parser.error("--update, --weight-bits, --error-rounding, --activation-rounding, --relu-scale and "
+                     "--weight-decay-shift apply to --arith int8 only")
     if args.arith != "dfp16" and args.optimizer != "sgd":
         parser.error("--optimizer applies to --arith dfp16 only (int8 takes --update sgd or adamw)")
     if args.update != "niti" and (args.weight_bits != 8 or args.weight_decay_shift is not None):

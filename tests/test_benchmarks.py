@@ -52,8 +52,10 @@ def test_speed_script_times_the_int8_options_of_a_recipe():
     assert "int8 (weight-bits 16, error-rounding stochastic, weight-decay-shift 18)" in out
     assert "training step   int8" in out
     out = run_script("speed.py", "--model", "mlp", "--batch", "4", "--repeats", "1", "--update", "sgd",
-                     "--error-rounding", "stochastic", "--relu-scale", "positive")
-    assert "int8 (update sgd, error-rounding stochastic, relu-scale positive)" in out and "training step   int8" in out
+                     "--error-rounding", "stochastic", "--relu-scale", "positive", "--activation-rounding", "stochastic")
+    assert "int8 (update sgd, error-rounding stochastic, relu-scale positive, activation-rounding stochastic)" in out
+    assert "training step   int8" in out
+    assert "apply to --arith int8 only" in refusal("speed.py", "--arith", "dfp16", "--activation-rounding", "stochastic")
 
 
 def test_speed_script_times_dfp16_with_either_optimiser():
