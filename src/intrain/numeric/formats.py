@@ -18,7 +18,7 @@ copy of their code. Its fields are orthogonal:
 - ``activation_rounding``: rounding of the outputs of convolution and linear layers in a training
   step: ``nearest`` (NITI) or ``stochastic`` (counter-based, unbiased: noise of under one step of
   the output's exponent, tried as a regulariser; it beat nearest on no tuning split
-  measured, BENCHMARKS.md, "Issue 17: noise in the int8 step"). Evaluation always rounds to
+  measured, BENCHMARKS.md, "Issue 17: rounding noise in the int8 step"). Evaluation always rounds to
   nearest, so a trained model's outputs are deterministic.
 - ``accumulator``: how products are accumulated. ``exact``: every backend returns the exact
   integer sum (int32 when ``limit**2 * K < 2**31`` is proved statically, else int64).
