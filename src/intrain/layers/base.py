@@ -47,7 +47,7 @@ from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.accumulate import absmax, headroom_shifts, plain_int32_wraps
 from intrain.numeric.formats import NITI_INT8, NumberFormat
 from intrain.numeric.qtensor import QTensor
-from intrain.numeric.requant import add_bias, aligned_bias, cpu_slices, requantize, requantize_product
+from intrain.numeric.requant import add_bias, aligned_bias, cpu_slices, requantize_product
 from intrain.numeric.rounding import shift_round
 
 
@@ -187,47 +187,42 @@ class WeightedIntModule(IntModule):
         all processes of ``ctx``; ``rectify``: its positive part (``numeric.formats``,
         ``relu_scale``). With ``fmt.activation_rounding == "stochastic"`` a training step
         (``ctx`` given) rounds it stochastically instead, keyed by (seed, step, layer)."""
+        key = None
         if self.fmt.activation_rounding == "stochastic" and ctx is not None:
-            return self._stochastic_output(product, args, e, ctx, terms, rectify)
-        return self._rounded(product, args, e, ctx, terms, rectify, self.bias)
-
-    def _stochastic_output(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext,
-                           terms: int | None, rectify: bool) -> QTensor:
-        """``requantize_output`` rounded stochastically: the exact accumulator plus the bias, its
-        positive part if ``rectify``, then one stochastic rounding (its own stream, so the draws
-        never repeat an error rounding's)."""
-        exact, e = self.accumulate(product, args, e, terms)
-        if self.bias is not None:
-            exact, e = add_bias(exact, e, self.bias.weight, self.bias.weight_exp)
-        if rectify:
-            exact = exact.clamp(min=0)
-        key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ACTIVATION_ROUNDING)
-        return self.fmt.requantize(exact, e, mode="stochastic", key=key, offset=ctx.element_offset(exact),
-                                   reduce_max=ctx.collective.max)
+            key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ACTIVATION_ROUNDING)
+        return self._rounded(product, args, e, ctx, terms, rectify, self.bias, key)
 
     def _rounded(self, product: str, args: tuple, e: torch.Tensor, ctx: StepContext | None,
-                 terms: int | None, rectify: bool, bias: "IntBias | None") -> QTensor:
-        """``requantize_output`` with the bias ``bias`` (None: none, as for an error). The bias
-        goes in before the shift is chosen: on the fused paths it is aligned to the product's
-        exponent first and added there (``requantize_product``), unless it is so coarse that the
-        accumulator must be rounded first (``add_bias``), which the plain path does."""
-        fused = (self.fmt.accumulator == "exact" and self.fmt.bits == 8) or self.fmt.accumulator == "int32-chunked"
-        shifts = self._headroom(args, terms) if self.fmt.accumulator == "int32-chunked" else (0, 0)
-        aligned = None
-        if bias is not None and fused and e.device.type == "cpu":
-            aligned = aligned_bias(bias.weight, bias.weight_exp, e + sum(shifts))
-            if aligned is not None and not bool(aligned.any()):
-                bias = aligned = None  # a zero bias (or one below half the accumulator's unit) adds nothing
-        if bias is not None and aligned is None:  # the plain path: the whole exact accumulator
-            exact, e = self.accumulate(product, args, e, terms)
-            total, e = add_bias(exact, e, bias.weight, bias.weight_exp)
-            return requantize(total.clamp_(min=0) if rectify else total, e, bits=self.fmt.bits,
-                              reduce_max=reduce_max(ctx))
-        if fused:  # (int32-chunked: no wrap count to take, the product may stay in chunks)
-            return requantize_product(self.backend, product, args, e + sum(shifts), self.fmt.bits,
-                                      reduce_max=reduce_max(ctx), shifts=shifts, rectify=rectify, bias=aligned)
-        exact, e = self.accumulate(product, args, e, terms)
-        return requantize(exact.clamp_(min=0) if rectify else exact, e, bits=self.fmt.bits, reduce_max=reduce_max(ctx))
+                 terms: int | None, rectify: bool, bias: "IntBias | None", key: tuple[int, int] | None = None
+                 ) -> QTensor:
+        """``requantize_output`` with the bias ``bias`` (None: none, as for an error), rounded to
+        nearest, or stochastically with the generator's ``key`` (which needs ``ctx``: the draws are
+        keyed by each element's position in the global batch). The bias goes in before the shift
+        is chosen: on the fused paths (nearest only) it is aligned to the product's exponent first
+        and added there (``requantize_product``), unless it is so coarse that the accumulator must
+        be rounded first (``add_bias``), which the plain path does."""
+        fused = key is None and ((self.fmt.accumulator == "exact" and self.fmt.bits == 8)
+                                 or self.fmt.accumulator == "int32-chunked")
+        if fused:
+            shifts = self._headroom(args, terms) if self.fmt.accumulator == "int32-chunked" else (0, 0)
+            aligned = None
+            if bias is not None and e.device.type == "cpu":
+                aligned = aligned_bias(bias.weight, bias.weight_exp, e + sum(shifts))
+                if aligned is not None and not bool(aligned.any()):
+                    bias = aligned = None  # a zero bias (or one below half the accumulator's unit) adds nothing
+            if bias is None or aligned is not None:
+                # (int32-chunked: no wrap count to take, the product may stay in chunks)
+                return requantize_product(self.backend, product, args, e + sum(shifts), self.fmt.bits,
+                                          reduce_max=reduce_max(ctx), shifts=shifts, rectify=rectify, bias=aligned)
+        exact, e = self.accumulate(product, args, e, terms)  # the plain path: the whole exact accumulator
+        if bias is not None:
+            exact, e = add_bias(exact, e, bias.weight, bias.weight_exp)
+        if rectify:
+            exact = exact.clamp_(min=0)
+        if key is None:
+            return self.fmt.requantize(exact, e, reduce_max=reduce_max(ctx))
+        return self.fmt.requantize(exact, e, mode="stochastic", key=key, offset=ctx.element_offset(exact),
+                                   reduce_max=ctx.collective.max)
 
     def requantize_error(self, product: str, args: tuple, e: torch.Tensor,
                          ctx: StepContext | None, terms: int | None = None) -> QTensor:
@@ -239,9 +234,7 @@ class WeightedIntModule(IntModule):
         if ctx is None:
             raise ValueError("stochastic error rounding needs a StepContext")
         key = rng.derive_key(ctx.seed, ctx.step, self.layer_id, rng.STREAM_ROUNDING)
-        acc, e = self.accumulate(product, args, e, terms)
-        return self.fmt.requantize(acc, e, mode="stochastic", key=key, offset=ctx.element_offset(acc),
-                                   reduce_max=ctx.collective.max)
+        return self._rounded(product, args, e, ctx, terms, rectify=False, bias=None, key=key)
 
     def store_bias_gradient(self, d: QTensor) -> None:
         """The bias's exact gradient from the layer's output error ``d`` (none without a bias)."""
