@@ -157,6 +157,12 @@ def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed
     return Niti(model, options, seed=seed, total_steps=10**6), model
 
 
+#: The int8 options of ``--arith int8`` that are NITI's own: the label names only the others, and
+#: the other arithmetics refuse any other value.
+NITI_DEFAULTS = {"update": "niti", "weight_bits": 8, "error_rounding": "nearest", "weight_decay_shift": None,
+                 "relu_scale": "magnitude", "activation_rounding": "nearest"}
+
+
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
           bf16: bool, seed: int = 0, image_size: int | None = None, arith: str = "int8",
           dfp16_master: str = "int32", niti_options: dict | None = None, optimizer: str = "sgd",
@@ -201,9 +207,8 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     t_int, t_float = min(times[arith]), min(times["float32"])
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     master = f" ({dfp16_master} masters, {optimizer}{', biases' if biases == 'on' else ''})" if arith == "dfp16" else ""
-    chosen = {k: v for k, v in {**(niti_options or {}), "biases": biases}.items() if (k, v) not in
-              (("update", "niti"), ("weight_bits", 8), ("error_rounding", "nearest"), ("weight_decay_shift", None),
-               ("relu_scale", "magnitude"), ("activation_rounding", "nearest"), ("biases", "off"))}
+    chosen = {k: v for k, v in {**(niti_options or {}), "biases": biases}.items()
+              if {**NITI_DEFAULTS, "biases": "off"}.get(k, object()) != v}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -322,9 +327,7 @@ def main() -> None:
     niti_options = {"update": args.update, "weight_bits": args.weight_bits, "error_rounding": args.error_rounding,
                     "weight_decay_shift": args.weight_decay_shift, "relu_scale": args.relu_scale,
                     "activation_rounding": args.activation_rounding}
-    if args.arith != "int8" and niti_options != {"update": "niti", "weight_bits": 8, "error_rounding": "nearest",
-                                                 "weight_decay_shift": None, "relu_scale": "magnitude",
-                                                 "activation_rounding": "nearest"}:
+    if args.arith != "int8" and niti_options != NITI_DEFAULTS:
         parser.error("--update, --weight-bits, --error-rounding, --activation-rounding, --relu-scale and "
                      "--weight-decay-shift apply to --arith int8 only")
     if args.arith != "dfp16" and args.optimizer != "sgd":
