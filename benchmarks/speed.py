@@ -22,6 +22,7 @@ ratios are meant to be compared. On a GPU (``--device cuda``) every timed call e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -157,10 +158,13 @@ def _integer_trainer(arith: str, dfp16_master: str, model_name: str, shape, seed
     return Niti(model, options, seed=seed, total_steps=10**6), model
 
 
-#: The int8 options of ``--arith int8`` that are NITI's own: the label names only the others, and
+#: Every int8 option's default (``NitiOptions``: NITI's own method); the label names only the
+#: options given other values.
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(NitiOptions)}
+#: The int8-only options this benchmark takes, at their defaults: the command line's defaults, and
 #: the other arithmetics refuse any other value.
-NITI_DEFAULTS = {"update": "niti", "weight_bits": 8, "error_rounding": "nearest", "weight_decay_shift": None,
-                 "relu_scale": "magnitude", "activation_rounding": "nearest"}
+NITI_DEFAULTS = {name: _OPTION_DEFAULTS[name] for name in
+                 ("update", "weight_bits", "error_rounding", "weight_decay_shift", "relu_scale", "activation_rounding")}
 
 
 def bench(model_name: str, batch: int, repeats: int, device: torch.device, backend: Backend,
@@ -208,7 +212,7 @@ def bench(model_name: str, batch: int, repeats: int, device: torch.device, backe
     where = f"{torch.get_num_threads()} threads" if device.type == "cpu" else torch.cuda.get_device_name(device)
     master = f" ({dfp16_master} masters, {optimizer}{', biases' if biases == 'on' else ''})" if arith == "dfp16" else ""
     chosen = {k: v for k, v in {**(niti_options or {}), "biases": biases}.items()
-              if {**NITI_DEFAULTS, "biases": "off"}.get(k, object()) != v}
+              if _OPTION_DEFAULTS[k] != v}
     if arith == "int8" and chosen:
         master = " (" + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in chosen.items()) + ")"
     print(f"\n{model_name}, batch {batch}, {where}, {arith}{master}, integer kernels: "
@@ -303,21 +307,22 @@ def main() -> None:
                              "default) or float32 (Das et al.)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd",
                         help="with --arith dfp16: the float twin's optimiser, on both sides (default: sgd)")
-    parser.add_argument("--update", choices=("niti", "sgd", "adamw"), default="niti",
+    parser.add_argument("--update", choices=("niti", "sgd", "adamw"), default=NITI_DEFAULTS["update"],
                         help="int8: NITI's update (mu 4), or the float twin's SGD or AdamW recipe on int32 masters "
                              "(with adamw the float side takes AdamW too)")
-    parser.add_argument("--weight-bits", type=int, choices=(8, 16), default=8,
+    parser.add_argument("--weight-bits", type=int, choices=(8, 16), default=NITI_DEFAULTS["weight_bits"],
                         help="int8: 16 adds int16 master weights (default: 8)")
-    parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default="nearest",
+    parser.add_argument("--error-rounding", choices=("nearest", "stochastic"), default=NITI_DEFAULTS["error_rounding"],
                         help="int8: rounding of the errors sent down (default: nearest)")
-    parser.add_argument("--activation-rounding", choices=("nearest", "stochastic"), default="nearest",
+    parser.add_argument("--activation-rounding", choices=("nearest", "stochastic"),
+                        default=NITI_DEFAULTS["activation_rounding"],
                         help="int8: rounding of convolution and linear outputs in the step (default: nearest)")
-    parser.add_argument("--relu-scale", choices=("magnitude", "positive"), default="magnitude",
+    parser.add_argument("--relu-scale", choices=("magnitude", "positive"), default=NITI_DEFAULTS["relu_scale"],
                         help="int8: output exponent of the layers before a ReLU from their largest magnitude "
                              "(NITI's, default) or largest positive value")
-    parser.add_argument("--weight-decay-shift", type=int, default=None, metavar="K",
+    parser.add_argument("--weight-decay-shift", type=int, default=NITI_DEFAULTS["weight_decay_shift"], metavar="K",
                         help="int8: integer weight decay of 2**(mu - K) per step (mu is 4 here; default: off)")
-    parser.add_argument("--biases", choices=("off", "on"), default="off",
+    parser.add_argument("--biases", choices=("off", "on"), default=_OPTION_DEFAULTS["biases"],
                         help="integer biases in the convolution and linear layers, as the float twin has (int8: "
                              "with --update sgd or adamw; default: off)")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
