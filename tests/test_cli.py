@@ -61,6 +61,8 @@ def _tiny_mnist(folder, n=8, truncate=False):
     (["train", "--arith", "float", "--weight-decay", "-1"], "--weight-decay"),
     (["train", "--arith", "float", "--weight-decay-shift", "12"], "--weight-decay-shift does not apply to --arith float"),
     (["train", "--weight-decay", "0"], "--weight-decay sets the weight decay of --update sgd or adamw"),
+    (["train", "--label-smoothing", "1"], "--label-smoothing"),
+    (["train", "--arith", "float", "--label-smoothing", "-0.1"], "--label-smoothing"),
     # an option of one method given to another (issue 10): the flag and the method are named
     (["train", "--lr", "0.1"], "--lr sets the learning rate of --update sgd"),
     (["train", "--arith", "float", "--mu-schedule", "0:5"], "--mu-schedule does not apply to --arith float"),

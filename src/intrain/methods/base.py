@@ -69,6 +69,17 @@ def nonnegative_float(text: str) -> float:
     return value
 
 
+def fraction_below_one(text: str) -> float:
+    """Parser of a number in [0, 1) (``--label-smoothing``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
 def _check_recipe_rate(given: dict, recipe_defaults: dict) -> None:
     """Refuse a recipe's learning rate for an optimiser it was not chosen for: an ``--optimizer``
     other than the recipe's, without ``--lr``, would otherwise train at the other optimiser's rate

@@ -38,7 +38,8 @@ import torch
 from intrain.kernels import BACKENDS
 from intrain.layers import StepContext, weighted_layers
 from intrain.numeric.collective import LOCAL, Collective
-from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, nonnegative_float, option, positive_float
+from intrain.methods.base import (BIAS_CHOICES, Method, MethodOptionError, fraction_below_one, nonnegative_float,
+                                  option, positive_float)
 from intrain.methods.float_master import FloatMaster
 from intrain.methods.float_twin import OPTIMIZERS, WEIGHT_DECAY
 from intrain.methods.loss import cross_entropy_grad
@@ -78,6 +79,10 @@ class Dfp16Options:
                             choices=OPTIMIZERS)
     weight_decay: float = option(WEIGHT_DECAY, help="the float twin's weight decay of the weight matrices and "
                                                    "kernels (not of biases)", parse=nonnegative_float, metavar="WD")
+    label_smoothing: float = option(
+        0, help="label smoothing of the loss gradient's target: 1 - eps on the label plus eps / classes on every "
+                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) (default: 0)",
+        parse=fraction_below_one, metavar="EPS")
     biases: str = option(
         "off", help="'on' gives every convolution and linear layer a 16-bit bias where the float twin has one "
                     "(zero at the start, added before the layer's rounding, no weight decay); not for models with "
@@ -150,7 +155,7 @@ class Dfp16(Method):
         # order), so the int64 gradients are freed one by one instead of all living at once.
         ctx = StepContext(self.seed, step, gradient_ready=lambda layer: self.update.step(step, batch, within=layer))
         logits = self.model(x, ctx)
-        error = cross_entropy_grad(logits, y, self.seed, step, self.fmt)
+        error = cross_entropy_grad(logits, y, self.seed, step, self.fmt, label_smoothing=self.options.label_smoothing)
         self.model.backward(error, ctx)
         self.update.step(step, batch)  # layers no container reported
         return logits

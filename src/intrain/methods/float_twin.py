@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 
 from intrain.layers.recurrent import FloatLSTM
-from intrain.methods.base import Method, MethodOptionError, nonnegative_float, option, positive_float
+from intrain.methods.base import (Method, MethodOptionError, fraction_below_one, nonnegative_float, option,
+                                  positive_float)
 from intrain.models import build_float_model
 from intrain.numeric.collective import LOCAL, Collective
 from intrain.numeric.qtensor import QTensor
@@ -91,6 +92,9 @@ class FloatOptions:
                               "kaiming for vgg-small models)", choices=WEIGHT_INITS)
     weight_decay: float = option(WEIGHT_DECAY, help="weight decay of the weight matrices and kernels (not of biases)",
                                  parse=nonnegative_float, metavar="WD")
+    label_smoothing: float = option(0, help="label smoothing of the cross-entropy target: 1 - eps on the label plus "
+                                    "eps / classes on every class (torch's label_smoothing) (default: 0)",
+                                    parse=fraction_below_one, metavar="EPS")
     clip_grad_norm: float | None = option(help="rescale the gradient to at most this L2 norm before each step "
                                           "(default: from the recipe, off)", parse=positive_float, metavar="NORM")
     float_params: str = option("torch", help="torch.nn's parameters (biases, BatchNorm's scale and shift), or only "
@@ -172,7 +176,7 @@ class FloatTwin(Method):
             group["lr"] = self.lr_at(step)
         self.model.train()
         logits = self.model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=self.options.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_grad_norm is not None:

@@ -44,7 +44,8 @@ import torch
 from intrain.kernels import BACKENDS, CpuBackend, CpuSettings
 from intrain.layers import StepContext, weighted_layers
 from intrain.methods.averaging import LAST_EPOCHS, EpochEndAverage, WeightAverage, last_epochs, parse_weight_average
-from intrain.methods.base import BIAS_CHOICES, Method, MethodOptionError, flag, nonnegative_float, option, positive_float
+from intrain.methods.base import (BIAS_CHOICES, Method, MethodOptionError, flag, fraction_below_one, nonnegative_float,
+                                  option, positive_float)
 from intrain.methods.loss import cross_entropy_grad
 from intrain.layers.tensor_ring import TensorRingCore
 from intrain.methods.sgd_fixed import usable_rate
@@ -92,6 +93,10 @@ class NitiOptions:
         help="weight decay of the weight matrices and kernels, not of biases (int8: --update sgd or adamw; NITI's "
              f"update takes --weight-decay-shift) (default: from the recipe, else the float twin's {WEIGHT_DECAY})",
         parse=nonnegative_float, metavar="WD")
+    label_smoothing: float = option(
+        0, help="label smoothing of the loss gradient's target: 1 - eps on the label plus eps / classes on every "
+                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) (default: 0)",
+        parse=fraction_below_one, metavar="EPS")
     mu_schedule: str | None = option(
         help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "
              "its int8 weight by 2**mu steps, with or without int16 masters (with them a negative mu makes "
@@ -301,7 +306,7 @@ class Niti(Method):
         ctx = StepContext(self.seed, step, sample_offset, self.collective, gradient_ready=update)
         logits = self.model(x, ctx)
         error = cross_entropy_grad(logits, y, self.seed, step, self.fmt, sample_offset=sample_offset,
-                                   collective=self.collective)
+                                   collective=self.collective, label_smoothing=self.options.label_smoothing)
         self.model.backward(error, ctx)
         update()  # layers no container reported
         if isinstance(self.average, WeightAverage):
