@@ -191,9 +191,9 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # 93.39 % (seeds 0-1, below the recipe on both).
 # Label smoothing 0.1 (``--label-smoothing``, thirty-ninth session, seeds 0-3 of the same split) lifted
 # int8 to 93.68 / 93.57 / 93.49 / 93.87 % (+0.17) and the float twin on one Xeon from 93.60 / 93.72 /
-# 93.60 / 93.52 to 93.77 / 93.98 / 93.56 / 93.75 % (+0.16): a candidate for both recipes, not taken by
-# either until both are measured with it on the validation split (it would change issue 17's float
-# comparator; int8 alone with it would be compared against a twin without it).
+# 93.60 / 93.52 to 93.77 / 93.98 / 93.56 / 93.75 % (+0.16): chosen for both recipes (never int8's
+# alone: it would be compared against a twin without it), not yet their default: issue 17's float
+# comparator changes with it, so it goes in with both arithmetics' validation figures re-run.
 # TR-LSTM on moving-mnist-actions (validation split: the 50,000 training clips before the last
 # 10,000, 40 epochs, seeds 1-3, the seeds on which NITI's update with the sign rule for the cores
 # stalled at 87.49 / 74.98 / 87.69 %): the AdamW update (the float twin's optimiser and rate, 3e-3 at
