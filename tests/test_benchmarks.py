@@ -2,6 +2,7 @@
 repeat): a script that rots silently would leave numbers nobody can reproduce. Timings are not
 checked here (they are never tested, only printed)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -200,3 +201,58 @@ def test_epoch_average_script_gives_the_figures_of_the_last_epochs_option(tmp_pa
     assert not (tmp_path / "niti").exists() and not (tmp_path / "niti-run").exists()
     assert "outside the run's epochs 1..3" in refusal("epoch_average.py", "evaluate", "--run", run, "--snapshots",
                                                       snap, "--from", "4")
+
+
+def _finished_run(folder: Path, seed: int, accuracies: list[float], **settings) -> Path:
+    """A run folder as ``intrain train`` leaves it: config.json and one metrics row per epoch."""
+    folder.mkdir(parents=True)
+    config = {"dataset": "fashion-mnist", "data_fingerprint": "f", "eval_name": "validation", "eval_size": 10000,
+              "train_size": 50000, "val_split": 10000, "tune_split": None, "train_limit": None,
+              "model": "vgg-small-7", "width": 0.25, "seed": seed, "epochs": len(accuracies), "out": str(folder),
+              **settings}
+    (folder / "config.json").write_text(json.dumps(config))
+    rows = "".join(f"{i + 1},0.5,90.0,{acc:.4f},1.0\n" for i, acc in enumerate(accuracies))
+    (folder / "metrics.csv").write_text("epoch,train_loss,train_acc,eval_acc,seconds\n" + rows)
+    return folder
+
+
+def test_paired_gap_pairs_runs_by_seed_and_counts_the_seeds_within_the_tolerance(tmp_path):
+    """The table of issue 17's readings: the final epoch's accuracy, gaps, their mean and paired
+    standard error (-0.09 / -0.41 / -0.30 / +0.12: mean -0.17, sample sd 0.23, error 0.12), the
+    seeds within 0.3 (a gap of exactly -0.30 counts), the settings that differ."""
+    a = [_finished_run(tmp_path / f"int8-{s}", s, [50.0, acc], arith="int8", batch_size=128, biases="on")
+         for s, acc in zip((3, 0, 1, 2), (93.87, 93.68, 93.57, 93.49))]
+    b = [_finished_run(tmp_path / f"float-{s}", s, [50.0, 50.0, acc], arith="float", batch_size=64)
+         for s, acc in zip((0, 1, 2, 3), (93.77, 93.98, 93.79, 93.75))]
+    out = run_script("paired_gap.py", "--runs", *map(str, a), "--against", *map(str, b), "--within", "0.3")
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in "0123"]
+    assert rows == [["0", "93.68", "93.77", "-0.09"], ["1", "93.57", "93.98", "-0.41"],
+                    ["2", "93.49", "93.79", "-0.30"], ["3", "93.87", "93.75", "+0.12"]]
+    assert "mean    93.65    93.82    -0.17  (paired standard error 0.12 over 4 seeds)" in out
+    assert "A at least B - 0.3 on 3 of 4 seeds (not on 1)" in out
+    assert '  arith: "int8" | "float"' in out and '  batch_size: 128 | 64' in out and '  biases: "on" | -' in out
+    assert "epochs: 2 | 3" in out and "seed:" not in out and "out:" not in out
+
+
+def test_paired_gap_refuses_runs_it_cannot_compare(tmp_path):
+    done = [_finished_run(tmp_path / f"a{s}", s, [90.0, 91.0], arith="int8") for s in (0, 1)]
+    unfinished = _finished_run(tmp_path / "b0", 0, [90.0], arith="float")
+    saved = unfinished / "config.json"
+    saved.write_text(saved.read_text().replace('"epochs": 1', '"epochs": 3'))
+    other_split = _finished_run(tmp_path / "b1", 1, [90.0], arith="float", eval_name="tuning")
+    twice = _finished_run(tmp_path / "a0-again", 0, [90.0], arith="int8")
+    b0 = _finished_run(tmp_path / "b0-done", 0, [90.0], arith="float")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    assert "has 1 of its 3 epochs: finish it (intrain train --resume" in refusal(
+        "paired_gap.py", "--runs", str(done[0]), "--against", str(unfinished))
+    assert "differ in eval_name ('tuning' against 'validation')" in refusal(
+        "paired_gap.py", "--runs", *map(str, done), "--against", str(b0), str(other_split))
+    assert "the groups' seeds differ (--runs [0, 1], --against [0])" in refusal(
+        "paired_gap.py", "--runs", *map(str, done), "--against", str(b0))
+    assert "--runs has two runs of seed 0" in refusal("paired_gap.py", "--runs", str(done[0]), str(twice),
+                                                      "--against", str(b0))
+    assert "is not a finished run folder" in refusal("paired_gap.py", "--runs", str(tmp_path / "none"),
+                                                     "--against", str(b0))
+    assert "--within must be 0 or more" in refusal("paired_gap.py", "--runs", str(done[0]), "--against", str(b0),
+                                                   "--within", "-1")
+    assert before == {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
