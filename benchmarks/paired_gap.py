@@ -16,11 +16,12 @@ per-seed gaps over the square root of the number of seeds. Nothing is written.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 from pathlib import Path
+
+from intrain.run.metrics import read_metrics
 
 #: Settings that must be equal for two runs' accuracies to be compared.
 SAME_MEASUREMENT = ("dataset", "data_fingerprint", "eval_name", "eval_size", "train_size", "val_split",
@@ -39,16 +40,15 @@ def final_accuracy(run: Path) -> tuple[dict, float]:
     """The run's resolved config and its last epoch's evaluation accuracy (percent)."""
     try:
         config = json.loads((run / "config.json").read_text())
-        with open(run / "metrics.csv", newline="") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, ValueError) as err:
+        rows = read_metrics(run / "metrics.csv")
+    except (OSError, ValueError, KeyError) as err:
         refuse(f"{run} is not a finished run folder ({err}): name folders that `intrain train --out` wrote")
-    last = [row for row in rows if int(row["epoch"]) == config["epochs"]]
+    last = [row for row in rows if row["epoch"] == config["epochs"]]
     if not last:
-        done = max((int(row["epoch"]) for row in rows), default=0)
+        done = max((row["epoch"] for row in rows), default=0)
         refuse(f"{run} has {done} of its {config['epochs']} epochs: finish it (intrain train --resume {run}) "
                f"or leave it out")
-    return config, float(last[-1]["eval_acc"])
+    return config, last[-1]["eval_acc"]
 
 
 def load_group(runs: list[Path], flag: str) -> dict[int, tuple[dict, float]]:
