@@ -121,3 +121,24 @@ def test_every_method_trains_on_the_smoothed_target_it_is_given(arith):
         weights_after_a_step(label_smoothing=0.5)
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
     assert not all(torch.equal(a, b) for a, b in zip(plain, smoothed))
+
+
+def test_the_recipe_smooths_vgg_small_7_on_fashion_mnist_for_every_arithmetic_and_nothing_else():
+    """Label smoothing is chosen for all three arithmetics or none (a twin without it would not be
+    int8's comparator); a run saved before the option existed resumes without it; the command line wins."""
+    from intrain.run.config import TrainConfig
+    from intrain.run.recipes import default_recipe
+
+    for arith in ("int8", "dfp16", "float"):
+        assert default_recipe("fashion-mnist", "vgg-small-7", arith).options["label_smoothing"] == 0.1
+        assert TrainConfig(dataset="fashion-mnist", model="vgg-small-7", arith=arith).resolved() \
+            .options["label_smoothing"] == 0.1
+        for dataset, model in (("fashion-mnist", "lenet5"), ("mnist", "vgg-small-7"), ("cifar10", "vgg-small-8")):
+            assert "label_smoothing" not in default_recipe(dataset, model, arith).options
+        given = TrainConfig(dataset="fashion-mnist", model="vgg-small-7", arith=arith, options={"label_smoothing": 0.0})
+        assert given.resolved().options["label_smoothing"] == 0.0
+        saved = TrainConfig(dataset="fashion-mnist", model="vgg-small-7", arith=arith, epochs=2, batch_size=64,
+                            options={"lr": 0.05, "update": "sgd"} if arith == "int8" else {"lr": 0.05})
+        assert TrainConfig.from_dict(dict(saved.__dict__)).resolved().options["label_smoothing"] == 0.0
+    flat = {"dataset": "fashion-mnist", "model": "vgg-small-7", "arith": "int8", "epochs": 2, "batch_size": 64}
+    assert TrainConfig.from_dict(flat).resolved().options["label_smoothing"] == 0.0

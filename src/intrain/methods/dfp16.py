@@ -81,7 +81,8 @@ class Dfp16Options:
                                                    "kernels (not of biases)", parse=nonnegative_float, metavar="WD")
     label_smoothing: float = option(
         0, help="label smoothing of the loss gradient's target: 1 - eps on the label plus eps / classes on every "
-                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) (default: 0)",
+                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) "
+                  "(default: from the recipe, else 0)",
         parse=fraction_below_one, metavar="EPS")
     biases: str = option(
         "off", help="'on' gives every convolution and linear layer a 16-bit bias where the float twin has one "

@@ -93,7 +93,8 @@ class FloatOptions:
     weight_decay: float = option(WEIGHT_DECAY, help="weight decay of the weight matrices and kernels (not of biases)",
                                  parse=nonnegative_float, metavar="WD")
     label_smoothing: float = option(0, help="label smoothing of the cross-entropy target: 1 - eps on the label plus "
-                                    "eps / classes on every class (torch's label_smoothing) (default: 0)",
+                                    "eps / classes on every class (torch's label_smoothing) "
+                                    "(default: from the recipe, else 0)",
                                     parse=fraction_below_one, metavar="EPS")
     clip_grad_norm: float | None = option(help="rescale the gradient to at most this L2 norm before each step "
                                           "(default: from the recipe, off)", parse=positive_float, metavar="NORM")

@@ -95,7 +95,8 @@ class NitiOptions:
         parse=nonnegative_float, metavar="WD")
     label_smoothing: float = option(
         0, help="label smoothing of the loss gradient's target: 1 - eps on the label plus eps / classes on every "
-                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) (default: 0)",
+                  "class, as the float twin's (each class's share rounded to 2**-14: methods.loss) "
+                  "(default: from the recipe, else 0)",
         parse=fraction_below_one, metavar="EPS")
     mu_schedule: str | None = option(
         help="update size by epoch as epoch:mu pairs, e.g. '0:5,100:4,150:3': the largest update of a layer moves "

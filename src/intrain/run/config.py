@@ -131,6 +131,7 @@ class TrainConfig:
                 # Saved before --core-update existed: those runs updated every core with NITI's rule
                 # and the one mu schedule (the tr-lstm recipe now says otherwise).
                 options.update(core_update="niti", core_mu_schedule=options["mu_schedule"])
+            options.setdefault("label_smoothing", 0.0)  # saved before --label-smoothing existed (recipes may say 0.1)
             if config.arith in ("int8", "dfp16"):
                 options.setdefault("biases", "off")  # saved before --biases existed: no biases (recipes may say on)
             if config.arith == "dfp16":
@@ -142,6 +143,7 @@ class TrainConfig:
             return replace(config, options=options)
         names = config.method.option_names()
         options = {k: v for k, v in saved.items() if k in names}
+        options["label_smoothing"] = 0.0  # intrain 0.1 had no label smoothing
         if options.get("weight_bits") == 16 and options.get("mu_schedule"):
             # intrain 0.1 counted mu in bits of the int16 master, 0.2 counts int8 steps (methods.update)
             from intrain.methods.update import MuSchedule
