@@ -14,7 +14,9 @@ linear-scaling rule for SGD with momentum), so a changed ``--batch-size`` keeps 
 Some int8 recipes replace NITI's update by that SGD recipe on integer masters (``--update sgd``,
 ``_INT8_OPTIONS_BY_MODEL``): they train at the int8 batch size with the float rate scaled to it,
 or with their own rate, and without weight averaging; the TR-LSTM's takes the float twin's AdamW
-recipe on integer masters (``--update adamw``) at the twin's AdamW rate.
+recipe on integer masters (``--update adamw``) at the twin's AdamW rate. Label smoothing is a
+setting of the loss target, so a recipe takes it for every arithmetic or for none
+(``_LABEL_SMOOTHING``).
 """
 
 from __future__ import annotations
