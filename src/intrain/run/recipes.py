@@ -192,8 +192,7 @@ _INT8_WEIGHT_AVERAGE = {"moving-mnist-actions": "epoch"}
 # (each stopped after seeds 0-1), or the rate at batch 128: 0.07 93.24 / 93.45 %, 0.14 93.21 /
 # 93.39 % (seeds 0-1, below the recipe on both).
 # Label smoothing 0.1 (``--label-smoothing``, thirty-ninth session, seeds 0-3 of the same split) lifted
-# int8 and its float twin alike: chosen for both recipes (never int8's
-# alone: it would be compared against a twin without it): ``_LABEL_SMOOTHING``.
+# int8 and its float twin alike, so both recipes take it: ``_LABEL_SMOOTHING``.
 # TR-LSTM on moving-mnist-actions (validation split: the 50,000 training clips before the last
 # 10,000, 40 epochs, seeds 1-3, the seeds on which NITI's update with the sign rule for the cores
 # stalled at 87.49 / 74.98 / 87.69 %): the AdamW update (the float twin's optimiser and rate, 3e-3 at
